@@ -1,0 +1,440 @@
+//! The transition function. `step` is total: every (state, event) pair
+//! yields either a new record with effects, a duplicate no-op, or a
+//! [`TransitionError`] naming the state and the event; it never panics
+//! (proven by a property test) and all arithmetic on instants is checked.
+
+use time::Duration;
+
+use super::effect::Effect;
+use super::event::{Event, EventBody, Origin, ProbeMode, ProbeStatus};
+use super::state::{Failure, HostRecord, HostState, OnHealthFailure, Policy, ProbeRecord, RollbackFailure};
+use super::Timestamp;
+use crate::ids::{Closure, Hostname, RolloutId};
+
+/// The result of a legal or duplicate event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The event moved the record; run the effects in order.
+    Applied { record: HostRecord, effects: Vec<Effect> },
+    /// `seq <= last_seq`: already applied; nothing to do (SPEC §4 rule 1).
+    Duplicate { last_seq: u64 },
+}
+
+/// Why an event cannot be applied to a record. Both variants name the state
+/// and the event, so a log line or an HTTP `rejected` reason is actionable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransitionError {
+    /// The event is never legal in this state.
+    #[error("{event} (seq {seq}) is illegal in state {state} (host {hostname}, rollout {rollout_id})")]
+    Illegal { state: HostState, event: &'static str, seq: u64, hostname: Hostname, rollout_id: RolloutId },
+    /// The event is legal in this state in general, but its fields break an
+    /// invariant (e.g. Converged before the soak ends).
+    #[error("{event} (seq {seq}) refused in state {state} (host {hostname}, rollout {rollout_id}): {reason}")]
+    Refused {
+        state: HostState,
+        event: &'static str,
+        seq: u64,
+        hostname: Hostname,
+        rollout_id: RolloutId,
+        reason: String,
+    },
+}
+
+impl TransitionError {
+    pub fn state(&self) -> HostState {
+        match self {
+            TransitionError::Illegal { state, .. } | TransitionError::Refused { state, .. } => *state,
+        }
+    }
+
+    pub fn event(&self) -> &'static str {
+        match self {
+            TransitionError::Illegal { event, .. } | TransitionError::Refused { event, .. } => event,
+        }
+    }
+}
+
+/// Applies one event to one record under the rollout's policy.
+pub fn step(record: &HostRecord, event: &Event, policy: &Policy) -> Result<Outcome, TransitionError> {
+    if event.seq <= record.last_seq {
+        return Ok(Outcome::Duplicate { last_seq: record.last_seq });
+    }
+    let mut tx = Tx { before: record, event, next: record.clone(), effects: Vec::new() };
+    tx.next.last_seq = event.seq;
+    tx.apply(policy)?;
+    Ok(tx.finish())
+}
+
+/// Folds events into a record, skipping duplicates and ignoring effects:
+/// how the agent rebuilds its state from its journal at start and how the
+/// control plane rebuilds host records from its event log. Stops at the
+/// first illegal event and reports its index.
+pub fn replay<'a>(
+    mut record: HostRecord,
+    events: impl IntoIterator<Item = &'a Event>,
+    policy: &Policy,
+) -> Result<HostRecord, (usize, TransitionError)> {
+    for (idx, event) in events.into_iter().enumerate() {
+        match step(&record, event, policy) {
+            Ok(Outcome::Applied { record: next, .. }) => record = next,
+            Ok(Outcome::Duplicate { .. }) => {}
+            Err(e) => return Err((idx, e)),
+        }
+    }
+    Ok(record)
+}
+
+/// One transition in progress: the record before, the record being built,
+/// and the side effects other than the journal entry (added in `finish`).
+struct Tx<'a> {
+    before: &'a HostRecord,
+    event: &'a Event,
+    next: HostRecord,
+    effects: Vec<Effect>,
+}
+
+impl Tx<'_> {
+    fn illegal(&self) -> TransitionError {
+        TransitionError::Illegal {
+            state: self.before.state,
+            event: self.event.name(),
+            seq: self.event.seq,
+            hostname: self.before.hostname.clone(),
+            rollout_id: self.before.rollout_id.clone(),
+        }
+    }
+
+    fn refuse(&self, reason: impl Into<String>) -> TransitionError {
+        TransitionError::Refused {
+            state: self.before.state,
+            event: self.event.name(),
+            seq: self.event.seq,
+            hostname: self.before.hostname.clone(),
+            rollout_id: self.before.rollout_id.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn local(&self) -> bool {
+        self.event.origin == Origin::Local
+    }
+
+    fn transition(&mut self, to: HostState, at: Timestamp) {
+        self.effects.push(Effect::RecordTransition { from: self.before.state, to, at });
+        self.next.state = to;
+    }
+
+    /// Moves to Failed and, under rollback-and-halt, asks the agent to switch
+    /// back to the closure it ran at dispatch.
+    fn fail(&mut self, failure: Failure, at: Timestamp, policy_applied: OnHealthFailure) {
+        self.transition(HostState::Failed, at);
+        self.next.failed_at = Some(at);
+        self.next.failure = Some(failure);
+        self.next.policy_applied = Some(policy_applied);
+        if policy_applied == OnHealthFailure::RollbackAndHalt {
+            if let Some(to) = self.before.current_closure_at_dispatch.clone() {
+                self.next.rollback_fired = true;
+                if self.local() {
+                    self.effects.push(Effect::FireRollback { to });
+                }
+            }
+        }
+    }
+
+    fn apply(&mut self, policy: &Policy) -> Result<(), TransitionError> {
+        use HostState as S;
+        let state = self.before.state;
+        match (&self.event.body, state) {
+            (
+                EventBody::Activate { current_closure_at_dispatch, target_closure, soak_secs, received_at },
+                S::Pending,
+            ) => {
+                if let Some(expected) = &self.before.target_closure {
+                    if expected != target_closure {
+                        return Err(self.refuse(format!(
+                            "target closure {target_closure} differs from the manifest's {expected}"
+                        )));
+                    }
+                }
+                // The soak deadline is computed later from this; reject a
+                // length that cannot be added to an instant.
+                duration_secs(*soak_secs).ok_or_else(|| self.refuse("soak_secs is out of range"))?;
+                self.next.target_closure = Some(target_closure.clone());
+                self.next.current_closure_at_dispatch = Some(current_closure_at_dispatch.clone());
+                self.next.soak_secs = Some(*soak_secs);
+                self.next.dispatch_acked_at = Some(*received_at);
+                self.transition(S::Activating, *received_at);
+                if self.local() {
+                    self.effects.push(Effect::FireSwitch { target: target_closure.clone() });
+                }
+            }
+            (EventBody::DispatchRejected { reason, rejected_at }, S::Pending) => {
+                self.transition(S::Failed, *rejected_at);
+                self.next.failed_at = Some(*rejected_at);
+                self.next.failure = Some(Failure::DispatchRejected { reason: reason.clone() });
+            }
+            (EventBody::ActivationStarted { started_at, switch_method }, S::Activating) => {
+                self.next.activation_started_at = Some(*started_at);
+                self.next.switch_method = Some(switch_method.clone());
+            }
+            (EventBody::ActivationDeferred { component, deferred_at }, S::Activating) => {
+                self.next.deferred_at = Some(*deferred_at);
+                self.next.deferred_component = Some(component.clone());
+                self.transition(S::Deferred, *deferred_at);
+            }
+            (
+                EventBody::ActivationCompleted { observed_current_closure, completed_at, .. },
+                S::Activating | S::Deferred,
+            ) => {
+                self.next.activation_completed_at = Some(*completed_at);
+                self.next.current_closure = Some(observed_current_closure.clone());
+                if self.before.target_closure.as_ref() == Some(observed_current_closure) {
+                    let soak = self.before.soak_secs.and_then(duration_secs).unwrap_or(Duration::ZERO);
+                    let due = completed_at
+                        .checked_add(soak)
+                        .ok_or_else(|| self.refuse("completed_at + soak_secs overflows"))?;
+                    self.next.soak_due_at = Some(due);
+                    self.next.topology = None;
+                    self.next.probes.clear();
+                    self.next.failure_clock_since = None;
+                    self.transition(S::Soaking, *completed_at);
+                    if self.local() {
+                        self.effects.push(Effect::ResetProbes);
+                    }
+                } else {
+                    // SPEC §4: observed ≠ target is a failure, not a Soaking
+                    // host that can never converge (reference defect 10).
+                    let failure = Failure::WrongClosure { observed: observed_current_closure.clone() };
+                    self.fail(failure, *completed_at, policy.on_health_failure);
+                }
+            }
+            (EventBody::ActivationFailed { exit_code, stderr_tail, failed_at }, S::Activating | S::Deferred) => {
+                let failure =
+                    Failure::ActivationFailed { exit_code: *exit_code, stderr_tail: stderr_tail.clone() };
+                self.fail(failure, *failed_at, policy.on_health_failure);
+            }
+            (EventBody::ProbeTopologyDeclared { probes, .. }, S::Soaking) => {
+                for (idx, probe) in probes.iter().enumerate() {
+                    if probes[..idx].iter().any(|p| p.name == probe.name) {
+                        return Err(self.refuse(format!("probe {:?} is declared twice", probe.name)));
+                    }
+                }
+                // A re-declaration (agent restart while soaking) keeps the
+                // observations of probes that are still declared as they were.
+                self.next.probes.retain(|name, rec| {
+                    probes.iter().any(|p| &p.name == name && p.mode == rec.mode)
+                });
+                self.next.topology = Some(probes.clone());
+                self.reset_clock_if_recovered();
+            }
+            (EventBody::ProbeObservedFirst { probe_name, mode, observed_at }, S::Soaking) => {
+                self.require_declared(probe_name, *mode)?;
+                let rec = self.probe_mut(probe_name, *mode);
+                if rec.first_observed_at.is_none() {
+                    rec.first_observed_at = Some(*observed_at);
+                }
+            }
+            (EventBody::ProbeResult { probe_name, mode, status, observed_at, failure_reason }, S::Soaking) => {
+                self.require_declared(probe_name, *mode)?;
+                let rec = self.probe_mut(probe_name, *mode);
+                rec.first_observed_at.get_or_insert(*observed_at);
+                rec.last_status = Some(*status);
+                rec.last_observed_at = Some(*observed_at);
+                match status {
+                    ProbeStatus::Pass => {
+                        rec.last_pass_at = Some(*observed_at);
+                        rec.failing_since = None;
+                        rec.failure_reason = None;
+                    }
+                    ProbeStatus::Fail => {
+                        rec.failing_since.get_or_insert(*observed_at);
+                        rec.failure_reason = failure_reason.clone();
+                    }
+                }
+                self.reset_clock_if_recovered();
+            }
+            (EventBody::ProbeFailureFirst { probe_name, mode, first_failed_at }, S::Soaking) => {
+                self.require_declared(probe_name, *mode)?;
+                if *mode != ProbeMode::Enforce {
+                    return Err(self.refuse(format!(
+                        "probe {probe_name:?} is not in enforce mode; only enforce failures start the sustained-failure clock"
+                    )));
+                }
+                if let Some(since) = self.before.failure_clock_since {
+                    return Err(self.refuse(format!("the sustained-failure clock is already running since {since}")));
+                }
+                let failing_since = self.before.probes.get(probe_name).and_then(|r| r.failing_since);
+                if failing_since != Some(*first_failed_at) {
+                    return Err(self.refuse(format!(
+                        "probe {probe_name:?} has no failure run starting at {first_failed_at}"
+                    )));
+                }
+                self.next.failure_clock_since = Some(*first_failed_at);
+            }
+            (
+                EventBody::SustainedFailureCrossed {
+                    failed_at,
+                    sustained_duration_secs,
+                    failing_probes,
+                    policy_applied,
+                },
+                S::Soaking,
+            ) => {
+                sustained_failure_holds(self.before, policy, *failed_at).map_err(|r| self.refuse(r))?;
+                if *policy_applied != policy.on_health_failure {
+                    return Err(self.refuse(format!(
+                        "policy_applied {} differs from the rollout's policy {}",
+                        policy_applied.as_str(),
+                        policy.on_health_failure.as_str()
+                    )));
+                }
+                let failing_now = self.before.failing_enforce_probes();
+                if failing_probes.is_empty() || failing_probes.iter().any(|p| !failing_now.contains(p)) {
+                    return Err(self.refuse(format!(
+                        "failing_probes {failing_probes:?} must be a non-empty subset of the failing enforce probes {failing_now:?}"
+                    )));
+                }
+                let failure = Failure::SustainedProbeFailure {
+                    failing_probes: failing_probes.clone(),
+                    sustained_duration_secs: *sustained_duration_secs,
+                };
+                self.fail(failure, *failed_at, *policy_applied);
+            }
+            (EventBody::RollbackCompleted { reverted_to_closure, completed_at, .. }, S::Failed) => {
+                self.require_rollback_fired()?;
+                let expected = self.before.current_closure_at_dispatch.as_ref();
+                if expected != Some(reverted_to_closure) {
+                    return Err(self.refuse(format!(
+                        "reverted to {reverted_to_closure}, but the rollback target is {}",
+                        expected.map_or("unknown", Closure::as_str)
+                    )));
+                }
+                self.next.reverted_to = Some(reverted_to_closure.clone());
+                self.next.reverted_at = Some(*completed_at);
+                self.next.current_closure = Some(reverted_to_closure.clone());
+                self.transition(S::Reverted, *completed_at);
+                if let (Origin::Remote, Some(target)) = (self.event.origin, &self.before.target_closure) {
+                    self.effects.push(Effect::InsertQuarantine {
+                        channel: self.before.rollout_id.channel().to_owned(),
+                        closure: target.clone(),
+                    });
+                }
+            }
+            (EventBody::RollbackFailed { exit_code, stderr_tail, failed_at }, S::Failed) => {
+                self.require_rollback_fired()?;
+                self.next.rollback_failure = Some(RollbackFailure {
+                    exit_code: *exit_code,
+                    stderr_tail: stderr_tail.clone(),
+                    failed_at: *failed_at,
+                });
+            }
+            (EventBody::ConvergedReached { converged_at, current_closure }, S::Soaking) => {
+                if self.before.target_closure.as_ref() != Some(current_closure) {
+                    return Err(self.refuse(format!("current closure {current_closure} is not the target")));
+                }
+                converge_holds(self.before, *converged_at).map_err(|r| self.refuse(r))?;
+                self.next.converged_at = Some(*converged_at);
+                self.next.current_closure = Some(current_closure.clone());
+                self.transition(S::Converged, *converged_at);
+            }
+            _ => return Err(self.illegal()),
+        }
+        Ok(())
+    }
+
+    fn require_declared(&self, probe_name: &str, mode: ProbeMode) -> Result<(), TransitionError> {
+        match self.before.declared_mode(probe_name) {
+            None => Err(self.refuse(format!("probe {probe_name:?} is not in the declared topology"))),
+            Some(declared) if declared != mode => Err(self.refuse(format!(
+                "probe {probe_name:?} is declared {declared:?} but the event says {mode:?}"
+            ))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn require_rollback_fired(&self) -> Result<(), TransitionError> {
+        if self.before.rollback_fired {
+            Ok(())
+        } else {
+            Err(self.refuse("no rollback was fired for this host (policy halt, or the dispatch was rejected)"))
+        }
+    }
+
+    fn probe_mut(&mut self, probe_name: &str, mode: ProbeMode) -> &mut ProbeRecord {
+        self.next.probes.entry(probe_name.to_owned()).or_insert_with(|| ProbeRecord::new(mode))
+    }
+
+    /// SPEC §4 rule 3: the clock resets once no enforce probe is failing.
+    fn reset_clock_if_recovered(&mut self) {
+        if self.next.failing_enforce_probes().is_empty() {
+            self.next.failure_clock_since = None;
+        }
+    }
+
+    fn finish(self) -> Outcome {
+        let journal = match self.event.origin {
+            Origin::Local => Effect::EmitOutbound { seq: self.event.seq, body: self.event.body.clone() },
+            Origin::Remote => Effect::AppendEventLog { seq: self.event.seq, body: self.event.body.clone() },
+        };
+        let mut effects = Vec::with_capacity(self.effects.len() + 1);
+        effects.push(journal);
+        effects.extend(self.effects);
+        Outcome::Applied { record: self.next, effects }
+    }
+}
+
+pub(super) fn duration_secs(secs: u64) -> Option<Duration> {
+    // Bound to ~292 billion years by i64; anything near that overflows an
+    // instant anyway, so refuse instead of wrapping.
+    i64::try_from(secs).ok().map(Duration::seconds)
+}
+
+/// SPEC §4 rule 2, shared by `step` (checking a claim) and the converge gate
+/// (deciding to make one): `Err` says what still blocks convergence.
+pub(super) fn converge_holds(record: &HostRecord, at: Timestamp) -> Result<(), String> {
+    if record.state != HostState::Soaking {
+        return Err(format!("host is {}, not Soaking", record.state));
+    }
+    if record.current_closure.is_none() || record.current_closure != record.target_closure {
+        return Err("the host does not run the target closure".to_owned());
+    }
+    match record.soak_due_at {
+        Some(due) if at >= due => {}
+        Some(due) => return Err(format!("the soak window runs until {due}")),
+        None => return Err("the soak window has not started".to_owned()),
+    }
+    if record.topology.is_none() {
+        return Err("no probe topology was declared since the activation".to_owned());
+    }
+    for probe in record.enforce_probes() {
+        match record.probes.get(&probe.name).and_then(|r| r.last_status) {
+            Some(ProbeStatus::Pass) => {}
+            Some(ProbeStatus::Fail) => return Err(format!("enforce probe {:?} is failing", probe.name)),
+            None => {
+                return Err(format!("enforce probe {:?} has not been observed since the activation", probe.name))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// SPEC §4 rule 3, shared by `step` and the failure gate.
+pub(super) fn sustained_failure_holds(record: &HostRecord, policy: &Policy, at: Timestamp) -> Result<(), String> {
+    if record.state != HostState::Soaking {
+        return Err(format!("host is {}, not Soaking", record.state));
+    }
+    let Some(since) = record.failure_clock_since else {
+        return Err("the sustained-failure clock is not running".to_owned());
+    };
+    let threshold = duration_secs(policy.sustained_failure_secs).unwrap_or(Duration::MAX);
+    if at - since < threshold {
+        return Err(format!(
+            "enforce probes have failed only since {since}, less than {}s",
+            policy.sustained_failure_secs
+        ));
+    }
+    if record.failing_enforce_probes().is_empty() {
+        return Err("no enforce probe is failing".to_owned());
+    }
+    Ok(())
+}

@@ -8,3 +8,5 @@ pub mod ids;
 pub mod machine;
 pub mod sign;
 pub mod wire;
+pub mod cli;
+pub mod tools;

@@ -1,1 +1,37 @@
-fn main() {}
+//! Thin dispatcher: parse the command line, set up logging, run one role,
+//! turn its result into an exit code (0 ok, 1 failure, 2 usage — clap exits
+//! with 2 on its own for usage errors).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use nixfleet::cli::{Cli, Command, LogFormat, ManifestCommand};
+use nixfleet::tools;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Manifest(ManifestCommand::Check { manifest, json }) => {
+            tools::manifest_cmd::check(&manifest, json).map_err(Into::into)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nixfleet: error: {}", tools::error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

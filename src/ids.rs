@@ -68,8 +68,7 @@ impl RolloutId {
     pub fn parse(input: &str) -> Result<RolloutId, IdError> {
         let what = "rollout id";
         let mut parts = input.split('@');
-        let (Some(channel), Some(git_ref), None) = (parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(channel), Some(git_ref), None) = (parts.next(), parts.next(), parts.next()) else {
             return Err(id_error(what, input, "must contain exactly one '@' (channel@ref)"));
         };
         validate_channel(channel).map_err(|e| id_error(what, input, e.why))?;

@@ -3,10 +3,10 @@
 //! identifiers and time first, then the pure state machine, then the formats
 //! that cross a boundary (wire, signatures), then the tools.
 
+pub mod cli;
 pub mod clock;
 pub mod ids;
 pub mod machine;
 pub mod sign;
-pub mod wire;
-pub mod cli;
 pub mod tools;
+pub mod wire;

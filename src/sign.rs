@@ -115,11 +115,7 @@ pub enum SignError {
     /// `expected` is "secret" or "public"; `reason` never quotes secret
     /// material.
     #[error("{origin} is not a nixfleet {expected} key: {reason}")]
-    BadKeyText {
-        origin: String,
-        expected: &'static str,
-        reason: String,
-    },
+    BadKeyText { origin: String, expected: &'static str, reason: String },
 
     #[error("refusing to overwrite existing key file {path}")]
     KeyExists { path: PathBuf },
@@ -167,12 +163,7 @@ pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
     let type_len = payload_type.len().to_string();
     let payload_len = payload.len().to_string();
     let mut out = Vec::with_capacity(
-        "DSSEv1".len()
-            + 4
-            + type_len.len()
-            + payload_type.len()
-            + payload_len.len()
-            + payload.len(),
+        "DSSEv1".len() + 4 + type_len.len() + payload_type.len() + payload_len.len() + payload.len(),
     );
     out.extend_from_slice(b"DSSEv1 ");
     out.extend_from_slice(type_len.as_bytes());
@@ -216,9 +207,7 @@ impl SigningKey {
         let line = text.trim_end();
         let Some(encoded) = line.strip_prefix(SECRET_KEY_PREFIX) else {
             if line.starts_with(PUBLIC_KEY_PREFIX) {
-                return Err(SignError::PublicKeyGivenAsSecret {
-                    origin: origin.to_owned(),
-                });
+                return Err(SignError::PublicKeyGivenAsSecret { origin: origin.to_owned() });
             }
             return Err(missing_prefix(origin, "secret", SECRET_KEY_PREFIX));
         };
@@ -230,9 +219,7 @@ impl SigningKey {
 impl std::fmt::Debug for SigningKey {
     // Print only the keyid: a secret key must never reach a log line.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey")
-            .field("keyid", &self.public_key().keyid())
-            .finish_non_exhaustive()
+        f.debug_struct("SigningKey").field("keyid", &self.public_key().keyid()).finish_non_exhaustive()
     }
 }
 
@@ -269,9 +256,7 @@ impl PublicKey {
         let line = text.trim_end();
         let Some(encoded) = line.strip_prefix(PUBLIC_KEY_PREFIX) else {
             if line.starts_with(SECRET_KEY_PREFIX) {
-                return Err(SignError::SecretKeyGivenAsPublic {
-                    origin: origin.to_owned(),
-                });
+                return Err(SignError::SecretKeyGivenAsPublic { origin: origin.to_owned() });
             }
             return Err(missing_prefix(origin, "public", PUBLIC_KEY_PREFIX));
         };
@@ -295,9 +280,7 @@ impl PublicKey {
 
 impl std::fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PublicKey")
-            .field("keyid", &self.keyid())
-            .finish()
+        f.debug_struct("PublicKey").field("keyid", &self.keyid()).finish()
     }
 }
 
@@ -329,9 +312,8 @@ pub fn write_keypair(prefix: &Path) -> Result<(PathBuf, PathBuf), SignError> {
     let written = (|| {
         // The umask may have narrowed 0644; the public key must stay
         // readable by the CP and agent users it is copied for.
-        pub_file.set_permissions(
-            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(PUBLIC_KEY_MODE),
-        )?;
+        pub_file
+            .set_permissions(<std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(PUBLIC_KEY_MODE))?;
         write_line_and_sync(key_file, &key.to_text())?;
         write_line_and_sync(pub_file, &key.public_key().to_text())?;
         sync_parent_dir(&key_path)
@@ -349,19 +331,14 @@ pub fn sign_envelope(key: &SigningKey, payload: &[u8]) -> Envelope {
     Envelope {
         payload_type: PAYLOAD_TYPE.to_owned(),
         payload: BASE64.encode(payload),
-        signatures: vec![Signature {
-            keyid: key.public_key().keyid(),
-            sig: BASE64.encode(sig.to_bytes()),
-        }],
+        signatures: vec![Signature { keyid: key.public_key().keyid(), sig: BASE64.encode(sig.to_bytes()) }],
     }
 }
 
 /// Parse an envelope from JSON. Unknown fields are ignored, as DSSE allows.
 /// The caller bounds the size of `bytes` (HTTP body limit, file size).
 pub fn parse_envelope(bytes: &[u8]) -> Result<Envelope, VerifyError> {
-    serde_json::from_slice(bytes).map_err(|err| VerifyError::Malformed {
-        reason: err.to_string(),
-    })
+    serde_json::from_slice(bytes).map_err(|err| VerifyError::Malformed { reason: err.to_string() })
 }
 
 /// Check `env` against `trusted` and return the payload bytes it vouches for.
@@ -374,21 +351,14 @@ pub fn parse_envelope(bytes: &[u8]) -> Result<Envelope, VerifyError> {
 /// damaged or crafted, and it is refused whole.
 pub fn verify_envelope(env: &Envelope, trusted: &[PublicKey]) -> Result<Vec<u8>, VerifyError> {
     if env.payload_type != PAYLOAD_TYPE {
-        return Err(VerifyError::WrongPayloadType {
-            got: env.payload_type.clone(),
-        });
+        return Err(VerifyError::WrongPayloadType { got: env.payload_type.clone() });
     }
-    let payload = BASE64
-        .decode(&env.payload)
-        .map_err(|_| VerifyError::BadPayloadEncoding)?;
+    let payload = BASE64.decode(&env.payload).map_err(|_| VerifyError::BadPayloadEncoding)?;
     if env.signatures.is_empty() {
         return Err(VerifyError::NoSignatures);
     }
     if env.signatures.len() > MAX_SIGNATURES {
-        return Err(VerifyError::TooManySignatures {
-            count: env.signatures.len(),
-            limit: MAX_SIGNATURES,
-        });
+        return Err(VerifyError::TooManySignatures { count: env.signatures.len(), limit: MAX_SIGNATURES });
     }
     let decoded = env
         .signatures
@@ -400,20 +370,9 @@ pub fn verify_envelope(env: &Envelope, trusted: &[PublicKey]) -> Result<Vec<u8>,
     let trusted_ids: Vec<(String, &PublicKey)> = trusted.iter().map(|k| (k.keyid(), k)).collect();
     let mut first_bad_trusted: Option<&str> = None;
     for (keyid, sig) in &decoded {
-        let named: Vec<&PublicKey> = trusted_ids
-            .iter()
-            .filter(|(id, _)| id == keyid)
-            .map(|(_, key)| *key)
-            .collect();
-        let candidates: Vec<&PublicKey> = if named.is_empty() {
-            trusted.iter().collect()
-        } else {
-            named.clone()
-        };
-        if candidates
-            .iter()
-            .any(|key| key.0.verify_strict(&message, sig).is_ok())
-        {
+        let named: Vec<&PublicKey> = trusted_ids.iter().filter(|(id, _)| id == keyid).map(|(_, key)| *key).collect();
+        let candidates: Vec<&PublicKey> = if named.is_empty() { trusted.iter().collect() } else { named.clone() };
+        if candidates.iter().any(|key| key.0.verify_strict(&message, sig).is_ok()) {
             return Ok(payload);
         }
         if !named.is_empty() && first_bad_trusted.is_none() {
@@ -421,19 +380,13 @@ pub fn verify_envelope(env: &Envelope, trusted: &[PublicKey]) -> Result<Vec<u8>,
         }
     }
     match first_bad_trusted {
-        Some(keyid) => Err(VerifyError::BadSignature {
-            keyid: keyid.to_owned(),
-        }),
-        None => Err(VerifyError::UnknownKey {
-            keyids: env.signatures.iter().map(|s| s.keyid.clone()).collect(),
-        }),
+        Some(keyid) => Err(VerifyError::BadSignature { keyid: keyid.to_owned() }),
+        None => Err(VerifyError::UnknownKey { keyids: env.signatures.iter().map(|s| s.keyid.clone()).collect() }),
     }
 }
 
 fn decode_signature(sig: &Signature) -> Result<ed25519_dalek::Signature, VerifyError> {
-    let bad = || VerifyError::BadSignatureEncoding {
-        keyid: sig.keyid.clone(),
-    };
+    let bad = || VerifyError::BadSignatureEncoding { keyid: sig.keyid.clone() };
     let bytes = BASE64.decode(&sig.sig).map_err(|_| bad())?;
     let bytes: [u8; SIGNATURE_BYTES] = bytes.try_into().map_err(|_| bad())?;
     Ok(ed25519_dalek::Signature::from_bytes(&bytes))
@@ -444,32 +397,17 @@ fn file_origin(path: &Path) -> String {
 }
 
 fn missing_prefix(origin: &str, expected: &'static str, prefix: &str) -> SignError {
-    SignError::BadKeyText {
-        origin: origin.to_owned(),
-        expected,
-        reason: format!("it does not start with {prefix:?}"),
-    }
+    SignError::BadKeyText { origin: origin.to_owned(), expected, reason: format!("it does not start with {prefix:?}") }
 }
 
 /// Decode the base64 part of a key line into exactly 32 bytes. The base64
 /// error itself is not quoted: for a secret key it would echo key material.
-fn decode_key_bytes(
-    encoded: &str,
-    origin: &str,
-    expected: &'static str,
-) -> Result<[u8; KEY_BYTES], SignError> {
-    let bad = |reason: String| SignError::BadKeyText {
-        origin: origin.to_owned(),
-        expected,
-        reason,
-    };
-    let bytes = BASE64
-        .decode(encoded)
-        .map_err(|_| bad("the text after the prefix is not valid standard base64".to_owned()))?;
+fn decode_key_bytes(encoded: &str, origin: &str, expected: &'static str) -> Result<[u8; KEY_BYTES], SignError> {
+    let bad = |reason: String| SignError::BadKeyText { origin: origin.to_owned(), expected, reason };
+    let bytes =
+        BASE64.decode(encoded).map_err(|_| bad("the text after the prefix is not valid standard base64".to_owned()))?;
     let len = bytes.len();
-    bytes
-        .try_into()
-        .map_err(|_| bad(format!("the key is {len} bytes long, expected {KEY_BYTES}")))
+    bytes.try_into().map_err(|_| bad(format!("the key is {len} bytes long, expected {KEY_BYTES}")))
 }
 
 fn read_key_file(path: &Path, expected: &'static str) -> Result<String, SignError> {
@@ -479,10 +417,7 @@ fn read_key_file(path: &Path, expected: &'static str) -> Result<String, SignErro
     // are told apart without trusting metadata (the path may be a pipe).
     file.take(MAX_KEY_FILE_BYTES + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > MAX_KEY_FILE_BYTES {
-        return Err(SignError::KeyFileTooLarge {
-            path: path.to_owned(),
-            limit: MAX_KEY_FILE_BYTES,
-        });
+        return Err(SignError::KeyFileTooLarge { path: path.to_owned(), limit: MAX_KEY_FILE_BYTES });
     }
     String::from_utf8(bytes).map_err(|_| SignError::BadKeyText {
         origin: file_origin(path),
@@ -503,20 +438,13 @@ fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
 /// instant (no window where a secret is world-readable).
 fn create_new(path: &Path, mode: u32) -> Result<fs_err::File, SignError> {
     use fs_err::os::unix::fs::OpenOptionsExt as _;
-    fs_err::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|err| {
-            if err.kind() == std::io::ErrorKind::AlreadyExists {
-                SignError::KeyExists {
-                    path: path.to_owned(),
-                }
-            } else {
-                SignError::Io(err)
-            }
-        })
+    fs_err::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(|err| {
+        if err.kind() == std::io::ErrorKind::AlreadyExists {
+            SignError::KeyExists { path: path.to_owned() }
+        } else {
+            SignError::Io(err)
+        }
+    })
 }
 
 fn write_line_and_sync(mut file: fs_err::File, line: &str) -> Result<(), SignError> {
@@ -568,8 +496,7 @@ mod tests {
         fn new(name: &str) -> Self {
             static COUNTER: AtomicUsize = AtomicUsize::new(0);
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let path = std::env::temp_dir()
-                .join(format!("nixfleet-sign-{}-{name}-{n}", std::process::id()));
+            let path = std::env::temp_dir().join(format!("nixfleet-sign-{}-{name}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&path);
             std::fs::create_dir_all(&path).expect("create test temp dir");
             TempDir(path)
@@ -584,10 +511,7 @@ mod tests {
 
     fn hex(s: &str) -> Vec<u8> {
         assert!(s.len().is_multiple_of(2), "odd-length hex {s:?}");
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("valid hex digit"))
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("valid hex digit")).collect()
     }
 
     fn seed(s: &str) -> [u8; KEY_BYTES] {
@@ -644,10 +568,8 @@ mod tests {
     // whose message is SHA-512("abc").
     #[test]
     fn rfc8032_test_sha_abc() {
-        let message = hex(
-            "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a\
-             2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f",
-        );
+        let message = hex("ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a\
+             2192992a274fc1a836ba3c23a3feebbd454d4423643ce80e2a9ac94fa54ca49f");
         assert_eq!(message, sha2::Sha512::digest(b"abc").to_vec());
         check_rfc8032(
             "833fe62409237b9d62ec77587520911e9a759cec1d19755b7da901b96dca3d42",
@@ -669,10 +591,7 @@ mod tests {
     // Proves an empty payload still gets its length field and separator.
     #[test]
     fn pae_of_empty_payload() {
-        assert_eq!(
-            pae(PAYLOAD_TYPE, b""),
-            b"DSSEv1 37 application/vnd.nixfleet.rollout+json 0 ".to_vec()
-        );
+        assert_eq!(pae(PAYLOAD_TYPE, b""), b"DSSEv1 37 application/vnd.nixfleet.rollout+json 0 ".to_vec());
     }
 
     // Proves lengths are byte counts, not character counts.
@@ -684,15 +603,11 @@ mod tests {
     // Proves the keyid is 32 lowercase hex chars of sha256(public key).
     #[test]
     fn keyid_is_truncated_sha256_hex() {
-        let key = SigningKey::from_seed(&seed(
-            "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
-        ));
+        let key = SigningKey::from_seed(&seed("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"));
         let public = key.public_key();
         let keyid = public.keyid();
         assert_eq!(keyid.len(), 32);
-        assert!(keyid
-            .chars()
-            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)));
+        assert!(keyid.chars().all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)));
         let digest = Sha256::digest(public.to_bytes());
         let expected: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(keyid, expected);
@@ -724,9 +639,7 @@ mod tests {
     #[test]
     fn verify_finds_trusted_key_among_many() {
         let key = generate().expect("randomness");
-        let others: Vec<PublicKey> = (0..3)
-            .map(|_| generate().expect("randomness").public_key())
-            .collect();
+        let others: Vec<PublicKey> = (0..3).map(|_| generate().expect("randomness").public_key()).collect();
         let mut trusted = others.clone();
         trusted.insert(1, key.public_key());
         let env = sign_envelope(&key, MANIFEST);
@@ -741,11 +654,7 @@ mod tests {
         for keyid in ["", "0123456789abcdef0123456789abcdef"] {
             let mut env = sign_envelope(&key, MANIFEST);
             env.signatures[0].keyid = keyid.to_owned();
-            assert_eq!(
-                verify_envelope(&env, &[key.public_key()]),
-                Ok(MANIFEST.to_vec()),
-                "keyid {keyid:?}"
-            );
+            assert_eq!(verify_envelope(&env, &[key.public_key()]), Ok(MANIFEST.to_vec()), "keyid {keyid:?}");
         }
     }
 
@@ -758,15 +667,9 @@ mod tests {
         let mut env = sign_envelope(&old, MANIFEST);
         let new_sig = sign_envelope(&new, MANIFEST).signatures.remove(0);
         env.signatures.push(new_sig);
-        assert_eq!(
-            verify_envelope(&env, &[new.public_key()]),
-            Ok(MANIFEST.to_vec())
-        );
+        assert_eq!(verify_envelope(&env, &[new.public_key()]), Ok(MANIFEST.to_vec()));
         env.signatures.reverse();
-        assert_eq!(
-            verify_envelope(&env, &[new.public_key()]),
-            Ok(MANIFEST.to_vec())
-        );
+        assert_eq!(verify_envelope(&env, &[new.public_key()]), Ok(MANIFEST.to_vec()));
     }
 
     // Proves a payload changed after signing is refused as a bad signature
@@ -780,9 +683,7 @@ mod tests {
         env.payload = BASE64.encode(&payload);
         assert_eq!(
             verify_envelope(&env, &[key.public_key()]),
-            Err(VerifyError::BadSignature {
-                keyid: key.public_key().keyid()
-            })
+            Err(VerifyError::BadSignature { keyid: key.public_key().keyid() })
         );
     }
 
@@ -795,15 +696,11 @@ mod tests {
         let env = sign_envelope(&signer, MANIFEST);
         assert_eq!(
             verify_envelope(&env, &[trusted]),
-            Err(VerifyError::UnknownKey {
-                keyids: vec![signer.public_key().keyid()]
-            })
+            Err(VerifyError::UnknownKey { keyids: vec![signer.public_key().keyid()] })
         );
         assert_eq!(
             verify_envelope(&env, &[]),
-            Err(VerifyError::UnknownKey {
-                keyids: vec![signer.public_key().keyid()]
-            })
+            Err(VerifyError::UnknownKey { keyids: vec![signer.public_key().keyid()] })
         );
     }
 
@@ -815,9 +712,7 @@ mod tests {
         env.payload_type = "application/vnd.in-toto+json".to_owned();
         assert_eq!(
             verify_envelope(&env, &[key.public_key()]),
-            Err(VerifyError::WrongPayloadType {
-                got: "application/vnd.in-toto+json".to_owned()
-            })
+            Err(VerifyError::WrongPayloadType { got: "application/vnd.in-toto+json".to_owned() })
         );
     }
 
@@ -827,10 +722,7 @@ mod tests {
         let key = generate().expect("randomness");
         let mut env = sign_envelope(&key, MANIFEST);
         env.payload = "not base64!!".to_owned();
-        assert_eq!(
-            verify_envelope(&env, &[key.public_key()]),
-            Err(VerifyError::BadPayloadEncoding)
-        );
+        assert_eq!(verify_envelope(&env, &[key.public_key()]), Err(VerifyError::BadPayloadEncoding));
     }
 
     // Proves a sig field that is not base64 is refused, naming its keyid.
@@ -841,9 +733,7 @@ mod tests {
         env.signatures[0].sig = "%%%".to_owned();
         assert_eq!(
             verify_envelope(&env, &[key.public_key()]),
-            Err(VerifyError::BadSignatureEncoding {
-                keyid: key.public_key().keyid()
-            })
+            Err(VerifyError::BadSignatureEncoding { keyid: key.public_key().keyid() })
         );
     }
 
@@ -852,16 +742,12 @@ mod tests {
     fn rejects_signature_of_wrong_length() {
         let key = generate().expect("randomness");
         let mut env = sign_envelope(&key, MANIFEST);
-        let sig = BASE64
-            .decode(&env.signatures[0].sig)
-            .expect("own sig decodes");
+        let sig = BASE64.decode(&env.signatures[0].sig).expect("own sig decodes");
         for bad in [&sig[..63], &[sig.as_slice(), &[0]].concat()[..], &[][..]] {
             env.signatures[0].sig = BASE64.encode(bad);
             assert_eq!(
                 verify_envelope(&env, &[key.public_key()]),
-                Err(VerifyError::BadSignatureEncoding {
-                    keyid: key.public_key().keyid()
-                }),
+                Err(VerifyError::BadSignatureEncoding { keyid: key.public_key().keyid() }),
                 "length {}",
                 bad.len()
             );
@@ -874,15 +760,10 @@ mod tests {
     fn malformed_signature_refuses_whole_envelope() {
         let key = generate().expect("randomness");
         let mut env = sign_envelope(&key, MANIFEST);
-        env.signatures.push(Signature {
-            keyid: "junk".to_owned(),
-            sig: "AAAA".to_owned(),
-        });
+        env.signatures.push(Signature { keyid: "junk".to_owned(), sig: "AAAA".to_owned() });
         assert_eq!(
             verify_envelope(&env, &[key.public_key()]),
-            Err(VerifyError::BadSignatureEncoding {
-                keyid: "junk".to_owned()
-            })
+            Err(VerifyError::BadSignatureEncoding { keyid: "junk".to_owned() })
         );
     }
 
@@ -892,10 +773,7 @@ mod tests {
         let key = generate().expect("randomness");
         let mut env = sign_envelope(&key, MANIFEST);
         env.signatures.clear();
-        assert_eq!(
-            verify_envelope(&env, &[key.public_key()]),
-            Err(VerifyError::NoSignatures)
-        );
+        assert_eq!(verify_envelope(&env, &[key.public_key()]), Err(VerifyError::NoSignatures));
     }
 
     // Proves the signature-count limit is enforced before any verification.
@@ -907,16 +785,10 @@ mod tests {
         env.signatures = vec![sig; MAX_SIGNATURES + 1];
         assert_eq!(
             verify_envelope(&env, &[key.public_key()]),
-            Err(VerifyError::TooManySignatures {
-                count: MAX_SIGNATURES + 1,
-                limit: MAX_SIGNATURES
-            })
+            Err(VerifyError::TooManySignatures { count: MAX_SIGNATURES + 1, limit: MAX_SIGNATURES })
         );
         env.signatures.truncate(MAX_SIGNATURES);
-        assert_eq!(
-            verify_envelope(&env, &[key.public_key()]),
-            Ok(MANIFEST.to_vec())
-        );
+        assert_eq!(verify_envelope(&env, &[key.public_key()]), Ok(MANIFEST.to_vec()));
     }
 
     // Proves bad JSON and missing or mistyped fields are Malformed.
@@ -975,10 +847,7 @@ mod tests {
     #[test]
     fn rejects_bad_key_text() {
         let key = generate().expect("randomness");
-        assert!(matches!(
-            PublicKey::from_text(&key.to_text()),
-            Err(SignError::SecretKeyGivenAsPublic { .. })
-        ));
+        assert!(matches!(PublicKey::from_text(&key.to_text()), Err(SignError::SecretKeyGivenAsPublic { .. })));
         assert!(matches!(
             SigningKey::from_text(&key.public_key().to_text()),
             Err(SignError::PublicKeyGivenAsSecret { .. })
@@ -991,36 +860,20 @@ mod tests {
         ];
         for text in cases {
             assert!(
-                matches!(
-                    PublicKey::from_text(text),
-                    Err(SignError::BadKeyText {
-                        expected: "public",
-                        ..
-                    })
-                ),
+                matches!(PublicKey::from_text(text), Err(SignError::BadKeyText { expected: "public", .. })),
                 "public {text:?}"
             );
         }
         // 32 bytes that decode to the identity point, which has small order.
-        match PublicKey::from_text(
-            "nixfleet-ed25519-public-v1:AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-        ) {
+        match PublicKey::from_text("nixfleet-ed25519-public-v1:AQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=") {
             Err(SignError::BadKeyText { reason, .. }) => assert!(reason.contains("small-order")),
             other => panic!("expected weak key refusal, got {other:?}"),
         }
-        for text in [
-            "nixfleet-ed25519-secret-v1:AAAA",
-            "nixfleet-ed25519-secret-v1:@@@@",
-            " nixfleet-ed25519-secret-v1:AAAA",
-        ] {
+        for text in
+            ["nixfleet-ed25519-secret-v1:AAAA", "nixfleet-ed25519-secret-v1:@@@@", " nixfleet-ed25519-secret-v1:AAAA"]
+        {
             assert!(
-                matches!(
-                    SigningKey::from_text(text),
-                    Err(SignError::BadKeyText {
-                        expected: "secret",
-                        ..
-                    })
-                ),
+                matches!(SigningKey::from_text(text), Err(SignError::BadKeyText { expected: "secret", .. })),
                 "secret {text:?}"
             );
         }
@@ -1036,13 +889,7 @@ mod tests {
         assert_eq!(key_path, dir.0.join("release.2026.key"));
         assert_eq!(pub_path, dir.0.join("release.2026.pub"));
 
-        let mode = |p: &Path| {
-            std::fs::metadata(p)
-                .expect("stat key file")
-                .permissions()
-                .mode()
-                & 0o777
-        };
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat key file").permissions().mode() & 0o777;
         assert_eq!(mode(&key_path), 0o600);
         assert_eq!(mode(&pub_path), 0o644);
 
@@ -1056,10 +903,7 @@ mod tests {
             Err(SignError::KeyExists { path }) => assert_eq!(path, key_path),
             other => panic!("expected KeyExists, got {other:?}"),
         }
-        assert_eq!(
-            std::fs::read_to_string(&key_path).expect("re-read key"),
-            key_text
-        );
+        assert_eq!(std::fs::read_to_string(&key_path).expect("re-read key"), key_text);
     }
 
     // Proves an existing .pub alone also blocks generation and leaves no
@@ -1075,10 +919,7 @@ mod tests {
             other => panic!("expected KeyExists, got {other:?}"),
         }
         assert!(!dir.0.join("release.key").exists());
-        assert_eq!(
-            std::fs::read_to_string(&pub_path).expect("re-read pub"),
-            "keep me\n"
-        );
+        assert_eq!(std::fs::read_to_string(&pub_path).expect("re-read pub"), "keep me\n");
     }
 
     // Proves loading a secret key file as a trust key fails with the
@@ -1093,10 +934,7 @@ mod tests {
             }
             other => panic!("expected SecretKeyGivenAsPublic, got {other:?}"),
         }
-        assert!(matches!(
-            SigningKey::load(&pub_path),
-            Err(SignError::PublicKeyGivenAsSecret { .. })
-        ));
+        assert!(matches!(SigningKey::load(&pub_path), Err(SignError::PublicKeyGivenAsSecret { .. })));
     }
 
     // Proves load errors carry the path: missing file, oversized file,
@@ -1128,22 +966,10 @@ mod tests {
     fn verify_error_messages_name_the_culprit() {
         let keyid = "00112233445566778899aabbccddeeff".to_owned();
         let messages = [
-            VerifyError::WrongPayloadType {
-                got: "text/plain".to_owned(),
-            }
-            .to_string(),
-            VerifyError::BadSignatureEncoding {
-                keyid: keyid.clone(),
-            }
-            .to_string(),
-            VerifyError::BadSignature {
-                keyid: keyid.clone(),
-            }
-            .to_string(),
-            VerifyError::UnknownKey {
-                keyids: vec![keyid.clone()],
-            }
-            .to_string(),
+            VerifyError::WrongPayloadType { got: "text/plain".to_owned() }.to_string(),
+            VerifyError::BadSignatureEncoding { keyid: keyid.clone() }.to_string(),
+            VerifyError::BadSignature { keyid: keyid.clone() }.to_string(),
+            VerifyError::UnknownKey { keyids: vec![keyid.clone()] }.to_string(),
         ];
         assert!(messages[0].contains("text/plain") && messages[0].contains(PAYLOAD_TYPE));
         for message in &messages[1..] {

@@ -224,9 +224,7 @@ impl HostRecord {
     /// Names of enforce probes whose latest result is Fail.
     pub fn failing_enforce_probes(&self) -> Vec<String> {
         self.enforce_probes()
-            .filter(|p| {
-                self.probes.get(&p.name).and_then(|r| r.last_status) == Some(ProbeStatus::Fail)
-            })
+            .filter(|p| self.probes.get(&p.name).and_then(|r| r.last_status) == Some(ProbeStatus::Fail))
             .map(|p| p.name.clone())
             .collect()
     }

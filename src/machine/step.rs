@@ -15,7 +15,7 @@ use crate::ids::{Closure, Hostname, RolloutId};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The event moved the record; run the effects in order.
-    Applied { record: HostRecord, effects: Vec<Effect> },
+    Applied { record: Box<HostRecord>, effects: Vec<Effect> },
     /// `seq <= last_seq`: already applied; nothing to do (SPEC §4 rule 1).
     Duplicate { last_seq: u64 },
 }
@@ -76,7 +76,7 @@ pub fn replay<'a>(
 ) -> Result<HostRecord, (usize, TransitionError)> {
     for (idx, event) in events.into_iter().enumerate() {
         match step(&record, event, policy) {
-            Ok(Outcome::Applied { record: next, .. }) => record = next,
+            Ok(Outcome::Applied { record: next, .. }) => record = *next,
             Ok(Outcome::Duplicate { .. }) => {}
             Err(e) => return Err((idx, e)),
         }
@@ -209,8 +209,7 @@ impl Tx<'_> {
                 }
             }
             (EventBody::ActivationFailed { exit_code, stderr_tail, failed_at }, S::Activating | S::Deferred) => {
-                let failure =
-                    Failure::ActivationFailed { exit_code: *exit_code, stderr_tail: stderr_tail.clone() };
+                let failure = Failure::ActivationFailed { exit_code: *exit_code, stderr_tail: stderr_tail.clone() };
                 self.fail(failure, *failed_at, policy.on_health_failure);
             }
             (EventBody::ProbeTopologyDeclared { probes, .. }, S::Soaking) => {
@@ -221,9 +220,7 @@ impl Tx<'_> {
                 }
                 // A re-declaration (agent restart while soaking) keeps the
                 // observations of probes that are still declared as they were.
-                self.next.probes.retain(|name, rec| {
-                    probes.iter().any(|p| &p.name == name && p.mode == rec.mode)
-                });
+                self.next.probes.retain(|name, rec| probes.iter().any(|p| &p.name == name && p.mode == rec.mode));
                 self.next.topology = Some(probes.clone());
                 self.reset_clock_if_recovered();
             }
@@ -265,9 +262,9 @@ impl Tx<'_> {
                 }
                 let failing_since = self.before.probes.get(probe_name).and_then(|r| r.failing_since);
                 if failing_since != Some(*first_failed_at) {
-                    return Err(self.refuse(format!(
-                        "probe {probe_name:?} has no failure run starting at {first_failed_at}"
-                    )));
+                    return Err(
+                        self.refuse(format!("probe {probe_name:?} has no failure run starting at {first_failed_at}"))
+                    );
                 }
                 self.next.failure_clock_since = Some(*first_failed_at);
             }
@@ -345,9 +342,9 @@ impl Tx<'_> {
     fn require_declared(&self, probe_name: &str, mode: ProbeMode) -> Result<(), TransitionError> {
         match self.before.declared_mode(probe_name) {
             None => Err(self.refuse(format!("probe {probe_name:?} is not in the declared topology"))),
-            Some(declared) if declared != mode => Err(self.refuse(format!(
-                "probe {probe_name:?} is declared {declared:?} but the event says {mode:?}"
-            ))),
+            Some(declared) if declared != mode => {
+                Err(self.refuse(format!("probe {probe_name:?} is declared {declared:?} but the event says {mode:?}")))
+            }
             Some(_) => Ok(()),
         }
     }
@@ -379,7 +376,7 @@ impl Tx<'_> {
         let mut effects = Vec::with_capacity(self.effects.len() + 1);
         effects.push(journal);
         effects.extend(self.effects);
-        Outcome::Applied { record: self.next, effects }
+        Outcome::Applied { record: Box::new(self.next), effects }
     }
 }
 
@@ -410,9 +407,7 @@ pub(super) fn converge_holds(record: &HostRecord, at: Timestamp) -> Result<(), S
         match record.probes.get(&probe.name).and_then(|r| r.last_status) {
             Some(ProbeStatus::Pass) => {}
             Some(ProbeStatus::Fail) => return Err(format!("enforce probe {:?} is failing", probe.name)),
-            None => {
-                return Err(format!("enforce probe {:?} has not been observed since the activation", probe.name))
-            }
+            None => return Err(format!("enforce probe {:?} has not been observed since the activation", probe.name)),
         }
     }
     Ok(())

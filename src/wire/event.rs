@@ -222,9 +222,12 @@ impl WireEventBody {
             EventBody::ProbeFailureFirst { probe_name, mode, first_failed_at } => {
                 WireEventBody::ProbeFailureFirst { probe_name, mode, first_failed_at }
             }
-            EventBody::SustainedFailureCrossed { failed_at, sustained_duration_secs, failing_probes, policy_applied } => {
-                WireEventBody::Failed { failed_at, sustained_duration_secs, failing_probes, policy_applied }
-            }
+            EventBody::SustainedFailureCrossed {
+                failed_at,
+                sustained_duration_secs,
+                failing_probes,
+                policy_applied,
+            } => WireEventBody::Failed { failed_at, sustained_duration_secs, failing_probes, policy_applied },
             EventBody::RollbackCompleted { reverted_to_closure, exit_code, completed_at } => {
                 WireEventBody::RollbackComplete { reverted_to_closure, exit_code, completed_at }
             }

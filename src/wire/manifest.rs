@@ -118,8 +118,7 @@ impl Manifest {
         }
         validate_channel(&raw.channel).map_err(|e| invalid("channel", e.to_string()))?;
         validate_ref(&raw.git_ref).map_err(|e| invalid("ref", e.to_string()))?;
-        let rollout_id =
-            RolloutId::new(&raw.channel, &raw.git_ref).map_err(|e| invalid("channel", e.to_string()))?;
+        let rollout_id = RolloutId::new(&raw.channel, &raw.git_ref).map_err(|e| invalid("channel", e.to_string()))?;
 
         let p = &raw.policy;
         if p.sustained_failure_secs == 0 || p.sustained_failure_secs > MAX_SUSTAINED_FAILURE_SECS {
@@ -209,9 +208,7 @@ impl Manifest {
             hosts: self
                 .hosts
                 .iter()
-                .map(|(h, e)| {
-                    (h.to_string(), RawHost { wave: e.wave, target_closure: e.target_closure.to_string() })
-                })
+                .map(|(h, e)| (h.to_string(), RawHost { wave: e.wave, target_closure: e.target_closure.to_string() }))
                 .collect(),
         };
         serde_json::to_value(raw).unwrap_or(serde_json::Value::Null)

@@ -27,6 +27,12 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Generate an ed25519 release key pair: PREFIX.key (secret, mode 0600) and PREFIX.pub.
+    Keygen {
+        /// Path prefix of the two files; existing files are never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Work with rollout manifests (validate, sign, verify).
     #[command(subcommand)]
     Manifest(ManifestCommand),
@@ -41,5 +47,21 @@ pub enum ManifestCommand {
         /// Print the validated manifest as JSON instead of a summary.
         #[arg(long)]
         json: bool,
+    },
+    /// Validate a manifest and print its signed DSSE envelope on stdout.
+    Sign {
+        /// The release secret key (from `nixfleet keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// The manifest JSON file; its exact bytes are signed.
+        manifest: PathBuf,
+    },
+    /// Verify a DSSE envelope against trust keys and print the manifest it carries.
+    Verify {
+        /// A trusted public key; repeat for several (e.g. during a key rotation).
+        #[arg(long = "trust-key", required = true)]
+        trust_keys: Vec<PathBuf>,
+        /// The signed envelope (output of `manifest sign`).
+        envelope: PathBuf,
     },
 }

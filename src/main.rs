@@ -13,8 +13,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Keygen { out } => tools::manifest_cmd::keygen(&out).map_err(Into::into),
         Command::Manifest(ManifestCommand::Check { manifest, json }) => {
             tools::manifest_cmd::check(&manifest, json).map_err(Into::into)
+        }
+        Command::Manifest(ManifestCommand::Sign { key, manifest }) => {
+            tools::manifest_cmd::sign(&key, &manifest).map_err(Into::into)
+        }
+        Command::Manifest(ManifestCommand::Verify { trust_keys, envelope }) => {
+            tools::manifest_cmd::verify(&trust_keys, &envelope).map_err(Into::into)
         }
     };
     match result {
@@ -27,9 +34,13 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -247,21 +247,7 @@ fn results_dispatch_and_heartbeat_round_trip() {
 }
 
 fn manifest_json() -> serde_json::Value {
-    json!({
-        "schema": 1,
-        "channel": "stable",
-        "ref": "2026-11-25.1",
-        "issued_at": "2026-11-25T12:00:00Z",
-        "policy": {"on_health_failure": "rollback-and-halt", "sustained_failure_secs": 60, "max_failed_hosts": 0},
-        "waves": [
-            {"name": "canary", "soak_secs": 300, "max_in_flight": 1},
-            {"name": "rest", "soak_secs": 600, "max_in_flight": 10}
-        ],
-        "hosts": {
-            "web-1": {"wave": 0, "target_closure": NEW},
-            "web-2": {"wave": 1, "target_closure": OLD}
-        }
-    })
+    serde_json::from_str(include_str!("../../examples/manifest.json")).expect("the example manifest is JSON")
 }
 
 fn parse_manifest(v: &serde_json::Value) -> Result<Manifest, ManifestError> {

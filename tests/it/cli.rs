@@ -7,22 +7,8 @@ use std::process::{Command, Output};
 
 use base64::Engine as _;
 
-const MANIFEST: &str = r#"{
-  "schema": 1,
-  "channel": "stable",
-  "ref": "2026-11-25.1",
-  "issued_at": "2026-11-25T12:00:00Z",
-  "policy": { "on_health_failure": "rollback-and-halt", "sustained_failure_secs": 60, "max_failed_hosts": 0 },
-  "waves": [
-    { "name": "canary", "soak_secs": 300, "max_in_flight": 1 },
-    { "name": "rest",   "soak_secs": 600, "max_in_flight": 10 }
-  ],
-  "hosts": {
-    "web-1": { "wave": 0, "target_closure": "/nix/store/0c3n4iv2w9ab1p6lq0yzf3d8k2m5r7s9-nixos-system-web-1" },
-    "web-2": { "wave": 1, "target_closure": "/nix/store/1c3n4iv2w9ab1p6lq0yzf3d8k2m5r7s9-nixos-system-web-2" }
-  }
-}
-"#;
+/// The example manifest shipped in `examples/`, so the docs and the tests agree.
+const MANIFEST: &str = include_str!("../../examples/manifest.json");
 
 fn nixfleet(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nixfleet"))

@@ -1,0 +1,5 @@
+//! The agent role (`nixfleet agent`): one reducer owns the per-rollout
+//! records and is the only caller of `step`; workers feed it; an applier
+//! runs effects after the outbound event is durable.
+
+pub mod rollouts;

@@ -2,4 +2,5 @@
 //! records and is the only caller of `step`; workers feed it; an applier
 //! runs effects after the outbound event is durable.
 
+pub mod reducer;
 pub mod rollouts;

@@ -2,5 +2,6 @@
 //! records and is the only caller of `step`; workers feed it; an applier
 //! runs effects after the outbound event is durable.
 
+pub mod admission;
 pub mod reducer;
 pub mod rollouts;

@@ -3,5 +3,6 @@
 //! runs effects after the outbound event is durable.
 
 pub mod admission;
+pub mod backoff;
 pub mod reducer;
 pub mod rollouts;

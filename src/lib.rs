@@ -3,6 +3,7 @@
 //! identifiers and time first, then the pure state machine, then the formats
 //! that cross a boundary (wire, signatures), then the tools.
 
+pub mod agent;
 pub mod cli;
 pub mod clock;
 pub mod ids;

@@ -5,3 +5,4 @@
 mod activation;
 mod cli;
 pub mod nixenv;
+mod probes;

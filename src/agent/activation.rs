@@ -387,11 +387,13 @@ async fn run_switch(
             return Err(fail(EXIT_CODE_NOT_RUN, read_tail(&log_path), format!("waiting for the switch: {e}")))
         }
         Err(_elapsed) => {
-            let killed = kill_switch(&cfg.switch_runner, &mut child, &unit).await;
-            let why = format!(
-                "exceeded the activation time limit of {} s; {killed}; the switch lock is not held",
-                cfg.time_limit.as_secs()
-            );
+            let (stopped, what) = kill_switch(&cfg.switch_runner, &mut child, &unit).await;
+            let lock = if stopped {
+                "the switch lock is released"
+            } else {
+                "the switch MAY STILL BE RUNNING and holding the switch lock"
+            };
+            let why = format!("exceeded the activation time limit of {} s; {what}; {lock}", cfg.time_limit.as_secs());
             return Err(fail(EXIT_CODE_TIME_LIMIT, read_tail(&log_path), why));
         }
     };
@@ -402,10 +404,11 @@ async fn run_switch(
     Err(fail(exit_code, read_tail(&log_path), how))
 }
 
-/// Kills a switch past its deadline and reaps it; says what it did.
-async fn kill_switch(runner: &SwitchRunner, child: &mut Child, unit: &str) -> String {
+/// Kills a switch past its deadline and reaps it; says whether the switch
+/// is known to be stopped, and what was done.
+async fn kill_switch(runner: &SwitchRunner, child: &mut Child, unit: &str) -> (bool, String) {
     let pid = child.id();
-    let mut done = match (runner, pid) {
+    let (stopped, mut done) = match (runner, pid) {
         (SwitchRunner::Detached { systemctl, .. }, _) => {
             let stopped = Command::new(systemctl)
                 .args(["stop", unit])
@@ -415,26 +418,30 @@ async fn kill_switch(runner: &SwitchRunner, child: &mut Child, unit: &str) -> St
                 .status()
                 .await;
             match stopped {
-                Ok(s) if s.success() => format!("unit {unit} stopped"),
-                Ok(s) => format!("`{} stop {unit}` failed ({s})", systemctl.display()),
-                Err(e) => format!("cannot run {}: {e}", systemctl.display()),
+                Ok(s) if s.success() => (true, format!("unit {unit} stopped")),
+                Ok(s) => (false, format!("`{} stop {unit}` failed ({s})", systemctl.display())),
+                Err(e) => (false, format!("cannot run {}: {e}", systemctl.display())),
             }
         }
         (SwitchRunner::Session { .. }, Some(pid)) => {
             let group = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw);
             match group.map(|g| rustix::process::kill_process_group(g, rustix::process::Signal::KILL)) {
-                Some(Ok(())) => format!("process group {pid} killed"),
-                Some(Err(e)) => format!("killing process group {pid} failed: {e}"),
-                None => format!("pid {pid} is not a valid process group"),
+                Some(Ok(())) => (true, format!("process group {pid} killed")),
+                Some(Err(e)) => (false, format!("killing process group {pid} failed: {e}")),
+                None => (false, format!("pid {pid} is not a valid process group")),
             }
         }
-        (SwitchRunner::Session { .. }, None) | (SwitchRunner::Direct, _) => String::from("switch process killed"),
+        // Direct: only the child itself is killed below; its own children
+        // are not (documented: Direct is for debugging).
+        (SwitchRunner::Session { .. }, None) | (SwitchRunner::Direct, _) => {
+            (true, String::from("switch process killed (not its children: Direct runner)"))
+        }
     };
     // The client (systemd-run), the session leader or the direct child.
     if let Err(e) = child.kill().await {
         done.push_str(&format!(" (kill of pid {pid:?}: {e})"));
     }
-    done
+    (stopped, done)
 }
 
 fn read_tail(path: &Path) -> Vec<u8> {

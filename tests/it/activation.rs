@@ -244,6 +244,7 @@ async fn switch_past_its_time_limit_is_killed_with_its_process_group_and_reporte
     assert!(tail.contains("exceeded the activation time limit of 2 s"), "{tail}");
     let pid: u32 = fs_err::read_to_string(&started).expect("switch started").trim().parse().expect("pid");
     assert!(tail.contains(&format!("process group {pid} killed")), "{tail}");
+    assert!(tail.contains("the switch lock is released"), "{tail}");
     wait_until("the switch's process group to die", Duration::from_secs(5), || live_group_members(pid).is_empty())
         .await;
     assert_eq!(host.running(), Some(PathBuf::from(old.as_str())));
@@ -328,4 +329,73 @@ async fn direct_switch_dies_with_the_agent_process_group() {
     let pid = kill_parent_mid_switch(&host, "direct", &new, &started, &go).await;
     wait_until("the direct switch to die", Duration::from_secs(5), || !pid_alive(pid)).await;
     assert_eq!(host.running(), Some(PathBuf::from(old.as_str())), "a dead switch flips nothing");
+}
+
+/// Stand-ins for `systemd-run` and `systemctl` (systemd is not PID 1 here):
+/// `systemd-run` records its argv, starts the command after `--` in a new
+/// session with output appended to the StandardError= file, records the
+/// unit's pid and waits like `--wait`; `systemctl stop UNIT` kills that
+/// unit's process group like systemd's control-group kill.
+fn systemd_stand_ins(dir: &Path) -> SwitchRunner {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = dir.display();
+    let run = format!(
+        "#!/bin/sh\nPATH=/usr/bin:/bin\necho \"$*\" > {d}/systemd-run.argv\nunit=; log=/dev/null\n\
+         for a; do case \"$a\" in --unit=*) unit=${{a#--unit=}} ;; --property=StandardError=append:*) \
+         log=${{a#--property=StandardError=append:}} ;; --) break ;; esac; done\n\
+         while [ \"$1\" != -- ]; do shift; done; shift\n\
+         setsid \"$@\" >> \"$log\" 2>&1 &\npid=$!\necho $pid > {d}/$unit.pid\nwait $pid\n"
+    );
+    let ctl = format!(
+        "#!/bin/sh\nPATH=/usr/bin:/bin\necho \"$*\" >> {d}/systemctl.log\n\
+         [ \"$1\" = stop ] || exit 2\n/bin/kill -KILL -- -$(cat {d}/$2.pid)\n"
+    );
+    for (name, text) in [("systemd-run", run), ("systemctl", ctl)] {
+        fs_err::write(dir.join(name), text).expect("write stand-in");
+        fs_err::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    SwitchRunner::Detached { systemd_run: dir.join("systemd-run"), systemctl: dir.join("systemctl") }
+}
+
+#[tokio::test]
+async fn detached_switch_runs_through_systemd_run_as_a_named_unit_with_a_runtime_limit() {
+    // Proves the systemd-run boundary: unit name, --wait/--collect, RuntimeMaxSec, output to the log file, exit status used.
+    let host = Host::new();
+    host.boot_into("old");
+    let new = host.nix.build_closure(&host.spec("unit"));
+    let runner = systemd_stand_ins(&host.root);
+    let outcome = run(&host.config(runner), &forward(&new)).await;
+    assert_eq!(outcome, ActivationOutcome::Completed { observed: new.clone() });
+    let argv = fs_err::read_to_string(host.root.join("systemd-run.argv")).expect("systemd-run ran");
+    for want in ["--unit=nixfleet-switch-test_1", "--wait", "--collect", "--property=RuntimeMaxSec=30"] {
+        assert!(argv.contains(want), "{want} missing from {argv}");
+    }
+    assert!(argv.trim_end().ends_with(&format!("-- {new}/bin/switch-to-configuration switch")), "{argv}");
+    let log = fs_err::read_to_string(host.root.join("log/switch-test_1.log")).expect("switch log");
+    assert!(log.contains("stand-in switch-to-configuration switch"), "{log}");
+}
+
+#[tokio::test]
+async fn detached_switch_past_its_time_limit_is_stopped_through_systemctl() {
+    // Proves the Detached time limit: `systemctl stop` of the unit, the switch dead, Failed with the unit named.
+    let host = Host::new();
+    let old = host.boot_into("old");
+    let started = host.root.join("switch.pid");
+    let spec = ClosureSpec {
+        started_file: Some(started.clone()),
+        wait_for: Some(host.root.join("never")),
+        ..host.spec("hung-unit")
+    };
+    let hung = host.nix.build_closure(&spec);
+    let mut cfg = host.config(systemd_stand_ins(&host.root));
+    cfg.time_limit = Duration::from_secs(2);
+    let (code, tail) = failed(run(&cfg, &forward(&hung)).await);
+    assert_eq!(code, EXIT_CODE_TIME_LIMIT);
+    assert!(tail.contains("unit nixfleet-switch-test_1 stopped"), "{tail}");
+    assert!(tail.contains("the switch lock is released"), "{tail}");
+    let stops = fs_err::read_to_string(host.root.join("systemctl.log")).expect("systemctl ran");
+    assert_eq!(stops.trim(), "stop nixfleet-switch-test_1");
+    let pid: u32 = fs_err::read_to_string(&started).expect("started").trim().parse().expect("pid");
+    wait_until("the unit's switch to die", Duration::from_secs(5), || !pid_alive(pid)).await;
+    assert_eq!(host.running(), Some(PathBuf::from(old.as_str())));
 }

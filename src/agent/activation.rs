@@ -516,6 +516,16 @@ mod tests {
     }
 
     #[test]
+    fn activation_future_is_send_so_the_runtime_can_spawn_it() {
+        // Compile-time proof: `tokio::spawn` needs a Send future.
+        fn assert_send<T: Send>(_: &T) {}
+        let cfg = ActivationConfig::host_defaults("/nonexistent".into());
+        let closure = Closure::parse("/nix/store/0c3n4iv2w9ab1p6lq0yzf3d8k2m5r7s9-x").expect("valid");
+        let req = ActivationRequest { closure, direction: Direction::Forward, activation_id: "a".into() };
+        assert_send(&activate(&cfg, &req, |_| ()));
+    }
+
+    #[test]
     fn activation_ids_become_safe_unit_names() {
         assert_eq!(sanitize_activation_id("stable@2026-11-25.1/3"), "stable_2026-11-25_1_3");
         assert_eq!(sanitize_activation_id(""), "unnamed");

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use nixfleet::agent::activation::{
     activate, ActivationConfig, ActivationOutcome, ActivationRequest, Direction, SwitchRunner, EXIT_CODE_TIME_LIMIT,
+    EXIT_CODE_VERIFY_FAILED,
 };
 use nixfleet::ids::Closure;
 use nixfleet::wire::event::STDERR_TAIL_MAX_BYTES;
@@ -398,4 +399,28 @@ async fn detached_switch_past_its_time_limit_is_stopped_through_systemctl() {
     let pid: u32 = fs_err::read_to_string(&started).expect("started").trim().parse().expect("pid");
     wait_until("the unit's switch to die", Duration::from_secs(5), || !pid_alive(pid)).await;
     assert_eq!(host.running(), Some(PathBuf::from(old.as_str())));
+}
+
+#[tokio::test]
+async fn completed_reports_what_current_system_really_resolves_to() {
+    // Proves verification reads the symlink rather than assuming success: a switch that flips another link leaves `observed` = the old closure.
+    let host = Host::new();
+    let old = host.boot_into("old");
+    let elsewhere = host.root.join("other-current-system");
+    let new = host.nix.build_closure(&ClosureSpec { current_system: elsewhere, ..host.spec("elsewhere") });
+    let outcome = run(&host.config(Host::session()), &forward(&new)).await;
+    assert_eq!(outcome, ActivationOutcome::Completed { observed: old });
+}
+
+#[tokio::test]
+async fn unresolvable_current_system_after_a_successful_switch_is_a_verify_failure() {
+    // Proves a missing current-system after exit 0 is Failed with the verify exit code and the path named.
+    let host = Host::new();
+    host.boot_into("old");
+    let new = host.nix.build_closure(&host.spec("new"));
+    let mut cfg = host.config(Host::session());
+    cfg.current_system = host.root.join("no-such-link");
+    let (code, tail) = failed(run(&cfg, &forward(&new)).await);
+    assert_eq!(code, EXIT_CODE_VERIFY_FAILED);
+    assert!(tail.contains("no-such-link does not resolve"), "{tail}");
 }

@@ -39,10 +39,15 @@ pub const JOURNAL_RETRY_MIN: StdDuration = StdDuration::from_millis(100);
 pub const JOURNAL_RETRY_MAX: StdDuration = StdDuration::from_secs(10);
 
 /// Where the reducer makes an event durable. The agent's queue implements
-/// it; tests use an in-memory journal that can be told to fail.
+/// it (its fsyncs run on the blocking pool, off the reactor); tests use an
+/// in-memory journal that can be told to fail.
 pub trait Journal: Send + std::fmt::Debug + 'static {
-    /// Returns only once the event is durable.
-    fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), String>;
+    /// Resolves only once the event is durable.
+    fn append(
+        &mut self,
+        rollout_id: &RolloutId,
+        event: &OutboundEvent,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
 /// What the workers tell the reducer.
@@ -285,7 +290,7 @@ impl<J: Journal> Reducer<J> {
     async fn append_until_durable(&mut self, rollout_id: &RolloutId, outbound: &OutboundEvent) {
         let mut delay = JOURNAL_RETRY_MIN;
         loop {
-            match self.journal.append(rollout_id, outbound) {
+            match self.journal.append(rollout_id, outbound).await {
                 Ok(()) => return,
                 Err(error) => {
                     tracing::error!(
@@ -367,7 +372,7 @@ mod tests {
     }
 
     impl Journal for MemJournal {
-        fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), String> {
+        async fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), String> {
             let mut left = self.failures_left.lock().expect("lock");
             if *left > 0 {
                 *left -= 1;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use nixfleet::cli::{Cli, Command, LogFormat, ManifestCommand};
+use nixfleet::clock::ClockHandle;
 use nixfleet::tools;
 
 fn main() -> ExitCode {
@@ -16,6 +17,7 @@ fn main() -> ExitCode {
         Command::Manifest(ManifestCommand::Check { manifest, json }) => {
             tools::manifest_cmd::check(&manifest, json).map_err(Into::into)
         }
+        Command::Queue(cmd) => tools::queue_cmd::run(&cmd, &ClockHandle::system()).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

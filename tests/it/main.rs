@@ -1,1 +1,3 @@
 //! The one integration-test binary: runs the real `nixfleet` executable.
+
+mod queue;

@@ -420,6 +420,42 @@ fn ack_and_reject_faults_at_every_step_keep_the_event_and_the_retry_completes() 
     }
 }
 
+/// When a failed write cannot even be undone, the queue stops answering
+/// (rather than guessing what is on disk) until it is reopened, and the
+/// reopened queue reports the truth from disk.
+#[test]
+fn an_undo_that_fails_poisons_the_queue_until_reopened() {
+    let r = rollout("stable@r1");
+    let (mut q, storage) = sim_queue();
+    let start = storage.fs().n_ops();
+    // write, fsync, rename succeed; the directory fsync fails, and so does
+    // the removal that would undo the visible file.
+    storage.fs().fail_at(start + 3, EIO);
+    storage.fs().fail_at(start + 4, EIO);
+    let err = enqueue_next(&mut q, &r, "a").expect_err("fsync dir fails");
+    assert!(err.to_string().starts_with("fsync directory /state/outbound-queue"), "{err}");
+    assert!(matches!(enqueue_next(&mut q, &r, "b"), Err(QueueError::Poisoned(_))));
+    assert!(matches!(q.ack(1), Err(QueueError::Poisoned(_))));
+    let reopened = sim_open(&storage, QueueConfig::default()).expect("reopen");
+    assert_eq!(reopened.pending().iter().map(|e| e.seq()).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(reopened.next_seq(&r), 2);
+}
+
+/// At the pending limit enqueue fails with Full and writes nothing.
+#[test]
+fn enqueue_at_the_pending_limit_fails_and_writes_nothing() {
+    let storage = SimStorage::default();
+    let mut q = sim_open(&storage, QueueConfig { pending_max_count: 2, ..QueueConfig::default() }).expect("open");
+    let r = rollout("stable@r1");
+    enqueue_next(&mut q, &r, "a").expect("1");
+    enqueue_next(&mut q, &r, "b").expect("2");
+    let before = storage.fs().n_ops();
+    assert!(matches!(enqueue_next(&mut q, &r, "c"), Err(QueueError::Full { pending: 2, max: 2 })));
+    assert_eq!(storage.fs().n_ops(), before);
+    q.ack(1).expect("ack");
+    enqueue_next(&mut q, &r, "c").expect("room again");
+}
+
 // ------------------------------------------------ crash-state enumeration
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

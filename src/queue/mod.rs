@@ -42,7 +42,10 @@
 //!
 //! New file: write `name.tmp` → fsync it → rename to `name` → fsync the
 //! directory. Move (ack, reject): rename into the other folder → fsync the
-//! destination folder → fsync the source folder. A failed step returns an
+//! destination folder. (A rename is one journal transaction on the file
+//! systems NixOS uses, so that fsync commits both names; were the source
+//! name ever to survive, open removes a pending file that also exists in
+//! `acked/` or `dead/`, crash case 8.) A failed step returns an
 //! error naming the path and the operation. A failed fsync is never
 //! retried and trusted: the `.tmp` is removed and the next call writes the
 //! whole event again under a new qseq. If the queue cannot tell what is on
@@ -61,9 +64,9 @@
 //!    rebuilds its state from the queue and its effects are idempotent.
 //! 3. Enqueue returned Ok: the event is there, whole, and stays pending
 //!    until acked or rejected.
-//! 4. Ack, before both folder fsyncs: the event is in `acked/` or still
-//!    pending, never both, never neither (rename is atomic). If still
-//!    pending it is sent again and the CP answers `duplicate`.
+//! 4. Ack, before the fsync of `acked/`: the event is in `acked/` or still
+//!    pending (rename is atomic). If still pending it is sent again and the
+//!    CP answers `duplicate`.
 //! 5. Ack returned Ok: the event is in `acked/` and is never sent again.
 //! 6. Reject: the reason sidecar is written first (tmp, fsync, rename), then
 //!    the event moves. A crash between leaves a sidecar without its event
@@ -76,8 +79,9 @@
 //! 8. A file that fails to parse or whose checksum does not match (bit rot,
 //!    a hand edit; crashes cannot produce one, see 1 and 2) is moved to
 //!    `dead/` at open with the parse error as its reason; the rest of the
-//!    queue drains. A same-name copy in both pending and `acked/` (not
-//!    producible by an atomic rename, handled anyway) keeps the acked one.
+//!    queue drains. A same-name copy in both pending and `acked/` or
+//!    `dead/` (not producible by an atomic rename, handled anyway) is
+//!    removed from pending: the move had happened.
 //! 9. The next qseq is one more than the highest qseq in any folder
 //!    (corrupt files included, by name) or in `high-water.json`; the last
 //!    seq of a rollout is the highest among pending, acked and dead records
@@ -572,9 +576,9 @@ impl Queue {
         }
     }
 
-    /// rename `from_dir/name` → `to_dir/name`, fsync both folders. A
-    /// retry after a rename that happened but whose fsync failed finds the
-    /// file already moved and only syncs.
+    /// rename `from_dir/name` → `to_dir/name`, fsync the destination (see
+    /// "Write discipline"). A retry after a rename that happened but whose
+    /// fsync failed finds the file already moved and only syncs.
     fn move_durably(&mut self, from_dir: &Path, to_dir: &Path, name: &str) -> Result<(), QueueError> {
         let (from, to) = (from_dir.join(name), to_dir.join(name));
         match self.storage.rename(&from, &to) {
@@ -582,8 +586,7 @@ impl Queue {
             Err(e) if e.kind() == io::ErrorKind::NotFound && self.storage.exists(&to).unwrap_or(false) => {}
             Err(source) => return Err(QueueError::Io { op: "rename", path: from, source }),
         }
-        self.storage.fsync_dir(to_dir).map_err(io_err("fsync directory", to_dir))?;
-        self.storage.fsync_dir(from_dir).map_err(io_err("fsync directory", from_dir))
+        self.storage.fsync_dir(to_dir).map_err(io_err("fsync directory", to_dir))
     }
 
     /// Writes `dead/<name>.reason` (tmp, fsync, rename; the caller's move
@@ -623,7 +626,7 @@ impl Queue {
         self.last_seq = self.high_water.seqs.clone();
 
         let (root, acked_dir, dead_dir) = (self.root.clone(), self.acked_dir.clone(), self.dead_dir.clone());
-        let mut dead_names = Vec::new();
+        let mut dead_names = std::collections::BTreeSet::new();
         for (dir, is_dead) in [(&dead_dir, true), (&acked_dir, false), (&root, false)] {
             let mut names = self.storage.list_files(dir).map_err(io_err("list", dir))?;
             names.sort();
@@ -642,7 +645,7 @@ impl Queue {
                         max_qseq = max_qseq.max(qseq);
                     }
                     if !name.ends_with(record::REASON_SUFFIX) {
-                        dead_names.push(name);
+                        dead_names.insert(name);
                     }
                     continue;
                 }
@@ -657,6 +660,14 @@ impl Queue {
                     max_qseq = max_qseq.max(qseq);
                 }
                 let path = dir.join(&name);
+                let moved_already = dead_names.contains(&name)
+                    || record::qseq_of_name(&name).is_some_and(|q| self.acked.contains_key(&q));
+                if dir == &root && moved_already {
+                    // Crash case 8: the move to acked/ or dead/ had happened.
+                    self.storage.remove_file(&path).map_err(io_err("remove", &path))?;
+                    self.storage.fsync_dir(&root).map_err(io_err("fsync directory", &root))?;
+                    continue;
+                }
                 let bytes = match self.storage.read_file(&path) {
                     Ok(bytes) => bytes,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
@@ -668,13 +679,7 @@ impl Queue {
                         let seq = self.last_seq.entry(queued.rollout_id.clone()).or_insert(0);
                         *seq = (*seq).max(queued.seq());
                         if dir == &root {
-                            if self.acked.contains_key(&queued.qseq) {
-                                // Crash case 8: acked wins over a stale pending copy.
-                                self.storage.remove_file(&path).map_err(io_err("remove", &path))?;
-                                self.storage.fsync_dir(&root).map_err(io_err("fsync directory", &root))?;
-                            } else {
-                                self.pending.insert(queued.qseq, queued);
-                            }
+                            self.pending.insert(queued.qseq, queued);
                         } else {
                             self.acked.insert(queued.qseq, queued);
                         }

@@ -284,6 +284,15 @@ pub enum DeadCause {
     Corrupt,
 }
 
+impl DeadCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadCause::Rejected => "rejected",
+            DeadCause::Corrupt => "corrupt",
+        }
+    }
+}
+
 impl DeadReason {
     pub fn new(cause: DeadCause, reason: &str, dead_at: OffsetDateTime) -> DeadReason {
         DeadReason { cause, reason: truncate_utf8(reason, DEAD_REASON_MAX_BYTES).to_owned(), dead_at }

@@ -219,7 +219,7 @@ pub fn inspect(state_dir: &Path, selector: &str, json: bool, now: OffsetDateTime
             let _ = writeln!(out, "checksum:   ok");
             if let Some(dead) = &found.dead_reason {
                 let at = dead.dead_at.format(&Rfc3339).unwrap_or_default();
-                let _ = writeln!(out, "dead:       {:?} at {at}: {}", dead.cause, dead.reason);
+                let _ = writeln!(out, "dead:       {} at {at}: {}", dead.cause.as_str(), dead.reason);
             } else if let Some(reason) = &e.reason {
                 let _ = writeln!(out, "dead:       {reason}");
             }

@@ -195,7 +195,7 @@ fn inspect_prints_one_event_by_qseq_or_file() {
         assert!(text.contains(want), "missing {want:?} in {text}");
     }
     let out = nixfleet(&["queue", "inspect", "--state-dir", arg(tmp.path()), "2"]);
-    assert!(stdout(&out).contains("dead:       Rejected at "), "{}", stdout(&out));
+    assert!(stdout(&out).contains("dead:       rejected at "), "{}", stdout(&out));
     let name = paths[3].file_name().and_then(|n| n.to_str()).expect("name");
     let out = nixfleet(&["queue", "inspect", "--state-dir", arg(tmp.path()), name, "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -512,10 +512,11 @@ impl Queue {
             group.newest_at = group.newest_at.max(q.created_at);
             group.qseqs.push(q.qseq);
         }
+        let with_pending: std::collections::BTreeSet<&RolloutId> =
+            self.pending.values().map(|q| &q.rollout_id).collect();
         let mut candidates: Vec<(&RolloutId, Group)> = groups
             .into_iter()
-            .filter(|(rollout, _)| Some(*rollout) != newest_rollout.as_ref())
-            .filter(|(rollout, _)| !self.pending.values().any(|q| &q.rollout_id == *rollout))
+            .filter(|(rollout, _)| Some(*rollout) != newest_rollout.as_ref() && !with_pending.contains(rollout))
             .collect();
         candidates.sort_by_key(|(_, g)| g.newest_qseq);
         let now = self.clock.now();
@@ -627,6 +628,7 @@ impl Queue {
 
         let (root, acked_dir, dead_dir) = (self.root.clone(), self.acked_dir.clone(), self.dead_dir.clone());
         let mut dead_names = std::collections::BTreeSet::new();
+        let mut live_seqs = std::collections::HashSet::new();
         for (dir, is_dead) in [(&dead_dir, true), (&acked_dir, false), (&root, false)] {
             let mut names = self.storage.list_files(dir).map_err(io_err("list", dir))?;
             names.sort();
@@ -673,7 +675,7 @@ impl Queue {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(source) => return Err(QueueError::Io { op: "read", path, source }),
                 };
-                match self.check_record(&name, &bytes) {
+                match self.check_record(&name, &bytes, &mut live_seqs) {
                     Ok(queued) => {
                         max_qseq = max_qseq.max(queued.qseq);
                         let seq = self.last_seq.entry(queued.rollout_id.clone()).or_insert(0);
@@ -716,7 +718,13 @@ impl Queue {
     }
 
     /// Decodes a record and checks it belongs here under this name.
-    fn check_record(&self, name: &str, bytes: &[u8]) -> Result<QueuedEvent, String> {
+    /// `live_seqs` holds the (rollout, seq) of the records accepted so far.
+    fn check_record(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        live_seqs: &mut std::collections::HashSet<(RolloutId, u64)>,
+    ) -> Result<QueuedEvent, String> {
         let queued = record::decode(bytes).map_err(|e| e.to_string())?;
         if queued.hostname != self.hostname {
             return Err(format!("belongs to host {}, this queue is host {}", queued.hostname, self.hostname));
@@ -724,12 +732,7 @@ impl Queue {
         if queued.file_name() != name {
             return Err(format!("record qseq {} does not match its file name", queued.qseq));
         }
-        let duplicate = self
-            .pending
-            .values()
-            .chain(self.acked.values())
-            .any(|q| q.qseq != queued.qseq && q.rollout_id == queued.rollout_id && q.seq() == queued.seq());
-        if duplicate {
+        if !live_seqs.insert((queued.rollout_id.clone(), queued.seq())) {
             return Err(format!("a second event with seq {} of rollout {}", queued.seq(), queued.rollout_id));
         }
         Ok(queued)

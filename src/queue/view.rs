@@ -78,7 +78,7 @@ pub struct Inspected {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
-    #[error("state dir {} does not exist", path.display())]
+    #[error("state dir {} does not exist or is not a directory", path.display())]
     NoStateDir { path: PathBuf },
     #[error("{} is not an agent state dir: it has no {QUEUE_DIR}/ folder", path.display())]
     NotAQueue { path: PathBuf },

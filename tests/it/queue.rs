@@ -151,7 +151,10 @@ fn a_missing_dir_or_a_dir_without_a_queue_fails_clearly() {
     {
         let out = nixfleet(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert_eq!(stderr(&out), format!("nixfleet: error: state dir {} does not exist\n", missing.display()));
+        assert_eq!(
+            stderr(&out),
+            format!("nixfleet: error: state dir {} does not exist or is not a directory\n", missing.display())
+        );
     }
     let out = nixfleet(&["queue", "ls", "--state-dir", arg(tmp.path())]);
     assert_eq!(out.status.code(), Some(1));

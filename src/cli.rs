@@ -36,6 +36,10 @@ pub enum Command {
     /// Work with rollout manifests (validate, sign, verify).
     #[command(subcommand)]
     Manifest(ManifestCommand),
+    /// Look at the agent's on-disk event queue (read-only, safe while the
+    /// agent runs).
+    #[command(subcommand)]
+    Queue(QueueCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -63,5 +67,42 @@ pub enum ManifestCommand {
         trust_keys: Vec<PathBuf>,
         /// The signed envelope (output of `manifest sign`).
         envelope: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// List queued events with qseq, state, rollout, seq, kind, age and size
+    /// (pending and dead by default), then a summary line.
+    Ls {
+        /// The agent's state dir (the one holding outbound-queue/).
+        #[arg(long, env = "NIXFLEET_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Show pending events (not yet acknowledged by the control plane).
+        #[arg(long)]
+        pending: bool,
+        /// Show acked events (delivered; kept for Replay-From).
+        #[arg(long)]
+        acked: bool,
+        /// Show dead events (rejected, or unreadable) with their reason.
+        #[arg(long)]
+        dead: bool,
+        /// Show all three.
+        #[arg(long, conflicts_with_all = ["pending", "acked", "dead"])]
+        all: bool,
+        /// One JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print one queued event in full.
+    Inspect {
+        /// The agent's state dir (the one holding outbound-queue/).
+        #[arg(long, env = "NIXFLEET_STATE_DIR")]
+        state_dir: PathBuf,
+        /// A qseq (e.g. 42) or an event file name or path.
+        event: String,
+        /// Print the stored record as it is on disk.
+        #[arg(long)]
+        json: bool,
     },
 }

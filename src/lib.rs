@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clock;
 pub mod ids;
 pub mod machine;
+pub mod queue;
 pub mod sign;
 pub mod tools;
 pub mod wire;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use nixfleet::cli::{Cli, Command, LogFormat, ManifestCommand};
+use nixfleet::clock::ClockHandle;
 use nixfleet::tools;
 
 fn main() -> ExitCode {
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
         Command::Manifest(ManifestCommand::Verify { trust_keys, envelope }) => {
             tools::manifest_cmd::verify(&trust_keys, &envelope).map_err(Into::into)
         }
+        Command::Queue(cmd) => tools::queue_cmd::run(&cmd, &ClockHandle::system()).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

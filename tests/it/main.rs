@@ -6,3 +6,4 @@ mod activation;
 mod cli;
 pub mod nixenv;
 mod probes;
+mod workers;

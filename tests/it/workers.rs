@@ -374,3 +374,29 @@ async fn a_restarted_agent_reports_a_switch_that_finished_after_the_agent_died()
     assert_eq!(journal.kinds(), ["DispatchAck", "ActivationStarted", "ActivationCompleted"]);
     assert!(!switch_ran.exists(), "the restarted agent did not run the switch again");
 }
+
+#[tokio::test]
+async fn a_shutdown_during_a_switch_lets_it_finish_and_reports_its_outcome() {
+    // Proves the shutdown decision: a stop requested mid-switch neither kills
+    // the switch nor loses its outcome; the worker reports, then exits.
+    let host = Host::new();
+    let old = host.build(host.spec("old"));
+    host.boot_into(&old);
+    let (switch_ran, gate) = (host.path("new-switch-ran"), host.path("gate"));
+    let new = host.build(ClosureSpec {
+        started_file: Some(switch_ran.clone()),
+        wait_for: Some(gate.clone()),
+        ..host.spec("new")
+    });
+    let journal = MemJournal::default();
+    let mut agent =
+        Agent::start(&host, Rollouts::new(hostname()), journal.clone(), Workers { probes: false, tick: false });
+    agent.dispatch(&new, &old, 60, policy(60)).await;
+    poll_until("the switch to start", STATE_LIMIT, exists(&switch_ran)).await;
+    agent.trigger.trigger();
+    fs_err::write(&gate, "").expect("open the gate");
+    agent.wait_for(HostState::Soaking).await;
+    agent.stop().await;
+    assert_eq!(journal.kinds(), ["DispatchAck", "ActivationStarted", "ActivationCompleted"]);
+    assert_eq!(host.running(), Some(PathBuf::from(new.as_str())));
+}

@@ -3,8 +3,9 @@
 //! probes, tick, heartbeat, drainer) feed it; commands run after the
 //! outbound event is durable. So far: the pure bookkeeping and the reducer,
 //! dispatch admission, delivery backoff, activation (nix-store, nix-env, a
-//! detached switch) and the probe runners. The runtime that wires them to
-//! the queue and the control plane is still to come.
+//! detached switch), the probe runners, and the activation, probe and tick
+//! workers. The runtime that wires them to the queue and the control plane
+//! is still to come.
 
 pub mod activation;
 pub mod admission;
@@ -12,3 +13,4 @@ pub mod backoff;
 pub mod probes;
 pub mod reducer;
 pub mod rollouts;
+pub mod workers;

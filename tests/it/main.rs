@@ -7,3 +7,4 @@ mod cli;
 pub mod nixenv;
 mod probes;
 mod queue;
+mod workers;

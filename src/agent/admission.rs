@@ -41,6 +41,33 @@ pub enum Refusal {
     Quarantined(Closure, String),
 }
 
+/// Re-verifies a cached envelope at start (trust keys may have changed
+/// since): the manifest must verify, be for `rollout_id` and list this host.
+pub fn admit_cached(
+    hostname: &Hostname,
+    trust_keys: &[PublicKey],
+    envelope_bytes: &[u8],
+    rollout_id: &crate::ids::RolloutId,
+) -> Result<Manifest, Refusal> {
+    let manifest = verified_manifest(trust_keys, envelope_bytes)?;
+    if &manifest.rollout_id != rollout_id {
+        return Err(Refusal::WrongRollout {
+            dispatched: rollout_id.to_string(),
+            signed: manifest.rollout_id.to_string(),
+        });
+    }
+    if !manifest.hosts.contains_key(hostname) {
+        return Err(Refusal::HostNotInManifest(hostname.clone()));
+    }
+    Ok(manifest)
+}
+
+fn verified_manifest(trust_keys: &[PublicKey], envelope_bytes: &[u8]) -> Result<Manifest, Refusal> {
+    let envelope = sign::parse_envelope(envelope_bytes).map_err(|e| Refusal::Signature(e.to_string()))?;
+    let payload = sign::verify_envelope(&envelope, trust_keys).map_err(|e| Refusal::Signature(e.to_string()))?;
+    Manifest::parse(&payload).map_err(|e| Refusal::Manifest(e.to_string()))
+}
+
 /// Verifies `envelope_bytes` and checks `dispatch` against it.
 pub fn admit(
     hostname: &Hostname,
@@ -49,9 +76,7 @@ pub fn admit(
     dispatch: &Dispatch,
     rollouts: &Rollouts,
 ) -> Result<Admitted, Refusal> {
-    let envelope = sign::parse_envelope(envelope_bytes).map_err(|e| Refusal::Signature(e.to_string()))?;
-    let payload = sign::verify_envelope(&envelope, trust_keys).map_err(|e| Refusal::Signature(e.to_string()))?;
-    let manifest = Manifest::parse(&payload).map_err(|e| Refusal::Manifest(e.to_string()))?;
+    let manifest = verified_manifest(trust_keys, envelope_bytes)?;
     if manifest.rollout_id != dispatch.rollout_id {
         return Err(Refusal::WrongRollout {
             dispatched: dispatch.rollout_id.to_string(),

@@ -10,6 +10,7 @@
 pub mod activation;
 pub mod admission;
 pub mod backoff;
+pub mod journal;
 pub mod probes;
 pub mod reducer;
 pub mod rollouts;

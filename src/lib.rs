@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod clock;
+pub mod cp;
 pub mod ids;
 pub mod machine;
 pub mod sign;

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Command::Manifest(ManifestCommand::Check { manifest, json }) => {
             tools::manifest_cmd::check(&manifest, json).map_err(Into::into)
         }
+        Command::Cp(cmd) => nixfleet::cp::run(cmd).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,1 +1,4 @@
 //! The one integration-test binary: runs the real `nixfleet` executable.
+
+mod cp;
+mod harness;

@@ -9,6 +9,7 @@
 //! database could still lose.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,6 +30,18 @@ struct Slot {
 #[derive(Debug, Default)]
 pub struct Board {
     slots: Mutex<HashMap<Hostname, Slot>>,
+    /// Requests currently parked (a gauge for `/metrics` and benchmarks).
+    parked: AtomicUsize,
+}
+
+/// Decrements the parked gauge however the wait ends (answer, timeout,
+/// shutdown, or the client going away and the future being dropped).
+struct ParkedGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ParkedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How a long-poll ended.
@@ -71,6 +84,11 @@ impl Board {
         slots.get(host).and_then(|s| s.dispatches.values().min_by_key(|d| d.issued_at).cloned())
     }
 
+    /// Requests parked right now.
+    pub fn n_parked(&self) -> usize {
+        self.parked.load(Ordering::Relaxed)
+    }
+
     /// Number of hosts with a slot (standing dispatch or parked request).
     pub fn n_slots(&self) -> usize {
         self.lock().len()
@@ -96,11 +114,14 @@ impl Board {
             };
             // Tests synchronise on this line instead of sleeping.
             tracing::debug!("long-poll parked for {host}");
+            self.parked.fetch_add(1, Ordering::Relaxed);
+            let guard = ParkedGuard(&self.parked);
             let woken = tokio::select! {
                 () = notified => true,
                 () = tokio::time::sleep_until(deadline) => false,
                 _ = shutdown.wait_for(|stop| *stop) => false,
             };
+            drop(guard);
             if !woken {
                 self.forget_if_idle(host);
                 return match self.current(host) {

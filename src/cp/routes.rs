@@ -22,6 +22,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::longpoll::{Board, PollOutcome};
+use super::metrics::{self, Counters};
+use super::server::ServeConfig;
 use super::store::{self, Command, PublishOutcome, Reply, StoreError};
 use super::views;
 use crate::clock::ClockHandle;
@@ -47,6 +49,7 @@ pub struct PeerIdentity(pub Option<Hostname>);
 pub struct App {
     pub writer: mpsc::Sender<Command>,
     pub board: Arc<Board>,
+    pub counters: Arc<Counters>,
     pub trust_keys: Vec<PublicKey>,
     pub clock: ClockHandle,
     pub shutdown: watch::Receiver<bool>,
@@ -59,20 +62,20 @@ impl App {
     pub fn new(
         writer: mpsc::Sender<Command>,
         board: Arc<Board>,
-        trust_keys: Vec<PublicKey>,
+        counters: Arc<Counters>,
         clock: ClockHandle,
         shutdown: watch::Receiver<bool>,
-        db_path: PathBuf,
-        heartbeat_interval_secs: u64,
+        cfg: &ServeConfig,
     ) -> App {
         App {
             writer,
             board,
-            trust_keys,
+            counters,
+            trust_keys: cfg.trust_keys.clone(),
             clock,
             shutdown,
-            db_path,
-            heartbeat_interval_secs,
+            db_path: cfg.db_path.clone(),
+            heartbeat_interval_secs: cfg.heartbeat_interval_secs,
             readers: Mutex::new(Vec::new()),
         }
     }
@@ -188,6 +191,7 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>, peer: PeerIdentity) -
     let method = req.method().clone();
     match (method.clone(), segments.as_slice()) {
         (Method::GET, ["healthz"]) => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (Method::GET, ["metrics"]) => metrics_route(&app).await,
         (Method::POST, ["v1", "rollouts"]) => publish(req, &app).await,
         (Method::GET, ["v1", "agent", "dispatch"]) => dispatch(req, &app, &peer).await,
         (Method::POST, ["v1", "agent", "events"]) => events(req, &app, &peer).await,
@@ -412,6 +416,18 @@ async fn view(req: Request<Incoming>, app: &Arc<App>, which: View) -> Resp {
         Ok(Some(Ok(value))) => json(StatusCode::OK, &value),
         Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         Ok(None) => error(StatusCode::NOT_FOUND, "unknown_rollout", "no such rollout"),
+        Err(e) => store_unavailable(&e),
+    }
+}
+
+async fn metrics_route(app: &Arc<App>) -> Resp {
+    let shared = Arc::clone(app);
+    match app.read(move |conn, path| metrics::render(&shared.counters, &shared.board, conn, path)).await {
+        Ok(text) => {
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            with_protocol(resp)
+        }
         Err(e) => store_unavailable(&e),
     }
 }

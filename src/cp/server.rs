@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::longpoll::Board;
+use super::metrics::Counters;
 use super::routes::{self, App, PeerIdentity};
 use super::store::{self, Command, StoreError, Writer, WriterStats};
 use crate::clock::ClockHandle;
@@ -113,9 +114,11 @@ pub async fn serve<A: Acceptor>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<ServeReport, ServeError> {
     let board = Arc::new(Board::default());
+    let counters = Arc::new(Counters::default());
     let writer = {
-        let (path, clock, board) = (cfg.db_path.clone(), clock.clone(), Arc::clone(&board));
-        tokio::task::spawn_blocking(move || Writer::open(&path, clock, board))
+        let (path, clock, board, counters) =
+            (cfg.db_path.clone(), clock.clone(), Arc::clone(&board), Arc::clone(&counters));
+        tokio::task::spawn_blocking(move || Writer::open(&path, clock, board, counters))
             .await
             .map_err(|_| ServeError::WriterPanicked)??
     };
@@ -125,15 +128,7 @@ pub async fn serve<A: Acceptor>(
         .spawn(move || writer.run(cmd_rx))
         .map_err(ServeError::WriterThread)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let app = Arc::new(App::new(
-        cmd_tx.clone(),
-        board,
-        cfg.trust_keys.clone(),
-        clock,
-        stop_rx.clone(),
-        cfg.db_path.clone(),
-        cfg.heartbeat_interval_secs,
-    ));
+    let app = Arc::new(App::new(cmd_tx.clone(), board, counters, clock, stop_rx.clone(), &cfg));
 
     let mut tick_stop = stop_rx.clone();
     let tick_tx = cmd_tx;

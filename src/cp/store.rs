@@ -33,6 +33,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 use super::longpoll::Board;
+use super::metrics::Counters;
 use super::planner::{self, PlanInput, RolloutState};
 use crate::clock::ClockHandle;
 use crate::ids::{Closure, Hostname, RolloutId};
@@ -417,6 +418,7 @@ pub struct Writer {
     state: CpState,
     clock: ClockHandle,
     board: Arc<Board>,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -436,7 +438,12 @@ pub struct WriterStats {
 impl Writer {
     /// Opens the database, loads the state and publishes the standing
     /// dispatches on the board (they survive restarts).
-    pub fn open(path: &Path, clock: ClockHandle, board: Arc<Board>) -> Result<Writer, StoreError> {
+    pub fn open(
+        path: &Path,
+        clock: ClockHandle,
+        board: Arc<Board>,
+        counters: Arc<Counters>,
+    ) -> Result<Writer, StoreError> {
         let conn = open(path)?;
         let state = load_state(&conn, path)?;
         for rollout in state.rollouts.values() {
@@ -444,7 +451,7 @@ impl Writer {
                 board.offer(host, d.clone());
             }
         }
-        Ok(Writer { conn, path: path.to_owned(), state, clock, board })
+        Ok(Writer { conn, path: path.to_owned(), state, clock, board, counters })
     }
 
     /// Runs until every sender is dropped, then checkpoints the WAL.
@@ -512,6 +519,21 @@ impl Writer {
         })();
         match result {
             Ok(()) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.counters.commits.fetch_add(1, Relaxed);
+                for reply in &replies {
+                    if let Pending::Ingest(_, results) = reply {
+                        for r in results {
+                            let counter = match r.status {
+                                ResultStatus::Applied => &self.counters.events_applied,
+                                ResultStatus::Duplicate => &self.counters.events_duplicate,
+                                ResultStatus::Rejected => &self.counters.events_rejected,
+                                ResultStatus::Retry => &self.counters.events_retry,
+                            };
+                            counter.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
                 for change in board {
                     match change {
                         BoardChange::Offer(host, d) => self.board.offer(&host, d),
@@ -525,6 +547,7 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %e, "transaction failed; answering 503 and reloading state from the database");
+                self.counters.commit_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let err = Arc::new(e);
                 for reply in replies {
                     reply.send_err(&err);

@@ -174,12 +174,21 @@ fn longpoll_wakes_promptly_and_repeats_until_acked() {
     });
 }
 
-/// Waits until the CP has logged `n` parked long-polls in total (its debug
-/// log line), so a test publishes only after the polls are really parked.
+/// Waits until `n` long-polls are parked (the CP's `/metrics` gauge), so a
+/// test publishes only after its polls really wait.
 async fn wait_parked(cp: &Cp, n: usize) {
     let start = Instant::now();
-    while cp.log_text().matches("long-poll parked for").count() < n {
-        assert!(start.elapsed() < crate::harness::DEADLINE, "long-polls never parked");
+    loop {
+        let text = String::from_utf8_lossy(&cp.get("/metrics").await.body).into_owned();
+        let parked: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("nixfleet_cp_longpolls_parked "))
+            .and_then(|v| v.parse().ok())
+            .expect("parked gauge");
+        if parked >= n {
+            return;
+        }
+        assert!(start.elapsed() < crate::harness::DEADLINE, "long-polls never parked ({parked} of {n})");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -375,6 +384,18 @@ fn ingest_answers_applied_duplicate_rejected_retry() {
         let stranger = Agent::new("not-in-manifest", &cp.url);
         let r = stranger.post(&[("stable@r1", &ack)]).await;
         assert_eq!(r[0].status, ResultStatus::Rejected);
+
+        let metrics = String::from_utf8_lossy(&cp.get("/metrics").await.body).into_owned();
+        for line in [
+            "nixfleet_cp_events_total{status=\"applied\"} 1",
+            "nixfleet_cp_events_total{status=\"duplicate\"} 1",
+            "nixfleet_cp_events_total{status=\"rejected\"} 2",
+            "nixfleet_cp_events_total{status=\"retry\"} 1",
+            "nixfleet_cp_rollouts{state=\"active\"} 1",
+            "nixfleet_cp_host_records{state=\"Activating\"} 1",
+        ] {
+            assert!(metrics.contains(line), "{line} in\n{metrics}");
+        }
 
         let log = cp.get_json("/v1/rollouts/stable@r1/events").await;
         let events = log["events"].as_array().unwrap();

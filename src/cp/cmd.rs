@@ -10,13 +10,13 @@ use std::time::Duration;
 use hyper::{Method, StatusCode};
 
 use super::client::{self, ClientError, CpUrl};
+use super::routes::MAX_ENVELOPE_BYTES;
 use super::server::{self, PlainAcceptor, ServeConfig, ServeError};
 use super::views::{HostView, Liveness, RolloutDetail, RolloutSummary, StatusView};
 use crate::cli::{CpCommand, CpPublishArgs, CpServeArgs, CpStatusArgs};
 use crate::clock::ClockHandle;
 use crate::sign::{PublicKey, SignError};
 use crate::tools::print_stdout;
-use crate::wire::MAX_BODY_BYTES;
 
 /// How long in-flight requests may finish after SIGTERM/SIGINT.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -108,8 +108,8 @@ async fn shutdown_signal() {
 async fn publish_cmd(args: CpPublishArgs) -> Result<(), CpError> {
     let url = CpUrl::parse(&args.cp)?;
     let meta = fs_err::metadata(&args.envelope).map_err(CpError::Read)?;
-    if meta.len() > MAX_BODY_BYTES as u64 {
-        return Err(CpError::TooLarge { path: args.envelope.display().to_string(), limit: MAX_BODY_BYTES });
+    if meta.len() > MAX_ENVELOPE_BYTES as u64 {
+        return Err(CpError::TooLarge { path: args.envelope.display().to_string(), limit: MAX_ENVELOPE_BYTES });
     }
     let bytes = fs_err::read(&args.envelope).map_err(CpError::Read)?;
     let resp = client::request(&url, Method::POST, "/v1/rollouts", &[], Some(bytes)).await?;

@@ -204,10 +204,11 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 
     let all_settled = input.records.values().all(|r| is_settled(r.state));
-    let undispatched = input
-        .records
-        .iter()
-        .any(|(h, r)| r.state == HostState::Pending && !input.dispatched.contains(h) && !out.dispatch.contains(h));
+    // Every host in `out.dispatch` is Pending and had no standing dispatch,
+    // so comparing counts avoids a quadratic membership test.
+    let n_waiting =
+        input.records.iter().filter(|(h, r)| r.state == HostState::Pending && !input.dispatched.contains(*h)).count();
+    let undispatched = n_waiting > out.dispatch.len();
     out.state = if all_settled {
         RolloutState::Completed
     } else if undispatched {

@@ -34,6 +34,12 @@ use crate::wire::{
     MAX_LONGPOLL_WAIT_SECS, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLAY_FROM_HEADER,
 };
 
+/// `POST /v1/rollouts` only: a manifest may list up to 100,000 hosts
+/// (≈ 12 MiB, wire::manifest::MAX_HOSTS), and base64 in the envelope adds a
+/// third. The endpoint is for operators and the body is verified before
+/// anything is stored; every agent endpoint keeps the 1 MiB limit.
+pub const MAX_ENVELOPE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Reader connections kept for the status views; more concurrent readers
 /// open a connection and drop it (views are rare operator requests).
 const MAX_IDLE_READERS: usize = 4;
@@ -162,18 +168,18 @@ fn check_protocol(req: &Request<Incoming>, required: bool) -> Result<(), Resp> {
 
 /// Reads the whole body, refusing more than [`MAX_BODY_BYTES`] with 413.
 async fn body(req: Request<Incoming>) -> Result<Bytes, Resp> {
+    body_limited(req, MAX_BODY_BYTES).await
+}
+
+async fn body_limited(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
     let too_large = || {
-        error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request bodies are limited to {MAX_BODY_BYTES} bytes"),
-        )
+        error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request bodies are limited to {limit} bytes"))
     };
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+    if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+    match Limited::new(req.into_body(), limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad_body", format!("could not read the request body: {e}"))),
@@ -236,7 +242,7 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
     if let Err(resp) = check_protocol(&req, true) {
         return resp;
     }
-    let bytes = match body(req).await {
+    let bytes = match body_limited(req, MAX_ENVELOPE_BYTES).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };

@@ -85,7 +85,7 @@ async fn run(dir: &std::path::Path, idx: usize) -> (f64, f64) {
         .arg(run_dir.join("cp.db"))
         .arg("--addr-file")
         .arg(&addr_file)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "nixfleet=info")
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn cp serve");
@@ -129,13 +129,18 @@ async fn run(dir: &std::path::Path, idx: usize) -> (f64, f64) {
     let published = Instant::now();
     let resp = client::request(&url, Method::POST, "/v1/rollouts", &[], Some(envelope)).await.expect("publish");
     assert_eq!(resp.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&resp.body));
+    let publish_ms = published.elapsed().as_secs_f64() * 1000.0;
     let mut last = published;
+    let mut first: Option<Instant> = None;
     while let Some(t) = tasks.join_next().await {
-        last = last.max(t.expect("poll task"));
+        let t = t.expect("poll task");
+        last = last.max(t);
+        first = Some(first.map_or(t, |f| f.min(t)));
     }
+    let first_ms = first.map_or(0.0, |f| (f.saturating_duration_since(published)).as_secs_f64() * 1000.0);
     let all_answered_ms = (last - published).as_secs_f64() * 1000.0;
     println!(
-        "  run {idx}: cp RSS {rss_before} KiB idle -> {rss_after} KiB with {N_POLLS} parked = {per_poll_kib:.1} KiB per long-poll; all answered {all_answered_ms:.0} ms after publish"
+        "  run {idx}: cp RSS {rss_before} KiB idle -> {rss_after} KiB with {N_POLLS} parked = {per_poll_kib:.1} KiB per long-poll; all answered {all_answered_ms:.0} ms after publish (first after {first_ms:.0} ms; the publish itself answered in {publish_ms:.0} ms)"
     );
     drop(server);
     let _ = std::fs::remove_dir_all(&run_dir);

@@ -167,8 +167,8 @@ fn render_rollouts(out: &mut String, rollouts: &[RolloutSummary]) {
 
 fn render_status(s: &StatusView) -> String {
     let mut out = String::new();
-    let _ =
-        writeln!(out, "control plane time {}; {} hosts, {} unreachable\n", s.server_time, s.n_hosts, s.n_unreachable);
+    let time = short_time(&s.server_time);
+    let _ = writeln!(out, "control plane time {time}; {} hosts, {} unreachable\n", s.n_hosts, s.n_unreachable);
     render_rollouts(&mut out, &s.rollouts);
     if !s.quarantined.is_empty() {
         let _ = writeln!(out, "\nquarantined closures:");
@@ -182,7 +182,7 @@ fn render_status(s: &StatusView) -> String {
 fn render_rollout(r: &RolloutDetail) -> String {
     let mut out = String::new();
     render_rollouts(&mut out, std::slice::from_ref(&r.summary));
-    let _ = writeln!(out, "policy: {} , max_failed_hosts {}", r.on_health_failure, r.max_failed_hosts);
+    let _ = writeln!(out, "policy: on_health_failure {}, max_failed_hosts {}", r.on_health_failure, r.max_failed_hosts);
     for wave in &r.waves {
         let _ = writeln!(
             out,
@@ -199,13 +199,9 @@ fn render_rollout(r: &RolloutDetail) -> String {
                 format!(" failing: {}", h.failing_probes.join(","))
             };
             let note = h.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
-            let _ = writeln!(
-                out,
-                "  {:<24} {:<11} seq {:<4}{probes}{note}",
-                h.hostname.as_str(),
-                h.state.as_str(),
-                h.last_seq
-            );
+            let line =
+                format!("  {:<24} {:<11} seq {:<4}{probes}{note}", h.hostname.as_str(), h.state.as_str(), h.last_seq);
+            let _ = writeln!(out, "{}", line.trim_end());
         }
     }
     out
@@ -226,9 +222,17 @@ fn render_hosts(hosts: &[HostView]) -> String {
             "{:<24} {:<12} {:<22} {}",
             h.hostname.as_str(),
             liveness,
-            h.last_heartbeat_at.as_deref().unwrap_or("-"),
+            h.last_heartbeat_at.as_deref().map_or("-".to_owned(), short_time),
             rollouts.join(" ")
         );
     }
     out
+}
+
+/// An RFC 3339 instant to whole seconds, for tables ("2026-11-25T12:00:07Z").
+fn short_time(rfc3339: &str) -> String {
+    match rfc3339.split_once('.') {
+        Some((secs, _)) => format!("{secs}Z"),
+        None => rfc3339.to_owned(),
+    }
 }

@@ -112,8 +112,6 @@ impl Board {
                 notified.as_mut().enable();
                 notified
             };
-            // Tests synchronise on this line instead of sleeping.
-            tracing::debug!("long-poll parked for {host}");
             self.parked.fetch_add(1, Ordering::Relaxed);
             let guard = ParkedGuard(&self.parked);
             let woken = tokio::select! {

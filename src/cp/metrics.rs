@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::Connection;
 
 use super::longpoll::Board;
-use super::store::StoreError;
+use super::store::{self, StoreError};
 
 /// Counters shared by the writer (which bumps them after a commit, so they
 /// count only durable work) and the metrics route.
@@ -68,12 +68,21 @@ pub fn render(counters: &Counters, board: &Board, conn: &Connection, path: &Path
         let _ = writeln!(out, "nixfleet_cp_rollouts{{state=\"{state}\"}} {n}");
     }
     let _ = writeln!(out, "# HELP nixfleet_cp_host_records Host records of unsuperseded rollouts by state.\n# TYPE nixfleet_cp_host_records gauge");
-    for (state, n) in grouped(
-        conn,
-        path,
-        "SELECT h.state, COUNT(*) FROM host_records h JOIN rollouts r USING (rollout_id)
-         WHERE r.state != 'superseded' GROUP BY h.state ORDER BY h.state",
-    )? {
+    let mut by_state: std::collections::BTreeMap<&'static str, usize> = std::collections::BTreeMap::new();
+    let superseded: std::collections::HashSet<String> =
+        grouped(conn, path, "SELECT rollout_id, 0 FROM rollouts WHERE state = 'superseded'")?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+    for manifest in store::manifests(conn, path)? {
+        if superseded.contains(manifest.rollout_id.as_str()) {
+            continue;
+        }
+        for record in store::host_records_of(conn, path, &manifest)?.values() {
+            *by_state.entry(record.state.as_str()).or_insert(0) += 1;
+        }
+    }
+    for (state, n) in by_state {
         let _ = writeln!(out, "nixfleet_cp_host_records{{state=\"{state}\"}} {n}");
     }
     Ok(out)

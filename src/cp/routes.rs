@@ -246,6 +246,7 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
         Ok(b) => b,
         Err(resp) => return resp,
     };
+    let started = std::time::Instant::now();
     let envelope = match sign::parse_envelope(&bytes) {
         Ok(e) => e,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_envelope", e.to_string()),
@@ -262,12 +263,15 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_manifest", e.to_string()),
     };
     let id = manifest.rollout_id.clone();
+    let n_hosts = manifest.hosts.len();
+    let verified_ms = started.elapsed().as_millis();
     let envelope = bytes.to_vec();
     let outcome = ask(app, |reply| Command::Publish { envelope, payload, manifest: Box::new(manifest), reply }).await;
     let body = serde_json::json!({"rollout_id": id});
     match outcome {
         Ok(PublishOutcome::Created) => {
-            tracing::info!(rollout = %id, "rollout published");
+            let total_ms = started.elapsed().as_millis();
+            tracing::info!("rollout {id} published: {n_hosts} hosts, verified in {verified_ms} ms, stored and planned by {total_ms} ms");
             json(StatusCode::CREATED, &body)
         }
         Ok(PublishOutcome::Identical) => json(StatusCode::OK, &body),

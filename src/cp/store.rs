@@ -48,6 +48,8 @@ pub const WRITER_CHANNEL_CAPACITY: usize = 1024;
 /// for a commit and the size of the WAL frame written at once. The first
 /// command of a group is always taken, so one full batch (256) always fits.
 pub const MAX_GROUP_EVENTS: usize = 4096;
+/// A group slower than this is logged as a warning: agents wait for it.
+pub const SLOW_GROUP_MS: u128 = 250;
 /// Schema version written to `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i64 = 1;
 /// Rows of `/v1/rollouts/{id}/events` per page: bounds one answer.
@@ -95,6 +97,8 @@ CREATE TABLE host_records (
     state      TEXT NOT NULL,
     last_seq   INTEGER NOT NULL,
     record     TEXT NOT NULL,                -- HostRecord as JSON: a cache of step results
+    -- A row appears with the host's first applied event; until then the
+    -- host is Pending as the manifest says (publishing 100k hosts writes no rows).
     PRIMARY KEY (rollout_id, hostname)
 );
 CREATE INDEX host_records_by_host ON host_records (hostname);
@@ -228,6 +232,7 @@ pub fn load_state(conn: &Connection, path: &Path) -> Result<CpState, StoreError>
         let (id, payload, sha, st, wave, halt_reason) = row.map_err(sql(path, "load rollouts"))?;
         let manifest = Manifest::parse(&payload).map_err(|e| corrupt(path, format!("rollout {id}: {e}")))?;
         let state_ = RolloutState::parse(&st).ok_or_else(|| corrupt(path, format!("rollout {id}: state {st}")))?;
+        let records = pending_records(&manifest);
         state.rollouts.insert(
             manifest.rollout_id.clone(),
             LiveRollout {
@@ -236,7 +241,7 @@ pub fn load_state(conn: &Connection, path: &Path) -> Result<CpState, StoreError>
                 state: state_,
                 current_wave: usize::try_from(wave).unwrap_or(0),
                 halt_reason,
-                records: BTreeMap::new(),
+                records,
                 dispatched: BTreeMap::new(),
             },
         );
@@ -291,6 +296,52 @@ pub fn load_state(conn: &Connection, path: &Path) -> Result<CpState, StoreError>
         state.quarantine.entry(channel).or_default().insert(closure);
     }
     Ok(state)
+}
+
+/// The record of every manifest host before its first event: Pending with
+/// the manifest's target. Stored rows override these.
+pub fn pending_records(manifest: &Manifest) -> BTreeMap<Hostname, HostRecord> {
+    let id = &manifest.rollout_id;
+    manifest
+        .hosts
+        .iter()
+        .map(|(h, e)| (h.clone(), HostRecord::pending(id.clone(), h.clone(), Some(e.target_closure.clone()))))
+        .collect()
+}
+
+/// The current records of one rollout: stored rows over the manifest's
+/// Pending records.
+pub fn host_records_of(
+    conn: &Connection,
+    path: &Path,
+    manifest: &Manifest,
+) -> Result<BTreeMap<Hostname, HostRecord>, StoreError> {
+    let mut out = pending_records(manifest);
+    let mut stmt = conn
+        .prepare_cached("SELECT record FROM host_records WHERE rollout_id = ?1")
+        .map_err(sql(path, "read host records"))?;
+    let rows = stmt
+        .query_map(params![manifest.rollout_id.as_str()], |r| r.get::<_, String>(0))
+        .map_err(sql(path, "read host records"))?;
+    for row in rows {
+        let record: HostRecord = serde_json::from_str(&row.map_err(sql(path, "read host records"))?)
+            .map_err(|e| corrupt(path, format!("host record: {e}")))?;
+        out.insert(record.hostname.clone(), record);
+    }
+    Ok(out)
+}
+
+/// Every rollout's manifest, in publish order.
+pub fn manifests(conn: &Connection, path: &Path) -> Result<Vec<Manifest>, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT payload FROM rollouts ORDER BY published_at, rollout_id")
+        .map_err(sql(path, "read manifests"))?;
+    let payloads: Vec<Vec<u8>> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(sql(path, "read manifests"))?
+        .collect::<Result<_, _>>()
+        .map_err(sql(path, "read manifests"))?;
+    payloads.iter().map(|p| Manifest::parse(p).map_err(|e| corrupt(path, e.to_string()))).collect()
 }
 
 /// Rebuilds every host record from the event log alone (SPEC §8): a Pending
@@ -486,6 +537,8 @@ impl Writer {
 
     /// Applies a group of commands in one transaction; answers after commit.
     fn run_group(&mut self, group: Vec<Command>) -> u64 {
+        let started = std::time::Instant::now();
+        let n_commands = group.len();
         let now = self.clock.now();
         let mut replies = Vec::with_capacity(group.len());
         let mut board = Vec::new();
@@ -542,6 +595,12 @@ impl Writer {
                 }
                 for reply in replies {
                     reply.send_ok();
+                }
+                let ms = started.elapsed().as_millis();
+                if ms > SLOW_GROUP_MS {
+                    tracing::warn!("slow commit: {n_commands} commands, {n_applied} events applied in {ms} ms");
+                } else {
+                    tracing::debug!("commit: {n_commands} commands, {n_applied} events applied in {ms} ms");
                 }
                 n_applied
             }
@@ -605,20 +664,7 @@ fn publish(
         ],
     )
     .map_err(sql(path, "insert rollout"))?;
-    let mut records = BTreeMap::new();
-    {
-        let mut ins = tx
-            .prepare_cached(
-                "INSERT INTO host_records (rollout_id, hostname, wave, state, last_seq, record) VALUES (?1, ?2, ?3, ?4, 0, ?5)",
-            )
-            .map_err(sql(path, "insert host record"))?;
-        for (host, entry) in &manifest.hosts {
-            let record = HostRecord::pending(id.clone(), host.clone(), Some(entry.target_closure.clone()));
-            ins.execute(params![id.as_str(), host.as_str(), entry.wave as i64, "Pending", record_json(&record)])
-                .map_err(sql(path, "insert host record"))?;
-            records.insert(host.clone(), record);
-        }
-    }
+    let records = pending_records(&manifest);
     if newer.is_none() {
         let older: Vec<RolloutId> = state
             .rollouts
@@ -756,13 +802,18 @@ fn ingest(
                     }
                 }
                 let Some(rollout) = state.rollouts.get_mut(&item.rollout_id) else { continue };
+                let wave = rollout.manifest.hosts.get(hostname).map_or(0, |e| e.wave);
                 tx.prepare_cached(
-                    "UPDATE host_records SET state = ?3, last_seq = ?4, record = ?5 WHERE rollout_id = ?1 AND hostname = ?2",
+                    "INSERT INTO host_records (rollout_id, hostname, wave, state, last_seq, record)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (rollout_id, hostname) DO UPDATE
+                         SET state = excluded.state, last_seq = excluded.last_seq, record = excluded.record",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
                         item.rollout_id.as_str(),
                         hostname.as_str(),
+                        wave as i64,
                         next.state.as_str(),
                         next.last_seq as i64,
                         record_json(&next)
@@ -913,18 +964,17 @@ fn run_planner(
     Ok(())
 }
 
-/// Reads the cached host records (for tests and `replay` comparisons).
+/// The current host records of every rollout: stored rows over the
+/// manifests' Pending records (for tests and `replay` comparisons).
 pub fn cached_host_records(
     conn: &Connection,
     path: &Path,
 ) -> Result<BTreeMap<(RolloutId, Hostname), HostRecord>, StoreError> {
-    let mut stmt = conn.prepare("SELECT record FROM host_records").map_err(sql(path, "read records"))?;
-    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(sql(path, "read records"))?;
     let mut out = BTreeMap::new();
-    for row in rows {
-        let json = row.map_err(sql(path, "read records"))?;
-        let record: HostRecord = serde_json::from_str(&json).map_err(|e| corrupt(path, e.to_string()))?;
-        out.insert((record.rollout_id.clone(), record.hostname.clone()), record);
+    for manifest in manifests(conn, path)? {
+        for (host, record) in host_records_of(conn, path, &manifest)? {
+            out.insert((manifest.rollout_id.clone(), host), record);
+        }
     }
     Ok(out)
 }
@@ -934,4 +984,63 @@ pub fn envelope(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option
     conn.query_row("SELECT envelope FROM rollouts WHERE rollout_id = ?1", params![id.as_str()], |r| r.get(0))
         .optional()
         .map_err(sql(path, "read envelope"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db(label: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nixfleet-store-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir.join("cp.db")
+    }
+
+    /// The acknowledgement contract depends on WAL + synchronous=FULL, and a
+    /// fresh database is migrated to the current schema version.
+    #[test]
+    fn open_sets_durability_pragmas_and_migrates() {
+        let path = temp_db("pragmas");
+        let conn = open(&path).expect("open");
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("mode");
+        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).expect("sync");
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        assert_eq!((mode.as_str(), sync, version), ("wal", 2, SCHEMA_VERSION));
+        drop(conn);
+        open(&path).expect("re-opening a migrated database is a no-op");
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    /// A database written by a newer nixfleet is refused, not half-read.
+    #[test]
+    fn newer_schema_is_refused() {
+        let path = temp_db("newer");
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch("PRAGMA user_version = 99;").expect("set version");
+        drop(conn);
+        let err = open(&path).expect_err("must refuse");
+        assert!(matches!(err, StoreError::NewerSchema { found: 99, .. }), "{err}");
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    /// The event log is append-only per (host, rollout, seq): a second row
+    /// with the same key is refused by the database itself.
+    #[test]
+    fn event_log_key_is_unique() {
+        let path = temp_db("unique");
+        let conn = open(&path).expect("open");
+        conn.execute(
+            "INSERT INTO rollouts (rollout_id, channel, envelope, payload, payload_sha256, issued_at, published_at,
+                                   state, current_wave, updated_at)
+             VALUES ('s@r', 's', x'', x'', '', 't', 't', 'active', 0, 't')",
+            [],
+        )
+        .expect("rollout");
+        let insert = "INSERT INTO event_log (hostname, rollout_id, seq, kind, event, agent_at, received_at)
+                      VALUES ('h', 's@r', 1, 'k', '{}', 't', 't')";
+        conn.execute(insert, []).expect("first");
+        assert!(conn.execute(insert, []).is_err(), "duplicate (hostname, rollout_id, seq)");
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::planner::{self, PlanInput, RolloutState};
-use super::store::{parse_ts, StoreError};
+use super::store::{self, parse_ts, StoreError};
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{Failure, HostRecord, HostState};
 use crate::wire::{Manifest, OutboundEvent};
@@ -184,20 +184,6 @@ fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
     })
 }
 
-fn records_of(conn: &Connection, path: &Path, id: &str) -> Result<BTreeMap<Hostname, HostRecord>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT record FROM host_records WHERE rollout_id = ?1")
-        .map_err(sql(path, "read records"))?;
-    let rows = stmt.query_map(params![id], |r| r.get::<_, String>(0)).map_err(sql(path, "read records"))?;
-    let mut out = BTreeMap::new();
-    for row in rows {
-        let record: HostRecord = serde_json::from_str(&row.map_err(sql(path, "read records"))?)
-            .map_err(|e| corrupt(path, format!("host record: {e}")))?;
-        out.insert(record.hostname.clone(), record);
-    }
-    Ok(out)
-}
-
 fn summary(
     path: &Path,
     row: &RolloutRow,
@@ -237,7 +223,7 @@ pub fn rollouts(conn: &Connection, path: &Path) -> Result<Vec<RolloutSummary>, S
     let mut out = Vec::new();
     for row in all_rollout_rows(conn, path)? {
         let manifest = Manifest::parse(&row.payload).map_err(|e| corrupt(path, format!("rollout {}: {e}", row.id)))?;
-        let records = records_of(conn, path, &row.id)?;
+        let records = store::host_records_of(conn, path, &manifest)?;
         out.push(summary(path, &row, &manifest, &records)?);
     }
     Ok(out)
@@ -273,7 +259,7 @@ pub fn rollout(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option<
         .map_err(sql(path, "read rollout"))?;
     let Some(row) = row else { return Ok(None) };
     let manifest = Manifest::parse(&row.payload).map_err(|e| corrupt(path, format!("rollout {id}: {e}")))?;
-    let records = records_of(conn, path, &row.id)?;
+    let records = store::host_records_of(conn, path, &manifest)?;
     let summary = summary(path, &row, &manifest, &records)?;
     let mut dispatched_at: BTreeMap<Hostname, String> = BTreeMap::new();
     {
@@ -465,27 +451,20 @@ pub fn hosts(
             },
         );
     }
-    let mut stmt = conn
-        .prepare("SELECT h.hostname, h.rollout_id, h.state FROM host_records h JOIN rollouts r USING (rollout_id) ORDER BY r.published_at, h.rollout_id")
-        .map_err(sql(path, "read host records"))?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))
-        .map_err(sql(path, "read host records"))?;
-    for row in rows {
-        let (host, id, state) = row.map_err(sql(path, "read host records"))?;
-        let (Ok(hostname), Ok(rollout_id)) = (Hostname::parse(&host), RolloutId::parse(&id)) else { continue };
-        let Some(state) = HostState::ALL.into_iter().find(|s| s.as_str() == state) else { continue };
-        let view = views.entry(host).or_insert_with(|| HostView {
-            hostname,
-            liveness: Liveness::NeverSeen,
-            last_heartbeat_at: None,
-            current_closure: None,
-            booted_closure: None,
-            agent_version: None,
-            uptime_secs: None,
-            rollouts: Vec::new(),
-        });
-        view.rollouts.push(HostRolloutRef { rollout_id, state });
+    for manifest in store::manifests(conn, path)? {
+        for (hostname, record) in store::host_records_of(conn, path, &manifest)? {
+            let view = views.entry(hostname.to_string()).or_insert_with(|| HostView {
+                hostname,
+                liveness: Liveness::NeverSeen,
+                last_heartbeat_at: None,
+                current_closure: None,
+                booted_closure: None,
+                agent_version: None,
+                uptime_secs: None,
+                rollouts: Vec::new(),
+            });
+            view.rollouts.push(HostRolloutRef { rollout_id: manifest.rollout_id.clone(), state: record.state });
+        }
     }
     Ok(views.into_values().collect())
 }

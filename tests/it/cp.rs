@@ -275,7 +275,7 @@ fn two_wave_rollout_promotes_only_after_canary_converged() {
 /// dispatches it; the newer manifest supersedes the halted one.
 #[test]
 fn failure_halts_quarantines_and_supersession_takes_over() {
-    let (_dir, release, cp) = setup("halt");
+    let (_dir, release, mut cp) = setup("halt");
     rt().block_on(async {
         assert_eq!(cp.publish(&release.sign(&two_waves("stable@r1", T0, 0))).await.status, StatusCode::CREATED);
         let mut canary = Agent::new("web-1", &cp.url);
@@ -289,6 +289,15 @@ fn failure_halts_quarantines_and_supersession_takes_over() {
         }
         let fleet = cp.get_json("/v1/status").await;
         assert_eq!(fleet["quarantined"][0]["closure"], closure("web-1-new"));
+    });
+    // The halt and the quarantine are stored, not remembered: they survive a crash.
+    cp.kill9();
+    cp.restart();
+    let canary = Agent::new("web-1", &cp.url);
+    rt().block_on(async {
+        let status = cp.get_json("/v1/rollouts/stable@r1").await;
+        assert_eq!(status["state"], "halted", "halt survives a restart");
+        assert!(Agent::new("web-2", &cp.url).poll(0).await.is_none(), "still halted after restart");
 
         // r2 fixes web-2..4 but still ships web-1's bad closure.
         let r2 = manifest(
@@ -404,6 +413,89 @@ fn ingest_answers_applied_duplicate_rejected_retry() {
         assert_eq!(events[0]["seq"], 1);
         assert_eq!(events[0]["agent_at"], "2026-11-25T12:00:01Z", "the agent's time is stored");
         assert_eq!(cp.host_state("stable@r1", "web-1").await, "Activating");
+    });
+}
+
+/// Agents post continuously while the real `cp serve` is killed with -9 in
+/// the middle of the traffic: every event any agent saw answered `applied`
+/// is in the event log after the restart (the CP's log is compared with
+/// what the agents believe was acknowledged).
+#[test]
+fn acknowledged_events_survive_kill_9_under_load() {
+    let (_dir, release, mut cp) = setup("kill9load");
+    const N_HOSTS: usize = 8;
+    let names: Vec<String> = (0..N_HOSTS).map(|i| format!("load-{i}")).collect();
+    let hosts: Vec<(&str, usize, &str)> = names.iter().map(|n| (n.as_str(), 0, n.as_str())).collect();
+    let m = manifest("stable@load", T0, 0, &[("all", 0, N_HOSTS as u32)], &hosts);
+    let rt = rt();
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks = rt.block_on(async {
+        assert_eq!(cp.publish(&release.sign(&m)).await.status, StatusCode::CREATED);
+        let mut tasks = tokio::task::JoinSet::new();
+        for name in &names {
+            let mut agent = Agent::new(name, &cp.url);
+            let acked = std::sync::Arc::clone(&acked);
+            tasks.spawn(async move {
+                let d = agent.poll(0).await.expect("dispatch");
+                let mut confirmed: Vec<u64> = Vec::new();
+                let mut body = agent.ack_body(&d);
+                loop {
+                    let event = agent.emit("stable@load", body);
+                    let Ok(resp) = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        agent.post_raw_checked(&[("stable@load", &event)]),
+                    )
+                    .await
+                    else {
+                        break;
+                    };
+                    match resp {
+                        Some(results) if results[0].status == ResultStatus::Applied => {
+                            confirmed.push(event.seq);
+                            acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Some(results) => panic!("unexpected verdict {:?}", results[0]),
+                        None => break, // the CP died under us: this event is unconfirmed
+                    }
+                    body = WireEventBody::ActivationStarted {
+                        started_at: datetime!(2026-11-25 12:00 UTC) + time::Duration::seconds(event.seq as i64),
+                        switch_method: "switch".into(),
+                    };
+                }
+                (agent.host.clone(), confirmed)
+            });
+        }
+        tasks
+    });
+    crate::harness::wait_for("agents to get 300 events acknowledged", || {
+        (acked.load(std::sync::atomic::Ordering::SeqCst) >= 300).then_some(())
+    });
+    cp.kill9();
+    let confirmed: Vec<(String, Vec<u64>)> = rt.block_on(async {
+        let mut all = Vec::new();
+        let mut tasks = tasks;
+        while let Some(r) = tasks.join_next().await {
+            all.push(r.unwrap());
+        }
+        all
+    });
+    cp.restart();
+    rt.block_on(async {
+        let log = cp.get_json("/v1/rollouts/stable@load/events?limit=10000").await;
+        let stored: std::collections::BTreeSet<(String, u64)> = log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["hostname"].as_str().unwrap().to_owned(), e["seq"].as_u64().unwrap()))
+            .collect();
+        let mut n_confirmed = 0;
+        for (host, seqs) in &confirmed {
+            for seq in seqs {
+                n_confirmed += 1;
+                assert!(stored.contains(&(host.clone(), *seq)), "{host} seq {seq} was acknowledged but is lost");
+            }
+        }
+        assert!(n_confirmed >= 300, "{n_confirmed}");
     });
 }
 
@@ -889,4 +981,46 @@ fn identity_is_enforced_and_liveness_follows_the_clock() {
         assert!(report.graceful);
         assert!(report.writer.n_events_applied >= 2);
     });
+}
+
+/// `cp status` renders a halted rollout for a person: the halt reason, the
+/// quarantined closure, every host's state and why waiting hosts wait.
+#[test]
+fn status_command_renders_a_halted_rollout() {
+    let (_dir, release, cp) = setup("render");
+    let rt = rt();
+    rt.block_on(async {
+        cp.publish(&release.sign(&two_waves("stable@2026-11-25.1", T0, 0))).await;
+        let id = "stable@2026-11-25.1";
+        let mut a: Vec<Agent> = (1..=4).map(|i| Agent::new(&format!("web-{i}"), &cp.url)).collect();
+        let d1 = a[0].poll(0).await.unwrap();
+        a[0].activate(&d1).await;
+        a[0].converge(&d1).await;
+        a[0].heartbeat().await;
+        let d2 = a[1].poll(0).await.unwrap();
+        a[1].activate(&d2).await;
+        a[1].heartbeat().await;
+        let d3 = a[2].poll(0).await.unwrap();
+        a[2].fail_and_revert(&d3).await;
+        a[2].heartbeat().await;
+        assert_eq!(cp.get_json(&format!("/v1/rollouts/{id}")).await["state"], "halted");
+    });
+    let url = format!("http://{}", cp.url.authority());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(crate::harness::bin()).args(args).output().expect("run");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let fleet = run(&["cp", "status", "--cp", &url]);
+    println!("$ nixfleet cp status\n{fleet}");
+    assert!(fleet.contains("halted: 1 host(s) failed (web-3)"), "{fleet}");
+    assert!(fleet.contains(&closure("web-3-new")), "{fleet}");
+    let rollout = run(&["cp", "status", "--cp", &url, "--rollout", "stable@2026-11-25.1"]);
+    println!("$ nixfleet cp status --rollout stable@2026-11-25.1\n{rollout}");
+    for want in ["web-1", "Converged", "web-2", "Soaking", "web-3", "Reverted", "web-4", "rollout halted"] {
+        assert!(rollout.contains(want), "{want} in {rollout}");
+    }
+    let hosts = run(&["cp", "status", "--cp", &url, "--hosts"]);
+    println!("$ nixfleet cp status --hosts\n{hosts}");
+    assert!(hosts.contains("reachable") && hosts.contains("never seen"), "{hosts}");
 }

@@ -301,6 +301,21 @@ impl Agent {
             .expect("POST events")
     }
 
+    /// Like `post`, but `None` when the connection fails (the CP was killed).
+    pub async fn post_raw_checked(&self, items: &[(&str, &OutboundEvent)]) -> Option<Vec<EventResult>> {
+        let events: Vec<_> = items.iter().map(|(r, e)| serde_json::json!({"rollout_id": r, "event": e})).collect();
+        let body = serde_json::json!({"hostname": self.host, "events": events});
+        let resp =
+            client::request(&self.url, Method::POST, "/v1/agent/events", &[], Some(body.to_string().into_bytes()))
+                .await
+                .ok()?;
+        if resp.status != StatusCode::OK {
+            return None;
+        }
+        let answer: EventBatchResponse = serde_json::from_slice(&resp.body).ok()?;
+        Some(answer.results)
+    }
+
     /// Emits and posts one event; returns the CP's verdict.
     pub async fn send(&mut self, rollout: &str, body: WireEventBody) -> EventResult {
         let event = self.emit(rollout, body);

@@ -119,7 +119,7 @@ fn with_protocol(mut resp: Resp) -> Resp {
 }
 
 pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Resp {
-    let bytes = serde_json::to_vec_pretty(body).unwrap_or_else(|_| b"{}".to_vec());
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -186,6 +186,33 @@ async fn body_limited(req: Request<Incoming>, limit: usize) -> Result<Bytes, Res
     }
 }
 
+/// A rollout id from a path segment; clients may percent-encode the `@`.
+fn parse_rollout_segment(segment: &str) -> Result<RolloutId, crate::ids::IdError> {
+    RolloutId::parse(&percent_decode(segment))
+}
+
+/// Decodes `%XX` escapes; anything malformed is kept as is (and then fails
+/// identifier validation with a message quoting it).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut idx = 0;
+    while idx < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[idx], bytes.get(idx + 1).copied().and_then(hex), bytes.get(idx + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                idx += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                idx += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     req.uri().query()?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
 }
@@ -205,15 +232,15 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>, peer: PeerIdentity) -
         (Method::GET, ["v1", "status"]) => view(req, &app, View::Status).await,
         (Method::GET, ["v1", "rollouts"]) => view(req, &app, View::Rollouts).await,
         (Method::GET, ["v1", "hosts"]) => view(req, &app, View::Hosts).await,
-        (Method::GET, ["v1", "rollouts", id]) => match RolloutId::parse(id) {
+        (Method::GET, ["v1", "rollouts", id]) => match parse_rollout_segment(id) {
             Ok(id) => view(req, &app, View::Rollout(id)).await,
             Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
         },
-        (Method::GET, ["v1", "rollouts", id, "events"]) => match RolloutId::parse(id) {
+        (Method::GET, ["v1", "rollouts", id, "events"]) => match parse_rollout_segment(id) {
             Ok(id) => view(req, &app, View::Events(id)).await,
             Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
         },
-        (Method::GET, ["v1", "rollouts", id, "manifest"]) => match RolloutId::parse(id) {
+        (Method::GET, ["v1", "rollouts", id, "manifest"]) => match parse_rollout_segment(id) {
             Ok(id) => manifest(req, &app, id).await,
             Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
         },

@@ -587,12 +587,15 @@ impl Writer {
                         }
                     }
                 }
+                let mut offers = Vec::new();
+                let mut withdrawals = Vec::new();
                 for change in board {
                     match change {
-                        BoardChange::Offer(host, d) => self.board.offer(&host, d),
-                        BoardChange::Withdraw(host, id) => self.board.withdraw(&host, &id),
+                        BoardChange::Offer(host, d) => offers.push((host, d)),
+                        BoardChange::Withdraw(host, id) => withdrawals.push((host, id)),
                     }
                 }
+                self.board.apply(offers, withdrawals);
                 for reply in replies {
                     reply.send_ok();
                 }

@@ -84,7 +84,7 @@ fn publish_verifies_signatures_and_is_idempotent() {
         let rollouts = cp.get_json("/v1/rollouts").await;
         let ids: Vec<&str> = rollouts.as_array().unwrap().iter().map(|r| r["rollout_id"].as_str().unwrap()).collect();
         assert_eq!(ids, ["stable@r1"], "only the good manifest was stored");
-        let stored = cp.get(&format!("/v1/rollouts/{}/manifest", "stable@r1")).await;
+        let stored = cp.get("/v1/rollouts/stable%40r1/manifest").await;
         assert_eq!(stored.body.as_ref(), envelope.as_slice(), "the envelope is served as published");
     });
 }
@@ -417,86 +417,112 @@ fn ingest_answers_applied_duplicate_rejected_retry() {
 }
 
 /// Agents post continuously while the real `cp serve` is killed with -9 in
-/// the middle of the traffic: every event any agent saw answered `applied`
-/// is in the event log after the restart (the CP's log is compared with
-/// what the agents believe was acknowledged).
+/// the middle of the traffic, five times: every event any agent saw
+/// answered `applied` is in the event log after each restart (the CP's log
+/// is compared with what the agents believe was acknowledged). Agents keep
+/// an unconfirmed event and send it again first, like the real queue.
 #[test]
 fn acknowledged_events_survive_kill_9_under_load() {
-    let (_dir, release, mut cp) = setup("kill9load");
     const N_HOSTS: usize = 8;
+    const ROUNDS: usize = 5;
+    const ACKS_PER_ROUND: usize = 150;
+    type Confirmed = Vec<(String, u64)>;
+    let (_dir, release, mut cp) = setup("kill9load");
     let names: Vec<String> = (0..N_HOSTS).map(|i| format!("load-{i}")).collect();
     let hosts: Vec<(&str, usize, &str)> = names.iter().map(|n| (n.as_str(), 0, n.as_str())).collect();
     let m = manifest("stable@load", T0, 0, &[("all", 0, N_HOSTS as u32)], &hosts);
     let rt = rt();
-    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let tasks = rt.block_on(async {
+    let mut agents: Vec<(Agent, Option<nixfleet::wire::OutboundEvent>)> = rt.block_on(async {
         assert_eq!(cp.publish(&release.sign(&m)).await.status, StatusCode::CREATED);
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut agents = Vec::new();
         for name in &names {
             let mut agent = Agent::new(name, &cp.url);
+            let d = agent.poll(0).await.expect("dispatch");
+            let ack = agent.ack_body(&d);
+            let first = agent.emit("stable@load", ack);
+            agents.push((agent, Some(first)));
+        }
+        agents
+    });
+    let mut confirmed: Confirmed = Vec::new();
+    for round in 0..ROUNDS {
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        let runtime_context = rt.enter();
+        for (mut agent, mut unconfirmed) in std::mem::take(&mut agents) {
+            agent.url = cp.url.clone();
             let acked = std::sync::Arc::clone(&acked);
             tasks.spawn(async move {
-                let d = agent.poll(0).await.expect("dispatch");
-                let mut confirmed: Vec<u64> = Vec::new();
-                let mut body = agent.ack_body(&d);
+                let mut mine: Confirmed = Vec::new();
                 loop {
-                    let event = agent.emit("stable@load", body);
-                    let Ok(resp) = tokio::time::timeout(
+                    let event = match unconfirmed.take() {
+                        Some(e) => e,
+                        None => {
+                            let n = agent.last_seq("stable@load") as i64;
+                            agent.emit(
+                                "stable@load",
+                                WireEventBody::ActivationStarted {
+                                    started_at: datetime!(2026-11-25 12:00 UTC) + time::Duration::seconds(n),
+                                    switch_method: "switch".into(),
+                                },
+                            )
+                        }
+                    };
+                    let sent = tokio::time::timeout(
                         Duration::from_secs(5),
                         agent.post_raw_checked(&[("stable@load", &event)]),
                     )
-                    .await
-                    else {
-                        break;
-                    };
-                    match resp {
-                        Some(results) if results[0].status == ResultStatus::Applied => {
-                            confirmed.push(event.seq);
+                    .await;
+                    match sent {
+                        Ok(Some(results))
+                            if matches!(results[0].status, ResultStatus::Applied | ResultStatus::Duplicate) =>
+                        {
+                            if results[0].status == ResultStatus::Applied {
+                                mine.push((agent.host.clone(), event.seq));
+                            }
                             acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         }
-                        Some(results) => panic!("unexpected verdict {:?}", results[0]),
-                        None => break, // the CP died under us: this event is unconfirmed
+                        Ok(Some(results)) => panic!("unexpected verdict {:?}", results[0]),
+                        // The CP died under us: keep the event and send it again.
+                        Ok(None) | Err(_) => {
+                            unconfirmed = Some(event);
+                            break;
+                        }
                     }
-                    body = WireEventBody::ActivationStarted {
-                        started_at: datetime!(2026-11-25 12:00 UTC) + time::Duration::seconds(event.seq as i64),
-                        switch_method: "switch".into(),
-                    };
                 }
-                (agent.host.clone(), confirmed)
+                (agent, unconfirmed, mine)
             });
         }
-        tasks
-    });
-    crate::harness::wait_for("agents to get 300 events acknowledged", || {
-        (acked.load(std::sync::atomic::Ordering::SeqCst) >= 300).then_some(())
-    });
-    cp.kill9();
-    let confirmed: Vec<(String, Vec<u64>)> = rt.block_on(async {
-        let mut all = Vec::new();
-        let mut tasks = tasks;
-        while let Some(r) = tasks.join_next().await {
-            all.push(r.unwrap());
-        }
-        all
-    });
-    cp.restart();
-    rt.block_on(async {
-        let log = cp.get_json("/v1/rollouts/stable@load/events?limit=10000").await;
-        let stored: std::collections::BTreeSet<(String, u64)> = log["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| (e["hostname"].as_str().unwrap().to_owned(), e["seq"].as_u64().unwrap()))
-            .collect();
-        let mut n_confirmed = 0;
-        for (host, seqs) in &confirmed {
-            for seq in seqs {
-                n_confirmed += 1;
-                assert!(stored.contains(&(host.clone(), *seq)), "{host} seq {seq} was acknowledged but is lost");
+        drop(runtime_context);
+        crate::harness::wait_for("acknowledgements before the kill", || {
+            (acked.load(std::sync::atomic::Ordering::SeqCst) >= ACKS_PER_ROUND).then_some(())
+        });
+        cp.kill9();
+        rt.block_on(async {
+            while let Some(r) = tasks.join_next().await {
+                let (agent, unconfirmed, mine) = r.unwrap();
+                confirmed.extend(mine);
+                agents.push((agent, unconfirmed));
             }
-        }
-        assert!(n_confirmed >= 300, "{n_confirmed}");
-    });
+        });
+        cp.restart();
+        rt.block_on(async {
+            let log = cp.get_json("/v1/rollouts/stable@load/events?limit=10000").await;
+            let stored: std::collections::BTreeSet<(String, u64)> = log["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e["hostname"].as_str().unwrap().to_owned(), e["seq"].as_u64().unwrap()))
+                .collect();
+            for (host, seq) in &confirmed {
+                assert!(
+                    stored.contains(&(host.clone(), *seq)),
+                    "round {round}: {host} seq {seq} was acknowledged but is lost"
+                );
+            }
+        });
+    }
+    assert!(confirmed.len() >= ROUNDS * ACKS_PER_ROUND / 2, "{}", confirmed.len());
 }
 
 /// Every event answered `applied` survives an immediate `kill -9` of the real

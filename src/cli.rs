@@ -2,6 +2,7 @@
 //! here are the `--help` text. Parsing only: every command is run by a
 //! function in its role module, called from `main.rs`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -40,6 +41,9 @@ pub enum Command {
     /// agent runs).
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Run the control plane, or publish to it and ask it for status.
+    #[command(subcommand)]
+    Cp(CpCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,4 +109,61 @@ pub enum QueueCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CpCommand {
+    /// Serve the control plane: SQLite event log, wave planner, long-polls.
+    Serve(CpServeArgs),
+    /// Publish a signed rollout manifest (a DSSE envelope).
+    Publish(CpPublishArgs),
+    /// Show fleet, rollout or host status.
+    Status(CpStatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CpServeArgs {
+    /// Address to listen on; port 0 picks a free port (see --addr-file).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// The SQLite database (created if missing).
+    #[arg(long)]
+    pub db: PathBuf,
+    /// Public key(s) that may sign rollout manifests (repeatable).
+    #[arg(long = "trust-key", required = true)]
+    pub trust_key: Vec<PathBuf>,
+    /// Allow plaintext HTTP on a non-loopback address.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Write the bound address (host:port) to this file once listening.
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    /// The agents' heartbeat interval; hosts silent for 3 of them show as unreachable.
+    #[arg(long, default_value_t = 60)]
+    pub heartbeat_interval_secs: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CpPublishArgs {
+    /// Control plane URL, e.g. http://127.0.0.1:8443
+    #[arg(long, env = "NIXFLEET_CP_URL")]
+    pub cp: String,
+    /// The signed manifest (DSSE envelope JSON, from `nixfleet manifest sign`).
+    pub envelope: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CpStatusArgs {
+    /// Control plane URL, e.g. http://127.0.0.1:8443
+    #[arg(long, env = "NIXFLEET_CP_URL")]
+    pub cp: String,
+    /// Show one rollout host by host.
+    #[arg(long)]
+    pub rollout: Option<String>,
+    /// Show hosts (liveness, closures, rollouts) instead of rollouts.
+    #[arg(long, conflicts_with = "rollout")]
+    pub hosts: bool,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod cli;
 pub mod clock;
+pub mod cp;
 pub mod ids;
 pub mod machine;
 pub mod queue;

@@ -1,9 +1,11 @@
 //! The one integration-test binary: runs the real `nixfleet` executable for
-//! CLI, crash and fleet tests (STYLE.md §11), and the agent's parts against
-//! real Nix, real processes and real sockets.
+//! CLI, crash and fleet tests (STYLE.md §11), the control plane over real
+//! HTTP, and the agent's parts against real Nix, processes and sockets.
 
 mod activation;
 mod cli;
+mod cp;
+mod harness;
 pub mod nixenv;
 mod probes;
 mod queue;

@@ -1,0 +1,22 @@
+//! The control plane (SPEC §5, §8): `cp serve` stores rollouts and an
+//! append-only event log in SQLite, mirrors every host through the shared
+//! state machine, plans waves and serves long-polls; `cp publish` and
+//! `cp status` are its operator clients.
+//!
+//! Reading order: [`planner`] (pure: stored state → decisions), [`store`]
+//! (SQLite schema and the one writer), [`longpoll`] (the dispatch board),
+//! [`routes`] (HTTP API), [`views`] (status JSON), [`metrics`], [`server`] (process
+//! shell, shutdown), [`client`] and [`cmd`] (operator commands).
+
+pub mod client;
+pub mod cmd;
+pub mod longpoll;
+pub mod metrics;
+pub mod planner;
+pub mod routes;
+pub mod server;
+pub mod store;
+pub mod views;
+
+pub use cmd::{run, CpError};
+pub use server::{bind, serve, Acceptor, PlainAcceptor, ServeConfig, ServeReport};

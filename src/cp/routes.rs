@@ -1,0 +1,470 @@
+//! HTTP routes of the control plane (SPEC §5): parse and validate at the
+//! boundary, hand changes to the writer, answer only after its commit, read
+//! views from reader connections. Every error is JSON `{error, message}`
+//! with the right status, and nothing is stored for a refused request.
+
+// Helpers return `Result<_, Resp>` so a handler can `?`-style return the
+// error answer; the answer is built once per request, so its size is moot.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use rusqlite::Connection;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::longpoll::{Board, PollOutcome};
+use super::metrics::{self, Counters};
+use super::server::ServeConfig;
+use super::store::{self, Command, PublishOutcome, Reply, StoreError};
+use super::views;
+use crate::clock::ClockHandle;
+use crate::ids::{Hostname, RolloutId};
+use crate::sign::{self, PublicKey, VerifyError};
+use crate::wire::{
+    ErrorBody, EventBatch, EventBatchResponse, Heartbeat, HeartbeatResponse, Manifest, MAX_BODY_BYTES,
+    MAX_LONGPOLL_WAIT_SECS, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLAY_FROM_HEADER,
+};
+
+/// `POST /v1/rollouts` only: a manifest may list up to 100,000 hosts
+/// (≈ 12 MiB, wire::manifest::MAX_HOSTS), and base64 in the envelope adds a
+/// third. The endpoint is for operators and the body is verified before
+/// anything is stored; every agent endpoint keeps the 1 MiB limit.
+pub const MAX_ENVELOPE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Reader connections kept for the status views; more concurrent readers
+/// open a connection and drop it (views are rare operator requests).
+const MAX_IDLE_READERS: usize = 4;
+
+/// The peer's identity as established by the transport. Plain TCP has none;
+/// with mTLS (later) it is the certificate's hostname and agent requests for
+/// any other host are refused with 403.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerIdentity(pub Option<Hostname>);
+
+/// Shared by every connection.
+#[derive(Debug)]
+pub struct App {
+    pub writer: mpsc::Sender<Command>,
+    pub board: Arc<Board>,
+    pub counters: Arc<Counters>,
+    pub trust_keys: Vec<PublicKey>,
+    pub clock: ClockHandle,
+    pub shutdown: watch::Receiver<bool>,
+    pub db_path: PathBuf,
+    pub heartbeat_interval_secs: u64,
+    readers: Mutex<Vec<Connection>>,
+}
+
+impl App {
+    pub fn new(
+        writer: mpsc::Sender<Command>,
+        board: Arc<Board>,
+        counters: Arc<Counters>,
+        clock: ClockHandle,
+        shutdown: watch::Receiver<bool>,
+        cfg: &ServeConfig,
+    ) -> App {
+        App {
+            writer,
+            board,
+            counters,
+            trust_keys: cfg.trust_keys.clone(),
+            clock,
+            shutdown,
+            db_path: cfg.db_path.clone(),
+            heartbeat_interval_secs: cfg.heartbeat_interval_secs,
+            readers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs a read-only query on a reader connection, off the reactor.
+    async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &std::path::Path) -> Result<T, StoreError> + Send + 'static,
+    {
+        let app = Arc::clone(self);
+        let joined = tokio::task::spawn_blocking(move || {
+            let pooled = app.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => store::open_reader(&app.db_path)?,
+            };
+            let out = f(&conn, &app.db_path);
+            let mut pool = app.readers.lock().unwrap_or_else(|p| p.into_inner());
+            if pool.len() < MAX_IDLE_READERS {
+                pool.push(conn);
+            }
+            out
+        })
+        .await;
+        joined.unwrap_or(Err(StoreError::WriterGone))
+    }
+}
+
+pub type Resp = Response<Full<Bytes>>;
+
+fn with_protocol(mut resp: Resp) -> Resp {
+    resp.headers_mut().insert(PROTOCOL_HEADER, HeaderValue::from_static(PROTOCOL_VERSION));
+    resp
+}
+
+pub fn json<T: Serialize>(status: StatusCode, body: &T) -> Resp {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    with_protocol(resp)
+}
+
+pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp {
+    json(status, &ErrorBody { error: code.to_owned(), message: message.into() })
+}
+
+fn empty(status: StatusCode) -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = status;
+    with_protocol(resp)
+}
+
+fn store_unavailable(e: &StoreError) -> Resp {
+    tracing::error!(error = %e, "storage error");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage_unavailable",
+        format!("the control plane could not store this: {e}; retry later"),
+    )
+}
+
+/// Checks `X-Nixfleet-Protocol`: missing → 400, another version → 426.
+fn check_protocol(req: &Request<Incoming>, required: bool) -> Result<(), Resp> {
+    match req.headers().get(PROTOCOL_HEADER) {
+        None if required => Err(error(
+            StatusCode::BAD_REQUEST,
+            "missing_protocol_header",
+            format!("this endpoint needs the header {PROTOCOL_HEADER}: {PROTOCOL_VERSION}"),
+        )),
+        None => Ok(()),
+        Some(v) if v.as_bytes() == PROTOCOL_VERSION.as_bytes() => Ok(()),
+        Some(v) => Err(error(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported_protocol",
+            format!(
+                "{PROTOCOL_HEADER} is {:?}; this control plane speaks version {PROTOCOL_VERSION} only",
+                String::from_utf8_lossy(v.as_bytes())
+            ),
+        )),
+    }
+}
+
+/// Reads the whole body, refusing more than [`MAX_BODY_BYTES`] with 413.
+async fn body(req: Request<Incoming>) -> Result<Bytes, Resp> {
+    body_limited(req, MAX_BODY_BYTES).await
+}
+
+async fn body_limited(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
+    let too_large = || {
+        error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request bodies are limited to {limit} bytes"))
+    };
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad_body", format!("could not read the request body: {e}"))),
+    }
+}
+
+/// A rollout id from a path segment; clients may percent-encode the `@`.
+fn parse_rollout_segment(segment: &str) -> Result<RolloutId, crate::ids::IdError> {
+    RolloutId::parse(&percent_decode(segment))
+}
+
+/// Decodes `%XX` escapes; anything malformed is kept as is (and then fails
+/// identifier validation with a message quoting it).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut idx = 0;
+    while idx < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[idx], bytes.get(idx + 1).copied().and_then(hex), bytes.get(idx + 2).copied().and_then(hex)) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                idx += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                idx += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+    req.uri().query()?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
+}
+
+/// The only entry point: routes one request.
+pub async fn handle(req: Request<Incoming>, app: Arc<App>, peer: PeerIdentity) -> Resp {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match (method.clone(), segments.as_slice()) {
+        (Method::GET, ["healthz"]) => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        (Method::GET, ["metrics"]) => metrics_route(&app).await,
+        (Method::POST, ["v1", "rollouts"]) => publish(req, &app).await,
+        (Method::GET, ["v1", "agent", "dispatch"]) => dispatch(req, &app, &peer).await,
+        (Method::POST, ["v1", "agent", "events"]) => events(req, &app, &peer).await,
+        (Method::POST, ["v1", "agent", "heartbeat"]) => heartbeat(req, &app, &peer).await,
+        (Method::GET, ["v1", "status"]) => view(req, &app, View::Status).await,
+        (Method::GET, ["v1", "rollouts"]) => view(req, &app, View::Rollouts).await,
+        (Method::GET, ["v1", "hosts"]) => view(req, &app, View::Hosts).await,
+        (Method::GET, ["v1", "rollouts", id]) => match parse_rollout_segment(id) {
+            Ok(id) => view(req, &app, View::Rollout(id)).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
+        },
+        (Method::GET, ["v1", "rollouts", id, "events"]) => match parse_rollout_segment(id) {
+            Ok(id) => view(req, &app, View::Events(id)).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
+        },
+        (Method::GET, ["v1", "rollouts", id, "manifest"]) => match parse_rollout_segment(id) {
+            Ok(id) => manifest(req, &app, id).await,
+            Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
+        },
+        (
+            _,
+            ["healthz"] | ["v1", "rollouts"] | ["v1", "agent", _] | ["v1", "status" | "hosts"] | ["v1", "rollouts", ..],
+        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {path}")),
+        _ => error(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {path}")),
+    }
+}
+
+/// Sends a command to the writer and waits for the answer after its commit.
+async fn ask<T>(app: &App, make: impl FnOnce(oneshot::Sender<Reply<T>>) -> Command) -> Result<T, Resp> {
+    let (tx, rx) = oneshot::channel();
+    let gone =
+        || error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the control plane is shutting down; retry later");
+    app.writer.send(make(tx)).await.map_err(|_| gone())?;
+    match rx.await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(store_unavailable(&e)),
+        Err(_) => Err(gone()),
+    }
+}
+
+async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
+    if let Err(resp) = check_protocol(&req, true) {
+        return resp;
+    }
+    let bytes = match body_limited(req, MAX_ENVELOPE_BYTES).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let started = std::time::Instant::now();
+    let envelope = match sign::parse_envelope(&bytes) {
+        Ok(e) => e,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_envelope", e.to_string()),
+    };
+    let payload = match sign::verify_envelope(&envelope, &app.trust_keys) {
+        Ok(p) => p,
+        Err(e @ (VerifyError::BadSignature { .. } | VerifyError::UnknownKey { .. })) => {
+            return error(StatusCode::FORBIDDEN, "bad_signature", e.to_string())
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_envelope", e.to_string()),
+    };
+    let manifest = match Manifest::parse(&payload) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_manifest", e.to_string()),
+    };
+    let id = manifest.rollout_id.clone();
+    let n_hosts = manifest.hosts.len();
+    let verified_ms = started.elapsed().as_millis();
+    let envelope = bytes.to_vec();
+    let outcome = ask(app, |reply| Command::Publish { envelope, payload, manifest: Box::new(manifest), reply }).await;
+    let body = serde_json::json!({"rollout_id": id});
+    match outcome {
+        Ok(PublishOutcome::Created) => {
+            let total_ms = started.elapsed().as_millis();
+            tracing::info!("rollout {id} published: {n_hosts} hosts, verified in {verified_ms} ms, stored and planned by {total_ms} ms");
+            json(StatusCode::CREATED, &body)
+        }
+        Ok(PublishOutcome::Identical) => json(StatusCode::OK, &body),
+        Ok(PublishOutcome::Conflict) => error(
+            StatusCode::CONFLICT,
+            "rollout_conflict",
+            format!("rollout {id} was already published with different manifest bytes; publish a new ref instead"),
+        ),
+        Err(resp) => resp,
+    }
+}
+
+/// Refuses an agent request for another host than the transport's identity.
+fn check_identity(peer: &PeerIdentity, hostname: &Hostname) -> Result<(), Resp> {
+    match &peer.0 {
+        Some(id) if id != hostname => Err(error(
+            StatusCode::FORBIDDEN,
+            "identity_mismatch",
+            format!("this connection is authenticated as {id}, not {hostname}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+async fn dispatch(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> Resp {
+    if let Err(resp) = check_protocol(&req, true) {
+        return resp;
+    }
+    let hostname = match query_param(&req, "hostname").map(Hostname::parse) {
+        Some(Ok(h)) => h,
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "bad_hostname", e.to_string()),
+        None => return error(StatusCode::BAD_REQUEST, "missing_hostname", "the query needs hostname=H"),
+    };
+    if let Err(resp) = check_identity(peer, &hostname) {
+        return resp;
+    }
+    let wait_secs = match query_param(&req, "wait").map(str::parse::<u64>) {
+        None => MAX_LONGPOLL_WAIT_SECS,
+        Some(Ok(n)) => n.min(MAX_LONGPOLL_WAIT_SECS),
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "bad_wait", "wait must be a whole number of seconds"),
+    };
+    match app.board.poll(&hostname, Duration::from_secs(wait_secs), app.shutdown.clone()).await {
+        PollOutcome::Dispatch(d) => json(StatusCode::OK, &d),
+        PollOutcome::NoWork => empty(StatusCode::NO_CONTENT),
+    }
+}
+
+async fn events(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> Resp {
+    if let Err(resp) = check_protocol(&req, true) {
+        return resp;
+    }
+    let bytes = match body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let batch = match EventBatch::parse(&bytes) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_event_batch", e.to_string()),
+    };
+    if let Err(resp) = check_identity(peer, &batch.hostname) {
+        return resp;
+    }
+    let EventBatch { hostname, events: items } = batch;
+    match ask(app, |reply| Command::Ingest { hostname, items, reply }).await {
+        Ok(results) => json(StatusCode::OK, &EventBatchResponse { results }),
+        Err(resp) => resp,
+    }
+}
+
+async fn heartbeat(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> Resp {
+    if let Err(resp) = check_protocol(&req, true) {
+        return resp;
+    }
+    let bytes = match body(req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let heartbeat: Heartbeat = match serde_json::from_slice(&bytes) {
+        Ok(h) => h,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_heartbeat", e.to_string()),
+    };
+    if heartbeat.agent_version.len() > 128 {
+        return error(StatusCode::BAD_REQUEST, "bad_heartbeat", "agent_version: longer than 128 bytes");
+    }
+    if let Err(resp) = check_identity(peer, &heartbeat.hostname) {
+        return resp;
+    }
+    let replay_from: BTreeMap<RolloutId, u64> = match ask(app, |reply| Command::Heartbeat { heartbeat, reply }).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
+    };
+    let header = (replay_from.len() == 1).then(|| replay_from.values().next().copied()).flatten();
+    let mut resp = json(StatusCode::OK, &HeartbeatResponse { server_time: app.clock.now(), replay_from });
+    if let Some(seq) = header {
+        resp.headers_mut().insert(REPLAY_FROM_HEADER, HeaderValue::from(seq));
+    }
+    resp
+}
+
+async fn manifest(req: Request<Incoming>, app: &Arc<App>, id: RolloutId) -> Resp {
+    if let Err(resp) = check_protocol(&req, false) {
+        return resp;
+    }
+    let wanted = id.clone();
+    match app.read(move |conn, path| store::envelope(conn, path, &wanted)).await {
+        Ok(Some(bytes)) => {
+            let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            with_protocol(resp)
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, "unknown_rollout", format!("no rollout {id}")),
+        Err(e) => store_unavailable(&e),
+    }
+}
+
+enum View {
+    Status,
+    Rollouts,
+    Hosts,
+    Rollout(RolloutId),
+    Events(RolloutId),
+}
+
+async fn view(req: Request<Incoming>, app: &Arc<App>, which: View) -> Resp {
+    if let Err(resp) = check_protocol(&req, false) {
+        return resp;
+    }
+    let now = app.clock.now();
+    let stale_after_secs = app.heartbeat_interval_secs.saturating_mul(views::UNREACHABLE_AFTER_INTERVALS);
+    let after = query_param(&req, "after").map(str::parse::<i64>);
+    let limit = query_param(&req, "limit").map(str::parse::<usize>);
+    let (after, limit) = match (after, limit) {
+        (Some(Err(_)), _) | (_, Some(Err(_))) => {
+            return error(StatusCode::BAD_REQUEST, "bad_query", "after and limit must be whole numbers")
+        }
+        (a, l) => {
+            (a.and_then(Result::ok).unwrap_or(0), l.and_then(Result::ok).unwrap_or(1000).min(store::MAX_EVENTS_PAGE))
+        }
+    };
+    let result = app
+        .read(move |conn, path| {
+            Ok(match which {
+                View::Status => Some(serde_json::to_value(views::status(conn, path, now, stale_after_secs)?)),
+                View::Rollouts => Some(serde_json::to_value(views::rollouts(conn, path)?)),
+                View::Hosts => Some(serde_json::to_value(views::hosts(conn, path, now, stale_after_secs)?)),
+                View::Rollout(id) => views::rollout(conn, path, &id)?.map(serde_json::to_value),
+                View::Events(id) => views::events(conn, path, &id, after, limit)?.map(serde_json::to_value),
+            })
+        })
+        .await;
+    match result {
+        Ok(Some(Ok(value))) => json(StatusCode::OK, &value),
+        Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        Ok(None) => error(StatusCode::NOT_FOUND, "unknown_rollout", "no such rollout"),
+        Err(e) => store_unavailable(&e),
+    }
+}
+
+async fn metrics_route(app: &Arc<App>) -> Resp {
+    let shared = Arc::clone(app);
+    match app.read(move |conn, path| metrics::render(&shared.counters, &shared.board, conn, path)).await {
+        Ok(text) => {
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            with_protocol(resp)
+        }
+        Err(e) => store_unavailable(&e),
+    }
+}

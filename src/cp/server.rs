@@ -1,0 +1,218 @@
+//! The control plane's process shell: socket, accept loop, connection
+//! tasks, the writer thread, the planner tick, and graceful shutdown
+//! (STYLE.md §10). [`serve`] takes its listener, acceptor, config, clock and
+//! shutdown future, so tests run it in-process on port 0.
+//!
+//! Tasks and channels:
+//! - accept loop (this task): owns the listener; one connection task per
+//!   accepted socket, tracked in a JoinSet (nothing is fire-and-forget).
+//! - connection tasks: hyper HTTP/1.1; handlers send [`Command`]s into the
+//!   writer channel (capacity [`store::WRITER_CHANNEL_CAPACITY`]) and await a
+//!   oneshot answer; long-polls park on the [`Board`].
+//! - writer thread (`cp-writer`): the one mutator, see [`store`].
+//! - tick task: sends `Tick` every [`PLAN_TICK_SECS`] with `try_send` (a full
+//!   channel means the writer is busy and will plan anyway).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::longpoll::Board;
+use super::metrics::Counters;
+use super::routes::{self, App, PeerIdentity};
+use super::store::{self, Command, StoreError, Writer, WriterStats};
+use crate::clock::ClockHandle;
+use crate::sign::PublicKey;
+
+/// Listen backlog: tokio's default `bind` gives 128, and 5,000 agents
+/// reconnecting at once after a CP restart then stall in SYN retries for
+/// ~30 s (perf-reliability.md B). The kernel caps it at somaxconn.
+pub const LISTEN_BACKLOG: u32 = 4096;
+/// Safety-net re-plan interval; the planner also runs on every change.
+pub const PLAN_TICK_SECS: u64 = 15;
+/// A client must send its request head within this; bounds slowloris.
+pub const HEADER_READ_TIMEOUT_SECS: u64 = 30;
+/// hyper's per-connection read buffer cap: it never shrinks after growing,
+/// and 64 KiB keeps an idle long-poll connection small (bodies stream
+/// through it in chunks, so 1 MiB bodies still work).
+pub const MAX_CONN_BUF_BYTES: usize = 64 * 1024;
+/// Connections held at once; beyond it, accepting pauses until one closes
+/// (the kernel backlog holds the rest). 10,000 idle long-polls fit with room.
+pub const MAX_CONNECTIONS: usize = 50_000;
+
+/// The transport seam: plain TCP today, TLS (with the client certificate's
+/// hostname as the peer identity) in the transport-security issue.
+pub trait Acceptor: Clone + Send + Sync + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    fn accept(&self, tcp: TcpStream) -> impl Future<Output = io::Result<(Self::Io, PeerIdentity)>> + Send;
+}
+
+/// Plain TCP: no peer identity.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlainAcceptor;
+
+impl Acceptor for PlainAcceptor {
+    type Io = TcpStream;
+    async fn accept(&self, tcp: TcpStream) -> io::Result<(TcpStream, PeerIdentity)> {
+        Ok((tcp, PeerIdentity::default()))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub db_path: PathBuf,
+    pub trust_keys: Vec<PublicKey>,
+    /// The agents' heartbeat interval; 3 missed ones mark a host unreachable.
+    pub heartbeat_interval_secs: u64,
+    /// How long in-flight requests may take to finish after a shutdown.
+    pub grace: Duration,
+}
+
+/// How the server ended.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeReport {
+    /// Every connection finished within the grace period.
+    pub graceful: bool,
+    pub writer: WriterStats,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot start the store writer thread: {0}")]
+    WriterThread(io::Error),
+    #[error("the store writer thread panicked")]
+    WriterPanicked,
+}
+
+/// Creates a listening socket with [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Serves until `shutdown` resolves, then drains within `cfg.grace`, wakes
+/// long-polls with 204, stops the writer and checkpoints the database.
+pub async fn serve<A: Acceptor>(
+    listener: TcpListener,
+    acceptor: A,
+    cfg: ServeConfig,
+    clock: ClockHandle,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ServeReport, ServeError> {
+    let board = Arc::new(Board::default());
+    let counters = Arc::new(Counters::default());
+    let writer = {
+        let (path, clock, board, counters) =
+            (cfg.db_path.clone(), clock.clone(), Arc::clone(&board), Arc::clone(&counters));
+        tokio::task::spawn_blocking(move || Writer::open(&path, clock, board, counters))
+            .await
+            .map_err(|_| ServeError::WriterPanicked)??
+    };
+    let (cmd_tx, cmd_rx) = mpsc::channel(store::WRITER_CHANNEL_CAPACITY);
+    let writer_thread = std::thread::Builder::new()
+        .name("cp-writer".to_owned())
+        .spawn(move || writer.run(cmd_rx))
+        .map_err(ServeError::WriterThread)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let app = Arc::new(App::new(cmd_tx.clone(), board, counters, clock, stop_rx.clone(), &cfg));
+
+    let mut tick_stop = stop_rx.clone();
+    let tick_tx = cmd_tx;
+    let tick = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_secs(PLAN_TICK_SECS));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => { let _ = tick_tx.try_send(Command::Tick); }
+                _ = tick_stop.wait_for(|s| *s) => break,
+            }
+        }
+    });
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut conns: JoinSet<()> = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        while conns.try_join_next().is_some() {}
+        if conns.len() >= MAX_CONNECTIONS {
+            tokio::select! {
+                _ = conns.join_next() => continue,
+                () = &mut shutdown => break,
+            }
+        }
+        let (tcp, peer_addr) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = Arc::clone(&app);
+        let watcher = graceful.watcher();
+        conns.spawn(async move {
+            let (io, peer) = match acceptor.accept(tcp).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(%peer_addr, error = %e, "handshake failed");
+                    return;
+                }
+            };
+            let service = service_fn(move |req| {
+                let (app, peer) = (Arc::clone(&app), peer.clone());
+                async move { Ok::<_, std::convert::Infallible>(routes::handle(req, app, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(HEADER_READ_TIMEOUT_SECS))
+                .max_buf_size(MAX_CONN_BUF_BYTES)
+                .serve_connection(TokioIo::new(io), service);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer_addr, error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    tracing::info!("shutting down: no new connections; waking long-polls; draining in-flight requests");
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(cfg.grace, graceful.shutdown()).await.is_ok();
+    if !drained {
+        tracing::warn!(grace_secs = cfg.grace.as_secs(), "grace period over; closing the remaining connections");
+        conns.abort_all();
+    }
+    while conns.join_next().await.is_some() {}
+    let _ = tick.await;
+    drop(app);
+    let stats = tokio::task::spawn_blocking(move || writer_thread.join())
+        .await
+        .map_err(|_| ServeError::WriterPanicked)?
+        .map_err(|_| ServeError::WriterPanicked)?;
+    tracing::info!(
+        "control plane stopped ({}; {} commits, {} events applied)",
+        if drained { "graceful" } else { "forced: the grace period ran out" },
+        stats.n_commits,
+        stats.n_events_applied
+    );
+    Ok(ServeReport { graceful: drained, writer: stats })
+}

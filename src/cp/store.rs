@@ -1,0 +1,1049 @@
+//! The control plane's durable state in SQLite, and the ONE writer that
+//! changes it (STYLE.md §3, §7).
+//!
+//! Every change (publish, ingest, heartbeat, planner tick) is a [`Command`]
+//! sent over a bounded channel to a dedicated writer thread. The writer
+//! drains whatever commands are ready, applies them to its in-memory
+//! [`CpState`] and to the database inside ONE transaction (group commit),
+//! runs the planner, commits with `synchronous=FULL`, and only then answers
+//! the callers and updates the long-poll board. So an `applied` answer means
+//! the event is on disk (the reference system answered 204 before doing
+//! anything, seed-system.md §11 item 3).
+//!
+//! Crash cases:
+//! - killed before commit: nothing of the group is on disk and nobody got an
+//!   answer; agents retry and the events are applied then.
+//! - killed after commit, before the answers left: the events are in the
+//!   log; the agents retry and get `duplicate`, which also retires them.
+//! - commit fails (disk full, I/O error): every caller of the group gets an
+//!   error (HTTP 503, the agent retries) and the in-memory state is reloaded
+//!   from the database, so memory never runs ahead of the disk.
+//!
+//! Host records are a cache of `step` results; [`rebuild_host_records`]
+//! rebuilds them from the event log alone.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use sha2::{Digest, Sha256};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+
+use super::longpoll::Board;
+use super::metrics::Counters;
+use super::planner::{self, PlanInput, RolloutState};
+use crate::clock::ClockHandle;
+use crate::ids::{Closure, Hostname, RolloutId};
+use crate::machine::{self, Effect, HostRecord, HostState, Outcome};
+use crate::wire::{BatchItem, Dispatch, EventResult, Heartbeat, Manifest, OutboundEvent, ResultStatus};
+
+/// Commands waiting for the writer. Handlers `send().await`, so a full
+/// channel back-pressures requests instead of failing them; 1024 covers a
+/// burst of one request from each of 1024 agents while a commit is flushing.
+pub const WRITER_CHANNEL_CAPACITY: usize = 1024;
+/// Events applied in one transaction at most: bounds the time callers wait
+/// for a commit and the size of the WAL frame written at once. The first
+/// command of a group is always taken, so one full batch (256) always fits.
+pub const MAX_GROUP_EVENTS: usize = 4096;
+/// A group slower than this is logged as a warning: agents wait for it.
+pub const SLOW_GROUP_MS: u128 = 250;
+/// Schema version written to `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+/// Rows of `/v1/rollouts/{id}/events` per page: bounds one answer.
+pub const MAX_EVENTS_PAGE: usize = 10_000;
+
+/// A storage failure, naming the database and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {op}: {source}")]
+    Sql {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database {path} has schema version {found}, newer than this nixfleet understands ({SCHEMA_VERSION})")]
+    NewerSchema { path: PathBuf, found: i64 },
+    #[error("database {path} holds corrupt data: {what}")]
+    Corrupt { path: PathBuf, what: String },
+    #[error("the store writer has stopped")]
+    WriterGone,
+}
+
+const MIGRATION_1: &str = r#"
+CREATE TABLE rollouts (
+    rollout_id     TEXT PRIMARY KEY,
+    channel        TEXT NOT NULL,
+    envelope       BLOB NOT NULL,            -- the DSSE envelope as published
+    payload        BLOB NOT NULL,            -- the exact signed manifest bytes
+    payload_sha256 TEXT NOT NULL,
+    issued_at      TEXT NOT NULL,            -- from the manifest
+    published_at   TEXT NOT NULL,            -- CP receive time
+    state          TEXT NOT NULL CHECK (state IN ('active','converging','halted','completed','superseded')),
+    current_wave   INTEGER NOT NULL,
+    halt_reason    TEXT,
+    superseded_by  TEXT,
+    updated_at     TEXT NOT NULL
+);
+CREATE INDEX rollouts_by_channel ON rollouts (channel);
+
+CREATE TABLE host_records (
+    rollout_id TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    hostname   TEXT NOT NULL,
+    wave       INTEGER NOT NULL,
+    state      TEXT NOT NULL,
+    last_seq   INTEGER NOT NULL,
+    record     TEXT NOT NULL,                -- HostRecord as JSON: a cache of step results
+    -- A row appears with the host's first applied event; until then the
+    -- host is Pending as the manifest says (publishing 100k hosts writes no rows).
+    PRIMARY KEY (rollout_id, hostname)
+);
+CREATE INDEX host_records_by_host ON host_records (hostname);
+
+CREATE TABLE event_log (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    hostname    TEXT NOT NULL,
+    rollout_id  TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    seq         INTEGER NOT NULL,
+    kind        TEXT NOT NULL,
+    event       TEXT NOT NULL,               -- the wire event (OutboundEvent JSON)
+    agent_at    TEXT NOT NULL,               -- the agent's timestamp of the fact
+    received_at TEXT NOT NULL,               -- CP receive time (never host state)
+    UNIQUE (hostname, rollout_id, seq)
+);
+CREATE INDEX event_log_by_rollout ON event_log (rollout_id, id);
+
+CREATE TABLE dispatches (
+    rollout_id     TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    hostname       TEXT NOT NULL,
+    target_closure TEXT NOT NULL,
+    wave           INTEGER NOT NULL,
+    soak_secs      INTEGER NOT NULL,
+    issued_at      TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, hostname)
+);
+
+CREATE TABLE quarantined_closures (
+    channel        TEXT NOT NULL,
+    closure        TEXT NOT NULL,
+    rollout_id     TEXT NOT NULL,
+    hostname       TEXT NOT NULL,
+    quarantined_at TEXT NOT NULL,            -- the agent's rollback completion time
+    PRIMARY KEY (channel, closure)
+);
+
+CREATE TABLE hosts (
+    hostname          TEXT PRIMARY KEY,
+    last_heartbeat_at TEXT NOT NULL,         -- CP receive time: liveness is the CP's view
+    current_closure   TEXT NOT NULL,
+    booted_closure    TEXT,
+    agent_version     TEXT NOT NULL,
+    uptime_secs       INTEGER NOT NULL
+);
+"#;
+
+pub(crate) fn ts(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+pub(crate) fn parse_ts(text: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(text, &Rfc3339).ok()
+}
+
+fn sql<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + 'a {
+    move |source| StoreError::Sql { path: path.to_owned(), op, source }
+}
+
+/// Opens (creating if needed) the database with the durability settings the
+/// acknowledgement contract needs, and migrates it.
+pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(sql(path, "open"))?;
+    // FULL: the WAL is synced at every commit, so an `applied` answer
+    // survives power loss; NORMAL would only survive a process crash.
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+    )
+    .map_err(sql(path, "set pragmas"))?;
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql(path, "read version"))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema { path: path.to_owned(), found: version });
+    }
+    if version < 1 {
+        conn.execute_batch(&format!("BEGIN; {MIGRATION_1} PRAGMA user_version = 1; COMMIT;"))
+            .map_err(sql(path, "migrate to schema 1"))?;
+    }
+    Ok(conn)
+}
+
+/// Opens a read-only view connection (status routes).
+pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(sql(path, "open reader"))?;
+    conn.execute_batch("PRAGMA query_only = 1; PRAGMA busy_timeout = 5000;").map_err(sql(path, "reader pragmas"))?;
+    Ok(conn)
+}
+
+/// One rollout as the writer holds it.
+#[derive(Debug, Clone)]
+pub struct LiveRollout {
+    pub manifest: Manifest,
+    pub payload_sha256: String,
+    pub state: RolloutState,
+    pub current_wave: usize,
+    pub halt_reason: Option<String>,
+    pub records: BTreeMap<Hostname, HostRecord>,
+    /// Standing dispatches, until the host's DispatchAck/DispatchRejected.
+    pub dispatched: BTreeMap<Hostname, Dispatch>,
+}
+
+/// Everything the writer needs in memory; a projection of the database.
+#[derive(Debug, Default, Clone)]
+pub struct CpState {
+    pub rollouts: BTreeMap<RolloutId, LiveRollout>,
+    pub quarantine: HashMap<String, HashSet<Closure>>,
+}
+
+fn corrupt(path: &Path, what: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { path: path.to_owned(), what: what.into() }
+}
+
+/// Loads the writer's state from the database (at start, and after a
+/// failed commit).
+pub fn load_state(conn: &Connection, path: &Path) -> Result<CpState, StoreError> {
+    let mut state = CpState::default();
+    let mut stmt = conn
+        .prepare("SELECT rollout_id, payload, payload_sha256, state, current_wave, halt_reason FROM rollouts")
+        .map_err(sql(path, "load rollouts"))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Option<String>>(5)?,
+            ))
+        })
+        .map_err(sql(path, "load rollouts"))?;
+    for row in rows {
+        let (id, payload, sha, st, wave, halt_reason) = row.map_err(sql(path, "load rollouts"))?;
+        let manifest = Manifest::parse(&payload).map_err(|e| corrupt(path, format!("rollout {id}: {e}")))?;
+        let state_ = RolloutState::parse(&st).ok_or_else(|| corrupt(path, format!("rollout {id}: state {st}")))?;
+        let records = pending_records(&manifest);
+        state.rollouts.insert(
+            manifest.rollout_id.clone(),
+            LiveRollout {
+                manifest,
+                payload_sha256: sha,
+                state: state_,
+                current_wave: usize::try_from(wave).unwrap_or(0),
+                halt_reason,
+                records,
+                dispatched: BTreeMap::new(),
+            },
+        );
+    }
+    let mut stmt = conn.prepare("SELECT record FROM host_records").map_err(sql(path, "load host records"))?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(sql(path, "load host records"))?;
+    for row in rows {
+        let json = row.map_err(sql(path, "load host records"))?;
+        let record: HostRecord = serde_json::from_str(&json).map_err(|e| corrupt(path, format!("host record: {e}")))?;
+        if let Some(r) = state.rollouts.get_mut(&record.rollout_id) {
+            r.records.insert(record.hostname.clone(), record);
+        }
+    }
+    let mut stmt = conn
+        .prepare("SELECT rollout_id, hostname, target_closure, wave, soak_secs, issued_at FROM dispatches")
+        .map_err(sql(path, "load dispatches"))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })
+        .map_err(sql(path, "load dispatches"))?;
+    for row in rows {
+        let (id, host, closure, wave, soak, issued) = row.map_err(sql(path, "load dispatches"))?;
+        let bad = |what: &str| corrupt(path, format!("dispatch {id}/{host}: {what}"));
+        let rollout_id = RolloutId::parse(&id).map_err(|e| bad(&e.to_string()))?;
+        let hostname = Hostname::parse(&host).map_err(|e| bad(&e.to_string()))?;
+        let dispatch = Dispatch {
+            rollout_id: rollout_id.clone(),
+            target_closure: Closure::parse(&closure).map_err(|e| bad(&e.to_string()))?,
+            wave: usize::try_from(wave).map_err(|_| bad("wave"))?,
+            soak_secs: u64::try_from(soak).map_err(|_| bad("soak_secs"))?,
+            issued_at: parse_ts(&issued).ok_or_else(|| bad("issued_at"))?,
+        };
+        if let Some(r) = state.rollouts.get_mut(&rollout_id) {
+            r.dispatched.insert(hostname, dispatch);
+        }
+    }
+    let mut stmt = conn.prepare("SELECT channel, closure FROM quarantined_closures").map_err(sql(path, "load q"))?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(sql(path, "load quarantine"))?;
+    for row in rows {
+        let (channel, closure) = row.map_err(sql(path, "load quarantine"))?;
+        let closure = Closure::parse(&closure).map_err(|e| corrupt(path, e.to_string()))?;
+        state.quarantine.entry(channel).or_default().insert(closure);
+    }
+    Ok(state)
+}
+
+/// The record of every manifest host before its first event: Pending with
+/// the manifest's target. Stored rows override these.
+pub fn pending_records(manifest: &Manifest) -> BTreeMap<Hostname, HostRecord> {
+    let id = &manifest.rollout_id;
+    manifest
+        .hosts
+        .iter()
+        .map(|(h, e)| (h.clone(), HostRecord::pending(id.clone(), h.clone(), Some(e.target_closure.clone()))))
+        .collect()
+}
+
+/// The current records of one rollout: stored rows over the manifest's
+/// Pending records.
+pub fn host_records_of(
+    conn: &Connection,
+    path: &Path,
+    manifest: &Manifest,
+) -> Result<BTreeMap<Hostname, HostRecord>, StoreError> {
+    let mut out = pending_records(manifest);
+    let mut stmt = conn
+        .prepare_cached("SELECT record FROM host_records WHERE rollout_id = ?1")
+        .map_err(sql(path, "read host records"))?;
+    let rows = stmt
+        .query_map(params![manifest.rollout_id.as_str()], |r| r.get::<_, String>(0))
+        .map_err(sql(path, "read host records"))?;
+    for row in rows {
+        let record: HostRecord = serde_json::from_str(&row.map_err(sql(path, "read host records"))?)
+            .map_err(|e| corrupt(path, format!("host record: {e}")))?;
+        out.insert(record.hostname.clone(), record);
+    }
+    Ok(out)
+}
+
+/// Every rollout's manifest, in publish order.
+pub fn manifests(conn: &Connection, path: &Path) -> Result<Vec<Manifest>, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT payload FROM rollouts ORDER BY published_at, rollout_id")
+        .map_err(sql(path, "read manifests"))?;
+    let payloads: Vec<Vec<u8>> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(sql(path, "read manifests"))?
+        .collect::<Result<_, _>>()
+        .map_err(sql(path, "read manifests"))?;
+    payloads.iter().map(|p| Manifest::parse(p).map_err(|e| corrupt(path, e.to_string()))).collect()
+}
+
+/// Rebuilds every host record from the event log alone (SPEC §8): a Pending
+/// record from the manifest, then the logged events folded through `replay`.
+pub fn rebuild_host_records(
+    conn: &Connection,
+    path: &Path,
+) -> Result<BTreeMap<(RolloutId, Hostname), HostRecord>, StoreError> {
+    let mut out = BTreeMap::new();
+    let mut stmt = conn.prepare("SELECT payload FROM rollouts").map_err(sql(path, "rebuild"))?;
+    let payloads: Vec<Vec<u8>> = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(sql(path, "rebuild"))?
+        .collect::<Result<_, _>>()
+        .map_err(sql(path, "rebuild"))?;
+    let mut events = conn
+        .prepare("SELECT event FROM event_log WHERE rollout_id = ?1 AND hostname = ?2 ORDER BY seq")
+        .map_err(sql(path, "rebuild"))?;
+    for payload in payloads {
+        let manifest = Manifest::parse(&payload).map_err(|e| corrupt(path, e.to_string()))?;
+        let policy = manifest.machine_policy();
+        for (host, entry) in &manifest.hosts {
+            let id = &manifest.rollout_id;
+            let rows: Vec<String> = events
+                .query_map(params![id.as_str(), host.as_str()], |r| r.get(0))
+                .map_err(sql(path, "rebuild"))?
+                .collect::<Result<_, _>>()
+                .map_err(sql(path, "rebuild"))?;
+            let mut evs = Vec::with_capacity(rows.len());
+            for json in rows {
+                let wire: OutboundEvent =
+                    serde_json::from_str(&json).map_err(|e| corrupt(path, format!("event log: {e}")))?;
+                evs.push(wire.to_remote().map_err(|e| corrupt(path, format!("event log: {e}")))?);
+            }
+            let start = HostRecord::pending(id.clone(), host.clone(), Some(entry.target_closure.clone()));
+            let record = machine::replay(start, &evs, &policy)
+                .map_err(|(idx, e)| corrupt(path, format!("event log of {host} in {id}, event {idx}: {e}")))?;
+            out.insert((id.clone(), host.clone()), record);
+        }
+    }
+    Ok(out)
+}
+
+/// The answer to a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// A new rollout was opened.
+    Created,
+    /// The same manifest bytes were already published (idempotent).
+    Identical,
+    /// The id exists with different manifest bytes.
+    Conflict,
+}
+
+/// Work for the writer. Each carries its reply channel.
+#[derive(Debug)]
+pub enum Command {
+    Publish {
+        envelope: Vec<u8>,
+        payload: Vec<u8>,
+        manifest: Box<Manifest>,
+        reply: oneshot::Sender<Reply<PublishOutcome>>,
+    },
+    Ingest {
+        hostname: Hostname,
+        items: Vec<BatchItem>,
+        reply: oneshot::Sender<Reply<Vec<EventResult>>>,
+    },
+    Heartbeat {
+        heartbeat: Heartbeat,
+        reply: oneshot::Sender<Reply<BTreeMap<RolloutId, u64>>>,
+    },
+    /// Re-plan every rollout (safety net; the planner also runs on change).
+    Tick,
+}
+
+/// What the writer answers: the commit failed → `Err` (callers answer 503).
+pub type Reply<T> = Result<T, Arc<StoreError>>;
+
+impl Command {
+    fn n_events(&self) -> usize {
+        match self {
+            Command::Ingest { items, .. } => items.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// A reply held back until the group's commit.
+enum Pending {
+    Publish(oneshot::Sender<Reply<PublishOutcome>>, PublishOutcome),
+    Ingest(oneshot::Sender<Reply<Vec<EventResult>>>, Vec<EventResult>),
+    Heartbeat(oneshot::Sender<Reply<BTreeMap<RolloutId, u64>>>, BTreeMap<RolloutId, u64>),
+}
+
+impl Pending {
+    fn send_ok(self) {
+        // A caller that went away (client disconnected) needs no answer.
+        match self {
+            Pending::Publish(tx, v) => drop(tx.send(Ok(v))),
+            Pending::Ingest(tx, v) => drop(tx.send(Ok(v))),
+            Pending::Heartbeat(tx, v) => drop(tx.send(Ok(v))),
+        }
+    }
+
+    fn send_err(self, err: &Arc<StoreError>) {
+        match self {
+            Pending::Publish(tx, _) => drop(tx.send(Err(err.clone()))),
+            Pending::Ingest(tx, _) => drop(tx.send(Err(err.clone()))),
+            Pending::Heartbeat(tx, _) => drop(tx.send(Err(err.clone()))),
+        }
+    }
+}
+
+/// A change to the long-poll board, applied only after the commit.
+enum BoardChange {
+    Offer(Hostname, Dispatch),
+    Withdraw(Hostname, RolloutId),
+}
+
+/// The single writer: owns the write connection and the in-memory state.
+pub struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    state: CpState,
+    clock: ClockHandle,
+    board: Arc<Board>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("path", &self.path).finish()
+    }
+}
+
+/// Statistics of the writer's life, logged at shutdown.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WriterStats {
+    pub n_commits: u64,
+    pub n_commands: u64,
+    pub n_events_applied: u64,
+}
+
+impl Writer {
+    /// Opens the database, loads the state and publishes the standing
+    /// dispatches on the board (they survive restarts).
+    pub fn open(
+        path: &Path,
+        clock: ClockHandle,
+        board: Arc<Board>,
+        counters: Arc<Counters>,
+    ) -> Result<Writer, StoreError> {
+        let conn = open(path)?;
+        let state = load_state(&conn, path)?;
+        for rollout in state.rollouts.values() {
+            for (host, d) in &rollout.dispatched {
+                board.offer(host, d.clone());
+            }
+        }
+        Ok(Writer { conn, path: path.to_owned(), state, clock, board, counters })
+    }
+
+    /// Runs until every sender is dropped, then checkpoints the WAL.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Command>) -> WriterStats {
+        let mut stats = WriterStats::default();
+        // Plan once at start: a tick may have been lost in a crash.
+        let mut group = vec![Command::Tick];
+        loop {
+            let mut n_events: usize = group.iter().map(Command::n_events).sum();
+            while n_events < MAX_GROUP_EVENTS {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        n_events += cmd.n_events();
+                        group.push(cmd);
+                    }
+                    Err(_) => break,
+                }
+            }
+            stats.n_commands += group.len() as u64;
+            stats.n_events_applied += self.run_group(std::mem::take(&mut group));
+            stats.n_commits += 1;
+            match rx.blocking_recv() {
+                Some(cmd) => group.push(cmd),
+                None => break,
+            }
+        }
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+            tracing::warn!(db = %self.path.display(), error = %e, "WAL checkpoint at shutdown failed");
+        }
+        stats
+    }
+
+    /// Applies a group of commands in one transaction; answers after commit.
+    fn run_group(&mut self, group: Vec<Command>) -> u64 {
+        let started = std::time::Instant::now();
+        let n_commands = group.len();
+        let now = self.clock.now();
+        let mut replies = Vec::with_capacity(group.len());
+        let mut board = Vec::new();
+        let mut n_applied = 0u64;
+        let result = (|| -> Result<(), StoreError> {
+            let tx = self.conn.transaction().map_err(sql(&self.path, "begin"))?;
+            let mut dirty: BTreeSet<RolloutId> = BTreeSet::new();
+            for cmd in group {
+                match cmd {
+                    Command::Publish { envelope, payload, manifest, reply } => {
+                        let outcome =
+                            publish(&tx, &self.path, &mut self.state, &envelope, &payload, *manifest, now, &mut dirty)?;
+                        replies.push(Pending::Publish(reply, outcome));
+                    }
+                    Command::Ingest { hostname, items, reply } => {
+                        let results =
+                            ingest(&tx, &self.path, &mut self.state, &hostname, &items, now, &mut dirty, &mut board)?;
+                        n_applied += results.iter().filter(|r| r.status == ResultStatus::Applied).count() as u64;
+                        replies.push(Pending::Ingest(reply, results));
+                    }
+                    Command::Heartbeat { heartbeat, reply } => {
+                        let replay = heartbeat_cmd(&tx, &self.path, &self.state, &heartbeat, now)?;
+                        replies.push(Pending::Heartbeat(reply, replay));
+                    }
+                    Command::Tick => dirty.extend(self.state.rollouts.keys().cloned()),
+                }
+            }
+            run_planner(&tx, &self.path, &mut self.state, &dirty, now, &mut board)?;
+            tx.commit().map_err(sql(&self.path, "commit"))?;
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.counters.commits.fetch_add(1, Relaxed);
+                for reply in &replies {
+                    if let Pending::Ingest(_, results) = reply {
+                        for r in results {
+                            let counter = match r.status {
+                                ResultStatus::Applied => &self.counters.events_applied,
+                                ResultStatus::Duplicate => &self.counters.events_duplicate,
+                                ResultStatus::Rejected => &self.counters.events_rejected,
+                                ResultStatus::Retry => &self.counters.events_retry,
+                            };
+                            counter.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
+                let mut offers = Vec::new();
+                let mut withdrawals = Vec::new();
+                for change in board {
+                    match change {
+                        BoardChange::Offer(host, d) => offers.push((host, d)),
+                        BoardChange::Withdraw(host, id) => withdrawals.push((host, id)),
+                    }
+                }
+                self.board.apply(offers, withdrawals);
+                for reply in replies {
+                    reply.send_ok();
+                }
+                let ms = started.elapsed().as_millis();
+                if ms > SLOW_GROUP_MS {
+                    tracing::warn!("slow commit: {n_commands} commands, {n_applied} events applied in {ms} ms");
+                } else {
+                    tracing::debug!("commit: {n_commands} commands, {n_applied} events applied in {ms} ms");
+                }
+                n_applied
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "transaction failed; answering 503 and reloading state from the database");
+                self.counters.commit_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let err = Arc::new(e);
+                for reply in replies {
+                    reply.send_err(&err);
+                }
+                match load_state(&self.conn, &self.path) {
+                    Ok(state) => self.state = state,
+                    Err(e) => tracing::error!(error = %e, "reloading state failed; keeping the previous state"),
+                }
+                0
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn publish(
+    tx: &Transaction<'_>,
+    path: &Path,
+    state: &mut CpState,
+    envelope: &[u8],
+    payload: &[u8],
+    manifest: Manifest,
+    now: OffsetDateTime,
+    dirty: &mut BTreeSet<RolloutId>,
+) -> Result<PublishOutcome, StoreError> {
+    let sha = hex(&Sha256::digest(payload));
+    let id = manifest.rollout_id.clone();
+    if let Some(existing) = state.rollouts.get(&id) {
+        return Ok(if existing.payload_sha256 == sha { PublishOutcome::Identical } else { PublishOutcome::Conflict });
+    }
+    let channel = id.channel().to_owned();
+    // "Newer" is by the manifest's issued_at, so re-publishing old and new
+    // manifests in any order after a database loss ends in the same state.
+    let newer = state
+        .rollouts
+        .iter()
+        .filter(|(other, r)| other.channel() == channel && r.manifest.issued_at > manifest.issued_at)
+        .max_by_key(|(_, r)| r.manifest.issued_at)
+        .map(|(other, _)| other.clone());
+    let initial = if newer.is_some() { RolloutState::Superseded } else { RolloutState::Active };
+    tx.execute(
+        "INSERT INTO rollouts (rollout_id, channel, envelope, payload, payload_sha256, issued_at, published_at, state,
+                               current_wave, halt_reason, superseded_by, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0, NULL, ?9, ?7)",
+        params![
+            id.as_str(),
+            channel,
+            envelope,
+            payload,
+            sha,
+            ts(manifest.issued_at),
+            ts(now),
+            initial.as_str(),
+            newer.as_ref().map(RolloutId::as_str)
+        ],
+    )
+    .map_err(sql(path, "insert rollout"))?;
+    let records = pending_records(&manifest);
+    if newer.is_none() {
+        let older: Vec<RolloutId> = state
+            .rollouts
+            .iter()
+            .filter(|(other, r)| other.channel() == channel && r.state != RolloutState::Superseded)
+            .map(|(other, _)| other.clone())
+            .collect();
+        for old in older {
+            tx.execute(
+                "UPDATE rollouts SET state = 'superseded', superseded_by = ?2, updated_at = ?3 WHERE rollout_id = ?1",
+                params![old.as_str(), id.as_str(), ts(now)],
+            )
+            .map_err(sql(path, "supersede rollout"))?;
+            if let Some(r) = state.rollouts.get_mut(&old) {
+                r.state = RolloutState::Superseded;
+            }
+            dirty.insert(old);
+        }
+    }
+    state.rollouts.insert(
+        id.clone(),
+        LiveRollout {
+            manifest,
+            payload_sha256: sha,
+            state: initial,
+            current_wave: 0,
+            halt_reason: None,
+            records,
+            dispatched: BTreeMap::new(),
+        },
+    );
+    dirty.insert(id);
+    Ok(PublishOutcome::Created)
+}
+
+fn record_json(record: &HostRecord) -> String {
+    // HostRecord is plain data (strings, numbers, maps with string keys):
+    // serialising it cannot fail.
+    serde_json::to_string(record).expect("HostRecord serialises to JSON")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn result(status: ResultStatus, reason: Option<String>) -> EventResult {
+    EventResult { status, reason }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ingest(
+    tx: &Transaction<'_>,
+    path: &Path,
+    state: &mut CpState,
+    hostname: &Hostname,
+    items: &[BatchItem],
+    now: OffsetDateTime,
+    dirty: &mut BTreeSet<RolloutId>,
+    board: &mut Vec<BoardChange>,
+) -> Result<Vec<EventResult>, StoreError> {
+    let mut results = Vec::with_capacity(items.len());
+    for item in items {
+        let Some(rollout) = state.rollouts.get(&item.rollout_id) else {
+            results.push(result(
+                ResultStatus::Retry,
+                Some(format!("rollout {} is not known here (yet); keep the event and send it again", item.rollout_id)),
+            ));
+            continue;
+        };
+        let Some(record) = rollout.records.get(hostname).cloned() else {
+            results.push(result(
+                ResultStatus::Rejected,
+                Some(format!("host {hostname} is not in the manifest of rollout {}", item.rollout_id)),
+            ));
+            continue;
+        };
+        let event = match item.event.to_remote() {
+            Ok(e) => e,
+            Err(e) => {
+                results.push(result(ResultStatus::Rejected, Some(format!("malformed event: {e}"))));
+                continue;
+            }
+        };
+        let policy = rollout.manifest.machine_policy();
+        match machine::step(&record, &event, &policy) {
+            Ok(Outcome::Duplicate { .. }) => results.push(result(ResultStatus::Duplicate, None)),
+            Err(e) => results.push(result(ResultStatus::Rejected, Some(e.to_string()))),
+            Ok(Outcome::Applied { record: next, effects }) => {
+                for effect in &effects {
+                    match effect {
+                        Effect::AppendEventLog { seq, body } => {
+                            tx.prepare_cached(
+                                "INSERT INTO event_log (hostname, rollout_id, seq, kind, event, agent_at, received_at)
+                                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                            )
+                            .and_then(|mut s| {
+                                s.execute(params![
+                                    hostname.as_str(),
+                                    item.rollout_id.as_str(),
+                                    *seq as i64,
+                                    item.event.kind(),
+                                    serde_json::to_string(&item.event).unwrap_or_default(),
+                                    ts(body.occurred_at()),
+                                    ts(now)
+                                ])
+                            })
+                            .map_err(sql(path, "append event log"))?;
+                        }
+                        Effect::InsertQuarantine { channel, closure } => {
+                            tx.execute(
+                                "INSERT OR IGNORE INTO quarantined_closures
+                                     (channel, closure, rollout_id, hostname, quarantined_at)
+                                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                                params![
+                                    channel,
+                                    closure.as_str(),
+                                    item.rollout_id.as_str(),
+                                    hostname.as_str(),
+                                    ts(event.body.occurred_at())
+                                ],
+                            )
+                            .map_err(sql(path, "insert quarantine"))?;
+                            state.quarantine.entry(channel.clone()).or_default().insert(closure.clone());
+                            // Every rollout of the channel must re-check its hosts.
+                            dirty.extend(state.rollouts.keys().filter(|id| id.channel() == channel).cloned());
+                        }
+                        Effect::RecordTransition { from, to, at } => {
+                            tracing::info!(host = %hostname, rollout = %item.rollout_id, %from, %to, at = %ts(*at), "host transition");
+                        }
+                        // Agent-side effects never come out of a Remote event.
+                        Effect::EmitOutbound { .. }
+                        | Effect::FireSwitch { .. }
+                        | Effect::FireRollback { .. }
+                        | Effect::ResetProbes => {}
+                    }
+                }
+                let Some(rollout) = state.rollouts.get_mut(&item.rollout_id) else { continue };
+                let wave = rollout.manifest.hosts.get(hostname).map_or(0, |e| e.wave);
+                tx.prepare_cached(
+                    "INSERT INTO host_records (rollout_id, hostname, wave, state, last_seq, record)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (rollout_id, hostname) DO UPDATE
+                         SET state = excluded.state, last_seq = excluded.last_seq, record = excluded.record",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        item.rollout_id.as_str(),
+                        hostname.as_str(),
+                        wave as i64,
+                        next.state.as_str(),
+                        next.last_seq as i64,
+                        record_json(&next)
+                    ])
+                })
+                .map_err(sql(path, "update host record"))?;
+                // The ack (or rejection) ends the standing dispatch.
+                if next.state != HostState::Pending && rollout.dispatched.remove(hostname).is_some() {
+                    tx.execute(
+                        "DELETE FROM dispatches WHERE rollout_id = ?1 AND hostname = ?2",
+                        params![item.rollout_id.as_str(), hostname.as_str()],
+                    )
+                    .map_err(sql(path, "delete dispatch"))?;
+                    board.push(BoardChange::Withdraw(hostname.clone(), item.rollout_id.clone()));
+                }
+                if record.state != next.state {
+                    dirty.insert(item.rollout_id.clone());
+                }
+                rollout.records.insert(hostname.clone(), *next);
+                results.push(result(ResultStatus::Applied, None));
+            }
+        }
+    }
+    Ok(results)
+}
+
+fn heartbeat_cmd(
+    tx: &Transaction<'_>,
+    path: &Path,
+    state: &CpState,
+    hb: &Heartbeat,
+    now: OffsetDateTime,
+) -> Result<BTreeMap<RolloutId, u64>, StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO hosts (hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (hostname) DO UPDATE SET last_heartbeat_at = ?2, current_closure = ?3, booted_closure = ?4,
+             agent_version = ?5, uptime_secs = ?6",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            hb.hostname.as_str(),
+            ts(now),
+            hb.current_closure.as_str(),
+            hb.booted_closure.as_ref().map(Closure::as_str),
+            hb.agent_version,
+            i64::try_from(hb.uptime_secs).unwrap_or(i64::MAX)
+        ])
+    })
+    .map_err(sql(path, "record heartbeat"))?;
+    // Compare only; a heartbeat never changes host state (the reference
+    // system synthesised transitions and overwrote agents, §11 items 11, 13).
+    let mut replay_from = BTreeMap::new();
+    for (id, agent_last) in &hb.last_seq {
+        let cp_last = state.rollouts.get(id).and_then(|r| r.records.get(&hb.hostname)).map(|r| r.last_seq);
+        if let Some(cp_last) = cp_last {
+            if *agent_last > cp_last {
+                replay_from.insert(id.clone(), cp_last);
+            }
+        }
+    }
+    Ok(replay_from)
+}
+
+fn run_planner(
+    tx: &Transaction<'_>,
+    path: &Path,
+    state: &mut CpState,
+    dirty: &BTreeSet<RolloutId>,
+    now: OffsetDateTime,
+    board: &mut Vec<BoardChange>,
+) -> Result<(), StoreError> {
+    let empty = HashSet::new();
+    for id in dirty {
+        let Some(rollout) = state.rollouts.get_mut(id) else { continue };
+        if rollout.state == RolloutState::Completed {
+            continue;
+        }
+        let dispatched: BTreeSet<Hostname> = rollout.dispatched.keys().cloned().collect();
+        let quarantined = state.quarantine.get(id.channel()).unwrap_or(&empty);
+        let plan = planner::plan(&PlanInput {
+            manifest: &rollout.manifest,
+            state: rollout.state,
+            current_wave: rollout.current_wave,
+            halt_reason: rollout.halt_reason.as_deref(),
+            records: &rollout.records,
+            dispatched: &dispatched,
+            quarantined,
+        });
+        if plan.state != rollout.state
+            || plan.current_wave != rollout.current_wave
+            || plan.halt_reason != rollout.halt_reason
+        {
+            if plan.state != rollout.state {
+                tracing::info!(rollout = %id, from = %rollout.state, to = %plan.state, reason = plan.halt_reason.as_deref().unwrap_or(""), "rollout state");
+            }
+            if plan.current_wave != rollout.current_wave {
+                tracing::info!(rollout = %id, wave = plan.current_wave, "wave promoted");
+            }
+            tx.execute(
+                "UPDATE rollouts SET state = ?2, current_wave = ?3, halt_reason = ?4, updated_at = ?5 WHERE rollout_id = ?1",
+                params![id.as_str(), plan.state.as_str(), plan.current_wave as i64, plan.halt_reason, ts(now)],
+            )
+            .map_err(sql(path, "update rollout"))?;
+            rollout.state = plan.state;
+            rollout.current_wave = plan.current_wave;
+            rollout.halt_reason = plan.halt_reason.clone();
+        }
+        for host in plan.withdraw {
+            tx.execute(
+                "DELETE FROM dispatches WHERE rollout_id = ?1 AND hostname = ?2",
+                params![id.as_str(), host.as_str()],
+            )
+            .map_err(sql(path, "withdraw dispatch"))?;
+            rollout.dispatched.remove(&host);
+            board.push(BoardChange::Withdraw(host, id.clone()));
+        }
+        for host in plan.dispatch {
+            let Some(entry) = rollout.manifest.hosts.get(&host) else { continue };
+            let wave = entry.wave;
+            let soak_secs = rollout.manifest.waves.get(wave).map_or(0, |w| w.soak_secs);
+            let dispatch = Dispatch {
+                rollout_id: id.clone(),
+                target_closure: entry.target_closure.clone(),
+                wave,
+                soak_secs,
+                issued_at: now,
+            };
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO dispatches (rollout_id, hostname, target_closure, wave, soak_secs, issued_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    id.as_str(),
+                    host.as_str(),
+                    dispatch.target_closure.as_str(),
+                    wave as i64,
+                    soak_secs as i64,
+                    ts(now)
+                ])
+            })
+            .map_err(sql(path, "insert dispatch"))?;
+            rollout.dispatched.insert(host.clone(), dispatch.clone());
+            board.push(BoardChange::Offer(host, dispatch));
+        }
+    }
+    Ok(())
+}
+
+/// The current host records of every rollout: stored rows over the
+/// manifests' Pending records (for tests and `replay` comparisons).
+pub fn cached_host_records(
+    conn: &Connection,
+    path: &Path,
+) -> Result<BTreeMap<(RolloutId, Hostname), HostRecord>, StoreError> {
+    let mut out = BTreeMap::new();
+    for manifest in manifests(conn, path)? {
+        for (host, record) in host_records_of(conn, path, &manifest)? {
+            out.insert((manifest.rollout_id.clone(), host), record);
+        }
+    }
+    Ok(out)
+}
+
+/// The rollout envelope as published, if known.
+pub fn envelope(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option<Vec<u8>>, StoreError> {
+    conn.query_row("SELECT envelope FROM rollouts WHERE rollout_id = ?1", params![id.as_str()], |r| r.get(0))
+        .optional()
+        .map_err(sql(path, "read envelope"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_db(label: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nixfleet-store-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir.join("cp.db")
+    }
+
+    /// The acknowledgement contract depends on WAL + synchronous=FULL, and a
+    /// fresh database is migrated to the current schema version.
+    #[test]
+    fn open_sets_durability_pragmas_and_migrates() {
+        let path = temp_db("pragmas");
+        let conn = open(&path).expect("open");
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("mode");
+        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).expect("sync");
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        assert_eq!((mode.as_str(), sync, version), ("wal", 2, SCHEMA_VERSION));
+        drop(conn);
+        open(&path).expect("re-opening a migrated database is a no-op");
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    /// A database written by a newer nixfleet is refused, not half-read.
+    #[test]
+    fn newer_schema_is_refused() {
+        let path = temp_db("newer");
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch("PRAGMA user_version = 99;").expect("set version");
+        drop(conn);
+        let err = open(&path).expect_err("must refuse");
+        assert!(matches!(err, StoreError::NewerSchema { found: 99, .. }), "{err}");
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    /// The event log is append-only per (host, rollout, seq): a second row
+    /// with the same key is refused by the database itself.
+    #[test]
+    fn event_log_key_is_unique() {
+        let path = temp_db("unique");
+        let conn = open(&path).expect("open");
+        conn.execute(
+            "INSERT INTO rollouts (rollout_id, channel, envelope, payload, payload_sha256, issued_at, published_at,
+                                   state, current_wave, updated_at)
+             VALUES ('s@r', 's', x'', x'', '', 't', 't', 'active', 0, 't')",
+            [],
+        )
+        .expect("rollout");
+        let insert = "INSERT INTO event_log (hostname, rollout_id, seq, kind, event, agent_at, received_at)
+                      VALUES ('h', 's@r', 1, 'k', '{}', 't', 't')";
+        conn.execute(insert, []).expect("first");
+        assert!(conn.execute(insert, []).is_err(), "duplicate (hostname, rollout_id, seq)");
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+}

@@ -1,0 +1,487 @@
+//! Read-only status views (SPEC §5), built from the database on a reader
+//! connection so they never queue behind the writer. Shapes are serde
+//! structs so `cp status --json` and the HTTP API print the same thing.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::planner::{self, PlanInput, RolloutState};
+use super::store::{self, parse_ts, StoreError};
+use crate::ids::{Closure, Hostname, RolloutId};
+use crate::machine::{Failure, HostRecord, HostState};
+use crate::wire::{Manifest, OutboundEvent};
+
+/// A host silent for this many heartbeat intervals shows as unreachable.
+pub const UNREACHABLE_AFTER_INTERVALS: u64 = 3;
+
+fn sql<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + 'a {
+    move |source| StoreError::Sql { path: path.to_owned(), op, source }
+}
+
+fn corrupt(path: &Path, what: impl Into<String>) -> StoreError {
+    StoreError::Corrupt { path: path.to_owned(), what: what.into() }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutSummary {
+    pub rollout_id: RolloutId,
+    pub channel: String,
+    pub state: RolloutState,
+    pub current_wave: usize,
+    pub n_waves: usize,
+    pub n_hosts: usize,
+    /// Host count per host state, e.g. {"Converged": 3, "Pending": 2}.
+    pub hosts_by_state: BTreeMap<String, usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halt_reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<RolloutId>,
+    pub issued_at: String,
+    pub published_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInRollout {
+    pub hostname: Hostname,
+    pub wave: usize,
+    pub state: HostState,
+    pub target_closure: Option<Closure>,
+    pub last_seq: u64,
+    /// When the standing dispatch was issued (CP time), while it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch_issued_at: Option<String>,
+    /// Host timestamps, all from the agent's events.
+    pub dispatch_acked_at: Option<String>,
+    pub activation_completed_at: Option<String>,
+    pub soak_due_at: Option<String>,
+    pub converged_at: Option<String>,
+    pub failed_at: Option<String>,
+    pub reverted_at: Option<String>,
+    pub failing_probes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+    /// Why the host is where it is, when that is not obvious (waiting for
+    /// a reboot, blocked by quarantine, rollback failed …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveView {
+    pub index: usize,
+    pub name: String,
+    pub soak_secs: u64,
+    pub max_in_flight: u32,
+    pub hosts: Vec<HostInRollout>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutDetail {
+    #[serde(flatten)]
+    pub summary: RolloutSummary,
+    pub max_failed_hosts: u32,
+    pub on_health_failure: String,
+    pub waves: Vec<WaveView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRolloutRef {
+    pub rollout_id: RolloutId,
+    pub state: HostState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Liveness {
+    Reachable,
+    /// Silent for more than 3 heartbeat intervals.
+    Unreachable,
+    /// In a manifest but never sent a heartbeat.
+    NeverSeen,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostView {
+    pub hostname: Hostname,
+    pub liveness: Liveness,
+    pub last_heartbeat_at: Option<String>,
+    pub current_closure: Option<String>,
+    pub booted_closure: Option<String>,
+    pub agent_version: Option<String>,
+    pub uptime_secs: Option<u64>,
+    pub rollouts: Vec<HostRolloutRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineView {
+    pub channel: String,
+    pub closure: String,
+    pub rollout_id: String,
+    pub hostname: String,
+    pub quarantined_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    pub server_time: String,
+    pub rollouts: Vec<RolloutSummary>,
+    pub n_hosts: usize,
+    pub n_unreachable: usize,
+    pub quarantined: Vec<QuarantineView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedEvent {
+    pub id: i64,
+    pub hostname: String,
+    pub seq: u64,
+    pub kind: String,
+    pub agent_at: String,
+    pub received_at: String,
+    pub event: OutboundEvent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsView {
+    pub rollout_id: RolloutId,
+    pub events: Vec<LoggedEvent>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<i64>,
+}
+
+struct RolloutRow {
+    id: String,
+    payload: Vec<u8>,
+    state: String,
+    current_wave: i64,
+    halt_reason: Option<String>,
+    superseded_by: Option<String>,
+    issued_at: String,
+    published_at: String,
+    updated_at: String,
+}
+
+const ROLLOUT_COLUMNS: &str =
+    "rollout_id, payload, state, current_wave, halt_reason, superseded_by, issued_at, published_at, updated_at";
+
+fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
+    Ok(RolloutRow {
+        id: r.get(0)?,
+        payload: r.get(1)?,
+        state: r.get(2)?,
+        current_wave: r.get(3)?,
+        halt_reason: r.get(4)?,
+        superseded_by: r.get(5)?,
+        issued_at: r.get(6)?,
+        published_at: r.get(7)?,
+        updated_at: r.get(8)?,
+    })
+}
+
+fn summary(
+    path: &Path,
+    row: &RolloutRow,
+    manifest: &Manifest,
+    records: &BTreeMap<Hostname, HostRecord>,
+) -> Result<RolloutSummary, StoreError> {
+    let mut hosts_by_state = BTreeMap::new();
+    for r in records.values() {
+        *hosts_by_state.entry(r.state.as_str().to_owned()).or_insert(0) += 1;
+    }
+    Ok(RolloutSummary {
+        rollout_id: manifest.rollout_id.clone(),
+        channel: manifest.rollout_id.channel().to_owned(),
+        state: RolloutState::parse(&row.state).ok_or_else(|| corrupt(path, format!("rollout state {}", row.state)))?,
+        current_wave: usize::try_from(row.current_wave).unwrap_or(0),
+        n_waves: manifest.waves.len(),
+        n_hosts: manifest.hosts.len(),
+        hosts_by_state,
+        halt_reason: row.halt_reason.clone(),
+        superseded_by: row.superseded_by.as_deref().and_then(|s| RolloutId::parse(s).ok()),
+        issued_at: row.issued_at.clone(),
+        published_at: row.published_at.clone(),
+        updated_at: row.updated_at.clone(),
+    })
+}
+
+fn all_rollout_rows(conn: &Connection, path: &Path) -> Result<Vec<RolloutRow>, StoreError> {
+    let mut stmt = conn
+        .prepare(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY published_at, rollout_id"))
+        .map_err(sql(path, "list rollouts"))?;
+    let rows = stmt.query_map([], rollout_row).map_err(sql(path, "list rollouts"))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(sql(path, "list rollouts"))
+}
+
+/// `GET /v1/rollouts`.
+pub fn rollouts(conn: &Connection, path: &Path) -> Result<Vec<RolloutSummary>, StoreError> {
+    let mut out = Vec::new();
+    for row in all_rollout_rows(conn, path)? {
+        let manifest = Manifest::parse(&row.payload).map_err(|e| corrupt(path, format!("rollout {}: {e}", row.id)))?;
+        let records = store::host_records_of(conn, path, &manifest)?;
+        out.push(summary(path, &row, &manifest, &records)?);
+    }
+    Ok(out)
+}
+
+fn quarantined(conn: &Connection, path: &Path) -> Result<Vec<QuarantineView>, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT channel, closure, rollout_id, hostname, quarantined_at FROM quarantined_closures ORDER BY channel, closure")
+        .map_err(sql(path, "read quarantine"))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(QuarantineView {
+                channel: r.get(0)?,
+                closure: r.get(1)?,
+                rollout_id: r.get(2)?,
+                hostname: r.get(3)?,
+                quarantined_at: r.get(4)?,
+            })
+        })
+        .map_err(sql(path, "read quarantine"))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(sql(path, "read quarantine"))
+}
+
+/// `GET /v1/rollouts/{id}`; `None` if unknown.
+pub fn rollout(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option<RolloutDetail>, StoreError> {
+    let row = conn
+        .query_row(
+            &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE rollout_id = ?1"),
+            params![id.as_str()],
+            rollout_row,
+        )
+        .optional()
+        .map_err(sql(path, "read rollout"))?;
+    let Some(row) = row else { return Ok(None) };
+    let manifest = Manifest::parse(&row.payload).map_err(|e| corrupt(path, format!("rollout {id}: {e}")))?;
+    let records = store::host_records_of(conn, path, &manifest)?;
+    let summary = summary(path, &row, &manifest, &records)?;
+    let mut dispatched_at: BTreeMap<Hostname, String> = BTreeMap::new();
+    {
+        let mut stmt = conn
+            .prepare("SELECT hostname, issued_at FROM dispatches WHERE rollout_id = ?1")
+            .map_err(sql(path, "read dispatches"))?;
+        let rows = stmt
+            .query_map(params![id.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(sql(path, "read dispatches"))?;
+        for row in rows {
+            let (host, at) = row.map_err(sql(path, "read dispatches"))?;
+            if let Ok(h) = Hostname::parse(&host) {
+                dispatched_at.insert(h, at);
+            }
+        }
+    }
+    let quarantine: HashSet<Closure> = quarantined(conn, path)?
+        .into_iter()
+        .filter(|q| q.channel == id.channel())
+        .filter_map(|q| Closure::parse(&q.closure).ok())
+        .collect();
+    let dispatched: BTreeSet<Hostname> = dispatched_at.keys().cloned().collect();
+    let input = PlanInput {
+        manifest: &manifest,
+        state: summary.state,
+        current_wave: summary.current_wave,
+        halt_reason: summary.halt_reason.as_deref(),
+        records: &records,
+        dispatched: &dispatched,
+        quarantined: &quarantine,
+    };
+    let fmt = |t: Option<OffsetDateTime>| t.map(super::store::ts);
+    let waves = manifest
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(index, wave)| WaveView {
+            index,
+            name: wave.name.clone(),
+            soak_secs: wave.soak_secs,
+            max_in_flight: wave.max_in_flight,
+            hosts: manifest
+                .hosts_in_wave(index)
+                .filter_map(|(host, _)| records.get(host))
+                .map(|r| HostInRollout {
+                    hostname: r.hostname.clone(),
+                    wave: index,
+                    state: r.state,
+                    target_closure: r.target_closure.clone(),
+                    last_seq: r.last_seq,
+                    dispatch_issued_at: dispatched_at.get(&r.hostname).cloned(),
+                    dispatch_acked_at: fmt(r.dispatch_acked_at),
+                    activation_completed_at: fmt(r.activation_completed_at),
+                    soak_due_at: fmt(r.soak_due_at),
+                    converged_at: fmt(r.converged_at),
+                    failed_at: fmt(r.failed_at),
+                    reverted_at: fmt(r.reverted_at),
+                    failing_probes: r.failing_enforce_probes(),
+                    failure: r.failure.clone(),
+                    note: host_note(&input, r),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(Some(RolloutDetail {
+        summary,
+        max_failed_hosts: manifest.policy.max_failed_hosts,
+        on_health_failure: manifest.policy.on_health_failure.as_str().to_owned(),
+        waves,
+    }))
+}
+
+fn host_note(input: &PlanInput<'_>, r: &HostRecord) -> Option<String> {
+    match r.state {
+        HostState::Pending => planner::blocked_reason(input, &r.hostname).or_else(|| {
+            input.dispatched.contains(&r.hostname).then(|| "dispatched, waiting for the agent to accept".to_owned())
+        }),
+        HostState::Deferred => Some(format!(
+            "waiting for a reboot to finish the activation ({})",
+            r.deferred_component.as_deref().unwrap_or("unknown component")
+        )),
+        HostState::Failed if r.rollback_failure.is_some() => Some("rollback failed: the operator must act".to_owned()),
+        HostState::Failed if r.rollback_fired => Some("rolling back".to_owned()),
+        _ => None,
+    }
+}
+
+/// `GET /v1/rollouts/{id}/events`, a page after log id `after`.
+pub fn events(
+    conn: &Connection,
+    path: &Path,
+    id: &RolloutId,
+    after: i64,
+    limit: usize,
+) -> Result<Option<EventsView>, StoreError> {
+    let known: Option<i64> = conn
+        .query_row("SELECT 1 FROM rollouts WHERE rollout_id = ?1", params![id.as_str()], |r| r.get(0))
+        .optional()
+        .map_err(sql(path, "read rollout"))?;
+    if known.is_none() {
+        return Ok(None);
+    }
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, hostname, seq, kind, agent_at, received_at, event FROM event_log
+             WHERE rollout_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )
+        .map_err(sql(path, "read events"))?;
+    let rows = stmt
+        .query_map(params![id.as_str(), after, limit as i64 + 1], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })
+        .map_err(sql(path, "read events"))?;
+    let mut events = Vec::new();
+    for row in rows {
+        let (log_id, hostname, seq, kind, agent_at, received_at, json) = row.map_err(sql(path, "read events"))?;
+        let event: OutboundEvent =
+            serde_json::from_str(&json).map_err(|e| corrupt(path, format!("event log row {log_id}: {e}")))?;
+        events.push(LoggedEvent {
+            id: log_id,
+            hostname,
+            seq: u64::try_from(seq).unwrap_or(0),
+            kind,
+            agent_at,
+            received_at,
+            event,
+        });
+    }
+    let next_after = if events.len() > limit {
+        events.truncate(limit);
+        events.last().map(|e| e.id)
+    } else {
+        None
+    };
+    Ok(Some(EventsView { rollout_id: id.clone(), events, next_after }))
+}
+
+/// `GET /v1/hosts`: every host seen in a heartbeat or named by a manifest.
+pub fn hosts(
+    conn: &Connection,
+    path: &Path,
+    now: OffsetDateTime,
+    stale_after_secs: u64,
+) -> Result<Vec<HostView>, StoreError> {
+    let mut views: BTreeMap<String, HostView> = BTreeMap::new();
+    let mut stmt = conn
+        .prepare("SELECT hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs FROM hosts")
+        .map_err(sql(path, "read hosts"))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })
+        .map_err(sql(path, "read hosts"))?;
+    for row in rows {
+        let (host, last, current, booted, version, uptime) = row.map_err(sql(path, "read hosts"))?;
+        let Ok(hostname) = Hostname::parse(&host) else { continue };
+        let silent_secs = parse_ts(&last).map_or(i64::MAX, |t| (now - t).whole_seconds());
+        let liveness = if silent_secs > i64::try_from(stale_after_secs).unwrap_or(i64::MAX) {
+            Liveness::Unreachable
+        } else {
+            Liveness::Reachable
+        };
+        views.insert(
+            host,
+            HostView {
+                hostname,
+                liveness,
+                last_heartbeat_at: Some(last),
+                current_closure: Some(current),
+                booted_closure: booted,
+                agent_version: Some(version),
+                uptime_secs: u64::try_from(uptime).ok(),
+                rollouts: Vec::new(),
+            },
+        );
+    }
+    for manifest in store::manifests(conn, path)? {
+        for (hostname, record) in store::host_records_of(conn, path, &manifest)? {
+            let view = views.entry(hostname.to_string()).or_insert_with(|| HostView {
+                hostname,
+                liveness: Liveness::NeverSeen,
+                last_heartbeat_at: None,
+                current_closure: None,
+                booted_closure: None,
+                agent_version: None,
+                uptime_secs: None,
+                rollouts: Vec::new(),
+            });
+            view.rollouts.push(HostRolloutRef { rollout_id: manifest.rollout_id.clone(), state: record.state });
+        }
+    }
+    Ok(views.into_values().collect())
+}
+
+/// `GET /v1/status`: the fleet at a glance.
+pub fn status(
+    conn: &Connection,
+    path: &Path,
+    now: OffsetDateTime,
+    stale_after_secs: u64,
+) -> Result<StatusView, StoreError> {
+    let hosts = hosts(conn, path, now, stale_after_secs)?;
+    Ok(StatusView {
+        server_time: super::store::ts(now),
+        rollouts: rollouts(conn, path)?,
+        n_hosts: hosts.len(),
+        n_unreachable: hosts.iter().filter(|h| h.liveness == Liveness::Unreachable).count(),
+        quarantined: quarantined(conn, path)?,
+    })
+}

@@ -41,6 +41,9 @@ pub enum Command {
     /// agent runs).
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Run the host agent: long-poll for dispatches, activate, probe, roll
+    /// back on its own, report every step through its on-disk queue.
+    Agent(AgentArgs),
     /// Run the control plane, or publish to it and ask it for status.
     #[command(subcommand)]
     Cp(CpCommand),
@@ -166,4 +169,69 @@ pub struct CpStatusArgs {
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SwitchRunnerArg {
+    /// systemd-run when systemd runs the host, else setsid.
+    Auto,
+    /// A transient systemd unit: survives a restart of the agent's unit.
+    SystemdRun,
+    /// A new session: survives the agent's death, not a cgroup kill.
+    Setsid,
+    /// A plain child process (debugging only: dies with the agent).
+    Direct,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// Where the agent keeps its queue, cached manifests and switch logs.
+    #[arg(long, env = "NIXFLEET_AGENT_STATE_DIR", default_value = "/var/lib/nixfleet-agent")]
+    pub state_dir: PathBuf,
+    /// The control plane, e.g. http://cp.example:8443.
+    #[arg(long, env = "NIXFLEET_AGENT_CP")]
+    pub cp: String,
+    /// This host's name in manifests (default: the system's hostname).
+    #[arg(long, env = "NIXFLEET_AGENT_HOSTNAME")]
+    pub hostname: Option<String>,
+    /// A release public key manifests must be signed with; repeat (or
+    /// comma-separate in the environment) for several.
+    #[arg(long = "trust-key", env = "NIXFLEET_AGENT_TRUST_KEY", value_delimiter = ',', required = true)]
+    pub trust_keys: Vec<PathBuf>,
+    /// The health-checks file of the running system.
+    #[arg(long, env = "NIXFLEET_AGENT_HEALTH_CHECKS", default_value = "/etc/nixfleet/agent/health-checks.json")]
+    pub health_checks: PathBuf,
+    /// The symlink naming the running closure.
+    #[arg(long, env = "NIXFLEET_AGENT_CURRENT_SYSTEM", default_value = "/run/current-system")]
+    pub current_system: PathBuf,
+    /// The symlink naming the closure the host booted (reported in heartbeats).
+    #[arg(long, env = "NIXFLEET_AGENT_BOOTED_SYSTEM", default_value = "/run/booted-system")]
+    pub booted_system: PathBuf,
+    /// The system profile `nix-env --set` moves.
+    #[arg(long, env = "NIXFLEET_AGENT_PROFILE", default_value = "/nix/var/nix/profiles/system")]
+    pub profile: PathBuf,
+    /// The nix-env program.
+    #[arg(long, env = "NIXFLEET_AGENT_NIX_ENV", default_value = "nix-env")]
+    pub nix_env: PathBuf,
+    /// The nix-store program.
+    #[arg(long, env = "NIXFLEET_AGENT_NIX_STORE", default_value = "nix-store")]
+    pub nix_store: PathBuf,
+    /// How the switch is detached from the agent.
+    #[arg(long, env = "NIXFLEET_AGENT_SWITCH_RUNNER", value_enum, default_value_t = SwitchRunnerArg::Auto)]
+    pub switch_runner: SwitchRunnerArg,
+    /// Longest an activation (realise + profile + switch) may take.
+    #[arg(long, env = "NIXFLEET_AGENT_ACTIVATION_TIMEOUT", default_value = "15m", value_parser = crate::agent::cmd::parse_duration)]
+    pub activation_timeout: std::time::Duration,
+    /// How often the convergence and failure gates are checked.
+    #[arg(long, env = "NIXFLEET_AGENT_TICK", default_value = "5s", value_parser = crate::agent::cmd::parse_duration)]
+    pub tick: std::time::Duration,
+    /// How often the agent sends a heartbeat.
+    #[arg(long, env = "NIXFLEET_AGENT_HEARTBEAT", default_value = "60s", value_parser = crate::agent::cmd::parse_duration)]
+    pub heartbeat: std::time::Duration,
+    /// How often the queue is drained without being woken.
+    #[arg(long, env = "NIXFLEET_AGENT_DRAIN", default_value = "15s", value_parser = crate::agent::cmd::parse_duration)]
+    pub drain: std::time::Duration,
+    /// Seconds one long-poll may wait (the CP caps it at 60).
+    #[arg(long, env = "NIXFLEET_AGENT_LONGPOLL_WAIT", default_value_t = 60)]
+    pub longpoll_wait: u64,
 }

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
             tools::manifest_cmd::verify(&trust_keys, &envelope).map_err(Into::into)
         }
         Command::Queue(cmd) => tools::queue_cmd::run(&cmd, &ClockHandle::system()).map_err(Into::into),
+        Command::Agent(args) => nixfleet::agent::cmd::run(args).map_err(Into::into),
         Command::Cp(cmd) => nixfleet::cp::run(cmd).map_err(Into::into),
     };
     match result {

@@ -17,6 +17,11 @@ use crate::queue::{DeadCause, EntryState, Queue, QueueView};
 use crate::sign::PublicKey;
 use crate::wire::OutboundEvent;
 
+/// The policy of a rollout whose manifest cannot be re-verified at start:
+/// never roll back on a guess, and the default failure threshold.
+pub const FALLBACK_POLICY: Policy =
+    Policy { on_health_failure: crate::machine::OnHealthFailure::Halt, sustained_failure_secs: 60 };
+
 /// Folder of cached DSSE envelopes inside the state dir, one per rollout.
 pub const MANIFEST_DIR: &str = "manifests";
 
@@ -106,6 +111,9 @@ pub struct RestoreReport {
     /// Rollouts whose first events were pruned (old, finished history):
     /// known only by their last seq.
     pub pruned: Vec<RolloutId>,
+    /// Rebuilt under [`FALLBACK_POLICY`] because the cached manifest is
+    /// missing or no longer verifies (e.g. the trust keys changed), with why.
+    pub without_manifest: Vec<(RolloutId, String)>,
     /// Rollouts that could not be rebuilt, with the reason.
     pub skipped: Vec<(RolloutId, String)>,
 }
@@ -138,11 +146,14 @@ pub fn restore(
             report.pruned.push(rollout_id);
             continue;
         }
+        // Without a verified manifest the rollout is still rebuilt, under a
+        // conservative policy: its seq must continue where the queue is, or
+        // every later event of it would be refused as out of order.
         let policy = match cached_policy(&cache, &rollout_id, hostname, trust_keys) {
             Ok(p) => p,
             Err(why) => {
-                report.skipped.push((rollout_id, why));
-                continue;
+                report.without_manifest.push((rollout_id.clone(), why));
+                FALLBACK_POLICY
             }
         };
         let journal: Result<Vec<Event>, String> =
@@ -270,8 +281,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_rollout_whose_manifest_no_longer_verifies_is_skipped_with_the_reason() {
-        // Proves a changed trust key does not silently resume an old rollout.
+    async fn a_rollout_whose_manifest_no_longer_verifies_is_rebuilt_under_the_fallback_policy() {
+        // Proves a changed trust key is reported and the rollout is not
+        // resumed under the unverified policy, while its seq still continues.
         let dir = tempfile::tempdir().expect("tempdir");
         let (queue, _public, manifest) = setup(dir.path());
         let (cmds, _rx) = commands();
@@ -279,8 +291,10 @@ mod tests {
         reducer.handle(dispatch(&manifest)).await;
         let other = SigningKey::from_seed(&[4; 32]).public_key();
         let (rollouts, report) = restore(&queue.lock(), dir.path(), &host(), &[other]).expect("restore");
-        assert!(rollouts.get(&manifest.rollout_id).is_none());
-        assert_eq!(report.skipped.len(), 1);
-        assert!(report.skipped[0].1.contains("trust"), "{:?}", report.skipped);
+        let slot = rollouts.get(&manifest.rollout_id).expect("rebuilt");
+        assert_eq!(slot.policy, FALLBACK_POLICY);
+        assert_eq!(slot.record.last_seq, 1);
+        assert_eq!(report.without_manifest.len(), 1);
+        assert!(report.without_manifest[0].1.contains("trust"), "{:?}", report.without_manifest);
     }
 }

@@ -10,8 +10,11 @@
 pub mod activation;
 pub mod admission;
 pub mod backoff;
+pub mod cmd;
 pub mod journal;
+pub mod net;
 pub mod probes;
 pub mod reducer;
 pub mod rollouts;
+pub mod runtime;
 pub mod workers;

@@ -87,7 +87,8 @@ fn write_addr_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
     fs_err::rename(&tmp, path)
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT, whichever comes first (shared by `cp serve` and `agent`).
+pub async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

@@ -3,6 +3,7 @@
 //! HTTP, and the agent's parts against real Nix, processes and sockets.
 
 mod activation;
+mod agent;
 mod cli;
 mod cp;
 mod harness;

@@ -18,6 +18,7 @@
 //! [`ClockHandle`]: crate::clock::ClockHandle
 
 pub mod activation;
+pub mod net;
 pub mod probes;
 pub mod tick;
 

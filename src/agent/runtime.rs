@@ -1,0 +1,166 @@
+//! `nixfleet agent`: assembles the agent from its parts and runs it until
+//! SIGTERM/SIGINT. Start-up order is the point of this module: take the
+//! queue's lock, rebuild every rollout from the queue BEFORE any worker
+//! runs, re-issue what a restart owes (`resume`), then start the workers.
+//! Shutdown: stop the workers, let an activation in progress report, drain
+//! the reducer's inputs, exit within a bounded grace period.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::activation::{ActivationConfig, SwitchRunner};
+use super::journal::{restore, SharedQueue};
+use super::net::CpApi;
+use super::probes::HostRunner;
+use super::reducer::{commands, Reducer, INPUT_CAPACITY};
+use super::workers::net::{
+    run_drain_worker, run_heartbeat_worker, run_longpoll_worker, HeartbeatConfig, LongPollConfig,
+};
+use super::workers::{run_activation_worker, run_probe_worker, run_tick_worker, shutdown_channel, WorkerExit};
+use crate::clock::ClockHandle;
+use crate::cp::client::CpUrl;
+use crate::ids::Hostname;
+use crate::queue::{Queue, QueueConfig};
+use crate::sign::PublicKey;
+
+/// After SIGTERM, workers get this long to stop (an activation in progress
+/// is reported if it ends in time; the switch itself runs detached and a
+/// restarted agent observes its result). systemd's default stop timeout is
+/// 90 s; 25 s leaves it ample margin.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
+/// Everything `nixfleet agent` is told, resolved and validated.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    pub cp: CpUrl,
+    pub hostname: Hostname,
+    pub trust_keys: Vec<PublicKey>,
+    pub health_checks: PathBuf,
+    pub current_system: PathBuf,
+    pub booted_system: PathBuf,
+    pub activation: ActivationConfig,
+    pub tick: Duration,
+    pub heartbeat: Duration,
+    pub drain: Duration,
+    pub longpoll_wait_secs: u64,
+}
+
+impl AgentConfig {
+    /// Defaults of SPEC §7 and issue 5 for the paths and programs.
+    pub fn activation_defaults(state_dir: &std::path::Path) -> ActivationConfig {
+        ActivationConfig {
+            switch_runner: SwitchRunner::detect(),
+            ..ActivationConfig::host_defaults(state_dir.join("log"))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot open the agent's queue in {path}: {source}")]
+    Queue { path: PathBuf, source: crate::queue::QueueError },
+    #[error("cannot rebuild the agent's state from its queue: {0}")]
+    Restore(String),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Runs the agent until `shutdown` resolves.
+pub async fn serve(
+    cfg: AgentConfig,
+    clock: ClockHandle,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let started = Instant::now();
+    let queue = Queue::open(&cfg.state_dir, cfg.hostname.clone(), QueueConfig::default(), clock.clone())
+        .map_err(|source| AgentError::Queue { path: cfg.state_dir.clone(), source })?;
+    let report = queue.recovery_report().clone();
+    tracing::info!(?report, "queue opened");
+    let (rollouts, restored) =
+        restore(&queue, &cfg.state_dir, &cfg.hostname, &cfg.trust_keys).map_err(AgentError::Restore)?;
+    tracing::info!(restored = ?restored.restored, pruned = ?restored.pruned, skipped = ?restored.skipped, "state rebuilt from the queue");
+    let queue = SharedQueue::new(queue);
+
+    let (cmds, rx) = commands();
+    let (mut reducer, snapshot) = Reducer::new(rollouts, queue.clone(), cmds);
+    reducer.resume();
+    let (input_tx, input_rx) = mpsc::channel(INPUT_CAPACITY);
+    let reducer_task = tokio::spawn(reducer.run(input_rx));
+
+    let api = CpApi::new(cfg.cp.clone(), cfg.hostname.clone());
+    let (trigger, stop) = shutdown_channel();
+    let mut workers: JoinSet<(&'static str, WorkerExit)> = JoinSet::new();
+    {
+        let (cfg_a, inputs, clock, stop) = (cfg.activation.clone(), input_tx.clone(), clock.clone(), stop.clone());
+        let orders = rx.switch.clone();
+        workers.spawn(async move { ("activation", run_activation_worker(cfg_a, orders, inputs, clock, stop).await) });
+    }
+    {
+        let (path, inputs, clock, stop) = (cfg.health_checks.clone(), input_tx.clone(), clock.clone(), stop.clone());
+        let plan = rx.probes.clone();
+        workers.spawn(async move {
+            ("probes", run_probe_worker(path, HostRunner::default(), plan, inputs, clock, stop).await)
+        });
+    }
+    {
+        let (tick, inputs, clock, stop) = (cfg.tick, input_tx.clone(), clock.clone(), stop.clone());
+        workers.spawn(async move { ("tick", run_tick_worker(tick, inputs, clock, stop).await) });
+    }
+    {
+        let lp = LongPollConfig {
+            wait_secs: cfg.longpoll_wait_secs,
+            trust_keys: cfg.trust_keys.clone(),
+            current_system: cfg.current_system.clone(),
+            state_dir: cfg.state_dir.clone(),
+        };
+        let (api, snap, q, inputs, clock, stop) =
+            (api.clone(), snapshot.clone(), queue.clone(), input_tx.clone(), clock.clone(), stop.clone());
+        workers.spawn(async move { ("longpoll", run_longpoll_worker(api, lp, snap, q, inputs, clock, stop).await) });
+    }
+    {
+        let (api, q, wake, interval, stop) = (api.clone(), queue.clone(), rx.drain.clone(), cfg.drain, stop.clone());
+        workers.spawn(async move { ("drain", run_drain_worker(api, q, wake, interval, stop).await) });
+    }
+    {
+        let hb = HeartbeatConfig {
+            interval: cfg.heartbeat,
+            current_system: cfg.current_system.clone(),
+            booted_system: cfg.booted_system.clone(),
+        };
+        let (api, q, stop) = (api.clone(), queue.clone(), stop.clone());
+        workers.spawn(async move { ("heartbeat", run_heartbeat_worker(api, hb, q, started, stop).await) });
+    }
+    drop(input_tx);
+    tracing::info!(hostname = %cfg.hostname, cp = cfg.cp.authority(), "agent running");
+
+    tokio::select! {
+        () = shutdown => tracing::info!("shutdown requested"),
+        Some(done) = workers.join_next() => {
+            tracing::error!(?done, "a worker stopped on its own; shutting down");
+        }
+    }
+    trigger.trigger();
+    let graceful = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(done) = workers.join_next().await {
+            if let Ok((name, exit)) = done {
+                tracing::debug!(worker = name, ?exit, "worker stopped");
+            }
+        }
+    })
+    .await
+    .is_ok();
+    workers.abort_all();
+    // Every input sender is gone with the workers: the reducer finishes
+    // the inputs it holds and ends.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, reducer_task).await;
+    if graceful {
+        tracing::info!("agent stopped gracefully");
+    } else {
+        tracing::warn!(grace_secs = SHUTDOWN_GRACE.as_secs(), "agent stopped after the grace period; workers aborted");
+    }
+    Ok(())
+}

@@ -241,3 +241,78 @@ async fn a_failing_probe_rolls_the_host_back_and_the_cp_halts_the_rollout() {
     assert_eq!(cp.host_state("stable@r2", "web-2").await, "Pending", "the halted rollout dispatches nothing more");
     assert_eq!(web2.running(), Some(PathBuf::from(old2.as_str())));
 }
+
+impl Host {
+    fn kill9_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            child.kill().expect("kill -9 the agent");
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Asserts the CP holds each seq once, 1..=n, equal to the agent's queue.
+async fn assert_logs_agree(cp: &Cp, rollout: &str, host: &Host) {
+    crate::harness::wait_for("the agent's queue to drain", || (host.pending() == 0).then_some(()));
+    let logged = cp_events(cp, rollout, &host.name).await;
+    let seqs: Vec<u64> = logged.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no event lost or duplicated: {logged:?}");
+    assert_eq!(logged, host.acked(rollout), "CP log == agent queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_while_soaking_resumes_from_its_queue_and_converges() {
+    // Proves restart recovery mid-soak: after kill -9 the agent rebuilds its
+    // record from the queue, resumes its probes and converges; the CP's log
+    // has every event exactly once.
+    let dir = TempDir::new("agent-kill-soak");
+    let release = Release::new(dir.path(), "release");
+    let cp = Cp::start(dir.path(), &release.pub_path);
+    let mut web1 = Host::new("web-1");
+    let (old, new) = (web1.closure("old", PASSING_PROBE), web1.closure("new", PASSING_PROBE));
+    web1.boot_into(&old);
+    let m = manifest("stable@k1", 4, &[("web-1", 0, &new)]);
+    assert!(cp.publish(&release.sign(&m)).await.status.is_success());
+    web1.start_agent(&cp, &release.pub_path);
+    wait_state(&cp, "stable@k1", &web1, "Soaking").await;
+    web1.kill9_agent();
+    web1.start_agent(&cp, &release.pub_path);
+    wait_state(&cp, "stable@k1", &web1, "Converged").await;
+    assert_eq!(web1.running(), Some(PathBuf::from(new.as_str())));
+    assert_logs_agree(&cp, "stable@k1", &web1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_switch_reports_the_switch_that_finished_without_it() {
+    // Proves the detached switch outlives a kill -9 of the agent and the
+    // restarted agent reports the activation it can prove from
+    // current-system, then converges; nothing is lost or duplicated.
+    let dir = TempDir::new("agent-kill-switch");
+    let release = Release::new(dir.path(), "release");
+    let cp = Cp::start(dir.path(), &release.pub_path);
+    let mut web1 = Host::new("web-1");
+    let old = web1.closure("old", PASSING_PROBE);
+    let gate = web1.root.join("gate");
+    let started = web1.root.join("switch-started");
+    let new = web1.nix.build_closure(&ClosureSpec {
+        label: "web-1-gated".into(),
+        current_system: web1.current_system(),
+        health_checks: Some(PASSING_PROBE.to_owned()),
+        started_file: Some(started.clone()),
+        wait_for: Some(gate.clone()),
+        ..ClosureSpec::default()
+    });
+    web1.boot_into(&old);
+    let m = manifest("stable@k2", 1, &[("web-1", 0, &new)]);
+    assert!(cp.publish(&release.sign(&m)).await.status.is_success());
+    web1.start_agent(&cp, &release.pub_path);
+    crate::harness::wait_for("the switch to start", || started.exists().then_some(()));
+    web1.kill9_agent();
+    fs_err::write(&gate, "go").expect("open the gate");
+    crate::harness::wait_for("the orphaned switch to finish", || {
+        (web1.running() == Some(PathBuf::from(new.as_str()))).then_some(())
+    });
+    web1.start_agent(&cp, &release.pub_path);
+    wait_state(&cp, "stable@k2", &web1, "Converged").await;
+    assert_logs_agree(&cp, "stable@k2", &web1).await;
+}

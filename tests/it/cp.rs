@@ -266,6 +266,10 @@ fn two_wave_rollout_promotes_only_after_canary_converged() {
         let status = cp.get_json("/v1/rollouts/stable@r1").await;
         assert_eq!(status["state"], "completed", "{status:#}");
         assert_eq!(status["hosts_by_state"]["Converged"], 4);
+        // A newer manifest does not relabel a completed rollout.
+        let r2 = manifest("stable@r2", T1, 0, &[("all", 0, 4)], &[("web-1", 0, "web-1-r2")]);
+        assert_eq!(cp.publish(&release.sign(&r2)).await.status, StatusCode::CREATED);
+        assert_eq!(cp.get_json("/v1/rollouts/stable@r1").await["state"], "completed");
     });
 }
 

@@ -7,15 +7,24 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use nixfleet::cli::{Cli, Command, LogFormat, ManifestCommand};
+use nixfleet::clock::ClockHandle;
 use nixfleet::tools;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Keygen { out } => tools::manifest_cmd::keygen(&out).map_err(Into::into),
         Command::Manifest(ManifestCommand::Check { manifest, json }) => {
             tools::manifest_cmd::check(&manifest, json).map_err(Into::into)
         }
+        Command::Manifest(ManifestCommand::Sign { key, manifest }) => {
+            tools::manifest_cmd::sign(&key, &manifest).map_err(Into::into)
+        }
+        Command::Manifest(ManifestCommand::Verify { trust_keys, envelope }) => {
+            tools::manifest_cmd::verify(&trust_keys, &envelope).map_err(Into::into)
+        }
+        Command::Queue(cmd) => tools::queue_cmd::run(&cmd, &ClockHandle::system()).map_err(Into::into),
         Command::Cp(cmd) => nixfleet::cp::run(cmd).map_err(Into::into),
     };
     match result {
@@ -28,9 +37,13 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -154,6 +154,9 @@ pub enum EventBody {
         failed_at: Timestamp,
     },
     DispatchRejected {
+        /// The closure the refused dispatch named (so a journal holding only
+        /// this event still rebuilds the record's target).
+        target_closure: Closure,
         reason: String,
         rejected_at: Timestamp,
     },

@@ -29,4 +29,6 @@ pub use step::{replay, step, Outcome, TransitionError};
 pub type Timestamp = time::OffsetDateTime;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

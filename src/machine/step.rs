@@ -168,7 +168,11 @@ impl Tx<'_> {
                     self.effects.push(Effect::FireSwitch { target: target_closure.clone() });
                 }
             }
-            (EventBody::DispatchRejected { reason, rejected_at }, S::Pending) => {
+            (EventBody::DispatchRejected { target_closure, reason, rejected_at }, S::Pending) => {
+                // Record what the host was told to run and refused: when the
+                // dispatch disagrees with the manifest that is the very
+                // reason for the refusal, and both sides then agree.
+                self.next.target_closure = Some(target_closure.clone());
                 self.transition(S::Failed, *rejected_at);
                 self.next.failed_at = Some(*rejected_at);
                 self.next.failure = Some(Failure::DispatchRejected { reason: reason.clone() });

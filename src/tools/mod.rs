@@ -3,6 +3,7 @@
 //! is diagnostics; a closed stdout (`| head`) is not an error.
 
 pub mod manifest_cmd;
+pub mod queue_cmd;
 
 use std::io::{self, Write};
 

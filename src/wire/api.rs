@@ -28,7 +28,7 @@ impl EventBatch {
     /// Parses and checks the batch bounds; each event's own fields are
     /// validated one by one so one bad event does not refuse the others.
     pub fn parse(bytes: &[u8]) -> Result<EventBatch, WireError> {
-        let batch: EventBatch = serde_json::from_slice(bytes).map_err(|e| WireError::new("body", e.to_string()))?;
+        let batch: EventBatch = super::from_json_slice(bytes).map_err(|e| WireError::new("body", e))?;
         if batch.events.is_empty() {
             return Err(WireError::new("events", "must not be empty"));
         }
@@ -74,7 +74,7 @@ pub struct Dispatch {
     pub target_closure: Closure,
     pub wave: usize,
     pub soak_secs: u64,
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(with = "super::ts")]
     pub issued_at: OffsetDateTime,
 }
 
@@ -95,7 +95,7 @@ pub struct Heartbeat {
 /// `POST /v1/agent/heartbeat` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatResponse {
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(with = "super::ts")]
     pub server_time: OffsetDateTime,
     /// Per rollout: re-send your events with seq greater than this.
     #[serde(default)]

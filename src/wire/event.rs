@@ -40,47 +40,47 @@ pub enum WireEventBody {
         current_closure_at_dispatch: Closure,
         target_closure: Closure,
         soak_secs: u64,
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         received_at: OffsetDateTime,
     },
     ActivationStarted {
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         started_at: OffsetDateTime,
         switch_method: String,
     },
     ActivationCompleted {
         observed_current_closure: Closure,
         exit_code: i32,
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         completed_at: OffsetDateTime,
     },
     ActivationDeferred {
         component: String,
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         deferred_at: OffsetDateTime,
     },
     ActivationFailed {
         exit_code: i32,
         stderr_tail: String,
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         failed_at: OffsetDateTime,
     },
     ProbeTopologyDeclared {
         probes: Vec<ProbeDecl>,
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         declared_at: OffsetDateTime,
     },
     ProbeObservedFirst {
         probe_name: String,
         mode: ProbeMode,
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         observed_at: OffsetDateTime,
     },
     ProbeResult {
         probe_name: String,
         mode: ProbeMode,
         status: ProbeStatus,
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         observed_at: OffsetDateTime,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         failure_reason: Option<String>,
@@ -88,11 +88,11 @@ pub enum WireEventBody {
     ProbeFailureFirst {
         probe_name: String,
         mode: ProbeMode,
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         first_failed_at: OffsetDateTime,
     },
     Failed {
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         failed_at: OffsetDateTime,
         sustained_duration_secs: u64,
         failing_probes: Vec<String>,
@@ -101,22 +101,23 @@ pub enum WireEventBody {
     RollbackComplete {
         reverted_to_closure: Closure,
         exit_code: i32,
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         completed_at: OffsetDateTime,
     },
     RollbackFailed {
         exit_code: i32,
         stderr_tail: String,
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         failed_at: OffsetDateTime,
     },
     DispatchRejected {
+        target_closure: Closure,
         reason: String,
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         rejected_at: OffsetDateTime,
     },
     Converged {
-        #[serde(with = "time::serde::rfc3339")]
+        #[serde(with = "super::ts")]
         converged_at: OffsetDateTime,
         current_closure: Closure,
     },
@@ -234,8 +235,8 @@ impl WireEventBody {
             EventBody::RollbackFailed { exit_code, stderr_tail, failed_at } => {
                 WireEventBody::RollbackFailed { exit_code, stderr_tail, failed_at }
             }
-            EventBody::DispatchRejected { reason, rejected_at } => {
-                WireEventBody::DispatchRejected { reason, rejected_at }
+            EventBody::DispatchRejected { target_closure, reason, rejected_at } => {
+                WireEventBody::DispatchRejected { target_closure, reason, rejected_at }
             }
             EventBody::ConvergedReached { converged_at, current_closure } => {
                 WireEventBody::Converged { converged_at, current_closure }
@@ -323,7 +324,8 @@ impl WireEventBody {
                 stderr_tail: text("stderr_tail", &stderr_tail, STDERR_TAIL_MAX_BYTES)?,
                 failed_at: utc(failed_at),
             },
-            WireEventBody::DispatchRejected { reason, rejected_at } => EventBody::DispatchRejected {
+            WireEventBody::DispatchRejected { target_closure, reason, rejected_at } => EventBody::DispatchRejected {
+                target_closure,
                 reason: text("reason", &reason, SHORT_TEXT_MAX_BYTES)?,
                 rejected_at: utc(rejected_at),
             },

@@ -49,7 +49,7 @@ struct RawManifest {
     channel: String,
     #[serde(rename = "ref")]
     git_ref: String,
-    #[serde(with = "time::serde::rfc3339")]
+    #[serde(with = "super::ts")]
     issued_at: OffsetDateTime,
     policy: RawPolicy,
     waves: Vec<Wave>,
@@ -112,7 +112,7 @@ pub struct Manifest {
 impl Manifest {
     /// Parses and validates manifest bytes (the exact bytes that were signed).
     pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-        let raw: RawManifest = serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
+        let raw: RawManifest = super::from_json_slice(bytes).map_err(ManifestError::Json)?;
         if raw.schema != SCHEMA_VERSION {
             return Err(invalid("schema", format!("must be {SCHEMA_VERSION}, got {}", raw.schema)));
         }

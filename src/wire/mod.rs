@@ -44,5 +44,39 @@ impl WireError {
     }
 }
 
+/// RFC 3339 timestamps whose parse errors quote the offending value (the
+/// field name is lost inside tagged enums, the value is not).
+pub mod ts {
+    use serde::{de::Error as _, Deserialize, Deserializer, Serializer};
+    use time::format_description::well_known::Rfc3339;
+    use time::OffsetDateTime;
+
+    pub fn serialize<S: Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+        time::serde::rfc3339::serialize(t, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
+        let raw = String::deserialize(d)?;
+        OffsetDateTime::parse(&raw, &Rfc3339)
+            .map_err(|e| D::Error::custom(format!("invalid RFC 3339 timestamp {raw:?}: {e}")))
+    }
+}
+
+/// Parses JSON, naming the path of the offending field in the error
+/// (`waves[1].soak_secs: invalid type…`) rather than only a line and column.
+pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            e.inner().to_string()
+        } else {
+            format!("{path}: {}", e.inner())
+        }
+    })?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,201 @@
+//! The activation worker: runs the switch the reducer orders and reports
+//! what the host can prove afterwards. It exists apart from
+//! `agent::activation` (which knows how to switch) because it owns the
+//! runtime questions: which order is new, whether a switch already
+//! happened before a restart, and how outcomes reach the reducer.
+//!
+//! Restart rule (SPEC §7, issue 5 "reports the outcome it can prove"): a
+//! restarted reducer re-issues the switch of an unfinished activation or
+//! rollback. Before running any order the worker asks whether the host
+//! already runs the order's closure: if BOTH `current-system` and the system
+//! profile resolve to it, the switch already happened (typically a switch
+//! that restarted the agent and then completed), so it reports `Completed`
+//! without switching again. The profile is part of the proof because the
+//! forward activation points it at the new closure before switching: after
+//! a forward switch that failed early, `current-system` still names the
+//! rollback target while the profile (the next boot's default) names the
+//! failed closure, and skipping the rollback would boot the failed closure
+//! at the next reboot.
+//!
+//! Shutdown: a request stops the wait for new orders, but an activation in
+//! progress is awaited to its end and its outcome reported, because the
+//! reducer can only record what it is told. If the runtime's grace period
+//! runs out first and it drops this worker, the switch itself keeps running
+//! (it is detached: `systemd-run` or `setsid`, and its child handle does not
+//! kill on drop), while `nix-store`/`nix-env` are killed, which is safe:
+//! both are idempotent and re-run after the restart, whose worker then
+//! observes or repeats the switch by the rule above.
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Shutdown, WorkerExit};
+use crate::agent::activation::{
+    activate, resolve_current_system, sanitize_activation_id, ActivationConfig, ActivationOutcome, ActivationRequest,
+    Direction, ACTIVATION_ID_MAX_LEN,
+};
+use crate::agent::reducer::{Input, SwitchOrder};
+use crate::agent::rollouts::SwitchOutcome;
+use crate::clock::ClockHandle;
+use crate::ids::{Closure, RolloutId};
+
+/// Random bytes in each activation id: the rollout id and the order's
+/// generation repeat after a restart (generations restart at 1), and a
+/// re-run must never reuse the name of a systemd unit that may still be
+/// running. 4 bytes (8 hex digits) make a collision between the few
+/// activations of one rollout negligible while keeping unit names short.
+pub const ACTIVATION_NONCE_BYTES: usize = 4;
+
+/// Exit code reported with a `Completed` outcome: the switch exited 0, or
+/// the host was proven to run the closure already.
+const EXIT_CODE_COMPLETED: i32 = 0;
+
+/// Runs switch orders until shutdown or until the reducer is gone.
+///
+/// Each order is run once: orders are told apart by their `generation`, and
+/// an order whose generation was already run (or is older) is ignored. An
+/// order present when the worker starts (a restarted reducer's `resume`) is
+/// run at once.
+pub async fn run_activation_worker(
+    cfg: ActivationConfig,
+    mut orders: watch::Receiver<Option<SwitchOrder>>,
+    inputs: mpsc::Sender<Input>,
+    clock: ClockHandle,
+    mut shutdown: Shutdown,
+) -> WorkerExit {
+    let mut last_generation: Option<u64> = None;
+    loop {
+        if shutdown.is_requested() {
+            return WorkerExit::Shutdown;
+        }
+        let order = orders.borrow_and_update().clone();
+        if let Some(order) = order.filter(|o| last_generation.is_none_or(|done| o.generation > done)) {
+            last_generation = Some(order.generation);
+            if let Err(exit) = execute(&cfg, order, &inputs, &clock).await {
+                return exit;
+            }
+            // Look again: an order may have replaced this one meanwhile.
+            continue;
+        }
+        tokio::select! {
+            biased;
+            () = shutdown.requested() => return WorkerExit::Shutdown,
+            changed = orders.changed() => {
+                if changed.is_err() {
+                    return WorkerExit::ReducerGone;
+                }
+            }
+        }
+    }
+}
+
+/// Runs (or observes) one order and reports it.
+async fn execute(
+    cfg: &ActivationConfig,
+    order: SwitchOrder,
+    inputs: &mpsc::Sender<Input>,
+    clock: &ClockHandle,
+) -> Result<(), WorkerExit> {
+    let rollout_id = order.rollout_id.clone();
+    let direction = if order.rollback { Direction::Rollback } else { Direction::Forward };
+    let outcome = if let Some(observed) = already_running(cfg, &order.closure) {
+        tracing::info!(
+            %rollout_id, closure = %order.closure, rollback = order.rollback,
+            "the host already runs the ordered closure (current-system and profile); reporting it without switching"
+        );
+        SwitchOutcome::Completed { observed, exit_code: EXIT_CODE_COMPLETED }
+    } else {
+        let activation_id = activation_id(&rollout_id, order.generation, &nonce(clock));
+        tracing::info!(%rollout_id, closure = %order.closure, rollback = order.rollback, %activation_id, "switching");
+        let request = ActivationRequest { closure: order.closure.clone(), direction, activation_id };
+        // `on_started` is a plain callback called before any program runs;
+        // the send to the reducer is awaited next to the activation, so a
+        // full input channel delays the report, never the switch.
+        let (started_tx, started_rx) = oneshot::channel();
+        let started_clock = clock.clone();
+        let activation = activate(cfg, &request, move |started| {
+            let _ = started_tx.send((started, started_clock.now()));
+        });
+        let report_started = async {
+            match started_rx.await {
+                // ActivationStarted is illegal from Failed: forward only.
+                Ok((started, at)) if direction == Direction::Forward => {
+                    let input = Input::SwitchStarted {
+                        rollout_id: rollout_id.clone(),
+                        switch_method: started.switch_method,
+                        at,
+                    };
+                    inputs.send(input).await.map_err(|_| WorkerExit::ReducerGone)
+                }
+                _ => Ok(()),
+            }
+        };
+        let (outcome, reported) = tokio::join!(activation, report_started);
+        reported?;
+        switch_outcome(outcome)
+    };
+    match &outcome {
+        SwitchOutcome::Failed { exit_code, .. } => tracing::warn!(%rollout_id, exit_code, "switch failed"),
+        other => tracing::info!(%rollout_id, outcome = ?other, "switch finished"),
+    }
+    let finished = Input::SwitchFinished { rollout_id, order, outcome, at: clock.now() };
+    inputs.send(finished).await.map_err(|_| WorkerExit::ReducerGone)
+}
+
+/// `Some(closure)` when both `current-system` and the system profile
+/// resolve to `closure`: the switch to it already happened.
+fn already_running(cfg: &ActivationConfig, closure: &Closure) -> Option<Closure> {
+    let current = resolve_current_system(&cfg.current_system).ok()?;
+    let profile = resolve_current_system(&cfg.profile).ok()?;
+    (&current == closure && &profile == closure).then_some(current)
+}
+
+fn switch_outcome(outcome: ActivationOutcome) -> SwitchOutcome {
+    match outcome {
+        ActivationOutcome::Completed { observed } => {
+            SwitchOutcome::Completed { observed, exit_code: EXIT_CODE_COMPLETED }
+        }
+        ActivationOutcome::Deferred { component } => SwitchOutcome::Deferred { component },
+        ActivationOutcome::Failed { exit_code, stderr_tail } => SwitchOutcome::Failed { exit_code, stderr_tail },
+    }
+}
+
+/// Hex digits that make this activation's id unique across restarts.
+fn nonce(clock: &ClockHandle) -> String {
+    let mut bytes = [0u8; ACTIVATION_NONCE_BYTES];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness (not expected on Linux): the time still differs
+        // between a run and its re-run after a restart.
+        let nanos = clock.now().unix_timestamp_nanos().to_le_bytes();
+        bytes.copy_from_slice(&nanos[..ACTIVATION_NONCE_BYTES]);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `<rollout>-g<generation>-<nonce>`, cut to [`ACTIVATION_ID_MAX_LEN`] by
+/// shortening the rollout part, so the unique tail always survives.
+pub fn activation_id(rollout_id: &RolloutId, generation: u64, nonce: &str) -> String {
+    let tail = sanitize_activation_id(&format!("-g{generation}-{nonce}"));
+    let room = ACTIVATION_ID_MAX_LEN.saturating_sub(tail.len());
+    let head: String = sanitize_activation_id(rollout_id.as_str()).chars().take(room).collect();
+    format!("{head}{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activation_ids_keep_their_unique_tail_when_the_rollout_id_is_long() {
+        // Proves a long rollout id cannot push the generation and nonce out of the unit name.
+        let short = RolloutId::parse("stable@r1").expect("valid");
+        assert_eq!(activation_id(&short, 3, "0a1b2c3d"), "stable_r1-g3-0a1b2c3d");
+        let long = RolloutId::parse(&format!("stable@{}", "x".repeat(100))).expect("valid");
+        let id = activation_id(&long, 12, "0a1b2c3d");
+        assert_eq!(id.len(), ACTIVATION_ID_MAX_LEN);
+        assert!(id.ends_with("-g12-0a1b2c3d"), "{id}");
+        assert_eq!(sanitize_activation_id(&id), id, "already a safe unit name");
+        let clock = ClockHandle::system();
+        assert_ne!(nonce(&clock), nonce(&clock), "a re-run gets a fresh id");
+        assert_eq!(nonce(&clock).len(), 2 * ACTIVATION_NONCE_BYTES);
+    }
+}

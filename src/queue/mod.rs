@@ -1,0 +1,754 @@
+//! The agent's outbound event queue: its write-ahead journal (SPEC §6).
+//! Every event the agent's state machine emits is durable here before its
+//! effects run, survives `kill -9`, power loss and reboots, is handed to
+//! the drainer in enqueue order, and is never silently lost.
+//!
+//! # Layout
+//!
+//! ```text
+//! {state_dir}/outbound-queue/
+//!   queue.lock                      exclusive lock of the running agent
+//!   high-water.json                 highest qseq and per-rollout seq ever used
+//!   {qseq:020}-{host}-{rollout}-{kind}.json   pending events
+//!   acked/{same name}               delivered (applied/duplicate), kept for Replay-From
+//!   dead/{same name}                rejected by the CP, or unreadable at start
+//!   dead/{same name}.reason         why (JSON: cause, reason, dead_at)
+//! ```
+//!
+//! `qseq` is the queue's own number, global across rollouts, so listing
+//! order is enqueue order and two rollouts with equal `seq` never collide.
+//!
+//! # API (what the agent runtime calls)
+//!
+//! - [`Queue::open`]`(state_dir, hostname, config, clock)`: takes the
+//!   exclusive lock (a second open fails with [`QueueError::Locked`] naming
+//!   the lock file), runs start-up recovery, loads the index.
+//! - [`Queue::next_seq`]`(rollout)` / [`Queue::last_seq`]: the agent takes
+//!   the seq of its next event from the queue; [`Queue::enqueue`] refuses
+//!   any other seq, so seqs are never reused or skipped.
+//! - [`Queue::enqueue`]`(rollout, &event) -> QueuedRef`: returns once the
+//!   event is durable.
+//! - [`Queue::pending`] in enqueue order; [`Queue::ack`]`(qseq)` after the CP
+//!   answered `applied`/`duplicate`; [`Queue::reject`]`(qseq, reason)` after
+//!   `rejected` (the queue moves on: no head-of-line blocking).
+//! - [`Queue::events_after`]`(rollout, seq)`: pending + acked events of one
+//!   rollout with seq > N, in seq order (Replay-From, and rebuilding the
+//!   agent's state at start). [`Queue::rollouts`] lists what is known.
+//! - [`Queue::prune_acked`]: retention of `acked/` by count and age.
+//! - [`QueueView::open`]`(state_dir)`: read-only, lock-free, for
+//!   `nixfleet queue ls|inspect` while an agent runs.
+//!
+//! # Write discipline
+//!
+//! New file: write `name.tmp` → fsync it → rename to `name` → fsync the
+//! directory. Move (ack, reject): rename into the other folder → fsync the
+//! destination folder. (A rename is one journal transaction on the file
+//! systems NixOS uses, so that fsync commits both names; were the source
+//! name ever to survive, open removes a pending file that also exists in
+//! `acked/` or `dead/`, crash case 8.) A failed step returns an
+//! error naming the path and the operation. A failed fsync is never
+//! retried and trusted: the `.tmp` is removed and the next call writes the
+//! whole event again under a new qseq. If the queue cannot tell what is on
+//! disk after a failure and its clean-up also failed, it refuses every
+//! further call ([`QueueError::Poisoned`]) until reopened, because only
+//! start-up recovery reads the truth back from disk.
+//!
+//! # Crash cases (what a crash at each point leaves, and what open does)
+//!
+//! 1. Enqueue, before the rename: a `.tmp` (possibly empty or torn) or
+//!    nothing. The caller never got Ok. Open removes every `.tmp`.
+//! 2. Enqueue, after the rename, before the directory fsync: the event may
+//!    or may not be there after power loss; if there, it is whole (its data
+//!    was synced before the rename). The caller never got Ok; an event
+//!    that survives is the same as a crash just after Ok: the agent
+//!    rebuilds its state from the queue and its effects are idempotent.
+//! 3. Enqueue returned Ok: the event is there, whole, and stays pending
+//!    until acked or rejected.
+//! 4. Ack, before the fsync of `acked/`: the event is in `acked/` or still
+//!    pending (rename is atomic). If still pending it is sent again and the
+//!    CP answers `duplicate`.
+//! 5. Ack returned Ok: the event is in `acked/` and is never sent again.
+//! 6. Reject: the reason sidecar is written first (tmp, fsync, rename), then
+//!    the event moves. A crash between leaves a sidecar without its event
+//!    (harmless, overwritten when the CP rejects the re-sent event) or,
+//!    before the fsync, an event in `dead/` whose sidecar is missing
+//!    (`queue ls` says so). Reject returned Ok: both are there.
+//! 7. Prune: `high-water.json` is written durably (tmp, fsync, rename,
+//!    fsync) BEFORE any acked file is removed, so a pruned qseq or seq can
+//!    never be handed out again, whichever removals survive.
+//! 8. A file that fails to parse or whose checksum does not match (bit rot,
+//!    a hand edit; crashes cannot produce one, see 1 and 2) is moved to
+//!    `dead/` at open with the parse error as its reason; the rest of the
+//!    queue drains. A same-name copy in both pending and `acked/` or
+//!    `dead/` (not producible by an atomic rename, handled anyway) is
+//!    removed from pending: the move had happened.
+//! 9. The next qseq is one more than the highest qseq in any folder
+//!    (corrupt files included, by name) or in `high-water.json`; the last
+//!    seq of a rollout is the highest among pending, acked and dead records
+//!    and `high-water.json`.
+//!
+//! Known limit: an event file damaged after it was durable (bit rot) moves
+//! to `dead/` and its seq is no longer known; if it was the last event of
+//! its rollout, that seq can be handed out again.
+
+pub mod record;
+pub mod storage;
+pub mod view;
+
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+
+use crate::clock::ClockHandle;
+use crate::ids::{Hostname, RolloutId};
+use crate::wire::OutboundEvent;
+
+pub use record::{DeadCause, DeadReason, QueuedEvent, RecordError, RecordHeader};
+pub use storage::{RealStorage, Storage};
+pub use view::{Counts, EntryState, Inspected, QueueView, ViewEntry, ViewError};
+
+/// The queue folder inside the agent's state dir.
+pub const QUEUE_DIR: &str = "outbound-queue";
+pub const ACKED_DIR: &str = "acked";
+pub const DEAD_DIR: &str = "dead";
+pub const LOCK_FILE: &str = "queue.lock";
+pub const HIGH_WATER_FILE: &str = "high-water.json";
+
+/// Acked events kept at most (oldest whole rollouts pruned first): a
+/// rollout yields tens to hundreds of events, so this holds the history of
+/// many rollouts for Replay-From, while bounding the folder to ~10 MB and
+/// the start-up scan to well under a second. The rollout of the newest
+/// event is never pruned, so one huge rollout can exceed this.
+pub const ACKED_MAX_COUNT: usize = 10_000;
+/// Acked rollouts whose newest event is older than this are pruned even
+/// under the count: a month covers restoring the CP database from a
+/// backup, after which Replay-From rebuilds it from the agents' queues.
+pub const ACKED_MAX_AGE: Duration = Duration::days(30);
+/// Pending events at most: at the limit `enqueue` fails with
+/// [`QueueError::Full`] and the agent does not apply the transition (it
+/// retries and reports). A host emits tens of events per rollout, so this
+/// is weeks of a dead control plane, and it bounds the memory of the
+/// in-memory index (~1 KiB per event).
+pub const PENDING_MAX_COUNT: usize = 100_000;
+
+/// Limits of one queue; the defaults are the constants above.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub acked_max_count: usize,
+    pub acked_max_age: Duration,
+    pub pending_max_count: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> QueueConfig {
+        QueueConfig {
+            acked_max_count: ACKED_MAX_COUNT,
+            acked_max_age: ACKED_MAX_AGE,
+            pending_max_count: PENDING_MAX_COUNT,
+        }
+    }
+}
+
+/// Where an event landed: its qseq, its seq and its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedRef {
+    pub qseq: u64,
+    pub seq: u64,
+    pub path: PathBuf,
+}
+
+/// What start-up recovery did, for the agent's start-up log line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub tmp_removed: usize,
+    /// (file name, reason) of every file moved to `dead/`.
+    pub moved_to_dead: Vec<(String, String)>,
+    pub pending: usize,
+    pub acked: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("another process holds the queue lock {} (only one nixfleet agent may use a state dir)", path.display())]
+    Locked { path: PathBuf },
+    #[error("{}: {reason}; remove or repair it by hand (it guards against reusing event numbers)", path.display())]
+    HighWaterCorrupt { path: PathBuf, reason: String },
+    #[error(
+        "event for rollout {rollout_id} has seq {got}, the queue expects {expected} (seqs are never reused or skipped)"
+    )]
+    SeqOutOfOrder { rollout_id: RolloutId, expected: u64, got: u64 },
+    #[error("event for host {got} cannot go into the queue of host {expected}")]
+    WrongHost { expected: Hostname, got: Hostname },
+    #[error("queue full: {pending} pending events (limit {max}); the control plane has not acknowledged events for a long time")]
+    Full { pending: usize, max: usize },
+    #[error("qseq {qseq} is not a pending event")]
+    NotPending { qseq: u64 },
+    #[error("queue stopped after an unrecoverable write failure ({0}); reopen it to recover from disk")]
+    Poisoned(String),
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> QueueError + 'a {
+    move |source| QueueError::Io { op, path: path.to_owned(), source }
+}
+
+/// The highest numbers ever used, persisted before pruning (crash case 7).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct HighWater {
+    qseq: u64,
+    seqs: BTreeMap<RolloutId, u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HighWaterOnDisk {
+    format: u32,
+    high_water: HighWater,
+    checksum: String,
+}
+
+impl HighWater {
+    fn encode(&self) -> Vec<u8> {
+        let checksum = record::sha256_tagged(&serde_json::to_vec(self).expect("high water serialises"));
+        let on_disk = HighWaterOnDisk { format: record::RECORD_FORMAT, high_water: self.clone(), checksum };
+        let mut bytes = serde_json::to_vec(&on_disk).expect("high water serialises");
+        bytes.push(b'\n');
+        bytes
+    }
+
+    fn decode(bytes: &[u8]) -> Result<HighWater, String> {
+        let on_disk: HighWaterOnDisk = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if on_disk.format != record::RECORD_FORMAT {
+            return Err(format!("unknown format {}", on_disk.format));
+        }
+        let computed = record::sha256_tagged(&serde_json::to_vec(&on_disk.high_water).expect("high water serialises"));
+        if computed != on_disk.checksum {
+            return Err(format!("checksum mismatch: file says {}, content hashes to {computed}", on_disk.checksum));
+        }
+        Ok(on_disk.high_water)
+    }
+}
+
+/// The agent's queue: the only writer of `{state_dir}/outbound-queue/`.
+#[derive(Debug)]
+pub struct Queue {
+    storage: Box<dyn Storage>,
+    state_dir: PathBuf,
+    root: PathBuf,
+    acked_dir: PathBuf,
+    dead_dir: PathBuf,
+    hostname: Hostname,
+    config: QueueConfig,
+    clock: ClockHandle,
+    next_qseq: u64,
+    pending: BTreeMap<u64, QueuedEvent>,
+    acked: BTreeMap<u64, QueuedEvent>,
+    last_seq: BTreeMap<RolloutId, u64>,
+    high_water: HighWater,
+    poisoned: Option<String>,
+    recovery: RecoveryReport,
+    /// Held for the queue's lifetime; the OS drops the lock when the
+    /// process dies, so a `kill -9` never leaves a stale lock.
+    _lock: Option<File>,
+}
+
+impl Queue {
+    /// Opens the queue of `state_dir` on the real file system: creates the
+    /// folders, takes the exclusive lock, and runs start-up recovery.
+    pub fn open(
+        state_dir: &Path,
+        hostname: Hostname,
+        config: QueueConfig,
+        clock: ClockHandle,
+    ) -> Result<Queue, QueueError> {
+        let root = state_dir.join(QUEUE_DIR);
+        std::fs::create_dir_all(&root).map_err(io_err("create directory", &root))?;
+        let lock_path = root.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io_err("open lock file", &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(QueueError::Locked { path: lock_path }),
+            Err(TryLockError::Error(source)) => return Err(QueueError::Io { op: "lock", path: lock_path, source }),
+        }
+        let mut queue = Queue::open_with_storage(Box::new(RealStorage), state_dir, hostname, config, clock)?;
+        queue._lock = Some(lock);
+        Ok(queue)
+    }
+
+    /// Opens with any storage and without the process lock: for tests
+    /// through the storage seam, and for callers that lock on their own.
+    pub fn open_with_storage(
+        storage: Box<dyn Storage>,
+        state_dir: &Path,
+        hostname: Hostname,
+        config: QueueConfig,
+        clock: ClockHandle,
+    ) -> Result<Queue, QueueError> {
+        let root = state_dir.join(QUEUE_DIR);
+        let mut queue = Queue {
+            storage,
+            state_dir: state_dir.to_owned(),
+            acked_dir: root.join(ACKED_DIR),
+            dead_dir: root.join(DEAD_DIR),
+            root,
+            hostname,
+            config,
+            clock,
+            next_qseq: 1,
+            pending: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            last_seq: BTreeMap::new(),
+            high_water: HighWater::default(),
+            poisoned: None,
+            recovery: RecoveryReport::default(),
+            _lock: None,
+        };
+        queue.recover()?;
+        Ok(queue)
+    }
+
+    /// The queue folder (`{state_dir}/outbound-queue`).
+    pub fn dir(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn hostname(&self) -> &Hostname {
+        &self.hostname
+    }
+
+    /// What start-up recovery found and did.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// The highest seq ever queued for a rollout (0 if none).
+    pub fn last_seq(&self, rollout_id: &RolloutId) -> u64 {
+        self.last_seq.get(rollout_id).copied().unwrap_or(0)
+    }
+
+    /// The seq the next event of this rollout must carry.
+    pub fn next_seq(&self, rollout_id: &RolloutId) -> u64 {
+        self.last_seq(rollout_id) + 1
+    }
+
+    /// Every rollout the queue has seen (including pruned ones) with its
+    /// last seq.
+    pub fn rollouts(&self) -> Vec<(RolloutId, u64)> {
+        self.last_seq.iter().map(|(r, s)| (r.clone(), *s)).collect()
+    }
+
+    /// The qseq the next enqueue will use.
+    pub fn next_qseq(&self) -> u64 {
+        self.next_qseq
+    }
+
+    /// Writes one event durably (write-ahead: call before applying its
+    /// effects). The event's seq must be [`Queue::next_seq`] of its rollout.
+    pub fn enqueue(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<QueuedRef, QueueError> {
+        self.check_poisoned()?;
+        let expected = self.next_seq(rollout_id);
+        if event.seq != expected {
+            return Err(QueueError::SeqOutOfOrder { rollout_id: rollout_id.clone(), expected, got: event.seq });
+        }
+        if self.pending.len() >= self.config.pending_max_count {
+            return Err(QueueError::Full { pending: self.pending.len(), max: self.config.pending_max_count });
+        }
+        // The number is spent whatever happens next: a failed attempt may
+        // have left a file under it that only recovery will see.
+        let qseq = self.next_qseq;
+        self.next_qseq += 1;
+        let queued = QueuedEvent {
+            qseq,
+            hostname: self.hostname.clone(),
+            rollout_id: rollout_id.clone(),
+            created_at: self.clock.now().to_offset(time::UtcOffset::UTC),
+            event: event.clone(),
+        };
+        let path = self.root.join(queued.file_name());
+        let root = self.root.clone();
+        self.write_durably(&root, &path, &record::encode(&queued))?;
+        self.last_seq.insert(rollout_id.clone(), event.seq);
+        self.pending.insert(qseq, queued);
+        Ok(QueuedRef { qseq, seq: event.seq, path })
+    }
+
+    /// Pending events in enqueue order.
+    pub fn pending(&self) -> Vec<QueuedEvent> {
+        self.pending.values().cloned().collect()
+    }
+
+    /// At most `max` pending events from the head, in enqueue order (one
+    /// batch for the drainer).
+    pub fn pending_head(&self, max: usize) -> Vec<QueuedEvent> {
+        self.pending.values().take(max).cloned().collect()
+    }
+
+    /// Acked events still kept, in enqueue order.
+    pub fn acked(&self) -> Vec<QueuedEvent> {
+        self.acked.values().cloned().collect()
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn acked_len(&self) -> usize {
+        self.acked.len()
+    }
+
+    /// Marks a pending event delivered (`applied` or `duplicate`): moves it
+    /// to `acked/`. Acking an already acked event is Ok.
+    pub fn ack(&mut self, qseq: u64) -> Result<(), QueueError> {
+        self.check_poisoned()?;
+        if self.acked.contains_key(&qseq) {
+            return Ok(());
+        }
+        let name = self.pending.get(&qseq).ok_or(QueueError::NotPending { qseq })?.file_name();
+        let (root, acked_dir) = (self.root.clone(), self.acked_dir.clone());
+        self.move_durably(&root, &acked_dir, &name)?;
+        let queued = self.pending.remove(&qseq).expect("checked above, and &mut self excludes other callers");
+        self.acked.insert(qseq, queued);
+        Ok(())
+    }
+
+    /// Marks a pending event rejected by the control plane: moves it to
+    /// `dead/` with the reason beside it, so later events are not blocked.
+    pub fn reject(&mut self, qseq: u64, reason: &str) -> Result<(), QueueError> {
+        self.check_poisoned()?;
+        let name = self.pending.get(&qseq).ok_or(QueueError::NotPending { qseq })?.file_name();
+        let dead_reason = DeadReason::new(DeadCause::Rejected, reason, self.clock.now());
+        let (root, dead_dir) = (self.root.clone(), self.dead_dir.clone());
+        self.write_dead_reason(&name, &dead_reason)?;
+        self.move_durably(&root, &dead_dir, &name)?;
+        self.pending.remove(&qseq);
+        Ok(())
+    }
+
+    /// Pending and acked events of one rollout with seq > `after_seq`, in
+    /// seq order: what Replay-From re-sends, and what the agent replays to
+    /// rebuild its state (`after_seq` = 0).
+    pub fn events_after(&self, rollout_id: &RolloutId, after_seq: u64) -> Vec<QueuedEvent> {
+        let mut events: Vec<QueuedEvent> = self
+            .pending
+            .values()
+            .chain(self.acked.values())
+            .filter(|q| &q.rollout_id == rollout_id && q.seq() > after_seq)
+            .cloned()
+            .collect();
+        events.sort_by_key(|q| (q.seq(), q.qseq));
+        events
+    }
+
+    /// Removes acked events past the retention limits, whole rollouts at a
+    /// time (oldest first), so a rollout is either fully replayable or not
+    /// at all. Never prunes a rollout with pending events or the rollout of
+    /// the newest event. Returns how many events were removed.
+    pub fn prune_acked(&mut self) -> Result<usize, QueueError> {
+        self.check_poisoned()?;
+        let doomed = self.prune_plan();
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        // Crash case 7: the high-water mark first, durably.
+        let high_water = HighWater { qseq: self.next_qseq - 1, seqs: self.last_seq.clone() };
+        let (root, path) = (self.root.clone(), self.root.join(HIGH_WATER_FILE));
+        self.write_durably(&root, &path, &high_water.encode())?;
+        self.high_water = high_water;
+        let mut removed = 0;
+        for qseq in doomed {
+            let name = self.acked[&qseq].file_name();
+            let path = self.acked_dir.join(&name);
+            match self.storage.remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(QueueError::Io { op: "remove", path, source }),
+            }
+            self.acked.remove(&qseq);
+            removed += 1;
+        }
+        let acked_dir = self.acked_dir.clone();
+        self.storage.fsync_dir(&acked_dir).map_err(io_err("fsync directory", &acked_dir))?;
+        Ok(removed)
+    }
+
+    /// The acked qseqs retention removes, per the rules of `prune_acked`.
+    fn prune_plan(&self) -> Vec<u64> {
+        struct Group {
+            newest_qseq: u64,
+            newest_at: OffsetDateTime,
+            qseqs: Vec<u64>,
+        }
+        let newest_rollout =
+            self.pending.values().chain(self.acked.values()).max_by_key(|q| q.qseq).map(|q| q.rollout_id.clone());
+        let mut groups: BTreeMap<&RolloutId, Group> = BTreeMap::new();
+        for q in self.acked.values() {
+            let group = groups.entry(&q.rollout_id).or_insert(Group {
+                newest_qseq: 0,
+                newest_at: q.created_at,
+                qseqs: Vec::new(),
+            });
+            group.newest_qseq = group.newest_qseq.max(q.qseq);
+            group.newest_at = group.newest_at.max(q.created_at);
+            group.qseqs.push(q.qseq);
+        }
+        let with_pending: std::collections::BTreeSet<&RolloutId> =
+            self.pending.values().map(|q| &q.rollout_id).collect();
+        let mut candidates: Vec<(&RolloutId, Group)> = groups
+            .into_iter()
+            .filter(|(rollout, _)| Some(*rollout) != newest_rollout.as_ref() && !with_pending.contains(rollout))
+            .collect();
+        candidates.sort_by_key(|(_, g)| g.newest_qseq);
+        let now = self.clock.now();
+        let mut kept = self.acked.len();
+        let mut doomed = Vec::new();
+        for (_, group) in candidates {
+            let too_many = kept > self.config.acked_max_count;
+            let too_old = now - group.newest_at > self.config.acked_max_age;
+            if too_many || too_old {
+                kept -= group.qseqs.len();
+                doomed.extend(group.qseqs);
+            }
+        }
+        doomed
+    }
+
+    fn check_poisoned(&self) -> Result<(), QueueError> {
+        match &self.poisoned {
+            Some(why) => Err(QueueError::Poisoned(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// tmp → write → fsync → rename → fsync dir. On failure nothing stays
+    /// visible under `path`, or the queue is poisoned.
+    fn write_durably(&mut self, dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), QueueError> {
+        let tmp = tmp_path(path);
+        let result = (|| {
+            self.storage.write_file(&tmp, bytes).map_err(io_err("write", &tmp))?;
+            self.storage.fsync_file(&tmp).map_err(io_err("fsync", &tmp))?;
+            self.storage.rename(&tmp, path).map_err(io_err("rename", &tmp))
+        })();
+        if let Err(e) = result {
+            // Never fsync again and trust it: drop the tmp, the caller
+            // writes the whole thing anew.
+            let _ = self.storage.remove_file(&tmp);
+            self.undo_visible(dir, path);
+            return Err(e);
+        }
+        if let Err(e) = self.storage.fsync_dir(dir).map_err(io_err("fsync directory", dir)) {
+            self.undo_visible(dir, path);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// After a failed write, makes sure `path` is durably absent, or
+    /// poisons the queue when that cannot be established.
+    fn undo_visible(&mut self, dir: &Path, path: &Path) {
+        let outcome = match self.storage.remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) => Err(format!("remove {}: {e}", path.display())),
+            Ok(()) => self.storage.fsync_dir(dir).map_err(|e| format!("fsync directory {}: {e}", dir.display())),
+        };
+        if let Err(why) = outcome {
+            tracing::error!(path = %path.display(), %why, "cannot undo a failed queue write; queue stopped");
+            self.poisoned = Some(why);
+        }
+    }
+
+    /// rename `from_dir/name` → `to_dir/name`, fsync the destination (see
+    /// "Write discipline"). A retry after a rename that happened but whose
+    /// fsync failed finds the file already moved and only syncs.
+    fn move_durably(&mut self, from_dir: &Path, to_dir: &Path, name: &str) -> Result<(), QueueError> {
+        let (from, to) = (from_dir.join(name), to_dir.join(name));
+        match self.storage.rename(&from, &to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.storage.exists(&to).unwrap_or(false) => {}
+            Err(source) => return Err(QueueError::Io { op: "rename", path: from, source }),
+        }
+        self.storage.fsync_dir(to_dir).map_err(io_err("fsync directory", to_dir))
+    }
+
+    /// Writes `dead/<name>.reason` (tmp, fsync, rename; the caller's move
+    /// syncs `dead/`).
+    fn write_dead_reason(&mut self, name: &str, reason: &DeadReason) -> Result<(), QueueError> {
+        let path = self.dead_dir.join(format!("{name}{}", record::REASON_SUFFIX));
+        let tmp = tmp_path(&path);
+        let result = (|| {
+            self.storage.write_file(&tmp, &reason.encode()).map_err(io_err("write", &tmp))?;
+            self.storage.fsync_file(&tmp).map_err(io_err("fsync", &tmp))?;
+            self.storage.rename(&tmp, &path).map_err(io_err("rename", &tmp))
+        })();
+        if result.is_err() {
+            let _ = self.storage.remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Start-up recovery (crash cases 1, 8, 9): create folders, drop
+    /// `.tmp` files, move unreadable files to `dead/`, load the index and
+    /// the numbers to continue from.
+    fn recover(&mut self) -> Result<(), QueueError> {
+        for dir in [&self.root, &self.acked_dir, &self.dead_dir] {
+            self.storage.create_dir(dir).map_err(io_err("create directory", dir))?;
+        }
+        // Make the folders themselves durable (cheap, once per start).
+        for dir in [&self.state_dir, &self.root] {
+            self.storage.fsync_dir(dir).map_err(io_err("fsync directory", dir))?;
+        }
+        let high_water_path = self.root.join(HIGH_WATER_FILE);
+        if self.storage.exists(&high_water_path).map_err(io_err("stat", &high_water_path))? {
+            let bytes = self.storage.read_file(&high_water_path).map_err(io_err("read", &high_water_path))?;
+            self.high_water = HighWater::decode(&bytes)
+                .map_err(|reason| QueueError::HighWaterCorrupt { path: high_water_path.clone(), reason })?;
+        }
+        let mut max_qseq = self.high_water.qseq;
+        self.last_seq = self.high_water.seqs.clone();
+
+        let (root, acked_dir, dead_dir) = (self.root.clone(), self.acked_dir.clone(), self.dead_dir.clone());
+        let mut dead_names = std::collections::BTreeSet::new();
+        let mut live_seqs = std::collections::HashSet::new();
+        for (dir, is_dead) in [(&dead_dir, true), (&acked_dir, false), (&root, false)] {
+            let mut names = self.storage.list_files(dir).map_err(io_err("list", dir))?;
+            names.sort();
+            for name in names {
+                if name.ends_with(record::TMP_SUFFIX) {
+                    let path = dir.join(&name);
+                    match self.storage.remove_file(&path) {
+                        Ok(()) => self.recovery.tmp_removed += 1,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(source) => return Err(QueueError::Io { op: "remove", path, source }),
+                    }
+                    continue;
+                }
+                if is_dead {
+                    if let Some(qseq) = record::qseq_of_name(&name) {
+                        max_qseq = max_qseq.max(qseq);
+                    }
+                    if !name.ends_with(record::REASON_SUFFIX) {
+                        dead_names.insert(name);
+                    }
+                    continue;
+                }
+                if dir == &root && (name == LOCK_FILE || name == HIGH_WATER_FILE) {
+                    continue;
+                }
+                if !name.ends_with(record::EVENT_SUFFIX) {
+                    tracing::warn!(dir = %dir.display(), %name, "ignoring a file that is not a queue event");
+                    continue;
+                }
+                if let Some(qseq) = record::qseq_of_name(&name) {
+                    max_qseq = max_qseq.max(qseq);
+                }
+                let path = dir.join(&name);
+                let moved_already = dead_names.contains(&name)
+                    || record::qseq_of_name(&name).is_some_and(|q| self.acked.contains_key(&q));
+                if dir == &root && moved_already {
+                    // Crash case 8: the move to acked/ or dead/ had happened.
+                    self.storage.remove_file(&path).map_err(io_err("remove", &path))?;
+                    self.storage.fsync_dir(&root).map_err(io_err("fsync directory", &root))?;
+                    continue;
+                }
+                let bytes = match self.storage.read_file(&path) {
+                    Ok(bytes) => bytes,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(source) => return Err(QueueError::Io { op: "read", path, source }),
+                };
+                match self.check_record(&name, &bytes, &mut live_seqs) {
+                    Ok(queued) => {
+                        max_qseq = max_qseq.max(queued.qseq);
+                        let seq = self.last_seq.entry(queued.rollout_id.clone()).or_insert(0);
+                        *seq = (*seq).max(queued.seq());
+                        if dir == &root {
+                            self.pending.insert(queued.qseq, queued);
+                        } else {
+                            self.acked.insert(queued.qseq, queued);
+                        }
+                    }
+                    Err(reason) => {
+                        self.move_to_dead(dir, &name, &reason)?;
+                        self.recovery.moved_to_dead.push((name, reason));
+                    }
+                }
+            }
+        }
+        // Dead events still hold seqs that must not come back; unreadable
+        // ones only their qseq (by name, above).
+        for name in dead_names {
+            let Ok(bytes) = self.storage.read_file(&dead_dir.join(&name)) else { continue };
+            let Ok(header) = record::decode_header(&bytes) else { continue };
+            max_qseq = max_qseq.max(header.qseq);
+            if let Ok(rollout_id) = RolloutId::parse(&header.rollout_id) {
+                let seq = self.last_seq.entry(rollout_id).or_insert(0);
+                *seq = (*seq).max(header.seq);
+            }
+        }
+        self.next_qseq = max_qseq + 1;
+        self.recovery.pending = self.pending.len();
+        self.recovery.acked = self.acked.len();
+        if !self.recovery.moved_to_dead.is_empty() || self.recovery.tmp_removed > 0 {
+            tracing::warn!(
+                tmp_removed = self.recovery.tmp_removed,
+                moved_to_dead = self.recovery.moved_to_dead.len(),
+                "queue recovery cleaned up"
+            );
+        }
+        Ok(())
+    }
+
+    /// Decodes a record and checks it belongs here under this name.
+    /// `live_seqs` holds the (rollout, seq) of the records accepted so far.
+    fn check_record(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        live_seqs: &mut std::collections::HashSet<(RolloutId, u64)>,
+    ) -> Result<QueuedEvent, String> {
+        let queued = record::decode(bytes).map_err(|e| e.to_string())?;
+        if queued.hostname != self.hostname {
+            return Err(format!("belongs to host {}, this queue is host {}", queued.hostname, self.hostname));
+        }
+        if queued.file_name() != name {
+            return Err(format!("record qseq {} does not match its file name", queued.qseq));
+        }
+        if !live_seqs.insert((queued.rollout_id.clone(), queued.seq())) {
+            return Err(format!("a second event with seq {} of rollout {}", queued.seq(), queued.rollout_id));
+        }
+        Ok(queued)
+    }
+
+    /// Crash case 8: an unreadable file goes to `dead/` with the reason.
+    fn move_to_dead(&mut self, dir: &Path, name: &str, reason: &str) -> Result<(), QueueError> {
+        let dead_reason = DeadReason::new(DeadCause::Corrupt, reason, self.clock.now());
+        let dead_dir = self.dead_dir.clone();
+        self.write_dead_reason(name, &dead_reason)?;
+        self.move_durably(dir, &dead_dir, name)
+    }
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut os = path.as_os_str().to_owned();
+    os.push(record::TMP_SUFFIX);
+    PathBuf::from(os)
+}

@@ -1,0 +1,358 @@
+//! The Nix test environment (SPEC §7): real store paths built by the real
+//! `nix-build` from a tiny derivation (no nixpkgs), a real signed local binary
+//! cache, real `nix-store`/`nix-env`. The only stand-in is each closure's
+//! `bin/switch-to-configuration`, a /bin/sh script that repoints a
+//! `current-system` symlink baked in at build time.
+//!
+//! Where Nix is absent (or `NIXFLEET_TEST_NIX=stand-in`), stand-in
+//! `nix-store`/`nix-env` scripts on a temp dir keep the same program boundary
+//! and write closures straight into `/nix/store` (which must then be
+//! writable). Every test says which ran: `nix: real (...)` or `nix: stand-in`.
+//!
+//! Every closure carries a random nonce, so tests sharing the real
+//! `/nix/store` never build or delete each other's paths.
+#![allow(dead_code)] // Each test module uses a different part of the fixture.
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nixfleet::ids::Closure;
+
+/// What a test closure contains besides its switch script.
+#[derive(Debug, Clone, Default)]
+pub struct ClosureSpec {
+    /// Part of the store path name, so `ls /nix/store` shows which test made it.
+    pub label: String,
+    /// The symlink the switch repoints (baked into the script).
+    pub current_system: PathBuf,
+    /// The switch prints an error and exits 1 without touching the symlink.
+    pub fail_switch: bool,
+    /// Content of `nixfleet-reboot-required` (the component), if any.
+    pub reboot_required: Option<String>,
+    /// Content of `etc/nixfleet/agent/health-checks.json`, if any.
+    pub health_checks: Option<String>,
+    /// The switch writes its pid here as soon as it starts.
+    pub started_file: Option<PathBuf>,
+    /// The switch waits until this file exists before doing anything else.
+    pub wait_for: Option<PathBuf>,
+}
+
+/// Which Nix the fixture runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NixKind {
+    Real { version: String },
+    StandIn,
+}
+
+/// One test's view of Nix: programs, a signed binary cache, and a key pair.
+#[derive(Debug)]
+pub struct NixEnv {
+    pub kind: NixKind,
+    dir: tempfile::TempDir,
+    nix_store: PathBuf,
+    nix_env: PathBuf,
+    nix_build: PathBuf,
+    cache_dir: PathBuf,
+    secret_key: PathBuf,
+    public_key: String,
+}
+
+fn nonce() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("os randomness");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn real_nix_version() -> Option<String> {
+    if std::env::var("NIXFLEET_TEST_NIX").as_deref() == Ok("stand-in") {
+        return None;
+    }
+    let out = Command::new("nix-store").arg("--version").output().ok()?;
+    let build = Command::new("nix-build").arg("--version").output().ok()?;
+    (out.status.success() && build.status.success()).then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn write_script(path: &Path, text: &str) {
+    fs_err::write(path, text).expect("write script");
+    fs_err::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod script");
+}
+
+/// The switch-to-configuration stand-in; `@out@` is the closure's own path.
+fn switch_script(spec: &ClosureSpec) -> String {
+    let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', r"'\''"));
+    let mut s = String::from("#!/bin/sh\n# nixfleet test stand-in for switch-to-configuration\nPATH=/usr/bin:/bin\n");
+    s.push_str("action=\"$1\"\necho \"stand-in switch-to-configuration $action @out@\" >&2\n");
+    if let Some(started) = &spec.started_file {
+        s.push_str(&format!("echo $$ > {}.tmp && mv {}.tmp {}\n", quote(started), quote(started), quote(started)));
+    }
+    if let Some(wait) = &spec.wait_for {
+        s.push_str(&format!("while [ ! -e {} ]; do sleep 0.02; done\n", quote(wait)));
+    }
+    if spec.fail_switch {
+        s.push_str("echo \"error: stand-in switch was told to fail ($action)\" >&2\nexit 1\n");
+    }
+    let cs = quote(&spec.current_system);
+    s.push_str(&format!(
+        "case \"$action\" in\n\
+         switch|test) ln -sfn @out@ {cs}.tmp && mv -T {cs}.tmp {cs} ;;\n\
+         boot) echo @out@ > {cs}.next-boot ;;\n\
+         *) echo \"unknown action $action\" >&2; exit 2 ;;\n\
+         esac\n"
+    ));
+    s
+}
+
+const DERIVATION: &str = r#"{ name, nonce, switchScript, rebootRequired, healthChecks }:
+derivation {
+  inherit name nonce switchScript rebootRequired healthChecks;
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  PATH = "/usr/bin:/bin";
+  args = [ "-c" ''
+    set -e
+    mkdir -p $out/bin
+    printf '%s' "$switchScript" | sed "s|@out@|$out|g" > $out/bin/switch-to-configuration
+    chmod 755 $out/bin/switch-to-configuration
+    if [ -n "$rebootRequired" ]; then printf '%s' "$rebootRequired" > $out/nixfleet-reboot-required; fi
+    if [ -n "$healthChecks" ]; then
+      mkdir -p $out/etc/nixfleet/agent
+      printf '%s' "$healthChecks" > $out/etc/nixfleet/agent/health-checks.json
+    fi
+  '' ];
+}
+"#;
+
+/// Stand-in `nix-store`: --realise (present, or copied from a `file://`
+/// substituter in NIX_CONFIG whose `.sig` names a trusted key), --delete,
+/// --version. Messages follow Nix 2.8's wording.
+const STANDIN_NIX_STORE: &str = r#"#!/bin/sh
+PATH=/usr/bin:/bin
+case "$1" in
+--version) echo "nix-store (stand-in) 0"; exit 0 ;;
+--delete) shift; rm -rf "$@"; exit 0 ;;
+--realise) p="$2" ;;
+*) echo "stand-in nix-store: unsupported $*" >&2; exit 2 ;;
+esac
+if [ -d "$p" ]; then echo "$p"; exit 0; fi
+name=$(basename "$p")
+subs=$(printf '%s\n' "$NIX_CONFIG" | sed -n 's/^substituters *= *//p')
+keys=$(printf '%s\n' "$NIX_CONFIG" | sed -n 's/^trusted-public-keys *= *//p')
+for s in $subs; do
+  d="${s#file://}"
+  [ -d "$d/$name" ] || continue
+  signer=$(cat "$d/$name.sig")
+  for k in $keys; do
+    if [ "${k%%:*}" = "$signer" ]; then cp -a "$d/$name" "$p"; echo "$p"; exit 0; fi
+  done
+  echo "warning: the substitute for '$p' from '$s' is not signed by any of the keys in 'trusted-public-keys'" >&2
+done
+echo "error: path '$p' is required, but there is no substituter that can build it" >&2
+exit 1
+"#;
+
+/// Stand-in `nix-env -p PROFILE --set PATH`: numbered generation links like Nix.
+const STANDIN_NIX_ENV: &str = r#"#!/bin/sh
+PATH=/usr/bin:/bin
+[ "$1" = "-p" ] && [ "$3" = "--set" ] || { echo "stand-in nix-env: unsupported $*" >&2; exit 2; }
+profile="$2"; p="$4"
+[ -d "$p" ] || { echo "error: path '$p' is not valid" >&2; exit 1; }
+n=1
+while [ -e "$profile-$n-link" ] || [ -L "$profile-$n-link" ]; do n=$((n+1)); done
+ln -s "$p" "$profile-$n-link"
+ln -sfn "$(basename "$profile")-$n-link" "$profile.tmp" && mv -T "$profile.tmp" "$profile"
+"#;
+
+impl NixEnv {
+    /// Real Nix if `nix-store` and `nix-build` run, else stand-ins; prints which.
+    pub fn detect() -> NixEnv {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kind = match real_nix_version() {
+            Some(version) => NixKind::Real { version },
+            None => NixKind::StandIn,
+        };
+        let cache_dir = dir.path().join("cache");
+        let secret_key = dir.path().join("cache.sk");
+        let key_name = format!("nixfleet-test-{}", nonce());
+        let (nix_store, nix_env, nix_build, public_key) = match &kind {
+            NixKind::Real { version } => {
+                println!("nix: real ({version})");
+                let public = dir.path().join("cache.pk");
+                run(Command::new("nix-store")
+                    .arg("--generate-binary-cache-key")
+                    .arg(&key_name)
+                    .arg(&secret_key)
+                    .arg(&public));
+                let public_key = fs_err::read_to_string(&public).expect("read public key").trim().to_owned();
+                ("nix-store".into(), "nix-env".into(), "nix-build".into(), public_key)
+            }
+            NixKind::StandIn => {
+                println!("nix: stand-in");
+                let bin = dir.path().join("bin");
+                fs_err::create_dir_all(&bin).expect("mkdir bin");
+                fs_err::create_dir_all(&cache_dir).expect("mkdir cache");
+                write_script(&bin.join("nix-store"), STANDIN_NIX_STORE);
+                write_script(&bin.join("nix-env"), STANDIN_NIX_ENV);
+                fs_err::write(&secret_key, &key_name).expect("write key");
+                (bin.join("nix-store"), bin.join("nix-env"), PathBuf::new(), format!("{key_name}:stand-in"))
+            }
+        };
+        NixEnv { kind, dir, nix_store, nix_env, nix_build, cache_dir, secret_key, public_key }
+    }
+
+    pub fn is_real(&self) -> bool {
+        matches!(self.kind, NixKind::Real { .. })
+    }
+
+    pub fn nix_store(&self) -> &Path {
+        &self.nix_store
+    }
+
+    pub fn nix_env(&self) -> &Path {
+        &self.nix_env
+    }
+
+    /// A scratch directory that lives as long as this environment.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Builds a closure into the store; unique per call (random nonce).
+    pub fn build_closure(&self, spec: &ClosureSpec) -> Closure {
+        let label: String =
+            spec.label.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
+        let name = format!("nixfleet-test-{label}");
+        let script = switch_script(spec);
+        let nonce = nonce();
+        let path = match &self.kind {
+            NixKind::Real { .. } => {
+                let expr = self.dir.path().join("closure.nix");
+                fs_err::write(&expr, DERIVATION).expect("write derivation");
+                run(Command::new(&self.nix_build)
+                    .env("NIX_REMOTE", "local")
+                    .arg("--no-out-link")
+                    .arg("--quiet")
+                    .arg(&expr)
+                    .args(["--argstr", "name", &name, "--argstr", "nonce", &nonce, "--argstr", "switchScript", &script])
+                    .args(["--argstr", "rebootRequired", spec.reboot_required.as_deref().unwrap_or("")])
+                    .args(["--argstr", "healthChecks", spec.health_checks.as_deref().unwrap_or("")]))
+            }
+            NixKind::StandIn => {
+                // A store hash of nix base32 characters derived from the nonce.
+                let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
+                let mut bytes = [0u8; 32];
+                getrandom::fill(&mut bytes).expect("os randomness");
+                let hash: String = bytes.iter().map(|b| alphabet[usize::from(*b) % 32] as char).collect();
+                let out = format!("/nix/store/{hash}-{name}");
+                let bin = Path::new(&out).join("bin");
+                fs_err::create_dir_all(&bin).expect("stand-in mode needs a writable /nix/store");
+                write_script(&bin.join("switch-to-configuration"), &script.replace("@out@", &out));
+                if let Some(component) = &spec.reboot_required {
+                    fs_err::write(Path::new(&out).join("nixfleet-reboot-required"), component).expect("write marker");
+                }
+                if let Some(checks) = &spec.health_checks {
+                    let etc = Path::new(&out).join("etc/nixfleet/agent");
+                    fs_err::create_dir_all(&etc).expect("mkdir etc");
+                    fs_err::write(etc.join("health-checks.json"), checks).expect("write health checks");
+                }
+                out
+            }
+        };
+        Closure::parse(&path).expect("nix-build prints a store path")
+    }
+
+    /// Copies a closure into this environment's binary cache, signed with its key.
+    pub fn push_to_cache(&self, closure: &Closure) {
+        match &self.kind {
+            NixKind::Real { .. } => {
+                let to = format!("file://{}?secret-key={}", self.cache_dir.display(), self.secret_key.display());
+                run(Command::new("nix").env("NIX_REMOTE", "local").args([
+                    "--extra-experimental-features",
+                    "nix-command",
+                    "copy",
+                    "--to",
+                    &to,
+                    closure.as_str(),
+                ]));
+            }
+            NixKind::StandIn => {
+                let name = Path::new(closure.as_str()).file_name().expect("store path has a name");
+                run(Command::new("cp").arg("-a").arg(closure.as_str()).arg(self.cache_dir.join(name)));
+                let key = fs_err::read_to_string(&self.secret_key).expect("read key");
+                let mut sig = self.cache_dir.join(name).into_os_string();
+                sig.push(".sig");
+                fs_err::write(PathBuf::from(sig), key).expect("write sig");
+            }
+        }
+    }
+
+    /// Removes a closure from the local store, so realising it needs a substituter.
+    pub fn delete_from_store(&self, closure: &Closure) {
+        run(Command::new(&self.nix_store).env("NIX_REMOTE", "local").arg("--delete").arg(closure.as_str()));
+        assert!(!Path::new(closure.as_str()).exists(), "{closure} still in the store after --delete");
+    }
+
+    /// Environment for `nix-store --realise`: this cache as the only
+    /// substituter, trusting this cache's key.
+    pub fn substituter_env(&self) -> Vec<(OsString, OsString)> {
+        self.nix_config_with_key(&self.public_key)
+    }
+
+    /// The same cache, but trusting a different key (as if the cache were
+    /// signed by an untrusted key).
+    pub fn untrusted_substituter_env(&self) -> Vec<(OsString, OsString)> {
+        let other = match &self.kind {
+            NixKind::Real { .. } => {
+                let dir = self.dir.path().join("other-key");
+                fs_err::create_dir_all(&dir).expect("mkdir");
+                let (sk, pk) = (dir.join("sk"), dir.join("pk"));
+                run(Command::new("nix-store")
+                    .args(["--generate-binary-cache-key", "untrusted-other"])
+                    .arg(&sk)
+                    .arg(&pk));
+                fs_err::read_to_string(&pk).expect("read key").trim().to_owned()
+            }
+            NixKind::StandIn => "untrusted-other:stand-in".to_owned(),
+        };
+        self.nix_config_with_key(&other)
+    }
+
+    fn nix_config_with_key(&self, key: &str) -> Vec<(OsString, OsString)> {
+        let config = format!("substituters = file://{}\ntrusted-public-keys = {key}\n", self.cache_dir.display());
+        vec![("NIX_CONFIG".into(), config.into()), ("NIX_REMOTE".into(), "local".into())]
+    }
+}
+
+/// Where `link` points, or None if it does not exist.
+pub fn resolve(link: &Path) -> Option<PathBuf> {
+    std::fs::canonicalize(link).ok()
+}
+
+/// The `PROFILE-N-link` generation links next to a profile, sorted by N.
+pub fn profile_generations(profile: &Path) -> Vec<(u32, PathBuf)> {
+    let dir = profile.parent().expect("profile has a parent");
+    let prefix = format!("{}-", profile.file_name().expect("profile name").to_string_lossy());
+    let mut gens: Vec<(u32, PathBuf)> = fs_err::read_dir(dir)
+        .expect("read profile dir")
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().to_string_lossy().into_owned();
+            let n = name.strip_prefix(&prefix)?.strip_suffix("-link")?.parse().ok()?;
+            Some((n, std::fs::canonicalize(dir.join(&name)).ok()?))
+        })
+        .collect();
+    gens.sort();
+    gens
+}

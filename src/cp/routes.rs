@@ -40,6 +40,9 @@ use crate::wire::{
 /// anything is stored; every agent endpoint keeps the 1 MiB limit.
 pub const MAX_ENVELOPE_BYTES: usize = 16 * 1024 * 1024;
 
+/// `agent_version` is shown in tables and logs; a longer one is junk.
+pub const MAX_AGENT_VERSION_BYTES: usize = 128;
+
 /// Reader connections kept for the status views; more concurrent readers
 /// open a connection and drop it (views are rare operator requests).
 const MAX_IDLE_READERS: usize = 4;
@@ -380,8 +383,9 @@ async fn heartbeat(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) 
         Ok(h) => h,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_heartbeat", e.to_string()),
     };
-    if heartbeat.agent_version.len() > 128 {
-        return error(StatusCode::BAD_REQUEST, "bad_heartbeat", "agent_version: longer than 128 bytes");
+    if heartbeat.agent_version.len() > MAX_AGENT_VERSION_BYTES {
+        let message = format!("agent_version: longer than {MAX_AGENT_VERSION_BYTES} bytes");
+        return error(StatusCode::BAD_REQUEST, "bad_heartbeat", message);
     }
     if let Err(resp) = check_identity(peer, &heartbeat.hostname) {
         return resp;

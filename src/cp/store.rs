@@ -672,7 +672,11 @@ fn publish(
         let older: Vec<RolloutId> = state
             .rollouts
             .iter()
-            .filter(|(other, r)| other.channel() == channel && r.state != RolloutState::Superseded)
+            // A completed rollout has nothing left to stop; it keeps saying
+            // "completed", which tells the operator more than "superseded".
+            .filter(|(other, r)| {
+                other.channel() == channel && !matches!(r.state, RolloutState::Superseded | RolloutState::Completed)
+            })
             .map(|(other, _)| other.clone())
             .collect();
         for old in older {

@@ -266,6 +266,10 @@ fn two_wave_rollout_promotes_only_after_canary_converged() {
         let status = cp.get_json("/v1/rollouts/stable@r1").await;
         assert_eq!(status["state"], "completed", "{status:#}");
         assert_eq!(status["hosts_by_state"]["Converged"], 4);
+        // A newer manifest does not relabel a completed rollout.
+        let r2 = manifest("stable@r2", T1, 0, &[("all", 0, 4)], &[("web-1", 0, "web-1-r2")]);
+        assert_eq!(cp.publish(&release.sign(&r2)).await.status, StatusCode::CREATED);
+        assert_eq!(cp.get_json("/v1/rollouts/stable@r1").await["state"], "completed");
     });
 }
 
@@ -777,13 +781,12 @@ fn status_views_reflect_every_state() {
         let dc = d(4);
         a[4].activate(&dc).await;
         a[4].converge(&dc).await;
-        let d5 = d(5);
         assert_applied(
             &a[5]
                 .send(
                     "views@r1",
                     WireEventBody::DispatchRejected {
-                        target_closure: d5.target_closure.clone(),
+                        target_closure: d(5).target_closure,
                         reason: "target mismatch".into(),
                         rejected_at: datetime!(2026-11-25 12:06 UTC),
                     },
@@ -842,16 +845,21 @@ fn bad_input_is_refused_with_json_errors_and_not_stored() {
     let (_dir, release, cp) = setup("badinput");
     rt().block_on(async {
         cp.publish(&release.sign(&two_waves("stable@r1", T0, 0))).await;
-        let event = serde_json::json!({"seq": 1, "kind": "DispatchRejected", "reason": "x", "rejected_at": "2026-11-25T12:00:00Z"});
+        let event = serde_json::json!({"seq": 1, "kind": "DispatchRejected", "target_closure": closure("web-1-new"),
+            "reason": "x", "rejected_at": "2026-11-25T12:00:00Z"});
         let batch = |host: &str, event: &serde_json::Value| {
-            serde_json::json!({"hostname": host, "events": [{"rollout_id": "stable@r1", "event": event}]}).to_string().into_bytes()
+            serde_json::json!({"hostname": host, "events": [{"rollout_id": "stable@r1", "event": event}]})
+                .to_string()
+                .into_bytes()
         };
         let mut unknown_kind = event.clone();
         unknown_kind["kind"] = "Exploded".into();
         let unknown_mode = serde_json::json!({"seq": 1, "kind": "ProbeResult", "probe_name": "p", "mode": "sometimes",
             "status": "pass", "observed_at": "2026-11-25T12:00:00Z"});
         let too_many = serde_json::json!({"hostname": "web-1",
-            "events": vec![serde_json::json!({"rollout_id": "stable@r1", "event": event}); 257]}).to_string().into_bytes();
+            "events": vec![serde_json::json!({"rollout_id": "stable@r1", "event": event}); 257]})
+        .to_string()
+        .into_bytes();
         let no_header = [("X-Nixfleet-Protocol", "")];
         let v2 = [("X-Nixfleet-Protocol", "2")];
         let events = "/v1/agent/events";
@@ -859,24 +867,79 @@ fn bad_input_is_refused_with_json_errors_and_not_stored() {
         type Case<'a> = (&'a str, &'a str, Vec<u8>, &'a [(&'a str, &'a str)], StatusCode, &'a str);
         let cases: Vec<Case<'_>> = vec![
             ("malformed JSON", events, b"{\"hostname\": ".to_vec(), &[], StatusCode::BAD_REQUEST, "bad_event_batch"),
-            ("wrong type", events, br#"{"hostname": 7, "events": []}"#.to_vec(), &[], StatusCode::BAD_REQUEST, "bad_event_batch"),
-            ("unknown event kind", events, batch("web-1", &unknown_kind), &[], StatusCode::BAD_REQUEST, "bad_event_batch"),
-            ("unknown probe mode", events, batch("web-1", &unknown_mode), &[], StatusCode::BAD_REQUEST, "bad_event_batch"),
+            (
+                "wrong type",
+                events,
+                br#"{"hostname": 7, "events": []}"#.to_vec(),
+                &[],
+                StatusCode::BAD_REQUEST,
+                "bad_event_batch",
+            ),
+            (
+                "unknown event kind",
+                events,
+                batch("web-1", &unknown_kind),
+                &[],
+                StatusCode::BAD_REQUEST,
+                "bad_event_batch",
+            ),
+            (
+                "unknown probe mode",
+                events,
+                batch("web-1", &unknown_mode),
+                &[],
+                StatusCode::BAD_REQUEST,
+                "bad_event_batch",
+            ),
             ("bad hostname", events, batch("Web_1", &event), &[], StatusCode::BAD_REQUEST, "bad_event_batch"),
             ("too many events", events, too_many, &[], StatusCode::BAD_REQUEST, "bad_event_batch"),
-            ("missing protocol header", events, batch("web-1", &event), &no_header, StatusCode::BAD_REQUEST, "missing_protocol_header"),
-            ("wrong protocol version", events, batch("web-1", &event), &v2, StatusCode::UPGRADE_REQUIRED, "unsupported_protocol"),
-            ("body over 1 MiB", events, vec![b' '; nixfleet::wire::MAX_BODY_BYTES + 1], &[], StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
-            ("heartbeat with a bad closure", heartbeat,
-             br#"{"hostname":"web-1","current_closure":"/tmp/x","uptime_secs":1,"agent_version":"t"}"#.to_vec(),
-             &[], StatusCode::BAD_REQUEST, "bad_heartbeat"),
-            ("heartbeat without header", heartbeat, b"{}".to_vec(), &no_header, StatusCode::BAD_REQUEST, "missing_protocol_header"),
+            (
+                "missing protocol header",
+                events,
+                batch("web-1", &event),
+                &no_header,
+                StatusCode::BAD_REQUEST,
+                "missing_protocol_header",
+            ),
+            (
+                "wrong protocol version",
+                events,
+                batch("web-1", &event),
+                &v2,
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported_protocol",
+            ),
+            (
+                "body over 1 MiB",
+                events,
+                vec![b' '; nixfleet::wire::MAX_BODY_BYTES + 1],
+                &[],
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+            ),
+            (
+                "heartbeat with a bad closure",
+                heartbeat,
+                br#"{"hostname":"web-1","current_closure":"/tmp/x","uptime_secs":1,"agent_version":"t"}"#.to_vec(),
+                &[],
+                StatusCode::BAD_REQUEST,
+                "bad_heartbeat",
+            ),
+            (
+                "heartbeat without header",
+                heartbeat,
+                b"{}".to_vec(),
+                &no_header,
+                StatusCode::BAD_REQUEST,
+                "missing_protocol_header",
+            ),
         ];
         for (name, path, body, headers, status, code) in cases {
             let resp = client::request(&cp.url, Method::POST, path, headers, Some(body)).await.expect(name);
             let text = String::from_utf8_lossy(&resp.body).into_owned();
             assert_eq!(resp.status, status, "{name}: {text}");
-            let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{name}: not JSON: {text}"));
+            let json: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or_else(|_| panic!("{name}: not JSON: {text}"));
             assert_eq!(json["error"], code, "{name}");
             assert!(!json["message"].as_str().unwrap_or("").is_empty(), "{name}");
         }

@@ -133,3 +133,10 @@ fn failure_reasons_are_capped_at_the_wire_limit() {
     assert!(reason.len() <= FAILURE_REASON_MAX_BYTES && reason.len() >= FAILURE_REASON_MAX_BYTES - 1);
     assert_eq!(run.status, ProbeStatus::Fail);
 }
+
+#[test]
+fn the_shipped_example_health_checks_file_parses() {
+    // Proves examples/health-checks.json (also shown in the README) is valid.
+    let checks = HealthChecks::parse(include_str!("../../../examples/health-checks.json")).expect("valid example");
+    assert_eq!(checks.topology().len(), 4);
+}

@@ -185,7 +185,7 @@ impl<J: Journal> Reducer<J> {
         for (id, state) in self.rollouts.unfinished_switches() {
             let Some(slot) = self.rollouts.get(&id) else { continue };
             let (closure, rollback) = match state {
-                HostState::Activating => (slot.record.target_closure.clone(), false),
+                HostState::Activating | HostState::Deferred => (slot.record.target_closure.clone(), false),
                 _ => (slot.record.current_closure_at_dispatch.clone(), true),
             };
             if let Some(closure) = closure {

@@ -190,14 +190,16 @@ impl Rollouts {
     }
 
     /// The rollouts whose switch the agent must (re)fire after a restart:
-    /// Activating (outcome unknown) or Failed with a rollback whose outcome
-    /// was never recorded.
+    /// Activating (outcome unknown), Deferred (a reboot may have finished
+    /// it: the activation worker reports Completed when the host provably
+    /// runs the target, and otherwise re-runs the idempotent boot setup), or
+    /// Failed with a rollback whose outcome was never recorded.
     pub fn unfinished_switches(&self) -> Vec<(RolloutId, HostState)> {
         self.slots
             .iter()
             .filter(|(_, s)| {
                 let r = &s.record;
-                r.state == HostState::Activating
+                matches!(r.state, HostState::Activating | HostState::Deferred)
                     || (r.state == HostState::Failed && r.rollback_fired && r.rollback_failure.is_none())
             })
             .map(|(id, s)| (id.clone(), s.record.state))

@@ -104,10 +104,10 @@ impl Host {
     }
     /// (seq, kind) of the agent's acked events of one rollout, in seq order.
     fn acked(&self, rollout: &str) -> Vec<(u64, String)> {
-        let view = QueueView::open(&self.state_dir()).expect("queue view");
+        let Ok(view) = QueueView::open(&self.state_dir()) else { return Vec::new() };
         let mut out: Vec<(u64, String)> = view
             .list(&[EntryState::Acked])
-            .expect("list")
+            .unwrap_or_default()
             .into_iter()
             .filter_map(|e| e.header)
             .filter(|h| h.rollout_id.as_str() == rollout)
@@ -131,6 +131,10 @@ impl Drop for Host {
 }
 
 fn manifest(id: &str, soak_secs: u64, hosts: &[(&str, usize, &Closure)]) -> String {
+    manifest_with(id, soak_secs, "rollback-and-halt", hosts)
+}
+
+fn manifest_with(id: &str, soak_secs: u64, on_health_failure: &str, hosts: &[(&str, usize, &Closure)]) -> String {
     let (channel, git_ref) = id.split_once('@').expect("channel@ref");
     let hosts: serde_json::Map<String, serde_json::Value> = hosts
         .iter()
@@ -138,7 +142,7 @@ fn manifest(id: &str, soak_secs: u64, hosts: &[(&str, usize, &Closure)]) -> Stri
         .collect();
     serde_json::json!({
         "schema": 1, "channel": channel, "ref": git_ref, "issued_at": "2026-11-25T12:00:00Z",
-        "policy": {"on_health_failure": "rollback-and-halt", "sustained_failure_secs": 2, "max_failed_hosts": 0},
+        "policy": {"on_health_failure": on_health_failure, "sustained_failure_secs": 2, "max_failed_hosts": 0},
         "waves": [{"name": "canary", "soak_secs": soak_secs, "max_in_flight": 1},
                   {"name": "rest", "soak_secs": soak_secs, "max_in_flight": 10}],
         "hosts": hosts,
@@ -315,4 +319,147 @@ async fn an_agent_killed_mid_switch_reports_the_switch_that_finished_without_it(
     web1.start_agent(&cp, &release.pub_path);
     wait_state(&cp, "stable@k2", &web1, "Converged").await;
     assert_logs_agree(&cp, "stable@k2", &web1).await;
+}
+
+/// One host's row of `/v1/rollouts/{id}`.
+async fn host_row(cp: &Cp, rollout: &str, host: &str) -> serde_json::Value {
+    let detail = cp.get_json(&format!("/v1/rollouts/{rollout}")).await;
+    for wave in detail["waves"].as_array().expect("waves") {
+        for h in wave["hosts"].as_array().expect("hosts") {
+            if h["hostname"] == host {
+                return h.clone();
+            }
+        }
+    }
+    panic!("{host} not in {rollout}: {detail}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_signed_by_a_key_the_agent_does_not_trust_is_refused_and_nothing_activates() {
+    // Proves the agent verifies with its own trust keys, not the CP's: a
+    // dispatch of a rollout the CP accepted but the host does not trust ends
+    // as DispatchRejected, and current-system never moves.
+    let dir = TempDir::new("agent-untrusted");
+    let release = Release::new(dir.path(), "release");
+    let other = Release::new(dir.path(), "other");
+    let cp = Cp::start(dir.path(), &release.pub_path);
+    let mut web1 = Host::new("web-1");
+    let (old, new) = (web1.closure("old", PASSING_PROBE), web1.closure("new", PASSING_PROBE));
+    web1.boot_into(&old);
+    assert!(cp.publish(&release.sign(&manifest("stable@u1", 1, &[("web-1", 0, &new)]))).await.status.is_success());
+    web1.start_agent(&cp, &other.pub_path);
+    wait_state(&cp, "stable@u1", &web1, "Failed").await;
+    let row = host_row(&cp, "stable@u1", "web-1").await;
+    assert!(row.to_string().contains("trust"), "the refusal names the reason: {row}");
+    assert_eq!(web1.running(), Some(PathBuf::from(old.as_str())), "nothing activated");
+    assert_eq!(web1.acked("stable@u1").into_iter().map(|(_, k)| k).collect::<Vec<_>>(), vec!["DispatchRejected"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_cp_down_the_agent_converges_alone_and_delivers_everything_in_order_later() {
+    // Proves the agent works without its CP: the CP is killed mid-soak, the
+    // host converges offline with its events queued, and after the CP comes
+    // back every event is delivered in order, once.
+    let dir = TempDir::new("agent-cp-down");
+    let release = Release::new(dir.path(), "release");
+    let mut cp = Cp::start(dir.path(), &release.pub_path);
+    let mut web1 = Host::new("web-1");
+    let (old, new) = (web1.closure("old", PASSING_PROBE), web1.closure("new", PASSING_PROBE));
+    web1.boot_into(&old);
+    assert!(cp.publish(&release.sign(&manifest("stable@d1", 3, &[("web-1", 0, &new)]))).await.status.is_success());
+    web1.start_agent(&cp, &release.pub_path);
+    wait_state(&cp, "stable@d1", &web1, "Soaking").await;
+    cp.kill9();
+    crate::harness::wait_for("the agent to converge offline", || {
+        let view = QueueView::open(&web1.state_dir()).ok()?;
+        let entries = view.list(&[EntryState::Pending]).ok()?;
+        entries.iter().any(|e| e.header.as_ref().is_some_and(|h| h.kind == "Converged")).then_some(())
+    });
+    assert!(web1.pending() > 0, "events wait in the queue while the CP is down");
+    cp.restart_same_port();
+    wait_state(&cp, "stable@d1", &web1, "Converged").await;
+    assert_logs_agree(&cp, "stable@d1", &web1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_switch_and_a_failed_rollback_are_both_reported() {
+    // Proves both failures reach the CP: the switch exits 1 (ActivationFailed
+    // with its stderr), the rollback's switch fails too (RollbackFailed), and
+    // the host stays Failed with a note that the operator must act.
+    let dir = TempDir::new("agent-double-failure");
+    let release = Release::new(dir.path(), "release");
+    let cp = Cp::start(dir.path(), &release.pub_path);
+    let mut web1 = Host::new("web-1");
+    let spec = |label: &str| ClosureSpec {
+        label: format!("web-1-{label}"),
+        current_system: web1.current_system(),
+        health_checks: Some(PASSING_PROBE.to_owned()),
+        fail_switch: true,
+        ..ClosureSpec::default()
+    };
+    let (old, bad) = (web1.nix.build_closure(&spec("old-broken")), web1.nix.build_closure(&spec("bad")));
+    web1.boot_into(&old);
+    assert!(cp.publish(&release.sign(&manifest("stable@f1", 1, &[("web-1", 0, &bad)]))).await.status.is_success());
+    web1.start_agent(&cp, &release.pub_path);
+    crate::harness::wait_for("both failures in the queue", || {
+        let kinds: Vec<String> = web1.acked("stable@f1").into_iter().map(|(_, k)| k).collect();
+        kinds.contains(&"RollbackFailed".to_owned()).then_some(kinds)
+    });
+    let kinds: Vec<String> = web1.acked("stable@f1").into_iter().map(|(_, k)| k).collect();
+    assert!(kinds.contains(&"ActivationFailed".to_owned()), "{kinds:?}");
+    assert_eq!(cp.host_state("stable@f1", "web-1").await, "Failed");
+    let row = host_row(&cp, "stable@f1", "web-1").await;
+    assert!(row["note"].as_str().unwrap_or("").contains("rollback failed"), "{row}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_halt_a_failing_host_stays_failed_on_the_new_closure() {
+    // Proves on_health_failure = halt: sustained probe failure fails the host
+    // and nothing rolls it back.
+    let dir = TempDir::new("agent-halt");
+    let release = Release::new(dir.path(), "release");
+    let cp = Cp::start(dir.path(), &release.pub_path);
+    let mut web1 = Host::new("web-1");
+    let (old, bad) = (web1.closure("old", PASSING_PROBE), web1.closure("bad", FAILING_PROBE));
+    web1.boot_into(&old);
+    let m = manifest_with("stable@h1", 30, "halt", &[("web-1", 0, &bad)]);
+    assert!(cp.publish(&release.sign(&m)).await.status.is_success());
+    web1.start_agent(&cp, &release.pub_path);
+    wait_state(&cp, "stable@h1", &web1, "Failed").await;
+    crate::harness::wait_for("the Failed event to be delivered", || (web1.pending() == 0).then_some(()));
+    assert_eq!(web1.running(), Some(PathBuf::from(bad.as_str())), "halt never rolls back");
+    let kinds: Vec<String> = web1.acked("stable@h1").into_iter().map(|(_, k)| k).collect();
+    assert_eq!(kinds.last().map(String::as_str), Some("Failed"), "{kinds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_required_closure_is_deferred_and_completes_after_the_reboot() {
+    // Proves the deferred path: the agent sets the profile and reports
+    // Deferred (shown in status with a note); after a "reboot" into the
+    // target, the restarted agent reports the completion and converges.
+    let dir = TempDir::new("agent-deferred");
+    let release = Release::new(dir.path(), "release");
+    let cp = Cp::start(dir.path(), &release.pub_path);
+    let mut web1 = Host::new("web-1");
+    let old = web1.closure("old", PASSING_PROBE);
+    let new = web1.nix.build_closure(&ClosureSpec {
+        label: "web-1-kernel".into(),
+        current_system: web1.current_system(),
+        health_checks: Some(PASSING_PROBE.to_owned()),
+        reboot_required: Some("kernel".into()),
+        ..ClosureSpec::default()
+    });
+    web1.boot_into(&old);
+    assert!(cp.publish(&release.sign(&manifest("stable@b1", 1, &[("web-1", 0, &new)]))).await.status.is_success());
+    web1.start_agent(&cp, &release.pub_path);
+    wait_state(&cp, "stable@b1", &web1, "Deferred").await;
+    let row = host_row(&cp, "stable@b1", "web-1").await;
+    assert!(row["note"].as_str().unwrap_or("").contains("reboot"), "{row}");
+    assert_eq!(web1.running(), Some(PathBuf::from(old.as_str())), "no live switch");
+    // The reboot: the agent stops, the machine comes up on the new closure.
+    assert_eq!(web1.stop_agent(), Some(0));
+    web1.boot_into(&new);
+    web1.start_agent(&cp, &release.pub_path);
+    wait_state(&cp, "stable@b1", &web1, "Converged").await;
+    assert_logs_agree(&cp, "stable@b1", &web1).await;
 }

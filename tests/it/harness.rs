@@ -208,6 +208,17 @@ impl Cp {
         self.spawn();
     }
 
+    /// Restarts on the address it had, as a real CP behind a fixed port
+    /// would come back (agents keep their configured URL).
+    pub fn restart_same_port(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        let authority = self.url.authority().to_owned();
+        if let Some(idx) = self.args.iter().position(|a| a == "--listen") {
+            self.args[idx + 1] = authority;
+        }
+        self.spawn();
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

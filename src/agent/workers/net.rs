@@ -26,9 +26,12 @@ use crate::sign::PublicKey;
 use crate::wire::{BatchItem, EventBatch, Heartbeat, ResultStatus, MAX_BATCH_EVENTS};
 
 /// After a dispatch for a rollout this host already handles (the CP repeats
-/// it until our DispatchAck is applied), wait this long before polling
-/// again instead of spinning on an instant answer.
-pub const KNOWN_DISPATCH_PAUSE: Duration = Duration::from_secs(2);
+/// it until our DispatchAck is applied, normally a few milliseconds later)
+/// the next poll waits this long, doubling while the repeats go on up to
+/// [`KNOWN_DISPATCH_PAUSE_MAX`]: quick to see the next rollout, and bounded
+/// load if the CP never applies the ack (e.g. it rejected it).
+pub const KNOWN_DISPATCH_PAUSE_MIN: Duration = Duration::from_millis(20);
+pub const KNOWN_DISPATCH_PAUSE_MAX: Duration = Duration::from_secs(5);
 /// The drainer also looks at the queue this often without being woken
 /// (SPEC default 15 s), so nothing waits for the next enqueue.
 pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(15);
@@ -76,6 +79,7 @@ pub async fn run_longpoll_worker(
 ) -> WorkerExit {
     let cache = ManifestCache::new(&cfg.state_dir);
     let mut backoff = Backoff::new();
+    let mut known_pause = KNOWN_DISPATCH_PAUSE_MIN;
     loop {
         let polled = tokio::select! {
             biased;
@@ -105,11 +109,13 @@ pub async fn run_longpoll_worker(
         // a repeat of a dispatch already answered.
         let known = snapshot.borrow().get(&rollout_id).is_some() || queue.lock().last_seq(&rollout_id) > 0;
         if known {
-            if !pause(KNOWN_DISPATCH_PAUSE, &mut shutdown).await {
+            if !pause(known_pause, &mut shutdown).await {
                 return WorkerExit::Shutdown;
             }
+            known_pause = (known_pause * 2).min(KNOWN_DISPATCH_PAUSE_MAX);
             continue;
         }
+        known_pause = KNOWN_DISPATCH_PAUSE_MIN;
         let envelope = match api.manifest(&rollout_id).await {
             Ok(bytes) => bytes,
             Err(e) => {

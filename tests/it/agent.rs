@@ -275,12 +275,24 @@ async fn an_agent_killed_while_soaking_resumes_from_its_queue_and_converges() {
     let mut web1 = Host::new("web-1");
     let (old, new) = (web1.closure("old", PASSING_PROBE), web1.closure("new", PASSING_PROBE));
     web1.boot_into(&old);
-    let m = manifest("stable@k1", 4, &[("web-1", 0, &new)]);
+    let m = manifest("stable@k1", 6, &[("web-1", 0, &new)]);
     assert!(cp.publish(&release.sign(&m)).await.status.is_success());
     web1.start_agent(&cp, &release.pub_path);
+    // Two kill points: as soon as the CP sees Soaking, and again once the
+    // restarted agent has delivered more probe results.
     wait_state(&cp, "stable@k1", &web1, "Soaking").await;
     web1.kill9_agent();
+    let delivered = cp_events(&cp, "stable@k1", "web-1").await.len();
     web1.start_agent(&cp, &release.pub_path);
+    let start = Instant::now();
+    while cp_events(&cp, "stable@k1", "web-1").await.len() < delivered + 2 {
+        assert!(start.elapsed() < CONVERGE_LIMIT, "no progress after the restart:\n{}", web1.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if cp.host_state("stable@k1", "web-1").await == "Soaking" {
+        web1.kill9_agent();
+        web1.start_agent(&cp, &release.pub_path);
+    }
     wait_state(&cp, "stable@k1", &web1, "Converged").await;
     assert_eq!(web1.running(), Some(PathBuf::from(new.as_str())));
     assert_logs_agree(&cp, "stable@k1", &web1).await;
@@ -462,4 +474,108 @@ async fn a_reboot_required_closure_is_deferred_and_completes_after_the_reboot() 
     web1.start_agent(&cp, &release.pub_path);
     wait_state(&cp, "stable@b1", &web1, "Converged").await;
     assert_logs_agree(&cp, "stable@b1", &web1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_that_kills_the_agent_and_completes_is_reported_by_the_restarted_agent() {
+    // Proves the Cachix-Deploy failure mode is handled: the switch kill -9s
+    // the agent (as restarting its unit would) and then completes; the
+    // restarted agent proves the switch from current-system and the profile,
+    // reports it once, and converges.
+    let dir = TempDir::new("agent-switch-kills");
+    let release = Release::new(dir.path(), "release");
+    let cp = Cp::start(dir.path(), &release.pub_path);
+    let mut web1 = Host::new("web-1");
+    let old = web1.closure("old", PASSING_PROBE);
+    let pid_file = web1.root.join("agent.pid");
+    let new = web1.nix.build_closure(&ClosureSpec {
+        label: "web-1-restarts-agent".into(),
+        current_system: web1.current_system(),
+        health_checks: Some(PASSING_PROBE.to_owned()),
+        kill_pid_file: Some(pid_file.clone()),
+        ..ClosureSpec::default()
+    });
+    web1.boot_into(&old);
+    web1.start_agent(&cp, &release.pub_path);
+    let pid = web1.agent.as_ref().expect("running").id();
+    fs_err::write(&pid_file, pid.to_string()).expect("pid file");
+    assert!(cp.publish(&release.sign(&manifest("stable@s1", 1, &[("web-1", 0, &new)]))).await.status.is_success());
+    crate::harness::wait_for("the switch to kill the agent", || {
+        web1.agent.as_mut().and_then(|c| c.try_wait().ok().flatten()).map(|_| ())
+    });
+    crate::harness::wait_for("the switch to finish without the agent", || {
+        (web1.running() == Some(PathBuf::from(new.as_str()))).then_some(())
+    });
+    let _ = std::fs::remove_file(&pid_file);
+    web1.agent = None;
+    web1.start_agent(&cp, &release.pub_path);
+    wait_state(&cp, "stable@s1", &web1, "Converged").await;
+    assert_logs_agree(&cp, "stable@s1", &web1).await;
+    let kinds: Vec<String> = web1.acked("stable@s1").into_iter().map(|(_, k)| k).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "ActivationCompleted").count(), 1, "{kinds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered() {
+    // Proves no head-of-line blocking with the real drain worker and the real
+    // CP: an event the CP rejects goes to dead/ with the CP's reason and the
+    // next event of the same rollout is still applied.
+    use nixfleet::agent::journal::SharedQueue;
+    use nixfleet::agent::net::CpApi;
+    use nixfleet::agent::workers::net::run_drain_worker;
+    use nixfleet::agent::workers::shutdown_channel;
+    use nixfleet::clock::ClockHandle;
+    use nixfleet::ids::{Hostname, RolloutId};
+    use nixfleet::queue::{Queue, QueueConfig};
+    use nixfleet::wire::{OutboundEvent, WireEventBody};
+    use time::macros::datetime;
+
+    let dir = TempDir::new("agent-rejected");
+    let release = Release::new(dir.path(), "release");
+    let cp = Cp::start(dir.path(), &release.pub_path);
+    let old = Closure::parse("/nix/store/00000000000000000000000000000000-old").expect("valid");
+    let new = Closure::parse("/nix/store/11111111111111111111111111111111-new").expect("valid");
+    assert!(cp.publish(&release.sign(&manifest("stable@q1", 1, &[("web-1", 0, &new)]))).await.status.is_success());
+    let host = Hostname::parse("web-1").expect("valid");
+    let rid = RolloutId::parse("stable@q1").expect("valid");
+    let state_dir = dir.path().join("agent");
+    let mut queue =
+        Queue::open(&state_dir, host.clone(), QueueConfig::default(), ClockHandle::system()).expect("queue");
+    let t = datetime!(2026-11-25 12:00 UTC);
+    let illegal =
+        OutboundEvent { seq: 1, body: WireEventBody::Converged { converged_at: t, current_closure: new.clone() } };
+    let legal = OutboundEvent {
+        seq: 2,
+        body: WireEventBody::DispatchAck {
+            current_closure_at_dispatch: old,
+            target_closure: new,
+            soak_secs: 1,
+            received_at: t,
+        },
+    };
+    queue.enqueue(&rid, &illegal).expect("enqueue");
+    queue.enqueue(&rid, &legal).expect("enqueue");
+    let queue = SharedQueue::new(queue);
+    let (trigger, stop) = shutdown_channel();
+    let api = CpApi::new(cp.url.clone(), host);
+    let worker = tokio::spawn(run_drain_worker(
+        api,
+        queue.clone(),
+        std::sync::Arc::new(tokio::sync::Notify::new()),
+        Duration::from_millis(50),
+        stop,
+    ));
+    let start = Instant::now();
+    while queue.lock().pending_len() > 0 {
+        assert!(start.elapsed() < CONVERGE_LIMIT, "the queue never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    trigger.trigger();
+    worker.await.expect("worker");
+    let view = QueueView::open(&state_dir).expect("view");
+    let dead = view.list(&[EntryState::Dead]).expect("list");
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].reason.as_deref().unwrap_or("").contains("illegal"), "{:?}", dead[0].reason);
+    assert_eq!(queue.lock().acked().iter().map(|q| q.event.seq).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(cp.host_state("stable@q1", "web-1").await, "Activating");
 }

@@ -37,6 +37,9 @@ pub struct ClosureSpec {
     pub started_file: Option<PathBuf>,
     /// The switch waits until this file exists before doing anything else.
     pub wait_for: Option<PathBuf>,
+    /// The switch `kill -9`s the pid in this file (the agent) before it
+    /// switches, as a real switch restarting the agent's unit would.
+    pub kill_pid_file: Option<PathBuf>,
 }
 
 /// Which Nix the fixture runs.
@@ -101,6 +104,9 @@ fn switch_script(spec: &ClosureSpec) -> String {
     }
     if let Some(wait) = &spec.wait_for {
         s.push_str(&format!("while [ ! -e {} ]; do sleep 0.02; done\n", quote(wait)));
+    }
+    if let Some(pid_file) = &spec.kill_pid_file {
+        s.push_str(&format!("[ -f {p} ] && kill -9 \"$(cat {p})\"\n", p = quote(pid_file)));
     }
     if spec.fail_switch {
         s.push_str("echo \"error: stand-in switch was told to fail ($action)\" >&2\nexit 1\n");

@@ -243,6 +243,10 @@ async fn a_failing_probe_rolls_the_host_back_and_the_cp_halts_the_rollout() {
     let kinds: Vec<String> = web1.acked("stable@r2").into_iter().map(|(_, k)| k).collect();
     assert!(kinds.contains(&"Failed".to_owned()) && kinds.last().map(String::as_str) == Some("RollbackComplete"));
     assert_eq!(cp.host_state("stable@r2", "web-2").await, "Pending", "the halted rollout dispatches nothing more");
+    let status = cp.get_json("/v1/status").await;
+    assert!(status["quarantined"].to_string().contains(bad1.as_str()), "the bad closure is quarantined: {status}");
+    let summary = cp.get_json("/v1/rollouts/stable@r2").await;
+    assert_eq!(summary["state"], "halted", "{summary}");
     assert_eq!(web2.running(), Some(PathBuf::from(old2.as_str())));
 }
 

@@ -44,6 +44,9 @@ pub enum Command {
     /// Run the host agent: long-poll for dispatches, activate, probe, roll
     /// back on its own, report every step through its on-disk queue.
     Agent(AgentArgs),
+    /// Re-run the CP's event log (--db) or an agent's queue (--state-dir)
+    /// through the state machine; exit 1 if it disagrees with what is stored.
+    Replay(ReplayArgs),
     /// Run the control plane, or publish to it and ask it for status.
     #[command(subcommand)]
     Cp(CpCommand),
@@ -234,4 +237,25 @@ pub struct AgentArgs {
     /// Seconds one long-poll may wait (the CP caps it at 60).
     #[arg(long, env = "NIXFLEET_AGENT_LONGPOLL_WAIT", default_value_t = 60)]
     pub longpoll_wait: u64,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["db", "state_dir"])))]
+pub struct ReplayArgs {
+    /// The control plane's SQLite database (opened read-only).
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+    /// An agent's state dir (its queue and cached manifests; read-only).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// With --state-dir: the release key(s) the agent's cached manifests are
+    /// verified with.
+    #[arg(long = "trust-key", requires = "state_dir")]
+    pub trust_keys: Vec<PathBuf>,
+    /// With --db: only this rollout.
+    #[arg(long, requires = "db")]
+    pub rollout: Option<crate::ids::RolloutId>,
+    /// Only the final state of each host, not every event.
+    #[arg(long)]
+    pub quiet: bool,
 }

@@ -4,6 +4,7 @@
 
 pub mod manifest_cmd;
 pub mod queue_cmd;
+pub mod replay;
 
 use std::io::{self, Write};
 

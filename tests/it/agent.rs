@@ -217,6 +217,34 @@ async fn a_two_wave_rollout_converges_and_the_cp_log_matches_the_agents_queue() 
     }
     assert_eq!(web1.stop_agent(), Some(0), "SIGTERM is a clean exit; log:\n{}", web1.log());
     assert_eq!(web2.stop_agent(), Some(0));
+
+    // `nixfleet replay` agrees with what both sides stored...
+    let replay = |args: &[&str]| Command::new(bin()).arg("replay").args(args).output().expect("replay");
+    let db = cp.db.display().to_string();
+    let out = replay(&["--db", &db]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("host web-2: Converged (agrees with the stored record)"), "{text}");
+    assert!(text.contains("0 disagreements"), "{text}");
+    let state = web1.state_dir().display().to_string();
+    let trust = release.pub_path.display().to_string();
+    let out = replay(&["--state-dir", &state, "--trust-key", &trust, "--quiet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("host web-1: Converged"));
+    // ...and exits 1 naming the host when a cached record was altered.
+    let conn = rusqlite::Connection::open(&cp.db).expect("open db");
+    let changed = conn
+        .execute(
+            "UPDATE host_records SET record = replace(record, '\"Converged\"', '\"Soaking\"') WHERE hostname = 'web-2'",
+            [],
+        )
+        .expect("tamper");
+    assert_eq!(changed, 1);
+    drop(conn);
+    let out = replay(&["--db", &db, "--quiet"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("web-2 in stable@r1: stored record is Soaking"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

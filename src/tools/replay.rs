@@ -1,0 +1,213 @@
+//! `nixfleet replay`: re-runs recorded events through the shared state
+//! machine and shows how every host's state evolved.
+//!
+//! - `--db PATH`: the control plane's event log. Each host starts from the
+//!   Pending record its manifest implies and folds its logged events through
+//!   `step` (the Remote side, exactly as ingest did). The result is compared
+//!   with the host records the CP cached; any difference, or an event that
+//!   no longer applies, exits 1. Opens the database read-only, so it is safe
+//!   while the CP runs.
+//! - `--state-dir DIR`: an agent's queue (pending, acked and rejected
+//!   events). The agent keeps no other state, so the check is that its whole
+//!   journal still replays from seq 1 under its cached, re-verified manifest
+//!   (`--trust-key`); otherwise exit 1. Read-only and lock-free.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use rusqlite::params;
+
+use crate::cp::store;
+use crate::ids::{Hostname, RolloutId};
+use crate::machine::{step, Event, HostRecord, Outcome, Policy};
+use crate::queue::{DeadCause, EntryState, QueueView};
+use crate::sign::PublicKey;
+use crate::tools::print_stdout;
+use crate::wire::OutboundEvent;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("{path}: {source}")]
+    Sql { path: PathBuf, source: rusqlite::Error },
+    #[error(transparent)]
+    Queue(#[from] crate::queue::ViewError),
+    #[error(transparent)]
+    Key(#[from] crate::sign::SignError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("replay disagrees: {0}")]
+    Disagrees(String),
+}
+
+/// One host's evolution in one rollout.
+struct Trace {
+    lines: Vec<String>,
+    record: HostRecord,
+    problems: Vec<String>,
+}
+
+fn fold(mut record: HostRecord, events: Vec<(u64, Result<Event, String>)>, policy: &Policy) -> Trace {
+    let mut lines = Vec::new();
+    let mut problems = Vec::new();
+    for (seq, event) in events {
+        let event = match event {
+            Ok(e) => e,
+            Err(why) => {
+                problems.push(format!("seq {seq} cannot be read: {why}"));
+                continue;
+            }
+        };
+        let from = record.state;
+        match step(&record, &event, policy) {
+            Ok(Outcome::Applied { record: next, .. }) => {
+                let to = next.state;
+                let arrow = if from == to { format!("{to}") } else { format!("{from} -> {to}") };
+                lines.push(format!(
+                    "  seq {:>4}  {:<24} {:<22} {}",
+                    event.seq,
+                    event.body.kind().wire_name(),
+                    arrow,
+                    event.body.occurred_at().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+                ));
+                record = *next;
+            }
+            Ok(Outcome::Duplicate { .. }) => lines.push(format!("  seq {:>4}  duplicate (ignored)", event.seq)),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    Trace { lines, record, problems }
+}
+
+/// `nixfleet replay --db PATH`.
+pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(), ReplayError> {
+    if !db.is_file() {
+        return Err(ReplayError::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("database {} does not exist", db.display()),
+        )));
+    }
+    let conn = store::open_reader(db)?;
+    let cached = store::cached_host_records(&conn, db)?;
+    let sql = |source| ReplayError::Sql { path: db.to_owned(), source };
+    let mut stmt = conn
+        .prepare("SELECT seq, event FROM event_log WHERE rollout_id = ?1 AND hostname = ?2 ORDER BY seq")
+        .map_err(sql)?;
+    let mut out = String::new();
+    let mut disagreements = Vec::new();
+    let (mut n_hosts, mut n_events) = (0usize, 0usize);
+    for manifest in store::manifests(&conn, db)? {
+        let id = &manifest.rollout_id;
+        if only.is_some_and(|o| o != id) {
+            continue;
+        }
+        let policy = manifest.machine_policy();
+        let _ = writeln!(out, "rollout {id}");
+        for (host, entry) in &manifest.hosts {
+            n_hosts += 1;
+            let rows: Vec<(i64, String)> = stmt
+                .query_map(params![id.as_str(), host.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|rows| rows.collect())
+                .map_err(sql)?;
+            n_events += rows.len();
+            let events = rows
+                .into_iter()
+                .map(|(seq, json)| {
+                    let seq = u64::try_from(seq).unwrap_or(0);
+                    let event = serde_json::from_str::<OutboundEvent>(&json)
+                        .map_err(|e| e.to_string())
+                        .and_then(|w| w.to_remote().map_err(|e| e.to_string()));
+                    (seq, event)
+                })
+                .collect();
+            let start = HostRecord::pending(id.clone(), host.clone(), Some(entry.target_closure.clone()));
+            let trace = fold(start, events, &policy);
+            let stored = cached.get(&(id.clone(), host.clone()));
+            let verdict = match stored {
+                Some(s) if *s == trace.record && trace.problems.is_empty() => "agrees",
+                _ => "DISAGREES",
+            };
+            let _ = writeln!(out, " host {host}: {} ({verdict} with the stored record)", trace.record.state);
+            if !quiet {
+                for line in &trace.lines {
+                    let _ = writeln!(out, "{line}");
+                }
+            }
+            for p in &trace.problems {
+                disagreements.push(format!("{host} in {id}: {p}"));
+            }
+            match stored {
+                Some(s) if *s != trace.record => disagreements.push(format!(
+                    "{host} in {id}: stored record is {} at seq {}, replay gives {} at seq {}",
+                    s.state, s.last_seq, trace.record.state, trace.record.last_seq
+                )),
+                None => disagreements.push(format!("{host} in {id}: no stored record")),
+                _ => {}
+            }
+        }
+    }
+    let _ = writeln!(out, "{n_events} events of {n_hosts} hosts replayed; {} disagreements", disagreements.len());
+    print_stdout(&out)?;
+    if disagreements.is_empty() {
+        Ok(())
+    } else {
+        Err(ReplayError::Disagrees(disagreements.join("; ")))
+    }
+}
+
+/// `nixfleet replay --state-dir DIR --trust-key K`.
+pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) -> Result<(), ReplayError> {
+    let trust_keys = trust_key_paths.iter().map(|p| PublicKey::load(p)).collect::<Result<Vec<_>, _>>()?;
+    let view = QueueView::open(state_dir)?;
+    let mut journals: BTreeMap<(RolloutId, String), Vec<OutboundEvent>> = BTreeMap::new();
+    for entry in view.list(&[EntryState::Pending, EntryState::Acked, EntryState::Dead])? {
+        let Ok(inspected) = view.inspect(entry.name()) else { continue };
+        let corrupt = inspected.dead_reason.as_ref().is_some_and(|r| r.cause == DeadCause::Corrupt);
+        if let (false, Ok(record)) = (corrupt, inspected.record) {
+            journals.entry((record.rollout_id.clone(), record.hostname.to_string())).or_default().push(record.event);
+        }
+    }
+    let cache = crate::agent::journal::ManifestCache::new(state_dir);
+    let mut out = String::new();
+    let mut problems = Vec::new();
+    for ((rollout_id, host), mut events) in journals {
+        events.sort_by_key(|e| e.seq);
+        let hostname = Hostname::parse(&host).map_err(|e| ReplayError::Disagrees(e.to_string()))?;
+        let policy = match cache.load(&rollout_id)? {
+            Some(bytes) => match crate::agent::admission::admit_cached(&hostname, &trust_keys, &bytes, &rollout_id) {
+                Ok(m) => m.machine_policy(),
+                Err(e) => {
+                    problems.push(format!("{rollout_id}: cached manifest: {e}"));
+                    continue;
+                }
+            },
+            None => {
+                problems.push(format!("{rollout_id}: no cached manifest"));
+                continue;
+            }
+        };
+        let _ = writeln!(out, "rollout {rollout_id}");
+        if events.first().is_none_or(|e| e.seq != 1) {
+            let _ = writeln!(out, " host {host}: history pruned (starts at seq {})", events[0].seq);
+            continue;
+        }
+        let journal = events.iter().map(|e| (e.seq, e.to_local().map_err(|err| err.to_string()))).collect();
+        let trace = fold(HostRecord::pending(rollout_id.clone(), hostname, None), journal, &policy);
+        let _ = writeln!(out, " host {host}: {}", trace.record.state);
+        if !quiet {
+            for line in &trace.lines {
+                let _ = writeln!(out, "{line}");
+            }
+        }
+        problems.extend(trace.problems.into_iter().map(|p| format!("{rollout_id}: {p}")));
+    }
+    let _ = writeln!(out, "{} problems", problems.len());
+    print_stdout(&out)?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ReplayError::Disagrees(problems.join("; ")))
+    }
+}

@@ -44,6 +44,14 @@ pub enum Command {
     /// Run the host agent: long-poll for dispatches, activate, probe, roll
     /// back on its own, report every step through its on-disk queue.
     Agent(AgentArgs),
+    /// The whole system on this machine: a control plane and four agents on
+    /// loopback, a 2-wave rollout in which one host fails its probe and rolls
+    /// back by itself; prints progress and a final per-host table.
+    Demo {
+        /// Keep the work dir (CP database, agent queues) for `replay` and `queue ls`.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Re-run the CP's event log (--db) or an agent's queue (--state-dir)
     /// through the state machine; exit 1 if it disagrees with what is stored.
     Replay(ReplayArgs),

@@ -12,7 +12,10 @@ use nixfleet::tools;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // The demo prints its own story on stdout; its components' info logs
+    // would drown it (RUST_LOG still overrides).
+    let default_level = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" };
+    init_tracing(cli.log_format, default_level);
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Keygen { out } => tools::manifest_cmd::keygen(&out).map_err(Into::into),
         Command::Manifest(ManifestCommand::Check { manifest, json }) => {
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
         }
         Command::Queue(cmd) => tools::queue_cmd::run(&cmd, &ClockHandle::system()).map_err(Into::into),
         Command::Agent(args) => nixfleet::agent::cmd::run(args).map_err(Into::into),
+        Command::Demo { keep } => tools::demo::run(keep).map_err(Into::into),
         Command::Replay(args) => match (&args.db, &args.state_dir) {
             (Some(db), _) => tools::replay::replay_db(db, args.rollout.as_ref(), args.quiet).map_err(Into::into),
             (None, Some(dir)) => tools::replay::replay_queue(dir, &args.trust_keys, args.quiet).map_err(Into::into),
@@ -42,10 +46,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default_level: &str) {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -2,6 +2,7 @@
 //! replay) and the small output helpers they share. stdout is data, stderr
 //! is diagnostics; a closed stdout (`| head`) is not an error.
 
+pub mod demo;
 pub mod manifest_cmd;
 pub mod queue_cmd;
 pub mod replay;

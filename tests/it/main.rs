@@ -6,6 +6,7 @@ mod activation;
 mod agent;
 mod cli;
 mod cp;
+mod demo;
 mod harness;
 pub mod nixenv;
 mod probes;

@@ -204,7 +204,10 @@ async fn demo(keep: bool) -> Result<(), DemoError> {
             for h in wave["hosts"].as_array().into_iter().flatten() {
                 let name = h["hostname"].as_str().unwrap_or("?").to_owned();
                 let state = h["state"].as_str().unwrap_or("?").to_owned();
-                settled &= matches!(state.as_str(), "Converged" | "Reverted" | "Failed")
+                // Failed is final only once no rollback is still running.
+                let rolling_back = h["note"].as_str() == Some("rolling back");
+                settled &= matches!(state.as_str(), "Converged" | "Reverted")
+                    || (state == "Failed" && !rolling_back)
                     || (state == "Pending" && detail["state"] == "halted");
                 if last.get(&name) != Some(&state) {
                     let from = last.get(&name).cloned().unwrap_or_else(|| "-".to_owned());

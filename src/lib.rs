@@ -1,15 +1,16 @@
 //! nixfleet: roll NixOS system closures out to a fleet in waves, with health
 //! probes and autonomous rollback. The modules are listed in reading order:
-//! identifiers and time first, then the pure state machine, then the formats
-//! that cross a boundary (wire, signatures), then the tools.
+//! identifiers and time, the pure state machine, the formats that cross a
+//! boundary (wire, signatures), the agent's durable queue, the two roles
+//! (control plane, agent), then the operator tools and the command line.
 
-pub mod agent;
-pub mod cli;
-pub mod clock;
-pub mod cp;
 pub mod ids;
+pub mod clock;
 pub mod machine;
-pub mod queue;
-pub mod sign;
-pub mod tools;
 pub mod wire;
+pub mod sign;
+pub mod queue;
+pub mod cp;
+pub mod agent;
+pub mod tools;
+pub mod cli;

@@ -13,7 +13,7 @@ use super::reducer::Journal;
 use super::rollouts::{Rollouts, RolloutsError};
 use crate::ids::{Hostname, RolloutId};
 use crate::machine::{Event, Policy};
-use crate::queue::{DeadCause, EntryState, Queue, QueueView};
+use crate::queue::{DeadCause, EntryState, Queue, QueueView, QueuedEvent};
 use crate::sign::PublicKey;
 use crate::wire::OutboundEvent;
 
@@ -133,8 +133,8 @@ pub fn restore(
         let events = queue.events_after(&rollout_id, 0).into_iter().map(|q| (q.event.seq, q.event));
         journals.entry(rollout_id).or_default().extend(events);
     }
-    for (rollout_id, event) in rejected_events(state_dir)? {
-        journals.entry(rollout_id).or_default().push((event.seq, event));
+    for q in recorded_events(state_dir, &[EntryState::Dead])? {
+        journals.entry(q.rollout_id).or_default().push((q.event.seq, q.event));
     }
     let cache = ManifestCache::new(state_dir);
     let mut rollouts = Rollouts::new(hostname.clone());
@@ -168,7 +168,9 @@ pub fn restore(
     Ok((rollouts, report))
 }
 
-fn cached_policy(
+/// The policy of a rollout from its cached envelope, re-verified with
+/// `trust_keys`; Err says why there is none.
+pub fn cached_policy(
     cache: &ManifestCache,
     rollout_id: &RolloutId,
     hostname: &Hostname,
@@ -181,16 +183,19 @@ fn cached_policy(
     admit_cached(hostname, trust_keys, &bytes, rollout_id).map(|m| m.machine_policy()).map_err(|e| e.to_string())
 }
 
-/// Events in `dead/` that the CP rejected (not corrupt files), by rollout.
-fn rejected_events(state_dir: &Path) -> Result<Vec<(RolloutId, OutboundEvent)>, String> {
+/// The events of the given folders of an agent's queue, read lock-free:
+/// every record in `pending/` and `acked/`, and in `dead/` only those the
+/// CP rejected (an unreadable file is no event). For the restart rebuild
+/// (rejected events only; the open queue holds the rest) and `replay`.
+pub fn recorded_events(state_dir: &Path, folders: &[EntryState]) -> Result<Vec<QueuedEvent>, String> {
     let view = QueueView::open(state_dir).map_err(|e| e.to_string())?;
-    let entries = view.list(&[EntryState::Dead]).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    for entry in entries {
+    for entry in view.list(folders).map_err(|e| e.to_string())? {
         let Ok(inspected) = view.inspect(entry.name()) else { continue };
-        let rejected = inspected.dead_reason.as_ref().is_some_and(|r| r.cause == DeadCause::Rejected);
-        if let (true, Ok(record)) = (rejected, inspected.record) {
-            out.push((record.rollout_id, record.event));
+        let corrupt = inspected.dead_reason.as_ref().is_some_and(|r| r.cause != DeadCause::Rejected);
+        let unexplained_dead = entry.folder == EntryState::Dead && inspected.dead_reason.is_none();
+        if let (false, false, Ok(record)) = (corrupt, unexplained_dead, inspected.record) {
+            out.push(record);
         }
     }
     Ok(out)

@@ -16,3 +16,6 @@ pub mod reducer;
 pub mod rollouts;
 pub mod runtime;
 pub mod workers;
+
+#[cfg(test)]
+mod testkit;

@@ -332,7 +332,11 @@ impl<J: Journal> Reducer<J> {
                 }
             }
         }
-        self.snapshot.send_replace(self.rollouts.clone());
+        // Publish only the slot that changed: cloning every record of every
+        // rollout on each probe result would grow with the agent's history.
+        if let Some(slot) = self.rollouts.get(&rollout_id).cloned() {
+            self.snapshot.send_modify(|snap| snap.set(rollout_id.clone(), slot));
+        }
     }
 
     fn next_generation(&mut self) -> u64 {
@@ -355,14 +359,11 @@ impl<J: Journal> Reducer<J> {
 mod tests {
     use std::sync::Mutex;
 
-    use time::macros::datetime;
     use time::Duration;
 
     use super::*;
-    use crate::ids::Hostname;
-    use crate::machine::{Event, OnHealthFailure, ProbeKind};
-
-    const T0: Timestamp = datetime!(2026-11-25 12:00 UTC);
+    use crate::agent::testkit::{closure, host, policy, rid, T0};
+    use crate::machine::{Event, ProbeKind};
 
     #[derive(Debug, Clone, Default)]
     struct MemJournal {
@@ -392,18 +393,6 @@ mod tests {
         }
     }
 
-    fn closure(c: char) -> Closure {
-        Closure::parse(&format!("/nix/store/{}-nixos-system-web-1", c.to_string().repeat(32))).expect("valid")
-    }
-    fn rid() -> RolloutId {
-        RolloutId::parse("stable@r1").expect("valid")
-    }
-    fn policy() -> Policy {
-        Policy { on_health_failure: OnHealthFailure::RollbackAndHalt, sustained_failure_secs: 60 }
-    }
-    fn host() -> Hostname {
-        Hostname::parse("web-1").expect("valid")
-    }
     fn dispatch() -> Input {
         Input::Dispatch {
             rollout_id: rid(),

@@ -117,6 +117,12 @@ impl Rollouts {
         true
     }
 
+    /// Installs a slot as is: for a read-only copy (the reducer's snapshot)
+    /// that mirrors the reducer's own slots.
+    pub fn set(&mut self, rollout_id: RolloutId, slot: Slot) {
+        self.slots.insert(rollout_id, slot);
+    }
+
     pub fn get(&self, rollout_id: &RolloutId) -> Option<&Slot> {
         self.slots.get(rollout_id)
     }
@@ -271,23 +277,11 @@ pub fn probe_bodies(
 
 #[cfg(test)]
 mod tests {
-    use time::macros::datetime;
     use time::Duration;
 
     use super::*;
-    use crate::machine::{OnHealthFailure, ProbeDecl, ProbeKind};
-
-    const T0: Timestamp = datetime!(2026-11-25 12:00 UTC);
-
-    fn closure(c: char) -> Closure {
-        Closure::parse(&format!("/nix/store/{}-nixos-system-web-1", c.to_string().repeat(32))).expect("valid")
-    }
-    fn rid() -> RolloutId {
-        RolloutId::parse("stable@r1").expect("valid")
-    }
-    fn policy() -> Policy {
-        Policy { on_health_failure: OnHealthFailure::RollbackAndHalt, sustained_failure_secs: 60 }
-    }
+    use crate::agent::testkit::{closure, policy, rid, T0};
+    use crate::machine::{ProbeDecl, ProbeKind};
 
     /// Prepares, "journals" into `journal`, commits; returns the actions.
     fn apply(r: &mut Rollouts, journal: &mut Vec<Event>, body: EventBody) -> Vec<Effect> {

@@ -18,10 +18,11 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::params;
 
+use crate::agent::journal;
 use crate::cp::store;
 use crate::ids::{Hostname, RolloutId};
 use crate::machine::{step, Event, HostRecord, Outcome, Policy};
-use crate::queue::{DeadCause, EntryState, QueueView};
+use crate::queue::EntryState;
 use crate::sign::PublicKey;
 use crate::tools::print_stdout;
 use crate::wire::OutboundEvent;
@@ -32,8 +33,6 @@ pub enum ReplayError {
     Store(#[from] store::StoreError),
     #[error("{path}: {source}")]
     Sql { path: PathBuf, source: rusqlite::Error },
-    #[error(transparent)]
-    Queue(#[from] crate::queue::ViewError),
     #[error(transparent)]
     Key(#[from] crate::sign::SignError),
     #[error(transparent)]
@@ -160,31 +159,21 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
 /// `nixfleet replay --state-dir DIR --trust-key K`.
 pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) -> Result<(), ReplayError> {
     let trust_keys = trust_key_paths.iter().map(|p| PublicKey::load(p)).collect::<Result<Vec<_>, _>>()?;
-    let view = QueueView::open(state_dir)?;
-    let mut journals: BTreeMap<(RolloutId, String), Vec<OutboundEvent>> = BTreeMap::new();
-    for entry in view.list(&[EntryState::Pending, EntryState::Acked, EntryState::Dead])? {
-        let Ok(inspected) = view.inspect(entry.name()) else { continue };
-        let corrupt = inspected.dead_reason.as_ref().is_some_and(|r| r.cause == DeadCause::Corrupt);
-        if let (false, Ok(record)) = (corrupt, inspected.record) {
-            journals.entry((record.rollout_id.clone(), record.hostname.to_string())).or_default().push(record.event);
-        }
+    let folders = [EntryState::Pending, EntryState::Acked, EntryState::Dead];
+    let mut journals: BTreeMap<(RolloutId, Hostname), Vec<OutboundEvent>> = BTreeMap::new();
+    for q in journal::recorded_events(state_dir, &folders).map_err(ReplayError::Disagrees)? {
+        journals.entry((q.rollout_id, q.hostname)).or_default().push(q.event);
     }
-    let cache = crate::agent::journal::ManifestCache::new(state_dir);
+    let cache = journal::ManifestCache::new(state_dir);
     let mut out = String::new();
     let mut problems = Vec::new();
-    for ((rollout_id, host), mut events) in journals {
+    for ((rollout_id, hostname), mut events) in journals {
         events.sort_by_key(|e| e.seq);
-        let hostname = Hostname::parse(&host).map_err(|e| ReplayError::Disagrees(e.to_string()))?;
-        let policy = match cache.load(&rollout_id)? {
-            Some(bytes) => match crate::agent::admission::admit_cached(&hostname, &trust_keys, &bytes, &rollout_id) {
-                Ok(m) => m.machine_policy(),
-                Err(e) => {
-                    problems.push(format!("{rollout_id}: cached manifest: {e}"));
-                    continue;
-                }
-            },
-            None => {
-                problems.push(format!("{rollout_id}: no cached manifest"));
+        let host = hostname.to_string();
+        let policy = match journal::cached_policy(&cache, &rollout_id, &hostname, &trust_keys) {
+            Ok(p) => p,
+            Err(why) => {
+                problems.push(format!("{rollout_id}: {why}"));
                 continue;
             }
         };
@@ -193,8 +182,8 @@ pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) 
             let _ = writeln!(out, " host {host}: history pruned (starts at seq {})", events[0].seq);
             continue;
         }
-        let journal = events.iter().map(|e| (e.seq, e.to_local().map_err(|err| err.to_string()))).collect();
-        let trace = fold(HostRecord::pending(rollout_id.clone(), hostname, None), journal, &policy);
+        let local = events.iter().map(|e| (e.seq, e.to_local().map_err(|err| err.to_string()))).collect();
+        let trace = fold(HostRecord::pending(rollout_id.clone(), hostname, None), local, &policy);
         let _ = writeln!(out, " host {host}: {}", trace.record.state);
         if !quiet {
             for line in &trace.lines {

@@ -162,9 +162,9 @@ pub async fn run_longpoll_worker(
                 }
             }
             Err(refusal) => {
-                // Nothing verified: record the refusal under a conservative
-                // policy (it only matters for hosts that activate).
-                let _ = cache.store(&rollout_id, &envelope);
+                // Nothing verified, so nothing is cached: the refusal is
+                // recorded under a conservative policy (it only matters for
+                // hosts that activate), which a restart also falls back to.
                 Input::RefuseDispatch {
                     rollout_id,
                     policy: Policy { on_health_failure: OnHealthFailure::Halt, sustained_failure_secs: 60 },

@@ -193,31 +193,44 @@ async fn wait_parked(cp: &Cp, n: usize) {
     }
 }
 
-/// Hundreds of concurrent long-polls are all answered by one publish.
+/// Hundreds of concurrent long-polls are all answered by one publish, each
+/// with its own host's closure (the dispatches are stored 64 rows per
+/// INSERT: 300 hosts are four full statements and a remainder), and the
+/// stored dispatches survive a `kill -9`.
 #[test]
 fn many_concurrent_longpolls_are_all_woken() {
     const N: usize = 300;
-    let (_dir, release, cp) = setup("lpmany");
+    let (_dir, release, mut cp) = setup("lpmany");
+    let names: Vec<String> = (0..N).map(|i| format!("node-{i}")).collect();
     rt().block_on(async {
-        let names: Vec<String> = (0..N).map(|i| format!("node-{i}")).collect();
         let hosts: Vec<(&str, usize, &str)> = names.iter().map(|n| (n.as_str(), 0, n.as_str())).collect();
         let m = manifest("fleet@big", T0, 0, &[("all", 0, N as u32)], &hosts);
         let mut polls = tokio::task::JoinSet::new();
         for name in &names {
             let agent = Agent::new(name, &cp.url);
-            polls.spawn(async move { agent.poll(30).await });
+            let name = name.clone();
+            polls.spawn(async move { (name, agent.poll(30).await) });
         }
         wait_parked(&cp, N).await;
         let start = Instant::now();
         assert_eq!(cp.publish(&release.sign(&m)).await.status, StatusCode::CREATED);
         let mut n_dispatched = 0;
-        while let Some(d) = polls.join_next().await {
-            if d.unwrap().is_some() {
-                n_dispatched += 1;
-            }
+        while let Some(answer) = polls.join_next().await {
+            let (name, dispatch) = answer.unwrap();
+            let d = dispatch.unwrap_or_else(|| panic!("{name} got no dispatch"));
+            assert_eq!(d.target_closure.as_str(), closure(&name), "{name} got another host's dispatch");
+            n_dispatched += 1;
         }
         assert_eq!(n_dispatched, N, "every long-poll got its dispatch");
         assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+    });
+    cp.kill9();
+    cp.restart();
+    rt().block_on(async {
+        for name in [&names[0], &names[63], &names[64], &names[N - 1]] {
+            let d = Agent::new(name, &cp.url).poll(0).await.expect("the standing dispatch survives a restart");
+            assert_eq!(d.target_closure.as_str(), closure(name));
+        }
     });
 }
 

@@ -19,6 +19,10 @@
 //!    `ProbeRun`. A probe that takes longer than its interval runs again
 //!    right after (`MissedTickBehavior::Delay`), never in parallel with
 //!    itself. At most `MAX_PROBES` loops exist, the file's own limit.
+//! 5. A runner that panics (a bug: runners never panic by contract) does not
+//!    silence its probe: that run is reported as a failure naming the panic,
+//!    and the loop goes on. A silent probe would hold the host Soaking
+//!    forever; a failing one lets the soak decide (and roll back).
 //!
 //! Decision: an INVALID health-checks file (unreadable, malformed, a bad
 //! field) is not an empty topology, because that would let a system with a
@@ -29,8 +33,11 @@
 //! sustained failure rolls it back. The file lives in the immutable closure,
 //! so it is not re-read; a new plan (a new activation) reads it again.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -106,8 +113,8 @@ where
                 // A loop only returns when its send failed.
                 Ok(()) => break WorkerExit::ReducerGone,
                 Err(e) if e.is_panic() => {
-                    // Runners never panic by contract; if one does, its probe
-                    // stops reporting, which never lets the host converge.
+                    // The loops catch their runner's panics; a panic here is a
+                    // bug in the loop itself, and its probe stops reporting.
                     tracing::error!(error = %e, "a probe loop panicked; that probe no longer reports");
                 }
                 Err(_cancelled) => {}
@@ -185,7 +192,17 @@ async fn probe_loop<R: ProbeRunner>(
     let mut ticker = ticker(probe.interval);
     loop {
         ticker.tick().await;
-        let ProbeRun { status, reason } = runner.run(&probe).await;
+        let ProbeRun { status, reason } = match CatchPanic(Box::pin(runner.run(&probe))).await {
+            Ok(run) => run,
+            // Runners never panic by contract. If one does, the probe reports
+            // a failure (and keeps running): a probe that cannot run must not
+            // let the host converge, and a silent probe would hold it Soaking
+            // forever instead of deciding.
+            Err(message) => {
+                tracing::error!(probe = %probe.name, %message, "the probe runner panicked; reporting a failure");
+                ProbeRun::fail(format!("the probe runner panicked: {message}"))
+            }
+        };
         let input = Input::ProbeRun {
             rollout_id: rollout_id.clone(),
             probe_name: probe.name.clone(),
@@ -197,6 +214,30 @@ async fn probe_loop<R: ProbeRunner>(
         if inputs.send(input).await.is_err() {
             return;
         }
+    }
+}
+
+/// Polls a future and turns a panic inside it into `Err(message)`.
+struct CatchPanic<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, String>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(panic_message(payload.as_ref()))),
+        }
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(text), _) => (*text).to_owned(),
+        (_, Some(text)) => text.clone(),
+        _ => "a panic without a message".to_owned(),
     }
 }
 

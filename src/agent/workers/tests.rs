@@ -227,6 +227,44 @@ async fn an_invalid_file_is_a_failing_enforce_probe_reported_every_interval() {
     assert_eq!(h.worker.await.expect("join"), WorkerExit::ReducerGone, "a closed input channel stops the worker");
 }
 
+/// Panics on every run of the probe named "boom"; every other probe passes.
+#[derive(Debug, Clone, Default)]
+struct PanickingRunner;
+
+impl ProbeRunner for PanickingRunner {
+    async fn run(&self, probe: &Probe) -> ProbeRun {
+        tokio::task::yield_now().await;
+        assert_ne!(probe.name, "boom", "runner bug on purpose");
+        ProbeRun::pass()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_runner_reports_a_failure_every_interval_instead_of_going_silent() {
+    // Proves a runner bug cannot hold a host Soaking forever or let it
+    // converge: the panicking probe fails on every run, the others go on.
+    let checks = file(&[exec("boom", "enforce", 10, "true"), exec("fine", "enforce", 10, "true")]);
+    let mut h = probe_worker(Some(&checks), PanickingRunner);
+    h.order(Some(rid("r1")), 1);
+    let _ = h.topology().await;
+    let mut seen: BTreeMap<String, Vec<(ProbeStatus, Option<String>)>> = BTreeMap::new();
+    while seen.values().map(Vec::len).sum::<usize>() < 6 {
+        match h.next().await {
+            Input::ProbeRun { probe_name, status, reason, .. } => {
+                seen.entry(probe_name).or_default().push((status, reason))
+            }
+            other => panic!("expected a run, got {other:?}"),
+        }
+    }
+    assert_eq!(seen["fine"].iter().map(|r| r.0).collect::<Vec<_>>(), vec![ProbeStatus::Pass; 3]);
+    for (status, reason) in &seen["boom"] {
+        assert_eq!(*status, ProbeStatus::Fail);
+        let reason = reason.as_deref().expect("a reason");
+        assert!(reason.contains("panicked") && reason.contains("runner bug on purpose"), "{reason}");
+    }
+    assert_eq!(seen["boom"].len(), 3, "the probe keeps reporting after a panic");
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_missing_file_declares_an_empty_topology_and_runs_nothing() {
     // Proves a closure without health checks declares "no probes" (so it can

@@ -233,6 +233,14 @@ impl<J: Journal> Reducer<J> {
                 }
             }
             Input::SwitchFinished { rollout_id, order, outcome, at } => {
+                let still_deferred = matches!(outcome, SwitchOutcome::Deferred { .. })
+                    && self.state(&rollout_id) == Some(HostState::Deferred);
+                if still_deferred && !order.rollback {
+                    // A restart before the reboot re-ran the boot setup (it is
+                    // idempotent); the host already reported Deferred.
+                    tracing::info!(%rollout_id, closure = %order.closure, "still waiting for a reboot into the deferred closure");
+                    return;
+                }
                 let body =
                     if order.rollback { rollback_body(&order.closure, outcome, at) } else { switch_body(outcome, at) };
                 self.feed(&rollout_id, body).await;
@@ -512,6 +520,34 @@ mod tests {
         assert_eq!((order.closure, order.rollback), (closure('1'), false));
         again.handle(dispatch()).await;
         assert_eq!(journal.kinds(), vec!["DispatchAck"], "the CP's repeated dispatch is still ignored");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_before_the_reboot_keeps_waiting_without_a_second_deferred_event() {
+        // Proves a Deferred rollout survives a restart that comes before the
+        // reboot: `resume` re-orders the (idempotent) boot setup, its Deferred
+        // outcome adds no event, and the reboot still completes it.
+        let journal = MemJournal::default();
+        let (mut r, rx) = reducer(journal.clone());
+        r.handle(dispatch()).await;
+        let order = rx.switch.borrow().clone().expect("switch ordered");
+        let deferred = || SwitchOutcome::Deferred { component: "kernel".into() };
+        r.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: deferred(), at: T0 }).await;
+        let mut restored = Rollouts::new(host());
+        restored.restore(rid(), policy(), &journal.local_events()).expect("restore");
+        let (cmds, rx) = commands();
+        let (mut again, _snapshot) = Reducer::new(restored, journal.clone(), cmds);
+        again.resume();
+        let order = rx.switch.borrow().clone().expect("boot setup re-ordered");
+        assert_eq!((order.closure.clone(), order.rollback), (closure('1'), false));
+        let at = T0 + Duration::seconds(5);
+        again.handle(Input::SwitchFinished { rollout_id: rid(), order: order.clone(), outcome: deferred(), at }).await;
+        assert_eq!(journal.kinds(), vec!["DispatchAck", "ActivationDeferred"], "nothing new before the reboot");
+        assert_eq!(again.rollouts().get(&rid()).expect("slot").record.state, HostState::Deferred);
+        let booted = SwitchOutcome::Completed { observed: closure('1'), exit_code: 0 };
+        let at = T0 + Duration::seconds(60);
+        again.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: booted, at }).await;
+        assert_eq!(journal.kinds(), vec!["DispatchAck", "ActivationDeferred", "ActivationCompleted"]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -418,6 +418,16 @@ mod tests {
         (r, rx)
     }
 
+    /// A reducer restarted from the journal, after its `resume`.
+    fn restarted(journal: &MemJournal) -> (Reducer<MemJournal>, CommandReceivers) {
+        let mut restored = Rollouts::new(host());
+        restored.restore(rid(), policy(), &journal.local_events()).expect("restore");
+        let (cmds, rx) = commands();
+        let (mut again, _snapshot) = Reducer::new(restored, journal.clone(), cmds);
+        again.resume();
+        (again, rx)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_failing_probe_rolls_back_and_every_step_is_journaled_before_acting() {
         // Proves the reducer's whole decision path: dispatch → switch order,
@@ -511,11 +521,7 @@ mod tests {
         let journal = MemJournal::default();
         let (mut r, _rx) = reducer(journal.clone());
         r.handle(dispatch()).await;
-        let mut restored = Rollouts::new(host());
-        restored.restore(rid(), policy(), &journal.local_events()).expect("restore");
-        let (cmds, rx) = commands();
-        let (mut again, _snapshot) = Reducer::new(restored, journal.clone(), cmds);
-        again.resume();
+        let (mut again, rx) = restarted(&journal);
         let order = rx.switch.borrow().clone().expect("switch re-ordered");
         assert_eq!((order.closure, order.rollback), (closure('1'), false));
         again.handle(dispatch()).await;
@@ -533,11 +539,7 @@ mod tests {
         let order = rx.switch.borrow().clone().expect("switch ordered");
         let deferred = || SwitchOutcome::Deferred { component: "kernel".into() };
         r.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: deferred(), at: T0 }).await;
-        let mut restored = Rollouts::new(host());
-        restored.restore(rid(), policy(), &journal.local_events()).expect("restore");
-        let (cmds, rx) = commands();
-        let (mut again, _snapshot) = Reducer::new(restored, journal.clone(), cmds);
-        again.resume();
+        let (mut again, rx) = restarted(&journal);
         let order = rx.switch.borrow().clone().expect("boot setup re-ordered");
         assert_eq!((order.closure.clone(), order.rollback), (closure('1'), false));
         let at = T0 + Duration::seconds(5);

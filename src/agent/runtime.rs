@@ -67,6 +67,8 @@ pub enum AgentError {
     Restore(String),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("{0}; the agent stopped (its service manager restarts it, and it resumes from its queue)")]
+    WorkerStopped(String),
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -137,12 +139,23 @@ pub async fn serve(
     drop(input_tx);
     tracing::info!(hostname = %cfg.hostname, cp = cfg.cp.authority(), "agent running");
 
-    tokio::select! {
-        () = shutdown => tracing::info!("shutdown requested"),
-        Some(done) = workers.join_next() => {
-            tracing::error!(?done, "a worker stopped on its own; shutting down");
+    // A worker ends on its own only when something it needs is gone (the
+    // reducer) or it panicked: the agent then stops with an error, so the
+    // service manager restarts it and the restart rebuilds from the queue.
+    let failure = tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutdown requested");
+            None
         }
-    }
+        Some(done) = workers.join_next() => {
+            let why = match done {
+                Ok((name, exit)) => format!("the {name} worker stopped on its own ({exit:?})"),
+                Err(e) => format!("a worker task ended abnormally: {e}"),
+            };
+            tracing::error!("{why}; shutting down");
+            Some(why)
+        }
+    };
     trigger.trigger();
     let graceful = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while let Some(done) = workers.join_next().await {
@@ -162,5 +175,8 @@ pub async fn serve(
     } else {
         tracing::warn!(grace_secs = SHUTDOWN_GRACE.as_secs(), "agent stopped after the grace period; workers aborted");
     }
-    Ok(())
+    match failure {
+        Some(why) => Err(AgentError::WorkerStopped(why)),
+        None => Ok(()),
+    }
 }

@@ -104,6 +104,21 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// Runs `f` on a thread named `name`; the receiver resolves when the thread
+/// ends, however it ends (return or panic unwinding drops the sender), so
+/// an async loop can notice the death of a thread it depends on.
+fn spawn_watched<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<(std::thread::JoinHandle<T>, tokio::sync::oneshot::Receiver<()>)> {
+    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+        let _ended = ended_tx;
+        f()
+    })?;
+    Ok((handle, ended_rx))
+}
+
 /// Serves until `shutdown` resolves, then drains within `cfg.grace`, wakes
 /// long-polls with 204, stops the writer and checkpoints the database.
 pub async fn serve<A: Acceptor>(
@@ -123,10 +138,8 @@ pub async fn serve<A: Acceptor>(
             .map_err(|_| ServeError::WriterPanicked)??
     };
     let (cmd_tx, cmd_rx) = mpsc::channel(store::WRITER_CHANNEL_CAPACITY);
-    let writer_thread = std::thread::Builder::new()
-        .name("cp-writer".to_owned())
-        .spawn(move || writer.run(cmd_rx))
-        .map_err(ServeError::WriterThread)?;
+    let (writer_thread, mut writer_ended) =
+        spawn_watched("cp-writer", move || writer.run(cmd_rx)).map_err(ServeError::WriterThread)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = Arc::new(App::new(cmd_tx.clone(), board, counters, clock, stop_rx.clone(), &cfg));
 
@@ -146,6 +159,23 @@ pub async fn serve<A: Acceptor>(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns: JoinSet<()> = JoinSet::new();
     tokio::pin!(shutdown);
+    // The writer ends on its own only by a panic (it runs until every
+    // sender is gone, and `app` holds one): without it every write answers
+    // 503, so the server stops and the service manager restarts it.
+    let writer_died = async {
+        let _ = (&mut writer_ended).await;
+        tracing::error!(
+            "the store writer thread stopped unexpectedly; shutting down so the control plane is restarted"
+        );
+    };
+    tokio::pin!(writer_died);
+    let shutdown = async {
+        tokio::select! {
+            () = &mut shutdown => {}
+            () = &mut writer_died => {}
+        }
+    };
+    let mut shutdown = std::pin::pin!(shutdown);
     loop {
         while conns.try_join_next().is_some() {}
         if conns.len() >= MAX_CONNECTIONS {
@@ -215,4 +245,21 @@ pub async fn serve<A: Acceptor>(
         stats.n_events_applied
     );
     Ok(ServeReport { graceful: drained, writer: stats })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_watched_thread_is_noticed_when_it_returns_and_when_it_panics() {
+        // Proves the writer's death cannot go unnoticed: the receiver
+        // resolves on a normal return and on a panic, and join tells which.
+        let (handle, ended) = spawn_watched("ok", || 7).expect("spawn");
+        tokio::time::timeout(Duration::from_secs(10), ended).await.expect("noticed").expect_err("sender dropped");
+        assert_eq!(handle.join().expect("returned"), 7);
+        let (handle, ended) = spawn_watched("boom", || -> u32 { panic!("writer bug on purpose") }).expect("spawn");
+        tokio::time::timeout(Duration::from_secs(10), ended).await.expect("noticed").expect_err("sender dropped");
+        assert!(handle.join().is_err(), "the panic is seen by join");
+    }
 }

@@ -34,7 +34,8 @@
 //! - [`Queue::events_after`]`(rollout, seq)`: pending + acked events of one
 //!   rollout with seq > N, in seq order (Replay-From, and rebuilding the
 //!   agent's state at start). [`Queue::rollouts`] lists what is known.
-//! - [`Queue::prune_acked`]: retention of `acked/` by count and age.
+//! - [`Queue::prune_acked`]: retention of `acked/` by count and age;
+//!   [`Queue::prune_dead`]: of `dead/` by count; [`Queue::prune`]: both.
 //! - [`QueueView::open`]`(state_dir)`: read-only, lock-free, for
 //!   `nixfleet queue ls|inspect` while an agent runs.
 //!
@@ -74,8 +75,10 @@
 //!    before the fsync, an event in `dead/` whose sidecar is missing
 //!    (`queue ls` says so). Reject returned Ok: both are there.
 //! 7. Prune: `high-water.json` is written durably (tmp, fsync, rename,
-//!    fsync) BEFORE any acked file is removed, so a pruned qseq or seq can
-//!    never be handed out again, whichever removals survive.
+//!    fsync) BEFORE any acked or dead file is removed, so a pruned qseq or
+//!    seq can never be handed out again, whichever removals survive. A dead
+//!    event is removed before its `.reason`; a crash between leaves an
+//!    orphaned `.reason` (a few hundred bytes), never a reasonless event.
 //! 8. A file that fails to parse or whose checksum does not match (bit rot,
 //!    a hand edit; crashes cannot produce one, see 1 and 2) is moved to
 //!    `dead/` at open with the parse error as its reason; the rest of the
@@ -133,6 +136,11 @@ pub const ACKED_MAX_COUNT: usize = 10_000;
 /// under the count: a month covers restoring the CP database from a
 /// backup, after which Replay-From rebuilds it from the agents' queues.
 pub const ACKED_MAX_AGE: Duration = Duration::days(30);
+/// Dead-lettered events kept at most (oldest pruned first, with their
+/// reason files). Dead letters are the evidence of rejected or corrupt
+/// events, so there is no age limit; the count only keeps a host whose
+/// events are rejected in a loop from filling its disk (~1 KiB each).
+pub const DEAD_MAX_COUNT: usize = 1_000;
 /// Pending events at most: at the limit `enqueue` fails with
 /// [`QueueError::Full`] and the agent does not apply the transition (it
 /// retries and reports). A host emits tens of events per rollout, so this
@@ -140,11 +148,19 @@ pub const ACKED_MAX_AGE: Duration = Duration::days(30);
 /// in-memory index (~1 KiB per event).
 pub const PENDING_MAX_COUNT: usize = 100_000;
 
+/// What one [`Queue::prune`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub acked: usize,
+    pub dead: usize,
+}
+
 /// Limits of one queue; the defaults are the constants above.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueConfig {
     pub acked_max_count: usize,
     pub acked_max_age: Duration,
+    pub dead_max_count: usize,
     pub pending_max_count: usize,
 }
 
@@ -153,6 +169,7 @@ impl Default for QueueConfig {
         QueueConfig {
             acked_max_count: ACKED_MAX_COUNT,
             acked_max_age: ACKED_MAX_AGE,
+            dead_max_count: DEAD_MAX_COUNT,
             pending_max_count: PENDING_MAX_COUNT,
         }
     }
@@ -258,6 +275,8 @@ pub struct Queue {
     next_qseq: u64,
     pending: BTreeMap<u64, QueuedEvent>,
     acked: BTreeMap<u64, QueuedEvent>,
+    /// Event files in `dead/` by (qseq from the name, 0 if none; name).
+    dead: std::collections::BTreeSet<(u64, String)>,
     last_seq: BTreeMap<RolloutId, u64>,
     high_water: HighWater,
     poisoned: Option<String>,
@@ -318,6 +337,7 @@ impl Queue {
             next_qseq: 1,
             pending: BTreeMap::new(),
             acked: BTreeMap::new(),
+            dead: std::collections::BTreeSet::new(),
             last_seq: BTreeMap::new(),
             high_water: HighWater::default(),
             poisoned: None,
@@ -442,6 +462,7 @@ impl Queue {
         self.write_dead_reason(&name, &dead_reason)?;
         self.move_durably(&root, &dead_dir, &name)?;
         self.pending.remove(&qseq);
+        self.dead.insert((qseq, name));
         Ok(())
     }
 
@@ -470,11 +491,7 @@ impl Queue {
         if doomed.is_empty() {
             return Ok(0);
         }
-        // Crash case 7: the high-water mark first, durably.
-        let high_water = HighWater { qseq: self.next_qseq - 1, seqs: self.last_seq.clone() };
-        let (root, path) = (self.root.clone(), self.root.join(HIGH_WATER_FILE));
-        self.write_durably(&root, &path, &high_water.encode())?;
-        self.high_water = high_water;
+        self.write_high_water()?;
         let mut removed = 0;
         for qseq in doomed {
             let name = self.acked[&qseq].file_name();
@@ -490,6 +507,51 @@ impl Queue {
         let acked_dir = self.acked_dir.clone();
         self.storage.fsync_dir(&acked_dir).map_err(io_err("fsync directory", &acked_dir))?;
         Ok(removed)
+    }
+
+    /// Removes the oldest dead letters (event and reason files) past
+    /// `dead_max_count`. Returns how many events were removed.
+    pub fn prune_dead(&mut self) -> Result<usize, QueueError> {
+        self.check_poisoned()?;
+        let excess = self.dead.len().saturating_sub(self.config.dead_max_count);
+        if excess == 0 {
+            return Ok(0);
+        }
+        // Dead events hold seqs too: after they are gone only the
+        // high-water mark keeps those numbers from coming back.
+        self.write_high_water()?;
+        let doomed: Vec<(u64, String)> = self.dead.iter().take(excess).cloned().collect();
+        for entry in doomed {
+            // The event before its reason: a crash between leaves a small
+            // orphaned `.reason`, never a dead event without its reason.
+            for name in [entry.1.clone(), format!("{}{}", entry.1, record::REASON_SUFFIX)] {
+                let path = self.dead_dir.join(name);
+                match self.storage.remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(QueueError::Io { op: "remove", path, source }),
+                }
+            }
+            self.dead.remove(&entry);
+        }
+        let dead_dir = self.dead_dir.clone();
+        self.storage.fsync_dir(&dead_dir).map_err(io_err("fsync directory", &dead_dir))?;
+        Ok(excess)
+    }
+
+    /// Applies both retention rules; what the agent calls from time to time.
+    pub fn prune(&mut self) -> Result<Pruned, QueueError> {
+        Ok(Pruned { acked: self.prune_acked()?, dead: self.prune_dead()? })
+    }
+
+    /// Crash case 7: the numbers handed out so far, durably, before any
+    /// file that holds one is removed.
+    fn write_high_water(&mut self) -> Result<(), QueueError> {
+        let high_water = HighWater { qseq: self.next_qseq - 1, seqs: self.last_seq.clone() };
+        let (root, path) = (self.root.clone(), self.root.join(HIGH_WATER_FILE));
+        self.write_durably(&root, &path, &high_water.encode())?;
+        self.high_water = high_water;
+        Ok(())
     }
 
     /// The acked qseqs retention removes, per the rules of `prune_acked`.
@@ -647,6 +709,7 @@ impl Queue {
                         max_qseq = max_qseq.max(qseq);
                     }
                     if !name.ends_with(record::REASON_SUFFIX) {
+                        self.dead.insert((record::qseq_of_name(&name).unwrap_or(0), name.clone()));
                         dead_names.insert(name);
                     }
                     continue;
@@ -743,7 +806,9 @@ impl Queue {
         let dead_reason = DeadReason::new(DeadCause::Corrupt, reason, self.clock.now());
         let dead_dir = self.dead_dir.clone();
         self.write_dead_reason(name, &dead_reason)?;
-        self.move_durably(dir, &dead_dir, name)
+        self.move_durably(dir, &dead_dir, name)?;
+        self.dead.insert((record::qseq_of_name(name).unwrap_or(0), name.to_owned()));
+        Ok(())
     }
 }
 

@@ -218,6 +218,45 @@ fn corrupt_files_go_to_dead_with_the_reason_and_the_rest_drains() {
     }
 }
 
+/// Dead-letter retention keeps the newest `dead_max_count` dead events
+/// with their reasons, removes the oldest (event and reason), and the
+/// seqs they held never come back after a restart.
+#[test]
+fn dead_letter_retention_keeps_the_newest_and_their_numbers_never_come_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = QueueConfig { dead_max_count: 2, ..QueueConfig::default() };
+    let open = || Queue::open(tmp.path(), host(), config.clone(), clock()).expect("open");
+    let r = rollout("s@r1");
+    let mut q = open();
+    let mut names = Vec::new();
+    for n in 0..4 {
+        let queued = enqueue_next(&mut q, &r, "x").expect("enqueue");
+        names.push(q.pending().last().expect("pending").file_name());
+        q.reject(queued.qseq, &format!("illegal #{n}")).expect("reject");
+    }
+    assert_eq!(q.prune_dead().expect("prune"), 2);
+    let dead_dir = q.dir().join(DEAD_DIR);
+    let reason = |name: &String| format!("{name}{}", record::REASON_SUFFIX);
+    let mut expected = vec![names[2].clone(), reason(&names[2]), names[3].clone(), reason(&names[3])];
+    expected.sort();
+    assert_eq!(names_in(&dead_dir), expected, "the two newest stay, each with its reason");
+    assert_eq!(q.prune_dead().expect("prune"), 0);
+    drop(q);
+
+    let mut q = open();
+    assert_eq!(q.last_seq(&r), 4, "the pruned seqs 1 and 2 are not reused");
+    assert_eq!(q.prune().expect("prune"), Pruned { acked: 0, dead: 0 });
+    let queued = enqueue_next(&mut q, &r, "y").expect("enqueue");
+    assert_eq!(queued.seq, 5);
+    q.reject(queued.qseq, "illegal #4").expect("reject");
+    assert_eq!(
+        q.prune().expect("prune"),
+        Pruned { acked: 0, dead: 1 },
+        "the reopened queue counted its 2 dead letters"
+    );
+    assert_eq!(names_in(&dead_dir).len(), 4);
+}
+
 /// Retention prunes whole old rollouts past count or age, keeps the
 /// newest rollout and rollouts with pending events, and the high-water
 /// mark keeps pruned numbers from coming back after a restart.
@@ -545,11 +584,13 @@ struct Expect {
     pruned_ok: BTreeSet<u64>,
     /// What a prune that a crash cut short may have removed.
     prune_planned: BTreeSet<u64>,
+    /// Dead letters a prune may have removed (all of them: the limit is 0).
+    dead_prune_planned: BTreeSet<u64>,
     max_seq_ok: BTreeMap<RolloutId, u64>,
 }
 
 fn prune_everything() -> QueueConfig {
-    QueueConfig { acked_max_count: 0, acked_max_age: Duration::ZERO, ..QueueConfig::default() }
+    QueueConfig { acked_max_count: 0, acked_max_age: Duration::ZERO, dead_max_count: 0, ..QueueConfig::default() }
 }
 
 /// Runs a workload, the disk crashing at mutating call `crash_at` (or
@@ -598,7 +639,8 @@ fn run_workload(steps: &[Step], storage: &SimStorage, crash_at: Option<usize>) -
             Step::Prune => {
                 let before: BTreeSet<u64> = q.acked().iter().map(|e| e.qseq).collect();
                 expect.prune_planned.extend(q.prune_plan());
-                if q.prune_acked().is_ok() {
+                expect.dead_prune_planned.extend(q.dead.iter().map(|(qseq, _)| *qseq));
+                if q.prune().is_ok() {
                     let after: BTreeSet<u64> = q.acked().iter().map(|e| e.qseq).collect();
                     expect.pruned_ok.extend(before.difference(&after));
                 }
@@ -640,6 +682,9 @@ fn check_crash_state(state: SimFs, expect: &Expect, context: &dyn Fn() -> String
         }
         if expect.rejected_ok.contains(qseq) {
             assert!(!pending.contains_key(qseq) && !acked.contains_key(qseq), "{}", context());
+            if expect.dead_prune_planned.contains(qseq) {
+                continue; // pruned, or not yet: either is allowed
+            }
             let name = {
                 let (r, ev) = &expect.attempted[qseq];
                 record::file_name(*qseq, "web-1", r.as_str(), ev.kind())
@@ -699,18 +744,17 @@ fn crash_everywhere(steps: &[Step], only_at: Option<usize>) -> usize {
 }
 
 /// False for workloads with a step that cannot do anything (ack with
-/// nothing pending, restart twice in a row, prune before any ack): their
+/// nothing pending, restart twice in a row, prune before any ack or reject): their
 /// crash states are those of a shorter workload already enumerated.
 fn every_step_acts(steps: &[Step]) -> bool {
-    let (mut pending, mut acked) = (0, 0);
+    let (mut pending, mut settled) = (0, 0);
     for (idx, step) in steps.iter().enumerate() {
         match step {
             Step::Enqueue(_) => pending += 1,
             Step::Ack | Step::Reject if pending == 0 => return false,
-            Step::Ack => (pending, acked) = (pending - 1, acked + 1),
-            Step::Reject => pending -= 1,
+            Step::Ack | Step::Reject => (pending, settled) = (pending - 1, settled + 1),
             Step::Restart if idx == 0 || steps[idx - 1] == Step::Restart => return false,
-            Step::Prune if acked == 0 => return false,
+            Step::Prune if settled == 0 => return false,
             Step::Restart | Step::Prune => {}
         }
     }

@@ -547,22 +547,25 @@ async fn a_switch_that_kills_the_agent_and_completes_is_reported_by_the_restarte
     assert_eq!(kinds.iter().filter(|k| *k == "ActivationCompleted").count(), 1, "{kinds:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered() {
-    // Proves no head-of-line blocking with the real drain worker and the real
-    // CP: an event the CP rejects goes to dead/ with the CP's reason and the
-    // next event of the same rollout is still applied.
+/// A CP with rollout `stable@q1` for web-1, and web-1's queue holding
+/// `events` of that rollout, delivered by the real drain worker until none
+/// is pending and `settled` holds for the queue's folder. Returns the queue
+/// (still open) with what keeps it alive.
+async fn drain_through_real_cp(
+    label: &str,
+    config: nixfleet::queue::QueueConfig,
+    events: impl FnOnce(&Closure, &Closure) -> Vec<nixfleet::wire::OutboundEvent>,
+    settled: impl Fn(&std::path::Path) -> bool,
+) -> (TempDir, Cp, PathBuf, nixfleet::agent::journal::SharedQueue) {
     use nixfleet::agent::journal::SharedQueue;
     use nixfleet::agent::net::CpApi;
     use nixfleet::agent::workers::net::run_drain_worker;
     use nixfleet::agent::workers::shutdown_channel;
     use nixfleet::clock::ClockHandle;
     use nixfleet::ids::{Hostname, RolloutId};
-    use nixfleet::queue::{Queue, QueueConfig};
-    use nixfleet::wire::{OutboundEvent, WireEventBody};
-    use time::macros::datetime;
+    use nixfleet::queue::Queue;
 
-    let dir = TempDir::new("agent-rejected");
+    let dir = TempDir::new(label);
     let release = Release::new(dir.path(), "release");
     let cp = Cp::start(dir.path(), &release.pub_path);
     let old = Closure::parse("/nix/store/00000000000000000000000000000000-old").expect("valid");
@@ -571,43 +574,85 @@ async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered
     let host = Hostname::parse("web-1").expect("valid");
     let rid = RolloutId::parse("stable@q1").expect("valid");
     let state_dir = dir.path().join("agent");
-    let mut queue =
-        Queue::open(&state_dir, host.clone(), QueueConfig::default(), ClockHandle::system()).expect("queue");
-    let t = datetime!(2026-11-25 12:00 UTC);
-    let illegal =
-        OutboundEvent { seq: 1, body: WireEventBody::Converged { converged_at: t, current_closure: new.clone() } };
-    let legal = OutboundEvent {
-        seq: 2,
-        body: WireEventBody::DispatchAck {
-            current_closure_at_dispatch: old,
-            target_closure: new,
-            soak_secs: 1,
-            received_at: t,
-        },
-    };
-    queue.enqueue(&rid, &illegal).expect("enqueue");
-    queue.enqueue(&rid, &legal).expect("enqueue");
+    let mut queue = Queue::open(&state_dir, host.clone(), config, ClockHandle::system()).expect("queue");
+    for event in events(&old, &new) {
+        queue.enqueue(&rid, &event).expect("enqueue");
+    }
     let queue = SharedQueue::new(queue);
     let (trigger, stop) = shutdown_channel();
     let api = CpApi::new(cp.url.clone(), host);
-    let worker = tokio::spawn(run_drain_worker(
-        api,
-        queue.clone(),
-        std::sync::Arc::new(tokio::sync::Notify::new()),
-        Duration::from_millis(50),
-        stop,
-    ));
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let worker = tokio::spawn(run_drain_worker(api, queue.clone(), wake, Duration::from_millis(50), stop));
     let start = Instant::now();
-    while queue.lock().pending_len() > 0 {
-        assert!(start.elapsed() < CONVERGE_LIMIT, "the queue never drained");
+    while queue.lock().pending_len() > 0 || !settled(&state_dir) {
+        assert!(start.elapsed() < CONVERGE_LIMIT, "the queue never drained and settled");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     trigger.trigger();
     worker.await.expect("worker");
+    (dir, cp, state_dir, queue)
+}
+
+fn converged(seq: u64, closure: &Closure) -> nixfleet::wire::OutboundEvent {
+    let at = time::macros::datetime!(2026-11-25 12:00 UTC);
+    nixfleet::wire::OutboundEvent {
+        seq,
+        body: nixfleet::wire::WireEventBody::Converged { converged_at: at, current_closure: closure.clone() },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered() {
+    // Proves no head-of-line blocking with the real drain worker and the real
+    // CP: an event the CP rejects goes to dead/ with the CP's reason and the
+    // next event of the same rollout is still applied.
+    use nixfleet::wire::{OutboundEvent, WireEventBody};
+    let config = nixfleet::queue::QueueConfig::default();
+    let (_dir, cp, state_dir, queue) = drain_through_real_cp(
+        "agent-rejected",
+        config,
+        |old, new| {
+            let legal = OutboundEvent {
+                seq: 2,
+                body: WireEventBody::DispatchAck {
+                    current_closure_at_dispatch: old.clone(),
+                    target_closure: new.clone(),
+                    soak_secs: 1,
+                    received_at: time::macros::datetime!(2026-11-25 12:00 UTC),
+                },
+            };
+            vec![converged(1, new), legal]
+        },
+        |_| true,
+    )
+    .await;
     let view = QueueView::open(&state_dir).expect("view");
     let dead = view.list(&[EntryState::Dead]).expect("list");
     assert_eq!(dead.len(), 1);
     assert!(dead[0].reason.as_deref().unwrap_or("").contains("illegal"), "{:?}", dead[0].reason);
     assert_eq!(queue.lock().acked().iter().map(|q| q.event.seq).collect::<Vec<_>>(), vec![2]);
     assert_eq!(cp.host_state("stable@q1", "web-1").await, "Activating");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_drain_worker_applies_dead_letter_retention() {
+    // Proves the running agent bounds dead/: three events the CP rejects are
+    // dead-lettered, the drainer's retention keeps the newest one (the limit
+    // here is 1), and the pruned seqs are not handed out again.
+    let config = nixfleet::queue::QueueConfig { dead_max_count: 1, ..nixfleet::queue::QueueConfig::default() };
+    let dead_letters = |state_dir: &std::path::Path| {
+        QueueView::open(state_dir).expect("view").list(&[EntryState::Dead]).expect("list")
+    };
+    let (_dir, _cp, state_dir, queue) = drain_through_real_cp(
+        "agent-dead-retention",
+        config,
+        |_, new| (1..=3).map(|seq| converged(seq, new)).collect(),
+        |state_dir| dead_letters(state_dir).len() == 1,
+    )
+    .await;
+    let dead = dead_letters(&state_dir);
+    assert_eq!(dead.iter().map(|d| d.header.as_ref().map(|h| h.seq)).collect::<Vec<_>>(), vec![Some(3)], "{dead:?}");
+    assert!(dead[0].reason.is_some(), "the kept dead letter keeps its reason");
+    let rid = nixfleet::ids::RolloutId::parse("stable@q1").expect("valid");
+    assert_eq!(queue.lock().next_seq(&rid), 4);
 }

@@ -180,9 +180,16 @@ pub async fn run_longpoll_worker(
     }
 }
 
+/// How often the drainer applies the queue's retention (`Queue::prune`):
+/// after its first successful drain, then at most this often. Pruning
+/// scans the acked index (≤ 10,000 events), so not after every batch.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
 /// Delivers pending events in enqueue order, in batches, and moves each to
 /// `acked/` or `dead/` by the CP's answer. `retry`, 5xx and network errors
-/// keep the event where it is and back off (jitter, cap 60 s).
+/// keep the event where it is and back off (jitter, cap 60 s). It also
+/// applies the queue's retention (acked and dead letters), every
+/// [`PRUNE_EVERY`] after a successful drain.
 pub async fn run_drain_worker(
     api: CpApi,
     queue: SharedQueue,
@@ -191,9 +198,16 @@ pub async fn run_drain_worker(
     mut shutdown: Shutdown,
 ) -> WorkerExit {
     let mut backoff = Backoff::new();
+    let mut next_prune = tokio::time::Instant::now();
     loop {
         match drain_once(&api, &queue).await {
-            Ok(()) => backoff.succeed(),
+            Ok(()) => {
+                backoff.succeed();
+                if tokio::time::Instant::now() >= next_prune {
+                    prune(&queue).await;
+                    next_prune = tokio::time::Instant::now() + PRUNE_EVERY;
+                }
+            }
             Err(why) => {
                 let delay = backoff.fail(random_u64());
                 tracing::warn!(error = %why, retry_in_ms = delay.as_millis() as u64, "delivery paused");
@@ -209,6 +223,25 @@ pub async fn run_drain_worker(
             () = wake.notified() => {}
             () = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+/// Applies the queue's retention; a failure is logged and retried at the
+/// next turn (nothing is lost by pruning late).
+async fn prune(queue: &SharedQueue) {
+    match queue.with(|q| q.prune()).await {
+        Ok(Ok(pruned)) if pruned.dead > 0 => tracing::warn!(
+            acked = pruned.acked,
+            dead = pruned.dead,
+            "queue retention removed the oldest dead letters (beyond the newest {}); each was logged when rejected",
+            crate::queue::DEAD_MAX_COUNT
+        ),
+        Ok(Ok(pruned)) if pruned.acked > 0 => {
+            tracing::info!(acked = pruned.acked, "queue retention removed old acked rollouts")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "queue retention failed; retrying later"),
+        Err(e) => tracing::warn!(error = %e, "queue retention failed; retrying later"),
     }
 }
 

@@ -78,7 +78,8 @@
 //!    fsync) BEFORE any acked or dead file is removed, so a pruned qseq or
 //!    seq can never be handed out again, whichever removals survive. A dead
 //!    event is removed before its `.reason`; a crash between leaves an
-//!    orphaned `.reason` (a few hundred bytes), never a reasonless event.
+//!    orphaned `.reason`, never a reasonless event, and the next open
+//!    removes the orphan (but keeps a `.reason` beside a pending event: see 6).
 //! 8. A file that fails to parse or whose checksum does not match (bit rot,
 //!    a hand edit; crashes cannot produce one, see 1 and 2) is moved to
 //!    `dead/` at open with the parse error as its reason; the rest of the
@@ -191,6 +192,8 @@ pub struct RecoveryReport {
     pub moved_to_dead: Vec<(String, String)>,
     pub pending: usize,
     pub acked: usize,
+    /// `.reason` files in `dead/` whose event was gone (a prune cut short).
+    pub orphaned_reasons_removed: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -690,6 +693,7 @@ impl Queue {
 
         let (root, acked_dir, dead_dir) = (self.root.clone(), self.acked_dir.clone(), self.dead_dir.clone());
         let mut dead_names = std::collections::BTreeSet::new();
+        let mut reason_names = Vec::new();
         let mut live_seqs = std::collections::HashSet::new();
         for (dir, is_dead) in [(&dead_dir, true), (&acked_dir, false), (&root, false)] {
             let mut names = self.storage.list_files(dir).map_err(io_err("list", dir))?;
@@ -708,7 +712,9 @@ impl Queue {
                     if let Some(qseq) = record::qseq_of_name(&name) {
                         max_qseq = max_qseq.max(qseq);
                     }
-                    if !name.ends_with(record::REASON_SUFFIX) {
+                    if name.ends_with(record::REASON_SUFFIX) {
+                        reason_names.push(name);
+                    } else {
                         self.dead.insert((record::qseq_of_name(&name).unwrap_or(0), name.clone()));
                         dead_names.insert(name);
                     }
@@ -756,6 +762,7 @@ impl Queue {
                 }
             }
         }
+        self.remove_orphaned_reasons(reason_names)?;
         // Dead events still hold seqs that must not come back; unreadable
         // ones only their qseq (by name, above).
         for name in dead_names {
@@ -777,6 +784,37 @@ impl Queue {
                 "queue recovery cleaned up"
             );
         }
+        Ok(())
+    }
+
+    /// A `.reason` whose event is neither in `dead/` nor pending is what a
+    /// crash in the middle of pruning a dead letter leaves: removed. One
+    /// beside a pending event (a reject cut short) is kept; the re-sent
+    /// event's rejection overwrites it.
+    fn remove_orphaned_reasons(&mut self, reason_names: Vec<String>) -> Result<(), QueueError> {
+        let in_dead: std::collections::BTreeSet<&str> = self.dead.iter().map(|(_, name)| name.as_str()).collect();
+        let pending: std::collections::BTreeSet<String> = self.pending.values().map(QueuedEvent::file_name).collect();
+        let orphans: Vec<String> = reason_names
+            .into_iter()
+            .filter(|reason| {
+                let event = reason.strip_suffix(record::REASON_SUFFIX).unwrap_or(reason);
+                !in_dead.contains(event) && !pending.contains(event)
+            })
+            .collect();
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        for name in &orphans {
+            let path = self.dead_dir.join(name);
+            match self.storage.remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(QueueError::Io { op: "remove", path, source }),
+            }
+        }
+        let dead_dir = self.dead_dir.clone();
+        self.storage.fsync_dir(&dead_dir).map_err(io_err("fsync directory", &dead_dir))?;
+        self.recovery.orphaned_reasons_removed = orphans.len();
         Ok(())
     }
 

@@ -257,6 +257,34 @@ fn dead_letter_retention_keeps_the_newest_and_their_numbers_never_come_back() {
     assert_eq!(names_in(&dead_dir).len(), 4);
 }
 
+/// A `.reason` left without its event (a dead-letter prune cut short by a
+/// crash) is removed at open; one beside a pending event (a reject cut
+/// short) is kept, as is every dead letter's own.
+#[test]
+fn open_removes_orphaned_reasons_and_keeps_the_others() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let open = || Queue::open(tmp.path(), host(), QueueConfig::default(), clock()).expect("open");
+    let r = rollout("s@r1");
+    let mut q = open();
+    let dead = enqueue_next(&mut q, &r, "dead").expect("enqueue");
+    let dead_name = q.pending()[0].file_name();
+    q.reject(dead.qseq, "illegal").expect("reject");
+    enqueue_next(&mut q, &r, "pending").expect("enqueue");
+    let pending_name = q.pending()[0].file_name();
+    drop(q);
+    let dead_dir = tmp.path().join(QUEUE_DIR).join(DEAD_DIR);
+    let reason = |name: &str| format!("{name}{}", record::REASON_SUFFIX);
+    let orphan = reason(&record::file_name(99, "web-1", "s@r1", "Converged"));
+    for name in [&orphan, &reason(&pending_name)] {
+        std::fs::write(dead_dir.join(name), b"{}").expect("write");
+    }
+    let q = open();
+    assert_eq!(q.recovery_report().orphaned_reasons_removed, 1);
+    let mut expected = vec![dead_name.clone(), reason(&dead_name), reason(&pending_name)];
+    expected.sort();
+    assert_eq!(names_in(&dead_dir), expected);
+}
+
 /// Retention prunes whole old rollouts past count or age, keeps the
 /// newest rollout and rollouts with pending events, and the high-water
 /// mark keeps pruned numbers from coming back after a restart.

@@ -76,9 +76,9 @@
 //!    (`queue ls` says so). Reject returned Ok: both are there.
 //! 7. Prune: `high-water.json` is written durably (tmp, fsync, rename,
 //!    fsync) BEFORE any acked or dead file is removed, so a pruned qseq or
-//!    seq can never be handed out again, whichever removals survive. A dead
-//!    event is removed before its `.reason`; a crash between leaves an
-//!    orphaned `.reason`, never a reasonless event, and the next open
+//!    seq can never be handed out again, whichever removals survive. Dead
+//!    events are removed, the folder fsynced, then their `.reason` files; a
+//!    crash between leaves an orphaned `.reason`, never a reasonless event, and the next open
 //!    removes the orphan (but keeps a `.reason` beside a pending event: see 6).
 //! 8. A file that fails to parse or whose checksum does not match (bit rot,
 //!    a hand edit; crashes cannot produce one, see 1 and 2) is moved to
@@ -524,22 +524,30 @@ impl Queue {
         // high-water mark keeps those numbers from coming back.
         self.write_high_water()?;
         let doomed: Vec<(u64, String)> = self.dead.iter().take(excess).cloned().collect();
-        for entry in doomed {
-            // The event before its reason: a crash between leaves a small
-            // orphaned `.reason`, never a dead event without its reason.
-            for name in [entry.1.clone(), format!("{}{}", entry.1, record::REASON_SUFFIX)] {
-                let path = self.dead_dir.join(name);
-                match self.storage.remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(source) => return Err(QueueError::Io { op: "remove", path, source }),
-                }
-            }
-            self.dead.remove(&entry);
+        // All the events, a directory fsync, then their reasons: a crash can
+        // leave an orphaned `.reason` (removed at the next open), never a
+        // dead event without its reason.
+        for (_, name) in &doomed {
+            self.remove_dead_file(name)?;
         }
         let dead_dir = self.dead_dir.clone();
         self.storage.fsync_dir(&dead_dir).map_err(io_err("fsync directory", &dead_dir))?;
+        for entry in doomed {
+            self.remove_dead_file(&format!("{}{}", entry.1, record::REASON_SUFFIX))?;
+            self.dead.remove(&entry);
+        }
+        self.storage.fsync_dir(&dead_dir).map_err(io_err("fsync directory", &dead_dir))?;
         Ok(excess)
+    }
+
+    /// Removes one file of `dead/`; already gone is fine.
+    fn remove_dead_file(&mut self, name: &str) -> Result<(), QueueError> {
+        let path = self.dead_dir.join(name);
+        match self.storage.remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(QueueError::Io { op: "remove", path, source }),
+        }
     }
 
     /// Applies both retention rules; what the agent calls from time to time.
@@ -805,12 +813,7 @@ impl Queue {
             return Ok(());
         }
         for name in &orphans {
-            let path = self.dead_dir.join(name);
-            match self.storage.remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(QueueError::Io { op: "remove", path, source }),
-            }
+            self.remove_dead_file(name)?;
         }
         let dead_dir = self.dead_dir.clone();
         self.storage.fsync_dir(&dead_dir).map_err(io_err("fsync directory", &dead_dir))?;

@@ -710,16 +710,18 @@ fn check_crash_state(state: SimFs, expect: &Expect, context: &dyn Fn() -> String
         }
         if expect.rejected_ok.contains(qseq) {
             assert!(!pending.contains_key(qseq) && !acked.contains_key(qseq), "{}", context());
-            if expect.dead_prune_planned.contains(qseq) {
-                continue; // pruned, or not yet: either is allowed
-            }
             let name = {
                 let (r, ev) = &expect.attempted[qseq];
                 record::file_name(*qseq, "web-1", r.as_str(), ev.kind())
             };
             let dead = PathBuf::from(ROOT).join(QUEUE_DIR).join(DEAD_DIR);
-            assert!(storage.fs().file(&dead.join(&name)).is_some(), "rejected {qseq} not in dead/\n{}", context());
-            assert!(storage.fs().file(&dead.join(format!("{name}.reason"))).is_some(), "{}", context());
+            let has_event = storage.fs().file(&dead.join(&name)).is_some();
+            let has_reason = storage.fs().file(&dead.join(format!("{name}.reason"))).is_some();
+            // Pruned, or not yet: either is allowed, a reasonless event never.
+            if !expect.dead_prune_planned.contains(qseq) {
+                assert!(has_event, "rejected {qseq} not in dead/\n{}", context());
+            }
+            assert!(!has_event || has_reason, "dead {qseq} lost its reason\n{}", context());
         }
     }
     // No tmp survives recovery.

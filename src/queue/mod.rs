@@ -34,8 +34,7 @@
 //! - [`Queue::events_after`]`(rollout, seq)`: pending + acked events of one
 //!   rollout with seq > N, in seq order (Replay-From, and rebuilding the
 //!   agent's state at start). [`Queue::rollouts`] lists what is known.
-//! - [`Queue::prune_acked`]: retention of `acked/` by count and age;
-//!   [`Queue::prune_dead`]: of `dead/` by count; [`Queue::prune`]: both.
+//! - [`Queue::prune_acked`]: retention of `acked/` by count and age.
 //! - [`QueueView::open`]`(state_dir)`: read-only, lock-free, for
 //!   `nixfleet queue ls|inspect` while an agent runs.
 //!
@@ -69,17 +68,15 @@
 //!    pending (rename is atomic). If still pending it is sent again and the
 //!    CP answers `duplicate`.
 //! 5. Ack returned Ok: the event is in `acked/` and is never sent again.
-//! 6. Reject: the reason sidecar is written first (tmp, fsync, rename), then
-//!    the event moves. A crash between leaves a sidecar without its event
-//!    (harmless, overwritten when the CP rejects the re-sent event) or,
-//!    before the fsync, an event in `dead/` whose sidecar is missing
-//!    (`queue ls` says so). Reject returned Ok: both are there.
+//! 6. Reject: the reason sidecar is written first (tmp, fsync, rename,
+//!    fsync of `dead/`), then the event moves. A crash between leaves a
+//!    sidecar without its event (harmless, overwritten when the CP rejects
+//!    the re-sent event), never an event in `dead/` without its reason
+//!    (the restart rebuild ignores such an event, which would leave a hole
+//!    in its rollout's history). Reject returned Ok: both are there.
 //! 7. Prune: `high-water.json` is written durably (tmp, fsync, rename,
-//!    fsync) BEFORE any acked or dead file is removed, so a pruned qseq or
-//!    seq can never be handed out again, whichever removals survive. Dead
-//!    events are removed, the folder fsynced, then their `.reason` files; a
-//!    crash between leaves an orphaned `.reason`, never a reasonless event, and the next open
-//!    removes the orphan (but keeps a `.reason` beside a pending event: see 6).
+//!    fsync) BEFORE any acked file is removed, so a pruned qseq or seq can
+//!    never be handed out again, whichever removals survive.
 //! 8. A file that fails to parse or whose checksum does not match (bit rot,
 //!    a hand edit; crashes cannot produce one, see 1 and 2) is moved to
 //!    `dead/` at open with the parse error as its reason; the rest of the
@@ -137,11 +134,6 @@ pub const ACKED_MAX_COUNT: usize = 10_000;
 /// under the count: a month covers restoring the CP database from a
 /// backup, after which Replay-From rebuilds it from the agents' queues.
 pub const ACKED_MAX_AGE: Duration = Duration::days(30);
-/// Dead-lettered events kept at most (oldest pruned first, with their
-/// reason files). Dead letters are the evidence of rejected or corrupt
-/// events, so there is no age limit; the count only keeps a host whose
-/// events are rejected in a loop from filling its disk (~1 KiB each).
-pub const DEAD_MAX_COUNT: usize = 1_000;
 /// Pending events at most: at the limit `enqueue` fails with
 /// [`QueueError::Full`] and the agent does not apply the transition (it
 /// retries and reports). A host emits tens of events per rollout, so this
@@ -149,19 +141,11 @@ pub const DEAD_MAX_COUNT: usize = 1_000;
 /// in-memory index (~1 KiB per event).
 pub const PENDING_MAX_COUNT: usize = 100_000;
 
-/// What one [`Queue::prune`] removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Pruned {
-    pub acked: usize,
-    pub dead: usize,
-}
-
 /// Limits of one queue; the defaults are the constants above.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueConfig {
     pub acked_max_count: usize,
     pub acked_max_age: Duration,
-    pub dead_max_count: usize,
     pub pending_max_count: usize,
 }
 
@@ -170,7 +154,6 @@ impl Default for QueueConfig {
         QueueConfig {
             acked_max_count: ACKED_MAX_COUNT,
             acked_max_age: ACKED_MAX_AGE,
-            dead_max_count: DEAD_MAX_COUNT,
             pending_max_count: PENDING_MAX_COUNT,
         }
     }
@@ -192,8 +175,6 @@ pub struct RecoveryReport {
     pub moved_to_dead: Vec<(String, String)>,
     pub pending: usize,
     pub acked: usize,
-    /// `.reason` files in `dead/` whose event was gone (a prune cut short).
-    pub orphaned_reasons_removed: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -278,8 +259,10 @@ pub struct Queue {
     next_qseq: u64,
     pending: BTreeMap<u64, QueuedEvent>,
     acked: BTreeMap<u64, QueuedEvent>,
-    /// Event files in `dead/` by (qseq from the name, 0 if none; name).
-    dead: std::collections::BTreeSet<(u64, String)>,
+    /// Rollouts with a dead letter whose header reads: their history
+    /// includes it (the agent applied a rejected event before sending), so
+    /// retention never prunes them.
+    dead_rollouts: std::collections::BTreeSet<RolloutId>,
     last_seq: BTreeMap<RolloutId, u64>,
     high_water: HighWater,
     poisoned: Option<String>,
@@ -340,7 +323,7 @@ impl Queue {
             next_qseq: 1,
             pending: BTreeMap::new(),
             acked: BTreeMap::new(),
-            dead: std::collections::BTreeSet::new(),
+            dead_rollouts: std::collections::BTreeSet::new(),
             last_seq: BTreeMap::new(),
             high_water: HighWater::default(),
             poisoned: None,
@@ -464,8 +447,9 @@ impl Queue {
         let (root, dead_dir) = (self.root.clone(), self.dead_dir.clone());
         self.write_dead_reason(&name, &dead_reason)?;
         self.move_durably(&root, &dead_dir, &name)?;
-        self.pending.remove(&qseq);
-        self.dead.insert((qseq, name));
+        if let Some(queued) = self.pending.remove(&qseq) {
+            self.dead_rollouts.insert(queued.rollout_id);
+        }
         Ok(())
     }
 
@@ -486,83 +470,50 @@ impl Queue {
 
     /// Removes acked events past the retention limits, whole rollouts at a
     /// time (oldest first), so a rollout is either fully replayable or not
-    /// at all. Never prunes a rollout with pending events or the rollout of
-    /// the newest event. Returns how many events were removed.
+    /// at all. Never prunes a rollout with pending events, with a dead letter
+    /// (the agent's rebuild replays rejected events too, so its history
+    /// would come back with a hole), or the rollout of the newest event.
+    /// Returns how many events were removed.
     pub fn prune_acked(&mut self) -> Result<usize, QueueError> {
         self.check_poisoned()?;
         let doomed = self.prune_plan();
         if doomed.is_empty() {
             return Ok(0);
         }
-        self.write_high_water()?;
-        let mut removed = 0;
-        for qseq in doomed {
-            let name = self.acked[&qseq].file_name();
-            let path = self.acked_dir.join(&name);
-            match self.storage.remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(QueueError::Io { op: "remove", path, source }),
-            }
-            self.acked.remove(&qseq);
-            removed += 1;
-        }
-        let acked_dir = self.acked_dir.clone();
-        self.storage.fsync_dir(&acked_dir).map_err(io_err("fsync directory", &acked_dir))?;
-        Ok(removed)
-    }
-
-    /// Removes the oldest dead letters (event and reason files) past
-    /// `dead_max_count`. Returns how many events were removed.
-    pub fn prune_dead(&mut self) -> Result<usize, QueueError> {
-        self.check_poisoned()?;
-        let excess = self.dead.len().saturating_sub(self.config.dead_max_count);
-        if excess == 0 {
-            return Ok(0);
-        }
-        // Dead events hold seqs too: after they are gone only the
-        // high-water mark keeps those numbers from coming back.
-        self.write_high_water()?;
-        let doomed: Vec<(u64, String)> = self.dead.iter().take(excess).cloned().collect();
-        // All the events, a directory fsync, then their reasons: a crash can
-        // leave an orphaned `.reason` (removed at the next open), never a
-        // dead event without its reason.
-        for (_, name) in &doomed {
-            self.remove_dead_file(name)?;
-        }
-        let dead_dir = self.dead_dir.clone();
-        self.storage.fsync_dir(&dead_dir).map_err(io_err("fsync directory", &dead_dir))?;
-        for entry in doomed {
-            self.remove_dead_file(&format!("{}{}", entry.1, record::REASON_SUFFIX))?;
-            self.dead.remove(&entry);
-        }
-        self.storage.fsync_dir(&dead_dir).map_err(io_err("fsync directory", &dead_dir))?;
-        Ok(excess)
-    }
-
-    /// Removes one file of `dead/`; already gone is fine.
-    fn remove_dead_file(&mut self, name: &str) -> Result<(), QueueError> {
-        let path = self.dead_dir.join(name);
-        match self.storage.remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(QueueError::Io { op: "remove", path, source }),
-        }
-    }
-
-    /// Applies both retention rules; what the agent calls from time to time.
-    pub fn prune(&mut self) -> Result<Pruned, QueueError> {
-        Ok(Pruned { acked: self.prune_acked()?, dead: self.prune_dead()? })
-    }
-
-    /// Crash case 7: the numbers handed out so far, durably, before any
-    /// file that holds one is removed.
-    fn write_high_water(&mut self) -> Result<(), QueueError> {
+        // Crash case 7: the high-water mark first, durably.
         let high_water = HighWater { qseq: self.next_qseq - 1, seqs: self.last_seq.clone() };
         let (root, path) = (self.root.clone(), self.root.join(HIGH_WATER_FILE));
         self.write_durably(&root, &path, &high_water.encode())?;
         self.high_water = high_water;
-        Ok(())
+        // The first event of each doomed rollout goes first, durably: from
+        // then on a crash can leave only a tail of its history, which the
+        // rebuild treats as pruned, never a history with a hole.
+        let mut firsts: BTreeMap<RolloutId, u64> = BTreeMap::new();
+        for qseq in &doomed {
+            let q = &self.acked[qseq];
+            let first = firsts.entry(q.rollout_id.clone()).or_insert(*qseq);
+            if self.acked[first].seq() > q.seq() {
+                *first = *qseq;
+            }
+        }
+        let acked_dir = self.acked_dir.clone();
+        let (firsts, rest): (Vec<u64>, Vec<u64>) = doomed.into_iter().partition(|q| firsts.values().any(|f| f == q));
+        let mut removed = 0;
+        for batch in [firsts, rest] {
+            for qseq in batch {
+                let name = self.acked[&qseq].file_name();
+                let path = self.acked_dir.join(&name);
+                match self.storage.remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(QueueError::Io { op: "remove", path, source }),
+                }
+                self.acked.remove(&qseq);
+                removed += 1;
+            }
+            self.storage.fsync_dir(&acked_dir).map_err(io_err("fsync directory", &acked_dir))?;
+        }
+        Ok(removed)
     }
 
     /// The acked qseqs retention removes, per the rules of `prune_acked`.
@@ -589,7 +540,11 @@ impl Queue {
             self.pending.values().map(|q| &q.rollout_id).collect();
         let mut candidates: Vec<(&RolloutId, Group)> = groups
             .into_iter()
-            .filter(|(rollout, _)| Some(*rollout) != newest_rollout.as_ref() && !with_pending.contains(rollout))
+            .filter(|(rollout, _)| {
+                Some(*rollout) != newest_rollout.as_ref()
+                    && !with_pending.contains(rollout)
+                    && !self.dead_rollouts.contains(*rollout)
+            })
             .collect();
         candidates.sort_by_key(|(_, g)| g.newest_qseq);
         let now = self.clock.now();
@@ -668,10 +623,16 @@ impl Queue {
     fn write_dead_reason(&mut self, name: &str, reason: &DeadReason) -> Result<(), QueueError> {
         let path = self.dead_dir.join(format!("{name}{}", record::REASON_SUFFIX));
         let tmp = tmp_path(&path);
+        // The directory fsync makes the reason durable before the event
+        // moves in: a dead event is never without its reason (the rebuild
+        // after a restart ignores unexplained dead events, which would
+        // leave a hole in the rollout's history).
+        let dead_dir = self.dead_dir.clone();
         let result = (|| {
             self.storage.write_file(&tmp, &reason.encode()).map_err(io_err("write", &tmp))?;
             self.storage.fsync_file(&tmp).map_err(io_err("fsync", &tmp))?;
-            self.storage.rename(&tmp, &path).map_err(io_err("rename", &tmp))
+            self.storage.rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
+            self.storage.fsync_dir(&dead_dir).map_err(io_err("fsync directory", &dead_dir))
         })();
         if result.is_err() {
             let _ = self.storage.remove_file(&tmp);
@@ -701,7 +662,6 @@ impl Queue {
 
         let (root, acked_dir, dead_dir) = (self.root.clone(), self.acked_dir.clone(), self.dead_dir.clone());
         let mut dead_names = std::collections::BTreeSet::new();
-        let mut reason_names = Vec::new();
         let mut live_seqs = std::collections::HashSet::new();
         for (dir, is_dead) in [(&dead_dir, true), (&acked_dir, false), (&root, false)] {
             let mut names = self.storage.list_files(dir).map_err(io_err("list", dir))?;
@@ -720,10 +680,7 @@ impl Queue {
                     if let Some(qseq) = record::qseq_of_name(&name) {
                         max_qseq = max_qseq.max(qseq);
                     }
-                    if name.ends_with(record::REASON_SUFFIX) {
-                        reason_names.push(name);
-                    } else {
-                        self.dead.insert((record::qseq_of_name(&name).unwrap_or(0), name.clone()));
+                    if !name.ends_with(record::REASON_SUFFIX) {
                         dead_names.insert(name);
                     }
                     continue;
@@ -764,13 +721,21 @@ impl Queue {
                         }
                     }
                     Err(reason) => {
+                        // Its seq, if the header still reads, must not come
+                        // back either (it may have reached the CP).
+                        if let Ok(header) = record::decode_header(&bytes) {
+                            max_qseq = max_qseq.max(header.qseq);
+                            if let Ok(rollout_id) = RolloutId::parse(&header.rollout_id) {
+                                let seq = self.last_seq.entry(rollout_id).or_insert(0);
+                                *seq = (*seq).max(header.seq);
+                            }
+                        }
                         self.move_to_dead(dir, &name, &reason)?;
                         self.recovery.moved_to_dead.push((name, reason));
                     }
                 }
             }
         }
-        self.remove_orphaned_reasons(reason_names)?;
         // Dead events still hold seqs that must not come back; unreadable
         // ones only their qseq (by name, above).
         for name in dead_names {
@@ -778,8 +743,9 @@ impl Queue {
             let Ok(header) = record::decode_header(&bytes) else { continue };
             max_qseq = max_qseq.max(header.qseq);
             if let Ok(rollout_id) = RolloutId::parse(&header.rollout_id) {
-                let seq = self.last_seq.entry(rollout_id).or_insert(0);
+                let seq = self.last_seq.entry(rollout_id.clone()).or_insert(0);
                 *seq = (*seq).max(header.seq);
+                self.dead_rollouts.insert(rollout_id);
             }
         }
         self.next_qseq = max_qseq + 1;
@@ -792,32 +758,6 @@ impl Queue {
                 "queue recovery cleaned up"
             );
         }
-        Ok(())
-    }
-
-    /// A `.reason` whose event is neither in `dead/` nor pending is what a
-    /// crash in the middle of pruning a dead letter leaves: removed. One
-    /// beside a pending event (a reject cut short) is kept; the re-sent
-    /// event's rejection overwrites it.
-    fn remove_orphaned_reasons(&mut self, reason_names: Vec<String>) -> Result<(), QueueError> {
-        let in_dead: std::collections::BTreeSet<&str> = self.dead.iter().map(|(_, name)| name.as_str()).collect();
-        let pending: std::collections::BTreeSet<String> = self.pending.values().map(QueuedEvent::file_name).collect();
-        let orphans: Vec<String> = reason_names
-            .into_iter()
-            .filter(|reason| {
-                let event = reason.strip_suffix(record::REASON_SUFFIX).unwrap_or(reason);
-                !in_dead.contains(event) && !pending.contains(event)
-            })
-            .collect();
-        if orphans.is_empty() {
-            return Ok(());
-        }
-        for name in &orphans {
-            self.remove_dead_file(name)?;
-        }
-        let dead_dir = self.dead_dir.clone();
-        self.storage.fsync_dir(&dead_dir).map_err(io_err("fsync directory", &dead_dir))?;
-        self.recovery.orphaned_reasons_removed = orphans.len();
         Ok(())
     }
 
@@ -847,9 +787,7 @@ impl Queue {
         let dead_reason = DeadReason::new(DeadCause::Corrupt, reason, self.clock.now());
         let dead_dir = self.dead_dir.clone();
         self.write_dead_reason(name, &dead_reason)?;
-        self.move_durably(dir, &dead_dir, name)?;
-        self.dead.insert((record::qseq_of_name(name).unwrap_or(0), name.to_owned()));
-        Ok(())
+        self.move_durably(dir, &dead_dir, name)
     }
 }
 

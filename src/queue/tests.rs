@@ -218,71 +218,28 @@ fn corrupt_files_go_to_dead_with_the_reason_and_the_rest_drains() {
     }
 }
 
-/// Dead-letter retention keeps the newest `dead_max_count` dead events
-/// with their reasons, removes the oldest (event and reason), and the
-/// seqs they held never come back after a restart.
+/// A rollout with a dead letter is never pruned, before or after a reopen:
+/// the restart rebuild replays its rejected events with the rest, so
+/// pruning only the acked ones would leave a hole in its history.
 #[test]
-fn dead_letter_retention_keeps_the_newest_and_their_numbers_never_come_back() {
+fn retention_keeps_rollouts_with_dead_letters() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = QueueConfig { dead_max_count: 2, ..QueueConfig::default() };
+    let config = QueueConfig { acked_max_count: 0, acked_max_age: Duration::ZERO, ..QueueConfig::default() };
     let open = || Queue::open(tmp.path(), host(), config.clone(), clock()).expect("open");
-    let r = rollout("s@r1");
+    let (rejected, plain, new) = (rollout("s@rejected"), rollout("s@plain"), rollout("s@new"));
     let mut q = open();
-    let mut names = Vec::new();
-    for n in 0..4 {
-        let queued = enqueue_next(&mut q, &r, "x").expect("enqueue");
-        names.push(q.pending().last().expect("pending").file_name());
-        q.reject(queued.qseq, &format!("illegal #{n}")).expect("reject");
+    let first = enqueue_next(&mut q, &rejected, "x").expect("enqueue");
+    q.reject(first.qseq, "illegal").expect("reject");
+    for r in [&rejected, &plain, &plain, &new] {
+        let queued = enqueue_next(&mut q, r, "x").expect("enqueue");
+        q.ack(queued.qseq).expect("ack");
     }
-    assert_eq!(q.prune_dead().expect("prune"), 2);
-    let dead_dir = q.dir().join(DEAD_DIR);
-    let reason = |name: &String| format!("{name}{}", record::REASON_SUFFIX);
-    let mut expected = vec![names[2].clone(), reason(&names[2]), names[3].clone(), reason(&names[3])];
-    expected.sort();
-    assert_eq!(names_in(&dead_dir), expected, "the two newest stay, each with its reason");
-    assert_eq!(q.prune_dead().expect("prune"), 0);
+    assert_eq!(q.prune_acked().expect("prune"), 2, "only plain goes");
     drop(q);
-
     let mut q = open();
-    assert_eq!(q.last_seq(&r), 4, "the pruned seqs 1 and 2 are not reused");
-    assert_eq!(q.prune().expect("prune"), Pruned { acked: 0, dead: 0 });
-    let queued = enqueue_next(&mut q, &r, "y").expect("enqueue");
-    assert_eq!(queued.seq, 5);
-    q.reject(queued.qseq, "illegal #4").expect("reject");
-    assert_eq!(
-        q.prune().expect("prune"),
-        Pruned { acked: 0, dead: 1 },
-        "the reopened queue counted its 2 dead letters"
-    );
-    assert_eq!(names_in(&dead_dir).len(), 4);
-}
-
-/// A `.reason` left without its event (a dead-letter prune cut short by a
-/// crash) is removed at open; one beside a pending event (a reject cut
-/// short) is kept, as is every dead letter's own.
-#[test]
-fn open_removes_orphaned_reasons_and_keeps_the_others() {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let open = || Queue::open(tmp.path(), host(), QueueConfig::default(), clock()).expect("open");
-    let r = rollout("s@r1");
-    let mut q = open();
-    let dead = enqueue_next(&mut q, &r, "dead").expect("enqueue");
-    let dead_name = q.pending()[0].file_name();
-    q.reject(dead.qseq, "illegal").expect("reject");
-    enqueue_next(&mut q, &r, "pending").expect("enqueue");
-    let pending_name = q.pending()[0].file_name();
-    drop(q);
-    let dead_dir = tmp.path().join(QUEUE_DIR).join(DEAD_DIR);
-    let reason = |name: &str| format!("{name}{}", record::REASON_SUFFIX);
-    let orphan = reason(&record::file_name(99, "web-1", "s@r1", "Converged"));
-    for name in [&orphan, &reason(&pending_name)] {
-        std::fs::write(dead_dir.join(name), b"{}").expect("write");
-    }
-    let q = open();
-    assert_eq!(q.recovery_report().orphaned_reasons_removed, 1);
-    let mut expected = vec![dead_name.clone(), reason(&dead_name), reason(&pending_name)];
-    expected.sort();
-    assert_eq!(names_in(&dead_dir), expected);
+    assert_eq!(q.prune_acked().expect("prune"), 0, "the reopened queue still knows the dead letter");
+    let kept: BTreeSet<RolloutId> = q.acked().into_iter().map(|e| e.rollout_id).collect();
+    assert_eq!(kept, BTreeSet::from([rejected, new]));
 }
 
 /// Retention prunes whole old rollouts past count or age, keeps the
@@ -545,8 +502,8 @@ fn ack_and_reject_faults_at_every_step_keep_the_event_and_the_retry_completes() 
             assert_eq!(reopened.pending_len(), 0, "{context}");
         });
         // ack: rename, fsync acked/; reject: sidecar write, fsync, rename,
-        // then the event's rename, fsync dead/.
-        assert_eq!(n_steps, if reject { 5 } else { 2 });
+        // fsync dead/, then the event's rename, fsync dead/.
+        assert_eq!(n_steps, if reject { 6 } else { 2 });
     }
 }
 
@@ -612,13 +569,11 @@ struct Expect {
     pruned_ok: BTreeSet<u64>,
     /// What a prune that a crash cut short may have removed.
     prune_planned: BTreeSet<u64>,
-    /// Dead letters a prune may have removed (all of them: the limit is 0).
-    dead_prune_planned: BTreeSet<u64>,
     max_seq_ok: BTreeMap<RolloutId, u64>,
 }
 
 fn prune_everything() -> QueueConfig {
-    QueueConfig { acked_max_count: 0, acked_max_age: Duration::ZERO, dead_max_count: 0, ..QueueConfig::default() }
+    QueueConfig { acked_max_count: 0, acked_max_age: Duration::ZERO, ..QueueConfig::default() }
 }
 
 /// Runs a workload, the disk crashing at mutating call `crash_at` (or
@@ -667,8 +622,7 @@ fn run_workload(steps: &[Step], storage: &SimStorage, crash_at: Option<usize>) -
             Step::Prune => {
                 let before: BTreeSet<u64> = q.acked().iter().map(|e| e.qseq).collect();
                 expect.prune_planned.extend(q.prune_plan());
-                expect.dead_prune_planned.extend(q.dead.iter().map(|(qseq, _)| *qseq));
-                if q.prune().is_ok() {
+                if q.prune_acked().is_ok() {
                     let after: BTreeSet<u64> = q.acked().iter().map(|e| e.qseq).collect();
                     expect.pruned_ok.extend(before.difference(&after));
                 }
@@ -715,13 +669,34 @@ fn check_crash_state(state: SimFs, expect: &Expect, context: &dyn Fn() -> String
                 record::file_name(*qseq, "web-1", r.as_str(), ev.kind())
             };
             let dead = PathBuf::from(ROOT).join(QUEUE_DIR).join(DEAD_DIR);
-            let has_event = storage.fs().file(&dead.join(&name)).is_some();
-            let has_reason = storage.fs().file(&dead.join(format!("{name}.reason"))).is_some();
-            // Pruned, or not yet: either is allowed, a reasonless event never.
-            if !expect.dead_prune_planned.contains(qseq) {
-                assert!(has_event, "rejected {qseq} not in dead/\n{}", context());
-            }
-            assert!(!has_event || has_reason, "dead {qseq} lost its reason\n{}", context());
+            assert!(storage.fs().file(&dead.join(&name)).is_some(), "rejected {qseq} not in dead/\n{}", context());
+            assert!(storage.fs().file(&dead.join(format!("{name}.reason"))).is_some(), "{}", context());
+        }
+    }
+    // What the agent rebuilds a rollout from (pending, acked, and dead
+    // letters with their reason) is its whole history or lacks seq 1 (then
+    // it counts as pruned): never a history with a hole after seq 1.
+    let dead_dir = PathBuf::from(ROOT).join(QUEUE_DIR).join(DEAD_DIR);
+    let mut history: BTreeMap<RolloutId, BTreeSet<u64>> = BTreeMap::new();
+    for queued in pending.values().chain(acked.values()) {
+        history.entry(queued.rollout_id.clone()).or_default().insert(queued.seq());
+    }
+    let paths = storage.fs().paths();
+    for path in paths {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
+        if path.parent() != Some(dead_dir.as_path()) || !record::is_event_name(&name) {
+            continue;
+        }
+        let has_reason = storage.fs().file(&dead_dir.join(format!("{name}.reason"))).is_some();
+        let header = storage.fs().file(&path).and_then(|bytes| record::decode_header(bytes).ok());
+        if let (true, Some(header)) = (has_reason, header) {
+            history.entry(rollout(&header.rollout_id)).or_default().insert(header.seq);
+        }
+    }
+    for (r, seqs) in &history {
+        if seqs.contains(&1) {
+            let whole: BTreeSet<u64> = (1..=q.last_seq(r)).collect();
+            assert_eq!(seqs, &whole, "the history of {r} has a hole\n{}", context());
         }
     }
     // No tmp survives recovery.
@@ -774,17 +749,18 @@ fn crash_everywhere(steps: &[Step], only_at: Option<usize>) -> usize {
 }
 
 /// False for workloads with a step that cannot do anything (ack with
-/// nothing pending, restart twice in a row, prune before any ack or reject): their
+/// nothing pending, restart twice in a row, prune before any ack): their
 /// crash states are those of a shorter workload already enumerated.
 fn every_step_acts(steps: &[Step]) -> bool {
-    let (mut pending, mut settled) = (0, 0);
+    let (mut pending, mut acked) = (0, 0);
     for (idx, step) in steps.iter().enumerate() {
         match step {
             Step::Enqueue(_) => pending += 1,
             Step::Ack | Step::Reject if pending == 0 => return false,
-            Step::Ack | Step::Reject => (pending, settled) = (pending - 1, settled + 1),
+            Step::Ack => (pending, acked) = (pending - 1, acked + 1),
+            Step::Reject => pending -= 1,
             Step::Restart if idx == 0 || steps[idx - 1] == Step::Restart => return false,
-            Step::Prune if settled == 0 => return false,
+            Step::Prune if acked == 0 => return false,
             Step::Restart | Step::Prune => {}
         }
     }

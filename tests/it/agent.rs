@@ -547,14 +547,14 @@ async fn a_switch_that_kills_the_agent_and_completes_is_reported_by_the_restarte
     assert_eq!(kinds.iter().filter(|k| *k == "ActivationCompleted").count(), 1, "{kinds:?}");
 }
 
-/// A CP with rollout `stable@q1` for web-1, and web-1's queue holding
-/// `events` of that rollout, delivered by the real drain worker until none
+/// A CP with rollouts `stable@q1` and `canary@q1` for web-1, and web-1's
+/// queue holding `events` (rollout id, event) in that order, delivered by the real drain worker until none
 /// is pending and `settled` holds for the queue's folder. Returns the queue
 /// (still open) with what keeps it alive.
 async fn drain_through_real_cp(
     label: &str,
     config: nixfleet::queue::QueueConfig,
-    events: impl FnOnce(&Closure, &Closure) -> Vec<nixfleet::wire::OutboundEvent>,
+    events: impl FnOnce(&Closure, &Closure) -> Vec<(&'static str, nixfleet::wire::OutboundEvent)>,
     settled: impl Fn(&std::path::Path) -> bool,
 ) -> (TempDir, Cp, PathBuf, nixfleet::agent::journal::SharedQueue) {
     use nixfleet::agent::journal::SharedQueue;
@@ -570,13 +570,14 @@ async fn drain_through_real_cp(
     let cp = Cp::start(dir.path(), &release.pub_path);
     let old = Closure::parse("/nix/store/00000000000000000000000000000000-old").expect("valid");
     let new = Closure::parse("/nix/store/11111111111111111111111111111111-new").expect("valid");
-    assert!(cp.publish(&release.sign(&manifest("stable@q1", 1, &[("web-1", 0, &new)]))).await.status.is_success());
+    for id in ["stable@q1", "canary@q1"] {
+        assert!(cp.publish(&release.sign(&manifest(id, 1, &[("web-1", 0, &new)]))).await.status.is_success());
+    }
     let host = Hostname::parse("web-1").expect("valid");
-    let rid = RolloutId::parse("stable@q1").expect("valid");
     let state_dir = dir.path().join("agent");
     let mut queue = Queue::open(&state_dir, host.clone(), config, ClockHandle::system()).expect("queue");
-    for event in events(&old, &new) {
-        queue.enqueue(&rid, &event).expect("enqueue");
+    for (id, event) in events(&old, &new) {
+        queue.enqueue(&RolloutId::parse(id).expect("valid"), &event).expect("enqueue");
     }
     let queue = SharedQueue::new(queue);
     let (trigger, stop) = shutdown_channel();
@@ -621,7 +622,7 @@ async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered
                     received_at: time::macros::datetime!(2026-11-25 12:00 UTC),
                 },
             };
-            vec![converged(1, new), legal]
+            vec![("stable@q1", converged(1, new)), ("stable@q1", legal)]
         },
         |_| true,
     )
@@ -635,24 +636,32 @@ async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_drain_worker_applies_dead_letter_retention() {
-    // Proves the running agent bounds dead/: three events the CP rejects are
-    // dead-lettered, the drainer's retention keeps the newest one (the limit
-    // here is 1), and the pruned seqs are not handed out again.
-    let config = nixfleet::queue::QueueConfig { dead_max_count: 1, ..nixfleet::queue::QueueConfig::default() };
-    let dead_letters = |state_dir: &std::path::Path| {
-        QueueView::open(state_dir).expect("view").list(&[EntryState::Dead]).expect("list")
+async fn the_drain_worker_applies_acked_retention() {
+    // Proves the running agent bounds acked/ (the limit here is 0): once
+    // delivered, the older rollout's acked history is removed from disk and
+    // the newest rollout's is kept.
+    let config = nixfleet::queue::QueueConfig { acked_max_count: 0, ..nixfleet::queue::QueueConfig::default() };
+    let acked_on_disk = |state_dir: &std::path::Path| {
+        let view = QueueView::open(state_dir).expect("view");
+        view.list(&[EntryState::Acked]).expect("list").into_iter().filter_map(|e| e.header).collect::<Vec<_>>()
     };
-    let (_dir, _cp, state_dir, queue) = drain_through_real_cp(
-        "agent-dead-retention",
+    let ack = |old: &Closure, new: &Closure| nixfleet::wire::OutboundEvent {
+        seq: 1,
+        body: nixfleet::wire::WireEventBody::DispatchAck {
+            current_closure_at_dispatch: old.clone(),
+            target_closure: new.clone(),
+            soak_secs: 1,
+            received_at: time::macros::datetime!(2026-11-25 12:00 UTC),
+        },
+    };
+    let (_dir, cp, state_dir, _queue) = drain_through_real_cp(
+        "agent-acked-retention",
         config,
-        |_, new| (1..=3).map(|seq| converged(seq, new)).collect(),
-        |state_dir| dead_letters(state_dir).len() == 1,
+        |old, new| vec![("stable@q1", ack(old, new)), ("canary@q1", ack(old, new))],
+        |state_dir| acked_on_disk(state_dir).len() == 1,
     )
     .await;
-    let dead = dead_letters(&state_dir);
-    assert_eq!(dead.iter().map(|d| d.header.as_ref().map(|h| h.seq)).collect::<Vec<_>>(), vec![Some(3)], "{dead:?}");
-    assert!(dead[0].reason.is_some(), "the kept dead letter keeps its reason");
-    let rid = nixfleet::ids::RolloutId::parse("stable@q1").expect("valid");
-    assert_eq!(queue.lock().next_seq(&rid), 4);
+    let kept = acked_on_disk(&state_dir);
+    assert_eq!((kept[0].rollout_id.as_str(), kept[0].seq), ("canary@q1", 1));
+    assert_eq!(cp.host_state("stable@q1", "web-1").await, "Activating", "delivered before it was pruned");
 }

@@ -180,7 +180,7 @@ pub async fn run_longpoll_worker(
     }
 }
 
-/// How often the drainer applies the queue's retention (`Queue::prune`):
+/// How often the drainer applies the queue's retention (`Queue::prune_acked`):
 /// after its first successful drain, then at most this often. Pruning
 /// scans the acked index (≤ 10,000 events), so not after every batch.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
@@ -188,8 +188,8 @@ pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// Delivers pending events in enqueue order, in batches, and moves each to
 /// `acked/` or `dead/` by the CP's answer. `retry`, 5xx and network errors
 /// keep the event where it is and back off (jitter, cap 60 s). It also
-/// applies the queue's retention (acked and dead letters), every
-/// [`PRUNE_EVERY`] after a successful drain.
+/// applies the queue's retention of `acked/`, every [`PRUNE_EVERY`] after a
+/// successful drain.
 pub async fn run_drain_worker(
     api: CpApi,
     queue: SharedQueue,
@@ -226,20 +226,12 @@ pub async fn run_drain_worker(
     }
 }
 
-/// Applies the queue's retention; a failure is logged and retried at the
-/// next turn (nothing is lost by pruning late).
+/// Applies the queue's retention of `acked/`; a failure is logged and
+/// retried at the next turn (nothing is lost by pruning late).
 async fn prune(queue: &SharedQueue) {
-    match queue.with(|q| q.prune()).await {
-        Ok(Ok(pruned)) if pruned.dead > 0 => tracing::warn!(
-            acked = pruned.acked,
-            dead = pruned.dead,
-            "queue retention removed the oldest dead letters (beyond the newest {}); each was logged when rejected",
-            crate::queue::DEAD_MAX_COUNT
-        ),
-        Ok(Ok(pruned)) if pruned.acked > 0 => {
-            tracing::info!(acked = pruned.acked, "queue retention removed old acked rollouts")
-        }
-        Ok(Ok(_)) => {}
+    match queue.with(|q| q.prune_acked()).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(acked = n, "queue retention removed old acked rollouts"),
         Ok(Err(e)) => tracing::warn!(error = %e, "queue retention failed; retrying later"),
         Err(e) => tracing::warn!(error = %e, "queue retention failed; retrying later"),
     }

@@ -13,61 +13,14 @@ use nixfleet::agent::activation::{
 use nixfleet::ids::Closure;
 use nixfleet::wire::event::STDERR_TAIL_MAX_BYTES;
 
-use crate::nixenv::{profile_generations, resolve, ClosureSpec, NixEnv};
+use crate::nixenv::{profile_generations, resolve, ClosureSpec, Host};
 
-/// A pretend host: a profile and a current-system symlink in a temp dir.
-struct Host {
-    nix: NixEnv,
-    root: PathBuf,
-}
-
-impl Host {
-    fn new() -> Host {
-        let nix = NixEnv::detect();
-        let root = nix.dir().join("host");
-        fs_err::create_dir_all(root.join("profiles")).expect("mkdir profiles");
-        Host { nix, root }
-    }
-
-    fn profile(&self) -> PathBuf {
-        self.root.join("profiles/system")
-    }
-
-    fn current_system(&self) -> PathBuf {
-        self.root.join("current-system")
-    }
-
-    fn spec(&self, label: &str) -> ClosureSpec {
-        ClosureSpec { label: label.to_owned(), current_system: self.current_system(), ..ClosureSpec::default() }
-    }
-
-    /// Builds a closure and makes it what the host currently runs.
-    fn boot_into(&self, label: &str) -> Closure {
-        let closure = self.nix.build_closure(&self.spec(label));
-        std::os::unix::fs::symlink(closure.as_str(), self.current_system()).expect("symlink current-system");
-        closure
-    }
-
-    fn config(&self, runner: SwitchRunner) -> ActivationConfig {
-        ActivationConfig {
-            nix_store: self.nix.nix_store().to_owned(),
-            nix_env: self.nix.nix_env().to_owned(),
-            profile: self.profile(),
-            current_system: self.current_system(),
-            switch_runner: runner,
-            time_limit: Duration::from_secs(30),
-            log_dir: self.root.join("log"),
-            nix_extra_env: self.nix.substituter_env(),
-        }
-    }
-
-    fn session() -> SwitchRunner {
-        SwitchRunner::Session { setsid: "setsid".into() }
-    }
-
-    fn running(&self) -> Option<PathBuf> {
-        resolve(&self.current_system())
-    }
+/// Builds a closure and makes it what the host currently runs (the
+/// current-system link only: the profile stays nix-env's).
+fn running(host: &Host, label: &str) -> Closure {
+    let closure = host.build(host.spec(label));
+    std::os::unix::fs::symlink(closure.as_str(), host.current_system()).expect("symlink current-system");
+    closure
 }
 
 fn forward(closure: &Closure) -> ActivationRequest {
@@ -131,7 +84,7 @@ fn pid_alive(pid: u32) -> bool {
 async fn switch_repoints_current_system_and_adds_a_profile_generation() {
     // Proves the forward path end to end: realise, a new real profile generation, the symlink flip, and the observed closure.
     let host = Host::new();
-    let old = host.boot_into("old");
+    let old = running(&host, "old");
     let new = host.nix.build_closure(&host.spec("new"));
     let outcome = run(&host.config(Host::session()), &forward(&new)).await;
     assert_eq!(outcome, ActivationOutcome::Completed { observed: new.clone() });
@@ -145,7 +98,7 @@ async fn switch_repoints_current_system_and_adds_a_profile_generation() {
 async fn switch_exiting_1_is_failed_with_its_stderr_tail() {
     // Proves a failing switch is reported with its exit code and its own output, and nothing is left half-switched.
     let host = Host::new();
-    let old = host.boot_into("old");
+    let old = running(&host, "old");
     let bad = host.nix.build_closure(&ClosureSpec { fail_switch: true, ..host.spec("bad") });
     let (code, tail) = failed(run(&host.config(Host::session()), &forward(&bad)).await);
     assert_eq!(code, 1);
@@ -158,7 +111,7 @@ async fn switch_exiting_1_is_failed_with_its_stderr_tail() {
 async fn closure_deleted_from_the_store_is_fetched_from_the_signed_cache() {
     // Proves realise really substitutes: the closure is gone from the store, comes back from the signed file:// cache, and the switch runs.
     let host = Host::new();
-    host.boot_into("old");
+    running(&host, "old");
     let new = host.nix.build_closure(&host.spec("cached"));
     host.nix.push_to_cache(&new);
     host.nix.delete_from_store(&new);
@@ -171,7 +124,7 @@ async fn closure_deleted_from_the_store_is_fetched_from_the_signed_cache() {
 async fn closure_absent_from_the_cache_fails_with_nix_message_and_host_unchanged() {
     // Proves a realise failure is ActivationFailed carrying Nix's own words, and the profile and current-system stay put.
     let host = Host::new();
-    let old = host.boot_into("old");
+    let old = running(&host, "old");
     let missing = host.nix.build_closure(&host.spec("missing"));
     host.nix.delete_from_store(&missing);
     let (code, tail) = failed(run(&host.config(Host::session()), &forward(&missing)).await);
@@ -186,7 +139,7 @@ async fn closure_absent_from_the_cache_fails_with_nix_message_and_host_unchanged
 async fn closure_signed_by_an_untrusted_key_is_refused() {
     // Proves the cache signature is checked: the same cache trusted under another key does not deliver the closure.
     let host = Host::new();
-    let old = host.boot_into("old");
+    let old = running(&host, "old");
     let new = host.nix.build_closure(&host.spec("untrusted"));
     host.nix.push_to_cache(&new);
     host.nix.delete_from_store(&new);
@@ -202,7 +155,7 @@ async fn closure_signed_by_an_untrusted_key_is_refused() {
 async fn reboot_required_closure_is_deferred_with_profile_set_and_current_system_unchanged() {
     // Proves the marker path: profile set, `switch-to-configuration boot` ran, no live switch, component reported.
     let host = Host::new();
-    let old = host.boot_into("old");
+    let old = running(&host, "old");
     let new = host.nix.build_closure(&ClosureSpec { reboot_required: Some("kernel\n".into()), ..host.spec("kernel") });
     let outcome = run(&host.config(Host::session()), &forward(&new)).await;
     assert_eq!(outcome, ActivationOutcome::Deferred { component: "kernel".into() });
@@ -216,7 +169,7 @@ async fn reboot_required_closure_is_deferred_with_profile_set_and_current_system
 async fn rollback_switches_back_to_exactly_the_previous_closure() {
     // Proves rollback runs the same steps to the rollback target, ignoring nothing: a new generation and current-system back on the old closure.
     let host = Host::new();
-    let old = host.boot_into("old");
+    let old = running(&host, "old");
     let new = host.nix.build_closure(&host.spec("new"));
     let cfg = host.config(Host::session());
     assert_eq!(run(&cfg, &forward(&new)).await, ActivationOutcome::Completed { observed: new.clone() });
@@ -231,7 +184,7 @@ async fn rollback_switches_back_to_exactly_the_previous_closure() {
 async fn switch_past_its_time_limit_is_killed_with_its_process_group_and_reported() {
     // Proves a hung switch does not outlive its limit: Failed with a clear message, and no process of its group survives.
     let host = Host::new();
-    let old = host.boot_into("old");
+    let old = running(&host, "old");
     let started = host.root.join("switch.pid");
     let never = host.root.join("never-created");
     let spec = ClosureSpec { started_file: Some(started.clone()), wait_for: Some(never), ..host.spec("hung") };
@@ -310,7 +263,7 @@ async fn kill_parent_mid_switch(host: &Host, runner: &str, closure: &Closure, st
 async fn switch_in_its_own_session_survives_kill_9_of_the_agent_process_group() {
     // Proves a Session-run switch outlives its parent's death (as when the switch restarts the agent): the symlink still flips.
     let host = Host::new();
-    host.boot_into("old");
+    running(&host, "old");
     let (started, go) = (host.root.join("switch.pid"), host.root.join("go"));
     let spec = ClosureSpec { started_file: Some(started.clone()), wait_for: Some(go.clone()), ..host.spec("survivor") };
     let new = host.nix.build_closure(&spec);
@@ -323,7 +276,7 @@ async fn switch_in_its_own_session_survives_kill_9_of_the_agent_process_group() 
 async fn direct_switch_dies_with_the_agent_process_group() {
     // Control for the survival test: without a new session the same kill takes the switch down, so that test can fail.
     let host = Host::new();
-    let old = host.boot_into("old");
+    let old = running(&host, "old");
     let (started, go) = (host.root.join("switch.pid"), host.root.join("go"));
     let spec = ClosureSpec { started_file: Some(started.clone()), wait_for: Some(go.clone()), ..host.spec("victim") };
     let new = host.nix.build_closure(&spec);
@@ -362,7 +315,7 @@ fn systemd_stand_ins(dir: &Path) -> SwitchRunner {
 async fn detached_switch_runs_through_systemd_run_as_a_named_unit_with_a_runtime_limit() {
     // Proves the systemd-run boundary: unit name, --wait/--collect, RuntimeMaxSec, output to the log file, exit status used.
     let host = Host::new();
-    host.boot_into("old");
+    running(&host, "old");
     let new = host.nix.build_closure(&host.spec("unit"));
     let runner = systemd_stand_ins(&host.root);
     let outcome = run(&host.config(runner), &forward(&new)).await;
@@ -380,7 +333,7 @@ async fn detached_switch_runs_through_systemd_run_as_a_named_unit_with_a_runtime
 async fn detached_switch_past_its_time_limit_is_stopped_through_systemctl() {
     // Proves the Detached time limit: `systemctl stop` of the unit, the switch dead, Failed with the unit named.
     let host = Host::new();
-    let old = host.boot_into("old");
+    let old = running(&host, "old");
     let started = host.root.join("switch.pid");
     let spec = ClosureSpec {
         started_file: Some(started.clone()),
@@ -405,7 +358,7 @@ async fn detached_switch_past_its_time_limit_is_stopped_through_systemctl() {
 async fn completed_reports_what_current_system_really_resolves_to() {
     // Proves verification reads the symlink rather than assuming success: a switch that flips another link leaves `observed` = the old closure.
     let host = Host::new();
-    let old = host.boot_into("old");
+    let old = running(&host, "old");
     let elsewhere = host.root.join("other-current-system");
     let new = host.nix.build_closure(&ClosureSpec { current_system: elsewhere, ..host.spec("elsewhere") });
     let outcome = run(&host.config(Host::session()), &forward(&new)).await;
@@ -416,7 +369,7 @@ async fn completed_reports_what_current_system_really_resolves_to() {
 async fn unresolvable_current_system_after_a_successful_switch_is_a_verify_failure() {
     // Proves a missing current-system after exit 0 is Failed with the verify exit code and the path named.
     let host = Host::new();
-    host.boot_into("old");
+    running(&host, "old");
     let new = host.nix.build_closure(&host.spec("new"));
     let mut cfg = host.config(Host::session());
     cfg.current_system = host.root.join("no-such-link");

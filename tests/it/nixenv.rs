@@ -18,6 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use nixfleet::agent::activation::{ActivationConfig, SwitchRunner};
 use nixfleet::ids::Closure;
 
 /// What a test closure contains besides its switch script.
@@ -361,4 +362,77 @@ pub fn profile_generations(profile: &Path) -> Vec<(u32, PathBuf)> {
         .collect();
     gens.sort();
     gens
+}
+
+/// A pretend host's file system: a profile and a current-system symlink in
+/// a temp dir, and the Nix to build closures for it.
+#[derive(Debug)]
+pub struct Host {
+    pub nix: NixEnv,
+    pub root: PathBuf,
+}
+
+impl Host {
+    #[allow(clippy::new_without_default)] // sets up a fresh Nix environment: not a plain default
+    pub fn new() -> Host {
+        let nix = NixEnv::detect();
+        let root = nix.dir().join("host");
+        fs_err::create_dir_all(root.join("profiles")).expect("mkdir profiles");
+        Host { nix, root }
+    }
+
+    pub fn profile(&self) -> PathBuf {
+        self.root.join("profiles/system")
+    }
+
+    pub fn current_system(&self) -> PathBuf {
+        self.root.join("current-system")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub fn spec(&self, label: &str) -> ClosureSpec {
+        ClosureSpec { label: label.to_owned(), current_system: self.current_system(), ..ClosureSpec::default() }
+    }
+
+    pub fn build(&self, spec: ClosureSpec) -> Closure {
+        self.nix.build_closure(&spec)
+    }
+
+    /// Makes `closure` what the host runs and boots (both symlinks).
+    pub fn boot_into(&self, closure: &Closure) {
+        for link in [self.current_system(), self.profile()] {
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(closure.as_str(), &link).expect("symlink");
+        }
+    }
+
+    pub fn running(&self) -> Option<PathBuf> {
+        resolve(&self.current_system())
+    }
+
+    pub fn booting(&self) -> Option<PathBuf> {
+        resolve(&self.profile())
+    }
+
+    /// The agent's activation settings for this host.
+    pub fn config(&self, runner: SwitchRunner) -> ActivationConfig {
+        ActivationConfig {
+            nix_store: self.nix.nix_store().to_owned(),
+            nix_env: self.nix.nix_env().to_owned(),
+            profile: self.profile(),
+            current_system: self.current_system(),
+            switch_runner: runner,
+            time_limit: std::time::Duration::from_secs(30),
+            log_dir: self.root.join("log"),
+            nix_extra_env: self.nix.substituter_env(),
+        }
+    }
+
+    /// Switches in a new session (`setsid`), the runner off systemd.
+    pub fn session() -> SwitchRunner {
+        SwitchRunner::Session { setsid: "setsid".into() }
+    }
 }

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nixfleet::agent::activation::{ActivationConfig, SwitchRunner};
 use nixfleet::agent::probes::HostRunner;
 use nixfleet::agent::reducer::{commands, Input, Journal, Reducer, INPUT_CAPACITY};
 use nixfleet::agent::rollouts::Rollouts;
@@ -21,7 +20,7 @@ use nixfleet::wire::OutboundEvent;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::nixenv::{resolve, ClosureSpec, NixEnv};
+use crate::nixenv::{ClosureSpec, Host};
 
 /// Everything a test gives a rollout: generous for a loaded CI machine,
 /// while a healthy run takes a few seconds.
@@ -58,64 +57,10 @@ fn policy(sustained_failure_secs: u64) -> Policy {
     Policy { on_health_failure: OnHealthFailure::RollbackAndHalt, sustained_failure_secs }
 }
 
-/// A pretend host: profile and current-system symlinks in a temp dir.
-struct Host {
-    nix: NixEnv,
-    root: PathBuf,
-}
-
-impl Host {
-    fn new() -> Host {
-        let nix = NixEnv::detect();
-        let root = nix.dir().join("host");
-        fs_err::create_dir_all(root.join("profiles")).expect("mkdir profiles");
-        Host { nix, root }
-    }
-    fn profile(&self) -> PathBuf {
-        self.root.join("profiles/system")
-    }
-    fn current_system(&self) -> PathBuf {
-        self.root.join("current-system")
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-    fn spec(&self, label: &str) -> ClosureSpec {
-        ClosureSpec { label: label.to_owned(), current_system: self.current_system(), ..ClosureSpec::default() }
-    }
-    fn build(&self, spec: ClosureSpec) -> Closure {
-        self.nix.build_closure(&spec)
-    }
-    /// Makes `closure` what the host runs and boots (both symlinks).
-    fn boot_into(&self, closure: &Closure) {
-        for link in [self.current_system(), self.profile()] {
-            let _ = std::fs::remove_file(&link);
-            std::os::unix::fs::symlink(closure.as_str(), &link).expect("symlink");
-        }
-    }
-    fn running(&self) -> Option<PathBuf> {
-        resolve(&self.current_system())
-    }
-    fn booting(&self) -> Option<PathBuf> {
-        resolve(&self.profile())
-    }
-    fn activation_config(&self) -> ActivationConfig {
-        ActivationConfig {
-            nix_store: self.nix.nix_store().to_owned(),
-            nix_env: self.nix.nix_env().to_owned(),
-            profile: self.profile(),
-            current_system: self.current_system(),
-            switch_runner: SwitchRunner::Session { setsid: "setsid".into() },
-            time_limit: Duration::from_secs(30),
-            log_dir: self.root.join("log"),
-            nix_extra_env: self.nix.substituter_env(),
-        }
-    }
-    /// The health-checks file of whatever system is active: it follows the
-    /// current-system symlink, as `/etc` follows `/run/current-system`.
-    fn health_checks_path(&self) -> PathBuf {
-        self.current_system().join("etc/nixfleet/agent/health-checks.json")
-    }
+/// The health-checks file of whatever system is active: it follows the
+/// current-system symlink, as `/etc` follows `/run/current-system`.
+fn health_checks_path(host: &Host) -> PathBuf {
+    host.current_system().join("etc/nixfleet/agent/health-checks.json")
 }
 
 fn exec_probe(name: &str, program: &str) -> String {
@@ -151,14 +96,14 @@ impl Agent {
         let (inputs, inputs_rx) = mpsc::channel(INPUT_CAPACITY);
         let (trigger, shutdown) = shutdown_channel();
         let mut workers = vec![tokio::spawn(run_activation_worker(
-            host.activation_config(),
+            host.config(Host::session()),
             rx.switch,
             inputs.clone(),
             clock.clone(),
             shutdown.clone(),
         ))];
         if with.probes {
-            let path = host.health_checks_path();
+            let path = health_checks_path(host);
             let worker = run_probe_worker(
                 path,
                 HostRunner::default(),
@@ -339,6 +284,29 @@ fn exists(path: &Path) -> impl FnMut() -> bool + '_ {
     move || path.exists()
 }
 
+/// A host running `old`, and a `new` closure whose switch marks
+/// `switch_ran` when it starts and then waits until `gate` exists.
+struct GatedSwitch {
+    old: Closure,
+    new: Closure,
+    switch_ran: PathBuf,
+    gate: PathBuf,
+}
+
+impl GatedSwitch {
+    fn build(host: &Host) -> GatedSwitch {
+        let old = host.build(host.spec("old"));
+        host.boot_into(&old);
+        let (switch_ran, gate) = (host.path("new-switch-ran"), host.path("gate"));
+        let new = host.build(ClosureSpec {
+            started_file: Some(switch_ran.clone()),
+            wait_for: Some(gate.clone()),
+            ..host.spec("new")
+        });
+        GatedSwitch { old, new, switch_ran, gate }
+    }
+}
+
 #[tokio::test]
 async fn a_restarted_agent_reports_a_switch_that_finished_after_the_agent_died() {
     // Proves restart recovery of an activation: the agent dies mid-switch
@@ -346,14 +314,7 @@ async fn a_restarted_agent_reports_a_switch_that_finished_after_the_agent_died()
     // completes without it, and the restarted agent reports Completed from
     // current-system and the profile WITHOUT running the switch again.
     let host = Host::new();
-    let old = host.build(host.spec("old"));
-    host.boot_into(&old);
-    let (switch_ran, gate) = (host.path("new-switch-ran"), host.path("gate"));
-    let new = host.build(ClosureSpec {
-        started_file: Some(switch_ran.clone()),
-        wait_for: Some(gate.clone()),
-        ..host.spec("new")
-    });
+    let GatedSwitch { old, new, switch_ran, gate } = GatedSwitch::build(&host);
     let journal = MemJournal::default();
     let agent = Agent::start(&host, Rollouts::new(hostname()), journal.clone(), Workers { probes: false, tick: false });
     agent.dispatch(&new, &old, 60, policy(60)).await;
@@ -380,14 +341,7 @@ async fn a_shutdown_during_a_switch_lets_it_finish_and_reports_its_outcome() {
     // Proves the shutdown decision: a stop requested mid-switch neither kills
     // the switch nor loses its outcome; the worker reports, then exits.
     let host = Host::new();
-    let old = host.build(host.spec("old"));
-    host.boot_into(&old);
-    let (switch_ran, gate) = (host.path("new-switch-ran"), host.path("gate"));
-    let new = host.build(ClosureSpec {
-        started_file: Some(switch_ran.clone()),
-        wait_for: Some(gate.clone()),
-        ..host.spec("new")
-    });
+    let GatedSwitch { old, new, switch_ran, gate } = GatedSwitch::build(&host);
     let journal = MemJournal::default();
     let mut agent =
         Agent::start(&host, Rollouts::new(hostname()), journal.clone(), Workers { probes: false, tick: false });

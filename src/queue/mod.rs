@@ -488,16 +488,15 @@ impl Queue {
         // The first event of each doomed rollout goes first, durably: from
         // then on a crash can leave only a tail of its history, which the
         // rebuild treats as pruned, never a history with a hole.
-        let mut firsts: BTreeMap<RolloutId, u64> = BTreeMap::new();
+        // Within a rollout seq grows with qseq, so its first event is its
+        // lowest doomed qseq.
+        let mut first_of: BTreeMap<&RolloutId, u64> = BTreeMap::new();
         for qseq in &doomed {
-            let q = &self.acked[qseq];
-            let first = firsts.entry(q.rollout_id.clone()).or_insert(*qseq);
-            if self.acked[first].seq() > q.seq() {
-                *first = *qseq;
-            }
+            first_of.entry(&self.acked[qseq].rollout_id).and_modify(|f| *f = (*f).min(*qseq)).or_insert(*qseq);
         }
+        let firsts: std::collections::BTreeSet<u64> = first_of.into_values().collect();
         let acked_dir = self.acked_dir.clone();
-        let (firsts, rest): (Vec<u64>, Vec<u64>) = doomed.into_iter().partition(|q| firsts.values().any(|f| f == q));
+        let (firsts, rest): (Vec<u64>, Vec<u64>) = doomed.into_iter().partition(|q| firsts.contains(q));
         let mut removed = 0;
         for batch in [firsts, rest] {
             for qseq in batch {

@@ -58,6 +58,32 @@ pub enum Command {
     /// Run the control plane, or publish to it and ask it for status.
     #[command(subcommand)]
     Cp(CpCommand),
+    /// Deterministic fleet simulation: the real control-plane writer and
+    /// agent reducer against a simulated network, clock, hosts and faults.
+    /// Exit 1 (with the seed and a trace) when an invariant breaks.
+    Sim(SimArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SimArgs {
+    /// The seed: the same seed gives byte-identical output.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Number of simulated hosts (ignored with --manifest).
+    #[arg(long, default_value_t = 20)]
+    pub hosts: usize,
+    /// Network, crash and operator faults to inject.
+    #[arg(long, value_enum, default_value_t = crate::sim::FaultProfile::Light)]
+    pub faults: crate::sim::FaultProfile,
+    /// A hand-built situation aimed at one known divergence.
+    #[arg(long, value_enum)]
+    pub scenario: Option<crate::sim::Scenario>,
+    /// Roll out this manifest (unsigned JSON, SPEC §3) first; the sim signs it.
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
+    /// Simulated time limit, e.g. 6h, 90m, 3600s.
+    #[arg(long, default_value = "6h")]
+    pub until: String,
 }
 
 #[derive(Debug, Subcommand)]

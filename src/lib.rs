@@ -14,3 +14,4 @@ pub mod cp;
 pub mod agent;
 pub mod tools;
 pub mod cli;
+pub mod sim;

@@ -14,7 +14,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story on stdout; its components' info logs
     // would drown it (RUST_LOG still overrides).
-    let default_level = if matches!(cli.command, Command::Demo { .. }) { "warn" } else { "info" };
+    // The sim's story is its report; the real components' logs stay quiet.
+    let default_level = match cli.command {
+        Command::Demo { .. } => "warn",
+        Command::Sim(_) => "error",
+        _ => "info",
+    };
     init_tracing(cli.log_format, default_level);
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Keygen { out } => tools::manifest_cmd::keygen(&out).map_err(Into::into),
@@ -36,6 +41,11 @@ fn main() -> ExitCode {
             (None, None) => Err("replay needs --db or --state-dir".into()),
         },
         Command::Cp(cmd) => nixfleet::cp::run(cmd).map_err(Into::into),
+        Command::Sim(args) => match nixfleet::sim::run_cli(&args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -62,7 +62,7 @@ pub fn admit_cached(
     Ok(manifest)
 }
 
-fn verified_manifest(trust_keys: &[PublicKey], envelope_bytes: &[u8]) -> Result<Manifest, Refusal> {
+pub fn verified_manifest(trust_keys: &[PublicKey], envelope_bytes: &[u8]) -> Result<Manifest, Refusal> {
     let envelope = sign::parse_envelope(envelope_bytes).map_err(|e| Refusal::Signature(e.to_string()))?;
     let payload = sign::verify_envelope(&envelope, trust_keys).map_err(|e| Refusal::Signature(e.to_string()))?;
     Manifest::parse(&payload).map_err(|e| Refusal::Manifest(e.to_string()))
@@ -77,6 +77,33 @@ pub fn admit(
     rollouts: &Rollouts,
 ) -> Result<Admitted, Refusal> {
     let manifest = verified_manifest(trust_keys, envelope_bytes)?;
+    let checked = check_dispatch(hostname, &manifest, dispatch, rollouts)?;
+    Ok(Admitted {
+        policy: checked.policy,
+        target_closure: checked.target_closure,
+        soak_secs: checked.soak_secs,
+        manifest,
+    })
+}
+
+/// What [`check_dispatch`] found: the reducer's part of [`Admitted`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub policy: Policy,
+    pub target_closure: Closure,
+    pub soak_secs: u64,
+}
+
+/// The checks of [`admit`] after the signature: the dispatch against an
+/// already verified manifest and this host's records. Seam for `nixfleet
+/// sim`, whose agents share one verification per envelope (verifying a
+/// 10,000-host manifest on every simulated host would dominate the run).
+pub fn check_dispatch(
+    hostname: &Hostname,
+    manifest: &Manifest,
+    dispatch: &Dispatch,
+    rollouts: &Rollouts,
+) -> Result<Checked, Refusal> {
     if manifest.rollout_id != dispatch.rollout_id {
         return Err(Refusal::WrongRollout {
             dispatched: dispatch.rollout_id.to_string(),
@@ -103,11 +130,10 @@ pub fn admit(
     if rolled_back_here {
         return Err(Refusal::Quarantined(dispatch.target_closure.clone(), channel.to_owned()));
     }
-    Ok(Admitted {
+    Ok(Checked {
         policy: manifest.machine_policy(),
         target_closure: entry.target_closure.clone(),
         soak_secs: signed_soak,
-        manifest,
     })
 }
 

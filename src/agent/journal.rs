@@ -128,15 +128,30 @@ pub fn restore(
     hostname: &Hostname,
     trust_keys: &[PublicKey],
 ) -> Result<(Rollouts, RestoreReport), String> {
+    let dead = recorded_events(state_dir, &[EntryState::Dead])?;
+    let cache = ManifestCache::new(state_dir);
+    let envelope_of = |id: &RolloutId| cache.load(id).map_err(|e| format!("cannot read the cached manifest: {e}"));
+    restore_from(queue, dead, &envelope_of, hostname, trust_keys)
+}
+
+/// [`restore`] with its two file reads passed in: the dead letters the CP
+/// rejected, and the cached envelope of a rollout. Seam for `nixfleet sim`,
+/// whose agents keep their state in memory; the decisions are all here.
+pub fn restore_from(
+    queue: &Queue,
+    dead: Vec<QueuedEvent>,
+    envelope_of: &dyn Fn(&RolloutId) -> Result<Option<Vec<u8>>, String>,
+    hostname: &Hostname,
+    trust_keys: &[PublicKey],
+) -> Result<(Rollouts, RestoreReport), String> {
     let mut journals: BTreeMap<RolloutId, Vec<(u64, OutboundEvent)>> = BTreeMap::new();
     for (rollout_id, _) in queue.rollouts() {
         let events = queue.events_after(&rollout_id, 0).into_iter().map(|q| (q.event.seq, q.event));
         journals.entry(rollout_id).or_default().extend(events);
     }
-    for q in recorded_events(state_dir, &[EntryState::Dead])? {
+    for q in dead {
         journals.entry(q.rollout_id).or_default().push((q.event.seq, q.event));
     }
-    let cache = ManifestCache::new(state_dir);
     let mut rollouts = Rollouts::new(hostname.clone());
     let mut report = RestoreReport::default();
     for (rollout_id, mut events) in journals {
@@ -149,7 +164,13 @@ pub fn restore(
         // Without a verified manifest the rollout is still rebuilt, under a
         // conservative policy: its seq must continue where the queue is, or
         // every later event of it would be refused as out of order.
-        let policy = match cached_policy(&cache, &rollout_id, hostname, trust_keys) {
+        let cached =
+            envelope_of(&rollout_id).and_then(|e| e.ok_or_else(|| "no cached manifest".to_owned())).and_then(|bytes| {
+                admit_cached(hostname, trust_keys, &bytes, &rollout_id)
+                    .map(|m| m.machine_policy())
+                    .map_err(|e| e.to_string())
+            });
+        let policy = match cached {
             Ok(p) => p,
             Err(why) => {
                 report.without_manifest.push((rollout_id.clone(), why));

@@ -535,8 +535,17 @@ impl Writer {
         stats
     }
 
+    /// The writer's in-memory projection of the database (read-only): for
+    /// `nixfleet sim`'s invariant checks after each group.
+    pub(crate) fn state(&self) -> &CpState {
+        &self.state
+    }
+
     /// Applies a group of commands in one transaction; answers after commit.
-    fn run_group(&mut self, group: Vec<Command>) -> u64 {
+    /// `pub(crate)` for `nixfleet sim`, which drives the writer
+    /// synchronously (one group per simulated instant) instead of from its
+    /// thread; the replies arrive on the commands' oneshots as usual.
+    pub(crate) fn run_group(&mut self, group: Vec<Command>) -> u64 {
         let started = std::time::Instant::now();
         let n_commands = group.len();
         let now = self.clock.now();

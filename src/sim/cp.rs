@@ -1,0 +1,183 @@
+//! The simulated control plane process: the REAL `cp::store::Writer` on a
+//! real SQLite file, driven one group at a time (the real writer thread
+//! takes whatever commands are waiting; the sim groups every request that
+//! reached the CP by the same simulated instant). The real long-poll
+//! `Board` holds standing dispatches; only the parking of requests is
+//! modelled here, because the real `Board::poll` waits on tokio timers.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::clock::ClockHandle;
+use crate::cp::longpoll::Board;
+use crate::cp::metrics::Counters;
+use crate::cp::store::{self, Command, CpState, PublishOutcome, Writer};
+use crate::ids::{Hostname, RolloutId};
+use crate::sign::{self, PublicKey};
+use crate::wire::{BatchItem, Dispatch, EventResult, Heartbeat, Manifest};
+
+/// What a group's commands answered.
+#[derive(Debug)]
+pub enum Answer {
+    Events(Vec<EventResult>),
+    Heartbeat(BTreeMap<RolloutId, u64>),
+    Published(PublishOutcome),
+    /// The commit failed (503): the caller retries.
+    Unavailable,
+}
+
+/// One request waiting for the writer.
+#[derive(Debug)]
+pub enum Work {
+    Ingest(Hostname, Vec<BatchItem>),
+    Heartbeat(Box<Heartbeat>),
+    Publish(Vec<u8>),
+    Tick,
+}
+
+enum Reply {
+    Events(oneshot::Receiver<store::Reply<Vec<EventResult>>>),
+    Heartbeat(oneshot::Receiver<store::Reply<BTreeMap<RolloutId, u64>>>),
+    Publish(oneshot::Receiver<store::Reply<PublishOutcome>>),
+    Refused,
+    None,
+}
+
+#[derive(Debug)]
+pub struct SimCp {
+    pub db: PathBuf,
+    clock: ClockHandle,
+    writer: Option<Writer>,
+    board: Arc<Board>,
+    reader: Option<rusqlite::Connection>,
+    pub trust_keys: Vec<PublicKey>,
+}
+
+impl SimCp {
+    pub fn new(dir: &Path, clock: ClockHandle, trust_keys: Vec<PublicKey>) -> SimCp {
+        SimCp {
+            db: dir.join("cp.db"),
+            clock,
+            writer: None,
+            board: Arc::new(Board::default()),
+            reader: None,
+            trust_keys,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// Starts (or restarts) the process: the writer reopens the database
+    /// and loads its state exactly as `cp serve` does at start.
+    pub fn start(&mut self) -> Result<(), String> {
+        self.board = Arc::new(Board::default());
+        let writer = Writer::open(&self.db, self.clock.clone(), self.board.clone(), Arc::new(Counters::default()))
+            .map_err(|e| e.to_string())?;
+        self.writer = Some(writer);
+        self.reader = Some(store::open_reader(&self.db).map_err(|e| e.to_string())?);
+        // The real writer plans once at start.
+        self.run(vec![Work::Tick]);
+        Ok(())
+    }
+
+    /// `kill -9`: nothing uncommitted survives; parked requests are cut.
+    pub fn crash(&mut self) {
+        self.writer = None;
+        self.reader = None;
+    }
+
+    /// The database file and its WAL are gone (disk replaced, no backup).
+    pub fn lose_database(&mut self) {
+        self.crash();
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = self.db.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(PathBuf::from(p));
+        }
+    }
+
+    pub fn state(&self) -> Option<&CpState> {
+        self.writer.as_ref().map(Writer::state)
+    }
+
+    pub fn dispatch_for(&self, host: &Hostname) -> Option<Dispatch> {
+        self.writer.as_ref()?;
+        self.board.current(host)
+    }
+
+    pub fn envelope(&self, id: &RolloutId) -> Option<Vec<u8>> {
+        let reader = self.reader.as_ref()?;
+        store::envelope(reader, &self.db, id).ok().flatten()
+    }
+
+    pub fn reader(&self) -> Option<&rusqlite::Connection> {
+        self.reader.as_ref()
+    }
+
+    /// Runs one group through the real writer; one answer per work item.
+    pub fn run(&mut self, work: Vec<Work>) -> Vec<Answer> {
+        let Some(writer) = self.writer.as_mut() else {
+            return work.iter().map(|_| Answer::Unavailable).collect();
+        };
+        let mut group = Vec::with_capacity(work.len());
+        let mut replies = Vec::with_capacity(work.len());
+        for w in work {
+            match w {
+                Work::Ingest(hostname, items) => {
+                    let (reply, rx) = oneshot::channel();
+                    group.push(Command::Ingest { hostname, items, reply });
+                    replies.push(Reply::Events(rx));
+                }
+                Work::Heartbeat(heartbeat) => {
+                    let (reply, rx) = oneshot::channel();
+                    group.push(Command::Heartbeat { heartbeat: *heartbeat, reply });
+                    replies.push(Reply::Heartbeat(rx));
+                }
+                Work::Publish(envelope) => match verify(&envelope, &self.trust_keys) {
+                    Some((payload, manifest)) => {
+                        let (reply, rx) = oneshot::channel();
+                        group.push(Command::Publish { envelope, payload, manifest: Box::new(manifest), reply });
+                        replies.push(Reply::Publish(rx));
+                    }
+                    None => replies.push(Reply::Refused),
+                },
+                Work::Tick => {
+                    group.push(Command::Tick);
+                    replies.push(Reply::None);
+                }
+            }
+        }
+        writer.run_group(group);
+        replies
+            .into_iter()
+            .map(|r| match r {
+                Reply::Events(mut rx) => match rx.try_recv() {
+                    Ok(Ok(v)) => Answer::Events(v),
+                    _ => Answer::Unavailable,
+                },
+                Reply::Heartbeat(mut rx) => match rx.try_recv() {
+                    Ok(Ok(v)) => Answer::Heartbeat(v),
+                    _ => Answer::Unavailable,
+                },
+                Reply::Publish(mut rx) => match rx.try_recv() {
+                    Ok(Ok(v)) => Answer::Published(v),
+                    _ => Answer::Unavailable,
+                },
+                Reply::Refused | Reply::None => Answer::Unavailable,
+            })
+            .collect()
+    }
+}
+
+/// What `POST /v1/rollouts` checks before the writer sees a manifest.
+fn verify(envelope: &[u8], trust_keys: &[PublicKey]) -> Option<(Vec<u8>, Manifest)> {
+    let env = sign::parse_envelope(envelope).ok()?;
+    let payload = sign::verify_envelope(&env, trust_keys).ok()?;
+    let manifest = Manifest::parse(&payload).ok()?;
+    Some((payload, manifest))
+}

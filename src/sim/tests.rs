@@ -1,0 +1,1 @@
+//! Seeded runs: a fixed list of seeds × fault profiles and scenarios.

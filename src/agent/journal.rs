@@ -134,13 +134,16 @@ pub fn restore(
     restore_from(queue, dead, &envelope_of, hostname, trust_keys)
 }
 
+/// Reads the cached envelope of a rollout (`Ok(None)`: none cached).
+pub type EnvelopeOf<'a> = &'a dyn Fn(&RolloutId) -> Result<Option<Vec<u8>>, String>;
+
 /// [`restore`] with its two file reads passed in: the dead letters the CP
 /// rejected, and the cached envelope of a rollout. Seam for `nixfleet sim`,
 /// whose agents keep their state in memory; the decisions are all here.
 pub fn restore_from(
     queue: &Queue,
     dead: Vec<QueuedEvent>,
-    envelope_of: &dyn Fn(&RolloutId) -> Result<Option<Vec<u8>>, String>,
+    envelope_of: EnvelopeOf<'_>,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
 ) -> Result<(Rollouts, RestoreReport), String> {

@@ -72,8 +72,12 @@ mod tests {
         for _ in 0..1000 {
             assert_eq!(a.next_u64(), b.next_u64());
             let r = a.range(3, 9);
+            assert_eq!(r, b.range(3, 9));
+            assert_eq!(a.below(5), b.below(5));
             assert!((3..=9).contains(&r));
-            assert!(a.below(5) < 5);
+            let x = a.below(5);
+            assert!(x < 5);
+            assert_eq!(x, b.below(5));
         }
         assert_ne!(Rng::new(1).next_u64(), Rng::new(2).next_u64());
     }

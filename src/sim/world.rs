@@ -116,7 +116,7 @@ impl Faults {
                 observe_bad_p: 0.1,
                 reboot_p: 0.1,
                 switch_fail_p: 0.03,
-                end_ms: 3_600_000,
+                end_ms: 30 * 60_000,
                 ..Faults::default()
             },
             FaultProfile::Heavy => {
@@ -141,7 +141,7 @@ impl Faults {
                     observe_bad_p: 0.1,
                     reboot_p: 0.15,
                     switch_fail_p: 0.05,
-                    end_ms: 2 * 3_600_000,
+                    end_ms: 40 * 60_000,
                 }
             }
         }

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use super::rollouts::{probe_bodies, rollback_body, switch_body, Prepared, Rollouts, RolloutsError, SwitchOutcome};
 use crate::ids::{Closure, RolloutId};
-use crate::machine::{Effect, EventBody, HostState, Policy, ProbeDecl, ProbeMode, ProbeStatus, Timestamp};
+use crate::machine::{Effect, EventBody, HostState, Policy, ProbeDecl, ProbeMode, ProbeStatus, RejectCode, Timestamp};
 use crate::wire::OutboundEvent;
 
 /// Reducer input queue. Inputs are small and produced by a handful of
@@ -224,7 +224,11 @@ impl<J: Journal> Reducer<J> {
                     return;
                 }
                 tracing::warn!(%rollout_id, %reason, "dispatch refused");
-                self.feed(&rollout_id, EventBody::DispatchRejected { target_closure, reason, rejected_at: at }).await;
+                self.feed(
+                    &rollout_id,
+                    EventBody::DispatchRejected { target_closure, code: RejectCode::Refused, reason, rejected_at: at },
+                )
+                .await;
             }
             Input::SwitchStarted { rollout_id, switch_method, at } => {
                 let activating = self.state(&rollout_id) == Some(HostState::Activating);

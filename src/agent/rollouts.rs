@@ -145,9 +145,9 @@ impl Rollouts {
             Outcome::Applied { record, effects } => {
                 Ok(Prepared { rollout_id: rollout_id.clone(), event, record: *record, effects })
             }
-            // A fresh seq is never a duplicate; report it as the illegal
-            // pair it would be rather than panic.
-            Outcome::Duplicate { .. } => Err(RolloutsError::from(TransitionError::Illegal {
+            // A fresh seq is never a duplicate nor a gap; report it as the
+            // illegal pair it would be rather than panic.
+            Outcome::Duplicate { .. } | Outcome::Gap { .. } => Err(RolloutsError::from(TransitionError::Illegal {
                 state: slot.record.state,
                 event: event.name(),
                 seq: event.seq,
@@ -350,7 +350,12 @@ mod tests {
         // as it was, and that committing out of order is impossible.
         let mut r = Rollouts::new(Hostname::parse("web-1").expect("valid"));
         r.open(&rid(), policy());
-        let body = EventBody::DispatchRejected { target_closure: closure('1'), reason: "x".into(), rejected_at: T0 };
+        let body = EventBody::DispatchRejected {
+            target_closure: closure('1'),
+            code: crate::machine::RejectCode::Refused,
+            reason: "x".into(),
+            rejected_at: T0,
+        };
         let first = r.prepare(&rid(), body.clone()).expect("legal");
         assert_eq!(r.get(&rid()).expect("slot").record.state, HostState::Pending);
         let again = r.prepare(&rid(), body).expect("still legal");

@@ -21,6 +21,7 @@ pub struct Counters {
     pub events_duplicate: AtomicU64,
     pub events_rejected: AtomicU64,
     pub events_retry: AtomicU64,
+    pub events_gap: AtomicU64,
 }
 
 fn sql(path: &Path) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
@@ -55,6 +56,7 @@ pub fn render(counters: &Counters, board: &Board, conn: &Connection, path: &Path
         ("duplicate", &counters.events_duplicate),
         ("rejected", &counters.events_rejected),
         ("retry", &counters.events_retry),
+        ("gap", &counters.events_gap),
     ] {
         let _ = writeln!(out, "nixfleet_cp_events_total{{status=\"{status}\"}} {}", v.load(Ordering::Relaxed));
     }

@@ -587,6 +587,7 @@ impl Writer {
                                 ResultStatus::Duplicate => &self.counters.events_duplicate,
                                 ResultStatus::Rejected => &self.counters.events_rejected,
                                 ResultStatus::Retry => &self.counters.events_retry,
+                                ResultStatus::Gap => &self.counters.events_gap,
                             };
                             counter.fetch_add(1, Relaxed);
                         }
@@ -729,7 +730,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn result(status: ResultStatus, reason: Option<String>) -> EventResult {
-    EventResult { status, reason }
+    EventResult { status, reason, expected_seq: None }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -769,6 +770,12 @@ fn ingest(
         let policy = rollout.manifest.machine_policy();
         match machine::step(&record, &event, &policy) {
             Ok(Outcome::Duplicate { .. }) => results.push(result(ResultStatus::Duplicate, None)),
+            // Nothing stored: the agent re-sends from the expected seq.
+            Ok(Outcome::Gap { expected }) => results.push(EventResult {
+                status: ResultStatus::Gap,
+                reason: Some(format!("seq {} arrived before seq {expected}; send from seq {expected}", event.seq)),
+                expected_seq: Some(expected),
+            }),
             Err(e) => results.push(result(ResultStatus::Rejected, Some(e.to_string()))),
             Ok(Outcome::Applied { record: next, effects }) => {
                 for effect in &effects {

@@ -61,6 +61,7 @@ impl Host {
                 Ok(())
             }
             Outcome::Duplicate { .. } => panic!("unexpected duplicate"),
+            Outcome::Gap { expected } => panic!("unexpected gap (expected seq {expected})"),
         }
     }
     #[track_caller]
@@ -210,9 +211,12 @@ fn sample(kind: EventKind, h: &mut Host) -> EventBody {
         EventKind::RollbackFailed => {
             EventBody::RollbackFailed { exit_code: 2, stderr_tail: "rollback boom".into(), failed_at: at(9) }
         }
-        EventKind::DispatchRejected => {
-            EventBody::DispatchRejected { target_closure: new(), reason: "bad signature".into(), rejected_at: at(0) }
-        }
+        EventKind::DispatchRejected => EventBody::DispatchRejected {
+            target_closure: new(),
+            code: RejectCode::Refused,
+            reason: "bad signature".into(),
+            rejected_at: at(0),
+        },
         EventKind::ConvergedReached => {
             if soaking {
                 h.probe("web", ProbeMode::Enforce, ProbeStatus::Pass, 20);
@@ -321,6 +325,69 @@ fn a_seq_at_or_below_the_last_is_a_duplicate_no_op_in_every_state() {
             let event = Event::remote(seq, body.clone());
             let result = step(&h.record, &event, &h.policy);
             assert_eq!(result, Ok(Outcome::Duplicate { last_seq: h.record.last_seq }), "{from} seq {seq}");
+        }
+    }
+}
+
+#[test]
+fn a_seq_beyond_the_next_is_a_gap_that_changes_nothing_in_every_state() {
+    // Proves rule 8: only last + 1 is applied; a later seq is answered with
+    // the seq expected, and a late earlier seq is then still applied.
+    for from in HostState::ALL {
+        let mut h = host_in(from, rollback_policy());
+        let body = sample(EventKind::ActivationStarted, &mut h);
+        let last = h.record.last_seq;
+        for seq in [last + 2, last + 40, u64::MAX] {
+            let result = step(&h.record, &Event::remote(seq, body.clone()), &h.policy);
+            assert_eq!(result, Ok(Outcome::Gap { expected: last + 1 }), "{from} seq {seq}");
+        }
+    }
+    let mut h = Host::new(rollback_policy());
+    h.activate();
+    let started = EventBody::ActivationStarted { started_at: at(1), switch_method: "direct".into() };
+    let completed =
+        EventBody::ActivationCompleted { observed_current_closure: new(), exit_code: 0, completed_at: at(2) };
+    let early = Event::remote(3, completed.clone());
+    assert_eq!(step(&h.record, &early, &h.policy), Ok(Outcome::Gap { expected: 2 }));
+    h.feed(started).feed(completed);
+    assert_eq!((h.record.state, h.record.last_seq), (HostState::Soaking, 3));
+    let replayed = replay(fresh(Some(new())), &[Event::remote(1, sample_activate()), early], &h.policy);
+    let (idx, err) = replayed.expect_err("a log with a hole does not replay");
+    assert_eq!(idx, 1);
+    assert!(err.to_string().contains("seq gap: the next seq is 2"), "{err}");
+}
+
+fn sample_activate() -> EventBody {
+    EventBody::Activate {
+        current_closure_at_dispatch: old(),
+        target_closure: new(),
+        soak_secs: SOAK_SECS,
+        received_at: at(0),
+    }
+}
+
+#[test]
+fn a_busy_refusal_leaves_the_host_pending_and_a_later_ack_activates_it() {
+    // Proves rule 7 on the machine: `busy` is "ask again later", never a
+    // failure; `stale` and `refused` fail the host.
+    let busy = |code| EventBody::DispatchRejected {
+        target_closure: new(),
+        code,
+        reason: "live in stable@a".into(),
+        rejected_at: at(0),
+    };
+    for origin in [Origin::Local, Origin::Remote] {
+        let mut h = Host::new(rollback_policy());
+        h.origin = origin;
+        h.feed(busy(RejectCode::Busy));
+        assert_eq!((h.record.state, h.record.last_seq, h.record.failure.clone()), (HostState::Pending, 1, None));
+        h.feed(busy(RejectCode::Busy)).activate();
+        assert_eq!((h.record.state, h.record.last_seq), (HostState::Activating, 3));
+        for code in [RejectCode::Stale, RejectCode::Refused] {
+            let mut h = Host::new(rollback_policy());
+            h.origin = origin;
+            h.feed(busy(code));
+            assert_eq!(h.record.state, HostState::Failed, "{code:?}");
         }
     }
 }

@@ -74,6 +74,9 @@ fn fold(mut record: HostRecord, events: Vec<(u64, Result<Event, String>)>, polic
                 record = *next;
             }
             Ok(Outcome::Duplicate { .. }) => lines.push(format!("  seq {:>4}  duplicate (ignored)", event.seq)),
+            Ok(Outcome::Gap { expected }) => {
+                problems.push(format!("seq {} follows a gap: seq {expected} is missing", event.seq));
+            }
             Err(e) => problems.push(e.to_string()),
         }
     }

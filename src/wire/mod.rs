@@ -11,7 +11,7 @@ pub use api::{
     BatchItem, Dispatch, ErrorBody, EventBatch, EventBatchResponse, EventResult, Heartbeat, HeartbeatResponse,
     ResultStatus,
 };
-pub use event::{OutboundEvent, WireEventBody};
+pub use event::{OutboundEvent, WireEventBody, MAX_SEQ};
 pub use manifest::{HostEntry, Manifest, ManifestError, RolloutPolicy, Wave};
 
 /// Header every request and answer carries (SPEC §5).

@@ -606,7 +606,8 @@ fn converged(seq: u64, closure: &Closure) -> nixfleet::wire::OutboundEvent {
 async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered() {
     // Proves no head-of-line blocking with the real drain worker and the real
     // CP: an event the CP rejects goes to dead/ with the CP's reason and the
-    // next event of the same rollout is still applied.
+    // next event (of another rollout: within one rollout the CP applies only
+    // the next seq) is still applied.
     use nixfleet::wire::{OutboundEvent, WireEventBody};
     let config = nixfleet::queue::QueueConfig::default();
     let (_dir, cp, state_dir, queue) = drain_through_real_cp(
@@ -614,7 +615,7 @@ async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered
         config,
         |old, new| {
             let legal = OutboundEvent {
-                seq: 2,
+                seq: 1,
                 body: WireEventBody::DispatchAck {
                     current_closure_at_dispatch: old.clone(),
                     target_closure: new.clone(),
@@ -622,7 +623,7 @@ async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered
                     received_at: time::macros::datetime!(2026-11-25 12:00 UTC),
                 },
             };
-            vec![("stable@q1", converged(1, new)), ("stable@q1", legal)]
+            vec![("stable@q1", converged(1, new)), ("canary@q1", legal)]
         },
         |_| true,
     )
@@ -631,8 +632,10 @@ async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered
     let dead = view.list(&[EntryState::Dead]).expect("list");
     assert_eq!(dead.len(), 1);
     assert!(dead[0].reason.as_deref().unwrap_or("").contains("illegal"), "{:?}", dead[0].reason);
-    assert_eq!(queue.lock().acked().iter().map(|q| q.event.seq).collect::<Vec<_>>(), vec![2]);
-    assert_eq!(cp.host_state("stable@q1", "web-1").await, "Activating");
+    let acked = queue.lock().acked().iter().map(|q| (q.rollout_id.to_string(), q.event.seq)).collect::<Vec<_>>();
+    assert_eq!(acked, vec![("canary@q1".to_owned(), 1)]);
+    assert_eq!(cp.host_state("stable@q1", "web-1").await, "Pending");
+    assert_eq!(cp.host_state("canary@q1", "web-1").await, "Activating");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

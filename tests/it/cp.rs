@@ -393,6 +393,7 @@ fn ingest_answers_applied_duplicate_rejected_retry() {
             "stable@nope",
             WireEventBody::DispatchRejected {
                 target_closure: d.target_closure.clone(),
+                code: nixfleet::machine::RejectCode::Refused,
                 reason: "x".into(),
                 rejected_at: datetime!(2026-11-25 12:00 UTC),
             },
@@ -725,6 +726,7 @@ fn heartbeat_replay_from_and_liveness() {
             "stable@unknown",
             WireEventBody::DispatchRejected {
                 target_closure: d.target_closure.clone(),
+                code: nixfleet::machine::RejectCode::Refused,
                 reason: "x".into(),
                 rejected_at: datetime!(2026-11-25 12:12 UTC),
             },
@@ -802,6 +804,7 @@ fn status_views_reflect_every_state() {
                     "views@r1",
                     WireEventBody::DispatchRejected {
                         target_closure: d(5).target_closure,
+                        code: nixfleet::machine::RejectCode::Refused,
                         reason: "target mismatch".into(),
                         rejected_at: datetime!(2026-11-25 12:06 UTC),
                     },

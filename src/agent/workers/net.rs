@@ -265,7 +265,9 @@ async fn drain_once(api: &CpApi, queue: &SharedQueue) -> Result<(), String> {
                     tracing::warn!(qseq = queued.qseq, kind = queued.event.kind(), %reason, "event rejected; dead-lettered");
                     moves.push((queued.qseq, Some(reason)));
                 }
-                ResultStatus::Retry => {
+                // Interim: a gap keeps the event like a retry; re-sending
+                // from `expected_seq` is the drain worker's next change.
+                ResultStatus::Retry | ResultStatus::Gap => {
                     // Order is kept: nothing after the first retry moves.
                     retry = Some(result.reason.unwrap_or_else(|| "retry".to_owned()));
                     break;

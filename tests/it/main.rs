@@ -10,5 +10,6 @@ mod demo;
 mod harness;
 pub mod nixenv;
 mod probes;
+mod protocol_doc;
 mod queue;
 mod workers;

@@ -12,4 +12,5 @@ pub mod nixenv;
 mod probes;
 mod protocol_doc;
 mod queue;
+mod wire_golden;
 mod workers;

@@ -87,5 +87,16 @@ pub fn render(counters: &Counters, board: &Board, conn: &Connection, path: &Path
     for (state, n) in by_state {
         let _ = writeln!(out, "nixfleet_cp_host_records{{state=\"{state}\"}} {n}");
     }
+    let count = |query: &str| -> Result<i64, StoreError> { conn.query_row(query, [], |r| r.get(0)).map_err(sql(path)) };
+    let _ = writeln!(
+        out,
+        "# HELP nixfleet_hosts_drifting Hosts whose last heartbeat named another closure than their records say they run.\n# TYPE nixfleet_hosts_drifting gauge\nnixfleet_hosts_drifting {}",
+        count("SELECT COUNT(*) FROM hosts WHERE drift = 'drifting'")?
+    );
+    let _ = writeln!(
+        out,
+        "# HELP nixfleet_cp_hosts_skipped Hosts skipped by a rollout because their target closure was quarantined before they acked.\n# TYPE nixfleet_cp_hosts_skipped gauge\nnixfleet_cp_hosts_skipped {}",
+        count("SELECT COUNT(*) FROM skipped_hosts")?
+    );
     Ok(out)
 }

@@ -15,7 +15,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{Closure, Hostname};
+use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{HostRecord, HostState};
 use crate::wire::Manifest;
 
@@ -83,10 +83,16 @@ pub struct PlanInput<'a> {
     pub dispatched: &'a BTreeSet<Hostname>,
     /// Closures quarantined on this rollout's channel.
     pub quarantined: &'a HashSet<Closure>,
+    /// Hosts live in ANOTHER rollout (SPEC §4 rule 7), with that rollout:
+    /// held here, neither dispatched nor settled, until it ends there.
+    pub busy_elsewhere: &'a BTreeMap<Hostname, RolloutId>,
+    /// Hosts this rollout already skipped: their target was quarantined on
+    /// the channel before they acked (a CP outcome, not a host record).
+    pub skipped: &'a BTreeSet<Hostname>,
 }
 
 /// What should change. Applying a plan and planning again yields an empty
-/// dispatch/withdraw list (the planner is idempotent).
+/// dispatch/withdraw/skip list (the planner is idempotent).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub state: RolloutState,
@@ -94,6 +100,9 @@ pub struct Plan {
     pub halt_reason: Option<String>,
     pub dispatch: Vec<Hostname>,
     pub withdraw: Vec<Hostname>,
+    /// Pending hosts to mark skipped now (their standing dispatch, if any,
+    /// is in `withdraw`).
+    pub skip: Vec<Hostname>,
 }
 
 /// A host that left the race: it will not move again without an operator
@@ -110,6 +119,12 @@ fn in_flight(record: &HostRecord, dispatched: bool) -> bool {
         || matches!(record.state, HostState::Activating | HostState::Deferred | HostState::Soaking)
 }
 
+/// A skip holds only while the host never acked: if an ack raced the skip
+/// (the agent had the dispatch already), the host's own events win.
+fn is_skipped(skipped: &BTreeSet<Hostname>, host: &Hostname, record: &HostRecord) -> bool {
+    record.state == HostState::Pending && skipped.contains(host)
+}
+
 /// Why a Pending host is not being dispatched, for the status views; `None`
 /// when it is dispatched or would be on the next free slot.
 pub fn blocked_reason(input: &PlanInput<'_>, host: &Hostname) -> Option<String> {
@@ -118,13 +133,20 @@ pub fn blocked_reason(input: &PlanInput<'_>, host: &Hostname) -> Option<String> 
         return None;
     }
     let entry = input.manifest.hosts.get(host)?;
+    let channel = input.manifest.rollout_id.channel();
+    if is_skipped(input.skipped, host, record) {
+        return Some(format!("skipped: target closure {} is quarantined on channel {channel}", entry.target_closure));
+    }
     match input.state {
         RolloutState::Superseded => return Some("rollout superseded".to_owned()),
         RolloutState::Halted => return Some("rollout halted".to_owned()),
         _ => {}
     }
     if input.quarantined.contains(&entry.target_closure) {
-        return Some(format!("target closure is quarantined on channel {}", input.manifest.rollout_id.channel()));
+        return Some(format!("target closure is quarantined on channel {channel}"));
+    }
+    if let Some(other) = input.busy_elsewhere.get(host) {
+        return Some(format!("held: live in rollout {other}; offered once it ends there"));
     }
     if entry.wave > input.current_wave {
         return Some(format!("waiting for wave {} to settle", input.current_wave));
@@ -141,6 +163,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         halt_reason: input.halt_reason.map(str::to_owned),
         dispatch: Vec::new(),
         withdraw: Vec::new(),
+        skip: Vec::new(),
     };
     let pending_dispatched = |out: &mut Plan| {
         // A standing dispatch is withdrawn only while the host is still
@@ -153,6 +176,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         return out;
     }
 
+    // Skipped hosts are not failures: the closure's one failure is already
+    // counted where it happened (the Reverted host that quarantined it).
     let failed: Vec<&Hostname> = input
         .records
         .iter()
@@ -174,9 +199,37 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         return out;
     }
 
-    let state_of = |h: &Hostname| input.records.get(h).map(|r| r.state);
+    // A never-acked host whose target is quarantined will never be
+    // dispatched: it settles as skipped now, in every wave (the quarantine
+    // is permanent), and a standing dispatch for it is withdrawn.
+    let mut skipped = input.skipped.clone();
+    let mut withdraw = BTreeSet::new();
+    if !input.quarantined.is_empty() {
+        for (host, entry) in &manifest.hosts {
+            let Some(record) = input.records.get(host) else { continue };
+            if record.state == HostState::Pending && input.quarantined.contains(&entry.target_closure) {
+                if input.dispatched.contains(host) {
+                    withdraw.insert(host.clone());
+                }
+                if skipped.insert(host.clone()) {
+                    out.skip.push(host.clone());
+                }
+            }
+        }
+    }
+    // A host live elsewhere keeps no standing dispatch here: the offer
+    // comes again once the other rollout is over on it (rule 7).
+    for host in input.busy_elsewhere.keys() {
+        if input.dispatched.contains(host) && input.records.get(host).is_some_and(|r| r.state == HostState::Pending) {
+            withdraw.insert(host.clone());
+        }
+    }
+    let standing = |h: &Hostname| input.dispatched.contains(h) && !withdraw.contains(h);
+    let settled = |h: &Hostname, r: &HostRecord| is_settled(r.state) || is_skipped(&skipped, h, r);
+
     let last_wave = manifest.waves.len().saturating_sub(1);
-    let wave_settled = |wave: usize| manifest.hosts_in_wave(wave).all(|(h, _)| state_of(h).is_some_and(is_settled));
+    let wave_settled =
+        |wave: usize| manifest.hosts_in_wave(wave).all(|(h, _)| input.records.get(h).is_some_and(|r| settled(h, r)));
     while out.current_wave < last_wave && wave_settled(out.current_wave) {
         out.current_wave += 1;
     }
@@ -185,17 +238,17 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     if let Some(wave_def) = manifest.waves.get(wave) {
         let mut n_in_flight = manifest
             .hosts_in_wave(wave)
-            .filter(|(h, _)| input.records.get(*h).is_some_and(|r| in_flight(r, input.dispatched.contains(*h))))
+            .filter(|(h, _)| input.records.get(*h).is_some_and(|r| in_flight(r, standing(h))))
             .count();
         for (host, entry) in manifest.hosts_in_wave(wave) {
             if n_in_flight >= wave_def.max_in_flight as usize {
                 break;
             }
             let Some(record) = input.records.get(host) else { continue };
-            if record.state != HostState::Pending || input.dispatched.contains(host) {
+            if record.state != HostState::Pending || standing(host) || skipped.contains(host) {
                 continue;
             }
-            if input.quarantined.contains(&entry.target_closure) {
+            if input.quarantined.contains(&entry.target_closure) || input.busy_elsewhere.contains_key(host) {
                 continue;
             }
             out.dispatch.push(host.clone());
@@ -203,11 +256,15 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         }
     }
 
-    let all_settled = input.records.values().all(|r| is_settled(r.state));
-    // Every host in `out.dispatch` is Pending and had no standing dispatch,
-    // so comparing counts avoids a quadratic membership test.
-    let n_waiting =
-        input.records.iter().filter(|(h, r)| r.state == HostState::Pending && !input.dispatched.contains(*h)).count();
+    let all_settled = input.records.iter().all(|(h, r)| settled(h, r));
+    // Every host in `out.dispatch` is Pending, not skipped and had no
+    // standing dispatch, so comparing counts avoids a quadratic membership
+    // test. Held (busy) hosts count as waiting: the rollout is still active.
+    let n_waiting = input
+        .records
+        .iter()
+        .filter(|(h, r)| r.state == HostState::Pending && !standing(h) && !skipped.contains(*h))
+        .count();
     let undispatched = n_waiting > out.dispatch.len();
     out.state = if all_settled {
         RolloutState::Completed
@@ -216,6 +273,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     } else {
         RolloutState::Converging
     };
+    out.withdraw = withdraw.into_iter().collect();
     out
 }
 
@@ -276,6 +334,10 @@ mod tests {
         want_wave: usize,
         want_dispatch: &'static [&'static str],
         want_withdraw: &'static [&'static str],
+        /// (host, the other rollout it is live in)
+        busy: &'static [(&'static str, &'static str)],
+        skipped: &'static [&'static str],
+        want_skip: &'static [&'static str],
     }
 
     #[test]
@@ -293,6 +355,9 @@ mod tests {
                 want_wave: 0,
                 want_dispatch: &["h0", "h1"],
                 want_withdraw: &[],
+                busy: &[],
+                skipped: &[],
+                want_skip: &[],
             },
             Case {
                 name: "standing dispatches are not repeated and wave 1 waits",
@@ -306,6 +371,9 @@ mod tests {
                 want_wave: 0,
                 want_dispatch: &[],
                 want_withdraw: &[],
+                busy: &[],
+                skipped: &[],
+                want_skip: &[],
             },
             Case {
                 name: "a Deferred canary holds promotion and its slot",
@@ -319,6 +387,9 @@ mod tests {
                 want_wave: 0,
                 want_dispatch: &[],
                 want_withdraw: &[],
+                busy: &[],
+                skipped: &[],
+                want_skip: &[],
             },
             Case {
                 name: "promotion after every canary converged, limited to max_in_flight",
@@ -332,6 +403,9 @@ mod tests {
                 want_wave: 1,
                 want_dispatch: &["h2", "h3"],
                 want_withdraw: &[],
+                busy: &[],
+                skipped: &[],
+                want_skip: &[],
             },
             Case {
                 name: "a freed slot dispatches the last host; then converging",
@@ -345,6 +419,9 @@ mod tests {
                 want_wave: 1,
                 want_dispatch: &["h4"],
                 want_withdraw: &[],
+                busy: &[],
+                skipped: &[],
+                want_skip: &[],
             },
             Case {
                 name: "one failure over max_failed_hosts 0 halts and withdraws standing dispatches",
@@ -358,6 +435,9 @@ mod tests {
                 want_wave: 0,
                 want_dispatch: &[],
                 want_withdraw: &["h1"],
+                busy: &[],
+                skipped: &[],
+                want_skip: &[],
             },
             Case {
                 name: "a failure within the budget settles the host and the wave promotes",
@@ -371,6 +451,9 @@ mod tests {
                 want_wave: 1,
                 want_dispatch: &["h2", "h3"],
                 want_withdraw: &[],
+                busy: &[],
+                skipped: &[],
+                want_skip: &[],
             },
             Case {
                 name: "halted is sticky even if nothing failed any more",
@@ -384,9 +467,12 @@ mod tests {
                 want_wave: 0,
                 want_dispatch: &[],
                 want_withdraw: &[],
+                busy: &[],
+                skipped: &[],
+                want_skip: &[],
             },
             Case {
-                name: "a quarantined target is never dispatched",
+                name: "a quarantined target is never dispatched: it is skipped",
                 max_failed: 0,
                 state: RolloutState::Active,
                 wave: 0,
@@ -397,6 +483,9 @@ mod tests {
                 want_wave: 0,
                 want_dispatch: &["h1"],
                 want_withdraw: &[],
+                busy: &[],
+                skipped: &[],
+                want_skip: &["h0"],
             },
             Case {
                 name: "superseded withdraws and dispatches nothing",
@@ -410,6 +499,9 @@ mod tests {
                 want_wave: 0,
                 want_dispatch: &[],
                 want_withdraw: &["h1"],
+                busy: &[],
+                skipped: &[],
+                want_skip: &[],
             },
             Case {
                 name: "all converged completes",
@@ -423,6 +515,121 @@ mod tests {
                 want_wave: 1,
                 want_dispatch: &[],
                 want_withdraw: &[],
+                busy: &[],
+                skipped: &[],
+                want_skip: &[],
+            },
+            Case {
+                name: "a host live elsewhere is held: not dispatched, its standing dispatch withdrawn, no promotion",
+                max_failed: 0,
+                state: RolloutState::Active,
+                wave: 0,
+                states: [Pending, Converged, Pending, Pending, Pending],
+                dispatched: &["h0"],
+                quarantined: &[],
+                want_state: RolloutState::Active,
+                want_wave: 0,
+                want_dispatch: &[],
+                want_withdraw: &["h0"],
+                busy: &[("h0", "stable@r0")],
+                skipped: &[],
+                want_skip: &[],
+            },
+            Case {
+                name: "a held host does not take a slot: the next host of the wave is dispatched",
+                max_failed: 0,
+                state: RolloutState::Active,
+                wave: 1,
+                states: [Converged, Converged, Pending, Pending, Pending],
+                dispatched: &[],
+                quarantined: &[],
+                want_state: RolloutState::Active,
+                want_wave: 1,
+                want_dispatch: &["h3", "h4"],
+                want_withdraw: &[],
+                busy: &[("h2", "other@r9")],
+                skipped: &[],
+                want_skip: &[],
+            },
+            Case {
+                name: "once the other rollout is over on the host it is offered",
+                max_failed: 0,
+                state: RolloutState::Active,
+                wave: 0,
+                states: [Pending, Converged, Pending, Pending, Pending],
+                dispatched: &[],
+                quarantined: &[],
+                want_state: RolloutState::Active,
+                want_wave: 0,
+                want_dispatch: &["h0"],
+                want_withdraw: &[],
+                busy: &[],
+                skipped: &[],
+                want_skip: &[],
+            },
+            Case {
+                name: "a quarantined target withdraws the standing dispatch and skips never-acked hosts in any wave",
+                max_failed: 0,
+                state: RolloutState::Active,
+                wave: 0,
+                states: [Pending, Converged, Pending, Pending, Pending],
+                dispatched: &["h0"],
+                quarantined: &[0, 3],
+                want_state: RolloutState::Converging,
+                want_wave: 1,
+                want_dispatch: &["h2", "h4"],
+                want_withdraw: &["h0"],
+                busy: &[],
+                skipped: &[],
+                want_skip: &["h0", "h3"],
+            },
+            Case {
+                name: "skipped hosts settle the rollout and are not failures",
+                max_failed: 0,
+                state: RolloutState::Converging,
+                wave: 1,
+                states: [Pending, Converged, Pending, Converged, Converged],
+                dispatched: &[],
+                quarantined: &[0, 2],
+                want_state: RolloutState::Completed,
+                want_wave: 1,
+                want_dispatch: &[],
+                want_withdraw: &[],
+                busy: &[],
+                skipped: &["h0", "h2"],
+                want_skip: &[],
+            },
+            Case {
+                name: "an ack that raced the skip wins: the host is in flight again",
+                max_failed: 0,
+                state: RolloutState::Converging,
+                wave: 1,
+                states: [Activating, Converged, Converged, Converged, Converged],
+                dispatched: &[],
+                quarantined: &[0],
+                want_state: RolloutState::Converging,
+                want_wave: 1,
+                want_dispatch: &[],
+                want_withdraw: &[],
+                busy: &[],
+                skipped: &["h0"],
+                want_skip: &[],
+            },
+            Case {
+                name: "a halted rollout skips nothing",
+                max_failed: 0,
+                state: RolloutState::Active,
+                wave: 0,
+                states: [Reverted, Pending, Pending, Pending, Pending],
+                dispatched: &["h1"],
+                quarantined: &[0, 1],
+                want_state: RolloutState::Halted,
+                want_wave: 0,
+                want_dispatch: &[],
+                want_withdraw: &["h1"],
+                busy: &[],
+                skipped: &[],
+                want_skip: &[],
             },
         ];
         for case in cases {
@@ -431,6 +638,12 @@ mod tests {
             let dispatched: BTreeSet<Hostname> = hosts(case.dispatched).into_iter().collect();
             let quarantined: HashSet<Closure> =
                 case.quarantined.iter().map(|n| Closure::parse(&closure(*n)).expect("closure")).collect();
+            let busy: BTreeMap<Hostname, RolloutId> = case
+                .busy
+                .iter()
+                .map(|(h, r)| (Hostname::parse(h).expect("host"), RolloutId::parse(r).expect("id")))
+                .collect();
+            let skipped: BTreeSet<Hostname> = hosts(case.skipped).into_iter().collect();
             let input = PlanInput {
                 manifest: &m,
                 state: case.state,
@@ -439,8 +652,11 @@ mod tests {
                 records: &recs,
                 dispatched: &dispatched,
                 quarantined: &quarantined,
+                busy_elsewhere: &busy,
+                skipped: &skipped,
             };
             let got = plan(&input);
+            assert_eq!(got.skip, hosts(case.want_skip), "{}", case.name);
             assert_eq!(got.state, case.want_state, "{}", case.name);
             assert_eq!(got.current_wave, case.want_wave, "{}", case.name);
             assert_eq!(got.dispatch, hosts(case.want_dispatch), "{}", case.name);
@@ -455,6 +671,8 @@ mod tests {
         let recs = records(&m, &[Pending; 5]);
         let quarantined = HashSet::new();
         let none = BTreeSet::new();
+        let busy = BTreeMap::new();
+        let skipped = BTreeSet::new();
         let input = |dispatched| PlanInput {
             manifest: &m,
             state: RolloutState::Active,
@@ -463,10 +681,12 @@ mod tests {
             records: &recs,
             dispatched,
             quarantined: &quarantined,
+            busy_elsewhere: &busy,
+            skipped: &skipped,
         };
         let first = plan(&input(&none));
         let dispatched: BTreeSet<Hostname> = first.dispatch.iter().cloned().collect();
         let second = plan(&input(&dispatched));
-        assert!(second.dispatch.is_empty() && second.withdraw.is_empty(), "{second:?}");
+        assert!(second.dispatch.is_empty() && second.withdraw.is_empty() && second.skip.is_empty(), "{second:?}");
     }
 }

@@ -37,7 +37,7 @@ use super::metrics::Counters;
 use super::planner::{self, PlanInput, RolloutState};
 use crate::clock::ClockHandle;
 use crate::ids::{Closure, Hostname, RolloutId};
-use crate::machine::{self, Effect, HostRecord, HostState, Outcome};
+use crate::machine::{self, Effect, EventBody, HostRecord, HostState, Outcome, TransitionError};
 use crate::wire::{BatchItem, Dispatch, EventResult, Heartbeat, Manifest, OutboundEvent, ResultStatus};
 
 /// Commands waiting for the writer. Handlers `send().await`, so a full
@@ -51,7 +51,7 @@ pub const MAX_GROUP_EVENTS: usize = 4096;
 /// A group slower than this is logged as a warning: agents wait for it.
 pub const SLOW_GROUP_MS: u128 = 250;
 /// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// Rows of `/v1/rollouts/{id}/events` per page: bounds one answer.
 pub const MAX_EVENTS_PAGE: usize = 10_000;
 
@@ -71,6 +71,19 @@ pub enum StoreError {
     Corrupt { path: PathBuf, what: String },
     #[error("the store writer has stopped")]
     WriterGone,
+    /// A value could not be turned into the JSON the database keeps; the
+    /// event log is the replay source, so nothing is written instead of an
+    /// empty or partial row (the group fails and the agent retries).
+    #[error("database {path}: cannot encode {what} as JSON: {source}")]
+    Encode {
+        path: PathBuf,
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A number too large for SQLite's INTEGER (i64): refused, never wrapped.
+    #[error("database {path}: {what} = {value} does not fit a database integer")]
+    OutOfRange { path: PathBuf, what: &'static str, value: u64 },
 }
 
 const MIGRATION_1: &str = r#"
@@ -145,6 +158,28 @@ CREATE TABLE hosts (
 );
 "#;
 
+/// Schema 2: CP-only outcomes and drift.
+/// - `skipped_hosts`: a host whose target closure became quarantined on the
+///   channel before it acked is skipped by the planner: a terminal outcome
+///   of the CONTROL PLANE, kept apart from `host_records` (which stay a pure
+///   fold of the agent's events, so `replay` never sees it).
+/// - `hosts.expected_closure/expected_from/drift`: what the records say the
+///   host runs, and the verdict of the last heartbeat (SPEC §4 rule 10).
+const MIGRATION_2: &str = r#"
+CREATE TABLE skipped_hosts (
+    rollout_id     TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    hostname       TEXT NOT NULL,
+    target_closure TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    skipped_at     TEXT NOT NULL,            -- CP time: this is the CP's decision
+    PRIMARY KEY (rollout_id, hostname)
+);
+ALTER TABLE hosts ADD COLUMN expected_closure TEXT;
+ALTER TABLE hosts ADD COLUMN expected_from TEXT;
+ALTER TABLE hosts ADD COLUMN drift TEXT NOT NULL DEFAULT 'unknown'
+    CHECK (drift IN ('in_sync', 'drifting', 'unknown'));
+"#;
+
 pub(crate) fn ts(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
@@ -175,6 +210,10 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
         conn.execute_batch(&format!("BEGIN; {MIGRATION_1} PRAGMA user_version = 1; COMMIT;"))
             .map_err(sql(path, "migrate to schema 1"))?;
     }
+    if version < 2 {
+        conn.execute_batch(&format!("BEGIN; {MIGRATION_2} PRAGMA user_version = 2; COMMIT;"))
+            .map_err(sql(path, "migrate to schema 2"))?;
+    }
     Ok(conn)
 }
 
@@ -196,6 +235,8 @@ pub struct LiveRollout {
     pub records: BTreeMap<Hostname, HostRecord>,
     /// Standing dispatches, until the host's DispatchAck/DispatchRejected.
     pub dispatched: BTreeMap<Hostname, Dispatch>,
+    /// Hosts the planner skipped (`skipped_hosts`).
+    pub skipped: BTreeSet<Hostname>,
 }
 
 /// Everything the writer needs in memory; a projection of the database.
@@ -203,6 +244,46 @@ pub struct LiveRollout {
 pub struct CpState {
     pub rollouts: BTreeMap<RolloutId, LiveRollout>,
     pub quarantine: HashMap<String, HashSet<Closure>>,
+    /// Per host, the rollouts it is live in (SPEC §4 rule 7; at most one
+    /// unless agents broke the rule): derived from the records, so the
+    /// planner finds the held hosts without scanning every record.
+    pub live: HashMap<Hostname, BTreeSet<RolloutId>>,
+}
+
+impl CpState {
+    /// The hosts of rollout `id` that are live in another rollout.
+    pub fn busy_elsewhere(&self, id: &RolloutId, manifest: &Manifest) -> BTreeMap<Hostname, RolloutId> {
+        self.live
+            .iter()
+            .filter(|(host, _)| manifest.hosts.contains_key(*host))
+            .filter_map(|(host, ids)| ids.iter().find(|other| *other != id).map(|other| (host.clone(), other.clone())))
+            .collect()
+    }
+
+    fn set_live(&mut self, host: &Hostname, id: &RolloutId, live: bool) {
+        if live {
+            self.live.entry(host.clone()).or_default().insert(id.clone());
+        } else if let Some(ids) = self.live.get_mut(host) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.live.remove(host);
+            }
+        }
+    }
+
+    /// What the records say `host` runs (SPEC §4 rule 10): the record of
+    /// the rollout the host accepted last (latest `dispatch_acked_at`, the
+    /// agent's time; ties by rollout id), if that record knows its closure
+    /// (`HostRecord::known_running_closure`). `None`: not known, not judged.
+    pub fn expected_closure(&self, host: &Hostname) -> Option<(Closure, RolloutId)> {
+        let (id, record) = self
+            .rollouts
+            .iter()
+            .filter_map(|(id, r)| r.records.get(host).map(|record| (id, record)))
+            .filter(|(_, record)| record.dispatch_acked_at.is_some())
+            .max_by(|a, b| (a.1.dispatch_acked_at, a.0).cmp(&(b.1.dispatch_acked_at, b.0)))?;
+        record.known_running_closure().map(|c| (c.clone(), id.clone()))
+    }
 }
 
 fn corrupt(path: &Path, what: impl Into<String>) -> StoreError {
@@ -239,10 +320,12 @@ pub fn load_state(conn: &Connection, path: &Path) -> Result<CpState, StoreError>
                 manifest,
                 payload_sha256: sha,
                 state: state_,
-                current_wave: usize::try_from(wave).unwrap_or(0),
+                current_wave: usize::try_from(wave)
+                    .map_err(|_| corrupt(path, format!("rollout {id}: current_wave {wave}")))?,
                 halt_reason,
                 records,
                 dispatched: BTreeMap::new(),
+                skipped: BTreeSet::new(),
             },
         );
     }
@@ -252,7 +335,24 @@ pub fn load_state(conn: &Connection, path: &Path) -> Result<CpState, StoreError>
         let json = row.map_err(sql(path, "load host records"))?;
         let record: HostRecord = serde_json::from_str(&json).map_err(|e| corrupt(path, format!("host record: {e}")))?;
         if let Some(r) = state.rollouts.get_mut(&record.rollout_id) {
+            if record.is_live() {
+                state.live.entry(record.hostname.clone()).or_default().insert(record.rollout_id.clone());
+            }
             r.records.insert(record.hostname.clone(), record);
+        }
+    }
+    let mut stmt =
+        conn.prepare("SELECT rollout_id, hostname FROM skipped_hosts").map_err(sql(path, "load skipped hosts"))?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(sql(path, "load skipped hosts"))?;
+    for row in rows {
+        let (id, host) = row.map_err(sql(path, "load skipped hosts"))?;
+        let bad = |e: crate::ids::IdError| corrupt(path, format!("skipped host {id}/{host}: {e}"));
+        let rollout_id = RolloutId::parse(&id).map_err(bad)?;
+        let hostname = Hostname::parse(&host).map_err(bad)?;
+        if let Some(r) = state.rollouts.get_mut(&rollout_id) {
+            r.skipped.insert(hostname);
         }
     }
     let mut stmt = conn
@@ -327,6 +427,56 @@ pub fn host_records_of(
         let record: HostRecord = serde_json::from_str(&row.map_err(sql(path, "read host records"))?)
             .map_err(|e| corrupt(path, format!("host record: {e}")))?;
         out.insert(record.hostname.clone(), record);
+    }
+    Ok(out)
+}
+
+/// A host the planner skipped in one rollout, as the views show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedHost {
+    pub reason: String,
+    pub skipped_at: String,
+}
+
+/// The skipped hosts of one rollout (`skipped_hosts`).
+pub fn skipped_of(
+    conn: &Connection,
+    path: &Path,
+    id: &RolloutId,
+) -> Result<BTreeMap<Hostname, SkippedHost>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT hostname, reason, skipped_at FROM skipped_hosts WHERE rollout_id = ?1")
+        .map_err(sql(path, "read skipped hosts"))?;
+    let rows = stmt
+        .query_map(params![id.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+        })
+        .map_err(sql(path, "read skipped hosts"))?;
+    let mut out = BTreeMap::new();
+    for row in rows {
+        let (host, reason, skipped_at) = row.map_err(sql(path, "read skipped hosts"))?;
+        let host = Hostname::parse(&host).map_err(|e| corrupt(path, format!("skipped host {id}/{host}: {e}")))?;
+        out.insert(host, SkippedHost { reason, skipped_at });
+    }
+    Ok(out)
+}
+
+/// Per host, the rollouts it is live in (SPEC §4 rule 7), read from the
+/// cached records: the views' counterpart of [`CpState::live`].
+pub fn live_rollouts(conn: &Connection, path: &Path) -> Result<HashMap<Hostname, BTreeSet<RolloutId>>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT record FROM host_records WHERE state IN ('Activating', 'Deferred', 'Soaking', 'Failed')",
+        )
+        .map_err(sql(path, "read live hosts"))?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(sql(path, "read live hosts"))?;
+    let mut out: HashMap<Hostname, BTreeSet<RolloutId>> = HashMap::new();
+    for row in rows {
+        let record: HostRecord = serde_json::from_str(&row.map_err(sql(path, "read live hosts"))?)
+            .map_err(|e| corrupt(path, format!("host record: {e}")))?;
+        if record.is_live() {
+            out.entry(record.hostname).or_default().insert(record.rollout_id);
+        }
     }
     Ok(out)
 }
@@ -653,13 +803,15 @@ fn publish(
         return Ok(if existing.payload_sha256 == sha { PublishOutcome::Identical } else { PublishOutcome::Conflict });
     }
     let channel = id.channel().to_owned();
-    // "Newer" is by the manifest's issued_at, so re-publishing old and new
-    // manifests in any order after a database loss ends in the same state.
+    // "Newer" is `Manifest::newness` (issued_at, then the byte-greater
+    // ref), the order the agents use too: re-publishing old and new
+    // manifests in any order ends in the same state, and an older manifest
+    // never rolls the channel back (it opens superseded).
     let newer = state
         .rollouts
         .iter()
-        .filter(|(other, r)| other.channel() == channel && r.manifest.issued_at > manifest.issued_at)
-        .max_by_key(|(_, r)| r.manifest.issued_at)
+        .filter(|(other, r)| other.channel() == channel && r.manifest.newness() > manifest.newness())
+        .max_by(|(_, a), (_, b)| a.manifest.newness().cmp(&b.manifest.newness()))
         .map(|(other, _)| other.clone());
     let initial = if newer.is_some() { RolloutState::Superseded } else { RolloutState::Active };
     tx.execute(
@@ -713,16 +865,31 @@ fn publish(
             halt_reason: None,
             records,
             dispatched: BTreeMap::new(),
+            skipped: BTreeSet::new(),
         },
     );
     dirty.insert(id);
     Ok(PublishOutcome::Created)
 }
 
-fn record_json(record: &HostRecord) -> String {
-    // HostRecord is plain data (strings, numbers, maps with string keys):
-    // serialising it cannot fail.
-    serde_json::to_string(record).expect("HostRecord serialises to JSON")
+/// JSON for a database column. Serialising plain data does not fail in
+/// practice, but if it ever did, an empty string in the event log would
+/// break every later replay: the group fails instead (503, agents retry).
+fn to_json<T: serde::Serialize + ?Sized>(
+    path: &Path,
+    what: impl FnOnce() -> String,
+    value: &T,
+) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|source| StoreError::Encode { path: path.to_owned(), what: what(), source })
+}
+
+/// A count or seq as a database integer: refused, never wrapped.
+fn db_int<T: TryInto<i64> + TryInto<u64> + Copy>(path: &Path, what: &'static str, value: T) -> Result<i64, StoreError> {
+    <T as TryInto<i64>>::try_into(value).map_err(|_| StoreError::OutOfRange {
+        path: path.to_owned(),
+        what,
+        value: <T as TryInto<u64>>::try_into(value).unwrap_or(u64::MAX),
+    })
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -768,6 +935,13 @@ fn ingest(
             }
         };
         let policy = rollout.manifest.machine_policy();
+        // The wave's soak is as binding as the target (the agent checks both
+        // against the signed manifest; the CP's record knows only the target).
+        let wave_soak_secs = rollout
+            .manifest
+            .hosts
+            .get(hostname)
+            .and_then(|e| rollout.manifest.waves.get(e.wave).map(|w| (e.wave, w.soak_secs)));
         match machine::step(&record, &event, &policy) {
             Ok(Outcome::Duplicate { .. }) => results.push(result(ResultStatus::Duplicate, None)),
             // Nothing stored: the agent re-sends from the expected seq.
@@ -778,9 +952,31 @@ fn ingest(
             }),
             Err(e) => results.push(result(ResultStatus::Rejected, Some(e.to_string()))),
             Ok(Outcome::Applied { record: next, effects }) => {
+                if let (EventBody::Activate { soak_secs, .. }, Some((wave, expected))) = (&event.body, wave_soak_secs) {
+                    if *soak_secs != expected {
+                        let refused = TransitionError::Refused {
+                            state: record.state,
+                            event: event.name(),
+                            seq: event.seq,
+                            hostname: hostname.clone(),
+                            rollout_id: item.rollout_id.clone(),
+                            reason: format!(
+                                "soak_secs {soak_secs} differs from the manifest's {expected} for wave {wave}"
+                            ),
+                        };
+                        results.push(result(ResultStatus::Rejected, Some(refused.to_string())));
+                        continue;
+                    }
+                }
+                let event_json = to_json(
+                    path,
+                    || format!("event seq {} of {hostname} in {}", event.seq, item.rollout_id),
+                    &item.event,
+                )?;
                 for effect in &effects {
                     match effect {
                         Effect::AppendEventLog { seq, body } => {
+                            let seq = db_int(path, "seq", *seq)?;
                             tx.prepare_cached(
                                 "INSERT INTO event_log (hostname, rollout_id, seq, kind, event, agent_at, received_at)
                                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -789,9 +985,9 @@ fn ingest(
                                 s.execute(params![
                                     hostname.as_str(),
                                     item.rollout_id.as_str(),
-                                    *seq as i64,
+                                    seq,
                                     item.event.kind(),
-                                    serde_json::to_string(&item.event).unwrap_or_default(),
+                                    event_json,
                                     ts(body.occurred_at()),
                                     ts(now)
                                 ])
@@ -827,7 +1023,9 @@ fn ingest(
                     }
                 }
                 let Some(rollout) = state.rollouts.get_mut(&item.rollout_id) else { continue };
-                let wave = rollout.manifest.hosts.get(hostname).map_or(0, |e| e.wave);
+                let wave = db_int(path, "wave", rollout.manifest.hosts.get(hostname).map_or(0, |e| e.wave))?;
+                let last_seq = db_int(path, "last_seq", next.last_seq)?;
+                let record_json = to_json(path, || format!("the record of {hostname} in {}", item.rollout_id), &*next)?;
                 tx.prepare_cached(
                     "INSERT INTO host_records (rollout_id, hostname, wave, state, last_seq, record)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -838,10 +1036,10 @@ fn ingest(
                     s.execute(params![
                         item.rollout_id.as_str(),
                         hostname.as_str(),
-                        wave as i64,
+                        wave,
                         next.state.as_str(),
-                        next.last_seq as i64,
-                        record_json(&next)
+                        last_seq,
+                        record_json
                     ])
                 })
                 .map_err(sql(path, "update host record"))?;
@@ -857,12 +1055,53 @@ fn ingest(
                 if record.state != next.state {
                     dirty.insert(item.rollout_id.clone());
                 }
+                let live = next.is_live();
                 rollout.records.insert(hostname.clone(), *next);
                 results.push(result(ResultStatus::Applied, None));
+                if live != record.is_live() {
+                    // The host's hold moved: every other rollout naming it
+                    // re-checks (rule 7), in this same transaction.
+                    state.set_live(hostname, &item.rollout_id, live);
+                    dirty.extend(
+                        state
+                            .rollouts
+                            .iter()
+                            .filter(|(id, r)| **id != item.rollout_id && r.manifest.hosts.contains_key(hostname))
+                            .map(|(id, _)| id.clone()),
+                    );
+                }
             }
         }
     }
     Ok(results)
+}
+
+/// The verdict of the last heartbeat on what a host runs (SPEC §4 rule 10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Drift {
+    /// The heartbeat's current closure is the one the records say it runs.
+    InSync,
+    /// It is another closure: someone or something changed the host.
+    Drifting,
+    /// Not judged: the records do not know what the host runs (never
+    /// accepted a rollout here, switching, rebooting, rolling back), or the
+    /// CP has not yet received every event the agent has emitted.
+    Unknown,
+}
+
+impl Drift {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drift::InSync => "in_sync",
+            Drift::Drifting => "drifting",
+            Drift::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Drift> {
+        [Drift::InSync, Drift::Drifting, Drift::Unknown].into_iter().find(|d| d.as_str() == text)
+    }
 }
 
 fn heartbeat_cmd(
@@ -872,23 +1111,6 @@ fn heartbeat_cmd(
     hb: &Heartbeat,
     now: OffsetDateTime,
 ) -> Result<BTreeMap<RolloutId, u64>, StoreError> {
-    tx.prepare_cached(
-        "INSERT INTO hosts (hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (hostname) DO UPDATE SET last_heartbeat_at = ?2, current_closure = ?3, booted_closure = ?4,
-             agent_version = ?5, uptime_secs = ?6",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            hb.hostname.as_str(),
-            ts(now),
-            hb.current_closure.as_str(),
-            hb.booted_closure.as_ref().map(Closure::as_str),
-            hb.agent_version,
-            i64::try_from(hb.uptime_secs).unwrap_or(i64::MAX)
-        ])
-    })
-    .map_err(sql(path, "record heartbeat"))?;
     // Compare only; a heartbeat never changes host state (the reference
     // system synthesised transitions and overwrote agents, §11 items 11, 13).
     let mut replay_from = BTreeMap::new();
@@ -900,6 +1122,47 @@ fn heartbeat_cmd(
             }
         }
     }
+    // Drift is judged only on complete knowledge: when the CP is behind the
+    // agent, its records describe the past and would cry wolf.
+    let expected = if replay_from.is_empty() { state.expected_closure(&hb.hostname) } else { None };
+    let drift = match &expected {
+        None => Drift::Unknown,
+        Some((closure, _)) if *closure == hb.current_closure => Drift::InSync,
+        Some(_) => Drift::Drifting,
+    };
+    let previous: Option<String> = tx
+        .query_row("SELECT drift FROM hosts WHERE hostname = ?1", params![hb.hostname.as_str()], |r| r.get(0))
+        .optional()
+        .map_err(sql(path, "read drift"))?;
+    if drift == Drift::Drifting && previous.as_deref() != Some(Drift::Drifting.as_str()) {
+        if let Some((closure, from)) = &expected {
+            tracing::warn!(host = %hb.hostname, current = %hb.current_closure, expected = %closure, rollout = %from, "drift: the host runs another closure than its records say");
+        }
+    } else if drift == Drift::InSync && previous.as_deref() == Some(Drift::Drifting.as_str()) {
+        tracing::info!(host = %hb.hostname, current = %hb.current_closure, "drift resolved");
+    }
+    tx.prepare_cached(
+        "INSERT INTO hosts (hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs,
+                            expected_closure, expected_from, drift)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (hostname) DO UPDATE SET last_heartbeat_at = ?2, current_closure = ?3, booted_closure = ?4,
+             agent_version = ?5, uptime_secs = ?6, expected_closure = ?7, expected_from = ?8, drift = ?9",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            hb.hostname.as_str(),
+            ts(now),
+            hb.current_closure.as_str(),
+            hb.booted_closure.as_ref().map(Closure::as_str),
+            hb.agent_version,
+            // Clamped, not wrapped: shown only, and 2^63 s is not an uptime.
+            i64::try_from(hb.uptime_secs).unwrap_or(i64::MAX),
+            expected.as_ref().map(|(c, _)| c.as_str()),
+            expected.as_ref().map(|(_, id)| id.as_str()),
+            drift.as_str()
+        ])
+    })
+    .map_err(sql(path, "record heartbeat"))?;
     Ok(replay_from)
 }
 
@@ -913,10 +1176,11 @@ fn run_planner(
 ) -> Result<(), StoreError> {
     let empty = HashSet::new();
     for id in dirty {
+        let busy = match state.rollouts.get(id) {
+            Some(r) if r.state != RolloutState::Completed => state.busy_elsewhere(id, &r.manifest),
+            _ => continue,
+        };
         let Some(rollout) = state.rollouts.get_mut(id) else { continue };
-        if rollout.state == RolloutState::Completed {
-            continue;
-        }
         let dispatched: BTreeSet<Hostname> = rollout.dispatched.keys().cloned().collect();
         let quarantined = state.quarantine.get(id.channel()).unwrap_or(&empty);
         let plan = planner::plan(&PlanInput {
@@ -927,7 +1191,25 @@ fn run_planner(
             records: &rollout.records,
             dispatched: &dispatched,
             quarantined,
+            busy_elsewhere: &busy,
+            skipped: &rollout.skipped,
         });
+        // Skips and withdrawals before the rollout's new state, all in this
+        // transaction: a quarantine never leaves a dispatch standing.
+        for host in &plan.skip {
+            let Some(entry) = rollout.manifest.hosts.get(host) else { continue };
+            let reason = format!("target closure {} is quarantined on channel {}", entry.target_closure, id.channel());
+            tracing::info!(rollout = %id, %host, %reason, "host skipped");
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO skipped_hosts (rollout_id, hostname, target_closure, reason, skipped_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut s| {
+                s.execute(params![id.as_str(), host.as_str(), entry.target_closure.as_str(), reason, ts(now)])
+            })
+            .map_err(sql(path, "skip host"))?;
+            rollout.skipped.insert(host.clone());
+        }
         if plan.state != rollout.state
             || plan.current_wave != rollout.current_wave
             || plan.halt_reason != rollout.halt_reason
@@ -940,7 +1222,13 @@ fn run_planner(
             }
             tx.execute(
                 "UPDATE rollouts SET state = ?2, current_wave = ?3, halt_reason = ?4, updated_at = ?5 WHERE rollout_id = ?1",
-                params![id.as_str(), plan.state.as_str(), plan.current_wave as i64, plan.halt_reason, ts(now)],
+                params![
+                    id.as_str(),
+                    plan.state.as_str(),
+                    db_int(path, "current_wave", plan.current_wave)?,
+                    plan.halt_reason,
+                    ts(now)
+                ],
             )
             .map_err(sql(path, "update rollout"))?;
             rollout.state = plan.state;
@@ -1071,6 +1359,59 @@ mod tests {
         let err = open(&path).expect_err("must refuse");
         assert!(matches!(err, StoreError::NewerSchema { found: 99, .. }), "{err}");
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    /// A schema-1 database (before skips and drift) is migrated in place:
+    /// its rows are kept, hosts start with drift "unknown", and the new
+    /// table exists.
+    #[test]
+    fn a_schema_1_database_is_migrated_keeping_its_rows() {
+        let path = temp_db("migrate2");
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch(&format!("BEGIN; {MIGRATION_1} PRAGMA user_version = 1; COMMIT;")).expect("schema 1");
+        conn.execute(
+            "INSERT INTO hosts (hostname, last_heartbeat_at, current_closure, agent_version, uptime_secs)
+             VALUES ('web-1', 't', '/nix/store/x', 'v', 1)",
+            [],
+        )
+        .expect("host row");
+        drop(conn);
+        let conn = open(&path).expect("migrate");
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        let row: (String, String, Option<String>) = conn
+            .query_row("SELECT current_closure, drift, expected_closure FROM hosts", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("row kept");
+        let n_skipped: i64 = conn.query_row("SELECT COUNT(*) FROM skipped_hosts", [], |r| r.get(0)).expect("table");
+        assert_eq!((version, row, n_skipped), (2, ("/nix/store/x".into(), "unknown".into(), None), 0));
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    /// A value that cannot be serialised is an error naming it, never the
+    /// empty string the event log used to get (the log is the replay source).
+    #[test]
+    fn unencodable_json_is_an_error_not_an_empty_row() {
+        struct Unencodable;
+        impl serde::Serialize for Unencodable {
+            fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+                Err(serde::ser::Error::custom("no JSON for this"))
+            }
+        }
+        let err = to_json(Path::new("/db"), || "event seq 3 of web-1".to_owned(), &Unencodable)
+            .expect_err("must not produce a row");
+        assert!(err.to_string().contains("event seq 3 of web-1") && err.to_string().contains("no JSON"), "{err}");
+        assert_eq!(to_json(Path::new("/db"), String::new, &7u8).expect("plain data"), "7");
+    }
+
+    /// Numbers beyond SQLite's INTEGER are refused with the field's name,
+    /// never wrapped to negative values.
+    #[test]
+    fn numbers_beyond_i64_are_refused_not_wrapped() {
+        assert_eq!(db_int(Path::new("/db"), "seq", i64::MAX as u64).expect("fits"), i64::MAX);
+        let err = db_int(Path::new("/db"), "seq", i64::MAX as u64 + 1).expect_err("too large");
+        assert!(err.to_string().contains("seq = 9223372036854775808"), "{err}");
+        assert_eq!(db_int(Path::new("/db"), "wave", 3usize).expect("fits"), 3);
     }
 
     /// The event log is append-only per (host, rollout, seq): a second row

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::planner::{self, PlanInput, RolloutState};
-use super::store::{self, parse_ts, StoreError};
+use super::store::{self, parse_ts, Drift, StoreError};
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{Failure, HostRecord, HostState};
 use crate::wire::{Manifest, OutboundEvent};
@@ -34,7 +34,8 @@ pub struct RolloutSummary {
     pub current_wave: usize,
     pub n_waves: usize,
     pub n_hosts: usize,
-    /// Host count per host state, e.g. {"Converged": 3, "Pending": 2}.
+    /// Host count per host state, e.g. {"Converged": 3, "Pending": 2}; a
+    /// Pending host the CP skipped counts as "Skipped".
     pub hosts_by_state: BTreeMap<String, usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halt_reason: Option<String>,
@@ -69,6 +70,25 @@ pub struct HostInRollout {
     /// a reboot, blocked by quarantine, rollback failed …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Deferred: since when (agent time) and for how long (CP time) the
+    /// host waits for its reboot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred_for_secs: Option<u64>,
+    /// Pending and held: the other rollout the host is live in (rule 7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<RolloutId>,
+    /// The CP skipped the host: its target was quarantined before it acked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<SkippedView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedView {
+    pub reason: String,
+    /// CP time: the skip is the CP's decision, not a host fact.
+    pub skipped_at: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +135,34 @@ pub struct HostView {
     pub agent_version: Option<String>,
     pub uptime_secs: Option<u64>,
     pub rollouts: Vec<HostRolloutRef>,
+    /// The last heartbeat's verdict (SPEC §4 rule 10).
+    #[serde(default = "unknown_drift")]
+    pub drift: Drift,
+    /// The closure the records say the host runs, and the rollout saying it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_closure: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_from: Option<String>,
+}
+
+fn unknown_drift() -> Drift {
+    Drift::Unknown
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftView {
+    pub hostname: Hostname,
+    pub current_closure: String,
+    pub expected_closure: String,
+    pub expected_from: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeferredView {
+    pub hostname: Hostname,
+    pub rollout_id: RolloutId,
+    pub deferred_at: String,
+    pub deferred_for_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +181,14 @@ pub struct StatusView {
     pub n_hosts: usize,
     pub n_unreachable: usize,
     pub quarantined: Vec<QuarantineView>,
+    #[serde(default)]
+    pub n_drifting: usize,
+    /// Hosts whose last heartbeat showed another closure than their records.
+    #[serde(default)]
+    pub drifting: Vec<DriftView>,
+    /// Hosts waiting for a reboot to finish an activation, oldest first.
+    #[serde(default)]
+    pub deferred: Vec<DeferredView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,16 +245,20 @@ fn summary(
     row: &RolloutRow,
     manifest: &Manifest,
     records: &BTreeMap<Hostname, HostRecord>,
+    skipped: &BTreeMap<Hostname, store::SkippedHost>,
 ) -> Result<RolloutSummary, StoreError> {
     let mut hosts_by_state = BTreeMap::new();
-    for r in records.values() {
-        *hosts_by_state.entry(r.state.as_str().to_owned()).or_insert(0) += 1;
+    for (host, r) in records {
+        let state =
+            if r.state == HostState::Pending && skipped.contains_key(host) { "Skipped" } else { r.state.as_str() };
+        *hosts_by_state.entry(state.to_owned()).or_insert(0) += 1;
     }
     Ok(RolloutSummary {
         rollout_id: manifest.rollout_id.clone(),
         channel: manifest.rollout_id.channel().to_owned(),
         state: RolloutState::parse(&row.state).ok_or_else(|| corrupt(path, format!("rollout state {}", row.state)))?,
-        current_wave: usize::try_from(row.current_wave).unwrap_or(0),
+        current_wave: usize::try_from(row.current_wave)
+            .map_err(|_| corrupt(path, format!("rollout {}: current_wave {}", row.id, row.current_wave)))?,
         n_waves: manifest.waves.len(),
         n_hosts: manifest.hosts.len(),
         hosts_by_state,
@@ -220,13 +280,41 @@ fn all_rollout_rows(conn: &Connection, path: &Path) -> Result<Vec<RolloutRow>, S
 
 /// `GET /v1/rollouts`.
 pub fn rollouts(conn: &Connection, path: &Path) -> Result<Vec<RolloutSummary>, StoreError> {
+    summaries(conn, path, None)
+}
+
+/// Every rollout's summary; with `deferred`, also collects the Deferred
+/// hosts and their age at `now`.
+fn summaries(
+    conn: &Connection,
+    path: &Path,
+    mut deferred: Option<(&mut Vec<DeferredView>, OffsetDateTime)>,
+) -> Result<Vec<RolloutSummary>, StoreError> {
     let mut out = Vec::new();
     for row in all_rollout_rows(conn, path)? {
         let manifest = Manifest::parse(&row.payload).map_err(|e| corrupt(path, format!("rollout {}: {e}", row.id)))?;
         let records = store::host_records_of(conn, path, &manifest)?;
-        out.push(summary(path, &row, &manifest, &records)?);
+        let skipped = store::skipped_of(conn, path, &manifest.rollout_id)?;
+        if let Some((list, now)) = deferred.as_mut() {
+            for r in records.values().filter(|r| r.state == HostState::Deferred) {
+                let Some(at) = r.deferred_at else { continue };
+                list.push(DeferredView {
+                    hostname: r.hostname.clone(),
+                    rollout_id: r.rollout_id.clone(),
+                    deferred_at: store::ts(at),
+                    deferred_for_secs: age_secs(*now, at),
+                });
+            }
+        }
+        out.push(summary(path, &row, &manifest, &records, &skipped)?);
     }
     Ok(out)
+}
+
+/// Whole seconds from an agent's instant to the CP's now; 0 if the
+/// agent's clock is ahead.
+fn age_secs(now: OffsetDateTime, since: OffsetDateTime) -> u64 {
+    u64::try_from((now - since).whole_seconds()).unwrap_or(0)
 }
 
 fn quarantined(conn: &Connection, path: &Path) -> Result<Vec<QuarantineView>, StoreError> {
@@ -247,8 +335,14 @@ fn quarantined(conn: &Connection, path: &Path) -> Result<Vec<QuarantineView>, St
     rows.collect::<Result<Vec<_>, _>>().map_err(sql(path, "read quarantine"))
 }
 
-/// `GET /v1/rollouts/{id}`; `None` if unknown.
-pub fn rollout(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option<RolloutDetail>, StoreError> {
+/// `GET /v1/rollouts/{id}`; `None` if unknown. `now` (CP time) gives the
+/// age of Deferred hosts.
+pub fn rollout(
+    conn: &Connection,
+    path: &Path,
+    id: &RolloutId,
+    now: OffsetDateTime,
+) -> Result<Option<RolloutDetail>, StoreError> {
     let row = conn
         .query_row(
             &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE rollout_id = ?1"),
@@ -260,7 +354,14 @@ pub fn rollout(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option<
     let Some(row) = row else { return Ok(None) };
     let manifest = Manifest::parse(&row.payload).map_err(|e| corrupt(path, format!("rollout {id}: {e}")))?;
     let records = store::host_records_of(conn, path, &manifest)?;
-    let summary = summary(path, &row, &manifest, &records)?;
+    let skipped_rows = store::skipped_of(conn, path, id)?;
+    let summary = summary(path, &row, &manifest, &records, &skipped_rows)?;
+    let busy: BTreeMap<Hostname, RolloutId> = store::live_rollouts(conn, path)?
+        .into_iter()
+        .filter(|(host, _)| manifest.hosts.contains_key(host))
+        .filter_map(|(host, ids)| ids.into_iter().find(|other| other != id).map(|other| (host, other)))
+        .collect();
+    let skipped: BTreeSet<Hostname> = skipped_rows.keys().cloned().collect();
     let mut dispatched_at: BTreeMap<Hostname, String> = BTreeMap::new();
     {
         let mut stmt = conn
@@ -290,8 +391,11 @@ pub fn rollout(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option<
         records: &records,
         dispatched: &dispatched,
         quarantined: &quarantine,
+        busy_elsewhere: &busy,
+        skipped: &skipped,
     };
     let fmt = |t: Option<OffsetDateTime>| t.map(super::store::ts);
+    let pending = |r: &HostRecord| r.state == HostState::Pending;
     let waves = manifest
         .waves
         .iter()
@@ -320,6 +424,16 @@ pub fn rollout(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option<
                     failing_probes: r.failing_enforce_probes(),
                     failure: r.failure.clone(),
                     note: host_note(&input, r),
+                    deferred_at: fmt(r.deferred_at.filter(|_| r.state == HostState::Deferred)),
+                    deferred_for_secs: r
+                        .deferred_at
+                        .filter(|_| r.state == HostState::Deferred)
+                        .map(|at| age_secs(now, at)),
+                    held_by: busy.get(&r.hostname).filter(|_| pending(r)).cloned(),
+                    skipped: skipped_rows
+                        .get(&r.hostname)
+                        .filter(|_| pending(r))
+                        .map(|s| SkippedView { reason: s.reason.clone(), skipped_at: s.skipped_at.clone() }),
                 })
                 .collect(),
         })
@@ -369,7 +483,7 @@ pub fn events(
         )
         .map_err(sql(path, "read events"))?;
     let rows = stmt
-        .query_map(params![id.as_str(), after, limit as i64 + 1], |r| {
+        .query_map(params![id.as_str(), after, i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1)], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
@@ -389,7 +503,7 @@ pub fn events(
         events.push(LoggedEvent {
             id: log_id,
             hostname,
-            seq: u64::try_from(seq).unwrap_or(0),
+            seq: u64::try_from(seq).map_err(|_| corrupt(path, format!("event log row {log_id}: seq {seq}")))?,
             kind,
             agent_at,
             received_at,
@@ -414,22 +528,30 @@ pub fn hosts(
 ) -> Result<Vec<HostView>, StoreError> {
     let mut views: BTreeMap<String, HostView> = BTreeMap::new();
     let mut stmt = conn
-        .prepare("SELECT hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs FROM hosts")
+        .prepare(
+            "SELECT hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs,
+                    drift, expected_closure, expected_from FROM hosts",
+        )
         .map_err(sql(path, "read hosts"))?;
     let rows = stmt
         .query_map([], |r| {
             Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, i64>(5)?,
+                (
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                ),
+                (r.get::<_, String>(6)?, r.get::<_, Option<String>>(7)?, r.get::<_, Option<String>>(8)?),
             ))
         })
         .map_err(sql(path, "read hosts"))?;
     for row in rows {
-        let (host, last, current, booted, version, uptime) = row.map_err(sql(path, "read hosts"))?;
+        let ((host, last, current, booted, version, uptime), (drift, expected_closure, expected_from)) =
+            row.map_err(sql(path, "read hosts"))?;
+        let drift = Drift::parse(&drift).ok_or_else(|| corrupt(path, format!("host {host}: drift {drift}")))?;
         let Ok(hostname) = Hostname::parse(&host) else { continue };
         let silent_secs = parse_ts(&last).map_or(i64::MAX, |t| (now - t).whole_seconds());
         let liveness = if silent_secs > i64::try_from(stale_after_secs).unwrap_or(i64::MAX) {
@@ -448,6 +570,9 @@ pub fn hosts(
                 agent_version: Some(version),
                 uptime_secs: u64::try_from(uptime).ok(),
                 rollouts: Vec::new(),
+                drift,
+                expected_closure,
+                expected_from,
             },
         );
     }
@@ -462,6 +587,9 @@ pub fn hosts(
                 agent_version: None,
                 uptime_secs: None,
                 rollouts: Vec::new(),
+                drift: Drift::Unknown,
+                expected_closure: None,
+                expected_from: None,
             });
             view.rollouts.push(HostRolloutRef { rollout_id: manifest.rollout_id.clone(), state: record.state });
         }
@@ -477,11 +605,27 @@ pub fn status(
     stale_after_secs: u64,
 ) -> Result<StatusView, StoreError> {
     let hosts = hosts(conn, path, now, stale_after_secs)?;
+    let mut deferred = Vec::new();
+    let rollouts = summaries(conn, path, Some((&mut deferred, now)))?;
+    deferred.sort_by(|a, b| (&a.deferred_at, &a.hostname).cmp(&(&b.deferred_at, &b.hostname)));
+    let drifting: Vec<DriftView> = hosts
+        .iter()
+        .filter(|h| h.drift == Drift::Drifting)
+        .map(|h| DriftView {
+            hostname: h.hostname.clone(),
+            current_closure: h.current_closure.clone().unwrap_or_default(),
+            expected_closure: h.expected_closure.clone().unwrap_or_default(),
+            expected_from: h.expected_from.clone().unwrap_or_default(),
+        })
+        .collect();
     Ok(StatusView {
         server_time: super::store::ts(now),
-        rollouts: rollouts(conn, path)?,
+        rollouts,
         n_hosts: hosts.len(),
         n_unreachable: hosts.iter().filter(|h| h.liveness == Liveness::Unreachable).count(),
         quarantined: quarantined(conn, path)?,
+        n_drifting: drifting.len(),
+        drifting,
+        deferred,
     })
 }

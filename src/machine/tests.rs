@@ -644,6 +644,61 @@ fn activation_completed_with_another_closure_fails_the_host() {
     assert!(h.effects.contains(&Effect::FireRollback { to: old() }));
 }
 
+// ---- Rule 7 (one live rollout per host) and rule 10 (what a host runs) ----
+
+#[test]
+fn a_host_is_live_while_switching_soaking_or_rolling_back() {
+    // Proves rule 7's "live": Activating, Deferred, Soaking, and Failed with
+    // a rollback fired and no outcome yet; not Pending, Converged, Reverted,
+    // a halt-policy failure, or a failed rollback (the operator's turn).
+    for (state, live) in [
+        (HostState::Pending, false),
+        (HostState::Activating, true),
+        (HostState::Deferred, true),
+        (HostState::Soaking, true),
+        (HostState::Converged, false),
+        (HostState::Failed, true),
+        (HostState::Reverted, false),
+    ] {
+        assert_eq!(host_in(state, rollback_policy()).record.is_live(), live, "{state} under rollback-and-halt");
+    }
+    assert!(!host_in(HostState::Failed, halt_policy()).record.is_live(), "halt: no rollback to wait for");
+    let mut h = host_in(HostState::Failed, rollback_policy());
+    h.feed(EventBody::RollbackFailed { exit_code: 2, stderr_tail: "no space".into(), failed_at: at(9) });
+    assert!(!h.record.is_live(), "a failed rollback ends the hold");
+    let mut busy = Host::new(rollback_policy());
+    busy.feed(EventBody::DispatchRejected {
+        target_closure: new(),
+        code: RejectCode::Busy,
+        reason: "busy".into(),
+        rejected_at: at(0),
+    });
+    assert!(!busy.record.is_live(), "a busy refusal leaves the host Pending, not live");
+}
+
+#[test]
+fn the_known_running_closure_follows_only_proven_facts() {
+    // Proves rule 10's definition: known after an observed activation, a
+    // convergence or a completed rollback; unknown while in transition.
+    let known = |h: &Host| h.record.known_running_closure().cloned();
+    for state in [HostState::Pending, HostState::Activating, HostState::Deferred] {
+        assert_eq!(known(&host_in(state, rollback_policy())), None, "{state}");
+    }
+    for state in [HostState::Soaking, HostState::Converged] {
+        assert_eq!(known(&host_in(state, rollback_policy())), Some(new()), "{state}");
+    }
+    assert_eq!(known(&host_in(HostState::Reverted, rollback_policy())), Some(old()));
+    assert_eq!(known(&host_in(HostState::Failed, rollback_policy())), None, "rolling back");
+    assert_eq!(known(&host_in(HostState::Failed, halt_policy())), None, "the switch failed: nothing observed");
+    let mut wrong = host_in(HostState::Activating, halt_policy());
+    wrong.feed(EventBody::ActivationCompleted {
+        observed_current_closure: other(),
+        exit_code: 0,
+        completed_at: at(10),
+    });
+    assert_eq!(known(&wrong), Some(other()), "halt policy: the host stays on what was observed");
+}
+
 // ---- Other invariants ----
 
 #[test]

@@ -374,7 +374,11 @@ async fn run_switch(
             cmd.arg(&switch).arg(action);
             (setsid.clone(), cmd)
         }
-        SwitchRunner::Direct => (switch.clone(), Command::new(&switch)),
+        SwitchRunner::Direct => {
+            let mut cmd = Command::new(&switch);
+            cmd.arg(action);
+            (switch.clone(), cmd)
+        }
     };
     cmd.stdin(Stdio::null()).stdout(Stdio::from(log.into_parts().0)).stderr(Stdio::from(log_err));
     let mut child = cmd

@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::admission::admit_cached;
-use super::reducer::Journal;
+use super::channels::ChannelHistory;
+use super::reducer::{Journal, JournalError};
 use super::rollouts::{Rollouts, RolloutsError};
 use crate::ids::{Hostname, RolloutId};
 use crate::machine::{Event, Policy};
-use crate::queue::{DeadCause, EntryState, Queue, QueueView, QueuedEvent};
+use crate::queue::{DeadCause, EntryState, Queue, QueueError, QueueView, QueuedEvent};
 use crate::sign::PublicKey;
 use crate::wire::OutboundEvent;
 
@@ -57,9 +58,15 @@ impl SharedQueue {
 }
 
 impl Journal for SharedQueue {
-    async fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), String> {
+    async fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), JournalError> {
         let (rollout_id, event) = (rollout_id.clone(), event.clone());
-        self.with(move |q| q.enqueue(&rollout_id, &event).map(|_| ()).map_err(|e| e.to_string())).await?
+        self.with(move |q| {
+            q.enqueue(&rollout_id, &event).map(|_| ()).map_err(|e| match e {
+                QueueError::Full { .. } => JournalError::Full(e.to_string()),
+                other => JournalError::Failed(other.to_string()),
+            })
+        })
+        .await?
     }
 }
 
@@ -138,6 +145,7 @@ pub fn restore(
     }
     let cache = ManifestCache::new(state_dir);
     let mut rollouts = Rollouts::new(hostname.clone());
+    rollouts.set_channels(ChannelHistory::load(state_dir).map_err(|e| e.to_string())?);
     let mut report = RestoreReport::default();
     for (rollout_id, mut events) in journals {
         events.sort_by_key(|(seq, _)| *seq);
@@ -237,6 +245,7 @@ mod tests {
             target_closure: manifest.hosts[&host()].target_closure.clone(),
             soak_secs: 300,
             current_closure: Closure::parse("/nix/store/00000000000000000000000000000000-old").expect("valid"),
+            issued_at: manifest.issued_at,
             at: datetime!(2026-11-25 12:00 UTC),
         }
     }

@@ -32,7 +32,11 @@ struct MemJournal {
 }
 
 impl Journal for MemJournal {
-    async fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), String> {
+    async fn append(
+        &mut self,
+        rollout_id: &RolloutId,
+        event: &OutboundEvent,
+    ) -> Result<(), nixfleet::agent::reducer::JournalError> {
         self.events.lock().expect("lock").push((rollout_id.clone(), event.clone()));
         Ok(())
     }
@@ -130,6 +134,7 @@ impl Agent {
             target_closure: target.clone(),
             soak_secs,
             current_closure: current.clone(),
+            issued_at: at,
             at,
         };
         self.inputs.send(input).await.expect("reducer alive");

@@ -149,6 +149,11 @@ pub struct SwitchOrder {
     /// Increases with every order, so a worker can tell a new order from a
     /// repeated one.
     pub generation: u64,
+    /// `Some(failed)`: not a switch. After a forward activation failed
+    /// under `halt`, make `closure` (the pre-dispatch closure) the boot
+    /// default again, while the profile still names `failed`; no live
+    /// switch and no event (`activation::restore_boot_default`).
+    pub restore_boot_from: Option<Closure>,
 }
 
 /// Which rollout's probes should run (the newly active system's).
@@ -242,6 +247,19 @@ impl<J: Journal> Reducer<J> {
             if let Some(closure) = closure {
                 self.order_switch(id, closure, rollback);
             }
+        }
+        // A halted failure whose boot default may not be restored yet (the
+        // agent died in between): only the rollout accepted last, so a
+        // later rollout's profile is never touched; the worker checks that
+        // the profile still names the failed closure.
+        let last = self
+            .rollouts
+            .iter()
+            .filter(|(_, s)| s.record.dispatch_acked_at.is_some())
+            .max_by_key(|(id, s)| (s.record.dispatch_acked_at, *id))
+            .map(|(id, _)| id.clone());
+        if let Some(id) = last {
+            self.restore_boot_if_halted(&id);
         }
     }
 
@@ -351,7 +369,8 @@ impl<J: Journal> Reducer<J> {
                 self.declare_topology(rollout_id, probes, at).await;
             }
             Input::ProbeRun { rollout_id, probe_name, mode, status, reason, at } => {
-                if self.state(&rollout_id) != Some(HostState::Soaking) || self.rollouts.accepted_after(&rollout_id).is_some()
+                if self.state(&rollout_id) != Some(HostState::Soaking)
+                    || self.rollouts.accepted_after(&rollout_id).is_some()
                 {
                     return; // a result that raced the end of the soak
                 }
@@ -443,7 +462,12 @@ impl<J: Journal> Reducer<J> {
 
     /// Appends until durable; false only for a deferrable event that met a
     /// full queue (nothing written, nothing to commit).
-    async fn append_until_durable(&mut self, rollout_id: &RolloutId, outbound: &OutboundEvent, deferrable: bool) -> bool {
+    async fn append_until_durable(
+        &mut self,
+        rollout_id: &RolloutId,
+        outbound: &OutboundEvent,
+        deferrable: bool,
+    ) -> bool {
         let mut delay = JOURNAL_RETRY_MIN;
         loop {
             match self.journal.append(rollout_id, outbound).await {
@@ -471,6 +495,8 @@ impl<J: Journal> Reducer<J> {
     fn apply(&mut self, prepared: Prepared) {
         let rollout_id = prepared.rollout_id.clone();
         let actions: Vec<Effect> = prepared.actions().cloned().collect();
+        let activation_ended =
+            matches!(prepared.event.body, EventBody::ActivationFailed { .. } | EventBody::ActivationCompleted { .. });
         if let Err(e) = self.rollouts.commit(prepared) {
             // Unreachable with one mutator; keep the journal authoritative.
             tracing::error!(%rollout_id, error = %e, "commit refused after a durable append");
@@ -486,6 +512,9 @@ impl<J: Journal> Reducer<J> {
                 Effect::ResetProbes => self.plan_probes(Some(rollout_id.clone())),
                 Effect::EmitOutbound { .. } | Effect::AppendEventLog { .. } | Effect::InsertQuarantine { .. } => {}
             }
+        }
+        if activation_ended {
+            self.restore_boot_if_halted(&rollout_id);
         }
         if let Some(state) = self.state(&rollout_id) {
             if matches!(state, HostState::Converged | HostState::Failed | HostState::Reverted) {
@@ -509,7 +538,36 @@ impl<J: Journal> Reducer<J> {
 
     fn order_switch(&mut self, rollout_id: RolloutId, closure: Closure, rollback: bool) {
         let generation = self.next_generation();
-        self.commands.switch.send_replace(Some(SwitchOrder { rollout_id, closure, rollback, generation }));
+        let order = SwitchOrder { rollout_id, closure, rollback, generation, restore_boot_from: None };
+        self.commands.switch.send_replace(Some(order));
+    }
+
+    /// Under `halt` a failed forward activation leaves the profile (and the
+    /// boot loader) on the failed closure; the next reboot would boot it.
+    /// Orders the pre-dispatch closure back as the boot default (no switch).
+    fn restore_boot_if_halted(&mut self, rollout_id: &RolloutId) {
+        let Some(slot) = self.rollouts.get(rollout_id) else { return };
+        let r = &slot.record;
+        let failed_activation = matches!(
+            r.failure,
+            Some(crate::machine::Failure::ActivationFailed { .. } | crate::machine::Failure::WrongClosure { .. })
+        );
+        if r.state != HostState::Failed || r.rollback_fired || !failed_activation {
+            return;
+        }
+        let (Some(previous), Some(failed)) = (r.current_closure_at_dispatch.clone(), r.target_closure.clone()) else {
+            return;
+        };
+        tracing::info!(%rollout_id, %previous, %failed, "halt: making the pre-dispatch closure the boot default again");
+        let generation = self.next_generation();
+        let order = SwitchOrder {
+            rollout_id: rollout_id.clone(),
+            closure: previous,
+            rollback: false,
+            generation,
+            restore_boot_from: Some(failed),
+        };
+        self.commands.switch.send_replace(Some(order));
     }
 
     fn plan_probes(&mut self, rollout_id: Option<RolloutId>) {
@@ -525,8 +583,8 @@ mod tests {
     use time::Duration;
 
     use super::*;
-    use crate::agent::testkit::{closure, host, policy, rid, T0};
     use crate::agent::channels::ChannelHistory;
+    use crate::agent::testkit::{closure, host, policy, rid, T0};
     use crate::machine::{Event, ProbeKind};
 
     #[derive(Debug, Clone, Default)]
@@ -872,7 +930,10 @@ mod tests {
         assert_eq!(again.rollouts().get(&rid()).expect("slot").record.state, HostState::Reverted);
         again.handle(dispatch_of("stable@r2", '2', T0, secs(5))).await;
         let b_events = events_of(&journal, "stable@r2");
-        assert!(matches!(b_events.as_slice(), [(1, EventBody::DispatchRejected { .. }), (2, EventBody::Activate { .. })]), "{b_events:?}");
+        assert!(
+            matches!(b_events.as_slice(), [(1, EventBody::DispatchRejected { .. }), (2, EventBody::Activate { .. })]),
+            "{b_events:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -980,7 +1041,11 @@ mod tests {
         r.handle(probe(ProbeStatus::Fail, secs(51))).await;
         assert_eq!(journal.events.lock().expect("lock").len(), held);
         r.handle(Input::Tick { now: secs(101) }).await;
-        assert_eq!(r.rollouts().get(&rid()).expect("slot").record.state, HostState::Soaking, "60 s since 51 s, not 41 s");
+        assert_eq!(
+            r.rollouts().get(&rid()).expect("slot").record.state,
+            HostState::Soaking,
+            "60 s since 51 s, not 41 s"
+        );
         r.handle(Input::Tick { now: secs(111) }).await;
         assert_eq!(r.rollouts().get(&rid()).expect("slot").record.state, HostState::Failed);
         assert_eq!(journal.kinds().last(), Some(&"Failed"));

@@ -290,10 +290,7 @@ impl Rollouts {
             return Some(body);
         }
         let evidence = self.evidence.get(rollout_id);
-        let fresh = slot
-            .record
-            .enforce_probes()
-            .all(|p| evidence.is_some_and(|e| e.latest.contains_key(&p.name)));
+        let fresh = slot.record.enforce_probes().all(|p| evidence.is_some_and(|e| e.latest.contains_key(&p.name)));
         if !fresh {
             return None;
         }

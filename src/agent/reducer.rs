@@ -284,7 +284,7 @@ impl<J: Journal> Reducer<J> {
                     Some(slot) => slot.record.last_seq > 0,
                     None => false,
                 };
-                let reject = |code, reason| (code, reason, policy.clone(), target_closure.clone());
+                let reject = |code, reason| (code, reason, policy, target_closure.clone());
                 let offered = Accepted { rollout_id: rollout_id.clone(), issued_at };
                 let refusal = if issued_at > at + MAX_CLOCK_SKEW {
                     Some(reject(

@@ -142,7 +142,7 @@ pub async fn run_longpoll_worker(
             Ok(a) => {
                 // Kept durably BEFORE the DispatchAck exists, so a restart can
                 // always re-verify the policy of a rollout in its queue.
-                if let Err(e) = cache.store(&rollout_id, &envelope) {
+                if let Err(e) = cache.store(&rollout_id, &envelope, &a.verified_by) {
                     tracing::error!(%rollout_id, error = %e, "cannot cache the manifest; not acting on the dispatch");
                     if !pause(backoff.fail(random_u64()), &mut shutdown).await {
                         return WorkerExit::Shutdown;

@@ -18,8 +18,10 @@ use crate::queue::{DeadCause, EntryState, Queue, QueueError, QueueView, QueuedEv
 use crate::sign::PublicKey;
 use crate::wire::OutboundEvent;
 
-/// The policy of a rollout whose manifest cannot be re-verified at start:
-/// never roll back on a guess, and the default failure threshold.
+/// A replay parameter, never a decision policy: the policy a rollout is
+/// rebuilt under when no cached manifest proves its own AND the rollout can
+/// never decide again (never accepted, or over; see `restore`). A rollout
+/// that can still act is never given it.
 pub const FALLBACK_POLICY: Policy =
     Policy { on_health_failure: crate::machine::OnHealthFailure::Halt, sustained_failure_secs: 60 };
 

@@ -20,6 +20,10 @@ pub struct Admitted {
     pub policy: Policy,
     pub target_closure: Closure,
     pub soak_secs: u64,
+    /// The trusted key that verified the envelope: cached next to it, so a
+    /// restart after a trust-key rotation can still prove which manifest
+    /// the host accepted (and finish the rollout under it).
+    pub verified_by: PublicKey,
 }
 
 /// Why the agent refuses a dispatch: the reason goes into DispatchRejected.
@@ -63,9 +67,20 @@ pub fn admit_cached(
 }
 
 fn verified_manifest(trust_keys: &[PublicKey], envelope_bytes: &[u8]) -> Result<Manifest, Refusal> {
+    verified_manifest_by(trust_keys, envelope_bytes).map(|(manifest, _)| manifest)
+}
+
+/// The manifest and the first trusted key that verifies it on its own.
+fn verified_manifest_by(trust_keys: &[PublicKey], envelope_bytes: &[u8]) -> Result<(Manifest, PublicKey), Refusal> {
     let envelope = sign::parse_envelope(envelope_bytes).map_err(|e| Refusal::Signature(e.to_string()))?;
     let payload = sign::verify_envelope(&envelope, trust_keys).map_err(|e| Refusal::Signature(e.to_string()))?;
-    Manifest::parse(&payload).map_err(|e| Refusal::Manifest(e.to_string()))
+    let key = trust_keys
+        .iter()
+        .find(|k| sign::verify_envelope(&envelope, std::slice::from_ref(*k)).is_ok())
+        .cloned()
+        .ok_or_else(|| Refusal::Signature("no single trusted key verifies the envelope".to_owned()))?;
+    let manifest = Manifest::parse(&payload).map_err(|e| Refusal::Manifest(e.to_string()))?;
+    Ok((manifest, key))
 }
 
 /// Verifies `envelope_bytes` and checks `dispatch` against it.
@@ -76,7 +91,7 @@ pub fn admit(
     dispatch: &Dispatch,
     rollouts: &Rollouts,
 ) -> Result<Admitted, Refusal> {
-    let manifest = verified_manifest(trust_keys, envelope_bytes)?;
+    let (manifest, verified_by) = verified_manifest_by(trust_keys, envelope_bytes)?;
     if manifest.rollout_id != dispatch.rollout_id {
         return Err(Refusal::WrongRollout {
             dispatched: dispatch.rollout_id.to_string(),
@@ -108,6 +123,7 @@ pub fn admit(
         target_closure: entry.target_closure.clone(),
         soak_secs: signed_soak,
         manifest,
+        verified_by,
     })
 }
 

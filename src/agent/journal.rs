@@ -9,16 +9,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::admission::admit_cached;
-use super::reducer::Journal;
-use super::rollouts::{Rollouts, RolloutsError};
+use super::channels::ChannelHistory;
+use super::reducer::{Journal, JournalError};
+use super::rollouts::Rollouts;
 use crate::ids::{Hostname, RolloutId};
-use crate::machine::{Event, Policy};
-use crate::queue::{DeadCause, EntryState, Queue, QueueView, QueuedEvent};
+use crate::machine::{Event, HostState, Policy};
+use crate::queue::{DeadCause, EntryState, Queue, QueueError, QueueView, QueuedEvent};
 use crate::sign::PublicKey;
 use crate::wire::OutboundEvent;
 
-/// The policy of a rollout whose manifest cannot be re-verified at start:
-/// never roll back on a guess, and the default failure threshold.
+/// A replay parameter, never a decision policy: the policy a rollout is
+/// rebuilt under when no cached manifest proves its own AND the rollout can
+/// never decide again (never accepted, or over; see `restore`). A rollout
+/// that can still act is never given it.
 pub const FALLBACK_POLICY: Policy =
     Policy { on_health_failure: crate::machine::OnHealthFailure::Halt, sustained_failure_secs: 60 };
 
@@ -57,14 +60,22 @@ impl SharedQueue {
 }
 
 impl Journal for SharedQueue {
-    async fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), String> {
+    async fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), JournalError> {
         let (rollout_id, event) = (rollout_id.clone(), event.clone());
-        self.with(move |q| q.enqueue(&rollout_id, &event).map(|_| ()).map_err(|e| e.to_string())).await?
+        self.with(move |q| {
+            q.enqueue(&rollout_id, &event).map(|_| ()).map_err(|e| match e {
+                QueueError::Full { .. } => JournalError::Full(e.to_string()),
+                other => JournalError::Failed(other.to_string()),
+            })
+        })
+        .await?
     }
 }
 
 /// Signed manifests the agent acted on, kept so a restart can re-verify
-/// them and recover each rollout's policy without the control plane.
+/// them and recover each rollout's policy without the control plane. Next
+/// to each envelope, `{rollout}.key` holds the public key that verified it
+/// when the dispatch was accepted (trust keys may rotate later).
 #[derive(Debug, Clone)]
 pub struct ManifestCache {
     dir: PathBuf,
@@ -75,53 +86,105 @@ impl ManifestCache {
         ManifestCache { dir: state_dir.join(MANIFEST_DIR) }
     }
 
-    fn path(&self, rollout_id: &RolloutId) -> PathBuf {
+    /// The cached envelope of a rollout.
+    pub fn path(&self, rollout_id: &RolloutId) -> PathBuf {
         // Rollout ids are `[a-z0-9_-]@[A-Za-z0-9._-]`: safe as a file name.
         self.dir.join(format!("{rollout_id}.json"))
     }
 
-    /// Stores the envelope durably (tmp, fsync, rename, fsync dir) before
-    /// the agent acknowledges the dispatch.
-    pub fn store(&self, rollout_id: &RolloutId, envelope: &[u8]) -> std::io::Result<()> {
-        use std::io::Write as _;
+    fn key_path(&self, rollout_id: &RolloutId) -> PathBuf {
+        self.dir.join(format!("{rollout_id}.key"))
+    }
+
+    /// Stores the key that verified the envelope, then the envelope, each
+    /// durably (tmp, fsync, rename, fsync dir), before the agent
+    /// acknowledges the dispatch. Key first: an envelope written by this
+    /// version always has its key beside it.
+    pub fn store(&self, rollout_id: &RolloutId, envelope: &[u8], verified_by: &PublicKey) -> std::io::Result<()> {
         fs_err::create_dir_all(&self.dir)?;
-        let path = self.path(rollout_id);
-        let tmp = path.with_extension("json.tmp");
-        let mut file = fs_err::File::create(&tmp)?;
-        file.write_all(envelope)?;
-        file.sync_all()?;
-        drop(file);
-        fs_err::rename(&tmp, &path)?;
-        fs_err::File::open(&self.dir)?.sync_all()
+        let key = format!("{}\n", verified_by.to_text());
+        write_durably(&self.dir, &self.key_path(rollout_id), key.as_bytes())?;
+        write_durably(&self.dir, &self.path(rollout_id), envelope)
     }
 
     pub fn load(&self, rollout_id: &RolloutId) -> std::io::Result<Option<Vec<u8>>> {
-        match fs_err::read(self.path(rollout_id)) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        read_optional(&self.path(rollout_id))
     }
+
+    /// The key recorded when the rollout was accepted (None: none recorded,
+    /// e.g. cached by an older agent).
+    pub fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, String> {
+        let path = self.key_path(rollout_id);
+        let Some(bytes) = read_optional(&path).map_err(|e| e.to_string())? else { return Ok(None) };
+        let text = String::from_utf8_lossy(&bytes);
+        PublicKey::from_text(&text).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+fn read_optional(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    match fs_err::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    let mut file = fs_err::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs_err::rename(&tmp, path)?;
+    fs_err::File::open(dir)?.sync_all()
 }
 
 /// What the start-up rebuild did, for the log and for tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RestoreReport {
     pub restored: Vec<RolloutId>,
-    /// Rollouts whose first events were pruned (old, finished history):
-    /// known only by their last seq.
+    /// Rollouts whose first events were pruned by retention (old, finished
+    /// history): known only by their last seq.
     pub pruned: Vec<RolloutId>,
-    /// Rebuilt under [`FALLBACK_POLICY`] because the cached manifest is
-    /// missing or no longer verifies (e.g. the trust keys changed), with why.
+    /// Rebuilt although no cached manifest verifies, because the rollout
+    /// can never decide anything again (never accepted, or over): its
+    /// policy is a replay parameter only ([`FALLBACK_POLICY`]), with why.
     pub without_manifest: Vec<(RolloutId, String)>,
-    /// Rollouts that could not be rebuilt, with the reason.
+    /// Rebuilt under the manifest verified when the dispatch was accepted,
+    /// whose key this host no longer trusts: (rollout, keyid).
+    pub untrusted_key: Vec<(RolloutId, String)>,
+    /// Rollouts that could not be rebuilt (a corrupt or missing record, a
+    /// history that does not replay), with the reason; logged at ERROR and
+    /// counted as a problem by `nixfleet replay --state-dir`.
     pub skipped: Vec<(RolloutId, String)>,
+}
+
+/// A cached manifest that still proves what the host accepted.
+#[derive(Debug, Clone)]
+pub struct CachedManifest {
+    pub manifest: crate::wire::Manifest,
+    /// `Some(keyid)` when only the key recorded at acceptance verifies it
+    /// (the trust keys changed since).
+    pub no_longer_trusted: Option<String>,
 }
 
 /// Rebuilds every rollout from the queue: pending + acked events, plus
 /// events the CP rejected (the agent applied them before sending, so they
-/// are part of its history), each rollout under the policy of its cached,
-/// re-verified manifest.
+/// are part of its history), each rollout under the policy of its cached
+/// manifest, re-verified.
+///
+/// Trust-key rotation (decision): a rollout whose envelope no longer
+/// verifies with the current trust keys but does with the key recorded when
+/// it was accepted is FINISHED under that manifest, with a WARN naming the
+/// rollout and the key. The host already runs its closure; refusing to
+/// finish would leave it unsupervised (no gate, no rollback, the CP
+/// Soaking forever), and inventing a policy is what made the CP refuse the
+/// agent's Failed event. Rotation stops NEW manifests signed by the old key
+/// (admission uses the current keys only). A live rollout whose manifest
+/// cannot be proven at all (missing, corrupt, or cached without its key by
+/// an older agent) is an error that stops the agent, naming the rollout and
+/// the file: it cannot be finished without a policy and must not be guessed.
 pub fn restore(
     queue: &Queue,
     state_dir: &Path,
@@ -136,51 +199,200 @@ pub fn restore(
     for q in recorded_events(state_dir, &[EntryState::Dead])? {
         journals.entry(q.rollout_id).or_default().push((q.event.seq, q.event));
     }
+    let corrupt = corrupt_records(state_dir)?;
+    let with_pending: std::collections::BTreeSet<RolloutId> =
+        queue.pending().into_iter().map(|q| q.rollout_id).collect();
     let cache = ManifestCache::new(state_dir);
     let mut rollouts = Rollouts::new(hostname.clone());
+    let mut channels = ChannelHistory::load(state_dir).map_err(|e| e.to_string())?;
     let mut report = RestoreReport::default();
     for (rollout_id, mut events) in journals {
         events.sort_by_key(|(seq, _)| *seq);
         events.dedup_by_key(|(seq, _)| *seq);
-        if events.first().is_none_or(|(seq, _)| *seq != 1) {
-            report.pruned.push(rollout_id);
+        if let Some(why) = missing_start(&rollout_id, hostname, &events, &corrupt, with_pending.contains(&rollout_id)) {
+            match why {
+                MissingStart::Pruned => report.pruned.push(rollout_id),
+                MissingStart::Lost(why) => {
+                    tracing::error!(%rollout_id, %why, "rollout NOT rebuilt: part of its history is lost");
+                    report.skipped.push((rollout_id, why));
+                }
+            }
             continue;
         }
-        // Without a verified manifest the rollout is still rebuilt, under a
-        // conservative policy: its seq must continue where the queue is, or
-        // every later event of it would be refused as out of order.
-        let policy = match cached_policy(&cache, &rollout_id, hostname, trust_keys) {
-            Ok(p) => p,
+        let journal = match events.iter().map(|(_, e)| e.to_local()).collect::<Result<Vec<Event>, _>>() {
+            Ok(j) => j,
+            Err(e) => {
+                let why = format!("an event does not convert: {e}");
+                tracing::error!(%rollout_id, %why, "rollout NOT rebuilt");
+                report.skipped.push((rollout_id, why));
+                continue;
+            }
+        };
+        let policy = match cached_manifest(&cache, &rollout_id, hostname, trust_keys) {
+            Ok(cached) => {
+                if let Some(keyid) = &cached.no_longer_trusted {
+                    tracing::warn!(
+                        %rollout_id, %keyid,
+                        "the rollout's manifest was verified by key {keyid} when it was accepted; this host no longer trusts that key, and the rollout is finished under that manifest (new manifests need a trusted key)"
+                    );
+                    report.untrusted_key.push((rollout_id.clone(), keyid.clone()));
+                }
+                let accepted = journal.iter().any(|e| matches!(e.body, crate::machine::EventBody::Activate { .. }));
+                if accepted {
+                    let manifest = &cached.manifest;
+                    let offered = super::channels::Accepted {
+                        rollout_id: manifest.rollout_id.clone(),
+                        issued_at: manifest.issued_at,
+                    };
+                    channels = channels.with(offered);
+                }
+                cached.manifest.machine_policy()
+            }
             Err(why) => {
+                // Only a rollout that can never decide again may be rebuilt
+                // without its policy (the fallback is then a replay
+                // parameter, never consulted for a decision).
+                let mut probe = Rollouts::new(hostname.clone());
+                let over = probe.restore(rollout_id.clone(), FALLBACK_POLICY, &journal).is_ok()
+                    && probe.get(&rollout_id).is_some_and(|s| never_decides_again(s, &journal));
+                if !over {
+                    return Err(format!(
+                        "rollout {rollout_id} is still under way on this host but its manifest cannot be proven ({why}; file {}): refusing to guess its policy. Restore the trust key that accepted it, or finish the rollout by hand and remove its events from {}",
+                        cache.path(&rollout_id).display(),
+                        queue.dir().display()
+                    ));
+                }
                 report.without_manifest.push((rollout_id.clone(), why));
                 FALLBACK_POLICY
             }
         };
-        let journal: Result<Vec<Event>, String> =
-            events.iter().map(|(_, e)| e.to_local().map_err(|e| e.to_string())).collect();
-        let restored = journal
-            .and_then(|j| rollouts.restore(rollout_id.clone(), policy, &j).map_err(|e: RolloutsError| e.to_string()));
-        match restored {
+        match rollouts.restore(rollout_id.clone(), policy, &journal) {
             Ok(()) => report.restored.push(rollout_id),
-            Err(why) => report.skipped.push((rollout_id, why)),
+            Err(e) => {
+                let why = e.to_string();
+                tracing::error!(%rollout_id, %why, "rollout NOT rebuilt: its history does not replay");
+                report.skipped.push((rollout_id, why));
+            }
         }
     }
+    rollouts.set_channels(channels);
     Ok((rollouts, report))
 }
 
-/// The policy of a rollout from its cached envelope, re-verified with
-/// `trust_keys`; Err says why there is none.
+/// True when no decision of this rollout can follow: never accepted
+/// (refused, stale, busy), or ended in a way that does not depend on the
+/// policy (converged, reverted, a rollback that failed, halted by a
+/// sustained failure whose event names the policy).
+fn never_decides_again(slot: &super::rollouts::Slot, journal: &[Event]) -> bool {
+    use crate::machine::{EventBody as B, OnHealthFailure};
+    let accepted = journal.iter().any(|e| matches!(e.body, B::Activate { .. }));
+    if !accepted {
+        return true;
+    }
+    let r = &slot.record;
+    match r.state {
+        HostState::Converged | HostState::Reverted => true,
+        HostState::Failed => {
+            r.rollback_failure.is_some()
+                || journal
+                    .iter()
+                    .any(|e| matches!(e.body, B::SustainedFailureCrossed { policy_applied: OnHealthFailure::Halt, .. }))
+        }
+        _ => false,
+    }
+}
+
+/// Why a rollout's history does not start at seq 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MissingStart {
+    /// Retention removed it: a finished rollout, known by its last seq.
+    Pruned,
+    /// A record is corrupt or missing: never silent.
+    Lost(String),
+}
+
+/// `None` when the history starts at seq 1. Retention never prunes a
+/// rollout with pending events, and removes the first event of a rollout
+/// first; so a missing start with pending events, or with a corrupt record
+/// of the rollout in `dead/`, is lost data, not pruning.
+pub fn missing_start(
+    rollout_id: &RolloutId,
+    hostname: &Hostname,
+    events: &[(u64, OutboundEvent)],
+    corrupt: &[(String, String)],
+    has_pending: bool,
+) -> Option<MissingStart> {
+    let first = events.first().map(|(seq, _)| *seq);
+    if first == Some(1) {
+        return None;
+    }
+    let files: Vec<String> = corrupt
+        .iter()
+        .filter(|(name, _)| names_rollout(name, hostname, rollout_id))
+        .map(|(n, r)| format!("dead/{n} ({r})"))
+        .collect();
+    if files.is_empty() && !has_pending {
+        return Some(MissingStart::Pruned);
+    }
+    let missing = match first {
+        Some(first) if first > 2 => format!("seqs 1 to {}", first - 1),
+        Some(_) => "seq 1".to_owned(),
+        None => "every event".to_owned(),
+    };
+    let cause = if files.is_empty() {
+        "no corrupt file names it, yet it has pending events, which retention never prunes".to_owned()
+    } else {
+        format!("corrupt record(s): {}", files.join(", "))
+    };
+    Some(MissingStart::Lost(format!("{missing} of rollout {rollout_id} missing; {cause}")))
+}
+
+/// Whether a queue file name (`{qseq}-{host}-{rollout}-{kind}.json`) is one
+/// of this rollout's (names are sanitised, and the rollout part may be cut).
+pub fn names_rollout(name: &str, hostname: &Hostname, rollout_id: &RolloutId) -> bool {
+    let Some(rest) = name.split_once('-').map(|(_, r)| r) else { return false };
+    let Some(rest) = rest.strip_prefix(&format!("{hostname}-")) else { return false };
+    let Some((rollout_part, _kind)) = rest.rsplit_once('-') else { return false };
+    let cut = rollout_part.chars().count() >= crate::queue::record::NAME_ROLLOUT_MAX_CHARS;
+    rollout_part == rollout_id.as_str() || (cut && rollout_id.as_str().starts_with(rollout_part))
+}
+
+/// The manifest of a rollout from its cached envelope, verified with
+/// `trust_keys`, or else with the key recorded when it was accepted; Err
+/// says why neither works.
+pub fn cached_manifest(
+    cache: &ManifestCache,
+    rollout_id: &RolloutId,
+    hostname: &Hostname,
+    trust_keys: &[PublicKey],
+) -> Result<CachedManifest, String> {
+    let bytes = cache
+        .load(rollout_id)
+        .map_err(|e| format!("cannot read the cached manifest: {e}"))?
+        .ok_or_else(|| "no cached manifest".to_owned())?;
+    let now_error = match admit_cached(hostname, trust_keys, &bytes, rollout_id) {
+        Ok(manifest) => return Ok(CachedManifest { manifest, no_longer_trusted: None }),
+        Err(e) => e,
+    };
+    let key = match cache.accepted_key(rollout_id)? {
+        Some(key) => key,
+        None => return Err(format!("{now_error} (and no key was recorded when it was accepted)")),
+    };
+    let keyid = key.keyid();
+    admit_cached(hostname, &[key], &bytes, rollout_id)
+        .map(|manifest| CachedManifest { manifest, no_longer_trusted: Some(keyid.clone()) })
+        .map_err(|e| format!("{now_error}; with key {keyid} that accepted it: {e}"))
+}
+
+/// The policy of a rollout from its cached manifest (see
+/// [`cached_manifest`]); Err says why there is none.
 pub fn cached_policy(
     cache: &ManifestCache,
     rollout_id: &RolloutId,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
 ) -> Result<Policy, String> {
-    let bytes = cache
-        .load(rollout_id)
-        .map_err(|e| format!("cannot read the cached manifest: {e}"))?
-        .ok_or_else(|| "no cached manifest".to_owned())?;
-    admit_cached(hostname, trust_keys, &bytes, rollout_id).map(|m| m.machine_policy()).map_err(|e| e.to_string())
+    cached_manifest(cache, rollout_id, hostname, trust_keys).map(|c| c.manifest.machine_policy())
 }
 
 /// The events of the given folders of an agent's queue, read lock-free:
@@ -201,6 +413,22 @@ pub fn recorded_events(state_dir: &Path, folders: &[EntryState]) -> Result<Vec<Q
     Ok(out)
 }
 
+/// (file name, reason) of every record in `dead/` that is not a rejected
+/// event: unreadable at start-up (corrupt) or without its reason.
+pub fn corrupt_records(state_dir: &Path) -> Result<Vec<(String, String)>, String> {
+    let view = QueueView::open(state_dir).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for entry in view.list(&[EntryState::Dead]).map_err(|e| e.to_string())? {
+        let rejected =
+            view.inspect(entry.name()).ok().and_then(|i| i.dead_reason).is_some_and(|r| r.cause == DeadCause::Rejected);
+        if !rejected {
+            let reason = entry.reason.clone().unwrap_or_else(|| "no reason recorded".to_owned());
+            out.push((entry.name().to_owned(), reason));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use time::macros::datetime;
@@ -209,6 +437,7 @@ mod tests {
     use crate::agent::reducer::{commands, Input, Reducer};
     use crate::clock::ClockHandle;
     use crate::ids::Closure;
+    use crate::ids::RolloutId;
     use crate::machine::HostState;
     use crate::queue::QueueConfig;
     use crate::sign::{sign_envelope, SigningKey};
@@ -220,7 +449,7 @@ mod tests {
         let key = SigningKey::from_seed(&[3; 32]);
         let manifest = Manifest::parse(MANIFEST.as_bytes()).expect("valid");
         let envelope = serde_json::to_vec(&sign_envelope(&key, MANIFEST.as_bytes())).expect("json");
-        ManifestCache::new(dir).store(&manifest.rollout_id, &envelope).expect("cache");
+        ManifestCache::new(dir).store(&manifest.rollout_id, &envelope, &key.public_key()).expect("cache");
         let clock = ClockHandle::manual(datetime!(2026-11-25 12:00 UTC));
         let queue = Queue::open(dir, host(), QueueConfig::default(), clock).expect("open queue");
         (SharedQueue::new(queue), key.public_key(), manifest)
@@ -237,6 +466,7 @@ mod tests {
             target_closure: manifest.hosts[&host()].target_closure.clone(),
             soak_secs: 300,
             current_closure: Closure::parse("/nix/store/00000000000000000000000000000000-old").expect("valid"),
+            issued_at: manifest.issued_at,
             at: datetime!(2026-11-25 12:00 UTC),
         }
     }
@@ -286,20 +516,109 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_rollout_whose_manifest_no_longer_verifies_is_rebuilt_under_the_fallback_policy() {
-        // Proves a changed trust key is reported and the rollout is not
-        // resumed under the unverified policy, while its seq still continues.
+    async fn a_rollout_accepted_under_a_key_no_longer_trusted_is_finished_under_its_accepted_manifest() {
+        // Proves the trust-key rotation decision: the restarted agent keeps
+        // the policy verified at acceptance (key recorded beside the
+        // envelope) and reports the key, instead of inventing a `halt`
+        // policy the CP then refuses (before the fix: FALLBACK_POLICY). A
+        // live rollout whose manifest cannot be proven at all stops the
+        // agent with an error naming the rollout and the file.
         let dir = tempfile::tempdir().expect("tempdir");
-        let (queue, _public, manifest) = setup(dir.path());
+        let (queue, public, manifest) = setup(dir.path());
         let (cmds, _rx) = commands();
         let (mut reducer, _snap) = Reducer::new(Rollouts::new(host()), queue.clone(), cmds);
         reducer.handle(dispatch(&manifest)).await;
         let other = SigningKey::from_seed(&[4; 32]).public_key();
-        let (rollouts, report) = restore(&queue.lock(), dir.path(), &host(), &[other]).expect("restore");
+        let (rollouts, report) =
+            restore(&queue.lock(), dir.path(), &host(), std::slice::from_ref(&other)).expect("restore");
         let slot = rollouts.get(&manifest.rollout_id).expect("rebuilt");
-        assert_eq!(slot.policy, FALLBACK_POLICY);
+        assert_eq!(slot.policy, manifest.machine_policy(), "the accepted manifest's policy, not a guess");
         assert_eq!(slot.record.last_seq, 1);
-        assert_eq!(report.without_manifest.len(), 1);
-        assert!(report.without_manifest[0].1.contains("trust"), "{:?}", report.without_manifest);
+        assert_eq!(report.untrusted_key, vec![(manifest.rollout_id.clone(), public.keyid())]);
+        assert_eq!(
+            rollouts.channels().newest("stable").map(|a| a.rollout_id.clone()),
+            Some(manifest.rollout_id.clone()),
+            "the accepted manifest also seeds the no-downgrade history"
+        );
+
+        fs_err::remove_file(dir.path().join(MANIFEST_DIR).join(format!("{}.key", manifest.rollout_id))).expect("rm");
+        let err = restore(&queue.lock(), dir.path(), &host(), &[other]).expect_err("cannot be proven");
+        assert!(err.contains(manifest.rollout_id.as_str()) && err.contains(MANIFEST_DIR), "{err}");
+        assert!(err.contains("refusing to guess its policy"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_first_record_of_a_live_rollout_is_an_error_and_a_replay_problem_not_pruning() {
+        // Proves item 8: a Soaking-or-earlier rollout whose acked seq 1 is
+        // corrupt is not silently dropped as "pruned": restore reports it
+        // (rollout, file, missing seq), and `replay --state-dir` exits 1.
+        // A rollout whose first events retention removed stays "pruned".
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (queue, public, manifest) = setup(dir.path());
+        let (cmds, _rx) = commands();
+        let (mut reducer, _snap) = Reducer::new(Rollouts::new(host()), queue.clone(), cmds);
+        reducer.handle(dispatch(&manifest)).await;
+        let rid = manifest.rollout_id.clone();
+        let at = datetime!(2026-11-25 12:00:01 UTC);
+        reducer.handle(Input::SwitchStarted { rollout_id: rid.clone(), switch_method: "setsid".into(), at }).await;
+        {
+            let mut q = queue.lock();
+            for p in q.pending() {
+                q.ack(p.qseq).expect("ack");
+            }
+        }
+        drop(reducer);
+        drop(queue);
+        let acked_dir = dir.path().join("outbound-queue/acked");
+        let first = fs_err::read_dir(&acked_dir)
+            .expect("acked")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with("-DispatchAck.json"))
+            .expect("seq 1 on disk");
+        fs_err::write(&first, b"{ bit rot").expect("corrupt");
+        let name = first.file_name().and_then(|n| n.to_str()).expect("name").to_owned();
+
+        let clock = ClockHandle::manual(datetime!(2026-11-25 13:00 UTC));
+        let reopened = Queue::open(dir.path(), host(), QueueConfig::default(), clock).expect("reopen");
+        let (rollouts, report) =
+            restore(&reopened, dir.path(), &host(), std::slice::from_ref(&public)).expect("restore");
+        assert!(rollouts.get(&rid).is_none());
+        assert!(report.pruned.is_empty(), "not pruning: {report:?}");
+        let [(skipped, why)] = report.skipped.as_slice() else { panic!("{report:?}") };
+        assert_eq!(skipped, &rid);
+        assert!(why.contains("seq 1") && why.contains(&name), "{why}");
+        drop(reopened);
+
+        let key_path = dir.path().join("release.pub");
+        fs_err::write(&key_path, public.to_text()).expect("key file");
+        let replayed = crate::tools::replay::replay_queue(dir.path(), &[key_path], true);
+        let err = replayed.expect_err("a lost record is a problem");
+        assert!(err.to_string().contains(rid.as_str()) && err.to_string().contains("seq 1"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_start_without_pending_events_or_a_corrupt_record_is_retention() {
+        // Proves the distinction: pruned by retention vs lost.
+        let rid = RolloutId::parse("stable@r1").expect("valid");
+        let tail = vec![(
+            5,
+            OutboundEvent::from_machine(
+                5,
+                &crate::machine::EventBody::ActivationStarted {
+                    started_at: datetime!(2026-11-25 12:00 UTC),
+                    switch_method: "x".into(),
+                },
+            ),
+        )];
+        assert_eq!(missing_start(&rid, &host(), &tail, &[], false), Some(MissingStart::Pruned));
+        let Some(MissingStart::Lost(why)) = missing_start(&rid, &host(), &tail, &[], true) else { panic!() };
+        assert!(why.contains("seqs 1 to 4") && why.contains("pending"), "{why}");
+        let corrupt = vec![("00000000000000000007-web-1-stable@r1-DispatchAck.json".to_owned(), "bad json".to_owned())];
+        let Some(MissingStart::Lost(why)) = missing_start(&rid, &host(), &tail, &corrupt, false) else { panic!() };
+        assert!(why.contains("dead/00000000000000000007-web-1-stable@r1-DispatchAck.json"), "{why}");
+        assert!(!names_rollout("00000000000000000007-web-1-stable@r10-DispatchAck.json", &host(), &rid));
+        let r10 = RolloutId::parse("stable@r10").expect("valid");
+        assert!(!names_rollout(&corrupt[0].0, &host(), &r10), "a shorter id is not a prefix match");
     }
 }

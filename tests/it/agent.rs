@@ -668,3 +668,45 @@ async fn the_drain_worker_applies_acked_retention() {
     assert_eq!((kept[0].rollout_id.as_str(), kept[0].seq), ("canary@q1", 1));
     assert_eq!(cp.host_state("stable@q1", "web-1").await, "Activating", "delivered before it was pruned");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_offered_while_another_is_live_waits_busy_and_runs_after_it() {
+    // Proves rule 7 end to end (the reproduced bug): A soaks on web-1, B is
+    // published on the same channel and offered; the agent answers `busy`
+    // (the CP keeps web-1 Pending in B), A's probe then fails, A rolls back
+    // to its pre-A closure, and only then is B accepted (seq 2) and
+    // converged. Before the fix B converged first and A's gate then rolled
+    // the host back under it.
+    let dir = TempDir::new("agent-busy");
+    let release = Release::new(dir.path(), "release");
+    let cp = Cp::start(dir.path(), &release.pub_path);
+    let mut web1 = Host::new("web-1");
+    let fail_now = web1.root.join("fail-now");
+    let a_probe = format!(
+        r#"{{"probes":[{{"name":"selftest","kind":"exec","mode":"enforce","interval_secs":1,
+  "argv":["/bin/sh","-c","test ! -e '{}'"],"timeout_secs":5}}]}}"#,
+        fail_now.display()
+    );
+    let (old, a, b) =
+        (web1.closure("old", PASSING_PROBE), web1.closure("a", &a_probe), web1.closure("b", PASSING_PROBE));
+    web1.boot_into(&old);
+    assert!(cp.publish(&release.sign(&manifest("stable@a1", 300, &[("web-1", 0, &a)]))).await.status.is_success());
+    web1.start_agent(&cp, &release.pub_path);
+    wait_state(&cp, "stable@a1", &web1, "Soaking").await;
+    assert!(cp.publish(&release.sign(&manifest("stable@b1", 1, &[("web-1", 0, &b)]))).await.status.is_success());
+    crate::harness::wait_for("B's busy refusal to be delivered", || {
+        let kinds: Vec<String> = web1.acked("stable@b1").into_iter().map(|(_, k)| k).collect();
+        (kinds == ["DispatchRejected"]).then_some(())
+    });
+    assert_eq!(cp.host_state("stable@b1", "web-1").await, "Pending", "busy is not a failure");
+    assert_eq!(web1.running(), Some(PathBuf::from(a.as_str())), "B did not touch the host");
+    fs_err::write(&fail_now, "x").expect("break A");
+    wait_state(&cp, "stable@a1", &web1, "Reverted").await;
+    wait_state(&cp, "stable@b1", &web1, "Converged").await;
+    assert_eq!(web1.running(), Some(PathBuf::from(b.as_str())), "B's closure runs at the end");
+    let b_kinds: Vec<(u64, String)> = web1.acked("stable@b1");
+    assert_eq!(b_kinds[..2], [(1, "DispatchRejected".to_owned()), (2, "DispatchAck".to_owned())], "{b_kinds:?}");
+    let a_kinds: Vec<String> = web1.acked("stable@a1").into_iter().map(|(_, k)| k).collect();
+    assert_eq!(a_kinds.last().map(String::as_str), Some("RollbackComplete"), "{a_kinds:?}");
+    assert_logs_agree(&cp, "stable@b1", &web1).await;
+}

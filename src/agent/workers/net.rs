@@ -107,7 +107,13 @@ pub async fn run_longpoll_worker(
         let rollout_id = dispatch.rollout_id.clone();
         // Known to the records or to the queue (a pruned, finished rollout):
         // a repeat of a dispatch already answered.
-        let known = snapshot.borrow().get(&rollout_id).is_some() || queue.lock().last_seq(&rollout_id) > 0;
+        // A rollout Pending after a `busy` refusal is answered again once
+        // nothing is live on the host (`Rollouts::answered`).
+        let in_records = {
+            let rollouts = snapshot.borrow();
+            rollouts.get(&rollout_id).map(|_| rollouts.answered(&rollout_id))
+        };
+        let known = in_records.unwrap_or_else(|| queue.lock().last_seq(&rollout_id) > 0);
         if known {
             if !pause(known_pause, &mut shutdown).await {
                 return WorkerExit::Shutdown;
@@ -136,7 +142,7 @@ pub async fn run_longpoll_worker(
             Ok(a) => {
                 // Kept durably BEFORE the DispatchAck exists, so a restart can
                 // always re-verify the policy of a rollout in its queue.
-                if let Err(e) = cache.store(&rollout_id, &envelope) {
+                if let Err(e) = cache.store(&rollout_id, &envelope, &a.verified_by) {
                     tracing::error!(%rollout_id, error = %e, "cannot cache the manifest; not acting on the dispatch");
                     if !pause(backoff.fail(random_u64()), &mut shutdown).await {
                         return WorkerExit::Shutdown;
@@ -150,6 +156,7 @@ pub async fn run_longpoll_worker(
                         target_closure: a.target_closure,
                         soak_secs: a.soak_secs,
                         current_closure,
+                        issued_at: a.manifest.issued_at,
                         at,
                     },
                     Err(why) => Input::RefuseDispatch {

@@ -5,11 +5,12 @@
 //!
 //! Reading order: [`planner`] (pure: stored state → decisions), [`store`]
 //! (SQLite schema and the one writer), [`longpoll`] (the dispatch board),
-//! [`routes`] (HTTP API), [`views`] (status JSON), [`metrics`], [`server`] (process
-//! shell, shutdown), [`client`] and [`cmd`] (operator commands).
+//! [`config`], [`routes`] (HTTP API), [`views`] (status JSON), [`metrics`],
+//! [`server`] (process shell, shutdown), [`client`] and [`cmd`] (operator commands).
 
 pub mod client;
 pub mod cmd;
+pub mod config;
 pub mod longpoll;
 pub mod metrics;
 pub mod planner;

@@ -21,10 +21,10 @@ use rusqlite::Connection;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::config::ServeConfig;
 use super::longpoll::{Board, PollOutcome};
-use super::metrics::{self, Counters};
-use super::server::ServeConfig;
-use super::store::{self, Command, PublishOutcome, Reply, StoreError};
+use super::metrics;
+use super::store::{self, Command, Counters, PublishOutcome, Reply, StoreError};
 use super::views;
 use crate::clock::ClockHandle;
 use crate::ids::{Hostname, RolloutId};

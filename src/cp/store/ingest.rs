@@ -5,8 +5,8 @@
 
 use rusqlite::params;
 
+use super::group::{BoardChange, Group};
 use super::state::CpState;
-use super::writer::{BoardChange, Group};
 use super::{ts, Db, StoreError};
 use crate::ids::Hostname;
 use crate::machine::{self, Effect, Event, EventBody, HostRecord, HostState, Outcome, TransitionError};

@@ -26,7 +26,8 @@
 //! one database handle and its error helpers), [`state`] (the writer's
 //! in-memory projection), [`reads`] (loading and rebuilding state, the
 //! tools' reads) and [`status`] (the rows behind the status views and
-//! metrics), [`writer`] (commands, group commit, answers after commit), and
+//! metrics), [`writer`] (commands, group commit, answers after commit), [`group`]
+//! (what a group's transaction carries to the planner and the board), and
 //! what one command does inside the group's transaction: [`publish`],
 //! [`ingest`], [`heartbeat`] (with the drift verdict), [`plan`] (the pure
 //! planner's decisions written down). All SQL of the control plane is in
@@ -38,6 +39,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 mod db;
+mod group;
 mod heartbeat;
 mod ingest;
 mod plan;
@@ -50,6 +52,7 @@ mod writer;
 
 pub(crate) use db::Db;
 pub use heartbeat::Drift;
+pub use publish::PublishOutcome;
 pub use reads::{
     cached_host_records, envelope, host_records_of, live_rollouts, load_state, manifests, rebuild_host_records,
     skipped_of, SkippedHost,
@@ -61,8 +64,7 @@ pub use status::{
     HostRow, LoggedRow, MetricCounts, QuarantineRow, RolloutRow,
 };
 pub use writer::{
-    Command, Counters, PublishOutcome, Reply, Writer, WriterStats, MAX_GROUP_EVENTS, SLOW_GROUP_MS,
-    WRITER_CHANNEL_CAPACITY,
+    Command, Counters, Reply, Writer, WriterStats, MAX_GROUP_EVENTS, SLOW_GROUP_MS, WRITER_CHANNEL_CAPACITY,
 };
 
 /// Rows of `/v1/rollouts/{id}/events` per page: bounds one answer.

@@ -9,8 +9,8 @@ use std::collections::{BTreeSet, HashSet};
 use rusqlite::params;
 use time::OffsetDateTime;
 
+use super::group::{BoardChange, Group};
 use super::state::{CpState, LiveRollout};
-use super::writer::{BoardChange, Group};
 use super::{ts, Db, StoreError};
 use crate::cp::planner::{self, Plan, PlanInput, RolloutState};
 use crate::ids::{Hostname, RolloutId};

@@ -7,12 +7,23 @@ use std::collections::{BTreeMap, BTreeSet};
 use rusqlite::params;
 use sha2::{Digest, Sha256};
 
+use super::group::Group;
 use super::state::{pending_records, CpState, LiveRollout};
-use super::writer::{Group, PublishOutcome};
 use super::{ts, Db, StoreError};
 use crate::cp::planner::RolloutState;
 use crate::ids::RolloutId;
 use crate::wire::Manifest;
+
+/// The answer to a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// A new rollout was opened.
+    Created,
+    /// The same manifest bytes were already published (idempotent).
+    Identical,
+    /// The id exists with different manifest bytes.
+    Conflict,
+}
 
 pub(super) fn publish(
     db: Db<'_>,

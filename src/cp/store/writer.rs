@@ -11,15 +11,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
-use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
+use super::group::{BoardChange, Group};
+use super::publish::PublishOutcome;
 use super::state::CpState;
 use super::{heartbeat, ingest, load_state, open, plan, publish, Db, StoreError};
 use crate::clock::ClockHandle;
 use crate::cp::longpoll::Board;
 use crate::ids::{Hostname, RolloutId};
-use crate::wire::{BatchItem, Dispatch, EventResult, Heartbeat, Manifest, ResultStatus};
+use crate::wire::{BatchItem, EventResult, Heartbeat, Manifest, ResultStatus};
 
 /// Commands waiting for the writer. Handlers `send().await`, so a full
 /// channel back-pressures requests instead of failing them; 1024 covers a
@@ -58,17 +59,6 @@ impl Counters {
             counter.fetch_add(1, Relaxed);
         }
     }
-}
-
-/// The answer to a publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PublishOutcome {
-    /// A new rollout was opened.
-    Created,
-    /// The same manifest bytes were already published (idempotent).
-    Identical,
-    /// The id exists with different manifest bytes.
-    Conflict,
 }
 
 /// Work for the writer. Each carries its reply channel.
@@ -129,22 +119,6 @@ impl Pending {
             Pending::Heartbeat(tx, _) => drop(tx.send(Err(err.clone()))),
         }
     }
-}
-
-/// A change to the long-poll board, applied only after the commit.
-pub(super) enum BoardChange {
-    Offer(Hostname, Dispatch),
-    Withdraw(Hostname, RolloutId),
-}
-
-/// What the commands of one group leave for the planner (before the
-/// commit) and for the board (after it).
-pub(super) struct Group {
-    /// The CP's time for the whole group (receive times, `issued_at`).
-    pub now: OffsetDateTime,
-    /// Rollouts the planner looks at before the commit.
-    pub dirty: BTreeSet<RolloutId>,
-    pub board: Vec<BoardChange>,
 }
 
 /// The single writer: owns the write connection and the in-memory state.

@@ -40,8 +40,8 @@ pub enum CpError {
     Client(#[from] ClientError),
     #[error("cannot read {0}")]
     Read(std::io::Error),
-    #[error("{path} is larger than {limit} bytes, the control plane's body limit")]
-    TooLarge { path: String, limit: usize },
+    #[error("{} is larger than {limit} bytes, the control plane's body limit", path.display())]
+    TooLarge { path: std::path::PathBuf, limit: usize },
     #[error("writing to stdout: {0}")]
     Stdout(std::io::Error),
 }
@@ -111,7 +111,7 @@ async fn publish_cmd(args: CpPublishArgs) -> Result<(), CpError> {
     let url = CpUrl::parse(&args.cp)?;
     let meta = fs_err::metadata(&args.envelope).map_err(CpError::Read)?;
     if meta.len() > MAX_ENVELOPE_BYTES as u64 {
-        return Err(CpError::TooLarge { path: args.envelope.display().to_string(), limit: MAX_ENVELOPE_BYTES });
+        return Err(CpError::TooLarge { path: args.envelope.clone(), limit: MAX_ENVELOPE_BYTES });
     }
     let bytes = fs_err::read(&args.envelope).map_err(CpError::Read)?;
     let resp = client::request(&url, Method::POST, "/v1/rollouts", &[], Some(bytes)).await?;

@@ -96,6 +96,7 @@ impl App {
         F: FnOnce(&Connection, &std::path::Path) -> Result<T, StoreError> + Send + 'static,
     {
         let app = Arc::clone(self);
+        let panicked = || StoreError::ReaderPanicked { path: self.db_path.clone() };
         let joined = tokio::task::spawn_blocking(move || {
             let pooled = app.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match pooled {
@@ -110,7 +111,7 @@ impl App {
             out
         })
         .await;
-        joined.unwrap_or(Err(StoreError::WriterGone))
+        joined.unwrap_or_else(|_| Err(panicked()))
     }
 }
 

@@ -84,8 +84,6 @@ pub enum StoreError {
     NewerSchema { path: PathBuf, found: i64 },
     #[error("database {path} holds corrupt data: {what}")]
     Corrupt { path: PathBuf, what: String },
-    #[error("the store writer has stopped")]
-    WriterGone,
     /// A status read panicked on its blocking thread (a bug in a view, not
     /// a storage failure and not the writer).
     #[error("database {path}: a status read panicked")]

@@ -140,7 +140,8 @@ fn load_dispatches(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
 }
 
 fn load_quarantine(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
-    let mut stmt = db.conn().prepare("SELECT channel, closure FROM quarantined_closures").map_err(db.sql("load q"))?;
+    let mut stmt =
+        db.conn().prepare("SELECT channel, closure FROM quarantined_closures").map_err(db.sql("load quarantine"))?;
     let rows = stmt
         .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
         .map_err(db.sql("load quarantine"))?;

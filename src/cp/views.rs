@@ -320,8 +320,7 @@ pub fn rollout(
         busy_elsewhere: &busy,
         skipped: &skipped,
     };
-    let fmt = |t: Option<OffsetDateTime>| t.map(store::ts);
-    let pending = |r: &HostRecord| r.state == HostState::Pending;
+    let skipped = |host: &Hostname| skipped_rows.get(host);
     let waves = manifest
         .waves
         .iter()
@@ -334,33 +333,7 @@ pub fn rollout(
             hosts: manifest
                 .hosts_in_wave(index)
                 .filter_map(|(host, _)| records.get(host))
-                .map(|r| HostInRollout {
-                    hostname: r.hostname.clone(),
-                    wave: index,
-                    state: r.state,
-                    target_closure: r.target_closure.clone(),
-                    last_seq: r.last_seq,
-                    dispatch_issued_at: dispatched_at.get(&r.hostname).cloned(),
-                    dispatch_acked_at: fmt(r.dispatch_acked_at),
-                    activation_completed_at: fmt(r.activation_completed_at),
-                    soak_due_at: fmt(r.soak_due_at),
-                    converged_at: fmt(r.converged_at),
-                    failed_at: fmt(r.failed_at),
-                    reverted_at: fmt(r.reverted_at),
-                    failing_probes: r.failing_enforce_probes(),
-                    failure: r.failure.clone(),
-                    note: host_note(&input, r),
-                    deferred_at: fmt(r.deferred_at.filter(|_| r.state == HostState::Deferred)),
-                    deferred_for_secs: r
-                        .deferred_at
-                        .filter(|_| r.state == HostState::Deferred)
-                        .map(|at| age_secs(now, at)),
-                    held_by: busy.get(&r.hostname).filter(|_| pending(r)).cloned(),
-                    skipped: skipped_rows
-                        .get(&r.hostname)
-                        .filter(|_| pending(r))
-                        .map(|s| SkippedView { reason: s.reason.clone(), skipped_at: s.skipped_at.clone() }),
-                })
+                .map(|r| host_in_rollout(&input, r, index, dispatched_at.get(&r.hostname), &skipped, now))
                 .collect(),
         })
         .collect();
@@ -370,6 +343,44 @@ pub fn rollout(
         on_health_failure: manifest.policy.on_health_failure.as_str().to_owned(),
         waves,
     }))
+}
+
+/// One host's line of the rollout view; `now` (CP time) gives a Deferred
+/// host's age.
+fn host_in_rollout<'a>(
+    input: &PlanInput<'_>,
+    r: &HostRecord,
+    wave: usize,
+    dispatch_issued_at: Option<&String>,
+    skipped: &dyn Fn(&Hostname) -> Option<&'a store::SkippedHost>,
+    now: OffsetDateTime,
+) -> HostInRollout {
+    let fmt = |t: Option<OffsetDateTime>| t.map(store::ts);
+    let pending = r.state == HostState::Pending;
+    let deferred_at = r.deferred_at.filter(|_| r.state == HostState::Deferred);
+    HostInRollout {
+        hostname: r.hostname.clone(),
+        wave,
+        state: r.state,
+        target_closure: r.target_closure.clone(),
+        last_seq: r.last_seq,
+        dispatch_issued_at: dispatch_issued_at.cloned(),
+        dispatch_acked_at: fmt(r.dispatch_acked_at),
+        activation_completed_at: fmt(r.activation_completed_at),
+        soak_due_at: fmt(r.soak_due_at),
+        converged_at: fmt(r.converged_at),
+        failed_at: fmt(r.failed_at),
+        reverted_at: fmt(r.reverted_at),
+        failing_probes: r.failing_enforce_probes(),
+        failure: r.failure.clone(),
+        note: host_note(input, r),
+        deferred_at: fmt(deferred_at),
+        deferred_for_secs: deferred_at.map(|at| age_secs(now, at)),
+        held_by: input.busy_elsewhere.get(&r.hostname).filter(|_| pending).cloned(),
+        skipped: skipped(&r.hostname)
+            .filter(|_| pending)
+            .map(|s| SkippedView { reason: s.reason.clone(), skipped_at: s.skipped_at.clone() }),
+    }
 }
 
 fn host_note(input: &PlanInput<'_>, r: &HostRecord) -> Option<String> {

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod machine;
 pub mod wire;
 pub mod sign;
+pub mod client;
 pub mod queue;
 pub mod cp;
 pub mod agent;

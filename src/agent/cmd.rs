@@ -9,8 +9,8 @@ use std::time::Duration;
 use super::activation::SwitchRunner;
 use super::runtime::{serve, AgentConfig, AgentError};
 use crate::cli::{AgentArgs, SwitchRunnerArg};
+use crate::client::{ClientError, CpUrl};
 use crate::clock::ClockHandle;
-use crate::cp::client::{ClientError, CpUrl};
 use crate::ids::{Hostname, IdError};
 use crate::sign::{PublicKey, SignError};
 

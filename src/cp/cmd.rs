@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 
-use super::client::{self, ClientError, CpUrl};
 use super::routes::MAX_ENVELOPE_BYTES;
 use super::server::{self, PlainAcceptor, ServeConfig, ServeError};
 use super::store::Drift;
 use super::views::{HostView, Liveness, RolloutDetail, RolloutSummary, StatusView};
 use crate::cli::{CpCommand, CpPublishArgs, CpServeArgs, CpStatusArgs};
+use crate::client::{self, ClientError, CpUrl};
 use crate::clock::ClockHandle;
 use crate::sign::{PublicKey, SignError};
 use crate::tools::print_stdout;

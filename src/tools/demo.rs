@@ -16,8 +16,8 @@ use hyper::Method;
 
 use crate::agent::activation::{ActivationConfig, SwitchRunner};
 use crate::agent::runtime::{serve as serve_agent, AgentConfig};
+use crate::client::{request, CpUrl};
 use crate::clock::ClockHandle;
-use crate::cp::client::{request, CpUrl};
 use crate::cp::server::{self, PlainAcceptor, ServeConfig};
 use crate::ids::{Closure, Hostname};
 use crate::sign;

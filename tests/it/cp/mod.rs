@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
-use nixfleet::cp::client;
+use nixfleet::client;
 use nixfleet::cp::store;
 use nixfleet::wire::{ResultStatus, WireEventBody};
 use time::macros::datetime;

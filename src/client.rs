@@ -1,5 +1,5 @@
-//! A minimal HTTP/1.1 client for `cp publish` / `cp status` and the
-//! integration tests: one connection per request, a deadline on each, JSON
+//! A minimal HTTP/1.1 client for the agent, `cp publish` / `cp status` and
+//! the integration tests: one connection per request, a deadline on each, JSON
 //! errors turned into messages. Plain `http://` only until TLS lands.
 
 use std::time::Duration;

@@ -10,6 +10,7 @@ pub mod machine;
 pub mod wire;
 pub mod sign;
 pub mod client;
+pub mod signal;
 pub mod queue;
 pub mod cp;
 pub mod agent;

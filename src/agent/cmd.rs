@@ -104,7 +104,7 @@ pub fn run(args: AgentArgs) -> Result<(), AgentCmdError> {
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?;
-    runtime.block_on(serve(cfg, ClockHandle::system(), crate::cp::cmd::shutdown_signal()))?;
+    runtime.block_on(serve(cfg, ClockHandle::system(), crate::signal::shutdown_signal()))?;
     Ok(())
 }
 

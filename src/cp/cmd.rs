@@ -17,6 +17,7 @@ use crate::cli::{CpCommand, CpPublishArgs, CpServeArgs, CpStatusArgs};
 use crate::client::{self, ClientError, CpUrl};
 use crate::clock::ClockHandle;
 use crate::sign::{PublicKey, SignError};
+use crate::signal::shutdown_signal;
 use crate::tools::print_stdout;
 
 /// How long in-flight requests may finish after SIGTERM/SIGINT.
@@ -86,25 +87,6 @@ fn write_addr_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     fs_err::write(&tmp, format!("{addr}\n"))?;
     fs_err::rename(&tmp, path)
-}
-
-/// SIGTERM or SIGINT, whichever comes first (shared by `cp serve` and `agent`).
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
-    }
 }
 
 async fn publish_cmd(args: CpPublishArgs) -> Result<(), CpError> {

@@ -11,6 +11,7 @@ pub mod wire;
 pub mod sign;
 pub mod client;
 pub mod signal;
+pub mod output;
 pub mod queue;
 pub mod cp;
 pub mod agent;

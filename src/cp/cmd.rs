@@ -16,9 +16,9 @@ use super::views::{HostView, Liveness, RolloutDetail, RolloutSummary, StatusView
 use crate::cli::{CpCommand, CpPublishArgs, CpServeArgs, CpStatusArgs};
 use crate::client::{self, ClientError, CpUrl};
 use crate::clock::ClockHandle;
+use crate::output::print_stdout;
 use crate::sign::{PublicKey, SignError};
 use crate::signal::shutdown_signal;
-use crate::tools::print_stdout;
 
 /// How long in-flight requests may finish after SIGTERM/SIGINT.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

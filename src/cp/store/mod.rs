@@ -54,8 +54,8 @@ pub(crate) use db::Db;
 pub use heartbeat::Drift;
 pub use publish::PublishOutcome;
 pub use reads::{
-    cached_host_records, envelope, host_records_of, live_rollouts, load_state, manifests, rebuild_host_records,
-    skipped_of, SkippedHost,
+    cached_host_records, envelope, host_records_of, live_rollouts, load_state, logged_events_of, manifests,
+    rebuild_host_records, skipped_of, SkippedHost,
 };
 pub use schema::{open, open_reader, SCHEMA_VERSION};
 pub use state::{pending_records, CpState, LiveRollout};

@@ -305,3 +305,22 @@ pub fn envelope(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option
         .optional()
         .map_err(Db::new(conn, path).sql("read envelope"))
 }
+
+/// One host's logged events in one rollout, in seq order, as stored: the
+/// seq and the wire JSON, unchecked (`nixfleet replay` reports a bad row
+/// instead of stopping at it).
+pub fn logged_events_of(
+    conn: &Connection,
+    path: &Path,
+    id: &RolloutId,
+    host: &Hostname,
+) -> Result<Vec<(i64, String)>, StoreError> {
+    let db = Db::new(conn, path);
+    let mut stmt = conn
+        .prepare_cached("SELECT seq, event FROM event_log WHERE rollout_id = ?1 AND hostname = ?2 ORDER BY seq")
+        .map_err(db.sql("read event log"))?;
+    let rows = stmt
+        .query_map(params![id.as_str(), host.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(db.sql("read event log"))?;
+    rows.collect::<Result<_, _>>().map_err(db.sql("read event log"))
+}

@@ -20,8 +20,8 @@ use super::workers::net::{
     run_drain_worker, run_heartbeat_worker, run_longpoll_worker, HeartbeatConfig, LongPollConfig,
 };
 use super::workers::{run_activation_worker, run_probe_worker, run_tick_worker, shutdown_channel, WorkerExit};
+use crate::client::CpUrl;
 use crate::clock::ClockHandle;
-use crate::cp::client::CpUrl;
 use crate::ids::Hostname;
 use crate::queue::{Queue, QueueConfig};
 use crate::sign::PublicKey;

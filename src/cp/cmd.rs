@@ -9,15 +9,16 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 
-use super::client::{self, ClientError, CpUrl};
 use super::routes::MAX_ENVELOPE_BYTES;
 use super::server::{self, PlainAcceptor, ServeConfig, ServeError};
 use super::store::Drift;
 use super::views::{HostView, Liveness, RolloutDetail, RolloutSummary, StatusView};
 use crate::cli::{CpCommand, CpPublishArgs, CpServeArgs, CpStatusArgs};
+use crate::client::{self, ClientError, CpUrl};
 use crate::clock::ClockHandle;
+use crate::output::print_stdout;
 use crate::sign::{PublicKey, SignError};
-use crate::tools::print_stdout;
+use crate::signal::shutdown_signal;
 
 /// How long in-flight requests may finish after SIGTERM/SIGINT.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -40,8 +41,8 @@ pub enum CpError {
     Client(#[from] ClientError),
     #[error("cannot read {0}")]
     Read(std::io::Error),
-    #[error("{path} is larger than {limit} bytes, the control plane's body limit")]
-    TooLarge { path: String, limit: usize },
+    #[error("{} is larger than {limit} bytes, the control plane's body limit", path.display())]
+    TooLarge { path: std::path::PathBuf, limit: usize },
     #[error("writing to stdout: {0}")]
     Stdout(std::io::Error),
 }
@@ -88,30 +89,11 @@ fn write_addr_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
     fs_err::rename(&tmp, path)
 }
 
-/// SIGTERM or SIGINT, whichever comes first (shared by `cp serve` and `agent`).
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
-    }
-}
-
 async fn publish_cmd(args: CpPublishArgs) -> Result<(), CpError> {
     let url = CpUrl::parse(&args.cp)?;
     let meta = fs_err::metadata(&args.envelope).map_err(CpError::Read)?;
     if meta.len() > MAX_ENVELOPE_BYTES as u64 {
-        return Err(CpError::TooLarge { path: args.envelope.display().to_string(), limit: MAX_ENVELOPE_BYTES });
+        return Err(CpError::TooLarge { path: args.envelope.clone(), limit: MAX_ENVELOPE_BYTES });
     }
     let bytes = fs_err::read(&args.envelope).map_err(CpError::Read)?;
     let resp = client::request(&url, Method::POST, "/v1/rollouts", &[], Some(bytes)).await?;

@@ -21,10 +21,10 @@ use rusqlite::Connection;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::config::ServeConfig;
 use super::longpoll::{Board, PollOutcome};
-use super::metrics::{self, Counters};
-use super::server::ServeConfig;
-use super::store::{self, Command, PublishOutcome, Reply, StoreError};
+use super::metrics;
+use super::store::{self, Command, Counters, PublishOutcome, Reply, StoreError};
 use super::views;
 use crate::clock::ClockHandle;
 use crate::ids::{Hostname, RolloutId};
@@ -96,6 +96,7 @@ impl App {
         F: FnOnce(&Connection, &std::path::Path) -> Result<T, StoreError> + Send + 'static,
     {
         let app = Arc::clone(self);
+        let panicked = || StoreError::ReaderPanicked { path: self.db_path.clone() };
         let joined = tokio::task::spawn_blocking(move || {
             let pooled = app.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match pooled {
@@ -110,7 +111,7 @@ impl App {
             out
         })
         .await;
-        joined.unwrap_or(Err(StoreError::WriterGone))
+        joined.unwrap_or_else(|_| Err(panicked()))
     }
 }
 

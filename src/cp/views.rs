@@ -5,26 +5,18 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::planner::{self, PlanInput, RolloutState};
-use super::store::{self, parse_ts, Drift, StoreError};
+use super::store::{self, parse_ts, Drift, HostRow, RolloutRow, StoreError};
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{Failure, HostRecord, HostState};
-use crate::wire::{Manifest, OutboundEvent};
+use crate::wire::OutboundEvent;
 
 /// A host silent for this many heartbeat intervals shows as unreachable.
 pub const UNREACHABLE_AFTER_INTERVALS: u64 = 3;
-
-fn sql<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + 'a {
-    move |source| StoreError::Sql { path: path.to_owned(), op, source }
-}
-
-fn corrupt(path: &Path, what: impl Into<String>) -> StoreError {
-    StoreError::Corrupt { path: path.to_owned(), what: what.into() }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutSummary {
@@ -211,71 +203,32 @@ pub struct EventsView {
     pub next_after: Option<i64>,
 }
 
-struct RolloutRow {
-    id: String,
-    payload: Vec<u8>,
-    state: String,
-    current_wave: i64,
-    halt_reason: Option<String>,
-    superseded_by: Option<String>,
-    issued_at: String,
-    published_at: String,
-    updated_at: String,
-}
-
-const ROLLOUT_COLUMNS: &str =
-    "rollout_id, payload, state, current_wave, halt_reason, superseded_by, issued_at, published_at, updated_at";
-
-fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
-    Ok(RolloutRow {
-        id: r.get(0)?,
-        payload: r.get(1)?,
-        state: r.get(2)?,
-        current_wave: r.get(3)?,
-        halt_reason: r.get(4)?,
-        superseded_by: r.get(5)?,
-        issued_at: r.get(6)?,
-        published_at: r.get(7)?,
-        updated_at: r.get(8)?,
-    })
-}
-
 fn summary(
-    path: &Path,
     row: &RolloutRow,
-    manifest: &Manifest,
     records: &BTreeMap<Hostname, HostRecord>,
     skipped: &BTreeMap<Hostname, store::SkippedHost>,
-) -> Result<RolloutSummary, StoreError> {
+) -> RolloutSummary {
+    let manifest = &row.manifest;
     let mut hosts_by_state = BTreeMap::new();
     for (host, r) in records {
         let state =
             if r.state == HostState::Pending && skipped.contains_key(host) { "Skipped" } else { r.state.as_str() };
         *hosts_by_state.entry(state.to_owned()).or_insert(0) += 1;
     }
-    Ok(RolloutSummary {
+    RolloutSummary {
         rollout_id: manifest.rollout_id.clone(),
         channel: manifest.rollout_id.channel().to_owned(),
-        state: RolloutState::parse(&row.state).ok_or_else(|| corrupt(path, format!("rollout state {}", row.state)))?,
-        current_wave: usize::try_from(row.current_wave)
-            .map_err(|_| corrupt(path, format!("rollout {}: current_wave {}", row.id, row.current_wave)))?,
+        state: row.state,
+        current_wave: row.current_wave,
         n_waves: manifest.waves.len(),
         n_hosts: manifest.hosts.len(),
         hosts_by_state,
         halt_reason: row.halt_reason.clone(),
-        superseded_by: row.superseded_by.as_deref().and_then(|s| RolloutId::parse(s).ok()),
+        superseded_by: row.superseded_by.clone(),
         issued_at: row.issued_at.clone(),
         published_at: row.published_at.clone(),
         updated_at: row.updated_at.clone(),
-    })
-}
-
-fn all_rollout_rows(conn: &Connection, path: &Path) -> Result<Vec<RolloutRow>, StoreError> {
-    let mut stmt = conn
-        .prepare(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY published_at, rollout_id"))
-        .map_err(sql(path, "list rollouts"))?;
-    let rows = stmt.query_map([], rollout_row).map_err(sql(path, "list rollouts"))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(sql(path, "list rollouts"))
+    }
 }
 
 /// `GET /v1/rollouts`.
@@ -291,9 +244,9 @@ fn summaries(
     mut deferred: Option<(&mut Vec<DeferredView>, OffsetDateTime)>,
 ) -> Result<Vec<RolloutSummary>, StoreError> {
     let mut out = Vec::new();
-    for row in all_rollout_rows(conn, path)? {
-        let manifest = Manifest::parse(&row.payload).map_err(|e| corrupt(path, format!("rollout {}: {e}", row.id)))?;
-        let records = store::host_records_of(conn, path, &manifest)?;
+    for row in store::rollout_rows(conn, path)? {
+        let manifest = &row.manifest;
+        let records = store::host_records_of(conn, path, manifest)?;
         let skipped = store::skipped_of(conn, path, &manifest.rollout_id)?;
         if let Some((list, now)) = deferred.as_mut() {
             for r in records.values().filter(|r| r.state == HostState::Deferred) {
@@ -306,7 +259,7 @@ fn summaries(
                 });
             }
         }
-        out.push(summary(path, &row, &manifest, &records, &skipped)?);
+        out.push(summary(&row, &records, &skipped));
     }
     Ok(out)
 }
@@ -318,21 +271,16 @@ fn age_secs(now: OffsetDateTime, since: OffsetDateTime) -> u64 {
 }
 
 fn quarantined(conn: &Connection, path: &Path) -> Result<Vec<QuarantineView>, StoreError> {
-    let mut stmt = conn
-        .prepare("SELECT channel, closure, rollout_id, hostname, quarantined_at FROM quarantined_closures ORDER BY channel, closure")
-        .map_err(sql(path, "read quarantine"))?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(QuarantineView {
-                channel: r.get(0)?,
-                closure: r.get(1)?,
-                rollout_id: r.get(2)?,
-                hostname: r.get(3)?,
-                quarantined_at: r.get(4)?,
-            })
+    Ok(store::quarantine_rows(conn, path)?
+        .into_iter()
+        .map(|q| QuarantineView {
+            channel: q.channel,
+            closure: q.closure,
+            rollout_id: q.rollout_id,
+            hostname: q.hostname,
+            quarantined_at: q.quarantined_at,
         })
-        .map_err(sql(path, "read quarantine"))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(sql(path, "read quarantine"))
+        .collect())
 }
 
 /// `GET /v1/rollouts/{id}`; `None` if unknown. `now` (CP time) gives the
@@ -343,40 +291,18 @@ pub fn rollout(
     id: &RolloutId,
     now: OffsetDateTime,
 ) -> Result<Option<RolloutDetail>, StoreError> {
-    let row = conn
-        .query_row(
-            &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE rollout_id = ?1"),
-            params![id.as_str()],
-            rollout_row,
-        )
-        .optional()
-        .map_err(sql(path, "read rollout"))?;
-    let Some(row) = row else { return Ok(None) };
-    let manifest = Manifest::parse(&row.payload).map_err(|e| corrupt(path, format!("rollout {id}: {e}")))?;
-    let records = store::host_records_of(conn, path, &manifest)?;
+    let Some(row) = store::rollout_row(conn, path, id)? else { return Ok(None) };
+    let manifest = &row.manifest;
+    let records = store::host_records_of(conn, path, manifest)?;
     let skipped_rows = store::skipped_of(conn, path, id)?;
-    let summary = summary(path, &row, &manifest, &records, &skipped_rows)?;
+    let summary = summary(&row, &records, &skipped_rows);
     let busy: BTreeMap<Hostname, RolloutId> = store::live_rollouts(conn, path)?
         .into_iter()
         .filter(|(host, _)| manifest.hosts.contains_key(host))
         .filter_map(|(host, ids)| ids.into_iter().find(|other| other != id).map(|other| (host, other)))
         .collect();
     let skipped: BTreeSet<Hostname> = skipped_rows.keys().cloned().collect();
-    let mut dispatched_at: BTreeMap<Hostname, String> = BTreeMap::new();
-    {
-        let mut stmt = conn
-            .prepare("SELECT hostname, issued_at FROM dispatches WHERE rollout_id = ?1")
-            .map_err(sql(path, "read dispatches"))?;
-        let rows = stmt
-            .query_map(params![id.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .map_err(sql(path, "read dispatches"))?;
-        for row in rows {
-            let (host, at) = row.map_err(sql(path, "read dispatches"))?;
-            if let Ok(h) = Hostname::parse(&host) {
-                dispatched_at.insert(h, at);
-            }
-        }
-    }
+    let dispatched_at = store::dispatch_times(conn, path, id)?;
     let quarantine: HashSet<Closure> = quarantined(conn, path)?
         .into_iter()
         .filter(|q| q.channel == id.channel())
@@ -384,7 +310,7 @@ pub fn rollout(
         .collect();
     let dispatched: BTreeSet<Hostname> = dispatched_at.keys().cloned().collect();
     let input = PlanInput {
-        manifest: &manifest,
+        manifest,
         state: summary.state,
         current_wave: summary.current_wave,
         halt_reason: summary.halt_reason.as_deref(),
@@ -394,8 +320,7 @@ pub fn rollout(
         busy_elsewhere: &busy,
         skipped: &skipped,
     };
-    let fmt = |t: Option<OffsetDateTime>| t.map(super::store::ts);
-    let pending = |r: &HostRecord| r.state == HostState::Pending;
+    let skipped = |host: &Hostname| skipped_rows.get(host);
     let waves = manifest
         .waves
         .iter()
@@ -408,33 +333,7 @@ pub fn rollout(
             hosts: manifest
                 .hosts_in_wave(index)
                 .filter_map(|(host, _)| records.get(host))
-                .map(|r| HostInRollout {
-                    hostname: r.hostname.clone(),
-                    wave: index,
-                    state: r.state,
-                    target_closure: r.target_closure.clone(),
-                    last_seq: r.last_seq,
-                    dispatch_issued_at: dispatched_at.get(&r.hostname).cloned(),
-                    dispatch_acked_at: fmt(r.dispatch_acked_at),
-                    activation_completed_at: fmt(r.activation_completed_at),
-                    soak_due_at: fmt(r.soak_due_at),
-                    converged_at: fmt(r.converged_at),
-                    failed_at: fmt(r.failed_at),
-                    reverted_at: fmt(r.reverted_at),
-                    failing_probes: r.failing_enforce_probes(),
-                    failure: r.failure.clone(),
-                    note: host_note(&input, r),
-                    deferred_at: fmt(r.deferred_at.filter(|_| r.state == HostState::Deferred)),
-                    deferred_for_secs: r
-                        .deferred_at
-                        .filter(|_| r.state == HostState::Deferred)
-                        .map(|at| age_secs(now, at)),
-                    held_by: busy.get(&r.hostname).filter(|_| pending(r)).cloned(),
-                    skipped: skipped_rows
-                        .get(&r.hostname)
-                        .filter(|_| pending(r))
-                        .map(|s| SkippedView { reason: s.reason.clone(), skipped_at: s.skipped_at.clone() }),
-                })
+                .map(|r| host_in_rollout(&input, r, index, dispatched_at.get(&r.hostname), &skipped, now))
                 .collect(),
         })
         .collect();
@@ -444,6 +343,44 @@ pub fn rollout(
         on_health_failure: manifest.policy.on_health_failure.as_str().to_owned(),
         waves,
     }))
+}
+
+/// One host's line of the rollout view; `now` (CP time) gives a Deferred
+/// host's age.
+fn host_in_rollout<'a>(
+    input: &PlanInput<'_>,
+    r: &HostRecord,
+    wave: usize,
+    dispatch_issued_at: Option<&String>,
+    skipped: &dyn Fn(&Hostname) -> Option<&'a store::SkippedHost>,
+    now: OffsetDateTime,
+) -> HostInRollout {
+    let fmt = |t: Option<OffsetDateTime>| t.map(store::ts);
+    let pending = r.state == HostState::Pending;
+    let deferred_at = r.deferred_at.filter(|_| r.state == HostState::Deferred);
+    HostInRollout {
+        hostname: r.hostname.clone(),
+        wave,
+        state: r.state,
+        target_closure: r.target_closure.clone(),
+        last_seq: r.last_seq,
+        dispatch_issued_at: dispatch_issued_at.cloned(),
+        dispatch_acked_at: fmt(r.dispatch_acked_at),
+        activation_completed_at: fmt(r.activation_completed_at),
+        soak_due_at: fmt(r.soak_due_at),
+        converged_at: fmt(r.converged_at),
+        failed_at: fmt(r.failed_at),
+        reverted_at: fmt(r.reverted_at),
+        failing_probes: r.failing_enforce_probes(),
+        failure: r.failure.clone(),
+        note: host_note(input, r),
+        deferred_at: fmt(deferred_at),
+        deferred_for_secs: deferred_at.map(|at| age_secs(now, at)),
+        held_by: input.busy_elsewhere.get(&r.hostname).filter(|_| pending).cloned(),
+        skipped: skipped(&r.hostname)
+            .filter(|_| pending)
+            .map(|s| SkippedView { reason: s.reason.clone(), skipped_at: s.skipped_at.clone() }),
+    }
 }
 
 fn host_note(input: &PlanInput<'_>, r: &HostRecord) -> Option<String> {
@@ -469,47 +406,22 @@ pub fn events(
     after: i64,
     limit: usize,
 ) -> Result<Option<EventsView>, StoreError> {
-    let known: Option<i64> = conn
-        .query_row("SELECT 1 FROM rollouts WHERE rollout_id = ?1", params![id.as_str()], |r| r.get(0))
-        .optional()
-        .map_err(sql(path, "read rollout"))?;
-    if known.is_none() {
+    if !store::rollout_exists(conn, path, id)? {
         return Ok(None);
     }
-    let mut stmt = conn
-        .prepare(
-            "SELECT id, hostname, seq, kind, agent_at, received_at, event FROM event_log
-             WHERE rollout_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-        )
-        .map_err(sql(path, "read events"))?;
-    let rows = stmt
-        .query_map(params![id.as_str(), after, i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1)], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-            ))
+    let page = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
+    let mut events: Vec<LoggedEvent> = store::event_rows(conn, path, id, after, page)?
+        .into_iter()
+        .map(|r| LoggedEvent {
+            id: r.id,
+            hostname: r.hostname,
+            seq: r.seq,
+            kind: r.kind,
+            agent_at: r.agent_at,
+            received_at: r.received_at,
+            event: r.event,
         })
-        .map_err(sql(path, "read events"))?;
-    let mut events = Vec::new();
-    for row in rows {
-        let (log_id, hostname, seq, kind, agent_at, received_at, json) = row.map_err(sql(path, "read events"))?;
-        let event: OutboundEvent =
-            serde_json::from_str(&json).map_err(|e| corrupt(path, format!("event log row {log_id}: {e}")))?;
-        events.push(LoggedEvent {
-            id: log_id,
-            hostname,
-            seq: u64::try_from(seq).map_err(|_| corrupt(path, format!("event log row {log_id}: seq {seq}")))?,
-            kind,
-            agent_at,
-            received_at,
-            event,
-        });
-    }
+        .collect();
     let next_after = if events.len() > limit {
         events.truncate(limit);
         events.last().map(|e| e.id)
@@ -527,31 +439,18 @@ pub fn hosts(
     stale_after_secs: u64,
 ) -> Result<Vec<HostView>, StoreError> {
     let mut views: BTreeMap<String, HostView> = BTreeMap::new();
-    let mut stmt = conn
-        .prepare(
-            "SELECT hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs,
-                    drift, expected_closure, expected_from FROM hosts",
-        )
-        .map_err(sql(path, "read hosts"))?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                (
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, i64>(5)?,
-                ),
-                (r.get::<_, String>(6)?, r.get::<_, Option<String>>(7)?, r.get::<_, Option<String>>(8)?),
-            ))
-        })
-        .map_err(sql(path, "read hosts"))?;
-    for row in rows {
-        let ((host, last, current, booted, version, uptime), (drift, expected_closure, expected_from)) =
-            row.map_err(sql(path, "read hosts"))?;
-        let drift = Drift::parse(&drift).ok_or_else(|| corrupt(path, format!("host {host}: drift {drift}")))?;
+    for row in store::host_rows(conn, path)? {
+        let HostRow {
+            hostname: host,
+            last_heartbeat_at: last,
+            current_closure: current,
+            booted_closure: booted,
+            agent_version: version,
+            uptime_secs: uptime,
+            drift,
+            expected_closure,
+            expected_from,
+        } = row;
         let Ok(hostname) = Hostname::parse(&host) else { continue };
         let silent_secs = parse_ts(&last).map_or(i64::MAX, |t| (now - t).whole_seconds());
         let liveness = if silent_secs > i64::try_from(stale_after_secs).unwrap_or(i64::MAX) {
@@ -619,7 +518,7 @@ pub fn status(
         })
         .collect();
     Ok(StatusView {
-        server_time: super::store::ts(now),
+        server_time: store::ts(now),
         rollouts,
         n_hosts: hosts.len(),
         n_unreachable: hosts.iter().filter(|h| h.liveness == Liveness::Unreachable).count(),

@@ -7,7 +7,8 @@
 use std::process::Command;
 
 use hyper::{Method, StatusCode};
-use nixfleet::cp::{client, store};
+use nixfleet::client;
+use nixfleet::cp::store;
 use nixfleet::ids::Closure;
 use nixfleet::machine::RejectCode;
 use nixfleet::wire::{OutboundEvent, ResultStatus, WireEventBody};

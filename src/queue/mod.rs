@@ -11,12 +11,16 @@
 //!   high-water.json                 highest qseq and per-rollout seq ever used
 //!   {qseq:020}-{host}-{rollout}-{kind}.json   pending events
 //!   acked/{same name}               delivered (applied/duplicate), kept for Replay-From
-//!   dead/{same name}                rejected by the CP, or unreadable at start
+//!   acked/{same name}.revived       an event revived from dead/ (JSON: was_dead, revived_at)
+//!   dead/{same name}                rejected by the CP, undeliverable, or unreadable at start
 //!   dead/{same name}.reason         why (JSON: cause, reason, dead_at)
 //! ```
 //!
 //! `qseq` is the queue's own number, global across rollouts, so listing
 //! order is enqueue order and two rollouts with equal `seq` never collide.
+//! It is bounded by [`MAX_QSEQ`] and a rollout's seq by `wire::MAX_SEQ`: a
+//! file or record beyond them is corrupt (moved to `dead/`, never used for
+//! numbering), a high-water mark beyond them is refused.
 //!
 //! # API (what the agent runtime calls)
 //!
@@ -27,13 +31,22 @@
 //!   the seq of its next event from the queue; [`Queue::enqueue`] refuses
 //!   any other seq, so seqs are never reused or skipped.
 //! - [`Queue::enqueue`]`(rollout, &event) -> QueuedRef`: returns once the
-//!   event is durable.
+//!   event is durable. From [`PENDING_SOFT_MAX_COUNT`] pending events on, a
+//!   visibility event ([`is_visibility`]) is refused with
+//!   [`QueueError::SoftCapReached`] (nothing written, seq not spent); the
+//!   [`PENDING_RESERVE_COUNT`] above it is for decisive events only, and at
+//!   [`PENDING_MAX_COUNT`] every event is refused with [`QueueError::Full`].
 //! - [`Queue::pending`] in enqueue order; [`Queue::ack`]`(qseq)` after the CP
 //!   answered `applied`/`duplicate`; [`Queue::reject`]`(qseq, reason)` after
 //!   `rejected` (the queue moves on: no head-of-line blocking).
 //! - [`Queue::events_after`]`(rollout, seq)`: pending + acked events of one
 //!   rollout with seq > N, in seq order (Replay-From, and rebuilding the
 //!   agent's state at start). [`Queue::rollouts`] lists what is known.
+//! - [`Queue::history_from`]`(rollout, seq)`: the delivered history (acked
+//!   events and dead letters the CP refused) from a seq up to the first
+//!   pending event, for the re-send after a `gap` or a Replay-From;
+//!   [`Queue::revive`]`(qseq)` moves a dead letter the CP applied on such a
+//!   re-send back to `acked/`.
 //! - [`Queue::prune_acked`]: retention of `acked/` by count and age.
 //! - [`QueueView::open`]`(state_dir)`: read-only, lock-free, for
 //!   `nixfleet queue ls|inspect` while an agent runs.
@@ -86,7 +99,17 @@
 //! 9. The next qseq is one more than the highest qseq in any folder
 //!    (corrupt files included, by name) or in `high-water.json`; the last
 //!    seq of a rollout is the highest among pending, acked and dead records
-//!    and `high-water.json`.
+//!    and `high-water.json`. Names and records beyond [`MAX_QSEQ`] /
+//!    `wire::MAX_SEQ` do not count (a name of u64::MAX used to wrap the
+//!    numbering to 0).
+//! 10. Revive (dead → acked): the `.revived` note is written durably first,
+//!    then the event is renamed into `acked/` and `acked/` is fsynced, then
+//!    the old reason is removed. At every point the event is in `dead/` with
+//!    its reason or in `acked/` (rename is atomic), so the restart rebuild
+//!    always sees it; a retry after a rename whose fsync failed finds it in
+//!    `acked/` and completes.
+//! 11. Leftovers of 6 and 10: a `.reason` in `dead/` without its event, or a
+//!    `.revived` note in `acked/` without its event, is removed at open.
 //!
 //! Known limit: an event file damaged after it was durable (bit rot) moves
 //! to `dead/` and its seq is no longer known; if it was the last event of
@@ -585,7 +608,11 @@ impl Queue {
             Err(QueueError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 let path = acked_dir.join(&entry.name);
                 let bytes = self.storage.read_file(&path).map_err(io_err("read", &path))?;
-                record::decode(&bytes).map_err(|e| QueueError::Io { op: "decode", path, source: io::Error::other(e) })?
+                record::decode(&bytes).map_err(|e| QueueError::Io {
+                    op: "decode",
+                    path,
+                    source: io::Error::other(e),
+                })?
             }
             other => other?,
         };

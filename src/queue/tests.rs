@@ -296,10 +296,7 @@ fn the_soft_cap_refuses_visibility_events_and_the_reserve_keeps_room_for_decisiv
     enqueue_next(&mut q, &r, "b").expect("2");
     let before = storage.fs().n_ops();
     let err = enqueue_next(&mut q, &r, "c").expect_err("visibility at the soft cap");
-    assert!(
-        matches!(err, QueueError::SoftCapReached { kind: "ActivationStarted", pending: 2, soft_max: 2 }),
-        "{err}"
-    );
+    assert!(matches!(err, QueueError::SoftCapReached { kind: "ActivationStarted", pending: 2, soft_max: 2 }), "{err}");
     assert_eq!(storage.fs().n_ops(), before, "nothing written");
     assert_eq!(q.next_seq(&r), 3, "the seq is not spent");
     q.enqueue(&r, &decisive(3)).expect("decisive events use the reserve");
@@ -363,16 +360,20 @@ fn revive_faults_at_every_step_keep_the_event_and_the_retry_completes() {
         enqueue_next(q, &r, "a").expect("setup");
         q.reject(1, "nope").expect("setup");
     };
-    let n_steps = for_each_fault(setup, |q| q.revive(1), |q, storage, err, context| {
-        assert!(matches!(err, QueueError::Io { .. }), "{context}");
-        let total = disk_events(storage, ACKED_DIR).len() + disk_events(storage, DEAD_DIR).len();
-        assert_eq!(total, 1, "the event is in exactly one folder: {context}");
-        q.revive(1).expect("the retry completes");
-        assert_eq!(disk_events(storage, ACKED_DIR).len(), 1, "{context}");
-        let reopened = sim_open(storage, QueueConfig::default()).expect("reopen");
-        assert_eq!(reopened.acked_len(), 1, "{context}");
-        assert!(reopened.dead_history().is_empty(), "{context}");
-    });
+    let n_steps = for_each_fault(
+        setup,
+        |q| q.revive(1),
+        |q, storage, err, context| {
+            assert!(matches!(err, QueueError::Io { .. }), "{context}");
+            let total = disk_events(storage, ACKED_DIR).len() + disk_events(storage, DEAD_DIR).len();
+            assert_eq!(total, 1, "the event is in exactly one folder: {context}");
+            q.revive(1).expect("the retry completes");
+            assert_eq!(disk_events(storage, ACKED_DIR).len(), 1, "{context}");
+            let reopened = sim_open(storage, QueueConfig::default()).expect("reopen");
+            assert_eq!(reopened.acked_len(), 1, "{context}");
+            assert!(reopened.dead_history().is_empty(), "{context}");
+        },
+    );
     // note: write, fsync, rename, fsync acked/; the event's rename, fsync
     // acked/; the old reason's removal, fsync dead/.
     assert_eq!(n_steps, 8);

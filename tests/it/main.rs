@@ -6,6 +6,7 @@ mod activation;
 mod agent;
 mod cli;
 mod cp;
+mod delivery;
 mod demo;
 mod harness;
 pub mod nixenv;

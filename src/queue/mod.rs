@@ -103,13 +103,13 @@
 //!    `wire::MAX_SEQ` do not count (a name of u64::MAX used to wrap the
 //!    numbering to 0).
 //! 10. Revive (dead → acked): the `.revived` note is written durably first,
-//!    then the event is renamed into `acked/` and `acked/` is fsynced, then
-//!    the old reason is removed. At every point the event is in `dead/` with
-//!    its reason or in `acked/` (rename is atomic), so the restart rebuild
-//!    always sees it; a retry after a rename whose fsync failed finds it in
-//!    `acked/` and completes.
+//!     then the event is renamed into `acked/` and `acked/` is fsynced, then
+//!     the old reason is removed. At every point the event is in `dead/` with
+//!     its reason or in `acked/` (rename is atomic), so the restart rebuild
+//!     always sees it; a retry after a rename whose fsync failed finds it in
+//!     `acked/` and completes.
 //! 11. Leftovers of 6 and 10: a `.reason` in `dead/` without its event, or a
-//!    `.revived` note in `acked/` without its event, is removed at open.
+//!     `.revived` note in `acked/` without its event, is removed at open.
 //!
 //! Known limit: an event file damaged after it was durable (bit rot) moves
 //! to `dead/` and its seq is no longer known; if it was the last event of

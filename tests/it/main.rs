@@ -7,6 +7,7 @@ mod agent;
 mod cli;
 mod cp;
 mod cp_rules;
+mod delivery;
 mod demo;
 mod harness;
 pub mod nixenv;

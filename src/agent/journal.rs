@@ -677,6 +677,62 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_real_queue_at_its_soft_cap_tells_the_reducer_full_for_visibility_and_keeps_room_for_decisions() {
+        // Proves the glue between the queue's caps and the reducer: at the
+        // soft cap a visibility event is `JournalError::Full` (the reducer
+        // skips it, never loops), a decisive event still lands in the
+        // reserve, and at the hard cap a decisive event is `Full` too.
+        use crate::machine::{EventBody, ProbeMode, ProbeStatus};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ClockHandle::manual(datetime!(2026-11-25 12:00 UTC));
+        let config = QueueConfig { pending_soft_max_count: 2, pending_max_count: 3, ..QueueConfig::default() };
+        let mut queue = SharedQueue::new(Queue::open(dir.path(), host(), config, clock).expect("open"));
+        let id = RolloutId::parse("stable@r1").expect("id");
+        let t = datetime!(2026-11-25 12:00 UTC);
+        let closure = Closure::parse("/nix/store/00000000000000000000000000000000-new").expect("closure");
+        let started = |seq| {
+            OutboundEvent::from_machine(
+                seq,
+                &EventBody::ActivationStarted { started_at: t, switch_method: "direct".into() },
+            )
+        };
+        let probe = |seq| {
+            OutboundEvent::from_machine(
+                seq,
+                &EventBody::ProbeResult {
+                    probe_name: "web".into(),
+                    mode: ProbeMode::Enforce,
+                    status: ProbeStatus::Fail,
+                    observed_at: t,
+                    failure_reason: None,
+                },
+            )
+        };
+        let decisive = |seq| {
+            OutboundEvent::from_machine(
+                seq,
+                &EventBody::ActivationFailed { exit_code: 1, stderr_tail: String::new(), failed_at: t },
+            )
+        };
+        let ack = OutboundEvent::from_machine(
+            1,
+            &EventBody::Activate {
+                current_closure_at_dispatch: closure.clone(),
+                target_closure: closure,
+                soak_secs: 1,
+                received_at: t,
+            },
+        );
+        queue.append(&id, &ack).await.expect("below the soft cap");
+        queue.append(&id, &started(2)).await.expect("below the soft cap");
+        let refused = queue.append(&id, &probe(3)).await;
+        assert!(matches!(refused, Err(JournalError::Full(_))), "{refused:?}");
+        queue.append(&id, &decisive(3)).await.expect("the reserve takes a decisive event (the seq was not spent)");
+        let refused = queue.append(&id, &decisive(4)).await;
+        assert!(matches!(refused, Err(JournalError::Full(_))), "{refused:?}");
+    }
+
+    #[tokio::test]
     async fn events_journaled_through_the_real_queue_rebuild_the_record_after_a_restart() {
         // Proves the agent's restart path on real files: the reducer writes
         // through the queue, a new process (queue reopened) rebuilds the same

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use nixfleet::cp::client::{self, CpUrl};
+use nixfleet::client::{self, CpUrl};
 use nixfleet::sign;
 
 const N_POLLS: usize = 10_000;

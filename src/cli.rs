@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -257,16 +258,16 @@ pub struct AgentArgs {
     #[arg(long, env = "NIXFLEET_AGENT_SWITCH_RUNNER", value_enum, default_value_t = SwitchRunnerArg::Auto)]
     pub switch_runner: SwitchRunnerArg,
     /// Longest an activation (realise + profile + switch) may take.
-    #[arg(long, env = "NIXFLEET_AGENT_ACTIVATION_TIMEOUT", default_value = "15m", value_parser = crate::agent::cmd::parse_duration)]
+    #[arg(long, env = "NIXFLEET_AGENT_ACTIVATION_TIMEOUT", default_value = "15m", value_parser = parse_duration)]
     pub activation_timeout: std::time::Duration,
     /// How often the convergence and failure gates are checked.
-    #[arg(long, env = "NIXFLEET_AGENT_TICK", default_value = "5s", value_parser = crate::agent::cmd::parse_duration)]
+    #[arg(long, env = "NIXFLEET_AGENT_TICK", default_value = "5s", value_parser = parse_duration)]
     pub tick: std::time::Duration,
     /// How often the agent sends a heartbeat.
-    #[arg(long, env = "NIXFLEET_AGENT_HEARTBEAT", default_value = "60s", value_parser = crate::agent::cmd::parse_duration)]
+    #[arg(long, env = "NIXFLEET_AGENT_HEARTBEAT", default_value = "60s", value_parser = parse_duration)]
     pub heartbeat: std::time::Duration,
     /// How often the queue is drained without being woken.
-    #[arg(long, env = "NIXFLEET_AGENT_DRAIN", default_value = "15s", value_parser = crate::agent::cmd::parse_duration)]
+    #[arg(long, env = "NIXFLEET_AGENT_DRAIN", default_value = "15s", value_parser = parse_duration)]
     pub drain: std::time::Duration,
     /// Seconds one long-poll may wait (the CP caps it at 60).
     #[arg(long, env = "NIXFLEET_AGENT_LONGPOLL_WAIT", default_value_t = 60)]
@@ -292,4 +293,42 @@ pub struct ReplayArgs {
     /// Only the final state of each host, not every event.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// Parses `5s`, `500ms`, `2m`, `1h` or a plain number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(idx) => text.split_at(idx),
+        None => (text, "s"),
+    };
+    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 5s, 500ms, 2m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        other => return Err(format!("unknown unit {other:?} in {text:?} (use ms, s, m or h)")),
+    };
+    if d.is_zero() {
+        return Err(format!("{text:?} must be more than zero"));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_refuse_nonsense() {
+        // Proves the flag syntax of --tick/--heartbeat/--drain.
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
+        for bad in ["", "0s", "5x", "s", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -1,14 +1,19 @@
 //! nixfleet: roll NixOS system closures out to a fleet in waves, with health
 //! probes and autonomous rollback. The modules are listed in reading order:
 //! identifiers and time, the pure state machine, the formats that cross a
-//! boundary (wire, signatures), the agent's durable queue, the two roles
-//! (control plane, agent), then the operator tools and the command line.
+//! boundary (wire, signatures), what both roles share (the HTTP client, the
+//! shutdown signal, stdout output), the agent's durable queue, the two roles
+//! (control plane, agent; neither names the other), then the operator tools
+//! and the command line.
 
 pub mod ids;
 pub mod clock;
 pub mod machine;
 pub mod wire;
 pub mod sign;
+pub mod client;
+pub mod signal;
+pub mod output;
 pub mod queue;
 pub mod cp;
 pub mod agent;

@@ -259,6 +259,67 @@ async fn run_steps(
     Ok(ActivationOutcome::Completed { observed })
 }
 
+/// What [`restore_boot_default`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreOutcome {
+    /// The profile and the boot default name the pre-dispatch closure again.
+    Restored,
+    /// Nothing to do: the profile no longer names the failed closure (it was
+    /// restored before, or someone or something moved it since).
+    Skipped {
+        why: String,
+    },
+    Failed {
+        exit_code: i32,
+        stderr_tail: String,
+    },
+}
+
+/// After a failed forward activation under `halt` (no rollback): points the
+/// system profile back at `closure` and runs its `switch-to-configuration
+/// boot`, so the next reboot boots the closure the host ran before the
+/// dispatch rather than the one that failed. Nothing is switched live (the
+/// operator decides under `halt`). Only while the profile still names
+/// `failed`, so repeating it (after a restart) is harmless and it never
+/// undoes a later change. Setting the profile alone would not do: on NixOS
+/// the boot loader entry is written by `switch-to-configuration`, and a
+/// switch that failed after installing the boot loader has already made the
+/// failed closure the default.
+pub async fn restore_boot_default(
+    cfg: &ActivationConfig,
+    closure: &Closure,
+    failed: &Closure,
+    activation_id: &str,
+) -> RestoreOutcome {
+    match resolve_current_system(&cfg.profile) {
+        Ok(profile) if &profile == failed => {}
+        Ok(profile) => {
+            return RestoreOutcome::Skipped {
+                why: format!("the profile {} names {profile}, not the failed {failed}", cfg.profile.display()),
+            }
+        }
+        Err(why) => {
+            return RestoreOutcome::Skipped { why: format!("the profile {} {why}", cfg.profile.display()) };
+        }
+    }
+    let id = sanitize_activation_id(activation_id);
+    let deadline = Instant::now() + cfg.time_limit;
+    let steps = async {
+        let mut set = Command::new(&cfg.nix_env);
+        set.arg("-p").arg(&cfg.profile).arg("--set").arg(closure.as_str()).envs(cfg.nix_extra_env.iter().cloned());
+        let what = format!("set profile {}", cfg.profile.display());
+        run_captured(set, &cfg.nix_env, &what, closure.as_str(), deadline, cfg.time_limit).await?;
+        run_switch(cfg, closure.as_str(), "boot", &id, deadline).await
+    };
+    match steps.await {
+        Ok(()) => RestoreOutcome::Restored,
+        Err(failure) => match failure.into_outcome() {
+            ActivationOutcome::Failed { exit_code, stderr_tail } => RestoreOutcome::Failed { exit_code, stderr_tail },
+            other => RestoreOutcome::Failed { exit_code: EXIT_CODE_NOT_RUN, stderr_tail: format!("{other:?}") },
+        },
+    }
+}
+
 /// Reads the reboot-required marker: `None` if absent, else the component it
 /// names (trimmed, "unspecified" when empty, capped to the wire limit).
 fn read_marker(marker: &Path) -> Result<Option<String>, StepFailure> {
@@ -374,7 +435,11 @@ async fn run_switch(
             cmd.arg(&switch).arg(action);
             (setsid.clone(), cmd)
         }
-        SwitchRunner::Direct => (switch.clone(), Command::new(&switch)),
+        SwitchRunner::Direct => {
+            let mut cmd = Command::new(&switch);
+            cmd.arg(action);
+            (switch.clone(), cmd)
+        }
     };
     cmd.stdin(Stdio::null()).stdout(Stdio::from(log.into_parts().0)).stderr(Stdio::from(log_err));
     let mut child = cmd

@@ -20,6 +20,10 @@ pub struct Admitted {
     pub policy: Policy,
     pub target_closure: Closure,
     pub soak_secs: u64,
+    /// The trusted key that verified the envelope: cached next to it, so a
+    /// restart after a trust-key rotation can still prove which manifest
+    /// the host accepted (and finish the rollout under it).
+    pub verified_by: PublicKey,
 }
 
 /// Why the agent refuses a dispatch: the reason goes into DispatchRejected.
@@ -63,9 +67,25 @@ pub fn admit_cached(
 }
 
 pub fn verified_manifest(trust_keys: &[PublicKey], envelope_bytes: &[u8]) -> Result<Manifest, Refusal> {
+    verified_manifest_by(trust_keys, envelope_bytes).map(|(manifest, _)| manifest)
+}
+
+/// The manifest and the first trusted key that verifies it on its own.
+/// `pub` for `nixfleet sim`, which verifies each envelope once for all its
+/// agents and caches the key next to it as the long-poll worker does.
+pub fn verified_manifest_by(
+    trust_keys: &[PublicKey],
+    envelope_bytes: &[u8],
+) -> Result<(Manifest, PublicKey), Refusal> {
     let envelope = sign::parse_envelope(envelope_bytes).map_err(|e| Refusal::Signature(e.to_string()))?;
     let payload = sign::verify_envelope(&envelope, trust_keys).map_err(|e| Refusal::Signature(e.to_string()))?;
-    Manifest::parse(&payload).map_err(|e| Refusal::Manifest(e.to_string()))
+    let key = trust_keys
+        .iter()
+        .find(|k| sign::verify_envelope(&envelope, std::slice::from_ref(*k)).is_ok())
+        .cloned()
+        .ok_or_else(|| Refusal::Signature("no single trusted key verifies the envelope".to_owned()))?;
+    let manifest = Manifest::parse(&payload).map_err(|e| Refusal::Manifest(e.to_string()))?;
+    Ok((manifest, key))
 }
 
 /// Verifies `envelope_bytes` and checks `dispatch` against it.
@@ -76,13 +96,14 @@ pub fn admit(
     dispatch: &Dispatch,
     rollouts: &Rollouts,
 ) -> Result<Admitted, Refusal> {
-    let manifest = verified_manifest(trust_keys, envelope_bytes)?;
+    let (manifest, verified_by) = verified_manifest_by(trust_keys, envelope_bytes)?;
     let checked = check_dispatch(hostname, &manifest, dispatch, rollouts)?;
     Ok(Admitted {
         policy: checked.policy,
         target_closure: checked.target_closure,
         soak_secs: checked.soak_secs,
         manifest,
+        verified_by,
     })
 }
 

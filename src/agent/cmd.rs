@@ -4,13 +4,12 @@
 //! SIGTERM/SIGINT.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use super::activation::SwitchRunner;
 use super::runtime::{serve, AgentConfig, AgentError};
 use crate::cli::{AgentArgs, SwitchRunnerArg};
+use crate::client::{ClientError, CpUrl};
 use crate::clock::ClockHandle;
-use crate::cp::client::{ClientError, CpUrl};
 use crate::ids::{Hostname, IdError};
 use crate::sign::{PublicKey, SignError};
 
@@ -30,27 +29,6 @@ pub enum AgentCmdError {
     TrustKey(#[from] SignError),
     #[error(transparent)]
     Agent(#[from] AgentError),
-}
-
-/// Parses `5s`, `500ms`, `2m`, `1h` or a plain number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(idx) => text.split_at(idx),
-        None => (text, "s"),
-    };
-    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 5s, 500ms, 2m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        other => return Err(format!("unknown unit {other:?} in {text:?} (use ms, s, m or h)")),
-    };
-    if d.is_zero() {
-        return Err(format!("{text:?} must be more than zero"));
-    }
-    Ok(d)
 }
 
 fn system_hostname() -> Result<String, std::io::Error> {
@@ -104,23 +82,6 @@ pub fn run(args: AgentArgs) -> Result<(), AgentCmdError> {
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?;
-    runtime.block_on(serve(cfg, ClockHandle::system(), crate::cp::cmd::shutdown_signal()))?;
+    runtime.block_on(serve(cfg, ClockHandle::system(), crate::signal::shutdown_signal()))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units_and_refuse_nonsense() {
-        // Proves the flag syntax of --tick/--heartbeat/--drain.
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
-        for bad in ["", "0s", "5x", "s", "-1s", "1.5s"] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
 }

@@ -8,63 +8,267 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tokio::sync::{watch, Notify};
+
 use super::admission::admit_cached;
-use super::reducer::Journal;
-use super::rollouts::{Rollouts, RolloutsError};
+use super::channels::ChannelHistory;
+use super::reducer::{Journal, JournalError};
+use super::rollouts::Rollouts;
 use crate::ids::{Hostname, RolloutId};
-use crate::machine::{Event, Policy};
-use crate::queue::{DeadCause, EntryState, Queue, QueueView, QueuedEvent};
+use crate::machine::{Event, HostState, Policy};
+use crate::queue::{DeadCause, EntryState, Queue, QueueError, QueueView, QueuedEvent, QueuedRef};
 use crate::sign::PublicKey;
 use crate::wire::OutboundEvent;
 
-/// The policy of a rollout whose manifest cannot be re-verified at start:
-/// never roll back on a guess, and the default failure threshold.
+/// A replay parameter, never a decision policy: the policy a rollout is
+/// rebuilt under when no cached manifest proves its own AND the rollout can
+/// never decide again (never accepted, or over; see `restore`). A rollout
+/// that can still act is never given it.
 pub const FALLBACK_POLICY: Policy =
     Policy { on_health_failure: crate::machine::OnHealthFailure::Halt, sustained_failure_secs: 60 };
 
 /// Folder of cached DSSE envelopes inside the state dir, one per rollout.
 pub const MANIFEST_DIR: &str = "manifests";
 
-/// The queue shared by the reducer (enqueue) and the drainer (ack/reject).
-/// Every call that fsyncs runs on tokio's blocking pool, off the reactor.
+/// The queue shared by the reducer (enqueue), the drainer (ack, reject,
+/// revive, prune) and the heartbeat and long-poll workers (read-only).
+///
+/// Runtime threads never wait on an fsync: the queue itself is locked only
+/// on tokio's blocking pool ([`SharedQueue::with`]), where a call may hold
+/// it across fsyncs; what the async workers read without I/O (the last seq
+/// of every rollout) is a copy refreshed after every call, behind its own
+/// lock that is held only to copy a small map. (Before, the heartbeat and
+/// the long-poll locked the queue on a runtime thread and stalled it for as
+/// long as the reducer's append was fsyncing.)
+///
+/// When the queue stops ([`QueueError::Poisoned`]: after a failed write
+/// whose undo also failed, the state on disk is unknown), [`SharedQueue::stopped`]
+/// resolves with the reason and the agent exits with an error naming the
+/// queue; its service manager restarts it and reopening recovers from disk.
 #[derive(Debug, Clone)]
 pub struct SharedQueue {
-    queue: Arc<Mutex<Queue>>,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    queue: Mutex<Queue>,
+    dir: PathBuf,
+    last_seqs: Mutex<BTreeMap<RolloutId, u64>>,
+    stopped: watch::Sender<Option<String>>,
+    /// Re-sends asked for (Replay-From), per rollout the lowest seq the CP
+    /// has (re-send from the next one); the drainer takes them.
+    resend: Mutex<BTreeMap<RolloutId, u64>>,
+    resend_wake: Notify,
+}
+
+/// Why [`SharedQueue::append_event`] did not make an event durable.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// A visibility event refused at the queue's soft cap
+    /// ([`QueueError::SoftCapReached`]): nothing was written and the seq is
+    /// not spent. Skip or coalesce it; retrying in a loop would block the
+    /// reducer until the control plane is back.
+    #[error("{0}")]
+    SoftCap(QueueError),
+    /// The hard limit ([`QueueError::Full`]): even a decisive event finds no
+    /// room; retry with backoff (delivery frees room).
+    #[error("{0}")]
+    Full(QueueError),
+    /// The queue stopped ([`QueueError::Poisoned`]); the agent is exiting
+    /// (see [`SharedQueue::stopped`]). Retrying cannot succeed in this process.
+    #[error("{0}")]
+    Stopped(QueueError),
+    /// Any other failure (disk full, I/O error): nothing is applied; retry
+    /// with backoff.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl AppendError {
+    /// True for a visibility event refused at the soft cap.
+    pub fn is_soft_cap(&self) -> bool {
+        matches!(self, AppendError::SoftCap(_))
+    }
+}
+
+/// The queue, locked, for synchronous code (tests, start-up); refreshes the
+/// copies the async workers read when dropped.
+#[derive(Debug)]
+pub struct QueueGuard<'a> {
+    guard: MutexGuard<'a, Queue>,
+    inner: &'a Inner,
+}
+
+impl std::ops::Deref for QueueGuard<'_> {
+    type Target = Queue;
+    fn deref(&self) -> &Queue {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for QueueGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Queue {
+        &mut self.guard
+    }
+}
+
+impl Drop for QueueGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.after_use(&self.guard);
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A poisoned lock only means a thread panicked while holding it; the
+        // queue's own state is kept consistent by its write discipline.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After every use of the queue: refresh the copies and notice a stop.
+    fn after_use(&self, queue: &Queue) {
+        {
+            let mut copy = self.last_seqs.lock().unwrap_or_else(|p| p.into_inner());
+            if *copy != *queue.last_seqs() {
+                copy.clone_from(queue.last_seqs());
+            }
+        }
+        if let Some(why) = queue.poisoned() {
+            self.stopped.send_if_modified(|stopped| {
+                if stopped.is_some() {
+                    return false;
+                }
+                tracing::error!(queue = %self.dir.display(), %why, "the agent's queue stopped; the agent exits");
+                *stopped = Some(why.to_owned());
+                true
+            });
+        }
+    }
 }
 
 impl SharedQueue {
     pub fn new(queue: Queue) -> SharedQueue {
-        SharedQueue { queue: Arc::new(Mutex::new(queue)) }
+        let last_seqs = Mutex::new(queue.last_seqs().clone());
+        let dir = queue.dir().to_owned();
+        let (stopped, _) = watch::channel(None);
+        let inner = Inner {
+            queue: Mutex::new(queue),
+            dir,
+            last_seqs,
+            stopped,
+            resend: Mutex::new(BTreeMap::new()),
+            resend_wake: Notify::new(),
+        };
+        let shared = SharedQueue { inner: Arc::new(inner) };
+        shared.inner.after_use(&shared.inner.lock());
+        shared
     }
 
-    /// Locks the queue for a short, synchronous use. A poisoned lock only
-    /// means a thread panicked while holding it; the queue's own state is
-    /// kept consistent by its write discipline, so carry on.
-    pub fn lock(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    /// Locks the queue for a short synchronous use (tests, start-up). Never
+    /// call it from async code: it blocks the runtime thread for as long as
+    /// another thread holds the queue, which may be an fsync; async code
+    /// uses [`SharedQueue::with`].
+    pub fn lock(&self) -> QueueGuard<'_> {
+        QueueGuard { guard: self.inner.lock(), inner: &self.inner }
     }
 
-    /// Runs `f` on the queue on the blocking pool.
+    /// Runs `f` on the queue on the blocking pool; the calling task waits
+    /// without holding a runtime thread.
     pub async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut Queue) -> T + Send + 'static) -> Result<T, String> {
-        let queue = self.queue.clone();
+        let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = queue.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard)
+            let mut guard = inner.lock();
+            let out = f(&mut guard);
+            inner.after_use(&guard);
+            out
         })
         .await
         .map_err(|e| format!("queue task failed: {e}"))
     }
+
+    /// The queue folder.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The last seq of a rollout (0 if unknown), without waiting for the
+    /// queue: safe on a runtime thread.
+    pub fn last_seq(&self, rollout_id: &RolloutId) -> u64 {
+        self.inner.last_seqs.lock().unwrap_or_else(|p| p.into_inner()).get(rollout_id).copied().unwrap_or(0)
+    }
+
+    /// The last seq of every rollout, without waiting for the queue.
+    pub fn last_seqs(&self) -> BTreeMap<RolloutId, u64> {
+        self.inner.last_seqs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Resolves with the reason once the queue has stopped (poisoned).
+    pub async fn stopped(&self) -> String {
+        let mut rx = self.inner.stopped.subscribe();
+        // The sender lives in `inner`, which `self` keeps alive, so this
+        // only ends with a reason.
+        let why: Option<String> = rx.wait_for(Option::is_some).await.ok().and_then(|why| why.clone());
+        why.unwrap_or_default()
+    }
+
+    /// Why the queue stopped, if it has.
+    pub fn stop_reason(&self) -> Option<String> {
+        self.inner.stopped.borrow().clone()
+    }
+
+    /// Asks the drainer to re-send a rollout's events after `after_seq`
+    /// (the control plane's Replay-From): the drainer is the one sender, so
+    /// re-sends and new events reach the CP in seq order.
+    pub fn request_resend(&self, rollout_id: RolloutId, after_seq: u64) {
+        {
+            let mut resend = self.inner.resend.lock().unwrap_or_else(|p| p.into_inner());
+            let after = resend.entry(rollout_id).or_insert(after_seq);
+            *after = (*after).min(after_seq);
+        }
+        self.inner.resend_wake.notify_one();
+    }
+
+    /// The re-sends asked for since the last call.
+    pub fn take_resend_requests(&self) -> BTreeMap<RolloutId, u64> {
+        std::mem::take(&mut *self.inner.resend.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Woken when a re-send is asked for.
+    pub fn resend_wake(&self) -> &Notify {
+        &self.inner.resend_wake
+    }
+
+    /// Makes one event durable (write-ahead), off the runtime threads.
+    pub async fn append_event(&self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<QueuedRef, AppendError> {
+        let (rollout_id, event) = (rollout_id.clone(), event.clone());
+        match self.with(move |q| q.enqueue(&rollout_id, &event)).await {
+            Ok(Ok(queued)) => Ok(queued),
+            Ok(Err(e @ QueueError::SoftCapReached { .. })) => Err(AppendError::SoftCap(e)),
+            Ok(Err(e @ QueueError::Poisoned(_))) => Err(AppendError::Stopped(e)),
+            Ok(Err(e @ QueueError::Full { .. })) => Err(AppendError::Full(e)),
+            Ok(Err(e)) => Err(AppendError::Failed(e.to_string())),
+            Err(e) => Err(AppendError::Failed(e)),
+        }
+    }
 }
 
 impl Journal for SharedQueue {
-    async fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), String> {
-        let (rollout_id, event) = (rollout_id.clone(), event.clone());
-        self.with(move |q| q.enqueue(&rollout_id, &event).map(|_| ()).map_err(|e| e.to_string())).await?
+    async fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), JournalError> {
+        // A visibility event at the soft cap, or any event at the hard cap:
+        // the reducer skips the first kind and retries the decisive ones
+        // (they use the reserve).
+        self.append_event(rollout_id, event).await.map(|_| ()).map_err(|e| match e {
+            AppendError::SoftCap(e) | AppendError::Full(e) => JournalError::Full(e.to_string()),
+            other => JournalError::Failed(other.to_string()),
+        })
     }
 }
 
 /// Signed manifests the agent acted on, kept so a restart can re-verify
-/// them and recover each rollout's policy without the control plane.
+/// them and recover each rollout's policy without the control plane. Next
+/// to each envelope, `{rollout}.key` holds the public key that verified it
+/// when the dispatch was accepted (trust keys may rotate later).
 #[derive(Debug, Clone)]
 pub struct ManifestCache {
     dir: PathBuf,
@@ -75,75 +279,179 @@ impl ManifestCache {
         ManifestCache { dir: state_dir.join(MANIFEST_DIR) }
     }
 
-    fn path(&self, rollout_id: &RolloutId) -> PathBuf {
+    /// The cached envelope of a rollout.
+    pub fn path(&self, rollout_id: &RolloutId) -> PathBuf {
         // Rollout ids are `[a-z0-9_-]@[A-Za-z0-9._-]`: safe as a file name.
         self.dir.join(format!("{rollout_id}.json"))
     }
 
-    /// Stores the envelope durably (tmp, fsync, rename, fsync dir) before
-    /// the agent acknowledges the dispatch.
-    pub fn store(&self, rollout_id: &RolloutId, envelope: &[u8]) -> std::io::Result<()> {
-        use std::io::Write as _;
+    fn key_path(&self, rollout_id: &RolloutId) -> PathBuf {
+        self.dir.join(format!("{rollout_id}.key"))
+    }
+
+    /// Stores the key that verified the envelope, then the envelope, each
+    /// durably (tmp, fsync, rename, fsync dir), before the agent
+    /// acknowledges the dispatch. Key first: an envelope written by this
+    /// version always has its key beside it.
+    pub fn store(&self, rollout_id: &RolloutId, envelope: &[u8], verified_by: &PublicKey) -> std::io::Result<()> {
         fs_err::create_dir_all(&self.dir)?;
-        let path = self.path(rollout_id);
-        let tmp = path.with_extension("json.tmp");
-        let mut file = fs_err::File::create(&tmp)?;
-        file.write_all(envelope)?;
-        file.sync_all()?;
-        drop(file);
-        fs_err::rename(&tmp, &path)?;
-        fs_err::File::open(&self.dir)?.sync_all()
+        let key = format!("{}\n", verified_by.to_text());
+        write_durably(&self.dir, &self.key_path(rollout_id), key.as_bytes())?;
+        write_durably(&self.dir, &self.path(rollout_id), envelope)
     }
 
     pub fn load(&self, rollout_id: &RolloutId) -> std::io::Result<Option<Vec<u8>>> {
-        match fs_err::read(self.path(rollout_id)) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
+        read_optional(&self.path(rollout_id))
     }
+
+    /// The key recorded when the rollout was accepted (None: none recorded,
+    /// e.g. cached by an older agent).
+    pub fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, String> {
+        let path = self.key_path(rollout_id);
+        let Some(bytes) = read_optional(&path).map_err(|e| e.to_string())? else { return Ok(None) };
+        let text = String::from_utf8_lossy(&bytes);
+        PublicKey::from_text(&text).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+fn read_optional(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    match fs_err::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    let mut file = fs_err::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs_err::rename(&tmp, path)?;
+    fs_err::File::open(dir)?.sync_all()
 }
 
 /// What the start-up rebuild did, for the log and for tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RestoreReport {
     pub restored: Vec<RolloutId>,
-    /// Rollouts whose first events were pruned (old, finished history):
-    /// known only by their last seq.
+    /// Rollouts whose first events were pruned by retention (old, finished
+    /// history): known only by their last seq.
     pub pruned: Vec<RolloutId>,
-    /// Rebuilt under [`FALLBACK_POLICY`] because the cached manifest is
-    /// missing or no longer verifies (e.g. the trust keys changed), with why.
+    /// Rebuilt although no cached manifest verifies, because the rollout
+    /// can never decide anything again (never accepted, or over): its
+    /// policy is a replay parameter only ([`FALLBACK_POLICY`]), with why.
     pub without_manifest: Vec<(RolloutId, String)>,
-    /// Rollouts that could not be rebuilt, with the reason.
+    /// Rebuilt under the manifest verified when the dispatch was accepted,
+    /// whose key this host no longer trusts: (rollout, keyid).
+    pub untrusted_key: Vec<(RolloutId, String)>,
+    /// Rollouts that could not be rebuilt (a corrupt or missing record, a
+    /// history that does not replay), with the reason; logged at ERROR and
+    /// counted as a problem by `nixfleet replay --state-dir`.
     pub skipped: Vec<(RolloutId, String)>,
+}
+
+/// A cached manifest that still proves what the host accepted.
+#[derive(Debug, Clone)]
+pub struct CachedManifest {
+    pub manifest: crate::wire::Manifest,
+    /// `Some(keyid)` when only the key recorded at acceptance verifies it
+    /// (the trust keys changed since).
+    pub no_longer_trusted: Option<String>,
 }
 
 /// Rebuilds every rollout from the queue: pending + acked events, plus
 /// events the CP rejected (the agent applied them before sending, so they
-/// are part of its history), each rollout under the policy of its cached,
-/// re-verified manifest.
+/// are part of its history), each rollout under the policy of its cached
+/// manifest, re-verified.
+///
+/// Trust-key rotation (decision): a rollout whose envelope no longer
+/// verifies with the current trust keys but does with the key recorded when
+/// it was accepted is FINISHED under that manifest, with a WARN naming the
+/// rollout and the key. The host already runs its closure; refusing to
+/// finish would leave it unsupervised (no gate, no rollback, the CP
+/// Soaking forever), and inventing a policy is what made the CP refuse the
+/// agent's Failed event. Rotation stops NEW manifests signed by the old key
+/// (admission uses the current keys only). A live rollout whose manifest
+/// cannot be proven at all (missing, corrupt, or cached without its key by
+/// an older agent) is an error that stops the agent, naming the rollout and
+/// the file: it cannot be finished without a policy and must not be guessed.
 pub fn restore(
     queue: &Queue,
     state_dir: &Path,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
 ) -> Result<(Rollouts, RestoreReport), String> {
-    let dead = recorded_events(state_dir, &[EntryState::Dead])?;
-    let cache = ManifestCache::new(state_dir);
-    let envelope_of = |id: &RolloutId| cache.load(id).map_err(|e| format!("cannot read the cached manifest: {e}"));
-    restore_from(queue, dead, &envelope_of, hostname, trust_keys)
+    restore_from(queue, &StateDirFiles::new(state_dir), hostname, trust_keys)
 }
 
-/// Reads the cached envelope of a rollout (`Ok(None)`: none cached).
-pub type EnvelopeOf<'a> = &'a dyn Fn(&RolloutId) -> Result<Option<Vec<u8>>, String>;
+/// What the restart rebuild reads besides the open queue: the agent's
+/// files next to it. [`StateDirFiles`] reads them from the state dir (the
+/// daemon); `nixfleet sim` keeps them in memory (one shared copy of each
+/// envelope for thousands of simulated hosts). Every decision stays in
+/// [`restore_from`].
+pub trait RestoreSource {
+    /// The events of `dead/` the CP rejected (see [`recorded_events`]).
+    fn dead_letters(&self) -> Result<Vec<QueuedEvent>, String>;
+    /// (file name, reason) of the records of `dead/` that are not rejected
+    /// events (see [`corrupt_records`]).
+    fn corrupt_records(&self) -> Result<Vec<(String, String)>, String>;
+    /// The no-downgrade history (`accepted-channels.json`).
+    fn channel_history(&self) -> Result<ChannelHistory, String>;
+    /// The cached envelope of a rollout (`Ok(None)`: none cached).
+    fn cached_envelope(&self, rollout_id: &RolloutId) -> std::io::Result<Option<Arc<[u8]>>>;
+    /// The key recorded when the rollout was accepted (see
+    /// [`ManifestCache::accepted_key`]).
+    fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, String>;
+    /// Where the cached envelope is, for messages.
+    fn manifest_path(&self, rollout_id: &RolloutId) -> PathBuf;
+}
 
-/// [`restore`] with its two file reads passed in: the dead letters the CP
-/// rejected, and the cached envelope of a rollout. Seam for `nixfleet sim`,
-/// whose agents keep their state in memory; the decisions are all here.
+/// The daemon's [`RestoreSource`]: the files of the state dir.
+#[derive(Debug, Clone)]
+pub struct StateDirFiles<'a> {
+    state_dir: &'a Path,
+    cache: ManifestCache,
+}
+
+impl<'a> StateDirFiles<'a> {
+    pub fn new(state_dir: &'a Path) -> StateDirFiles<'a> {
+        StateDirFiles { state_dir, cache: ManifestCache::new(state_dir) }
+    }
+}
+
+impl RestoreSource for StateDirFiles<'_> {
+    fn dead_letters(&self) -> Result<Vec<QueuedEvent>, String> {
+        recorded_events(self.state_dir, &[EntryState::Dead])
+    }
+
+    fn corrupt_records(&self) -> Result<Vec<(String, String)>, String> {
+        corrupt_records(self.state_dir)
+    }
+
+    fn channel_history(&self) -> Result<ChannelHistory, String> {
+        ChannelHistory::load(self.state_dir).map_err(|e| e.to_string())
+    }
+
+    fn cached_envelope(&self, rollout_id: &RolloutId) -> std::io::Result<Option<Arc<[u8]>>> {
+        self.cache.load(rollout_id).map(|bytes| bytes.map(Arc::from))
+    }
+
+    fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, String> {
+        self.cache.accepted_key(rollout_id)
+    }
+
+    fn manifest_path(&self, rollout_id: &RolloutId) -> PathBuf {
+        self.cache.path(rollout_id)
+    }
+}
+
+/// [`restore`] with the agent's files read through `source`.
 pub fn restore_from(
     queue: &Queue,
-    dead: Vec<QueuedEvent>,
-    envelope_of: EnvelopeOf<'_>,
+    source: &dyn RestoreSource,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
 ) -> Result<(Rollouts, RestoreReport), String> {
@@ -152,59 +460,221 @@ pub fn restore_from(
         let events = queue.events_after(&rollout_id, 0).into_iter().map(|q| (q.event.seq, q.event));
         journals.entry(rollout_id).or_default().extend(events);
     }
-    for q in dead {
+    for q in source.dead_letters()? {
         journals.entry(q.rollout_id).or_default().push((q.event.seq, q.event));
     }
+    let corrupt = source.corrupt_records()?;
+    let with_pending: std::collections::BTreeSet<RolloutId> =
+        queue.pending().into_iter().map(|q| q.rollout_id).collect();
     let mut rollouts = Rollouts::new(hostname.clone());
+    let mut channels = source.channel_history()?;
     let mut report = RestoreReport::default();
     for (rollout_id, mut events) in journals {
         events.sort_by_key(|(seq, _)| *seq);
         events.dedup_by_key(|(seq, _)| *seq);
-        if events.first().is_none_or(|(seq, _)| *seq != 1) {
-            report.pruned.push(rollout_id);
+        if let Some(why) = missing_start(&rollout_id, hostname, &events, &corrupt, with_pending.contains(&rollout_id)) {
+            match why {
+                MissingStart::Pruned => report.pruned.push(rollout_id),
+                MissingStart::Lost(why) => {
+                    tracing::error!(%rollout_id, %why, "rollout NOT rebuilt: part of its history is lost");
+                    report.skipped.push((rollout_id, why));
+                }
+            }
             continue;
         }
-        // Without a verified manifest the rollout is still rebuilt, under a
-        // conservative policy: its seq must continue where the queue is, or
-        // every later event of it would be refused as out of order.
-        let cached =
-            envelope_of(&rollout_id).and_then(|e| e.ok_or_else(|| "no cached manifest".to_owned())).and_then(|bytes| {
-                admit_cached(hostname, trust_keys, &bytes, &rollout_id)
-                    .map(|m| m.machine_policy())
-                    .map_err(|e| e.to_string())
+        let journal = match events.iter().map(|(_, e)| e.to_local()).collect::<Result<Vec<Event>, _>>() {
+            Ok(j) => j,
+            Err(e) => {
+                let why = format!("an event does not convert: {e}");
+                tracing::error!(%rollout_id, %why, "rollout NOT rebuilt");
+                report.skipped.push((rollout_id, why));
+                continue;
+            }
+        };
+        let cached = source
+            .cached_envelope(&rollout_id)
+            .map_err(|e| format!("cannot read the cached manifest: {e}"))
+            .and_then(|bytes| bytes.ok_or_else(|| "no cached manifest".to_owned()))
+            .and_then(|bytes| {
+                verify_cached(&bytes, || source.accepted_key(&rollout_id), &rollout_id, hostname, trust_keys)
             });
         let policy = match cached {
-            Ok(p) => p,
+            Ok(cached) => {
+                if let Some(keyid) = &cached.no_longer_trusted {
+                    tracing::warn!(
+                        %rollout_id, %keyid,
+                        "the rollout's manifest was verified by key {keyid} when it was accepted; this host no longer trusts that key, and the rollout is finished under that manifest (new manifests need a trusted key)"
+                    );
+                    report.untrusted_key.push((rollout_id.clone(), keyid.clone()));
+                }
+                let accepted = journal.iter().any(|e| matches!(e.body, crate::machine::EventBody::Activate { .. }));
+                if accepted {
+                    let manifest = &cached.manifest;
+                    let offered = super::channels::Accepted {
+                        rollout_id: manifest.rollout_id.clone(),
+                        issued_at: manifest.issued_at,
+                    };
+                    channels = channels.with(offered);
+                }
+                cached.manifest.machine_policy()
+            }
             Err(why) => {
+                // Only a rollout that can never decide again may be rebuilt
+                // without its policy (the fallback is then a replay
+                // parameter, never consulted for a decision).
+                let mut probe = Rollouts::new(hostname.clone());
+                let over = probe.restore(rollout_id.clone(), FALLBACK_POLICY, &journal).is_ok()
+                    && probe.get(&rollout_id).is_some_and(|s| never_decides_again(s, &journal));
+                if !over {
+                    return Err(format!(
+                        "rollout {rollout_id} is still under way on this host but its manifest cannot be proven ({why}; file {}): refusing to guess its policy. Restore the trust key that accepted it, or finish the rollout by hand and remove its events from {}",
+                        source.manifest_path(&rollout_id).display(),
+                        queue.dir().display()
+                    ));
+                }
                 report.without_manifest.push((rollout_id.clone(), why));
                 FALLBACK_POLICY
             }
         };
-        let journal: Result<Vec<Event>, String> =
-            events.iter().map(|(_, e)| e.to_local().map_err(|e| e.to_string())).collect();
-        let restored = journal
-            .and_then(|j| rollouts.restore(rollout_id.clone(), policy, &j).map_err(|e: RolloutsError| e.to_string()));
-        match restored {
+        match rollouts.restore(rollout_id.clone(), policy, &journal) {
             Ok(()) => report.restored.push(rollout_id),
-            Err(why) => report.skipped.push((rollout_id, why)),
+            Err(e) => {
+                let why = e.to_string();
+                tracing::error!(%rollout_id, %why, "rollout NOT rebuilt: its history does not replay");
+                report.skipped.push((rollout_id, why));
+            }
         }
     }
+    rollouts.set_channels(channels);
     Ok((rollouts, report))
 }
 
-/// The policy of a rollout from its cached envelope, re-verified with
-/// `trust_keys`; Err says why there is none.
+/// True when no decision of this rollout can follow: never accepted
+/// (refused, stale, busy), or ended in a way that does not depend on the
+/// policy (converged, reverted, a rollback that failed, halted by a
+/// sustained failure whose event names the policy).
+fn never_decides_again(slot: &super::rollouts::Slot, journal: &[Event]) -> bool {
+    use crate::machine::{EventBody as B, OnHealthFailure};
+    let accepted = journal.iter().any(|e| matches!(e.body, B::Activate { .. }));
+    if !accepted {
+        return true;
+    }
+    let r = &slot.record;
+    match r.state {
+        HostState::Converged | HostState::Reverted => true,
+        HostState::Failed => {
+            r.rollback_failure.is_some()
+                || journal
+                    .iter()
+                    .any(|e| matches!(e.body, B::SustainedFailureCrossed { policy_applied: OnHealthFailure::Halt, .. }))
+        }
+        _ => false,
+    }
+}
+
+/// Why a rollout's history does not start at seq 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MissingStart {
+    /// Retention removed it: a finished rollout, known by its last seq.
+    Pruned,
+    /// A record is corrupt or missing: never silent.
+    Lost(String),
+}
+
+/// `None` when the history starts at seq 1. Retention never prunes a
+/// rollout with pending events, and removes the first event of a rollout
+/// first; so a missing start with pending events, or with a corrupt record
+/// of the rollout in `dead/`, is lost data, not pruning.
+pub fn missing_start(
+    rollout_id: &RolloutId,
+    hostname: &Hostname,
+    events: &[(u64, OutboundEvent)],
+    corrupt: &[(String, String)],
+    has_pending: bool,
+) -> Option<MissingStart> {
+    let first = events.first().map(|(seq, _)| *seq);
+    if first == Some(1) {
+        return None;
+    }
+    let files: Vec<String> = corrupt
+        .iter()
+        .filter(|(name, _)| names_rollout(name, hostname, rollout_id))
+        .map(|(n, r)| format!("dead/{n} ({r})"))
+        .collect();
+    if files.is_empty() && !has_pending {
+        return Some(MissingStart::Pruned);
+    }
+    let missing = match first {
+        Some(first) if first > 2 => format!("seqs 1 to {}", first - 1),
+        Some(_) => "seq 1".to_owned(),
+        None => "every event".to_owned(),
+    };
+    let cause = if files.is_empty() {
+        "no corrupt file names it, yet it has pending events, which retention never prunes".to_owned()
+    } else {
+        format!("corrupt record(s): {}", files.join(", "))
+    };
+    Some(MissingStart::Lost(format!("{missing} of rollout {rollout_id} missing; {cause}")))
+}
+
+/// Whether a queue file name (`{qseq}-{host}-{rollout}-{kind}.json`) is one
+/// of this rollout's (names are sanitised, and the rollout part may be cut).
+pub fn names_rollout(name: &str, hostname: &Hostname, rollout_id: &RolloutId) -> bool {
+    let Some(rest) = name.split_once('-').map(|(_, r)| r) else { return false };
+    let Some(rest) = rest.strip_prefix(&format!("{hostname}-")) else { return false };
+    let Some((rollout_part, _kind)) = rest.rsplit_once('-') else { return false };
+    let cut = rollout_part.chars().count() >= crate::queue::record::NAME_ROLLOUT_MAX_CHARS;
+    rollout_part == rollout_id.as_str() || (cut && rollout_id.as_str().starts_with(rollout_part))
+}
+
+/// The manifest of a rollout from its cached envelope, verified with
+/// `trust_keys`, or else with the key recorded when it was accepted; Err
+/// says why neither works.
+pub fn cached_manifest(
+    cache: &ManifestCache,
+    rollout_id: &RolloutId,
+    hostname: &Hostname,
+    trust_keys: &[PublicKey],
+) -> Result<CachedManifest, String> {
+    let bytes = cache
+        .load(rollout_id)
+        .map_err(|e| format!("cannot read the cached manifest: {e}"))?
+        .ok_or_else(|| "no cached manifest".to_owned())?;
+    verify_cached(&bytes, || cache.accepted_key(rollout_id), rollout_id, hostname, trust_keys)
+}
+
+/// [`cached_manifest`] once the envelope is read: `accepted_key` is asked
+/// only when the current trust keys do not verify it.
+fn verify_cached(
+    bytes: &[u8],
+    accepted_key: impl FnOnce() -> Result<Option<PublicKey>, String>,
+    rollout_id: &RolloutId,
+    hostname: &Hostname,
+    trust_keys: &[PublicKey],
+) -> Result<CachedManifest, String> {
+    let now_error = match admit_cached(hostname, trust_keys, bytes, rollout_id) {
+        Ok(manifest) => return Ok(CachedManifest { manifest, no_longer_trusted: None }),
+        Err(e) => e,
+    };
+    let key = match accepted_key()? {
+        Some(key) => key,
+        None => return Err(format!("{now_error} (and no key was recorded when it was accepted)")),
+    };
+    let keyid = key.keyid();
+    admit_cached(hostname, &[key], bytes, rollout_id)
+        .map(|manifest| CachedManifest { manifest, no_longer_trusted: Some(keyid.clone()) })
+        .map_err(|e| format!("{now_error}; with key {keyid} that accepted it: {e}"))
+}
+
+/// The policy of a rollout from its cached manifest (see
+/// [`cached_manifest`]); Err says why there is none.
 pub fn cached_policy(
     cache: &ManifestCache,
     rollout_id: &RolloutId,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
 ) -> Result<Policy, String> {
-    let bytes = cache
-        .load(rollout_id)
-        .map_err(|e| format!("cannot read the cached manifest: {e}"))?
-        .ok_or_else(|| "no cached manifest".to_owned())?;
-    admit_cached(hostname, trust_keys, &bytes, rollout_id).map(|m| m.machine_policy()).map_err(|e| e.to_string())
+    cached_manifest(cache, rollout_id, hostname, trust_keys).map(|c| c.manifest.machine_policy())
 }
 
 /// The events of the given folders of an agent's queue, read lock-free:
@@ -225,6 +695,22 @@ pub fn recorded_events(state_dir: &Path, folders: &[EntryState]) -> Result<Vec<Q
     Ok(out)
 }
 
+/// (file name, reason) of every record in `dead/` that is not a rejected
+/// event: unreadable at start-up (corrupt) or without its reason.
+pub fn corrupt_records(state_dir: &Path) -> Result<Vec<(String, String)>, String> {
+    let view = QueueView::open(state_dir).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for entry in view.list(&[EntryState::Dead]).map_err(|e| e.to_string())? {
+        let rejected =
+            view.inspect(entry.name()).ok().and_then(|i| i.dead_reason).is_some_and(|r| r.cause == DeadCause::Rejected);
+        if !rejected {
+            let reason = entry.reason.clone().unwrap_or_else(|| "no reason recorded".to_owned());
+            out.push((entry.name().to_owned(), reason));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use time::macros::datetime;
@@ -233,6 +719,7 @@ mod tests {
     use crate::agent::reducer::{commands, Input, Reducer};
     use crate::clock::ClockHandle;
     use crate::ids::Closure;
+    use crate::ids::RolloutId;
     use crate::machine::HostState;
     use crate::queue::QueueConfig;
     use crate::sign::{sign_envelope, SigningKey};
@@ -244,7 +731,7 @@ mod tests {
         let key = SigningKey::from_seed(&[3; 32]);
         let manifest = Manifest::parse(MANIFEST.as_bytes()).expect("valid");
         let envelope = serde_json::to_vec(&sign_envelope(&key, MANIFEST.as_bytes())).expect("json");
-        ManifestCache::new(dir).store(&manifest.rollout_id, &envelope).expect("cache");
+        ManifestCache::new(dir).store(&manifest.rollout_id, &envelope, &key.public_key()).expect("cache");
         let clock = ClockHandle::manual(datetime!(2026-11-25 12:00 UTC));
         let queue = Queue::open(dir, host(), QueueConfig::default(), clock).expect("open queue");
         (SharedQueue::new(queue), key.public_key(), manifest)
@@ -261,8 +748,77 @@ mod tests {
             target_closure: manifest.hosts[&host()].target_closure.clone(),
             soak_secs: 300,
             current_closure: Closure::parse("/nix/store/00000000000000000000000000000000-old").expect("valid"),
+            issued_at: manifest.issued_at,
             at: datetime!(2026-11-25 12:00 UTC),
         }
+    }
+
+    #[test]
+    fn async_workers_never_lock_the_queue_on_a_runtime_thread() {
+        // Proves, by reading the source, that the workers and the runtime use
+        // only `SharedQueue::with` (blocking pool) and the lock-free copies:
+        // `lock()` there would stall a runtime thread behind an fsync.
+        for (file, source) in
+            [("workers/net.rs", include_str!("workers/net.rs")), ("runtime.rs", include_str!("runtime.rs"))]
+        {
+            assert!(!source.contains(".lock()"), "src/agent/{file} locks something on a runtime thread");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_real_queue_at_its_soft_cap_tells_the_reducer_full_for_visibility_and_keeps_room_for_decisions() {
+        // Proves the glue between the queue's caps and the reducer: at the
+        // soft cap a visibility event is `JournalError::Full` (the reducer
+        // skips it, never loops), a decisive event still lands in the
+        // reserve, and at the hard cap a decisive event is `Full` too.
+        use crate::machine::{EventBody, ProbeMode, ProbeStatus};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ClockHandle::manual(datetime!(2026-11-25 12:00 UTC));
+        let config = QueueConfig { pending_soft_max_count: 2, pending_max_count: 3, ..QueueConfig::default() };
+        let mut queue = SharedQueue::new(Queue::open(dir.path(), host(), config, clock).expect("open"));
+        let id = RolloutId::parse("stable@r1").expect("id");
+        let t = datetime!(2026-11-25 12:00 UTC);
+        let closure = Closure::parse("/nix/store/00000000000000000000000000000000-new").expect("closure");
+        let started = |seq| {
+            OutboundEvent::from_machine(
+                seq,
+                &EventBody::ActivationStarted { started_at: t, switch_method: "direct".into() },
+            )
+        };
+        let probe = |seq| {
+            OutboundEvent::from_machine(
+                seq,
+                &EventBody::ProbeResult {
+                    probe_name: "web".into(),
+                    mode: ProbeMode::Enforce,
+                    status: ProbeStatus::Fail,
+                    observed_at: t,
+                    failure_reason: None,
+                },
+            )
+        };
+        let decisive = |seq| {
+            OutboundEvent::from_machine(
+                seq,
+                &EventBody::ActivationFailed { exit_code: 1, stderr_tail: String::new(), failed_at: t },
+            )
+        };
+        let ack = OutboundEvent::from_machine(
+            1,
+            &EventBody::Activate {
+                current_closure_at_dispatch: closure.clone(),
+                target_closure: closure,
+                soak_secs: 1,
+                received_at: t,
+            },
+        );
+        queue.append(&id, &ack).await.expect("below the soft cap");
+        queue.append(&id, &started(2)).await.expect("below the soft cap");
+        let refused = queue.append(&id, &probe(3)).await;
+        assert!(matches!(refused, Err(JournalError::Full(_))), "{refused:?}");
+        queue.append(&id, &decisive(3)).await.expect("the reserve takes a decisive event (the seq was not spent)");
+        let refused = queue.append(&id, &decisive(4)).await;
+        assert!(matches!(refused, Err(JournalError::Full(_))), "{refused:?}");
     }
 
     #[tokio::test]
@@ -310,20 +866,109 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_rollout_whose_manifest_no_longer_verifies_is_rebuilt_under_the_fallback_policy() {
-        // Proves a changed trust key is reported and the rollout is not
-        // resumed under the unverified policy, while its seq still continues.
+    async fn a_rollout_accepted_under_a_key_no_longer_trusted_is_finished_under_its_accepted_manifest() {
+        // Proves the trust-key rotation decision: the restarted agent keeps
+        // the policy verified at acceptance (key recorded beside the
+        // envelope) and reports the key, instead of inventing a `halt`
+        // policy the CP then refuses (before the fix: FALLBACK_POLICY). A
+        // live rollout whose manifest cannot be proven at all stops the
+        // agent with an error naming the rollout and the file.
         let dir = tempfile::tempdir().expect("tempdir");
-        let (queue, _public, manifest) = setup(dir.path());
+        let (queue, public, manifest) = setup(dir.path());
         let (cmds, _rx) = commands();
         let (mut reducer, _snap) = Reducer::new(Rollouts::new(host()), queue.clone(), cmds);
         reducer.handle(dispatch(&manifest)).await;
         let other = SigningKey::from_seed(&[4; 32]).public_key();
-        let (rollouts, report) = restore(&queue.lock(), dir.path(), &host(), &[other]).expect("restore");
+        let (rollouts, report) =
+            restore(&queue.lock(), dir.path(), &host(), std::slice::from_ref(&other)).expect("restore");
         let slot = rollouts.get(&manifest.rollout_id).expect("rebuilt");
-        assert_eq!(slot.policy, FALLBACK_POLICY);
+        assert_eq!(slot.policy, manifest.machine_policy(), "the accepted manifest's policy, not a guess");
         assert_eq!(slot.record.last_seq, 1);
-        assert_eq!(report.without_manifest.len(), 1);
-        assert!(report.without_manifest[0].1.contains("trust"), "{:?}", report.without_manifest);
+        assert_eq!(report.untrusted_key, vec![(manifest.rollout_id.clone(), public.keyid())]);
+        assert_eq!(
+            rollouts.channels().newest("stable").map(|a| a.rollout_id.clone()),
+            Some(manifest.rollout_id.clone()),
+            "the accepted manifest also seeds the no-downgrade history"
+        );
+
+        fs_err::remove_file(dir.path().join(MANIFEST_DIR).join(format!("{}.key", manifest.rollout_id))).expect("rm");
+        let err = restore(&queue.lock(), dir.path(), &host(), &[other]).expect_err("cannot be proven");
+        assert!(err.contains(manifest.rollout_id.as_str()) && err.contains(MANIFEST_DIR), "{err}");
+        assert!(err.contains("refusing to guess its policy"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_first_record_of_a_live_rollout_is_an_error_and_a_replay_problem_not_pruning() {
+        // Proves item 8: a Soaking-or-earlier rollout whose acked seq 1 is
+        // corrupt is not silently dropped as "pruned": restore reports it
+        // (rollout, file, missing seq), and `replay --state-dir` exits 1.
+        // A rollout whose first events retention removed stays "pruned".
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (queue, public, manifest) = setup(dir.path());
+        let (cmds, _rx) = commands();
+        let (mut reducer, _snap) = Reducer::new(Rollouts::new(host()), queue.clone(), cmds);
+        reducer.handle(dispatch(&manifest)).await;
+        let rid = manifest.rollout_id.clone();
+        let at = datetime!(2026-11-25 12:00:01 UTC);
+        reducer.handle(Input::SwitchStarted { rollout_id: rid.clone(), switch_method: "setsid".into(), at }).await;
+        {
+            let mut q = queue.lock();
+            for p in q.pending() {
+                q.ack(p.qseq).expect("ack");
+            }
+        }
+        drop(reducer);
+        drop(queue);
+        let acked_dir = dir.path().join("outbound-queue/acked");
+        let first = fs_err::read_dir(&acked_dir)
+            .expect("acked")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with("-DispatchAck.json"))
+            .expect("seq 1 on disk");
+        fs_err::write(&first, b"{ bit rot").expect("corrupt");
+        let name = first.file_name().and_then(|n| n.to_str()).expect("name").to_owned();
+
+        let clock = ClockHandle::manual(datetime!(2026-11-25 13:00 UTC));
+        let reopened = Queue::open(dir.path(), host(), QueueConfig::default(), clock).expect("reopen");
+        let (rollouts, report) =
+            restore(&reopened, dir.path(), &host(), std::slice::from_ref(&public)).expect("restore");
+        assert!(rollouts.get(&rid).is_none());
+        assert!(report.pruned.is_empty(), "not pruning: {report:?}");
+        let [(skipped, why)] = report.skipped.as_slice() else { panic!("{report:?}") };
+        assert_eq!(skipped, &rid);
+        assert!(why.contains("seq 1") && why.contains(&name), "{why}");
+        drop(reopened);
+
+        let key_path = dir.path().join("release.pub");
+        fs_err::write(&key_path, public.to_text()).expect("key file");
+        let replayed = crate::tools::replay::replay_queue(dir.path(), &[key_path], true);
+        let err = replayed.expect_err("a lost record is a problem");
+        assert!(err.to_string().contains(rid.as_str()) && err.to_string().contains("seq 1"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_start_without_pending_events_or_a_corrupt_record_is_retention() {
+        // Proves the distinction: pruned by retention vs lost.
+        let rid = RolloutId::parse("stable@r1").expect("valid");
+        let tail = vec![(
+            5,
+            OutboundEvent::from_machine(
+                5,
+                &crate::machine::EventBody::ActivationStarted {
+                    started_at: datetime!(2026-11-25 12:00 UTC),
+                    switch_method: "x".into(),
+                },
+            ),
+        )];
+        assert_eq!(missing_start(&rid, &host(), &tail, &[], false), Some(MissingStart::Pruned));
+        let Some(MissingStart::Lost(why)) = missing_start(&rid, &host(), &tail, &[], true) else { panic!() };
+        assert!(why.contains("seqs 1 to 4") && why.contains("pending"), "{why}");
+        let corrupt = vec![("00000000000000000007-web-1-stable@r1-DispatchAck.json".to_owned(), "bad json".to_owned())];
+        let Some(MissingStart::Lost(why)) = missing_start(&rid, &host(), &tail, &corrupt, false) else { panic!() };
+        assert!(why.contains("dead/00000000000000000007-web-1-stable@r1-DispatchAck.json"), "{why}");
+        assert!(!names_rollout("00000000000000000007-web-1-stable@r10-DispatchAck.json", &host(), &rid));
+        let r10 = RolloutId::parse("stable@r10").expect("valid");
+        assert!(!names_rollout(&corrupt[0].0, &host(), &r10), "a shorter id is not a prefix match");
     }
 }

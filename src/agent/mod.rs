@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod admission;
 pub mod backoff;
+pub mod channels;
 pub mod cmd;
 pub mod journal;
 pub mod net;

@@ -5,7 +5,7 @@
 
 use hyper::{Method, StatusCode};
 
-use crate::cp::client::{request, ClientError, CpUrl};
+use crate::client::{request, ClientError, CpUrl};
 use crate::ids::{Hostname, RolloutId};
 use crate::wire::{Dispatch, EventBatch, EventBatchResponse, Heartbeat, HeartbeatResponse, MAX_LONGPOLL_WAIT_SECS};
 

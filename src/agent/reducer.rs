@@ -21,10 +21,11 @@ use std::time::Duration as StdDuration;
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use super::rollouts::{probe_bodies, rollback_body, switch_body, Prepared, Rollouts, RolloutsError, SwitchOutcome};
+use super::channels::{Accepted, ChannelHistory};
+use super::rollouts::{rollback_body, switch_body, Prepared, Rollouts, RolloutsError, SwitchOutcome};
 use crate::ids::{Closure, RolloutId};
-use crate::machine::{Effect, EventBody, HostState, Policy, ProbeDecl, ProbeMode, ProbeStatus, Timestamp};
-use crate::wire::OutboundEvent;
+use crate::machine::{Effect, EventBody, HostState, Policy, ProbeDecl, ProbeMode, ProbeStatus, RejectCode, Timestamp};
+use crate::wire::{OutboundEvent, MAX_CLOCK_SKEW};
 
 /// Reducer input queue. Inputs are small and produced by a handful of
 /// workers (probes at ≥ 1 s intervals, one switch, ticks every 5 s): 64
@@ -38,6 +39,27 @@ pub const JOURNAL_RETRY_MIN: StdDuration = StdDuration::from_millis(100);
 /// within seconds once space returns.
 pub const JOURNAL_RETRY_MAX: StdDuration = StdDuration::from_secs(10);
 
+/// Why an append did not make the event durable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    /// The queue holds as many pending events as it takes for this kind
+    /// (`queue::QueueError::Full`): nothing was written. For a visibility
+    /// event the reducer drops the attempt and tries again with the next
+    /// observation; a decisive event is retried until it fits (the queue
+    /// keeps a reserve for decisive events past its soft cap).
+    #[error("{0}")]
+    Full(String),
+    /// Anything else (disk full, I/O error): retried with backoff.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<String> for JournalError {
+    fn from(message: String) -> JournalError {
+        JournalError::Failed(message)
+    }
+}
+
 /// Where the reducer makes an event durable. The agent's queue implements
 /// it (its fsyncs run on the blocking pool, off the reactor); tests use an
 /// in-memory journal that can be told to fail.
@@ -47,7 +69,38 @@ pub trait Journal: Send + std::fmt::Debug + 'static {
         &mut self,
         rollout_id: &RolloutId,
         event: &OutboundEvent,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    ) -> impl std::future::Future<Output = Result<(), JournalError>> + Send;
+
+    /// Makes the no-downgrade history durable (before the DispatchAck that
+    /// accepts a rollout). Default: [`ChannelHistory::save`] on the
+    /// blocking pool, the daemon's file. Seam for `nixfleet sim`, whose
+    /// agents keep the history in memory and have no blocking pool.
+    fn save_channels(
+        &mut self,
+        channels: &ChannelHistory,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
+        let copy = channels.clone();
+        async move {
+            match tokio::task::spawn_blocking(move || copy.save()).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("save task failed: {e}")),
+            }
+        }
+    }
+}
+
+/// Events that only make the host visible, never decide anything: under a
+/// full queue they are not retried in a loop (that would block every
+/// decision behind them) but attempted again later. The same list is the
+/// queue's "not decisive" set for its reserve.
+fn deferrable(body: &EventBody) -> bool {
+    matches!(
+        body,
+        EventBody::ProbeResult { .. }
+            | EventBody::ProbeObservedFirst { .. }
+            | EventBody::ActivationStarted { .. }
+            | EventBody::ProbeTopologyDeclared { .. }
+    )
 }
 
 /// What the workers tell the reducer.
@@ -55,13 +108,16 @@ pub trait Journal: Send + std::fmt::Debug + 'static {
 pub enum Input {
     /// A dispatch whose manifest verified against the agent's trust keys
     /// and whose target matches the manifest. `current_closure` is what
-    /// `current-system` resolved to when it was accepted.
+    /// `current-system` resolved to when it was accepted; `issued_at` is the
+    /// verified manifest's (no downgrade, clock-skew bound). The reducer
+    /// still decides: accept, or refuse `busy` / `stale` / future-dated.
     Dispatch {
         rollout_id: RolloutId,
         policy: Policy,
         target_closure: Closure,
         soak_secs: u64,
         current_closure: Closure,
+        issued_at: Timestamp,
         at: Timestamp,
     },
     /// A dispatch the agent refuses (signature, mismatch, quarantine).
@@ -110,6 +166,11 @@ pub struct SwitchOrder {
     /// Increases with every order, so a worker can tell a new order from a
     /// repeated one.
     pub generation: u64,
+    /// `Some(failed)`: not a switch. After a forward activation failed
+    /// under `halt`, make `closure` (the pre-dispatch closure) the boot
+    /// default again, while the profile still names `failed`; no live
+    /// switch and no event (`activation::restore_boot_default`).
+    pub restore_boot_from: Option<Closure>,
 }
 
 /// Which rollout's probes should run (the newly active system's).
@@ -153,6 +214,10 @@ pub struct Reducer<J> {
     commands: Commands,
     generation: u64,
     snapshot: watch::Sender<Rollouts>,
+    /// A topology that could not be journaled (queue full): the probe
+    /// worker declares once per plan, so the reducer owes it and retries it
+    /// on every tick; without it the host could neither converge nor fail.
+    owed_topology: Option<(RolloutId, Vec<ProbeDecl>, Timestamp)>,
 }
 
 impl<J: Journal> Reducer<J> {
@@ -161,7 +226,7 @@ impl<J: Journal> Reducer<J> {
     /// status) that is updated after every commit.
     pub fn new(rollouts: Rollouts, journal: J, commands: Commands) -> (Reducer<J>, watch::Receiver<Rollouts>) {
         let (snapshot, snapshot_rx) = watch::channel(rollouts.clone());
-        (Reducer { rollouts, journal, commands, generation: 0, snapshot }, snapshot_rx)
+        (Reducer { rollouts, journal, commands, generation: 0, snapshot, owed_topology: None }, snapshot_rx)
     }
 
     pub fn rollouts(&self) -> &Rollouts {
@@ -173,10 +238,18 @@ impl<J: Journal> Reducer<J> {
     /// rollback (the activation worker checks `current-system` first, so a
     /// switch that already happened is only observed, not repeated).
     pub fn resume(&mut self) {
+        for (id, _) in self.rollouts.iter().filter(|(_, s)| s.is_live()) {
+            if let Some(later) = self.rollouts.accepted_after(id) {
+                tracing::error!(
+                    rollout_id = %id, accepted_later = %later,
+                    "rollout is still live in the journal but a later rollout was accepted (a journal from before the one-live-rollout rule); it will not act again"
+                );
+            }
+        }
         let soaking: Vec<RolloutId> = self
             .rollouts
             .iter()
-            .filter(|(_, s)| s.record.state == HostState::Soaking)
+            .filter(|(id, s)| s.record.state == HostState::Soaking && self.rollouts.accepted_after(id).is_none())
             .map(|(id, _)| id.clone())
             .collect();
         for id in soaking {
@@ -192,6 +265,19 @@ impl<J: Journal> Reducer<J> {
                 self.order_switch(id, closure, rollback);
             }
         }
+        // A halted failure whose boot default may not be restored yet (the
+        // agent died in between): only the rollout accepted last, so a
+        // later rollout's profile is never touched; the worker checks that
+        // the profile still names the failed closure.
+        let last = self
+            .rollouts
+            .iter()
+            .filter(|(_, s)| s.record.dispatch_acked_at.is_some())
+            .max_by_key(|(id, s)| (s.record.dispatch_acked_at, *id))
+            .map(|(id, _)| id.clone());
+        if let Some(id) = last {
+            self.restore_boot_if_halted(&id);
+        }
     }
 
     /// Runs until every input sender is dropped.
@@ -206,11 +292,58 @@ impl<J: Journal> Reducer<J> {
     /// committed and acted upon before the next input is read.
     pub async fn handle(&mut self, input: Input) {
         match input {
-            Input::Dispatch { rollout_id, policy, target_closure, soak_secs, current_closure, at } => {
-                if !self.rollouts.open(&rollout_id, policy) {
-                    tracing::debug!(%rollout_id, "dispatch for a rollout already known; ignored");
+            Input::Dispatch { rollout_id, policy, target_closure, soak_secs, current_closure, issued_at, at } => {
+                let refused_busy_before = match self.rollouts.get(&rollout_id) {
+                    Some(slot) if slot.record.state != HostState::Pending => {
+                        tracing::debug!(%rollout_id, "dispatch for a rollout already under way; ignored");
+                        return;
+                    }
+                    Some(slot) => slot.record.last_seq > 0,
+                    None => false,
+                };
+                let reject = |code, reason| (code, reason, policy, target_closure.clone());
+                let offered = Accepted { rollout_id: rollout_id.clone(), issued_at };
+                let refusal = if issued_at > at + MAX_CLOCK_SKEW {
+                    Some(reject(
+                        RejectCode::Refused,
+                        format!(
+                            "manifest of {rollout_id} is issued at {issued_at}, more than {} s ahead of this host's clock ({at})",
+                            MAX_CLOCK_SKEW.whole_seconds()
+                        ),
+                    ))
+                } else if let Err(why) = self.rollouts.channels().check(&offered) {
+                    Some(reject(RejectCode::Stale, why))
+                } else if let Some((live_id, live)) = self.rollouts.live(Some(&rollout_id)) {
+                    if refused_busy_before {
+                        tracing::debug!(%rollout_id, live = %live_id, "dispatch already refused busy; ignored");
+                        return;
+                    }
+                    let reason = format!(
+                        "busy: rollout {live_id} is {} on this host (one live rollout per host); offer {rollout_id} again when it is over",
+                        live.record.state
+                    );
+                    Some(reject(RejectCode::Busy, reason))
+                } else {
+                    None
+                };
+                if let Some((code, reason, policy, target_closure)) = refusal {
+                    tracing::warn!(%rollout_id, code = code.as_str(), %reason, "dispatch refused");
+                    self.rollouts.open(&rollout_id, policy);
+                    self.feed(
+                        &rollout_id,
+                        EventBody::DispatchRejected { target_closure, code, reason, rejected_at: at },
+                    )
+                    .await;
                     return;
                 }
+                // Accepted: the no-downgrade history is durable BEFORE the
+                // DispatchAck exists, so no restart or pruning forgets it.
+                let channels = self.rollouts.channels().with(offered);
+                if &channels != self.rollouts.channels() {
+                    self.save_channels_until_durable(&channels).await;
+                    self.rollouts.set_channels(channels);
+                }
+                self.rollouts.open(&rollout_id, policy);
                 let body = EventBody::Activate {
                     current_closure_at_dispatch: current_closure,
                     target_closure,
@@ -224,7 +357,11 @@ impl<J: Journal> Reducer<J> {
                     return;
                 }
                 tracing::warn!(%rollout_id, %reason, "dispatch refused");
-                self.feed(&rollout_id, EventBody::DispatchRejected { target_closure, reason, rejected_at: at }).await;
+                self.feed(
+                    &rollout_id,
+                    EventBody::DispatchRejected { target_closure, code: RejectCode::Refused, reason, rejected_at: at },
+                )
+                .await;
             }
             Input::SwitchStarted { rollout_id, switch_method, at } => {
                 let activating = self.state(&rollout_id) == Some(HostState::Activating);
@@ -246,25 +383,60 @@ impl<J: Journal> Reducer<J> {
                 self.feed(&rollout_id, body).await;
             }
             Input::ProbeTopology { rollout_id, probes, at } => {
-                if self.state(&rollout_id) == Some(HostState::Soaking) {
-                    self.feed(&rollout_id, EventBody::ProbeTopologyDeclared { probes, declared_at: at }).await;
-                }
+                self.declare_topology(rollout_id, probes, at).await;
             }
             Input::ProbeRun { rollout_id, probe_name, mode, status, reason, at } => {
-                let Some(slot) = self.rollouts.get(&rollout_id) else { return };
-                if slot.record.state != HostState::Soaking {
+                if self.state(&rollout_id) != Some(HostState::Soaking)
+                    || self.rollouts.accepted_after(&rollout_id).is_some()
+                {
                     return; // a result that raced the end of the soak
                 }
-                for body in probe_bodies(&slot.record, &probe_name, mode, status, reason, at) {
-                    self.feed(&rollout_id, body).await;
+                for body in self.rollouts.observe_probe(&rollout_id, &probe_name, mode, status, reason, at) {
+                    if !self.feed(&rollout_id, body).await {
+                        break; // queue full: the next run of the probe tries again
+                    }
                 }
                 if let Some(start) = self.rollouts.failure_clock_start(&rollout_id) {
                     self.feed(&rollout_id, start).await;
                 }
+                let failing = (mode == ProbeMode::Enforce && status == ProbeStatus::Fail).then_some(at);
+                self.rollouts.note_failure_clock(&rollout_id, failing);
             }
             Input::Tick { now } => {
+                if let Some((rollout_id, probes, at)) = self.owed_topology.take() {
+                    self.declare_topology(rollout_id, probes, at).await;
+                }
                 for (rollout_id, body) in self.rollouts.due(now) {
                     self.feed(&rollout_id, body).await;
+                }
+            }
+        }
+    }
+
+    async fn declare_topology(&mut self, rollout_id: RolloutId, probes: Vec<ProbeDecl>, at: Timestamp) {
+        if self.state(&rollout_id) != Some(HostState::Soaking) {
+            return;
+        }
+        let body = EventBody::ProbeTopologyDeclared { probes: probes.clone(), declared_at: at };
+        if self.feed(&rollout_id, body).await {
+            self.rollouts.note_failure_clock(&rollout_id, None);
+        } else {
+            self.owed_topology = Some((rollout_id, probes, at));
+        }
+    }
+
+    async fn save_channels_until_durable(&mut self, channels: &ChannelHistory) {
+        let mut delay = JOURNAL_RETRY_MIN;
+        loop {
+            match self.journal.save_channels(channels).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::error!(
+                        %error, retry_in_ms = delay.as_millis() as u64,
+                        "cannot make the accepted-channels file durable; the dispatch waits until it is"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(JOURNAL_RETRY_MAX);
                 }
             }
         }
@@ -274,32 +446,51 @@ impl<J: Journal> Reducer<J> {
         self.rollouts.get(rollout_id).map(|s| s.record.state)
     }
 
-    /// prepare → journal (retried until durable) → commit → act.
-    async fn feed(&mut self, rollout_id: &RolloutId, body: EventBody) {
+    /// prepare → journal (retried until durable) → commit → act. Returns
+    /// whether the event was committed: false when the state machine
+    /// refused it, or when a deferrable (visibility) event met a full queue.
+    async fn feed(&mut self, rollout_id: &RolloutId, body: EventBody) -> bool {
         let prepared = match self.rollouts.prepare(rollout_id, body) {
             Ok(p) => p,
             Err(RolloutsError::Transition(e)) => {
                 // The agent's own input was illegal for its record: nothing
                 // was emitted, so there is nothing to lose; say why.
                 tracing::warn!(%rollout_id, error = %e, "input refused by the state machine");
-                return;
+                return false;
             }
             Err(e) => {
                 tracing::warn!(%rollout_id, error = %e, "input for an unknown rollout ignored");
-                return;
+                return false;
             }
         };
         let outbound = OutboundEvent::from_machine(prepared.event.seq, &prepared.event.body);
-        self.append_until_durable(rollout_id, &outbound).await;
+        if !self.append_until_durable(rollout_id, &outbound, deferrable(&prepared.event.body)).await {
+            return false;
+        }
         self.commands.drain.notify_one();
         self.apply(prepared);
+        true
     }
 
-    async fn append_until_durable(&mut self, rollout_id: &RolloutId, outbound: &OutboundEvent) {
+    /// Appends until durable; false only for a deferrable event that met a
+    /// full queue (nothing written, nothing to commit).
+    async fn append_until_durable(
+        &mut self,
+        rollout_id: &RolloutId,
+        outbound: &OutboundEvent,
+        deferrable: bool,
+    ) -> bool {
         let mut delay = JOURNAL_RETRY_MIN;
         loop {
             match self.journal.append(rollout_id, outbound).await {
-                Ok(()) => return,
+                Ok(()) => return true,
+                Err(JournalError::Full(error)) if deferrable => {
+                    tracing::warn!(
+                        %rollout_id, seq = outbound.seq, kind = outbound.kind(), %error,
+                        "queue full: this visibility event waits for the next observation; decisions still go through"
+                    );
+                    return false;
+                }
                 Err(error) => {
                     tracing::error!(
                         %rollout_id, seq = outbound.seq, kind = outbound.kind(), %error,
@@ -316,6 +507,8 @@ impl<J: Journal> Reducer<J> {
     fn apply(&mut self, prepared: Prepared) {
         let rollout_id = prepared.rollout_id.clone();
         let actions: Vec<Effect> = prepared.actions().cloned().collect();
+        let activation_ended =
+            matches!(prepared.event.body, EventBody::ActivationFailed { .. } | EventBody::ActivationCompleted { .. });
         if let Err(e) = self.rollouts.commit(prepared) {
             // Unreachable with one mutator; keep the journal authoritative.
             tracing::error!(%rollout_id, error = %e, "commit refused after a durable append");
@@ -331,6 +524,9 @@ impl<J: Journal> Reducer<J> {
                 Effect::ResetProbes => self.plan_probes(Some(rollout_id.clone())),
                 Effect::EmitOutbound { .. } | Effect::AppendEventLog { .. } | Effect::InsertQuarantine { .. } => {}
             }
+        }
+        if activation_ended {
+            self.restore_boot_if_halted(&rollout_id);
         }
         if let Some(state) = self.state(&rollout_id) {
             if matches!(state, HostState::Converged | HostState::Failed | HostState::Reverted) {
@@ -354,7 +550,36 @@ impl<J: Journal> Reducer<J> {
 
     fn order_switch(&mut self, rollout_id: RolloutId, closure: Closure, rollback: bool) {
         let generation = self.next_generation();
-        self.commands.switch.send_replace(Some(SwitchOrder { rollout_id, closure, rollback, generation }));
+        let order = SwitchOrder { rollout_id, closure, rollback, generation, restore_boot_from: None };
+        self.commands.switch.send_replace(Some(order));
+    }
+
+    /// Under `halt` a failed forward activation leaves the profile (and the
+    /// boot loader) on the failed closure; the next reboot would boot it.
+    /// Orders the pre-dispatch closure back as the boot default (no switch).
+    fn restore_boot_if_halted(&mut self, rollout_id: &RolloutId) {
+        let Some(slot) = self.rollouts.get(rollout_id) else { return };
+        let r = &slot.record;
+        let failed_activation = matches!(
+            r.failure,
+            Some(crate::machine::Failure::ActivationFailed { .. } | crate::machine::Failure::WrongClosure { .. })
+        );
+        if r.state != HostState::Failed || r.rollback_fired || !failed_activation {
+            return;
+        }
+        let (Some(previous), Some(failed)) = (r.current_closure_at_dispatch.clone(), r.target_closure.clone()) else {
+            return;
+        };
+        tracing::info!(%rollout_id, %previous, %failed, "halt: making the pre-dispatch closure the boot default again");
+        let generation = self.next_generation();
+        let order = SwitchOrder {
+            rollout_id: rollout_id.clone(),
+            closure: previous,
+            rollback: false,
+            generation,
+            restore_boot_from: Some(failed),
+        };
+        self.commands.switch.send_replace(Some(order));
     }
 
     fn plan_probes(&mut self, rollout_id: Option<RolloutId>) {
@@ -370,6 +595,7 @@ mod tests {
     use time::Duration;
 
     use super::*;
+    use crate::agent::channels::ChannelHistory;
     use crate::agent::testkit::{closure, host, policy, rid, T0};
     use crate::machine::{Event, ProbeKind};
 
@@ -378,14 +604,23 @@ mod tests {
         events: Arc<Mutex<Vec<(RolloutId, OutboundEvent)>>>,
         /// Appends fail while this is > 0 (decremented on each failure).
         failures_left: Arc<Mutex<u32>>,
+        /// With Some(n): once n events are held, every append is `Full`
+        /// (the queue's soft cap as the reducer sees it).
+        full_at: Arc<Mutex<Option<usize>>>,
     }
 
     impl Journal for MemJournal {
-        async fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), String> {
+        async fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), JournalError> {
+            if let Some(max) = *self.full_at.lock().expect("lock") {
+                let decisive = !deferrable(&event.to_body().map_err(|e| JournalError::Failed(e.to_string()))?);
+                if !decisive && self.events.lock().expect("lock").len() >= max {
+                    return Err(JournalError::Full("queue full: 3 of 3 pending".into()));
+                }
+            }
             let mut left = self.failures_left.lock().expect("lock");
             if *left > 0 {
                 *left -= 1;
-                return Err("No space left on device (os error 28)".into());
+                return Err(JournalError::Failed("No space left on device (os error 28)".into()));
             }
             self.events.lock().expect("lock").push((rollout_id.clone(), event.clone()));
             Ok(())
@@ -408,6 +643,7 @@ mod tests {
             target_closure: closure('1'),
             soak_secs: 30,
             current_closure: closure('0'),
+            issued_at: T0,
             at: T0,
         }
     }
@@ -476,13 +712,13 @@ mod tests {
                 "ProbeObservedFirst",
                 "ProbeResult",
                 "ProbeFailureFirst",
-                "ProbeResult",
                 "Failed",
                 "RollbackComplete"
-            ]
+            ],
+            "the second failing result is no change: no event"
         );
         let seqs: Vec<u64> = journal.local_events().iter().map(|e| e.seq).collect();
-        assert_eq!(seqs, (1..=9).collect::<Vec<u64>>(), "seq starts at 1, +1 per event, no gaps");
+        assert_eq!(seqs, (1..=8).collect::<Vec<u64>>(), "seq starts at 1, +1 per event, no gaps");
     }
 
     #[tokio::test(start_paused = true)]
@@ -568,5 +804,262 @@ mod tests {
         assert_eq!(journal.kinds(), vec!["DispatchRejected"]);
         assert!(rx.switch.borrow().is_none());
         assert_eq!(r.rollouts().get(&rid()).expect("slot").record.state, HostState::Failed);
+    }
+
+    fn dispatch_of(id: &str, target: char, issued_at: Timestamp, at: Timestamp) -> Input {
+        Input::Dispatch {
+            rollout_id: RolloutId::parse(id).expect("valid"),
+            policy: policy(),
+            target_closure: closure(target),
+            soak_secs: 30,
+            current_closure: closure('0'),
+            issued_at,
+            at,
+        }
+    }
+
+    fn secs(n: i64) -> Timestamp {
+        T0 + Duration::seconds(n)
+    }
+
+    fn probe(status: ProbeStatus, at: Timestamp) -> Input {
+        Input::ProbeRun {
+            rollout_id: rid(),
+            probe_name: "web".into(),
+            mode: ProbeMode::Enforce,
+            status,
+            reason: (status == ProbeStatus::Fail).then(|| "HTTP 503".to_owned()),
+            at,
+        }
+    }
+
+    /// Events of one rollout as (seq, body).
+    fn events_of(journal: &MemJournal, id: &str) -> Vec<(u64, EventBody)> {
+        let id = RolloutId::parse(id).expect("valid");
+        let events = journal.events.lock().expect("lock");
+        events.iter().filter(|(r, _)| *r == id).map(|(_, e)| (e.seq, e.to_body().expect("valid"))).collect()
+    }
+
+    /// Every rollout of the journal rebuilt, as a restarted agent does, and
+    /// `resume` run; `channels` is the durable history it would load.
+    fn restarted_all(journal: &MemJournal, channels: ChannelHistory) -> (Reducer<MemJournal>, CommandReceivers) {
+        let mut restored = Rollouts::new(host());
+        let ids: std::collections::BTreeSet<RolloutId> =
+            journal.events.lock().expect("lock").iter().map(|(r, _)| r.clone()).collect();
+        for id in ids {
+            let events: Vec<Event> = journal
+                .events
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|(r, _)| *r == id)
+                .map(|(_, e)| e.to_local().expect("valid"))
+                .collect();
+            restored.restore(id, policy(), &events).expect("restore");
+        }
+        restored.set_channels(channels);
+        let (cmds, rx) = commands();
+        let (mut again, _snapshot) = Reducer::new(restored, journal.clone(), cmds);
+        again.resume();
+        (again, rx)
+    }
+
+    /// A (rid) soaking with its enforce probe failing since `secs(10)`.
+    async fn soaking_and_failing(r: &mut Reducer<MemJournal>, rx: &CommandReceivers) {
+        r.handle(dispatch()).await;
+        let order = rx.switch.borrow().clone().expect("switch ordered");
+        let done = SwitchOutcome::Completed { observed: closure('1'), exit_code: 0 };
+        r.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: done, at: secs(5) }).await;
+        let probes = vec![ProbeDecl { name: "web".into(), kind: ProbeKind::Http, mode: ProbeMode::Enforce }];
+        r.handle(Input::ProbeTopology { rollout_id: rid(), probes, at: secs(5) }).await;
+        r.handle(probe(ProbeStatus::Fail, secs(10))).await;
+        assert_eq!(r.rollouts().get(&rid()).expect("slot").record.failure_clock_since, Some(secs(10)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dispatch_while_another_rollout_is_live_is_refused_busy_once_and_admitted_after_it_ends() {
+        // Proves rule 7 on the agent: B offered while A soaks (probe failing)
+        // is answered `busy` (durable, B stays Pending), repeats are ignored,
+        // A's gate and rollback run while B waits, and B's next offer after A
+        // is over activates it with the next seq. Before the fix B was
+        // accepted while A soaked, and A's gate then rolled the host back.
+        let journal = MemJournal::default();
+        let (mut r, rx) = reducer(journal.clone());
+        soaking_and_failing(&mut r, &rx).await;
+        let b = RolloutId::parse("stable@r2").expect("valid");
+        r.handle(dispatch_of("stable@r2", '2', T0, secs(20))).await;
+        let b_events = events_of(&journal, "stable@r2");
+        assert_eq!(b_events.len(), 1, "{b_events:?}");
+        let EventBody::DispatchRejected { code, reason, .. } = &b_events[0].1 else { panic!("{b_events:?}") };
+        assert_eq!(*code, RejectCode::Busy);
+        assert!(reason.contains("stable@r1") && reason.contains("Soaking"), "{reason}");
+        assert_eq!(r.rollouts().get(&b).expect("slot").record.state, HostState::Pending);
+        assert!(r.rollouts().answered(&b), "the long-poll skips B's repeats while A is live");
+        r.handle(dispatch_of("stable@r2", '2', T0, secs(21))).await;
+        assert_eq!(events_of(&journal, "stable@r2").len(), 1, "a repeated offer is ignored");
+        assert_eq!(rx.switch.borrow().as_ref().map(|o| o.rollout_id.clone()), Some(rid()), "B never switched");
+
+        r.handle(probe(ProbeStatus::Fail, secs(11))).await;
+        r.handle(Input::Tick { now: secs(70) }).await;
+        let order = rx.switch.borrow().clone().expect("A's rollback");
+        assert_eq!((order.rollout_id.clone(), order.closure.clone(), order.rollback), (rid(), closure('0'), true));
+        r.handle(dispatch_of("stable@r2", '2', T0, secs(71))).await;
+        assert_eq!(events_of(&journal, "stable@r2").len(), 1, "still busy while A rolls back");
+        let back = SwitchOutcome::Completed { observed: closure('0'), exit_code: 0 };
+        r.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: back, at: secs(80) }).await;
+        assert!(!r.rollouts().answered(&b), "A is over: B's next offer gets an answer");
+        r.handle(dispatch_of("stable@r2", '2', T0, secs(90))).await;
+        let b_events = events_of(&journal, "stable@r2");
+        assert_eq!(b_events.len(), 2);
+        assert!(matches!(b_events[1], (2, EventBody::Activate { .. })), "{b_events:?}");
+        let order = rx.switch.borrow().clone().expect("B's switch");
+        assert_eq!((order.rollout_id, order.closure), (b, closure('2')));
+        let a_before = events_of(&journal, "stable@r1").len();
+        r.handle(Input::Tick { now: secs(500) }).await;
+        assert_eq!(events_of(&journal, "stable@r1").len(), a_before, "nothing of A after B was accepted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_agent_that_refused_b_busy_admits_b_once_a_has_ended() {
+        // Proves the restart path of rule 7: the busy refusal is durable (no
+        // second refusal after the restart while A is live), and once A has
+        // ended the restarted agent activates B with the next seq.
+        let journal = MemJournal::default();
+        let (mut r, _rx) = reducer(journal.clone());
+        r.handle(dispatch()).await;
+        r.handle(dispatch_of("stable@r2", '2', T0, secs(1))).await;
+        let (mut again, rx) = restarted_all(&journal, r.rollouts().channels().clone());
+        again.handle(dispatch_of("stable@r2", '2', T0, secs(2))).await;
+        assert_eq!(events_of(&journal, "stable@r2").len(), 1, "no second busy after the restart");
+        let order = rx.switch.borrow().clone().expect("A's switch re-ordered");
+        assert_eq!(order.rollout_id, rid());
+        let failed = SwitchOutcome::Failed { exit_code: 1, stderr_tail: "boom".into() };
+        again.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: failed, at: secs(3) }).await;
+        let rollback = rx.switch.borrow().clone().expect("A's rollback");
+        assert!(rollback.rollback);
+        let back = SwitchOutcome::Completed { observed: closure('0'), exit_code: 0 };
+        again.handle(Input::SwitchFinished { rollout_id: rid(), order: rollback, outcome: back, at: secs(4) }).await;
+        assert_eq!(again.rollouts().get(&rid()).expect("slot").record.state, HostState::Reverted);
+        again.handle(dispatch_of("stable@r2", '2', T0, secs(5))).await;
+        let b_events = events_of(&journal, "stable@r2");
+        assert!(
+            matches!(b_events.as_slice(), [(1, EventBody::DispatchRejected { .. }), (2, EventBody::Activate { .. })]),
+            "{b_events:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_older_manifest_on_a_channel_is_refused_stale_even_after_a_restart() {
+        // Proves rule 11: after accepting stable@v2 (durably, before its
+        // DispatchAck), stable@v1 is refused `stale` naming both, also by a
+        // restarted agent that reloads the file; a manifest dated beyond the
+        // clock-skew bound is refused. Before the fix v1 was activated.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = MemJournal::default();
+        let (mut r, _rx) = reducer(journal.clone());
+        r.rollouts.set_channels(ChannelHistory::load(dir.path()).expect("load"));
+        let hour = Duration::hours(1);
+        r.handle(dispatch_of("stable@v2", '2', T0 + hour, T0 + hour)).await;
+        assert!(matches!(events_of(&journal, "stable@v2").as_slice(), [(1, EventBody::Activate { .. })]));
+        let order = r.commands.switch.borrow().clone().expect("v2 switch");
+        let done = SwitchOutcome::Completed { observed: closure('2'), exit_code: 0 };
+        r.handle(Input::SwitchFinished { rollout_id: order.rollout_id.clone(), order, outcome: done, at: T0 + hour })
+            .await;
+        let probes = vec![];
+        let v2 = RolloutId::parse("stable@v2").expect("valid");
+        r.handle(Input::ProbeTopology { rollout_id: v2.clone(), probes, at: T0 + hour }).await;
+        r.handle(Input::Tick { now: T0 + hour + Duration::seconds(30) }).await;
+        assert_eq!(r.rollouts().get(&v2).expect("slot").record.state, HostState::Converged);
+
+        let reloaded = ChannelHistory::load(dir.path()).expect("reload");
+        let (mut again, rx) = restarted_all(&journal, reloaded);
+        again.handle(dispatch_of("stable@v1", '1', T0, T0 + 2 * hour)).await;
+        let v1 = events_of(&journal, "stable@v1");
+        let [(1, EventBody::DispatchRejected { code: RejectCode::Stale, reason, .. })] = v1.as_slice() else {
+            panic!("{v1:?}")
+        };
+        assert!(reason.contains("stable@v1") && reason.contains("stable@v2"), "{reason}");
+        assert_eq!(rx.switch.borrow().as_ref().map(|o| o.rollout_id.clone()), None, "no switch back");
+
+        let now = T0 + 2 * hour;
+        again.handle(dispatch_of("canary@f1", '3', now + Duration::minutes(6), now)).await;
+        let future = events_of(&journal, "canary@f1");
+        let [(1, EventBody::DispatchRejected { code: RejectCode::Refused, reason, .. })] = future.as_slice() else {
+            panic!("{future:?}")
+        };
+        assert!(reason.contains("ahead of this host's clock"), "{reason}");
+        again.handle(dispatch_of("canary@f2", '3', now + Duration::minutes(4), now)).await;
+        assert!(matches!(events_of(&journal, "canary@f2").as_slice(), [(1, EventBody::Activate { .. })]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_restart_the_failure_gate_waits_for_fresh_results_and_counts_from_this_run() {
+        // Proves rule 9: a probe failing since 10 s before the restart does
+        // not fail the host on pre-restart observations (before the fix the
+        // first tick after the restart rolled back); the threshold counts
+        // from the first failure this run saw, and the machine accepts it.
+        let journal = MemJournal::default();
+        let (mut r, rx) = reducer(journal.clone());
+        soaking_and_failing(&mut r, &rx).await;
+        let (mut again, rx) = restarted_all(&journal, ChannelHistory::in_memory());
+        again.handle(Input::Tick { now: secs(75) }).await;
+        assert_eq!(again.rollouts().get(&rid()).expect("slot").record.state, HostState::Soaking, "no fresh evidence");
+        again.handle(probe(ProbeStatus::Fail, secs(80))).await;
+        again.handle(Input::Tick { now: secs(139) }).await;
+        assert_eq!(again.rollouts().get(&rid()).expect("slot").record.state, HostState::Soaking);
+        again.handle(Input::Tick { now: secs(140) }).await;
+        let record = &again.rollouts().get(&rid()).expect("slot").record;
+        assert_eq!(record.state, HostState::Failed);
+        let last = events_of(&journal, "stable@r1").pop().expect("event");
+        assert!(matches!(last.1, EventBody::SustainedFailureCrossed { sustained_duration_secs: 60, .. }), "{last:?}");
+        assert!(rx.switch.borrow().as_ref().is_some_and(|o| o.rollback));
+
+        // A service that recovered while the agent was down: the first fresh
+        // result passes, the clock resets, nothing fails.
+        let journal = MemJournal::default();
+        let (mut r, rx) = reducer(journal.clone());
+        soaking_and_failing(&mut r, &rx).await;
+        let (mut again, _rx) = restarted_all(&journal, ChannelHistory::in_memory());
+        again.handle(Input::Tick { now: secs(24) }).await;
+        again.handle(probe(ProbeStatus::Pass, secs(24))).await;
+        again.handle(Input::Tick { now: secs(300) }).await;
+        let record = &again.rollouts().get(&rid()).expect("slot").record;
+        assert_eq!((record.state, record.failure_clock_since), (HostState::Converged, None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn steady_probe_results_add_no_events_and_a_full_queue_never_blocks_a_decision() {
+        // Proves item 5: a probe failing at 1 Hz for 100 s journals one
+        // result (before the fix: 100); under a full queue a visibility
+        // event is dropped without blocking the reducer and the sustained
+        // failure (decisive, through the queue's reserve) still goes out,
+        // counted from the failure this run saw after the unrecorded pass.
+        let journal = MemJournal::default();
+        let (mut r, rx) = reducer(journal.clone());
+        soaking_and_failing(&mut r, &rx).await;
+        for t in 11..40 {
+            r.handle(probe(ProbeStatus::Fail, secs(t))).await;
+        }
+        let results = |j: &MemJournal| j.kinds().iter().filter(|k| **k == "ProbeResult").count();
+        assert_eq!(results(&journal), 1);
+        r.handle(probe(ProbeStatus::Pass, secs(40))).await;
+        r.handle(probe(ProbeStatus::Fail, secs(41))).await;
+        assert_eq!(results(&journal), 3, "each change is an event");
+        assert_eq!(r.rollouts().get(&rid()).expect("slot").record.failure_clock_since, Some(secs(41)));
+
+        let held = journal.events.lock().expect("lock").len();
+        *journal.full_at.lock().expect("lock") = Some(held);
+        r.handle(probe(ProbeStatus::Pass, secs(50))).await; // dropped: queue full
+        r.handle(probe(ProbeStatus::Fail, secs(51))).await;
+        assert_eq!(journal.events.lock().expect("lock").len(), held);
+        r.handle(Input::Tick { now: secs(101) }).await;
+        assert_eq!(
+            r.rollouts().get(&rid()).expect("slot").record.state,
+            HostState::Soaking,
+            "60 s since 51 s, not 41 s"
+        );
+        r.handle(Input::Tick { now: secs(111) }).await;
+        assert_eq!(r.rollouts().get(&rid()).expect("slot").record.state, HostState::Failed);
+        assert_eq!(journal.kinds().last(), Some(&"Failed"));
     }
 }

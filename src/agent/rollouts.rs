@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 
+use super::channels::ChannelHistory;
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{
     due_event, failure_clock_start_due, replay, step, Effect, Event, EventBody, HostRecord, HostState, Outcome, Policy,
@@ -22,6 +23,33 @@ use crate::machine::{
 pub struct Slot {
     pub record: HostRecord,
     pub policy: Policy,
+}
+
+impl Slot {
+    /// SPEC §4 rule 7: the rollout still acts on the host (Activating,
+    /// Deferred, Soaking, or Failed with a rollback fired whose outcome is
+    /// not recorded). While one is live no other rollout is accepted. A
+    /// failed rollback ends it: the operator decides, and the next rollout
+    /// may be the fix.
+    pub fn is_live(&self) -> bool {
+        let r = &self.record;
+        matches!(r.state, HostState::Activating | HostState::Deferred | HostState::Soaking)
+            || (r.state == HostState::Failed && r.rollback_fired && r.rollback_failure.is_none())
+    }
+}
+
+/// What THIS run of the agent has seen of a soaking rollout's probes. Never
+/// journaled: a restart starts empty, which is the point (SPEC §4 rule 9,
+/// decisions need fresh evidence). The gates' other inputs are the record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunEvidence {
+    /// The latest result of each probe in this run.
+    pub latest: BTreeMap<String, (ProbeStatus, Timestamp)>,
+    /// When this run first saw an enforce probe fail while the
+    /// sustained-failure clock ran (cleared when the clock resets). Equal to
+    /// the record's clock start in a run that saw the failure begin; later
+    /// after a restart, so the failure clock never spans the agent's downtime.
+    pub failing_since: Option<Timestamp>,
 }
 
 /// An event ready to be journaled, with the record it leads to.
@@ -81,11 +109,27 @@ pub enum SwitchOutcome {
 pub struct Rollouts {
     hostname: Hostname,
     slots: BTreeMap<RolloutId, Slot>,
+    /// The newest manifest accepted per channel (no downgrade).
+    channels: ChannelHistory,
+    /// Run-local probe evidence per soaking rollout.
+    evidence: BTreeMap<RolloutId, RunEvidence>,
 }
 
 impl Rollouts {
+    /// No rollouts and an in-memory channel history; the agent's start-up
+    /// rebuild installs the durable one ([`Rollouts::set_channels`]).
     pub fn new(hostname: Hostname) -> Rollouts {
-        Rollouts { hostname, slots: BTreeMap::new() }
+        Rollouts { hostname, slots: BTreeMap::new(), channels: ChannelHistory::in_memory(), evidence: BTreeMap::new() }
+    }
+
+    pub fn channels(&self) -> &ChannelHistory {
+        &self.channels
+    }
+
+    /// Installs the channel history (loaded at start, or just made durable
+    /// by the reducer before it journals a DispatchAck).
+    pub fn set_channels(&mut self, channels: ChannelHistory) {
+        self.channels = channels;
     }
 
     pub fn hostname(&self) -> &Hostname {
@@ -105,16 +149,57 @@ impl Rollouts {
         Ok(())
     }
 
-    /// Opens a Pending record for a new dispatch. Returns false (and changes
-    /// nothing) when the rollout is already known: a repeated long-poll
-    /// answer for a rollout in progress is ignored.
+    /// Makes sure a Pending record exists for a dispatch and says whether
+    /// the dispatch needs an answer: true for a new rollout and for one
+    /// still Pending (refused `busy` earlier; its policy becomes the one
+    /// just verified), false for a rollout past Pending (a repeated
+    /// long-poll answer, ignored).
     pub fn open(&mut self, rollout_id: &RolloutId, policy: Policy) -> bool {
-        if self.slots.contains_key(rollout_id) {
-            return false;
+        if let Some(slot) = self.slots.get_mut(rollout_id) {
+            if slot.record.state != HostState::Pending {
+                return false;
+            }
+            slot.policy = policy;
+            return true;
         }
         let record = HostRecord::pending(rollout_id.clone(), self.hostname.clone(), None);
         self.slots.insert(rollout_id.clone(), Slot { record, policy });
         true
+    }
+
+    /// The live rollout other than `except` (rule 7). With several (only a
+    /// journal written before rule 7 can hold that), the one accepted last.
+    pub fn live(&self, except: Option<&RolloutId>) -> Option<(&RolloutId, &Slot)> {
+        self.slots
+            .iter()
+            .filter(|(id, s)| Some(*id) != except && s.is_live())
+            .max_by_key(|(id, s)| (s.record.dispatch_acked_at, *id))
+    }
+
+    /// Whether a dispatch of `rollout_id` needs no new answer: the rollout
+    /// is past Pending, or it is Pending after a `busy` refusal while a
+    /// rollout is still live (the CP repeats its offer; one refusal per
+    /// rollout is enough, and it is durable, so a restart does not repeat
+    /// it either). The long-poll worker skips such offers with its backoff.
+    pub fn answered(&self, rollout_id: &RolloutId) -> bool {
+        match self.slots.get(rollout_id) {
+            None => false,
+            Some(s) if s.record.state != HostState::Pending => true,
+            Some(s) => s.record.last_seq > 0 && self.live(Some(rollout_id)).is_some(),
+        }
+    }
+
+    /// The rollout accepted after `rollout_id`'s own acceptance, if any.
+    /// Rule 7 makes this impossible for a live rollout from now on; a
+    /// journal written before it may hold one, and then the older rollout
+    /// must never act again (no gate, probe or rollback of A after B).
+    pub fn accepted_after(&self, rollout_id: &RolloutId) -> Option<&RolloutId> {
+        let acked = self.slots.get(rollout_id)?.record.dispatch_acked_at?;
+        self.slots
+            .iter()
+            .filter(|(id, s)| *id != rollout_id && s.record.dispatch_acked_at.is_some_and(|t| t > acked))
+            .map(|(id, _)| id)
+            .next()
     }
 
     /// Installs a slot as is: for a read-only copy (the reducer's snapshot)
@@ -145,9 +230,9 @@ impl Rollouts {
             Outcome::Applied { record, effects } => {
                 Ok(Prepared { rollout_id: rollout_id.clone(), event, record: *record, effects })
             }
-            // A fresh seq is never a duplicate; report it as the illegal
-            // pair it would be rather than panic.
-            Outcome::Duplicate { .. } => Err(RolloutsError::from(TransitionError::Illegal {
+            // A fresh seq is never a duplicate nor a gap; report it as the
+            // illegal pair it would be rather than panic.
+            Outcome::Duplicate { .. } | Outcome::Gap { .. } => Err(RolloutsError::from(TransitionError::Illegal {
                 state: slot.record.state,
                 event: event.name(),
                 seq: event.seq,
@@ -175,18 +260,135 @@ impl Rollouts {
                 reason: format!("stale preparation: last seq is now {}", slot.record.last_seq),
             }));
         }
+        let entered_soak = slot.record.state != HostState::Soaking && prepared.record.state == HostState::Soaking;
         slot.record = prepared.record;
+        if entered_soak {
+            // A new activation: evidence of an earlier soak is not evidence.
+            self.evidence.remove(&prepared.rollout_id);
+        }
         Ok(())
     }
 
     /// The time-driven events due at `now`, one per rollout (failure before
-    /// convergence), for the tick.
+    /// convergence), for the tick. Rule 9: a decision (sustained failure or
+    /// convergence) needs a result of every enforce probe from this run, and
+    /// the sustained-failure threshold counts from this run's own failure
+    /// start ([`RunEvidence::failing_since`]), never across the downtime.
     pub fn due(&self, now: Timestamp) -> Vec<(RolloutId, EventBody)> {
         self.slots
             .iter()
             .filter(|(_, s)| s.record.state == HostState::Soaking)
-            .filter_map(|(id, s)| due_event(&s.record, &s.policy, now).map(|body| (id.clone(), body)))
+            .filter(|(id, _)| self.accepted_after(id).is_none())
+            .filter_map(|(id, s)| self.due_one(id, s, now).map(|body| (id.clone(), body)))
             .collect()
+    }
+
+    fn due_one(&self, rollout_id: &RolloutId, slot: &Slot, now: Timestamp) -> Option<EventBody> {
+        let body = due_event(&slot.record, &slot.policy, now)?;
+        let decision = matches!(body, EventBody::SustainedFailureCrossed { .. } | EventBody::ConvergedReached { .. });
+        if !decision {
+            return Some(body);
+        }
+        let evidence = self.evidence.get(rollout_id);
+        let fresh = slot.record.enforce_probes().all(|p| evidence.is_some_and(|e| e.latest.contains_key(&p.name)));
+        if !fresh {
+            return None;
+        }
+        match body {
+            EventBody::SustainedFailureCrossed { failed_at, failing_probes, policy_applied, .. } => {
+                let since = evidence.and_then(|e| e.failing_since)?;
+                // Name only probes this run saw failing last.
+                let failing_probes: Vec<String> = failing_probes
+                    .into_iter()
+                    .filter(|p| evidence.and_then(|e| e.latest.get(p)).is_some_and(|(s, _)| *s == ProbeStatus::Fail))
+                    .collect();
+                if failing_probes.is_empty() {
+                    return None;
+                }
+                let threshold = i64::try_from(slot.policy.sustained_failure_secs).unwrap_or(i64::MAX);
+                let ran_secs = (now - since).whole_seconds();
+                if ran_secs < threshold {
+                    return None;
+                }
+                Some(EventBody::SustainedFailureCrossed {
+                    failed_at,
+                    sustained_duration_secs: u64::try_from(ran_secs).unwrap_or(0),
+                    failing_probes,
+                    policy_applied,
+                })
+            }
+            EventBody::ConvergedReached { .. } => {
+                // Converge on what this run saw last, too.
+                let all_pass = slot.record.enforce_probes().all(|p| {
+                    evidence.and_then(|e| e.latest.get(&p.name)).is_some_and(|(s, _)| *s == ProbeStatus::Pass)
+                });
+                all_pass.then_some(body)
+            }
+            other => Some(other),
+        }
+    }
+
+    /// Notes one probe result in this run's evidence and returns the events
+    /// it implies: `ProbeObservedFirst` the first time the probe is seen
+    /// since the activation, and `ProbeResult` only when the status differs
+    /// from the record's (a change) or on the probe's first result in this
+    /// run. The machine's gates depend only on those (the latest status, the
+    /// start of a failure run), so a steady probe adds no events: at 1 Hz
+    /// the queue no longer fills during a long CP outage.
+    pub fn observe_probe(
+        &mut self,
+        rollout_id: &RolloutId,
+        probe_name: &str,
+        mode: ProbeMode,
+        status: ProbeStatus,
+        failure_reason: Option<String>,
+        at: Timestamp,
+    ) -> Vec<EventBody> {
+        let Some(slot) = self.slots.get(rollout_id) else { return Vec::new() };
+        let evidence = self.evidence.entry(rollout_id.clone()).or_default();
+        let first_in_run = evidence.latest.insert(probe_name.to_owned(), (status, at)).is_none();
+        let recorded = slot.record.probes.get(probe_name);
+        let seen = recorded.is_some_and(|p| p.first_observed_at.is_some());
+        let changed = recorded.and_then(|p| p.last_status) != Some(status);
+        let mut bodies = Vec::with_capacity(2);
+        if !seen {
+            bodies.push(EventBody::ProbeObservedFirst { probe_name: probe_name.to_owned(), mode, observed_at: at });
+        }
+        if changed || first_in_run {
+            bodies.push(EventBody::ProbeResult {
+                probe_name: probe_name.to_owned(),
+                mode,
+                status,
+                observed_at: at,
+                failure_reason: if status == ProbeStatus::Fail { failure_reason } else { None },
+            });
+        }
+        bodies
+    }
+
+    /// Keeps this run's failure start in step with the record after the
+    /// events of a probe result (or a topology) were committed: cleared when
+    /// the record's clock is not running, set at the first failing enforce
+    /// result this run sees while it runs.
+    pub fn note_failure_clock(&mut self, rollout_id: &RolloutId, failing_enforce_at: Option<Timestamp>) {
+        let Some(slot) = self.slots.get(rollout_id) else { return };
+        let running = slot.record.failure_clock_since.is_some();
+        let evidence = self.evidence.entry(rollout_id.clone()).or_default();
+        // Every enforce probe passed in this run even if a full queue kept
+        // the record from hearing it: this run's failure run is over.
+        let recovered = slot
+            .record
+            .enforce_probes()
+            .all(|p| evidence.latest.get(&p.name).is_some_and(|(status, _)| *status == ProbeStatus::Pass));
+        if !running || recovered {
+            evidence.failing_since = None;
+        } else if evidence.failing_since.is_none() {
+            evidence.failing_since = failing_enforce_at;
+        }
+    }
+
+    pub fn evidence(&self, rollout_id: &RolloutId) -> Option<&RunEvidence> {
+        self.evidence.get(rollout_id)
     }
 
     /// `ProbeFailureFirst` right after a failing result, so the failure
@@ -200,9 +402,11 @@ impl Rollouts {
     /// it: the activation worker reports Completed when the host provably
     /// runs the target, and otherwise re-runs the idempotent boot setup), or
     /// Failed with a rollback whose outcome was never recorded.
+    /// A rollout accepted before another one never acts again (rule 7).
     pub fn unfinished_switches(&self) -> Vec<(RolloutId, HostState)> {
         self.slots
             .iter()
+            .filter(|(id, _)| self.accepted_after(id).is_none())
             .filter(|(_, s)| {
                 let r = &s.record;
                 matches!(r.state, HostState::Activating | HostState::Deferred)
@@ -250,31 +454,6 @@ pub fn rollback_body(target: &Closure, outcome: SwitchOutcome, at: Timestamp) ->
     }
 }
 
-/// The events one probe run produces: `ProbeObservedFirst` the first time
-/// the probe is seen since the activation, then the result.
-pub fn probe_bodies(
-    record: &HostRecord,
-    probe_name: &str,
-    mode: ProbeMode,
-    status: ProbeStatus,
-    failure_reason: Option<String>,
-    at: Timestamp,
-) -> Vec<EventBody> {
-    let mut bodies = Vec::with_capacity(2);
-    let seen = record.probes.get(probe_name).is_some_and(|p| p.first_observed_at.is_some());
-    if !seen {
-        bodies.push(EventBody::ProbeObservedFirst { probe_name: probe_name.to_owned(), mode, observed_at: at });
-    }
-    bodies.push(EventBody::ProbeResult {
-        probe_name: probe_name.to_owned(),
-        mode,
-        status,
-        observed_at: at,
-        failure_reason: if status == ProbeStatus::Fail { failure_reason } else { None },
-    });
-    bodies
-}
-
 #[cfg(test)]
 mod tests {
     use time::Duration;
@@ -301,7 +480,7 @@ mod tests {
         let mut r = Rollouts::new(host.clone());
         let mut journal = Vec::new();
         assert!(r.open(&rid(), policy()));
-        assert!(!r.open(&rid(), policy()), "a repeated dispatch is ignored");
+        assert!(r.open(&rid(), policy()), "still Pending: the dispatch still needs its answer");
         let fx = apply(
             &mut r,
             &mut journal,
@@ -313,18 +492,19 @@ mod tests {
             },
         );
         assert_eq!(fx, vec![Effect::FireSwitch { target: closure('1') }]);
+        assert!(!r.open(&rid(), policy()), "a repeated dispatch is ignored");
         assert_eq!(r.unfinished_switches(), vec![(rid(), HostState::Activating)]);
         let done = SwitchOutcome::Completed { observed: closure('1'), exit_code: 0 };
         apply(&mut r, &mut journal, switch_body(done, T0 + Duration::seconds(5)));
         let decl = vec![ProbeDecl { name: "web".into(), kind: ProbeKind::Http, mode: ProbeMode::Enforce }];
         apply(&mut r, &mut journal, EventBody::ProbeTopologyDeclared { probes: decl, declared_at: T0 });
         let t = T0 + Duration::seconds(10);
-        let record = r.get(&rid()).expect("slot").record.clone();
-        for body in probe_bodies(&record, "web", ProbeMode::Enforce, ProbeStatus::Fail, Some("503".into()), t) {
+        for body in r.observe_probe(&rid(), "web", ProbeMode::Enforce, ProbeStatus::Fail, Some("503".into()), t) {
             apply(&mut r, &mut journal, body);
         }
         let start = r.failure_clock_start(&rid()).expect("clock starts at once");
         apply(&mut r, &mut journal, start);
+        r.note_failure_clock(&rid(), Some(t));
         assert_eq!(r.due(t + Duration::seconds(59)), vec![]);
         let due = r.due(t + Duration::seconds(60));
         assert_eq!(due.len(), 1);
@@ -350,7 +530,12 @@ mod tests {
         // as it was, and that committing out of order is impossible.
         let mut r = Rollouts::new(Hostname::parse("web-1").expect("valid"));
         r.open(&rid(), policy());
-        let body = EventBody::DispatchRejected { target_closure: closure('1'), reason: "x".into(), rejected_at: T0 };
+        let body = EventBody::DispatchRejected {
+            target_closure: closure('1'),
+            code: crate::machine::RejectCode::Refused,
+            reason: "x".into(),
+            rejected_at: T0,
+        };
         let first = r.prepare(&rid(), body.clone()).expect("legal");
         assert_eq!(r.get(&rid()).expect("slot").record.state, HostState::Pending);
         let again = r.prepare(&rid(), body).expect("still legal");

@@ -20,8 +20,8 @@ use super::workers::net::{
     run_drain_worker, run_heartbeat_worker, run_longpoll_worker, HeartbeatConfig, LongPollConfig,
 };
 use super::workers::{run_activation_worker, run_probe_worker, run_tick_worker, shutdown_channel, WorkerExit};
+use crate::client::CpUrl;
 use crate::clock::ClockHandle;
-use crate::cp::client::CpUrl;
 use crate::ids::Hostname;
 use crate::queue::{Queue, QueueConfig};
 use crate::sign::PublicKey;
@@ -69,6 +69,8 @@ pub enum AgentError {
     Runtime(std::io::Error),
     #[error("{0}; the agent stopped (its service manager restarts it, and it resumes from its queue)")]
     WorkerStopped(String),
+    #[error("the agent's queue {} stopped: {reason}; the agent exits so its service manager restarts it, and reopening the queue recovers what is on disk", path.display())]
+    QueueStopped { path: PathBuf, reason: String },
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -77,9 +79,20 @@ pub async fn serve(
     clock: ClockHandle,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let started = Instant::now();
     let queue = Queue::open(&cfg.state_dir, cfg.hostname.clone(), QueueConfig::default(), clock.clone())
         .map_err(|source| AgentError::Queue { path: cfg.state_dir.clone(), source })?;
+    serve_with_queue(cfg, clock, queue, shutdown).await
+}
+
+/// [`serve`] on a queue the caller opened (tests open it on a storage that
+/// fails on command). The queue must be `cfg.state_dir`'s.
+pub async fn serve_with_queue(
+    cfg: AgentConfig,
+    clock: ClockHandle,
+    queue: Queue,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let started = Instant::now();
     let report = queue.recovery_report().clone();
     tracing::info!(?report, "queue opened");
     let (rollouts, restored) =
@@ -91,7 +104,7 @@ pub async fn serve(
     let (mut reducer, snapshot) = Reducer::new(rollouts, queue.clone(), cmds);
     reducer.resume();
     let (input_tx, input_rx) = mpsc::channel(INPUT_CAPACITY);
-    let reducer_task = tokio::spawn(reducer.run(input_rx));
+    let mut reducer_task = tokio::spawn(reducer.run(input_rx));
 
     let api = CpApi::new(cfg.cp.clone(), cfg.hostname.clone());
     let (trigger, stop) = shutdown_channel();
@@ -142,6 +155,9 @@ pub async fn serve(
     // A worker ends on its own only when something it needs is gone (the
     // reducer) or it panicked: the agent then stops with an error, so the
     // service manager restarts it and the restart rebuilds from the queue.
+    // Likewise when the queue stops (poisoned): nothing can be journaled in
+    // this process any more, so probes, failure detection and rollback
+    // would stall; a restart reopens the queue and recovers from disk.
     let failure = tokio::select! {
         () = shutdown => {
             tracing::info!("shutdown requested");
@@ -153,7 +169,14 @@ pub async fn serve(
                 Err(e) => format!("a worker task ended abnormally: {e}"),
             };
             tracing::error!("{why}; shutting down");
-            Some(why)
+            Some(AgentError::WorkerStopped(why))
+        }
+        reason = queue.stopped() => {
+            tracing::error!(queue = %queue.dir().display(), %reason, "the queue stopped; shutting down");
+            // The reducer may be retrying an append that cannot succeed in
+            // this process: stop it now (nothing unjournaled was applied).
+            reducer_task.abort();
+            Some(AgentError::QueueStopped { path: queue.dir().to_owned(), reason })
         }
     };
     trigger.trigger();
@@ -169,14 +192,14 @@ pub async fn serve(
     workers.abort_all();
     // Every input sender is gone with the workers: the reducer finishes
     // the inputs it holds and ends.
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, reducer_task).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut reducer_task).await;
     if graceful {
         tracing::info!("agent stopped gracefully");
     } else {
         tracing::warn!(grace_secs = SHUTDOWN_GRACE.as_secs(), "agent stopped after the grace period; workers aborted");
     }
     match failure {
-        Some(why) => Err(AgentError::WorkerStopped(why)),
+        Some(error) => Err(error),
         None => Ok(()),
     }
 }

@@ -9,14 +9,16 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 
-use super::client::{self, ClientError, CpUrl};
 use super::routes::MAX_ENVELOPE_BYTES;
 use super::server::{self, PlainAcceptor, ServeConfig, ServeError};
+use super::store::Drift;
 use super::views::{HostView, Liveness, RolloutDetail, RolloutSummary, StatusView};
 use crate::cli::{CpCommand, CpPublishArgs, CpServeArgs, CpStatusArgs};
+use crate::client::{self, ClientError, CpUrl};
 use crate::clock::ClockHandle;
+use crate::output::print_stdout;
 use crate::sign::{PublicKey, SignError};
-use crate::tools::print_stdout;
+use crate::signal::shutdown_signal;
 
 /// How long in-flight requests may finish after SIGTERM/SIGINT.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -39,8 +41,8 @@ pub enum CpError {
     Client(#[from] ClientError),
     #[error("cannot read {0}")]
     Read(std::io::Error),
-    #[error("{path} is larger than {limit} bytes, the control plane's body limit")]
-    TooLarge { path: String, limit: usize },
+    #[error("{} is larger than {limit} bytes, the control plane's body limit", path.display())]
+    TooLarge { path: std::path::PathBuf, limit: usize },
     #[error("writing to stdout: {0}")]
     Stdout(std::io::Error),
 }
@@ -87,30 +89,11 @@ fn write_addr_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
     fs_err::rename(&tmp, path)
 }
 
-/// SIGTERM or SIGINT, whichever comes first (shared by `cp serve` and `agent`).
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        () = term => tracing::info!("SIGTERM received"),
-    }
-}
-
 async fn publish_cmd(args: CpPublishArgs) -> Result<(), CpError> {
     let url = CpUrl::parse(&args.cp)?;
     let meta = fs_err::metadata(&args.envelope).map_err(CpError::Read)?;
     if meta.len() > MAX_ENVELOPE_BYTES as u64 {
-        return Err(CpError::TooLarge { path: args.envelope.display().to_string(), limit: MAX_ENVELOPE_BYTES });
+        return Err(CpError::TooLarge { path: args.envelope.clone(), limit: MAX_ENVELOPE_BYTES });
     }
     let bytes = fs_err::read(&args.envelope).map_err(CpError::Read)?;
     let resp = client::request(&url, Method::POST, "/v1/rollouts", &[], Some(bytes)).await?;
@@ -169,12 +152,44 @@ fn render_rollouts(out: &mut String, rollouts: &[RolloutSummary]) {
 fn render_status(s: &StatusView) -> String {
     let mut out = String::new();
     let time = short_time(&s.server_time);
-    let _ = writeln!(out, "control plane time {time}; {} hosts, {} unreachable\n", s.n_hosts, s.n_unreachable);
+    let _ = writeln!(
+        out,
+        "control plane time {time}; {} hosts, {} unreachable, {} drifting\n",
+        s.n_hosts, s.n_unreachable, s.n_drifting
+    );
     render_rollouts(&mut out, &s.rollouts);
     if !s.quarantined.is_empty() {
         let _ = writeln!(out, "\nquarantined closures:");
         for q in &s.quarantined {
             let _ = writeln!(out, "  {} {} (reverted by {} in {})", q.channel, q.closure, q.hostname, q.rollout_id);
+        }
+    }
+    if !s.drifting.is_empty() {
+        let _ = writeln!(out, "\ndrifting hosts (the host runs another closure than its records say):");
+        for d in &s.drifting {
+            let _ = writeln!(
+                out,
+                "  {} runs {}\n  {:width$} expected {} (from {})",
+                d.hostname.as_str(),
+                d.current_closure,
+                "",
+                d.expected_closure,
+                d.expected_from,
+                width = d.hostname.as_str().len()
+            );
+        }
+    }
+    if !s.deferred.is_empty() {
+        let _ = writeln!(out, "\nwaiting for a reboot:");
+        for d in &s.deferred {
+            let _ = writeln!(
+                out,
+                "  {} in {}: deferred since {} ({})",
+                d.hostname.as_str(),
+                d.rollout_id,
+                d.deferred_at,
+                human_age(d.deferred_for_secs)
+            );
         }
     }
     out
@@ -200,8 +215,13 @@ fn render_rollout(r: &RolloutDetail) -> String {
                 format!(" failing: {}", h.failing_probes.join(","))
             };
             let note = h.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default();
+            let deferred = match (&h.deferred_at, h.deferred_for_secs) {
+                (Some(at), Some(secs)) => format!(" deferred since {at} ({})", human_age(secs)),
+                _ => String::new(),
+            };
+            let state = if h.skipped.is_some() { "Skipped" } else { h.state.as_str() };
             let line =
-                format!("  {:<24} {:<11} seq {:<4}{probes}{note}", h.hostname.as_str(), h.state.as_str(), h.last_seq);
+                format!("  {:<24} {:<11} seq {:<4}{probes}{deferred}{note}", h.hostname.as_str(), state, h.last_seq);
             let _ = writeln!(out, "{}", line.trim_end());
         }
     }
@@ -210,7 +230,7 @@ fn render_rollout(r: &RolloutDetail) -> String {
 
 fn render_hosts(hosts: &[HostView]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{:<24} {:<12} {:<22} ROLLOUTS", "HOST", "LIVENESS", "LAST HEARTBEAT");
+    let _ = writeln!(out, "{:<24} {:<12} {:<22} {:<9} ROLLOUTS", "HOST", "LIVENESS", "LAST HEARTBEAT", "DRIFT");
     for h in hosts {
         let liveness = match h.liveness {
             Liveness::Reachable => "reachable",
@@ -218,16 +238,42 @@ fn render_hosts(hosts: &[HostView]) -> String {
             Liveness::NeverSeen => "never seen",
         };
         let rollouts: Vec<String> = h.rollouts.iter().map(|r| format!("{}={}", r.rollout_id, r.state)).collect();
+        let drift = match h.drift {
+            Drift::InSync => "in sync",
+            Drift::Drifting => "DRIFTING",
+            Drift::Unknown => "-",
+        };
         let _ = writeln!(
             out,
-            "{:<24} {:<12} {:<22} {}",
+            "{:<24} {:<12} {:<22} {:<9} {}",
             h.hostname.as_str(),
             liveness,
             h.last_heartbeat_at.as_deref().map_or("-".to_owned(), short_time),
+            drift,
             rollouts.join(" ")
         );
+        if h.drift == Drift::Drifting {
+            let _ = writeln!(
+                out,
+                "  drifting: runs {}, records say {} (from {})",
+                h.current_closure.as_deref().unwrap_or("?"),
+                h.expected_closure.as_deref().unwrap_or("?"),
+                h.expected_from.as_deref().unwrap_or("?")
+            );
+        }
     }
     out
+}
+
+/// A duration for people: the two largest units ("6d 2h", "4m 10s").
+fn human_age(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3_600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
 }
 
 /// An RFC 3339 instant to whole seconds, for tables ("2026-11-25T12:00:07Z").

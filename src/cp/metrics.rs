@@ -11,27 +11,9 @@ use rusqlite::Connection;
 use super::longpoll::Board;
 use super::store::{self, StoreError};
 
-/// Counters shared by the writer (which bumps them after a commit, so they
-/// count only durable work) and the metrics route.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub commits: AtomicU64,
-    pub commit_failures: AtomicU64,
-    pub events_applied: AtomicU64,
-    pub events_duplicate: AtomicU64,
-    pub events_rejected: AtomicU64,
-    pub events_retry: AtomicU64,
-}
-
-fn sql(path: &Path) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
-    move |source| StoreError::Sql { path: path.to_owned(), op: "read metrics", source }
-}
-
-fn grouped(conn: &Connection, path: &Path, query: &str) -> Result<Vec<(String, i64)>, StoreError> {
-    let mut stmt = conn.prepare(query).map_err(sql(path))?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql(path))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(sql(path))
-}
+/// The counters live with the writer that bumps them; re-exported here
+/// for the code that reads them as metrics.
+pub use super::store::Counters;
 
 /// Renders every metric.
 pub fn render(counters: &Counters, board: &Board, conn: &Connection, path: &Path) -> Result<String, StoreError> {
@@ -55,6 +37,7 @@ pub fn render(counters: &Counters, board: &Board, conn: &Connection, path: &Path
         ("duplicate", &counters.events_duplicate),
         ("rejected", &counters.events_rejected),
         ("retry", &counters.events_retry),
+        ("gap", &counters.events_gap),
     ] {
         let _ = writeln!(out, "nixfleet_cp_events_total{{status=\"{status}\"}} {}", v.load(Ordering::Relaxed));
     }
@@ -64,18 +47,14 @@ pub fn render(counters: &Counters, board: &Board, conn: &Connection, path: &Path
         board.n_parked()
     );
     let _ = writeln!(out, "# HELP nixfleet_cp_rollouts Rollouts by state.\n# TYPE nixfleet_cp_rollouts gauge");
-    for (state, n) in grouped(conn, path, "SELECT state, COUNT(*) FROM rollouts GROUP BY state ORDER BY state")? {
+    let counts = store::metric_counts(conn, path)?;
+    for (state, n) in &counts.rollouts_by_state {
         let _ = writeln!(out, "nixfleet_cp_rollouts{{state=\"{state}\"}} {n}");
     }
     let _ = writeln!(out, "# HELP nixfleet_cp_host_records Host records of unsuperseded rollouts by state.\n# TYPE nixfleet_cp_host_records gauge");
     let mut by_state: std::collections::BTreeMap<&'static str, usize> = std::collections::BTreeMap::new();
-    let superseded: std::collections::HashSet<String> =
-        grouped(conn, path, "SELECT rollout_id, 0 FROM rollouts WHERE state = 'superseded'")?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
     for manifest in store::manifests(conn, path)? {
-        if superseded.contains(manifest.rollout_id.as_str()) {
+        if counts.superseded.contains(manifest.rollout_id.as_str()) {
             continue;
         }
         for record in store::host_records_of(conn, path, &manifest)?.values() {
@@ -85,5 +64,15 @@ pub fn render(counters: &Counters, board: &Board, conn: &Connection, path: &Path
     for (state, n) in by_state {
         let _ = writeln!(out, "nixfleet_cp_host_records{{state=\"{state}\"}} {n}");
     }
+    let _ = writeln!(
+        out,
+        "# HELP nixfleet_hosts_drifting Hosts whose last heartbeat named another closure than their records say they run.\n# TYPE nixfleet_hosts_drifting gauge\nnixfleet_hosts_drifting {}",
+        counts.n_drifting
+    );
+    let _ = writeln!(
+        out,
+        "# HELP nixfleet_cp_hosts_skipped Hosts skipped by a rollout because their target closure was quarantined before they acked.\n# TYPE nixfleet_cp_hosts_skipped gauge\nnixfleet_cp_hosts_skipped {}",
+        counts.n_skipped
+    );
     Ok(out)
 }

@@ -5,11 +5,12 @@
 //!
 //! Reading order: [`planner`] (pure: stored state → decisions), [`store`]
 //! (SQLite schema and the one writer), [`longpoll`] (the dispatch board),
-//! [`routes`] (HTTP API), [`views`] (status JSON), [`metrics`], [`server`] (process
-//! shell, shutdown), [`client`] and [`cmd`] (operator commands).
+//! [`config`], [`routes`] (HTTP API), [`views`] (status JSON), [`metrics`],
+//! [`server`] (process shell, shutdown) and [`cmd`] (operator commands,
+//! through [`crate::client`]).
 
-pub mod client;
 pub mod cmd;
+pub mod config;
 pub mod longpoll;
 pub mod metrics;
 pub mod planner;
@@ -18,5 +19,8 @@ pub mod server;
 pub mod store;
 pub mod views;
 
+/// The client moved to [`crate::client`] (the agent uses it too); this
+/// path stays only until code written against it has been merged.
+pub use crate::client;
 pub use cmd::{run, CpError};
 pub use server::{bind, serve, Acceptor, PlainAcceptor, ServeConfig, ServeReport};

@@ -21,17 +21,17 @@ use rusqlite::Connection;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::config::ServeConfig;
 use super::longpoll::{Board, PollOutcome};
-use super::metrics::{self, Counters};
-use super::server::ServeConfig;
-use super::store::{self, Command, PublishOutcome, Reply, StoreError};
+use super::metrics;
+use super::store::{self, Command, Counters, PublishOutcome, Reply, StoreError};
 use super::views;
 use crate::clock::ClockHandle;
 use crate::ids::{Hostname, RolloutId};
 use crate::sign::{self, PublicKey, VerifyError};
 use crate::wire::{
-    ErrorBody, EventBatch, EventBatchResponse, Heartbeat, HeartbeatResponse, Manifest, MAX_BODY_BYTES,
-    MAX_LONGPOLL_WAIT_SECS, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLAY_FROM_HEADER,
+    ErrorBody, EventBatch, EventBatchResponse, Heartbeat, HeartbeatResponse, Manifest, MAX_BODY_BYTES, MAX_CLOCK_SKEW,
+    MAX_LONGPOLL_WAIT_SECS, MAX_SEQ, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLAY_FROM_HEADER,
 };
 
 /// `POST /v1/rollouts` only: a manifest may list up to 100,000 hosts
@@ -96,6 +96,7 @@ impl App {
         F: FnOnce(&Connection, &std::path::Path) -> Result<T, StoreError> + Send + 'static,
     {
         let app = Arc::clone(self);
+        let panicked = || StoreError::ReaderPanicked { path: self.db_path.clone() };
         let joined = tokio::task::spawn_blocking(move || {
             let pooled = app.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
             let conn = match pooled {
@@ -110,7 +111,7 @@ impl App {
             out
         })
         .await;
-        joined.unwrap_or(Err(StoreError::WriterGone))
+        joined.unwrap_or_else(|_| Err(panicked()))
     }
 }
 
@@ -292,6 +293,21 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_manifest", e.to_string()),
     };
+    // SPEC §4 rule 11: a manifest dated beyond the clock-skew bound would
+    // outrank every honest manifest on its channel; the agents refuse it too.
+    let now = app.clock.now();
+    if manifest.issued_in_the_future(now) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "issued_in_future",
+            format!(
+                "manifest issued_at {} is more than {} s ahead of the control plane time {}; check the release machine's clock",
+                store::ts(manifest.issued_at),
+                MAX_CLOCK_SKEW.whole_seconds(),
+                store::ts(now)
+            ),
+        );
+    }
     let id = manifest.rollout_id.clone();
     let n_hosts = manifest.hosts.len();
     let verified_ms = started.elapsed().as_millis();
@@ -389,6 +405,11 @@ async fn heartbeat(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) 
         let message = format!("agent_version: longer than {MAX_AGENT_VERSION_BYTES} bytes");
         return error(StatusCode::BAD_REQUEST, "bad_heartbeat", message);
     }
+    // Seqs above the wire bound would wrap in the database (INTEGER is i64).
+    if let Some((id, seq)) = heartbeat.last_seq.iter().find(|(_, seq)| **seq > MAX_SEQ) {
+        let message = format!("last_seq.{id}: {seq} is larger than the largest seq, {MAX_SEQ}");
+        return error(StatusCode::BAD_REQUEST, "bad_heartbeat", message);
+    }
     if let Err(resp) = check_identity(peer, &heartbeat.hostname) {
         return resp;
     }
@@ -450,7 +471,7 @@ async fn view(req: Request<Incoming>, app: &Arc<App>, which: View) -> Resp {
                 View::Status => Some(serde_json::to_value(views::status(conn, path, now, stale_after_secs)?)),
                 View::Rollouts => Some(serde_json::to_value(views::rollouts(conn, path)?)),
                 View::Hosts => Some(serde_json::to_value(views::hosts(conn, path, now, stale_after_secs)?)),
-                View::Rollout(id) => views::rollout(conn, path, &id)?.map(serde_json::to_value),
+                View::Rollout(id) => views::rollout(conn, path, &id, now)?.map(serde_json::to_value),
                 View::Events(id) => views::events(conn, path, &id, after, limit)?.map(serde_json::to_value),
             })
         })

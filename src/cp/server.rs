@@ -16,7 +16,6 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,12 +26,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+pub use super::config::ServeConfig;
 use super::longpoll::Board;
-use super::metrics::Counters;
 use super::routes::{self, App, PeerIdentity};
-use super::store::{self, Command, StoreError, Writer, WriterStats};
+use super::store::{self, Command, Counters, StoreError, Writer, WriterStats};
 use crate::clock::ClockHandle;
-use crate::sign::PublicKey;
 
 /// Listen backlog: tokio's default `bind` gives 128, and 5,000 agents
 /// reconnecting at once after a CP restart then stall in SYN retries for
@@ -66,16 +64,6 @@ impl Acceptor for PlainAcceptor {
     async fn accept(&self, tcp: TcpStream) -> io::Result<(TcpStream, PeerIdentity)> {
         Ok((tcp, PeerIdentity::default()))
     }
-}
-
-#[derive(Debug, Clone)]
-pub struct ServeConfig {
-    pub db_path: PathBuf,
-    pub trust_keys: Vec<PublicKey>,
-    /// The agents' heartbeat interval; 3 missed ones mark a host unreachable.
-    pub heartbeat_interval_secs: u64,
-    /// How long in-flight requests may take to finish after a shutdown.
-    pub grace: Duration,
 }
 
 /// How the server ended.

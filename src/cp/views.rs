@@ -5,26 +5,18 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::planner::{self, PlanInput, RolloutState};
-use super::store::{self, parse_ts, StoreError};
+use super::store::{self, parse_ts, Drift, HostRow, RolloutRow, StoreError};
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{Failure, HostRecord, HostState};
-use crate::wire::{Manifest, OutboundEvent};
+use crate::wire::OutboundEvent;
 
 /// A host silent for this many heartbeat intervals shows as unreachable.
 pub const UNREACHABLE_AFTER_INTERVALS: u64 = 3;
-
-fn sql<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError + 'a {
-    move |source| StoreError::Sql { path: path.to_owned(), op, source }
-}
-
-fn corrupt(path: &Path, what: impl Into<String>) -> StoreError {
-    StoreError::Corrupt { path: path.to_owned(), what: what.into() }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutSummary {
@@ -34,7 +26,8 @@ pub struct RolloutSummary {
     pub current_wave: usize,
     pub n_waves: usize,
     pub n_hosts: usize,
-    /// Host count per host state, e.g. {"Converged": 3, "Pending": 2}.
+    /// Host count per host state, e.g. {"Converged": 3, "Pending": 2}; a
+    /// Pending host the CP skipped counts as "Skipped".
     pub hosts_by_state: BTreeMap<String, usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub halt_reason: Option<String>,
@@ -69,6 +62,25 @@ pub struct HostInRollout {
     /// a reboot, blocked by quarantine, rollback failed …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Deferred: since when (agent time) and for how long (CP time) the
+    /// host waits for its reboot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred_for_secs: Option<u64>,
+    /// Pending and held: the other rollout the host is live in (rule 7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<RolloutId>,
+    /// The CP skipped the host: its target was quarantined before it acked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<SkippedView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedView {
+    pub reason: String,
+    /// CP time: the skip is the CP's decision, not a host fact.
+    pub skipped_at: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +127,34 @@ pub struct HostView {
     pub agent_version: Option<String>,
     pub uptime_secs: Option<u64>,
     pub rollouts: Vec<HostRolloutRef>,
+    /// The last heartbeat's verdict (SPEC §4 rule 10).
+    #[serde(default = "unknown_drift")]
+    pub drift: Drift,
+    /// The closure the records say the host runs, and the rollout saying it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_closure: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_from: Option<String>,
+}
+
+fn unknown_drift() -> Drift {
+    Drift::Unknown
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftView {
+    pub hostname: Hostname,
+    pub current_closure: String,
+    pub expected_closure: String,
+    pub expected_from: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeferredView {
+    pub hostname: Hostname,
+    pub rollout_id: RolloutId,
+    pub deferred_at: String,
+    pub deferred_for_secs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +173,14 @@ pub struct StatusView {
     pub n_hosts: usize,
     pub n_unreachable: usize,
     pub quarantined: Vec<QuarantineView>,
+    #[serde(default)]
+    pub n_drifting: usize,
+    /// Hosts whose last heartbeat showed another closure than their records.
+    #[serde(default)]
+    pub drifting: Vec<DriftView>,
+    /// Hosts waiting for a reboot to finish an activation, oldest first.
+    #[serde(default)]
+    pub deferred: Vec<DeferredView>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,127 +203,106 @@ pub struct EventsView {
     pub next_after: Option<i64>,
 }
 
-struct RolloutRow {
-    id: String,
-    payload: Vec<u8>,
-    state: String,
-    current_wave: i64,
-    halt_reason: Option<String>,
-    superseded_by: Option<String>,
-    issued_at: String,
-    published_at: String,
-    updated_at: String,
-}
-
-const ROLLOUT_COLUMNS: &str =
-    "rollout_id, payload, state, current_wave, halt_reason, superseded_by, issued_at, published_at, updated_at";
-
-fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RolloutRow> {
-    Ok(RolloutRow {
-        id: r.get(0)?,
-        payload: r.get(1)?,
-        state: r.get(2)?,
-        current_wave: r.get(3)?,
-        halt_reason: r.get(4)?,
-        superseded_by: r.get(5)?,
-        issued_at: r.get(6)?,
-        published_at: r.get(7)?,
-        updated_at: r.get(8)?,
-    })
-}
-
 fn summary(
-    path: &Path,
     row: &RolloutRow,
-    manifest: &Manifest,
     records: &BTreeMap<Hostname, HostRecord>,
-) -> Result<RolloutSummary, StoreError> {
+    skipped: &BTreeMap<Hostname, store::SkippedHost>,
+) -> RolloutSummary {
+    let manifest = &row.manifest;
     let mut hosts_by_state = BTreeMap::new();
-    for r in records.values() {
-        *hosts_by_state.entry(r.state.as_str().to_owned()).or_insert(0) += 1;
+    for (host, r) in records {
+        let state =
+            if r.state == HostState::Pending && skipped.contains_key(host) { "Skipped" } else { r.state.as_str() };
+        *hosts_by_state.entry(state.to_owned()).or_insert(0) += 1;
     }
-    Ok(RolloutSummary {
+    RolloutSummary {
         rollout_id: manifest.rollout_id.clone(),
         channel: manifest.rollout_id.channel().to_owned(),
-        state: RolloutState::parse(&row.state).ok_or_else(|| corrupt(path, format!("rollout state {}", row.state)))?,
-        current_wave: usize::try_from(row.current_wave).unwrap_or(0),
+        state: row.state,
+        current_wave: row.current_wave,
         n_waves: manifest.waves.len(),
         n_hosts: manifest.hosts.len(),
         hosts_by_state,
         halt_reason: row.halt_reason.clone(),
-        superseded_by: row.superseded_by.as_deref().and_then(|s| RolloutId::parse(s).ok()),
+        superseded_by: row.superseded_by.clone(),
         issued_at: row.issued_at.clone(),
         published_at: row.published_at.clone(),
         updated_at: row.updated_at.clone(),
-    })
-}
-
-fn all_rollout_rows(conn: &Connection, path: &Path) -> Result<Vec<RolloutRow>, StoreError> {
-    let mut stmt = conn
-        .prepare(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY published_at, rollout_id"))
-        .map_err(sql(path, "list rollouts"))?;
-    let rows = stmt.query_map([], rollout_row).map_err(sql(path, "list rollouts"))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(sql(path, "list rollouts"))
+    }
 }
 
 /// `GET /v1/rollouts`.
 pub fn rollouts(conn: &Connection, path: &Path) -> Result<Vec<RolloutSummary>, StoreError> {
+    summaries(conn, path, None)
+}
+
+/// Every rollout's summary; with `deferred`, also collects the Deferred
+/// hosts and their age at `now`.
+fn summaries(
+    conn: &Connection,
+    path: &Path,
+    mut deferred: Option<(&mut Vec<DeferredView>, OffsetDateTime)>,
+) -> Result<Vec<RolloutSummary>, StoreError> {
     let mut out = Vec::new();
-    for row in all_rollout_rows(conn, path)? {
-        let manifest = Manifest::parse(&row.payload).map_err(|e| corrupt(path, format!("rollout {}: {e}", row.id)))?;
-        let records = store::host_records_of(conn, path, &manifest)?;
-        out.push(summary(path, &row, &manifest, &records)?);
+    for row in store::rollout_rows(conn, path)? {
+        let manifest = &row.manifest;
+        let records = store::host_records_of(conn, path, manifest)?;
+        let skipped = store::skipped_of(conn, path, &manifest.rollout_id)?;
+        if let Some((list, now)) = deferred.as_mut() {
+            for r in records.values().filter(|r| r.state == HostState::Deferred) {
+                let Some(at) = r.deferred_at else { continue };
+                list.push(DeferredView {
+                    hostname: r.hostname.clone(),
+                    rollout_id: r.rollout_id.clone(),
+                    deferred_at: store::ts(at),
+                    deferred_for_secs: age_secs(*now, at),
+                });
+            }
+        }
+        out.push(summary(&row, &records, &skipped));
     }
     Ok(out)
 }
 
-fn quarantined(conn: &Connection, path: &Path) -> Result<Vec<QuarantineView>, StoreError> {
-    let mut stmt = conn
-        .prepare("SELECT channel, closure, rollout_id, hostname, quarantined_at FROM quarantined_closures ORDER BY channel, closure")
-        .map_err(sql(path, "read quarantine"))?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(QuarantineView {
-                channel: r.get(0)?,
-                closure: r.get(1)?,
-                rollout_id: r.get(2)?,
-                hostname: r.get(3)?,
-                quarantined_at: r.get(4)?,
-            })
-        })
-        .map_err(sql(path, "read quarantine"))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(sql(path, "read quarantine"))
+/// Whole seconds from an agent's instant to the CP's now; 0 if the
+/// agent's clock is ahead.
+fn age_secs(now: OffsetDateTime, since: OffsetDateTime) -> u64 {
+    u64::try_from((now - since).whole_seconds()).unwrap_or(0)
 }
 
-/// `GET /v1/rollouts/{id}`; `None` if unknown.
-pub fn rollout(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option<RolloutDetail>, StoreError> {
-    let row = conn
-        .query_row(
-            &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE rollout_id = ?1"),
-            params![id.as_str()],
-            rollout_row,
-        )
-        .optional()
-        .map_err(sql(path, "read rollout"))?;
-    let Some(row) = row else { return Ok(None) };
-    let manifest = Manifest::parse(&row.payload).map_err(|e| corrupt(path, format!("rollout {id}: {e}")))?;
-    let records = store::host_records_of(conn, path, &manifest)?;
-    let summary = summary(path, &row, &manifest, &records)?;
-    let mut dispatched_at: BTreeMap<Hostname, String> = BTreeMap::new();
-    {
-        let mut stmt = conn
-            .prepare("SELECT hostname, issued_at FROM dispatches WHERE rollout_id = ?1")
-            .map_err(sql(path, "read dispatches"))?;
-        let rows = stmt
-            .query_map(params![id.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-            .map_err(sql(path, "read dispatches"))?;
-        for row in rows {
-            let (host, at) = row.map_err(sql(path, "read dispatches"))?;
-            if let Ok(h) = Hostname::parse(&host) {
-                dispatched_at.insert(h, at);
-            }
-        }
-    }
+fn quarantined(conn: &Connection, path: &Path) -> Result<Vec<QuarantineView>, StoreError> {
+    Ok(store::quarantine_rows(conn, path)?
+        .into_iter()
+        .map(|q| QuarantineView {
+            channel: q.channel,
+            closure: q.closure,
+            rollout_id: q.rollout_id,
+            hostname: q.hostname,
+            quarantined_at: q.quarantined_at,
+        })
+        .collect())
+}
+
+/// `GET /v1/rollouts/{id}`; `None` if unknown. `now` (CP time) gives the
+/// age of Deferred hosts.
+pub fn rollout(
+    conn: &Connection,
+    path: &Path,
+    id: &RolloutId,
+    now: OffsetDateTime,
+) -> Result<Option<RolloutDetail>, StoreError> {
+    let Some(row) = store::rollout_row(conn, path, id)? else { return Ok(None) };
+    let manifest = &row.manifest;
+    let records = store::host_records_of(conn, path, manifest)?;
+    let skipped_rows = store::skipped_of(conn, path, id)?;
+    let summary = summary(&row, &records, &skipped_rows);
+    let busy: BTreeMap<Hostname, RolloutId> = store::live_rollouts(conn, path)?
+        .into_iter()
+        .filter(|(host, _)| manifest.hosts.contains_key(host))
+        .filter_map(|(host, ids)| ids.into_iter().find(|other| other != id).map(|other| (host, other)))
+        .collect();
+    let skipped: BTreeSet<Hostname> = skipped_rows.keys().cloned().collect();
+    let dispatched_at = store::dispatch_times(conn, path, id)?;
     let quarantine: HashSet<Closure> = quarantined(conn, path)?
         .into_iter()
         .filter(|q| q.channel == id.channel())
@@ -283,15 +310,17 @@ pub fn rollout(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option<
         .collect();
     let dispatched: BTreeSet<Hostname> = dispatched_at.keys().cloned().collect();
     let input = PlanInput {
-        manifest: &manifest,
+        manifest,
         state: summary.state,
         current_wave: summary.current_wave,
         halt_reason: summary.halt_reason.as_deref(),
         records: &records,
         dispatched: &dispatched,
         quarantined: &quarantine,
+        busy_elsewhere: &busy,
+        skipped: &skipped,
     };
-    let fmt = |t: Option<OffsetDateTime>| t.map(super::store::ts);
+    let skipped = |host: &Hostname| skipped_rows.get(host);
     let waves = manifest
         .waves
         .iter()
@@ -304,23 +333,7 @@ pub fn rollout(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option<
             hosts: manifest
                 .hosts_in_wave(index)
                 .filter_map(|(host, _)| records.get(host))
-                .map(|r| HostInRollout {
-                    hostname: r.hostname.clone(),
-                    wave: index,
-                    state: r.state,
-                    target_closure: r.target_closure.clone(),
-                    last_seq: r.last_seq,
-                    dispatch_issued_at: dispatched_at.get(&r.hostname).cloned(),
-                    dispatch_acked_at: fmt(r.dispatch_acked_at),
-                    activation_completed_at: fmt(r.activation_completed_at),
-                    soak_due_at: fmt(r.soak_due_at),
-                    converged_at: fmt(r.converged_at),
-                    failed_at: fmt(r.failed_at),
-                    reverted_at: fmt(r.reverted_at),
-                    failing_probes: r.failing_enforce_probes(),
-                    failure: r.failure.clone(),
-                    note: host_note(&input, r),
-                })
+                .map(|r| host_in_rollout(&input, r, index, dispatched_at.get(&r.hostname), &skipped, now))
                 .collect(),
         })
         .collect();
@@ -330,6 +343,44 @@ pub fn rollout(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option<
         on_health_failure: manifest.policy.on_health_failure.as_str().to_owned(),
         waves,
     }))
+}
+
+/// One host's line of the rollout view; `now` (CP time) gives a Deferred
+/// host's age.
+fn host_in_rollout<'a>(
+    input: &PlanInput<'_>,
+    r: &HostRecord,
+    wave: usize,
+    dispatch_issued_at: Option<&String>,
+    skipped: &dyn Fn(&Hostname) -> Option<&'a store::SkippedHost>,
+    now: OffsetDateTime,
+) -> HostInRollout {
+    let fmt = |t: Option<OffsetDateTime>| t.map(store::ts);
+    let pending = r.state == HostState::Pending;
+    let deferred_at = r.deferred_at.filter(|_| r.state == HostState::Deferred);
+    HostInRollout {
+        hostname: r.hostname.clone(),
+        wave,
+        state: r.state,
+        target_closure: r.target_closure.clone(),
+        last_seq: r.last_seq,
+        dispatch_issued_at: dispatch_issued_at.cloned(),
+        dispatch_acked_at: fmt(r.dispatch_acked_at),
+        activation_completed_at: fmt(r.activation_completed_at),
+        soak_due_at: fmt(r.soak_due_at),
+        converged_at: fmt(r.converged_at),
+        failed_at: fmt(r.failed_at),
+        reverted_at: fmt(r.reverted_at),
+        failing_probes: r.failing_enforce_probes(),
+        failure: r.failure.clone(),
+        note: host_note(input, r),
+        deferred_at: fmt(deferred_at),
+        deferred_for_secs: deferred_at.map(|at| age_secs(now, at)),
+        held_by: input.busy_elsewhere.get(&r.hostname).filter(|_| pending).cloned(),
+        skipped: skipped(&r.hostname)
+            .filter(|_| pending)
+            .map(|s| SkippedView { reason: s.reason.clone(), skipped_at: s.skipped_at.clone() }),
+    }
 }
 
 fn host_note(input: &PlanInput<'_>, r: &HostRecord) -> Option<String> {
@@ -355,47 +406,22 @@ pub fn events(
     after: i64,
     limit: usize,
 ) -> Result<Option<EventsView>, StoreError> {
-    let known: Option<i64> = conn
-        .query_row("SELECT 1 FROM rollouts WHERE rollout_id = ?1", params![id.as_str()], |r| r.get(0))
-        .optional()
-        .map_err(sql(path, "read rollout"))?;
-    if known.is_none() {
+    if !store::rollout_exists(conn, path, id)? {
         return Ok(None);
     }
-    let mut stmt = conn
-        .prepare(
-            "SELECT id, hostname, seq, kind, agent_at, received_at, event FROM event_log
-             WHERE rollout_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-        )
-        .map_err(sql(path, "read events"))?;
-    let rows = stmt
-        .query_map(params![id.as_str(), after, limit as i64 + 1], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-            ))
+    let page = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
+    let mut events: Vec<LoggedEvent> = store::event_rows(conn, path, id, after, page)?
+        .into_iter()
+        .map(|r| LoggedEvent {
+            id: r.id,
+            hostname: r.hostname,
+            seq: r.seq,
+            kind: r.kind,
+            agent_at: r.agent_at,
+            received_at: r.received_at,
+            event: r.event,
         })
-        .map_err(sql(path, "read events"))?;
-    let mut events = Vec::new();
-    for row in rows {
-        let (log_id, hostname, seq, kind, agent_at, received_at, json) = row.map_err(sql(path, "read events"))?;
-        let event: OutboundEvent =
-            serde_json::from_str(&json).map_err(|e| corrupt(path, format!("event log row {log_id}: {e}")))?;
-        events.push(LoggedEvent {
-            id: log_id,
-            hostname,
-            seq: u64::try_from(seq).unwrap_or(0),
-            kind,
-            agent_at,
-            received_at,
-            event,
-        });
-    }
+        .collect();
     let next_after = if events.len() > limit {
         events.truncate(limit);
         events.last().map(|e| e.id)
@@ -413,23 +439,18 @@ pub fn hosts(
     stale_after_secs: u64,
 ) -> Result<Vec<HostView>, StoreError> {
     let mut views: BTreeMap<String, HostView> = BTreeMap::new();
-    let mut stmt = conn
-        .prepare("SELECT hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs FROM hosts")
-        .map_err(sql(path, "read hosts"))?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, Option<String>>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, i64>(5)?,
-            ))
-        })
-        .map_err(sql(path, "read hosts"))?;
-    for row in rows {
-        let (host, last, current, booted, version, uptime) = row.map_err(sql(path, "read hosts"))?;
+    for row in store::host_rows(conn, path)? {
+        let HostRow {
+            hostname: host,
+            last_heartbeat_at: last,
+            current_closure: current,
+            booted_closure: booted,
+            agent_version: version,
+            uptime_secs: uptime,
+            drift,
+            expected_closure,
+            expected_from,
+        } = row;
         let Ok(hostname) = Hostname::parse(&host) else { continue };
         let silent_secs = parse_ts(&last).map_or(i64::MAX, |t| (now - t).whole_seconds());
         let liveness = if silent_secs > i64::try_from(stale_after_secs).unwrap_or(i64::MAX) {
@@ -448,6 +469,9 @@ pub fn hosts(
                 agent_version: Some(version),
                 uptime_secs: u64::try_from(uptime).ok(),
                 rollouts: Vec::new(),
+                drift,
+                expected_closure,
+                expected_from,
             },
         );
     }
@@ -462,6 +486,9 @@ pub fn hosts(
                 agent_version: None,
                 uptime_secs: None,
                 rollouts: Vec::new(),
+                drift: Drift::Unknown,
+                expected_closure: None,
+                expected_from: None,
             });
             view.rollouts.push(HostRolloutRef { rollout_id: manifest.rollout_id.clone(), state: record.state });
         }
@@ -477,11 +504,27 @@ pub fn status(
     stale_after_secs: u64,
 ) -> Result<StatusView, StoreError> {
     let hosts = hosts(conn, path, now, stale_after_secs)?;
+    let mut deferred = Vec::new();
+    let rollouts = summaries(conn, path, Some((&mut deferred, now)))?;
+    deferred.sort_by(|a, b| (&a.deferred_at, &a.hostname).cmp(&(&b.deferred_at, &b.hostname)));
+    let drifting: Vec<DriftView> = hosts
+        .iter()
+        .filter(|h| h.drift == Drift::Drifting)
+        .map(|h| DriftView {
+            hostname: h.hostname.clone(),
+            current_closure: h.current_closure.clone().unwrap_or_default(),
+            expected_closure: h.expected_closure.clone().unwrap_or_default(),
+            expected_from: h.expected_from.clone().unwrap_or_default(),
+        })
+        .collect();
     Ok(StatusView {
-        server_time: super::store::ts(now),
-        rollouts: rollouts(conn, path)?,
+        server_time: store::ts(now),
+        rollouts,
         n_hosts: hosts.len(),
         n_unreachable: hosts.iter().filter(|h| h.liveness == Liveness::Unreachable).count(),
         quarantined: quarantined(conn, path)?,
+        n_drifting: drifting.len(),
+        drifting,
+        deferred,
     })
 }

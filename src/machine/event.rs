@@ -157,6 +157,8 @@ pub enum EventBody {
         /// The closure the refused dispatch named (so a journal holding only
         /// this event still rebuilds the record's target).
         target_closure: Closure,
+        /// What kind of refusal: decides whether the host fails or waits.
+        code: RejectCode,
         reason: String,
         rejected_at: Timestamp,
     },
@@ -165,6 +167,32 @@ pub enum EventBody {
         converged_at: Timestamp,
         current_closure: Closure,
     },
+}
+
+/// Why an agent refused a dispatch. Only `Busy` leaves the host Pending: the
+/// host is live in another rollout of its own (one live rollout per host),
+/// and the control plane offers the dispatch again once that one is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RejectCode {
+    /// Bad signature, target mismatch, quarantined closure: the host fails.
+    #[default]
+    Refused,
+    /// Another rollout is live on the host: ask again later; not a failure.
+    Busy,
+    /// The manifest is older than one this host accepted on the channel
+    /// (no downgrade): the host fails this rollout.
+    Stale,
+}
+
+impl RejectCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectCode::Refused => "refused",
+            RejectCode::Busy => "busy",
+            RejectCode::Stale => "stale",
+        }
+    }
 }
 
 /// The kind of an event without its fields: for tables, names and tests.

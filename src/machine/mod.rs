@@ -20,7 +20,7 @@ pub mod state;
 mod step;
 
 pub use effect::Effect;
-pub use event::{Event, EventBody, EventKind, Origin, ProbeDecl, ProbeKind, ProbeMode, ProbeStatus};
+pub use event::{Event, EventBody, EventKind, Origin, ProbeDecl, ProbeKind, ProbeMode, ProbeStatus, RejectCode};
 pub use gates::{converge_due, due_event, failure_clock_start_due, sustained_failure_due};
 pub use state::{Failure, HostRecord, HostState, OnHealthFailure, Policy, ProbeRecord, RollbackFailure};
 pub use step::{replay, step, Outcome, TransitionError};

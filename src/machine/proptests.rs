@@ -114,11 +114,17 @@ fn any_body_at<S: Strategy<Value = Timestamp> + 'static>(any_time: fn() -> S) ->
             stderr_tail: "e".into(),
             failed_at: t
         }),
-        (any_closure(), any_time()).prop_map(|(c, t)| EventBody::DispatchRejected {
-            target_closure: c,
-            reason: "r".into(),
-            rejected_at: t
-        }),
+        (
+            any_closure(),
+            any_time(),
+            prop_oneof![Just(RejectCode::Refused), Just(RejectCode::Busy), Just(RejectCode::Stale)]
+        )
+            .prop_map(|(c, t, code)| EventBody::DispatchRejected {
+                target_closure: c,
+                code,
+                reason: "r".into(),
+                rejected_at: t
+            }),
         (any_time(), any_closure())
             .prop_map(|(t, c)| EventBody::ConvergedReached { converged_at: t, current_closure: c }),
     ]
@@ -181,9 +187,12 @@ fn plausible(record: &HostRecord, policy: &Policy, now: Timestamp, c: &Choice) -
     let alt = c.alt;
     match record.state {
         HostState::Pending => match c.pick % 6 {
-            0 => {
-                EventBody::DispatchRejected { target_closure: new(), reason: "bad signature".into(), rejected_at: now }
-            }
+            0 => EventBody::DispatchRejected {
+                target_closure: new(),
+                code: RejectCode::Refused,
+                reason: "bad signature".into(),
+                rejected_at: now,
+            },
             _ => EventBody::Activate {
                 current_closure_at_dispatch: if alt.is_multiple_of(4) { new() } else { old() },
                 target_closure: new(),
@@ -277,6 +286,10 @@ proptest! {
                 prop_assert!(!record.state.is_terminal());
             }
             Ok(Outcome::Duplicate { last_seq }) => prop_assert!(seq <= last_seq),
+            Ok(Outcome::Gap { expected }) => {
+                prop_assert_eq!(expected, record.last_seq + 1);
+                prop_assert!(seq > expected);
+            }
             Err(e) => prop_assert_eq!(e.state(), record.state),
         }
     }

@@ -216,6 +216,35 @@ impl HostRecord {
         }
     }
 
+    /// Whether this rollout holds the host (SPEC §4 rule 7, one live rollout
+    /// per host): it is switching, waiting for a reboot, soaking, or Failed
+    /// with a rollback fired whose outcome has not arrived. Nothing of
+    /// another rollout may touch the host meanwhile. A failed rollback ends
+    /// it (the operator must act; a retry's completion is still accepted).
+    pub fn is_live(&self) -> bool {
+        match self.state {
+            HostState::Activating | HostState::Deferred | HostState::Soaking => true,
+            HostState::Failed => self.rollback_fired && self.rollback_failure.is_none(),
+            HostState::Pending | HostState::Converged | HostState::Reverted => false,
+        }
+    }
+
+    /// The closure this record says the host runs, when the events prove
+    /// it (SPEC §4 rule 10): Soaking, Converged and Failed without a
+    /// rollback → the closure last observed on the host (the target after
+    /// a completed activation, the other closure after a wrong one);
+    /// Reverted → the closure rolled back to. Pending, Activating, Deferred
+    /// (a reboot may come at any time), a Failed host with a rollback fired
+    /// or a failed switch (nothing observed) → `None`: not known.
+    pub fn known_running_closure(&self) -> Option<&Closure> {
+        match self.state {
+            HostState::Soaking | HostState::Converged => self.current_closure.as_ref(),
+            HostState::Failed if !self.rollback_fired => self.current_closure.as_ref(),
+            HostState::Reverted => self.reverted_to.as_ref(),
+            HostState::Pending | HostState::Activating | HostState::Deferred | HostState::Failed => None,
+        }
+    }
+
     /// Enforce probes of the declared topology, in declaration order.
     pub fn enforce_probes(&self) -> impl Iterator<Item = &ProbeDecl> {
         self.topology.iter().flatten().filter(|p| p.mode == ProbeMode::Enforce)

@@ -6,7 +6,7 @@
 use time::Duration;
 
 use super::effect::Effect;
-use super::event::{Event, EventBody, Origin, ProbeMode, ProbeStatus};
+use super::event::{Event, EventBody, Origin, ProbeMode, ProbeStatus, RejectCode};
 use super::state::{Failure, HostRecord, HostState, OnHealthFailure, Policy, ProbeRecord, RollbackFailure};
 use super::Timestamp;
 use crate::ids::{Closure, Hostname, RolloutId};
@@ -18,6 +18,9 @@ pub enum Outcome {
     Applied { record: Box<HostRecord>, effects: Vec<Effect> },
     /// `seq <= last_seq`: already applied; nothing to do (SPEC §4 rule 1).
     Duplicate { last_seq: u64 },
+    /// `seq > last_seq + 1`: an earlier event is missing. Nothing is applied;
+    /// the sender re-sends from `expected` (gaps are not errors).
+    Gap { expected: u64 },
 }
 
 /// Why an event cannot be applied to a record. Both variants name the state
@@ -59,6 +62,11 @@ pub fn step(record: &HostRecord, event: &Event, policy: &Policy) -> Result<Outco
     if event.seq <= record.last_seq {
         return Ok(Outcome::Duplicate { last_seq: record.last_seq });
     }
+    // `last_seq < seq` here, so `last_seq + 1` cannot overflow.
+    let expected = record.last_seq + 1;
+    if event.seq > expected {
+        return Ok(Outcome::Gap { expected });
+    }
     let mut tx = Tx { before: record, event, next: record.clone(), effects: Vec::new() };
     tx.next.last_seq = event.seq;
     tx.apply(policy)?;
@@ -68,7 +76,7 @@ pub fn step(record: &HostRecord, event: &Event, policy: &Policy) -> Result<Outco
 /// Folds events into a record, skipping duplicates and ignoring effects:
 /// how the agent rebuilds its state from its journal at start and how the
 /// control plane rebuilds host records from its event log. Stops at the
-/// first illegal event and reports its index.
+/// first illegal event, or the first seq gap, and reports its index.
 pub fn replay<'a>(
     mut record: HostRecord,
     events: impl IntoIterator<Item = &'a Event>,
@@ -78,6 +86,17 @@ pub fn replay<'a>(
         match step(&record, event, policy) {
             Ok(Outcome::Applied { record: next, .. }) => record = *next,
             Ok(Outcome::Duplicate { .. }) => {}
+            Ok(Outcome::Gap { expected }) => {
+                let gap = TransitionError::Refused {
+                    state: record.state,
+                    event: event.name(),
+                    seq: event.seq,
+                    hostname: record.hostname.clone(),
+                    rollout_id: record.rollout_id.clone(),
+                    reason: format!("seq gap: the next seq is {expected}"),
+                };
+                return Err((idx, gap));
+            }
             Err(e) => return Err((idx, e)),
         }
     }
@@ -168,7 +187,11 @@ impl Tx<'_> {
                     self.effects.push(Effect::FireSwitch { target: target_closure.clone() });
                 }
             }
-            (EventBody::DispatchRejected { target_closure, reason, rejected_at }, S::Pending) => {
+            (EventBody::DispatchRejected { code: RejectCode::Busy, .. }, S::Pending) => {
+                // Busy in another rollout (one live rollout per host): the
+                // host stays Pending and is offered the dispatch again later.
+            }
+            (EventBody::DispatchRejected { target_closure, reason, rejected_at, .. }, S::Pending) => {
                 // Record what the host was told to run and refused: when the
                 // dispatch disagrees with the manifest that is the very
                 // reason for the refusal, and both sides then agree.

@@ -61,6 +61,7 @@ impl Host {
                 Ok(())
             }
             Outcome::Duplicate { .. } => panic!("unexpected duplicate"),
+            Outcome::Gap { expected } => panic!("unexpected gap (expected seq {expected})"),
         }
     }
     #[track_caller]
@@ -210,9 +211,12 @@ fn sample(kind: EventKind, h: &mut Host) -> EventBody {
         EventKind::RollbackFailed => {
             EventBody::RollbackFailed { exit_code: 2, stderr_tail: "rollback boom".into(), failed_at: at(9) }
         }
-        EventKind::DispatchRejected => {
-            EventBody::DispatchRejected { target_closure: new(), reason: "bad signature".into(), rejected_at: at(0) }
-        }
+        EventKind::DispatchRejected => EventBody::DispatchRejected {
+            target_closure: new(),
+            code: RejectCode::Refused,
+            reason: "bad signature".into(),
+            rejected_at: at(0),
+        },
         EventKind::ConvergedReached => {
             if soaking {
                 h.probe("web", ProbeMode::Enforce, ProbeStatus::Pass, 20);
@@ -321,6 +325,69 @@ fn a_seq_at_or_below_the_last_is_a_duplicate_no_op_in_every_state() {
             let event = Event::remote(seq, body.clone());
             let result = step(&h.record, &event, &h.policy);
             assert_eq!(result, Ok(Outcome::Duplicate { last_seq: h.record.last_seq }), "{from} seq {seq}");
+        }
+    }
+}
+
+#[test]
+fn a_seq_beyond_the_next_is_a_gap_that_changes_nothing_in_every_state() {
+    // Proves rule 8: only last + 1 is applied; a later seq is answered with
+    // the seq expected, and a late earlier seq is then still applied.
+    for from in HostState::ALL {
+        let mut h = host_in(from, rollback_policy());
+        let body = sample(EventKind::ActivationStarted, &mut h);
+        let last = h.record.last_seq;
+        for seq in [last + 2, last + 40, u64::MAX] {
+            let result = step(&h.record, &Event::remote(seq, body.clone()), &h.policy);
+            assert_eq!(result, Ok(Outcome::Gap { expected: last + 1 }), "{from} seq {seq}");
+        }
+    }
+    let mut h = Host::new(rollback_policy());
+    h.activate();
+    let started = EventBody::ActivationStarted { started_at: at(1), switch_method: "direct".into() };
+    let completed =
+        EventBody::ActivationCompleted { observed_current_closure: new(), exit_code: 0, completed_at: at(2) };
+    let early = Event::remote(3, completed.clone());
+    assert_eq!(step(&h.record, &early, &h.policy), Ok(Outcome::Gap { expected: 2 }));
+    h.feed(started).feed(completed);
+    assert_eq!((h.record.state, h.record.last_seq), (HostState::Soaking, 3));
+    let replayed = replay(fresh(Some(new())), &[Event::remote(1, sample_activate()), early], &h.policy);
+    let (idx, err) = replayed.expect_err("a log with a hole does not replay");
+    assert_eq!(idx, 1);
+    assert!(err.to_string().contains("seq gap: the next seq is 2"), "{err}");
+}
+
+fn sample_activate() -> EventBody {
+    EventBody::Activate {
+        current_closure_at_dispatch: old(),
+        target_closure: new(),
+        soak_secs: SOAK_SECS,
+        received_at: at(0),
+    }
+}
+
+#[test]
+fn a_busy_refusal_leaves_the_host_pending_and_a_later_ack_activates_it() {
+    // Proves rule 7 on the machine: `busy` is "ask again later", never a
+    // failure; `stale` and `refused` fail the host.
+    let busy = |code| EventBody::DispatchRejected {
+        target_closure: new(),
+        code,
+        reason: "live in stable@a".into(),
+        rejected_at: at(0),
+    };
+    for origin in [Origin::Local, Origin::Remote] {
+        let mut h = Host::new(rollback_policy());
+        h.origin = origin;
+        h.feed(busy(RejectCode::Busy));
+        assert_eq!((h.record.state, h.record.last_seq, h.record.failure.clone()), (HostState::Pending, 1, None));
+        h.feed(busy(RejectCode::Busy)).activate();
+        assert_eq!((h.record.state, h.record.last_seq), (HostState::Activating, 3));
+        for code in [RejectCode::Stale, RejectCode::Refused] {
+            let mut h = Host::new(rollback_policy());
+            h.origin = origin;
+            h.feed(busy(code));
+            assert_eq!(h.record.state, HostState::Failed, "{code:?}");
         }
     }
 }
@@ -577,6 +644,61 @@ fn activation_completed_with_another_closure_fails_the_host() {
     assert!(h.effects.contains(&Effect::FireRollback { to: old() }));
 }
 
+// ---- Rule 7 (one live rollout per host) and rule 10 (what a host runs) ----
+
+#[test]
+fn a_host_is_live_while_switching_soaking_or_rolling_back() {
+    // Proves rule 7's "live": Activating, Deferred, Soaking, and Failed with
+    // a rollback fired and no outcome yet; not Pending, Converged, Reverted,
+    // a halt-policy failure, or a failed rollback (the operator's turn).
+    for (state, live) in [
+        (HostState::Pending, false),
+        (HostState::Activating, true),
+        (HostState::Deferred, true),
+        (HostState::Soaking, true),
+        (HostState::Converged, false),
+        (HostState::Failed, true),
+        (HostState::Reverted, false),
+    ] {
+        assert_eq!(host_in(state, rollback_policy()).record.is_live(), live, "{state} under rollback-and-halt");
+    }
+    assert!(!host_in(HostState::Failed, halt_policy()).record.is_live(), "halt: no rollback to wait for");
+    let mut h = host_in(HostState::Failed, rollback_policy());
+    h.feed(EventBody::RollbackFailed { exit_code: 2, stderr_tail: "no space".into(), failed_at: at(9) });
+    assert!(!h.record.is_live(), "a failed rollback ends the hold");
+    let mut busy = Host::new(rollback_policy());
+    busy.feed(EventBody::DispatchRejected {
+        target_closure: new(),
+        code: RejectCode::Busy,
+        reason: "busy".into(),
+        rejected_at: at(0),
+    });
+    assert!(!busy.record.is_live(), "a busy refusal leaves the host Pending, not live");
+}
+
+#[test]
+fn the_known_running_closure_follows_only_proven_facts() {
+    // Proves rule 10's definition: known after an observed activation, a
+    // convergence or a completed rollback; unknown while in transition.
+    let known = |h: &Host| h.record.known_running_closure().cloned();
+    for state in [HostState::Pending, HostState::Activating, HostState::Deferred] {
+        assert_eq!(known(&host_in(state, rollback_policy())), None, "{state}");
+    }
+    for state in [HostState::Soaking, HostState::Converged] {
+        assert_eq!(known(&host_in(state, rollback_policy())), Some(new()), "{state}");
+    }
+    assert_eq!(known(&host_in(HostState::Reverted, rollback_policy())), Some(old()));
+    assert_eq!(known(&host_in(HostState::Failed, rollback_policy())), None, "rolling back");
+    assert_eq!(known(&host_in(HostState::Failed, halt_policy())), None, "the switch failed: nothing observed");
+    let mut wrong = host_in(HostState::Activating, halt_policy());
+    wrong.feed(EventBody::ActivationCompleted {
+        observed_current_closure: other(),
+        exit_code: 0,
+        completed_at: at(10),
+    });
+    assert_eq!(known(&wrong), Some(other()), "halt policy: the host stays on what was observed");
+}
+
 // ---- Other invariants ----
 
 #[test]
@@ -691,6 +813,44 @@ fn the_machine_module_does_no_io_reads_no_clock_and_never_awaits() {
             let code = line.split("//").next().unwrap_or("");
             for word in forbidden {
                 assert!(!code.contains(word), "src/machine/{file}:{} uses {word:?}: {line}", line_idx + 1);
+            }
+        }
+    }
+}
+
+/// Every `.rs` file at or under `path`.
+fn rust_files(path: &std::path::Path) -> Vec<std::path::PathBuf> {
+    if path.is_file() {
+        return vec![path.to_owned()];
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(path).expect("read source dir") {
+        let p = entry.expect("dir entry").path();
+        if p.is_dir() {
+            out.extend(rust_files(&p));
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_roles_do_not_import_each_other() {
+    // Proves the module boundary between the two roles: the agent never
+    // names the control plane, and neither the control plane nor the
+    // command-line types name the agent (what both use lives in `client`,
+    // `signal`, `output` and `cli`). It walks the directories, so a new file
+    // is covered too; comments count, like `grep -rn` would.
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let rules = [("agent", "crate::cp"), ("cp", "crate::agent"), ("cli.rs", "crate::agent")];
+    for (under, word) in rules {
+        let files = rust_files(&src.join(under));
+        assert!(!files.is_empty(), "no sources under src/{under}");
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("read source");
+            for (line_idx, line) in text.lines().enumerate() {
+                assert!(!line.contains(word), "{}:{} uses {word:?}: {line}", file.display(), line_idx + 1);
             }
         }
     }

@@ -11,12 +11,16 @@
 //!   high-water.json                 highest qseq and per-rollout seq ever used
 //!   {qseq:020}-{host}-{rollout}-{kind}.json   pending events
 //!   acked/{same name}               delivered (applied/duplicate), kept for Replay-From
-//!   dead/{same name}                rejected by the CP, or unreadable at start
+//!   acked/{same name}.revived       an event revived from dead/ (JSON: was_dead, revived_at)
+//!   dead/{same name}                rejected by the CP, undeliverable, or unreadable at start
 //!   dead/{same name}.reason         why (JSON: cause, reason, dead_at)
 //! ```
 //!
 //! `qseq` is the queue's own number, global across rollouts, so listing
 //! order is enqueue order and two rollouts with equal `seq` never collide.
+//! It is bounded by [`MAX_QSEQ`] and a rollout's seq by `wire::MAX_SEQ`: a
+//! file or record beyond them is corrupt (moved to `dead/`, never used for
+//! numbering), a high-water mark beyond them is refused.
 //!
 //! # API (what the agent runtime calls)
 //!
@@ -27,13 +31,22 @@
 //!   the seq of its next event from the queue; [`Queue::enqueue`] refuses
 //!   any other seq, so seqs are never reused or skipped.
 //! - [`Queue::enqueue`]`(rollout, &event) -> QueuedRef`: returns once the
-//!   event is durable.
+//!   event is durable. From [`PENDING_SOFT_MAX_COUNT`] pending events on, a
+//!   visibility event ([`is_visibility`]) is refused with
+//!   [`QueueError::SoftCapReached`] (nothing written, seq not spent); the
+//!   [`PENDING_RESERVE_COUNT`] above it is for decisive events only, and at
+//!   [`PENDING_MAX_COUNT`] every event is refused with [`QueueError::Full`].
 //! - [`Queue::pending`] in enqueue order; [`Queue::ack`]`(qseq)` after the CP
 //!   answered `applied`/`duplicate`; [`Queue::reject`]`(qseq, reason)` after
 //!   `rejected` (the queue moves on: no head-of-line blocking).
 //! - [`Queue::events_after`]`(rollout, seq)`: pending + acked events of one
 //!   rollout with seq > N, in seq order (Replay-From, and rebuilding the
 //!   agent's state at start). [`Queue::rollouts`] lists what is known.
+//! - [`Queue::history_from`]`(rollout, seq)`: the delivered history (acked
+//!   events and dead letters the CP refused) from a seq up to the first
+//!   pending event, for the re-send after a `gap` or a Replay-From;
+//!   [`Queue::revive`]`(qseq)` moves a dead letter the CP applied on such a
+//!   re-send back to `acked/`.
 //! - [`Queue::prune_acked`]: retention of `acked/` by count and age.
 //! - [`QueueView::open`]`(state_dir)`: read-only, lock-free, for
 //!   `nixfleet queue ls|inspect` while an agent runs.
@@ -86,7 +99,17 @@
 //! 9. The next qseq is one more than the highest qseq in any folder
 //!    (corrupt files included, by name) or in `high-water.json`; the last
 //!    seq of a rollout is the highest among pending, acked and dead records
-//!    and `high-water.json`.
+//!    and `high-water.json`. Names and records beyond [`MAX_QSEQ`] /
+//!    `wire::MAX_SEQ` do not count (a name of u64::MAX used to wrap the
+//!    numbering to 0).
+//! 10. Revive (dead → acked): the `.revived` note is written durably first,
+//!     then the event is renamed into `acked/` and `acked/` is fsynced, then
+//!     the old reason is removed. At every point the event is in `dead/` with
+//!     its reason or in `acked/` (rename is atomic), so the restart rebuild
+//!     always sees it; a retry after a rename whose fsync failed finds it in
+//!     `acked/` and completes.
+//! 11. Leftovers of 6 and 10: a `.reason` in `dead/` without its event, or a
+//!     `.revived` note in `acked/` without its event, is removed at open.
 //!
 //! Known limit: an event file damaged after it was durable (bit rot) moves
 //! to `dead/` and its seq is no longer known; if it was the last event of
@@ -111,9 +134,9 @@ use time::{Duration, OffsetDateTime};
 
 use crate::clock::ClockHandle;
 use crate::ids::{Hostname, RolloutId};
-use crate::wire::OutboundEvent;
+use crate::wire::{OutboundEvent, MAX_SEQ};
 
-pub use record::{DeadCause, DeadReason, QueuedEvent, RecordError, RecordHeader};
+pub use record::{DeadCause, DeadReason, QueuedEvent, RecordError, RecordHeader, RevivedNote};
 pub use storage::{RealStorage, Storage};
 pub use view::{Counts, EntryState, Inspected, QueueView, ViewEntry, ViewError};
 
@@ -134,18 +157,45 @@ pub const ACKED_MAX_COUNT: usize = 10_000;
 /// under the count: a month covers restoring the CP database from a
 /// backup, after which Replay-From rebuilds it from the agents' queues.
 pub const ACKED_MAX_AGE: Duration = Duration::days(30);
-/// Pending events at most: at the limit `enqueue` fails with
-/// [`QueueError::Full`] and the agent does not apply the transition (it
-/// retries and reports). A host emits tens of events per rollout, so this
-/// is weeks of a dead control plane, and it bounds the memory of the
-/// in-memory index (~1 KiB per event).
-pub const PENDING_MAX_COUNT: usize = 100_000;
+/// Pending events at which VISIBILITY events (see [`is_visibility`]:
+/// probe results, first observations, activation started, topology) are
+/// refused with [`QueueError::SoftCapReached`], so the reducer can skip or
+/// coalesce them without blocking. A host emits tens of events per rollout,
+/// so this is weeks of a dead control plane; what arrives after it is
+/// mostly a steady stream of probe results, and the reserve above keeps
+/// room for the events that decide something.
+pub const PENDING_SOFT_MAX_COUNT: usize = 100_000;
+/// Pending events above the soft cap that only DECISIVE events (every kind
+/// that is not a visibility event: dispatch ack or refusal, activation
+/// outcome, failure clock, failure, rollback outcome, convergence) may use,
+/// so that after a long control-plane outage the agent can still record a
+/// failure and roll back. A rollout emits fewer than ten decisive events,
+/// so this is a thousand rollouts' worth.
+pub const PENDING_RESERVE_COUNT: usize = 10_000;
+/// Pending events at most: at this hard limit `enqueue` fails with
+/// [`QueueError::Full`] for every event, and the agent does not apply the
+/// transition (it retries and reports). It bounds the memory of the
+/// in-memory index (~1 KiB per event, ~110 MB at the limit).
+pub const PENDING_MAX_COUNT: usize = PENDING_SOFT_MAX_COUNT + PENDING_RESERVE_COUNT;
+/// The largest qseq the queue hands out or accepts from disk. A million
+/// events a second would take 290,000 years to reach it, so a file name or
+/// record beyond it can only come from damage or a hand edit: such a file
+/// is moved to `dead/` and never used for numbering (a name of u64::MAX
+/// used to wrap the numbering to 0, after which pending events vanished and
+/// qseqs were reused). It equals `wire::MAX_SEQ`, so both numbers fit the
+/// signed 64-bit integers of SQLite and most JSON tools, and `+ 1` never
+/// overflows.
+pub const MAX_QSEQ: u64 = i64::MAX as u64;
 
 /// Limits of one queue; the defaults are the constants above.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueConfig {
     pub acked_max_count: usize,
     pub acked_max_age: Duration,
+    /// Visibility events are refused from this many pending events on.
+    pub pending_soft_max_count: usize,
+    /// Every event is refused from this many pending events on (the soft
+    /// cap plus the reserve for decisive events).
     pub pending_max_count: usize,
 }
 
@@ -154,9 +204,51 @@ impl Default for QueueConfig {
         QueueConfig {
             acked_max_count: ACKED_MAX_COUNT,
             acked_max_age: ACKED_MAX_AGE,
+            pending_soft_max_count: PENDING_SOFT_MAX_COUNT,
             pending_max_count: PENDING_MAX_COUNT,
         }
     }
+}
+
+/// Whether an event only makes the host's progress visible (probe results,
+/// a probe's first observation, the switch having started, the declared
+/// probe topology), as opposed to deciding something. Visibility events are
+/// the ones refused at the soft cap ([`PENDING_SOFT_MAX_COUNT`]); the match
+/// is exhaustive so a new event kind must be classified here.
+pub fn is_visibility(event: &OutboundEvent) -> bool {
+    use crate::wire::WireEventBody as B;
+    match &event.body {
+        B::ProbeResult { .. } | B::ProbeObservedFirst { .. } | B::ActivationStarted { .. } => true,
+        B::ProbeTopologyDeclared { .. } => true,
+        B::DispatchAck { .. }
+        | B::ActivationCompleted { .. }
+        | B::ActivationDeferred { .. }
+        | B::ActivationFailed { .. }
+        | B::ProbeFailureFirst { .. }
+        | B::Failed { .. }
+        | B::RollbackComplete { .. }
+        | B::RollbackFailed { .. }
+        | B::DispatchRejected { .. }
+        | B::Converged { .. } => false,
+    }
+}
+
+/// A dead letter in the queue's index (its event is read from disk when
+/// needed: dead letters are rare and re-sent rarely).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DeadEntry {
+    rollout_id: RolloutId,
+    seq: u64,
+    name: String,
+}
+
+/// One event of a rollout's delivered history, as [`Queue::history_from`]
+/// returns it for a re-send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEvent {
+    pub queued: QueuedEvent,
+    /// In `dead/` (a dead letter that is part of the history), else acked.
+    pub dead: bool,
 }
 
 /// Where an event landed: its qseq, its seq and its file.
@@ -198,6 +290,14 @@ pub enum QueueError {
     WrongHost { expected: Hostname, got: Hostname },
     #[error("queue full: {pending} pending events (limit {max}); the control plane has not acknowledged events for a long time")]
     Full { pending: usize, max: usize },
+    /// A visibility event refused at the soft cap: nothing was written; the
+    /// caller may skip or coalesce it (decisive events still have room).
+    #[error("visibility event {kind} not queued: {pending} pending events reached the soft cap {soft_max} (the rest is kept for decisive events); the control plane has not acknowledged events for a long time")]
+    SoftCapReached { kind: &'static str, pending: usize, soft_max: usize },
+    #[error("numbers exhausted: the next {what} would exceed {max}")]
+    Exhausted { what: &'static str, max: u64 },
+    #[error("qseq {qseq} is not a dead event of this queue")]
+    NotDead { qseq: u64 },
     #[error("qseq {qseq} is not a pending event")]
     NotPending { qseq: u64 },
     #[error("queue stopped after an unrecoverable write failure ({0}); reopen it to recover from disk")]
@@ -241,7 +341,14 @@ impl HighWater {
         if computed != on_disk.checksum {
             return Err(format!("checksum mismatch: file says {}, content hashes to {computed}", on_disk.checksum));
         }
-        Ok(on_disk.high_water)
+        let hw = on_disk.high_water;
+        if hw.qseq > MAX_QSEQ {
+            return Err(format!("qseq {} is beyond the queue's bound {MAX_QSEQ}", hw.qseq));
+        }
+        if let Some((rollout_id, seq)) = hw.seqs.iter().find(|(_, seq)| **seq > MAX_SEQ) {
+            return Err(format!("seq {seq} of rollout {rollout_id} is beyond the wire's bound {MAX_SEQ}"));
+        }
+        Ok(hw)
     }
 }
 
@@ -263,6 +370,13 @@ pub struct Queue {
     /// includes it (the agent applied a rejected event before sending), so
     /// retention never prunes them.
     dead_rollouts: std::collections::BTreeSet<RolloutId>,
+    /// Dead letters that are part of their rollout's history (rejected or
+    /// undeliverable, record readable, reason beside it), by qseq: what a
+    /// gap or Replay-From re-sends besides acked events.
+    dead: BTreeMap<u64, DeadEntry>,
+    /// Acked events that were revived from `dead/` (they have a
+    /// `.revived` note beside them in `acked/`).
+    revived: std::collections::BTreeSet<u64>,
     last_seq: BTreeMap<RolloutId, u64>,
     high_water: HighWater,
     poisoned: Option<String>,
@@ -324,6 +438,8 @@ impl Queue {
             pending: BTreeMap::new(),
             acked: BTreeMap::new(),
             dead_rollouts: std::collections::BTreeSet::new(),
+            dead: BTreeMap::new(),
+            revived: std::collections::BTreeSet::new(),
             last_seq: BTreeMap::new(),
             high_water: HighWater::default(),
             poisoned: None,
@@ -374,11 +490,24 @@ impl Queue {
     pub fn enqueue(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<QueuedRef, QueueError> {
         self.check_poisoned()?;
         let expected = self.next_seq(rollout_id);
+        if expected > MAX_SEQ {
+            return Err(QueueError::Exhausted { what: "seq", max: MAX_SEQ });
+        }
         if event.seq != expected {
             return Err(QueueError::SeqOutOfOrder { rollout_id: rollout_id.clone(), expected, got: event.seq });
         }
         if self.pending.len() >= self.config.pending_max_count {
             return Err(QueueError::Full { pending: self.pending.len(), max: self.config.pending_max_count });
+        }
+        if self.pending.len() >= self.config.pending_soft_max_count && is_visibility(event) {
+            return Err(QueueError::SoftCapReached {
+                kind: event.kind(),
+                pending: self.pending.len(),
+                soft_max: self.config.pending_soft_max_count,
+            });
+        }
+        if self.next_qseq > MAX_QSEQ {
+            return Err(QueueError::Exhausted { what: "qseq", max: MAX_QSEQ });
         }
         // The number is spent whatever happens next: a failed attempt may
         // have left a file under it that only recovery will see.
@@ -448,9 +577,120 @@ impl Queue {
         self.write_dead_reason(&name, &dead_reason)?;
         self.move_durably(&root, &dead_dir, &name)?;
         if let Some(queued) = self.pending.remove(&qseq) {
+            let entry = DeadEntry { rollout_id: queued.rollout_id.clone(), seq: queued.seq(), name };
+            self.dead.insert(qseq, entry);
             self.dead_rollouts.insert(queued.rollout_id);
         }
         Ok(())
+    }
+
+    /// Moves a dead letter back to `acked/` after the control plane
+    /// applied it on a re-send (after a database loss the CP needs the
+    /// whole history, and the agent applied this event before sending it).
+    /// A `.revived` note with the old reason goes beside it, so `queue ls`
+    /// shows what happened. Reviving an event already acked is Ok.
+    ///
+    /// Order (crash case 10): the note (tmp, fsync, rename, fsync
+    /// `acked/`), then the event's rename into `acked/` and the fsync of
+    /// `acked/`, then the removal of the old reason. The event is in `dead/`
+    /// with its reason or in `acked/` at every point; a leftover note or
+    /// reason without its event is removed at open.
+    pub fn revive(&mut self, qseq: u64) -> Result<(), QueueError> {
+        self.check_poisoned()?;
+        if self.acked.contains_key(&qseq) {
+            return Ok(());
+        }
+        let entry = self.dead.get(&qseq).ok_or(QueueError::NotDead { qseq })?.clone();
+        let (acked_dir, dead_dir) = (self.acked_dir.clone(), self.dead_dir.clone());
+        // A retry after a rename that happened but whose fsync failed finds
+        // the event in acked/ already.
+        let queued = match self.read_dead(&entry.name) {
+            Err(QueueError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                let path = acked_dir.join(&entry.name);
+                let bytes = self.storage.read_file(&path).map_err(io_err("read", &path))?;
+                record::decode(&bytes).map_err(|e| QueueError::Io {
+                    op: "decode",
+                    path,
+                    source: io::Error::other(e),
+                })?
+            }
+            other => other?,
+        };
+        let reason_path = dead_dir.join(format!("{}{}", entry.name, record::REASON_SUFFIX));
+        let was_dead = match self.storage.read_file(&reason_path) {
+            Ok(bytes) => DeadReason::decode(&bytes).ok(),
+            Err(_) => None,
+        }
+        .unwrap_or_else(|| DeadReason::new(DeadCause::Rejected, "(reason unreadable)", self.clock.now()));
+        let note = RevivedNote { was_dead, revived_at: self.clock.now() };
+        let note_path = acked_dir.join(format!("{}{}", entry.name, record::REVIVED_SUFFIX));
+        self.write_durably(&acked_dir, &note_path, &note.encode())?;
+        self.move_durably(&dead_dir, &acked_dir, &entry.name)?;
+        self.dead.remove(&qseq);
+        self.acked.insert(qseq, queued);
+        self.revived.insert(qseq);
+        // The reason is now a leftover: a failure here is reported, but the
+        // event is revived (a retry answers Ok) and open removes the reason.
+        match self.storage.remove_file(&reason_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(QueueError::Io { op: "remove", path: reason_path, source }),
+        }
+        self.storage.fsync_dir(&dead_dir).map_err(io_err("fsync directory", &dead_dir))
+    }
+
+    /// Reads and decodes a file of `dead/`.
+    fn read_dead(&self, name: &str) -> Result<QueuedEvent, QueueError> {
+        let path = self.dead_dir.join(name);
+        let bytes = self.storage.read_file(&path).map_err(io_err("read", &path))?;
+        record::decode(&bytes).map_err(|e| QueueError::Io { op: "decode", path, source: io::Error::other(e) })
+    }
+
+    /// The seq of the oldest pending event of a rollout, if any.
+    pub fn first_pending_seq(&self, rollout_id: &RolloutId) -> Option<u64> {
+        self.pending.values().filter(|q| &q.rollout_id == rollout_id).map(QueuedEvent::seq).min()
+    }
+
+    /// The delivered part of a rollout's history from `from_seq` on, in
+    /// seq order: acked events and dead letters (re-sent after a gap or a
+    /// Replay-From), up to the rollout's first pending event (those the
+    /// drainer sends in its own order). A seq that is missing here (pruned,
+    /// or unreadable) simply does not appear: the caller checks that the
+    /// events run without a hole from `from_seq`. Dead events are read from
+    /// disk; one that no longer reads is left out.
+    pub fn history_from(&self, rollout_id: &RolloutId, from_seq: u64) -> Vec<HistoryEvent> {
+        let below = self.first_pending_seq(rollout_id).unwrap_or(u64::MAX);
+        let in_range = |r: &RolloutId, seq: u64| r == rollout_id && seq >= from_seq && seq < below;
+        let mut out: Vec<HistoryEvent> = self
+            .acked
+            .values()
+            .filter(|q| in_range(&q.rollout_id, q.seq()))
+            .map(|q| HistoryEvent { queued: q.clone(), dead: false })
+            .collect();
+        for entry in self.dead.values().filter(|d| in_range(&d.rollout_id, d.seq)) {
+            match self.read_dead(&entry.name) {
+                Ok(queued) => out.push(HistoryEvent { queued, dead: true }),
+                Err(e) => tracing::warn!(error = %e, "a dead letter no longer reads; left out of the re-send"),
+            }
+        }
+        out.sort_by_key(|h| (h.queued.seq(), h.queued.qseq));
+        out
+    }
+
+    /// Dead letters of the history index: (qseq, rollout, seq), for tests
+    /// and tools.
+    pub fn dead_history(&self) -> Vec<(u64, RolloutId, u64)> {
+        self.dead.iter().map(|(q, d)| (*q, d.rollout_id.clone(), d.seq)).collect()
+    }
+
+    /// Why the queue refuses every call, if it does ([`QueueError::Poisoned`]).
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
+    /// The last seq of every rollout the queue has seen.
+    pub fn last_seqs(&self) -> &BTreeMap<RolloutId, u64> {
+        &self.last_seq
     }
 
     /// Pending and acked events of one rollout with seq > `after_seq`, in
@@ -508,6 +748,15 @@ impl Queue {
                     Err(source) => return Err(QueueError::Io { op: "remove", path, source }),
                 }
                 self.acked.remove(&qseq);
+                if self.revived.remove(&qseq) {
+                    // Its note goes with it (a leftover is removed at open).
+                    let note = self.acked_dir.join(format!("{name}{}", record::REVIVED_SUFFIX));
+                    match self.storage.remove_file(&note) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(source) => return Err(QueueError::Io { op: "remove", path: note, source }),
+                    }
+                }
                 removed += 1;
             }
             self.storage.fsync_dir(&acked_dir).map_err(io_err("fsync directory", &acked_dir))?;
@@ -639,9 +888,9 @@ impl Queue {
         result
     }
 
-    /// Start-up recovery (crash cases 1, 8, 9): create folders, drop
-    /// `.tmp` files, move unreadable files to `dead/`, load the index and
-    /// the numbers to continue from.
+    /// Start-up recovery (crash cases 1, 8, 9, 10, 11): create folders,
+    /// drop `.tmp` files, move unreadable files to `dead/`, load the index
+    /// and the numbers to continue from.
     fn recover(&mut self) -> Result<(), QueueError> {
         for dir in [&self.root, &self.acked_dir, &self.dead_dir] {
             self.storage.create_dir(dir).map_err(io_err("create directory", dir))?;
@@ -661,6 +910,8 @@ impl Queue {
 
         let (root, acked_dir, dead_dir) = (self.root.clone(), self.acked_dir.clone(), self.dead_dir.clone());
         let mut dead_names = std::collections::BTreeSet::new();
+        let mut reason_names = Vec::new();
+        let mut revived_notes = Vec::new();
         let mut live_seqs = std::collections::HashSet::new();
         for (dir, is_dead) in [(&dead_dir, true), (&acked_dir, false), (&root, false)] {
             let mut names = self.storage.list_files(dir).map_err(io_err("list", dir))?;
@@ -676,22 +927,34 @@ impl Queue {
                     continue;
                 }
                 if is_dead {
-                    if let Some(qseq) = record::qseq_of_name(&name) {
+                    // Numbering from dead names comes below, from those
+                    // whose record reads (bounded) or, for the rest, the
+                    // bounded name.
+                    if let Some(qseq) = bounded_qseq_of_name(&name) {
                         max_qseq = max_qseq.max(qseq);
                     }
-                    if !name.ends_with(record::REASON_SUFFIX) {
-                        dead_names.insert(name);
+                    match name.strip_suffix(record::REASON_SUFFIX) {
+                        Some(event_name) => reason_names.push(event_name.to_owned()),
+                        None => {
+                            dead_names.insert(name);
+                        }
                     }
                     continue;
                 }
                 if dir == &root && (name == LOCK_FILE || name == HIGH_WATER_FILE) {
                     continue;
                 }
+                if dir == &acked_dir {
+                    if let Some(event_name) = name.strip_suffix(record::REVIVED_SUFFIX) {
+                        revived_notes.push(event_name.to_owned());
+                        continue;
+                    }
+                }
                 if !name.ends_with(record::EVENT_SUFFIX) {
                     tracing::warn!(dir = %dir.display(), %name, "ignoring a file that is not a queue event");
                     continue;
                 }
-                if let Some(qseq) = record::qseq_of_name(&name) {
+                if let Some(qseq) = bounded_qseq_of_name(&name) {
                     max_qseq = max_qseq.max(qseq);
                 }
                 let path = dir.join(&name);
@@ -720,15 +983,10 @@ impl Queue {
                         }
                     }
                     Err(reason) => {
-                        // Its seq, if the header still reads, must not come
-                        // back either (it may have reached the CP).
-                        if let Ok(header) = record::decode_header(&bytes) {
-                            max_qseq = max_qseq.max(header.qseq);
-                            if let Ok(rollout_id) = RolloutId::parse(&header.rollout_id) {
-                                let seq = self.last_seq.entry(rollout_id).or_insert(0);
-                                *seq = (*seq).max(header.seq);
-                            }
-                        }
+                        // Its seq, if the header still reads (and is in
+                        // bounds), must not come back either (it may have
+                        // reached the CP).
+                        self.fold_header_numbers(&bytes, &mut max_qseq);
                         self.move_to_dead(dir, &name, &reason)?;
                         self.recovery.moved_to_dead.push((name, reason));
                     }
@@ -736,17 +994,65 @@ impl Queue {
             }
         }
         // Dead events still hold seqs that must not come back; unreadable
-        // ones only their qseq (by name, above).
-        for name in dead_names {
-            let Ok(bytes) = self.storage.read_file(&dead_dir.join(&name)) else { continue };
-            let Ok(header) = record::decode_header(&bytes) else { continue };
-            max_qseq = max_qseq.max(header.qseq);
-            if let Ok(rollout_id) = RolloutId::parse(&header.rollout_id) {
-                let seq = self.last_seq.entry(rollout_id.clone()).or_insert(0);
-                *seq = (*seq).max(header.seq);
+        // ones only their qseq (by name, above). Those the CP refused (a
+        // `rejected` reason beside a readable record of this host) are part
+        // of their rollout's history: indexed for re-sends.
+        let reasons: std::collections::BTreeSet<String> = reason_names.into_iter().collect();
+        for name in &dead_names {
+            let Ok(bytes) = self.storage.read_file(&dead_dir.join(name)) else { continue };
+            if let Some(rollout_id) = self.fold_header_numbers(&bytes, &mut max_qseq) {
                 self.dead_rollouts.insert(rollout_id);
             }
+            if !reasons.contains(name) {
+                continue;
+            }
+            let reason_path = dead_dir.join(format!("{name}{}", record::REASON_SUFFIX));
+            let rejected = self
+                .storage
+                .read_file(&reason_path)
+                .ok()
+                .and_then(|b| DeadReason::decode(&b).ok())
+                .is_some_and(|r| r.cause == DeadCause::Rejected);
+            if !rejected {
+                continue;
+            }
+            let mut no_dupes = std::collections::HashSet::new();
+            if let Ok(queued) = self.check_record(name, &bytes, &mut no_dupes) {
+                let entry = DeadEntry { rollout_id: queued.rollout_id.clone(), seq: queued.seq(), name: name.clone() };
+                self.dead.insert(queued.qseq, entry);
+            }
         }
+        // Crash cases 6 and 10: a reason without its dead event, or a
+        // revived note without its acked event, is a leftover.
+        let orphan_reasons: Vec<PathBuf> = reasons
+            .iter()
+            .filter(|n| !dead_names.contains(*n))
+            .map(|n| dead_dir.join(format!("{n}{}", record::REASON_SUFFIX)))
+            .collect();
+        let mut orphan_notes = Vec::new();
+        for event_name in revived_notes {
+            match record::qseq_of_name(&event_name).filter(|q| self.acked.contains_key(q)) {
+                Some(qseq) => {
+                    self.revived.insert(qseq);
+                }
+                None => orphan_notes.push(acked_dir.join(format!("{event_name}{}", record::REVIVED_SUFFIX))),
+            }
+        }
+        for (dir, orphans) in [(&dead_dir, orphan_reasons), (&acked_dir, orphan_notes)] {
+            if orphans.is_empty() {
+                continue;
+            }
+            for path in orphans {
+                match self.storage.remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(QueueError::Io { op: "remove", path, source }),
+                }
+            }
+            self.storage.fsync_dir(dir).map_err(io_err("fsync directory", dir))?;
+        }
+        // max_qseq <= MAX_QSEQ (every source is bounded), so this cannot
+        // overflow.
         self.next_qseq = max_qseq + 1;
         self.recovery.pending = self.pending.len();
         self.recovery.acked = self.acked.len();
@@ -760,6 +1066,21 @@ impl Queue {
         Ok(())
     }
 
+    /// Folds the qseq and seq of a record whose header still reads into
+    /// the numbering, when they are within bounds; returns its rollout.
+    fn fold_header_numbers(&mut self, bytes: &[u8], max_qseq: &mut u64) -> Option<RolloutId> {
+        let header = record::decode_header(bytes).ok()?;
+        if header.qseq <= MAX_QSEQ {
+            *max_qseq = (*max_qseq).max(header.qseq);
+        }
+        let rollout_id = RolloutId::parse(&header.rollout_id).ok()?;
+        if header.seq <= MAX_SEQ {
+            let seq = self.last_seq.entry(rollout_id.clone()).or_insert(0);
+            *seq = (*seq).max(header.seq);
+        }
+        Some(rollout_id)
+    }
+
     /// Decodes a record and checks it belongs here under this name.
     /// `live_seqs` holds the (rollout, seq) of the records accepted so far.
     fn check_record(
@@ -771,6 +1092,15 @@ impl Queue {
         let queued = record::decode(bytes).map_err(|e| e.to_string())?;
         if queued.hostname != self.hostname {
             return Err(format!("belongs to host {}, this queue is host {}", queued.hostname, self.hostname));
+        }
+        if queued.qseq > MAX_QSEQ {
+            return Err(format!(
+                "qseq {} is beyond the queue's bound {MAX_QSEQ} (only damage or a hand edit makes one)",
+                queued.qseq
+            ));
+        }
+        if queued.seq() == 0 || queued.seq() > MAX_SEQ {
+            return Err(format!("seq {} is outside 1..={MAX_SEQ}", queued.seq()));
         }
         if queued.file_name() != name {
             return Err(format!("record qseq {} does not match its file name", queued.qseq));
@@ -788,6 +1118,12 @@ impl Queue {
         self.write_dead_reason(name, &dead_reason)?;
         self.move_durably(dir, &dead_dir, name)
     }
+}
+
+/// The qseq a file name starts with, if it has the event-name shape and is
+/// within [`MAX_QSEQ`]; a larger one is never used for numbering.
+fn bounded_qseq_of_name(name: &str) -> Option<u64> {
+    record::qseq_of_name(name).filter(|q| *q <= MAX_QSEQ)
 }
 
 fn tmp_path(path: &Path) -> PathBuf {

@@ -29,14 +29,17 @@ pub const EVENT_SUFFIX: &str = ".json";
 pub const TMP_SUFFIX: &str = ".tmp";
 /// Suffix of the sidecar beside a dead event: `<event file name>.reason`.
 pub const REASON_SUFFIX: &str = ".reason";
+/// Suffix of the note beside an event revived from `dead/` into `acked/`:
+/// `<event file name>.revived` (what it was dead for, when it came back).
+pub const REVIVED_SUFFIX: &str = ".revived";
 /// Digits of the zero-padded qseq that starts every event file name, so
 /// lexical order is enqueue order (u64::MAX has 20 digits).
 pub const QSEQ_DIGITS: usize = 20;
 /// The rollout part of a file name is cut to this many characters: a
 /// rollout id may be 193 characters, and name + `.reason` + `.tmp` must
 /// stay under the 255-byte NAME_MAX of Linux file systems
-/// (20 + 1 + 63 + 1 + 112 + 1 + 32 + 5 + 7 + 4 = 246). The record, not the
-/// name, is the truth.
+/// (20 + 1 + 63 + 1 + 112 + 1 + 32 + 5 + 8 + 4 = 247 with the longest
+/// suffix, `.revived`). The record, not the name, is the truth.
 pub const NAME_ROLLOUT_MAX_CHARS: usize = 112;
 /// The kind part of a file name (the longest kind today is 21 characters).
 pub const NAME_KIND_MAX_CHARS: usize = 32;
@@ -320,4 +323,26 @@ pub fn truncate_utf8(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// Why an acked event has a history: it was dead, and a re-send after a gap
+/// or a Replay-From got it applied. Stored as `acked/<name>.revived`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevivedNote {
+    /// The reason it had in `dead/`.
+    pub was_dead: DeadReason,
+    #[serde(with = "time::serde::rfc3339")]
+    pub revived_at: OffsetDateTime,
+}
+
+impl RevivedNote {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec(self).expect("revived notes always serialise");
+        bytes.push(b'\n');
+        bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<RevivedNote, RecordError> {
+        serde_json::from_slice(bytes).map_err(|e| RecordError::Json(e.to_string()))
+    }
 }

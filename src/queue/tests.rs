@@ -90,7 +90,9 @@ fn file_names_are_sanitised_ordered_and_short_enough() {
         &format!("{}@{}", "c".repeat(64), "r".repeat(128)),
         "ProbeTopologyDeclared",
     );
-    assert!(longest.len() + record::REASON_SUFFIX.len() + record::TMP_SUFFIX.len() <= 255, "{}", longest.len());
+    for suffix in [record::REASON_SUFFIX, record::REVIVED_SUFFIX] {
+        assert!(longest.len() + suffix.len() + record::TMP_SUFFIX.len() <= 255, "{} {suffix}", longest.len());
+    }
     assert!(record::file_name(9, "a", "b@c", "K") < record::file_name(10, "a", "b@c", "K"));
     assert_eq!(record::qseq_of_name("123-x.json"), None);
 }
@@ -216,6 +218,165 @@ fn corrupt_files_go_to_dead_with_the_reason_and_the_rest_drains() {
         let reason = std::fs::read(dead.join(format!("{name}.reason"))).expect("sidecar");
         assert_eq!(DeadReason::decode(&reason).expect("parse").cause, DeadCause::Corrupt);
     }
+}
+
+/// A file named with a qseq beyond MAX_QSEQ (u64::MAX: corrupt, or a
+/// valid record whose qseq is that large) goes to dead/ with the reason and
+/// never numbers the queue: pending events stay, qseqs continue after the
+/// real ones, also at the next open (it used to wrap to 0).
+#[test]
+fn a_qseq_beyond_the_bound_is_dead_and_never_used_for_numbering() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (r, other) = (rollout("stable@r1"), rollout("canary@r1"));
+    let mut q = open_real(tmp.path());
+    enqueue_next(&mut q, &r, "a").expect("enqueue");
+    enqueue_next(&mut q, &r, "b").expect("enqueue");
+    drop(q);
+    let root = tmp.path().join(QUEUE_DIR);
+    let garbage = record::file_name(u64::MAX, "web-1", r.as_str(), "ActivationStarted");
+    std::fs::write(root.join(&garbage), b"not json").expect("write");
+    let huge = QueuedEvent {
+        qseq: u64::MAX - 1,
+        hostname: host(),
+        rollout_id: other.clone(),
+        created_at: datetime!(2026-11-25 12:00 UTC),
+        event: event(1, "huge"),
+    };
+    std::fs::write(root.join(ACKED_DIR).join(huge.file_name()), record::encode(&huge)).expect("write");
+
+    let mut q = open_real(tmp.path());
+    let moved = &q.recovery_report().moved_to_dead;
+    assert_eq!(moved.len(), 2, "{moved:?}");
+    assert!(moved.iter().any(|(n, why)| n == &huge.file_name() && why.contains("beyond")), "{moved:?}");
+    assert_eq!(q.pending().iter().map(|e| e.seq()).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(q.next_qseq(), 3);
+    assert_eq!(enqueue_next(&mut q, &r, "c").expect("enqueue").qseq, 3);
+    drop(q);
+    let q = open_real(tmp.path());
+    assert_eq!(q.pending().iter().map(|e| e.seq()).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(q.next_qseq(), 4, "names in dead/ beyond the bound do not number either");
+}
+
+/// A high-water mark beyond the bounds (qseq or a rollout's seq) is
+/// refused like a corrupt one, naming the file.
+#[test]
+fn a_high_water_mark_beyond_the_bounds_is_refused() {
+    for (qseq, seq) in [(u64::MAX, 1), (5, u64::MAX)] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        drop(open_real(tmp.path()));
+        let hw = HighWater { qseq, seqs: BTreeMap::from([(rollout("stable@r1"), seq)]) };
+        std::fs::write(tmp.path().join(QUEUE_DIR).join(HIGH_WATER_FILE), hw.encode()).expect("write");
+        let err = Queue::open(tmp.path(), host(), QueueConfig::default(), clock()).expect_err("refused");
+        assert!(matches!(err, QueueError::HighWaterCorrupt { .. }), "{err}");
+        assert!(err.to_string().contains("beyond"), "{err}");
+    }
+}
+
+fn decisive(seq: u64) -> OutboundEvent {
+    OutboundEvent {
+        seq,
+        body: WireEventBody::ActivationFailed {
+            exit_code: 1,
+            stderr_tail: format!("e{seq}"),
+            failed_at: datetime!(2026-11-25 12:00 UTC),
+        },
+    }
+}
+
+/// At the soft cap a visibility event is refused with its own error and
+/// nothing is written, while decisive events still use the reserve up to
+/// the hard limit; acking below the soft cap lets visibility events in.
+#[test]
+fn the_soft_cap_refuses_visibility_events_and_the_reserve_keeps_room_for_decisive_ones() {
+    let storage = SimStorage::default();
+    let config = QueueConfig { pending_soft_max_count: 2, pending_max_count: 4, ..QueueConfig::default() };
+    let mut q = sim_open(&storage, config).expect("open");
+    let r = rollout("stable@r1");
+    enqueue_next(&mut q, &r, "a").expect("1");
+    enqueue_next(&mut q, &r, "b").expect("2");
+    let before = storage.fs().n_ops();
+    let err = enqueue_next(&mut q, &r, "c").expect_err("visibility at the soft cap");
+    assert!(matches!(err, QueueError::SoftCapReached { kind: "ActivationStarted", pending: 2, soft_max: 2 }), "{err}");
+    assert_eq!(storage.fs().n_ops(), before, "nothing written");
+    assert_eq!(q.next_seq(&r), 3, "the seq is not spent");
+    q.enqueue(&r, &decisive(3)).expect("decisive events use the reserve");
+    q.enqueue(&r, &decisive(4)).expect("up to the hard limit");
+    assert!(matches!(q.enqueue(&r, &decisive(5)), Err(QueueError::Full { pending: 4, max: 4 })));
+    q.ack(1).expect("ack");
+    q.ack(2).expect("ack");
+    q.ack(3).expect("ack");
+    enqueue_next(&mut q, &r, "d").expect("below the soft cap again");
+    assert!(is_visibility(&event(1, "x")) && !is_visibility(&decisive(1)));
+}
+
+/// history_from gives the acked events and dead letters of a rollout from
+/// a seq on, up to its first pending event; revive moves a dead letter to
+/// acked/ with a note, and a reopen sees the same.
+#[test]
+fn history_spans_acked_and_dead_and_revive_brings_a_dead_letter_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (r, other) = (rollout("stable@r1"), rollout("canary@r1"));
+    let mut q = open_real(tmp.path());
+    for tag in ["a", "b", "c", "d"] {
+        enqueue_next(&mut q, &r, tag).expect("enqueue");
+    }
+    enqueue_next(&mut q, &other, "x").expect("enqueue");
+    q.ack(1).expect("ack");
+    q.reject(2, "illegal then").expect("reject");
+    q.ack(3).expect("ack");
+    let seqs = |h: Vec<HistoryEvent>| h.into_iter().map(|h| (h.queued.seq(), h.dead)).collect::<Vec<_>>();
+    assert_eq!(seqs(q.history_from(&r, 1)), vec![(1, false), (2, true), (3, false)]);
+    assert_eq!(seqs(q.history_from(&r, 2)), vec![(2, true), (3, false)]);
+    assert_eq!(q.first_pending_seq(&r), Some(4));
+    assert!(q.history_from(&other, 1).is_empty(), "pending only");
+    assert!(matches!(q.revive(4), Err(QueueError::NotDead { qseq: 4 })));
+    q.revive(2).expect("revive");
+    q.revive(2).expect("reviving twice is fine");
+    assert_eq!(seqs(q.history_from(&r, 1)), vec![(1, false), (2, false), (3, false)]);
+    drop(q);
+    let root = tmp.path().join(QUEUE_DIR);
+    let name2 = record::file_name(2, "web-1", r.as_str(), "ActivationStarted");
+    assert!(root.join(ACKED_DIR).join(&name2).exists());
+    assert!(!root.join(DEAD_DIR).join(&name2).exists());
+    assert!(!root.join(DEAD_DIR).join(format!("{name2}.reason")).exists(), "the old reason moved into the note");
+    let note = std::fs::read(root.join(ACKED_DIR).join(format!("{name2}.revived"))).expect("note");
+    assert_eq!(RevivedNote::decode(&note).expect("parse").was_dead.reason, "illegal then");
+    let q = open_real(tmp.path());
+    assert!(q.recovery_report().moved_to_dead.is_empty());
+    assert_eq!(q.acked().iter().map(|e| e.qseq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert!(q.dead_history().is_empty());
+    let view = QueueView::open(tmp.path()).expect("view");
+    let acked = view.list(&[EntryState::Acked]).expect("list");
+    assert_eq!(acked.len(), 3, "the note is not an event");
+    assert!(acked[1].revived.as_ref().is_some_and(|n| n.was_dead.reason == "illegal then"), "{acked:?}");
+}
+
+/// A fault at any step of revive reaches the caller; the event is then in
+/// dead/ with its reason or in acked/, never lost, and the retry completes.
+#[test]
+fn revive_faults_at_every_step_keep_the_event_and_the_retry_completes() {
+    let r = rollout("stable@r1");
+    let setup = |q: &mut Queue| {
+        enqueue_next(q, &r, "a").expect("setup");
+        q.reject(1, "nope").expect("setup");
+    };
+    let n_steps = for_each_fault(
+        setup,
+        |q| q.revive(1),
+        |q, storage, err, context| {
+            assert!(matches!(err, QueueError::Io { .. }), "{context}");
+            let total = disk_events(storage, ACKED_DIR).len() + disk_events(storage, DEAD_DIR).len();
+            assert_eq!(total, 1, "the event is in exactly one folder: {context}");
+            q.revive(1).expect("the retry completes");
+            assert_eq!(disk_events(storage, ACKED_DIR).len(), 1, "{context}");
+            let reopened = sim_open(storage, QueueConfig::default()).expect("reopen");
+            assert_eq!(reopened.acked_len(), 1, "{context}");
+            assert!(reopened.dead_history().is_empty(), "{context}");
+        },
+    );
+    // note: write, fsync, rename, fsync acked/; the event's rename, fsync
+    // acked/; the old reason's removal, fsync dead/.
+    assert_eq!(n_steps, 8);
 }
 
 /// A rollout with a dead letter is never pruned, before or after a reopen:
@@ -552,9 +713,12 @@ enum Step {
     Reject,
     Restart,
     Prune,
+    /// Revive the oldest dead letter (a re-send after a gap got it applied).
+    Revive,
 }
 
-const STEPS: [Step; 6] = [Step::Enqueue(0), Step::Enqueue(1), Step::Ack, Step::Reject, Step::Restart, Step::Prune];
+const STEPS: [Step; 7] =
+    [Step::Enqueue(0), Step::Enqueue(1), Step::Ack, Step::Reject, Step::Restart, Step::Prune, Step::Revive];
 
 /// What the workload was told, to judge every crash state against.
 #[derive(Debug, Default)]
@@ -566,6 +730,9 @@ struct Expect {
     settle_attempted: BTreeSet<u64>,
     acked_ok: BTreeSet<u64>,
     rejected_ok: BTreeSet<u64>,
+    /// Revives called (a crash may cut them short) and those that returned Ok.
+    revive_attempted: BTreeSet<u64>,
+    revived_ok: BTreeSet<u64>,
     pruned_ok: BTreeSet<u64>,
     /// What a prune that a crash cut short may have removed.
     prune_planned: BTreeSet<u64>,
@@ -619,6 +786,14 @@ fn run_workload(steps: &[Step], storage: &SimStorage, crash_at: Option<usize>) -
                     Err(_) => return expect,
                 }
             }
+            Step::Revive => {
+                if let Some((qseq, _, _)) = q.dead_history().first().cloned() {
+                    expect.revive_attempted.insert(qseq);
+                    if q.revive(qseq).is_ok() {
+                        expect.revived_ok.insert(qseq);
+                    }
+                }
+            }
             Step::Prune => {
                 let before: BTreeSet<u64> = q.acked().iter().map(|e| e.qseq).collect();
                 expect.prune_planned.extend(q.prune_plan());
@@ -662,7 +837,17 @@ fn check_crash_state(state: SimFs, expect: &Expect, context: &dyn Fn() -> String
                 assert!(acked.contains_key(qseq), "acked {qseq} vanished\n{}", context());
             }
         }
-        if expect.rejected_ok.contains(qseq) {
+        if expect.revived_ok.contains(qseq) {
+            assert!(!pending.contains_key(qseq), "{}", context());
+            if !expect.pruned_ok.contains(qseq) && !expect.prune_planned.contains(qseq) {
+                assert!(acked.contains_key(qseq), "revived {qseq} is not acked\n{}", context());
+            }
+            assert!(!q.dead_history().iter().any(|(d, _, _)| d == qseq), "revived {qseq} still dead\n{}", context());
+        } else if expect.rejected_ok.contains(qseq) && expect.revive_attempted.contains(qseq) {
+            // Cut short: dead with its reason, or acked; never pending.
+            let dead = q.dead_history().iter().any(|(d, _, _)| d == qseq);
+            assert!(!pending.contains_key(qseq) && (dead || acked.contains_key(qseq)), "{}", context());
+        } else if expect.rejected_ok.contains(qseq) {
             assert!(!pending.contains_key(qseq) && !acked.contains_key(qseq), "{}", context());
             let name = {
                 let (r, ev) = &expect.attempted[qseq];
@@ -697,6 +882,17 @@ fn check_crash_state(state: SimFs, expect: &Expect, context: &dyn Fn() -> String
         if seqs.contains(&1) {
             let whole: BTreeSet<u64> = (1..=q.last_seq(r)).collect();
             assert_eq!(seqs, &whole, "the history of {r} has a hole\n{}", context());
+        }
+    }
+    // No reason without its dead event and no revived note without its
+    // acked event survive recovery.
+    let paths = storage.fs().paths();
+    for path in paths {
+        let text = path.to_string_lossy().into_owned();
+        for suffix in [record::REASON_SUFFIX, record::REVIVED_SUFFIX] {
+            if let Some(event) = text.strip_suffix(suffix) {
+                assert!(storage.fs().file(Path::new(event)).is_some(), "leftover {text}\n{}", context());
+            }
         }
     }
     // No tmp survives recovery.
@@ -752,15 +948,17 @@ fn crash_everywhere(steps: &[Step], only_at: Option<usize>) -> usize {
 /// nothing pending, restart twice in a row, prune before any ack): their
 /// crash states are those of a shorter workload already enumerated.
 fn every_step_acts(steps: &[Step]) -> bool {
-    let (mut pending, mut acked) = (0, 0);
+    let (mut pending, mut acked, mut dead) = (0, 0, 0);
     for (idx, step) in steps.iter().enumerate() {
         match step {
             Step::Enqueue(_) => pending += 1,
             Step::Ack | Step::Reject if pending == 0 => return false,
             Step::Ack => (pending, acked) = (pending - 1, acked + 1),
-            Step::Reject => pending -= 1,
+            Step::Reject => (pending, dead) = (pending - 1, dead + 1),
             Step::Restart if idx == 0 || steps[idx - 1] == Step::Restart => return false,
             Step::Prune if acked == 0 => return false,
+            Step::Revive if dead == 0 => return false,
+            Step::Revive => (dead, acked) = (dead - 1, acked + 1),
             Step::Restart | Step::Prune => {}
         }
     }

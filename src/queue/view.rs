@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::record::{self, DeadReason, QueuedEvent, RecordHeader};
+use super::record::{self, DeadReason, QueuedEvent, RecordHeader, RevivedNote};
 use super::{ACKED_DIR, DEAD_DIR, HIGH_WATER_FILE, QUEUE_DIR};
 
 /// Where an event stands.
@@ -49,6 +49,9 @@ pub struct ViewEntry {
     pub header: Option<RecordHeader>,
     /// Why the event is dead: the sidecar's reason, or the read error.
     pub reason: Option<String>,
+    /// For an acked event that was revived from `dead/` (re-sent after a
+    /// gap or a Replay-From and applied): its old reason and when.
+    pub revived: Option<RevivedNote>,
 }
 
 impl ViewEntry {
@@ -203,8 +206,14 @@ impl QueueView {
         }
         let state = if header.is_none() { EntryState::Dead } else { folder };
         let qseq = header.as_ref().map(|h| h.qseq).or_else(|| record::qseq_of_name(name));
-        let entry = ViewEntry { state, folder, path, size_bytes: raw.len() as u64, qseq, header, reason };
+        let revived = if folder == EntryState::Acked { self.revived_note(name) } else { None };
+        let entry = ViewEntry { state, folder, path, size_bytes: raw.len() as u64, qseq, header, reason, revived };
         Ok(Some((entry, raw)))
+    }
+
+    fn revived_note(&self, name: &str) -> Option<RevivedNote> {
+        let path = self.folder(EntryState::Acked).join(format!("{name}{}", record::REVIVED_SUFFIX));
+        fs::read(path).ok().and_then(|bytes| RevivedNote::decode(&bytes).ok())
     }
 
     fn dead_reason(&self, name: &str) -> Option<DeadReason> {

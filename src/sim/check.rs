@@ -308,6 +308,23 @@ impl Sim {
                         ),
                     ));
                 }
+                ResultStatus::Gap => {
+                    // Rule 8: nothing stored, and the CP names the seq it
+                    // needs, which is exactly its last applied + 1.
+                    let last = self.checker.cp_last.get(&key).copied().unwrap_or(0);
+                    if result.expected_seq != Some(last + 1) || seq <= last + 1 {
+                        return Err(Violation::new(
+                            "no-seq-gap",
+                            format!(
+                                "the CP answered gap (expected seq {:?}) for {} (seq {seq}) of {hostname} in {}, \
+                                 but its last applied seq is {last}",
+                                result.expected_seq,
+                                item.event.kind(),
+                                item.rollout_id
+                            ),
+                        ));
+                    }
+                }
                 ResultStatus::Retry => {}
             }
         }
@@ -447,6 +464,12 @@ impl Sim {
         for agent in &self.agents {
             let Some(rollouts) = agent.rollouts() else { continue };
             for (id, slot) in rollouts.iter() {
+                if self.checker.db_lost && !state.rollouts.contains_key(id) {
+                    // Lost with the database and never published again (the
+                    // operator's choice, e.g. the downgrade scenario): the
+                    // CP has no manifest to hold records under.
+                    continue;
+                }
                 let cp = state.rollouts.get(id).and_then(|r| r.records.get(&agent.host));
                 let Some(cp) = cp else {
                     return Err(Violation::new(
@@ -516,11 +539,62 @@ impl Sim {
                 }
             }
         }
+        if quiescent {
+            self.check_drift()?;
+        }
         self.check_replay("at the end")?;
         if !quiescent {
             return Err(Violation::new(
                 "terminal",
                 format!("the fleet did not settle by +{} s (events pending or a rollout live)", self.now_ms / 1000),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Rule 10 at quiescence, where agent and CP agree (checked just
+    /// before): every host heartbeats once more through the real writer
+    /// (what it runs, its queue's last seqs), and the CP's drift verdict
+    /// (`hosts.drift`) must not be `drifting` for any of them.
+    fn check_drift(&mut self) -> Result<(), Violation> {
+        self.checker.n_checks += 1;
+        let heartbeats: Vec<super::cp::Work> = self
+            .agents
+            .iter()
+            .zip(&self.machines)
+            .filter_map(|(agent, m)| {
+                let proc = agent.proc.as_ref()?;
+                let last_seq = proc.journal.lock().last_seqs().clone();
+                Some(super::cp::Work::Heartbeat(Box::new(crate::wire::Heartbeat {
+                    hostname: agent.host.clone(),
+                    current_closure: m.current.clone(),
+                    booted_closure: Some(m.current.clone()),
+                    uptime_secs: (self.now_ms - proc.started_ms) / 1000,
+                    agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                    last_seq,
+                })))
+            })
+            .collect();
+        self.cp.run(heartbeats);
+        let Some(reader) = self.cp.reader() else { return Ok(()) };
+        let rows: Vec<(String, String, Option<String>)> = reader
+            .prepare("SELECT hostname, drift, expected_closure FROM hosts WHERE drift = 'drifting' ORDER BY hostname")
+            .and_then(|mut stmt| {
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(|e| Violation::new("drift", format!("cannot read the hosts' drift: {e}")))?;
+        if let Some((host, _, expected)) = rows.first() {
+            let runs = Hostname::parse(host)
+                .ok()
+                .and_then(|h| self.host_idx.get(&h).map(|i| self.machines[*i].current.to_string()))
+                .unwrap_or_default();
+            return Err(Violation::new(
+                "drift",
+                format!(
+                    "the CP reports {} host(s) drifting at quiescence while agents and CP agree, e.g. {host}: runs {runs}, expected {}",
+                    rows.len(),
+                    expected.as_deref().unwrap_or("?")
+                ),
             ));
         }
         Ok(())

@@ -46,6 +46,16 @@ enum Reply {
     None,
 }
 
+/// An envelope as `GET /v1/rollouts/{id}/manifest` serves it, shared by
+/// every simulated agent that fetched it (a 10,000-host envelope is about
+/// 1.2 MB: one copy per rollout, not per host), with its SHA-256 so the
+/// sim's shared signature check can be keyed without comparing megabytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedEnvelope {
+    pub bytes: Arc<[u8]>,
+    pub digest: [u8; 32],
+}
+
 #[derive(Debug)]
 pub struct SimCp {
     pub db: PathBuf,
@@ -53,6 +63,9 @@ pub struct SimCp {
     writer: Option<Writer>,
     board: Arc<Board>,
     reader: Option<rusqlite::Connection>,
+    /// Envelopes read from the database (the real read, once per rollout
+    /// per process; a publish, crash or database loss empties it).
+    envelopes: BTreeMap<RolloutId, Option<SharedEnvelope>>,
     pub trust_keys: Vec<PublicKey>,
 }
 
@@ -64,6 +77,7 @@ impl SimCp {
             writer: None,
             board: Arc::new(Board::default()),
             reader: None,
+            envelopes: BTreeMap::new(),
             trust_keys,
         }
     }
@@ -89,6 +103,7 @@ impl SimCp {
     pub fn crash(&mut self) {
         self.writer = None;
         self.reader = None;
+        self.envelopes.clear();
     }
 
     /// The database file and its WAL are gone (disk replaced, no backup).
@@ -110,9 +125,24 @@ impl SimCp {
         self.board.current(host)
     }
 
-    pub fn envelope(&self, id: &RolloutId) -> Option<Vec<u8>> {
+    /// `store::envelope`, the read the manifest endpoint makes; the bytes
+    /// are kept per rollout (they never change for a rollout id while its
+    /// row exists) so a fleet of fetches shares one copy.
+    pub fn envelope(&mut self, id: &RolloutId) -> Option<SharedEnvelope> {
+        use sha2::Digest as _;
+        if let Some(e) = self.envelopes.get(id) {
+            return e.clone();
+        }
         let reader = self.reader.as_ref()?;
-        store::envelope(reader, &self.db, id).ok().flatten()
+        let read = store::envelope(reader, &self.db, id).ok().flatten().map(|bytes| SharedEnvelope {
+            digest: sha2::Sha256::digest(&bytes).into(),
+            bytes: Arc::from(bytes),
+        });
+        // Only a found envelope is kept: a rollout published later is found then.
+        if read.is_some() {
+            self.envelopes.insert(id.clone(), read.clone());
+        }
+        read
     }
 
     pub fn reader(&self) -> Option<&rusqlite::Connection> {
@@ -124,6 +154,9 @@ impl SimCp {
         let Some(writer) = self.writer.as_mut() else {
             return work.iter().map(|_| Answer::Unavailable).collect();
         };
+        if work.iter().any(|w| matches!(w, Work::Publish(_))) {
+            self.envelopes.clear();
+        }
         let mut group = Vec::with_capacity(work.len());
         let mut replies = Vec::with_capacity(work.len());
         for w in work {

@@ -26,6 +26,7 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use time::macros::datetime;
 
@@ -34,7 +35,7 @@ use self::check::{Checker, Violation};
 use self::cp::{Answer, SimCp, Work};
 use self::rng::Rng;
 use self::world::{ClosureBook, Faults, PlannedRollout};
-use crate::agent::admission::{check_dispatch, verified_manifest, Refusal};
+use crate::agent::admission::{check_dispatch, verified_manifest_by, Refusal};
 use crate::agent::reducer::{Input, SwitchOrder};
 use crate::agent::rollouts::SwitchOutcome;
 use crate::clock::ClockHandle;
@@ -55,6 +56,8 @@ const HEARTBEAT_MS: u64 = 60_000;
 const TICK_MS: u64 = 5_000;
 const CP_TICK_MS: u64 = 15_000;
 const PRUNE_EVERY_MS: u64 = 600_000;
+/// `--until`'s default (6 h), left out of the reproduce line.
+pub const DEFAULT_UNTIL_MS: u64 = 6 * 3_600_000;
 /// How often the loop looks for quiescence (the end of the run).
 const QUIESCE_EVERY_MS: u64 = 10_000;
 
@@ -150,7 +153,7 @@ enum ToAgent {
     Events(Vec<EventResult>),
     Heartbeat(BTreeMap<RolloutId, u64>),
     Poll(Option<Box<Dispatch>>),
-    Manifest(Option<Vec<u8>>),
+    Manifest(Option<cp::SharedEnvelope>),
     Unavailable,
 }
 
@@ -238,6 +241,7 @@ struct Stats {
     partitions: u64,
     reboots: u64,
     corruptions: u64,
+    revived: u64,
     key_rotations: u64,
     publishes: u64,
     groups: u64,
@@ -248,7 +252,9 @@ struct Stats {
 /// (envelope bytes, trust keys). Verifying a 10,000-host envelope on each
 /// of 10,000 hosts would be the whole run; the checks after the signature
 /// (`check_dispatch`) still run per host.
-type VerifyCache = BTreeMap<(Vec<u8>, Vec<String>), Result<std::sync::Arc<Manifest>, Refusal>>;
+/// One signature check per (envelope digest, trust key ids), shared by every
+/// agent: the manifest and the key that verified it, or the refusal.
+type VerifyCache = BTreeMap<([u8; 32], Vec<String>), Result<(Arc<Manifest>, PublicKey), Refusal>>;
 
 pub struct Sim {
     cfg: SimConfig,
@@ -271,6 +277,9 @@ pub struct Sim {
     keys: Vec<SigningKey>,
     plan: Vec<PlannedRollout>,
     published: Vec<usize>,
+    /// Planned rollouts the operator will not publish again (lost with the
+    /// database in the downgrade scenario).
+    abandoned: BTreeSet<usize>,
     envelopes: BTreeMap<usize, Vec<u8>>,
     issued: BTreeMap<RolloutId, Timestamp>,
     book: ClosureBook,
@@ -405,6 +414,7 @@ impl Sim {
             keys,
             plan,
             published: Vec::new(),
+            abandoned: BTreeSet::new(),
             envelopes: BTreeMap::new(),
             issued: BTreeMap::new(),
             book: ClosureBook::default(),
@@ -621,6 +631,7 @@ impl Sim {
                     self.note(format!("CP killed and its database LOST; back in {down_ms} ms"));
                     self.cp.lose_database();
                     self.checker.database_lost();
+                    self.rollout_end.clear();
                 } else {
                     self.stats.cp_crashes += 1;
                     self.note(format!("CP killed; back in {down_ms} ms"));
@@ -754,7 +765,9 @@ impl Sim {
         let mut list = self.published.clone();
         self.published.clear();
         if self.cfg.scenario == Some(Scenario::Downgrade) {
-            list.truncate(1);
+            list.sort_unstable();
+            // The newer manifests are never published again.
+            self.abandoned.extend(list.drain(1..));
         }
         let mut at = self.now_ms;
         while !list.is_empty() {
@@ -1185,7 +1198,7 @@ impl Sim {
 
     fn wake_drainer(&mut self, host: usize) {
         let Some(proc) = self.agents[host].proc.as_ref() else { return };
-        if matches!(proc.drain, Drain::Idle(_)) && proc.journal.lock().pending_len() > 0 {
+        if matches!(proc.drain, Drain::Idle(_)) && (proc.journal.lock().pending_len() > 0 || !proc.resend.is_empty()) {
             self.set_timer(host, Timer::Drain, 0);
         }
     }
@@ -1210,7 +1223,7 @@ impl Sim {
                 if proc.drain != Drain::Paused(token) {
                     return Ok(());
                 }
-                self.drain(host);
+                self.drain(host)?;
             }
             Timer::Heartbeat => {
                 self.heartbeat(host);
@@ -1265,26 +1278,71 @@ impl Sim {
         Ok(())
     }
 
-    fn drain(&mut self, host: usize) {
+    /// One `drain_once` call starts: Replay-From requests, then batches.
+    fn drain(&mut self, host: usize) -> Result<(), Violation> {
         let hostname = self.agents[host].host.clone();
-        let Some(proc) = self.agents[host].proc.as_mut() else { return };
-        let next = delivery::next_batch(&proc.journal.lock(), &hostname);
-        match next {
-            None => {
+        let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
+        let requests = std::mem::take(&mut proc.resend);
+        let mut notes = delivery::Notes::default();
+        let step = delivery::start_pass(
+            &mut proc.journal.lock(),
+            &hostname,
+            requests,
+            &mut proc.blocked,
+            self.now_ms,
+            &mut notes,
+        );
+        self.drain_step(host, step, notes)
+    }
+
+    /// Acts on what the drainer decided: post, idle (and prune, as
+    /// `run_drain_worker` after a successful pass), or back off.
+    fn drain_step(
+        &mut self,
+        host: usize,
+        step: Result<delivery::Step, String>,
+        notes: delivery::Notes,
+    ) -> Result<(), Violation> {
+        let hostname = self.agents[host].host.clone();
+        self.stats.rejected += notes.dead_lettered;
+        self.stats.revived += notes.revived;
+        for line in notes.lines {
+            self.note(format!("{hostname}: {line}"));
+        }
+        let step = step.map_err(|e| Violation::new("queue", format!("{hostname}: queue move failed: {e}")))?;
+        match step {
+            delivery::Step::Send(batch, pass) => {
+                let req = self.send(host, ToCp::Events(batch));
+                if let Some(p) = self.agents[host].proc.as_mut() {
+                    p.drain = Drain::InFlight { req, pass };
+                }
+            }
+            delivery::Step::Done => {
+                let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
                 proc.drain_backoff.succeed();
                 proc.drain = Drain::Idle(0);
                 if self.now_ms >= proc.next_prune_ms {
                     proc.next_prune_ms = self.now_ms + PRUNE_EVERY_MS;
                     let _ = proc.journal.lock().prune_acked();
                 }
-            }
-            Some((batch, qseqs)) => {
-                let req = self.send(host, ToCp::Events(batch));
-                if let Some(p) = self.agents[host].proc.as_mut() {
-                    p.drain = Drain::InFlight { req, qseqs };
+                // Woken while the pass ran (a Replay-From request): again.
+                if !proc.resend.is_empty() {
+                    self.set_timer(host, Timer::Drain, 0);
                 }
             }
+            delivery::Step::Pause { why, requeue } => {
+                let random = self.rng.next_u64();
+                let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
+                for (id, after) in requeue {
+                    let a = proc.resend.entry(id).or_insert(after);
+                    *a = (*a).min(after);
+                }
+                let delay = proc.drain_backoff.fail(random);
+                self.note(format!("{hostname}: delivery paused ({why}); retry in {} ms", delay.as_millis()));
+                self.set_timer(host, Timer::Drain, delay.as_millis() as u64);
+            }
         }
+        Ok(())
     }
 
     fn heartbeat(&mut self, host: usize) {
@@ -1314,14 +1372,13 @@ impl Sim {
         let random = self.rng.next_u64();
         let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
         if matches!(&proc.drain, Drain::InFlight { req: r, .. } if *r == req) {
-            let delay = proc.drain_backoff.fail(random);
-            self.note(format!("{}: delivery {why}; retry in {} ms", self.agents[host].host, delay.as_millis()));
-            self.set_timer(host, Timer::Drain, delay.as_millis() as u64);
+            let Drain::InFlight { pass, .. } = std::mem::replace(&mut proc.drain, Drain::Idle(0)) else {
+                return Ok(());
+            };
+            let step = delivery::on_failure(pass, &format!("delivery {why}"));
+            return self.drain_step(host, Ok(step), delivery::Notes::default());
         } else if proc.heartbeat_req == Some(req) {
             proc.heartbeat_req = None;
-        } else if proc.replay_req == Some(req) {
-            proc.replay_req = None;
-            proc.replay.clear();
         } else if matches!(&proc.poll, LongPoll::Polling(r) | LongPoll::FetchingManifest(r, _) if *r == req) {
             let delay = proc.poll_backoff.fail(random);
             self.set_timer(host, Timer::Poll, delay.as_millis() as u64);
@@ -1340,49 +1397,39 @@ impl Sim {
         let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
         match msg {
             ToAgent::Events(results) => {
-                if proc.replay_req == Some(req) {
-                    // Replay-From answers are not looked at (workers/net.rs).
-                    self.next_replay(host);
+                if !matches!(&proc.drain, Drain::InFlight { req: r, .. } if *r == req) {
+                    return Ok(()); // a late duplicate of an earlier answer
+                }
+                let Drain::InFlight { pass, .. } = std::mem::replace(&mut proc.drain, Drain::Idle(0)) else {
                     return Ok(());
-                }
-                if let Drain::InFlight { req: r, qseqs } = &proc.drain {
-                    if *r != req {
-                        return Ok(()); // a late duplicate of an earlier answer
-                    }
-                    let qseqs = qseqs.clone();
-                    let applied = delivery::apply_answer(&mut proc.journal.lock(), &qseqs, &results);
-                    match applied {
-                        Ok((delivery::AfterAnswer::Continue, rejected)) => {
-                            proc.drain_backoff.succeed();
-                            proc.drain = Drain::Idle(0);
-                            for (_, reason) in &rejected {
-                                self.stats.rejected += 1;
-                                self.note(format!("{hostname}: event dead-lettered: {reason}"));
-                            }
-                            self.drain(host);
-                        }
-                        Ok((delivery::AfterAnswer::Pause(why), _)) => {
-                            let random = self.rng.next_u64();
-                            let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
-                            let delay = proc.drain_backoff.fail(random);
-                            self.note(format!("{hostname}: CP asked to retry ({why})"));
-                            self.set_timer(host, Timer::Drain, delay.as_millis() as u64);
-                        }
-                        Err(e) => return Err(Violation::new("queue", format!("{hostname}: queue move failed: {e}"))),
-                    }
-                }
+                };
+                let mut notes = delivery::Notes::default();
+                let step = delivery::on_answer(
+                    &mut proc.journal.lock(),
+                    &hostname,
+                    pass,
+                    &results,
+                    &mut proc.blocked,
+                    self.now_ms,
+                    &mut notes,
+                );
+                self.drain_step(host, step, notes)?;
             }
             ToAgent::Heartbeat(replay_from) => {
                 if proc.heartbeat_req != Some(req) {
                     return Ok(());
                 }
                 proc.heartbeat_req = None;
-                if !replay_from.is_empty() && proc.replay_req.is_none() {
-                    let batches = delivery::replay_batches(&proc.journal.lock(), &hostname, &replay_from);
-                    proc.replay = batches.into();
+                if !replay_from.is_empty() {
+                    // `queue.request_resend` per rollout: the drainer, the one
+                    // sender, serves them at its next pass.
+                    for (id, after) in &replay_from {
+                        let a = proc.resend.entry(id.clone()).or_insert(*after);
+                        *a = (*a).min(*after);
+                    }
                     let from: Vec<String> = replay_from.iter().map(|(id, n)| format!("{id} after seq {n}")).collect();
                     self.note(format!("{hostname}: heartbeat answer: replay {}", from.join(", ")));
-                    self.next_replay(host);
+                    self.wake_drainer(host);
                 }
             }
             ToAgent::Poll(d) => {
@@ -1394,8 +1441,14 @@ impl Sim {
                     self.set_timer(host, Timer::Poll, 0);
                     return Ok(());
                 };
-                let known = proc.snapshot.borrow().get(&d.rollout_id).is_some()
-                    || proc.journal.lock().last_seq(&d.rollout_id) > 0;
+                // `run_longpoll_worker`: known to the records (answered, so a
+                // rollout Pending after a `busy` refusal is offered again
+                // once nothing is live) or to the queue (pruned).
+                let in_records = {
+                    let rollouts = proc.snapshot.borrow();
+                    rollouts.get(&d.rollout_id).map(|_| rollouts.answered(&d.rollout_id))
+                };
+                let known = in_records.unwrap_or_else(|| proc.journal.lock().last_seq(&d.rollout_id) > 0);
                 if known {
                     let pause = proc.known_pause_ms;
                     proc.known_pause_ms = (pause * 2).min(5_000);
@@ -1426,26 +1479,16 @@ impl Sim {
         Ok(())
     }
 
-    fn next_replay(&mut self, host: usize) {
-        let Some(proc) = self.agents[host].proc.as_mut() else { return };
-        proc.replay_req = None;
-        if let Some(batch) = proc.replay.pop_front() {
-            let req = self.send(host, ToCp::Events(batch));
-            if let Some(p) = self.agents[host].proc.as_mut() {
-                p.replay_req = Some(req);
-            }
-        }
-    }
-
     /// The long-poll worker's admission: verify (shared cache), check,
     /// cache the envelope before the ack, read the running closure.
-    fn admit(&mut self, host: usize, dispatch: Dispatch, envelope: Vec<u8>) -> Result<(), Violation> {
+    fn admit(&mut self, host: usize, dispatch: Dispatch, envelope: cp::SharedEnvelope) -> Result<(), Violation> {
         let key_ids: Vec<String> = self.agents[host].trust_keys.iter().map(PublicKey::keyid).collect();
-        let cache_key = (envelope.clone(), key_ids);
+        let cache_key = (envelope.digest, key_ids);
         let verified = match self.verify_cache.get(&cache_key) {
             Some(v) => v.clone(),
             None => {
-                let v = verified_manifest(&self.agents[host].trust_keys, &envelope).map(std::sync::Arc::new);
+                let v = verified_manifest_by(&self.agents[host].trust_keys, &envelope.bytes)
+                    .map(|(m, key)| (Arc::new(m), key));
                 self.verify_cache.insert(cache_key, v.clone());
                 v
             }
@@ -1455,18 +1498,21 @@ impl Sim {
             let agent = &self.agents[host];
             let Some(proc) = agent.proc.as_ref() else { return Ok(()) };
             let rollouts = proc.snapshot.borrow();
-            verified.and_then(|m| check_dispatch(&agent.host, &m, &dispatch, &rollouts))
+            verified.and_then(|(m, key)| check_dispatch(&agent.host, &m, &dispatch, &rollouts).map(|c| (c, m, key)))
         };
         let rollout_id = dispatch.rollout_id.clone();
         let input = match checked {
-            Ok(c) => {
-                self.agents[host].manifests.insert(rollout_id.clone(), envelope);
+            Ok((c, manifest, key)) => {
+                // `ManifestCache::store`: the envelope and the key that
+                // verified it, before the DispatchAck can exist.
+                self.agents[host].files.manifests.insert(rollout_id.clone(), (envelope.bytes.clone(), key));
                 Input::Dispatch {
                     rollout_id,
                     policy: c.policy,
                     target_closure: c.target_closure,
                     soak_secs: c.soak_secs,
                     current_closure: self.machines[host].current.clone(),
+                    issued_at: manifest.issued_at,
                     at,
                 }
             }
@@ -1482,7 +1528,7 @@ impl Sim {
     }
 
     fn is_quiescent(&self) -> bool {
-        if !self.faults_over || !self.cp.is_up() || self.published.len() < self.plan.len() {
+        if !self.faults_over || !self.cp.is_up() || self.published.len() + self.abandoned.len() < self.plan.len() {
             return false;
         }
         let Some(state) = self.cp.state() else { return false };
@@ -1494,7 +1540,8 @@ impl Sim {
             let Some(proc) = a.proc.as_ref() else { return false };
             m.switches.is_empty()
                 && proc.journal.lock().pending_len() == 0
-                && proc.replay.is_empty()
+                && proc.resend.is_empty()
+                && !matches!(proc.drain, Drain::InFlight { .. })
                 && proc.reducer.rollouts().iter().all(|(_, s)| !check::is_live(&s.record))
         })
     }
@@ -1526,9 +1573,14 @@ impl Sim {
                 let _ = writeln!(out, "  {line}");
             }
             let scen = self.cfg.scenario.map(|s| format!(" --scenario {}", s.as_str())).unwrap_or_default();
+            let until = if self.cfg.until_ms == DEFAULT_UNTIL_MS {
+                String::new()
+            } else {
+                format!(" --until {}s", self.cfg.until_ms / 1000)
+            };
             let _ = writeln!(
                 out,
-                "\nreproduce: nixfleet sim --seed {} --hosts {} --faults {}{scen}",
+                "\nreproduce: nixfleet sim --seed {} --hosts {} --faults {}{scen}{until}",
                 self.cfg.seed,
                 self.agents.len(),
                 self.cfg.faults.as_str()

@@ -16,12 +16,12 @@ use hyper::Method;
 
 use crate::agent::activation::{ActivationConfig, SwitchRunner};
 use crate::agent::runtime::{serve as serve_agent, AgentConfig};
+use crate::client::{request, CpUrl};
 use crate::clock::ClockHandle;
-use crate::cp::client::{request, CpUrl};
 use crate::cp::server::{self, PlainAcceptor, ServeConfig};
 use crate::ids::{Closure, Hostname};
+use crate::output::print_stdout;
 use crate::sign;
-use crate::tools::print_stdout;
 
 const HOSTS: [(&str, usize); 4] = [("web-1", 0), ("web-2", 1), ("web-3", 1), ("web-4", 1)];
 const BROKEN_HOST: &str = "web-3";

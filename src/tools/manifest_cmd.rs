@@ -6,8 +6,8 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::output::print_stdout;
 use crate::sign::{self, PublicKey, SignError, SigningKey, VerifyError};
-use crate::tools::print_stdout;
 use crate::wire::{Manifest, ManifestError};
 
 #[derive(Debug, thiserror::Error)]

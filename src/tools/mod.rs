@@ -1,23 +1,15 @@
-//! Read-mostly operator commands (manifest tools, later queue inspection and
-//! replay) and the small output helpers they share. stdout is data, stderr
-//! is diagnostics; a closed stdout (`| head`) is not an error.
+//! Read-mostly operator commands (manifest tools, queue inspection, replay,
+//! the demo) and `error_chain` for `main.rs`. stdout is data, stderr is
+//! diagnostics; a closed stdout (`| head`) is not an error ([`crate::output`]).
 
 pub mod demo;
 pub mod manifest_cmd;
 pub mod queue_cmd;
 pub mod replay;
 
-use std::io::{self, Write};
-
-/// Writes to stdout, treating a broken pipe as success: the reader has all
-/// it wanted.
-pub fn print_stdout(text: &str) -> io::Result<()> {
-    let mut out = io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => other,
-    }
-}
+/// Moved to [`crate::output`] (the control plane prints too); kept here
+/// for `queue_cmd` and `replay`, which import it from this path.
+pub use crate::output::print_stdout;
 
 /// An error and its causes on one line: "a: b: c".
 pub fn error_chain(err: &dyn std::error::Error) -> String {

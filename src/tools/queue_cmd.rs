@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use crate::cli::QueueCommand;
 use crate::clock::ClockHandle;
 use crate::queue::view::Counts;
-use crate::queue::{EntryState, QueueView, ViewEntry, ViewError};
+use crate::queue::{EntryState, QueueView, RevivedNote, ViewEntry, ViewError};
 use crate::tools::print_stdout;
 
 /// Undecodable bytes shown by `inspect` are cut here: enough to see what
@@ -81,6 +81,23 @@ struct EntryJson<'a> {
     created_at: Option<String>,
     age_secs: Option<i64>,
     reason: Option<&'a str>,
+    /// Set for an acked event that came back from `dead/` (re-sent and
+    /// applied after a gap or a Replay-From).
+    revived: Option<RevivedJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct RevivedJson<'a> {
+    revived_at: Option<String>,
+    was_dead_cause: &'static str,
+    was_dead_reason: &'a str,
+    was_dead_at: Option<String>,
+}
+
+/// One line for a revived event: when, and what it had been dead for.
+fn revived_text(note: &RevivedNote) -> String {
+    let at = note.revived_at.format(&Rfc3339).unwrap_or_default();
+    format!("revived {at}; was dead ({}): {}", note.was_dead.cause.as_str(), note.was_dead.reason)
 }
 
 fn ls_json(view: &QueueView, entries: &[ViewEntry], counts: Counts, now: OffsetDateTime) -> String {
@@ -101,6 +118,12 @@ fn ls_json(view: &QueueView, entries: &[ViewEntry], counts: Counts, now: OffsetD
                 created_at: h.and_then(|h| h.created_at.format(&Rfc3339).ok()),
                 age_secs: h.map(|h| (now - h.created_at).whole_seconds().max(0)),
                 reason: e.reason.as_deref(),
+                revived: e.revived.as_ref().map(|n| RevivedJson {
+                    revived_at: n.revived_at.format(&Rfc3339).ok(),
+                    was_dead_cause: n.was_dead.cause.as_str(),
+                    was_dead_reason: &n.was_dead.reason,
+                    was_dead_at: n.was_dead.dead_at.format(&Rfc3339).ok(),
+                }),
             }
         })
         .collect();
@@ -125,7 +148,11 @@ fn ls_table(entries: &[ViewEntry], counts: Counts, folders: &[EntryState], now: 
                 h.map_or_else(dash, |h| h.kind.clone()),
                 h.map_or_else(dash, |h| age(now - h.created_at)),
                 e.size_bytes.to_string(),
-                e.reason.as_deref().map(one_line).unwrap_or_default(),
+                match (&e.reason, &e.revived) {
+                    (Some(reason), _) => one_line(reason),
+                    (None, Some(note)) => one_line(&revived_text(note)),
+                    (None, None) => String::new(),
+                },
             ]
         })
         .collect();
@@ -222,6 +249,9 @@ pub fn inspect(state_dir: &Path, selector: &str, json: bool, now: OffsetDateTime
                 let _ = writeln!(out, "dead:       {} at {at}: {}", dead.cause.as_str(), dead.reason);
             } else if let Some(reason) = &e.reason {
                 let _ = writeln!(out, "dead:       {reason}");
+            }
+            if let Some(note) = &e.revived {
+                let _ = writeln!(out, "revived:    {}", revived_text(note));
             }
             let event = serde_json::to_string_pretty(&q.event).expect("wire events serialise");
             let _ = writeln!(out, "event:\n{event}");

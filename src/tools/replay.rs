@@ -74,6 +74,9 @@ fn fold(mut record: HostRecord, events: Vec<(u64, Result<Event, String>)>, polic
                 record = *next;
             }
             Ok(Outcome::Duplicate { .. }) => lines.push(format!("  seq {:>4}  duplicate (ignored)", event.seq)),
+            Ok(Outcome::Gap { expected }) => {
+                problems.push(format!("seq {} follows a gap: seq {expected} is missing", event.seq));
+            }
             Err(e) => problems.push(e.to_string()),
         }
     }
@@ -156,7 +159,10 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
     }
 }
 
-/// `nixfleet replay --state-dir DIR --trust-key K`.
+/// `nixfleet replay --state-dir DIR --trust-key K`. A rollout whose history
+/// does not start at seq 1 is "pruned" (retention) only when nothing says
+/// otherwise; a corrupt record of it in `dead/`, or pending events (never
+/// pruned), make it a problem, as does a corrupt record of no known rollout.
 pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) -> Result<(), ReplayError> {
     let trust_keys = trust_key_paths.iter().map(|p| PublicKey::load(p)).collect::<Result<Vec<_>, _>>()?;
     let folders = [EntryState::Pending, EntryState::Acked, EntryState::Dead];
@@ -164,24 +170,56 @@ pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) 
     for q in journal::recorded_events(state_dir, &folders).map_err(ReplayError::Disagrees)? {
         journals.entry((q.rollout_id, q.hostname)).or_default().push(q.event);
     }
+    let with_pending: std::collections::BTreeSet<RolloutId> =
+        journal::recorded_events(state_dir, &[EntryState::Pending])
+            .map_err(ReplayError::Disagrees)?
+            .into_iter()
+            .map(|q| q.rollout_id)
+            .collect();
+    let corrupt = journal::corrupt_records(state_dir).map_err(ReplayError::Disagrees)?;
     let cache = journal::ManifestCache::new(state_dir);
     let mut out = String::new();
     let mut problems = Vec::new();
+    for (name, reason) in &corrupt {
+        let known = journals.keys().any(|(rollout_id, host)| journal::names_rollout(name, host, rollout_id));
+        if !known {
+            problems.push(format!("corrupt record dead/{name} ({reason}) of a rollout with no readable event"));
+        }
+    }
     for ((rollout_id, hostname), mut events) in journals {
         events.sort_by_key(|e| e.seq);
+        events.dedup_by_key(|e| e.seq);
         let host = hostname.to_string();
-        let policy = match journal::cached_policy(&cache, &rollout_id, &hostname, &trust_keys) {
-            Ok(p) => p,
+        let _ = writeln!(out, "rollout {rollout_id}");
+        let numbered: Vec<(u64, OutboundEvent)> = events.iter().map(|e| (e.seq, e.clone())).collect();
+        match journal::missing_start(&rollout_id, &hostname, &numbered, &corrupt, with_pending.contains(&rollout_id)) {
+            None => {}
+            Some(journal::MissingStart::Pruned) => {
+                let first = events.first().map_or(0, |e| e.seq);
+                let _ = writeln!(out, " host {host}: history pruned by retention (starts at seq {first})");
+                continue;
+            }
+            Some(journal::MissingStart::Lost(why)) => {
+                let _ = writeln!(out, " host {host}: NOT REBUILDABLE: {why}");
+                problems.push(format!("{rollout_id}: {why}"));
+                continue;
+            }
+        }
+        let accepted = events.iter().any(|e| e.kind() == "DispatchAck");
+        let policy = match journal::cached_manifest(&cache, &rollout_id, &hostname, &trust_keys) {
+            Ok(cached) => {
+                if let Some(keyid) = cached.no_longer_trusted {
+                    let _ = writeln!(out, " note: verified only by key {keyid}, recorded when it was accepted");
+                }
+                cached.manifest.machine_policy()
+            }
+            // Never accepted: no decision depends on its policy.
+            Err(_) if !accepted => journal::FALLBACK_POLICY,
             Err(why) => {
                 problems.push(format!("{rollout_id}: {why}"));
                 continue;
             }
         };
-        let _ = writeln!(out, "rollout {rollout_id}");
-        if events.first().is_none_or(|e| e.seq != 1) {
-            let _ = writeln!(out, " host {host}: history pruned (starts at seq {})", events[0].seq);
-            continue;
-        }
         let local = events.iter().map(|e| (e.seq, e.to_local().map_err(|err| err.to_string()))).collect();
         let trace = fold(HostRecord::pending(rollout_id.clone(), hostname, None), local, &policy);
         let _ = writeln!(out, " host {host}: {}", trace.record.state);

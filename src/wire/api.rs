@@ -52,6 +52,9 @@ pub enum ResultStatus {
     /// Not processed now (e.g. unknown rollout after a database loss): keep
     /// it and send it again later.
     Retry,
+    /// An earlier event of this (host, rollout) is missing: nothing was
+    /// stored; re-send from `expected_seq` (pending and acked events).
+    Gap,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +62,9 @@ pub struct EventResult {
     pub status: ResultStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// With `gap`: the seq the CP applies next for this (host, rollout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_seq: Option<u64>,
 }
 
 /// `POST /v1/agent/events` answer: one result per event, in order.

@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 
 use super::WireError;
 use crate::ids::Closure;
-use crate::machine::{Event, EventBody, OnHealthFailure, ProbeDecl, ProbeMode, ProbeStatus};
+use crate::machine::{Event, EventBody, OnHealthFailure, ProbeDecl, ProbeMode, ProbeStatus, RejectCode};
 
 /// The tail of a failed command's stderr that travels with the event; the
 /// head of a Nix error is usually repeated at its end, and 4 KiB keeps a
@@ -24,6 +24,10 @@ pub const SHORT_TEXT_MAX_BYTES: usize = 1024;
 pub const MAX_PROBES: usize = 64;
 /// Probe names are identifiers shown in tables and metrics labels.
 pub const PROBE_NAME_MAX_LEN: usize = 64;
+
+/// The largest seq on the wire: the CP stores seqs as SQLite INTEGER (i64),
+/// and a larger one would wrap there and then shadow every later event.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
 
 /// One outbound event: its per-(host, rollout) seq and its body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +116,10 @@ pub enum WireEventBody {
     },
     DispatchRejected {
         target_closure: Closure,
+        /// `refused` (the default, so older agents' events still parse),
+        /// `busy` or `stale`.
+        #[serde(default)]
+        code: RejectCode,
         reason: String,
         #[serde(with = "super::ts")]
         rejected_at: OffsetDateTime,
@@ -138,6 +146,9 @@ impl OutboundEvent {
     pub fn to_body(&self) -> Result<EventBody, WireError> {
         if self.seq == 0 {
             return Err(WireError::new("seq", "must be at least 1"));
+        }
+        if self.seq > MAX_SEQ {
+            return Err(WireError::new("seq", format!("must be at most {MAX_SEQ}")));
         }
         self.body.to_machine()
     }
@@ -235,8 +246,8 @@ impl WireEventBody {
             EventBody::RollbackFailed { exit_code, stderr_tail, failed_at } => {
                 WireEventBody::RollbackFailed { exit_code, stderr_tail, failed_at }
             }
-            EventBody::DispatchRejected { target_closure, reason, rejected_at } => {
-                WireEventBody::DispatchRejected { target_closure, reason, rejected_at }
+            EventBody::DispatchRejected { target_closure, code, reason, rejected_at } => {
+                WireEventBody::DispatchRejected { target_closure, code, reason, rejected_at }
             }
             EventBody::ConvergedReached { converged_at, current_closure } => {
                 WireEventBody::Converged { converged_at, current_closure }
@@ -324,11 +335,14 @@ impl WireEventBody {
                 stderr_tail: text("stderr_tail", &stderr_tail, STDERR_TAIL_MAX_BYTES)?,
                 failed_at: utc(failed_at),
             },
-            WireEventBody::DispatchRejected { target_closure, reason, rejected_at } => EventBody::DispatchRejected {
-                target_closure,
-                reason: text("reason", &reason, SHORT_TEXT_MAX_BYTES)?,
-                rejected_at: utc(rejected_at),
-            },
+            WireEventBody::DispatchRejected { target_closure, code, reason, rejected_at } => {
+                EventBody::DispatchRejected {
+                    target_closure,
+                    code,
+                    reason: text("reason", &reason, SHORT_TEXT_MAX_BYTES)?,
+                    rejected_at: utc(rejected_at),
+                }
+            }
             WireEventBody::Converged { converged_at, current_closure } => {
                 EventBody::ConvergedReached { converged_at: utc(converged_at), current_closure }
             }

@@ -99,6 +99,11 @@ pub struct HostEntry {
     pub target_closure: Closure,
 }
 
+/// How far a manifest's `issued_at` may lie ahead of the clock of the CP or
+/// agent checking it: release machines and hosts run NTP, so minutes cover
+/// honest skew while an attacker-dated manifest is caught.
+pub const MAX_CLOCK_SKEW: time::Duration = time::Duration::minutes(5);
+
 /// A validated manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
@@ -187,6 +192,22 @@ impl Manifest {
     }
 
     /// Hosts of one wave, in hostname order.
+    /// The order of rollouts on one channel, the same on the CP and the
+    /// agent (no downgrade): later `issued_at` is newer; on equal
+    /// `issued_at` the byte-wise greater `ref` is newer (deterministic,
+    /// whatever the publish order). Ids on different channels are not
+    /// compared by anyone; this still gives them a total order.
+    pub fn newness(&self) -> (OffsetDateTime, &str) {
+        (self.issued_at, self.rollout_id.git_ref())
+    }
+
+    /// Whether `issued_at` lies further in the future than the clock-skew
+    /// bound allows at `now`: such a manifest is refused by both sides, or
+    /// it would outrank every honest manifest on its channel for a long time.
+    pub fn issued_in_the_future(&self, now: OffsetDateTime) -> bool {
+        self.issued_at > now + MAX_CLOCK_SKEW
+    }
+
     pub fn hosts_in_wave(&self, wave: usize) -> impl Iterator<Item = (&Hostname, &HostEntry)> {
         self.hosts.iter().filter(move |(_, h)| h.wave == wave)
     }

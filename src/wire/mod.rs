@@ -11,8 +11,8 @@ pub use api::{
     BatchItem, Dispatch, ErrorBody, EventBatch, EventBatchResponse, EventResult, Heartbeat, HeartbeatResponse,
     ResultStatus,
 };
-pub use event::{OutboundEvent, WireEventBody};
-pub use manifest::{HostEntry, Manifest, ManifestError, RolloutPolicy, Wave};
+pub use event::{OutboundEvent, WireEventBody, MAX_SEQ};
+pub use manifest::{HostEntry, Manifest, ManifestError, RolloutPolicy, Wave, MAX_CLOCK_SKEW};
 
 /// Header every request and answer carries (SPEC §5).
 pub const PROTOCOL_HEADER: &str = "X-Nixfleet-Protocol";

@@ -6,7 +6,9 @@ use time::macros::datetime;
 use super::event::{MAX_PROBES, STDERR_TAIL_MAX_BYTES};
 use super::*;
 use crate::ids::{Closure, Hostname, RolloutId};
-use crate::machine::{EventBody, EventKind, OnHealthFailure, Origin, ProbeDecl, ProbeKind, ProbeMode, ProbeStatus};
+use crate::machine::{
+    EventBody, EventKind, OnHealthFailure, Origin, ProbeDecl, ProbeKind, ProbeMode, ProbeStatus, RejectCode,
+};
 
 const OLD: &str = "/nix/store/00000000000000000000000000000000-nixos-system-web-1-old";
 const NEW: &str = "/nix/store/11111111111111111111111111111111-nixos-system-web-1-new";
@@ -52,7 +54,12 @@ fn one_of_each_kind() -> Vec<EventBody> {
         },
         EventBody::RollbackCompleted { reverted_to_closure: closure(OLD), exit_code: 0, completed_at: t },
         EventBody::RollbackFailed { exit_code: 1, stderr_tail: "x".into(), failed_at: t },
-        EventBody::DispatchRejected { target_closure: closure(NEW), reason: "bad signature".into(), rejected_at: t },
+        EventBody::DispatchRejected {
+            target_closure: closure(NEW),
+            code: RejectCode::Refused,
+            reason: "bad signature".into(),
+            rejected_at: t,
+        },
         EventBody::ConvergedReached { converged_at: t, current_closure: closure(NEW) },
     ]
 }
@@ -153,6 +160,10 @@ fn field_limits_are_enforced_when_converting_to_the_machine() {
     let to_body = |seq, body: &EventBody| OutboundEvent::from_machine(seq, body).to_body().map_err(|e| e.field);
     let ok = EventBody::ActivationStarted { started_at: t, switch_method: "direct".into() };
     assert_eq!(to_body(0, &ok), Err("seq".into()));
+    // Above i64::MAX a seq would wrap in the CP's INTEGER column.
+    assert_eq!(to_body(MAX_SEQ + 1, &ok), Err("seq".into()));
+    assert_eq!(to_body(u64::MAX, &ok), Err("seq".into()));
+    assert!(to_body(MAX_SEQ, &ok).is_ok());
     let long =
         EventBody::ActivationFailed { exit_code: 1, stderr_tail: "x".repeat(STDERR_TAIL_MAX_BYTES + 1), failed_at: t };
     assert_eq!(to_body(1, &long), Err("stderr_tail".into()));
@@ -209,12 +220,20 @@ fn results_dispatch_and_heartbeat_round_trip() {
     // Proves the remaining API bodies keep their SPEC §5 field names.
     let results = EventBatchResponse {
         results: vec![
-            EventResult { status: ResultStatus::Applied, reason: None },
-            EventResult { status: ResultStatus::Rejected, reason: Some("illegal".into()) },
+            EventResult { status: ResultStatus::Applied, reason: None, expected_seq: None },
+            EventResult { status: ResultStatus::Rejected, reason: Some("illegal".into()), expected_seq: None },
+            EventResult { status: ResultStatus::Gap, reason: None, expected_seq: Some(3) },
         ],
     };
     let v = serde_json::to_value(&results).expect("serialise");
-    assert_eq!(v, json!({"results": [{"status": "applied"}, {"status": "rejected", "reason": "illegal"}]}));
+    assert_eq!(
+        v,
+        json!({"results": [
+            {"status": "applied"},
+            {"status": "rejected", "reason": "illegal"},
+            {"status": "gap", "expected_seq": 3}
+        ]})
+    );
     assert!(serde_json::from_value::<EventResult>(json!({"status": "maybe"})).is_err());
 
     let dispatch = Dispatch {

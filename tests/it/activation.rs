@@ -377,3 +377,23 @@ async fn unresolvable_current_system_after_a_successful_switch_is_a_verify_failu
     assert_eq!(code, EXIT_CODE_VERIFY_FAILED);
     assert!(tail.contains("no-such-link does not resolve"), "{tail}");
 }
+
+#[tokio::test]
+async fn the_direct_runner_passes_switch_and_boot_to_switch_to_configuration() {
+    // Proves `--switch-runner direct` names the action: a plain switch
+    // completes on the new closure and a reboot-required closure runs
+    // `boot` (the stand-in refuses a missing action with exit 2).
+    let host = Host::new();
+    let old = running(&host, "old");
+    let cfg = host.config(SwitchRunner::Direct);
+    let new = host.nix.build_closure(&host.spec("new-direct"));
+    assert_eq!(run(&cfg, &forward(&new)).await, ActivationOutcome::Completed { observed: new.clone() });
+    let back = ActivationRequest { closure: old.clone(), direction: Direction::Rollback, activation_id: "rb".into() };
+    assert_eq!(run(&cfg, &back).await, ActivationOutcome::Completed { observed: old.clone() });
+    let kernel =
+        host.nix.build_closure(&ClosureSpec { reboot_required: Some("kernel".into()), ..host.spec("kernel-direct") });
+    assert_eq!(run(&cfg, &forward(&kernel)).await, ActivationOutcome::Deferred { component: "kernel".into() });
+    let next_boot = fs_err::read_to_string(host.current_system().with_extension("next-boot")).expect("boot ran");
+    assert_eq!(next_boot.trim(), kernel.as_str());
+    assert_eq!(host.running(), Some(PathBuf::from(old.as_str())));
+}

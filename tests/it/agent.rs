@@ -606,7 +606,8 @@ fn converged(seq: u64, closure: &Closure) -> nixfleet::wire::OutboundEvent {
 async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered() {
     // Proves no head-of-line blocking with the real drain worker and the real
     // CP: an event the CP rejects goes to dead/ with the CP's reason and the
-    // next event of the same rollout is still applied.
+    // next event (of another rollout: within one rollout the CP applies only
+    // the next seq) is still applied.
     use nixfleet::wire::{OutboundEvent, WireEventBody};
     let config = nixfleet::queue::QueueConfig::default();
     let (_dir, cp, state_dir, queue) = drain_through_real_cp(
@@ -614,7 +615,7 @@ async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered
         config,
         |old, new| {
             let legal = OutboundEvent {
-                seq: 2,
+                seq: 1,
                 body: WireEventBody::DispatchAck {
                     current_closure_at_dispatch: old.clone(),
                     target_closure: new.clone(),
@@ -622,7 +623,7 @@ async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered
                     received_at: time::macros::datetime!(2026-11-25 12:00 UTC),
                 },
             };
-            vec![("stable@q1", converged(1, new)), ("stable@q1", legal)]
+            vec![("stable@q1", converged(1, new)), ("canary@q1", legal)]
         },
         |_| true,
     )
@@ -631,8 +632,10 @@ async fn a_rejected_event_is_dead_lettered_and_the_events_after_it_are_delivered
     let dead = view.list(&[EntryState::Dead]).expect("list");
     assert_eq!(dead.len(), 1);
     assert!(dead[0].reason.as_deref().unwrap_or("").contains("illegal"), "{:?}", dead[0].reason);
-    assert_eq!(queue.lock().acked().iter().map(|q| q.event.seq).collect::<Vec<_>>(), vec![2]);
-    assert_eq!(cp.host_state("stable@q1", "web-1").await, "Activating");
+    let acked = queue.lock().acked().iter().map(|q| (q.rollout_id.to_string(), q.event.seq)).collect::<Vec<_>>();
+    assert_eq!(acked, vec![("canary@q1".to_owned(), 1)]);
+    assert_eq!(cp.host_state("stable@q1", "web-1").await, "Pending");
+    assert_eq!(cp.host_state("canary@q1", "web-1").await, "Activating");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -664,4 +667,50 @@ async fn the_drain_worker_applies_acked_retention() {
     let kept = acked_on_disk(&state_dir);
     assert_eq!((kept[0].rollout_id.as_str(), kept[0].seq), ("canary@q1", 1));
     assert_eq!(cp.host_state("stable@q1", "web-1").await, "Activating", "delivered before it was pruned");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_offered_while_another_is_live_waits_busy_and_runs_after_it() {
+    // Proves rule 7 end to end (the reproduced bug): A soaks on web-1, B is
+    // published on the same channel; the CP holds B's dispatch for web-1
+    // (the view names A as what holds it), A's probe then fails, A rolls back
+    // to its pre-A closure, and only then is B dispatched, accepted and
+    // converged. Before the fix B converged first and A's gate then rolled
+    // the host back under it. (The agent's own `busy` refusal, the second
+    // line for a CP that does not know A, is proven by the reducer's tests
+    // and the simulator.)
+    let dir = TempDir::new("agent-busy");
+    let release = Release::new(dir.path(), "release");
+    let cp = Cp::start(dir.path(), &release.pub_path);
+    let mut web1 = Host::new("web-1");
+    let fail_now = web1.root.join("fail-now");
+    let a_probe = format!(
+        r#"{{"probes":[{{"name":"selftest","kind":"exec","mode":"enforce","interval_secs":1,
+  "argv":["/bin/sh","-c","test ! -e '{}'"],"timeout_secs":5}}]}}"#,
+        fail_now.display()
+    );
+    let (old, a, b) =
+        (web1.closure("old", PASSING_PROBE), web1.closure("a", &a_probe), web1.closure("b", PASSING_PROBE));
+    web1.boot_into(&old);
+    assert!(cp.publish(&release.sign(&manifest("stable@a1", 300, &[("web-1", 0, &a)]))).await.status.is_success());
+    web1.start_agent(&cp, &release.pub_path);
+    wait_state(&cp, "stable@a1", &web1, "Soaking").await;
+    assert!(cp.publish(&release.sign(&manifest("stable@b1", 1, &[("web-1", 0, &b)]))).await.status.is_success());
+    let detail = cp.get_json("/v1/rollouts/stable@b1").await;
+    let held_by = detail["waves"][0]["hosts"][0]["held_by"].clone();
+    assert_eq!(held_by, "stable@a1", "B's dispatch for web-1 is held by A: {detail}");
+    // Several long-poll rounds of the agent: B is never offered meanwhile.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(web1.acked("stable@b1").is_empty(), "B did not reach the agent while A is live");
+    assert_eq!(cp.host_state("stable@b1", "web-1").await, "Pending");
+    assert_eq!(web1.running(), Some(PathBuf::from(a.as_str())), "B did not touch the host");
+    fs_err::write(&fail_now, "x").expect("break A");
+    wait_state(&cp, "stable@a1", &web1, "Reverted").await;
+    wait_state(&cp, "stable@b1", &web1, "Converged").await;
+    assert_eq!(web1.running(), Some(PathBuf::from(b.as_str())), "B's closure runs at the end");
+    let b_kinds: Vec<(u64, String)> = web1.acked("stable@b1");
+    assert_eq!(b_kinds[..1], [(1, "DispatchAck".to_owned())], "{b_kinds:?}");
+    let a_kinds: Vec<String> = web1.acked("stable@a1").into_iter().map(|(_, k)| k).collect();
+    assert_eq!(a_kinds.last().map(String::as_str), Some("RollbackComplete"), "{a_kinds:?}");
+    assert_logs_agree(&cp, "stable@b1", &web1).await;
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
-use nixfleet::cp::client::{self, CpUrl, HttpResponse};
+use nixfleet::client::{self, CpUrl, HttpResponse};
 use nixfleet::ids::Closure;
 use nixfleet::machine::ProbeDecl;
 use nixfleet::sign::{self, SigningKey};

@@ -32,7 +32,11 @@ struct MemJournal {
 }
 
 impl Journal for MemJournal {
-    async fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), String> {
+    async fn append(
+        &mut self,
+        rollout_id: &RolloutId,
+        event: &OutboundEvent,
+    ) -> Result<(), nixfleet::agent::reducer::JournalError> {
         self.events.lock().expect("lock").push((rollout_id.clone(), event.clone()));
         Ok(())
     }
@@ -130,6 +134,7 @@ impl Agent {
             target_closure: target.clone(),
             soak_secs,
             current_closure: current.clone(),
+            issued_at: at,
             at,
         };
         self.inputs.send(input).await.expect("reducer alive");
@@ -269,6 +274,36 @@ async fn a_failed_switch_is_reported_and_the_rollback_resets_the_profile() {
     assert!(rollback_ran.exists(), "the rollback ran the previous closure's switch");
     assert_eq!(host.running(), Some(PathBuf::from(old.as_str())));
     assert_eq!(host.booting(), Some(PathBuf::from(old.as_str())), "the profile no longer boots the bad closure");
+}
+
+#[tokio::test]
+async fn under_halt_a_failed_switch_puts_the_boot_default_back_on_the_previous_closure() {
+    // Proves item 6: under `halt` there is no rollback, but a failed
+    // forward switch must not stay the next boot's default: the profile
+    // (real nix-env generation) and `switch-to-configuration boot` name the
+    // pre-dispatch closure again, nothing is switched live and no rollback
+    // event is emitted. Before the fix the profile kept the failed closure.
+    let host = Host::new();
+    let old = host.build(host.spec("old"));
+    host.boot_into(&old);
+    let bad = host.build(ClosureSpec { fail_switch: true, ..host.spec("bad") });
+    let journal = MemJournal::default();
+    let mut agent =
+        Agent::start(&host, Rollouts::new(hostname()), journal.clone(), Workers { probes: false, tick: false });
+    let halt = Policy { on_health_failure: OnHealthFailure::Halt, sustained_failure_secs: 60 };
+    agent.dispatch(&bad, &old, 60, halt).await;
+    agent.wait_for(HostState::Failed).await;
+    let old_path = PathBuf::from(old.as_str());
+    poll_until("the profile to name the previous closure", STATE_LIMIT, || host.booting().as_ref() == Some(&old_path))
+        .await;
+    let next_boot = host.current_system().with_extension("next-boot");
+    poll_until("switch-to-configuration boot of the previous closure", STATE_LIMIT, exists(&next_boot)).await;
+    agent.stop().await;
+    assert_eq!(fs_err::read_to_string(&next_boot).expect("next-boot").trim(), old.as_str());
+    assert_eq!(host.running(), Some(old_path), "nothing switched live");
+    assert_eq!(journal.kinds(), ["DispatchAck", "ActivationStarted", "ActivationFailed"]);
+    let gens = crate::nixenv::profile_generations(&host.profile());
+    assert_eq!(gens.last().map(|(_, p)| p.clone()), Some(PathBuf::from(old.as_str())), "{gens:?}");
 }
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes.

@@ -30,8 +30,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Shutdown, WorkerExit};
 use crate::agent::activation::{
-    activate, resolve_current_system, sanitize_activation_id, ActivationConfig, ActivationOutcome, ActivationRequest,
-    Direction, ACTIVATION_ID_MAX_LEN,
+    activate, resolve_current_system, restore_boot_default, sanitize_activation_id, ActivationConfig,
+    ActivationOutcome, ActivationRequest, Direction, RestoreOutcome, ACTIVATION_ID_MAX_LEN,
 };
 use crate::agent::reducer::{Input, SwitchOrder};
 use crate::agent::rollouts::SwitchOutcome;
@@ -96,6 +96,20 @@ async fn execute(
     clock: &ClockHandle,
 ) -> Result<(), WorkerExit> {
     let rollout_id = order.rollout_id.clone();
+    if let Some(failed) = &order.restore_boot_from {
+        let id = activation_id(&rollout_id, order.generation, &nonce(clock));
+        match restore_boot_default(cfg, &order.closure, failed, &id).await {
+            RestoreOutcome::Restored => {
+                tracing::info!(%rollout_id, closure = %order.closure, "the pre-dispatch closure is the boot default again");
+            }
+            RestoreOutcome::Skipped { why } => tracing::info!(%rollout_id, %why, "boot default left as it is"),
+            RestoreOutcome::Failed { exit_code, stderr_tail } => tracing::error!(
+                %rollout_id, closure = %order.closure, exit_code, %stderr_tail,
+                "cannot make the pre-dispatch closure the boot default; the next reboot may boot the failed closure"
+            ),
+        }
+        return Ok(());
+    }
     let direction = if order.rollback { Direction::Rollback } else { Direction::Forward };
     let outcome = if let Some(observed) = already_running(cfg, &order.closure) {
         tracing::info!(

@@ -18,12 +18,14 @@ use crate::agent::journal::{ManifestCache, SharedQueue};
 use crate::agent::net::CpApi;
 use crate::agent::reducer::Input;
 use crate::agent::rollouts::Rollouts;
+use crate::client::ClientError;
 use crate::clock::ClockHandle;
 use crate::ids::RolloutId;
 use crate::machine::{OnHealthFailure, Policy};
 use crate::queue::QueuedEvent;
 use crate::sign::PublicKey;
-use crate::wire::{BatchItem, EventBatch, Heartbeat, ResultStatus, MAX_BATCH_EVENTS};
+use crate::wire::{BatchItem, EventBatch, EventResult, Heartbeat, ResultStatus, MAX_BATCH_EVENTS};
+use hyper::StatusCode;
 
 /// After a dispatch for a rollout this host already handles (the CP repeats
 /// it until our DispatchAck is applied, normally a few milliseconds later)
@@ -107,7 +109,13 @@ pub async fn run_longpoll_worker(
         let rollout_id = dispatch.rollout_id.clone();
         // Known to the records or to the queue (a pruned, finished rollout):
         // a repeat of a dispatch already answered.
-        let known = snapshot.borrow().get(&rollout_id).is_some() || queue.lock().last_seq(&rollout_id) > 0;
+        // A rollout Pending after a `busy` refusal is answered again once
+        // nothing is live on the host (`Rollouts::answered`).
+        let in_records = {
+            let rollouts = snapshot.borrow();
+            rollouts.get(&rollout_id).map(|_| rollouts.answered(&rollout_id))
+        };
+        let known = in_records.unwrap_or_else(|| queue.last_seq(&rollout_id) > 0);
         if known {
             if !pause(known_pause, &mut shutdown).await {
                 return WorkerExit::Shutdown;
@@ -136,7 +144,7 @@ pub async fn run_longpoll_worker(
             Ok(a) => {
                 // Kept durably BEFORE the DispatchAck exists, so a restart can
                 // always re-verify the policy of a rollout in its queue.
-                if let Err(e) = cache.store(&rollout_id, &envelope) {
+                if let Err(e) = cache.store(&rollout_id, &envelope, &a.verified_by) {
                     tracing::error!(%rollout_id, error = %e, "cannot cache the manifest; not acting on the dispatch");
                     if !pause(backoff.fail(random_u64()), &mut shutdown).await {
                         return WorkerExit::Shutdown;
@@ -150,6 +158,7 @@ pub async fn run_longpoll_worker(
                         target_closure: a.target_closure,
                         soak_secs: a.soak_secs,
                         current_closure,
+                        issued_at: a.manifest.issued_at,
                         at,
                     },
                     Err(why) => Input::RefuseDispatch {
@@ -187,9 +196,13 @@ pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 /// Delivers pending events in enqueue order, in batches, and moves each to
 /// `acked/` or `dead/` by the CP's answer. `retry`, 5xx and network errors
-/// keep the event where it is and back off (jitter, cap 60 s). It also
-/// applies the queue's retention of `acked/`, every [`PRUNE_EVERY`] after a
-/// successful drain.
+/// keep the event where it is and back off (jitter, cap 60 s). A `gap`
+/// re-sends the rollout's delivered history from the expected seq first
+/// (rule 8); Replay-From requests of the heartbeat are served the same way,
+/// by this one sender. A batch the CP refuses whole (400 `bad_event_batch`,
+/// 413) is halved down to one event, and an event refused on its own is
+/// dead-lettered with the CP's answer. It also applies the queue's
+/// retention of `acked/`, every [`PRUNE_EVERY`] after a successful drain.
 pub async fn run_drain_worker(
     api: CpApi,
     queue: SharedQueue,
@@ -199,8 +212,9 @@ pub async fn run_drain_worker(
 ) -> WorkerExit {
     let mut backoff = Backoff::new();
     let mut next_prune = tokio::time::Instant::now();
+    let mut blocked = Blocked::new();
     loop {
-        match drain_once(&api, &queue).await {
+        match drain_once(&api, &queue, &mut blocked).await {
             Ok(()) => {
                 backoff.succeed();
                 if tokio::time::Instant::now() >= next_prune {
@@ -221,6 +235,7 @@ pub async fn run_drain_worker(
             biased;
             () = shutdown.requested() => return WorkerExit::Shutdown,
             () = wake.notified() => {}
+            () = queue.resend_wake().notified() => {}
             () = tokio::time::sleep(interval) => {}
         }
     }
@@ -237,56 +252,351 @@ async fn prune(queue: &SharedQueue) {
     }
 }
 
-/// Sends batches until the queue is empty; Err when delivery must pause.
-async fn drain_once(api: &CpApi, queue: &SharedQueue) -> Result<(), String> {
-    loop {
-        let batch: Vec<QueuedEvent> = queue.lock().pending_head(MAX_BATCH_EVENTS);
-        if batch.is_empty() {
-            return Ok(());
+/// Rollouts whose history cannot get past a seq in this run of the agent
+/// (the CP refused that seq when it was re-sent, or the agent no longer has
+/// it), with the dead-letter reason of the events that wait on it. Later
+/// gaps at the same seq dead-letter at once instead of re-sending again,
+/// and a Replay-From that would start there is skipped: at most one re-send
+/// per [`BLOCKED_RECHECK`] (a restart, or a CP that expects another seq,
+/// tries again at once).
+type Blocked = std::collections::BTreeMap<RolloutId, (u64, String, tokio::time::Instant)>;
+
+/// How long the drainer trusts that a rollout's history cannot get past a
+/// seq before it re-sends it again: the CP's state can change (a database
+/// restored from a backup, a manifest re-published), and a re-send costs
+/// one small request, so ten minutes bounds both the waste and the wait.
+pub const BLOCKED_RECHECK: Duration = Duration::from_secs(600);
+
+/// The dead-letter reason for events waiting on `seq` of a blocked rollout,
+/// if the block is recent.
+fn blocked_at<'a>(blocked: &'a Blocked, rollout_id: &RolloutId, seq: u64) -> Option<&'a str> {
+    blocked
+        .get(rollout_id)
+        .filter(|(s, _, at)| *s == seq && at.elapsed() < BLOCKED_RECHECK)
+        .map(|(_, text, _)| text.as_str())
+}
+
+/// How a re-send of a rollout's delivered history went.
+#[derive(Debug)]
+enum Resent {
+    /// The CP now has every event before the rollout's first pending one.
+    Done,
+    /// A seq the CP needs is not in the queue (pruned, or unreadable).
+    Unavailable { seq: u64 },
+    /// The CP refused an event of the history (`rejected`, or refused on
+    /// its own with 400/413): it can never get past that seq.
+    Refused { seq: u64, reason: String },
+    /// Network, 5xx, `retry` or an unexpected answer: try again later.
+    Pause(String),
+}
+
+/// What the CP said about each event posted, in order, and why posting
+/// stopped early (then `results` covers a prefix of the events).
+struct Delivery {
+    results: Vec<EventResult>,
+    stopped: Option<String>,
+}
+
+/// Whether the CP refused a whole batch for what is in it (so a smaller
+/// batch may pass, and a single event refused this way never will): 413
+/// (too large; a proxy may answer it too), or 400 `bad_event_batch` (the
+/// batch does not parse). Other 400s (a body cut in transit) are transient.
+fn refused_whole(error: &ClientError) -> Option<String> {
+    match error {
+        ClientError::Status { status, code, message }
+            if *status == StatusCode::PAYLOAD_TOO_LARGE
+                || (*status == StatusCode::BAD_REQUEST && code == "bad_event_batch") =>
+        {
+            Some(format!("the control plane refused it on its own with {status} {code}: {message}"))
         }
-        let request = EventBatch {
+        _ => None,
+    }
+}
+
+/// Posts `events` in order, in batches of at most [`MAX_BATCH_EVENTS`].
+/// A batch refused whole (see [`refused_whole`]) is halved and retried,
+/// down to one event; one event refused alone gets a synthesised `rejected`
+/// result carrying the CP's answer, so the caller dead-letters it and the
+/// queue moves on. After a success the batch size doubles back.
+async fn post_in_batches(api: &CpApi, events: &[QueuedEvent]) -> Delivery {
+    let mut results = Vec::with_capacity(events.len());
+    let mut size = MAX_BATCH_EVENTS;
+    let mut start = 0;
+    while start < events.len() {
+        let chunk = &events[start..(start + size).min(events.len())];
+        let batch = EventBatch {
             hostname: api.hostname().clone(),
-            events: batch
+            events: chunk
                 .iter()
                 .map(|q| BatchItem { rollout_id: q.rollout_id.clone(), event: q.event.clone() })
                 .collect(),
         };
-        let answer = api.post_events(&request).await.map_err(|e| e.to_string())?;
-        if answer.results.len() != batch.len() {
-            return Err(format!("the CP answered {} results for {} events", answer.results.len(), batch.len()));
+        match api.post_events(&batch).await {
+            Ok(answer) if answer.results.len() == chunk.len() => {
+                results.extend(answer.results);
+                start += chunk.len();
+                size = (size * 2).min(MAX_BATCH_EVENTS);
+            }
+            Ok(answer) => {
+                let why = format!("the CP answered {} results for {} events", answer.results.len(), chunk.len());
+                return Delivery { results, stopped: Some(why) };
+            }
+            Err(e) => match refused_whole(&e) {
+                Some(why) if chunk.len() > 1 => {
+                    size = chunk.len() / 2;
+                    tracing::warn!(n_events = chunk.len(), retry_with = size, %why, "batch refused whole; halving it");
+                }
+                Some(why) => {
+                    let q = &chunk[0];
+                    tracing::error!(
+                        qseq = q.qseq, rollout_id = %q.rollout_id, seq = q.seq(), kind = q.kind(), %why,
+                        "the control plane refuses this event on its own; dead-lettering it"
+                    );
+                    results.push(EventResult { status: ResultStatus::Rejected, reason: Some(why), expected_seq: None });
+                    start += 1;
+                }
+                None => return Delivery { results, stopped: Some(e.to_string()) },
+            },
         }
-        let mut retry = None;
-        let mut moves = Vec::new();
-        for (queued, result) in batch.iter().zip(answer.results) {
+    }
+    Delivery { results, stopped: None }
+}
+
+/// Sends batches until the queue is empty; Err when delivery must pause.
+async fn drain_once(api: &CpApi, queue: &SharedQueue, blocked: &mut Blocked) -> Result<(), String> {
+    // Replay-From first: the CP lacks history that the pending events
+    // build on.
+    let requests = queue.take_resend_requests();
+    let mut requests = requests.into_iter();
+    while let Some((rollout_id, after)) = requests.next() {
+        let from = after.saturating_add(1);
+        if blocked_at(blocked, &rollout_id, from).is_some() {
+            continue;
+        }
+        match resend_history(api, queue, &rollout_id, from).await {
+            Resent::Done => {}
+            Resent::Unavailable { seq } => {
+                let text = unavailable_reason(&rollout_id, seq);
+                tracing::error!(%rollout_id, seq, "{text}");
+                blocked.insert(rollout_id, (from, text, tokio::time::Instant::now()));
+            }
+            Resent::Refused { seq, reason } => {
+                let text = refused_reason(&rollout_id, seq, &reason);
+                tracing::error!(%rollout_id, seq, "{text}");
+                blocked.insert(rollout_id, (seq, text, tokio::time::Instant::now()));
+            }
+            Resent::Pause(why) => {
+                // Keep this request and the ones not served yet.
+                queue.request_resend(rollout_id, after);
+                for (r, a) in requests {
+                    queue.request_resend(r, a);
+                }
+                return Err(why);
+            }
+        }
+    }
+    // (rollout, expected seq) re-sent in this pass: the same gap again
+    // means the CP does not take the history; pause rather than loop.
+    let mut resent = std::collections::BTreeSet::new();
+    loop {
+        let batch: Vec<QueuedEvent> = queue.with(|q| q.pending_head(MAX_BATCH_EVENTS)).await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let delivery = post_in_batches(api, &batch).await;
+        let mut pause = delivery.stopped;
+        let mut moves: Vec<(u64, Option<String>)> = Vec::new();
+        // Per rollout answered `gap`: the expected seq and the events of
+        // the rollout from the gapped one on (they stay pending).
+        let mut gapped: std::collections::BTreeMap<RolloutId, (u64, Vec<QueuedEvent>)> = Default::default();
+        // Per rollout, the seq rejected in this batch and why.
+        let mut rejected: std::collections::BTreeMap<RolloutId, (u64, String)> = Default::default();
+        for (queued, result) in batch.iter().zip(delivery.results) {
+            if let Some((_, held)) = gapped.get_mut(&queued.rollout_id) {
+                held.push(queued.clone());
+                continue;
+            }
             match result.status {
                 ResultStatus::Applied | ResultStatus::Duplicate => moves.push((queued.qseq, None)),
                 ResultStatus::Rejected => {
                     let reason = result.reason.unwrap_or_else(|| "rejected without a reason".to_owned());
                     tracing::warn!(qseq = queued.qseq, kind = queued.event.kind(), %reason, "event rejected; dead-lettered");
+                    rejected.insert(queued.rollout_id.clone(), (queued.seq(), reason.clone()));
                     moves.push((queued.qseq, Some(reason)));
                 }
+                ResultStatus::Gap => match result.expected_seq {
+                    Some(expected) if expected < queued.seq() => {
+                        gapped.insert(queued.rollout_id.clone(), (expected, vec![queued.clone()]));
+                    }
+                    _ => {
+                        pause = Some(format!(
+                            "the CP answered gap with expected seq {:?} for seq {}",
+                            result.expected_seq,
+                            queued.seq()
+                        ));
+                        break;
+                    }
+                },
                 ResultStatus::Retry => {
                     // Order is kept: nothing after the first retry moves.
-                    retry = Some(result.reason.unwrap_or_else(|| "retry".to_owned()));
+                    pause =
+                        Some(format!("the CP asked to retry: {}", result.reason.unwrap_or_else(|| "retry".to_owned())));
                     break;
                 }
             }
         }
-        queue
-            .with(move |q| {
-                for (qseq, rejected) in moves {
-                    match rejected {
-                        None => q.ack(qseq)?,
-                        Some(reason) => q.reject(qseq, &reason)?,
+        settle(queue, moves).await?;
+        for (rollout_id, (expected, held)) in gapped {
+            let dead_reason = if let Some((seq, why)) = rejected.get(&rollout_id).filter(|(seq, _)| *seq == expected) {
+                Some(refused_reason(&rollout_id, *seq, why))
+            } else if let Some(text) = blocked_at(blocked, &rollout_id, expected) {
+                Some(text.to_owned())
+            } else if !resent.insert((rollout_id.clone(), expected)) {
+                return Err(format!("the CP still expects seq {expected} of {rollout_id} after a re-send"));
+            } else {
+                tracing::info!(%rollout_id, expected, "the control plane lacks earlier events; re-sending its history");
+                match resend_history(api, queue, &rollout_id, expected).await {
+                    Resent::Done => None,
+                    Resent::Unavailable { seq } => {
+                        let text = unavailable_reason(&rollout_id, seq);
+                        blocked.insert(rollout_id.clone(), (expected, text.clone(), tokio::time::Instant::now()));
+                        Some(text)
                     }
+                    Resent::Refused { seq, reason } => {
+                        let text = refused_reason(&rollout_id, seq, &reason);
+                        blocked.insert(rollout_id.clone(), (seq, text.clone(), tokio::time::Instant::now()));
+                        Some(text)
+                    }
+                    Resent::Pause(why) => return Err(why),
                 }
-                Ok::<(), crate::queue::QueueError>(())
-            })
-            .await?
-            .map_err(|e| e.to_string())?;
-        if let Some(why) = retry {
-            return Err(format!("the CP asked to retry: {why}"));
+            };
+            if let Some(reason) = dead_reason {
+                for q in &held {
+                    tracing::error!(
+                        qseq = q.qseq, %rollout_id, seq = q.seq(), kind = q.kind(), %reason,
+                        "event cannot be delivered; dead-lettered"
+                    );
+                }
+                settle(queue, held.into_iter().map(|q| (q.qseq, Some(reason.clone()))).collect()).await?;
+            }
         }
+        if let Some(why) = pause {
+            return Err(why);
+        }
+    }
+}
+
+/// The dead-letter reason of events that wait on a seq the CP refused.
+fn refused_reason(rollout_id: &RolloutId, seq: u64, why: &str) -> String {
+    format!(
+        "undeliverable: the control plane needs seq {seq} of {rollout_id} first and refuses it ({why}); no later event of the rollout can be applied"
+    )
+}
+
+/// The dead-letter reason of events that wait on a seq the agent lost.
+fn unavailable_reason(rollout_id: &RolloutId, seq: u64) -> String {
+    format!(
+        "undeliverable: the control plane needs seq {seq} of {rollout_id} first, which this agent no longer has (pruned from acked/ or unreadable); no later event of the rollout can be applied"
+    )
+}
+
+/// Acks (None) or dead-letters (Some(reason)) pending events.
+async fn settle(queue: &SharedQueue, moves: Vec<(u64, Option<String>)>) -> Result<(), String> {
+    if moves.is_empty() {
+        return Ok(());
+    }
+    queue
+        .with(move |q| {
+            for (qseq, rejected) in moves {
+                match rejected {
+                    None => q.ack(qseq)?,
+                    Some(reason) => q.reject(qseq, &reason)?,
+                }
+            }
+            Ok::<(), crate::queue::QueueError>(())
+        })
+        .await?
+        .map_err(|e| e.to_string())
+}
+
+/// Re-sends one rollout's delivered history from seq `from` (acked events
+/// and dead letters, in seq order) up to its first pending event. Dead
+/// letters the CP now applies are revived (moved back to `acked/`): the
+/// agent applied them before sending (write-ahead), so after a CP database
+/// loss they are part of the history the CP needs.
+async fn resend_history(api: &CpApi, queue: &SharedQueue, rollout_id: &RolloutId, from: u64) -> Resent {
+    let r = rollout_id.clone();
+    let found = queue
+        .with(move |q| {
+            let end = q.first_pending_seq(&r).unwrap_or_else(|| q.last_seq(&r).saturating_add(1));
+            (q.history_from(&r, from), end)
+        })
+        .await;
+    let (history, end) = match found {
+        Ok(found) => found,
+        Err(why) => return Resent::Pause(why),
+    };
+    // The events must run from `from` to just before `end` without a hole.
+    let mut want = from;
+    for h in &history {
+        if h.queued.seq() != want {
+            break;
+        }
+        want += 1;
+    }
+    if want < end {
+        return Resent::Unavailable { seq: want };
+    }
+    if history.is_empty() {
+        return Resent::Done;
+    }
+    tracing::info!(
+        %rollout_id, from, n_events = history.len(), n_dead = history.iter().filter(|h| h.dead).count(),
+        "re-sending delivered history"
+    );
+    let events: Vec<QueuedEvent> = history.iter().map(|h| h.queued.clone()).collect();
+    let delivery = post_in_batches(api, &events).await;
+    let mut revive = Vec::new();
+    let mut outcome = None;
+    for (h, result) in history.iter().zip(&delivery.results) {
+        match result.status {
+            ResultStatus::Applied | ResultStatus::Duplicate => {
+                if h.dead {
+                    revive.push(h.queued.qseq);
+                }
+            }
+            ResultStatus::Rejected => {
+                let reason = result.reason.clone().unwrap_or_else(|| "rejected without a reason".to_owned());
+                outcome = Some(Resent::Refused { seq: h.queued.seq(), reason });
+                break;
+            }
+            ResultStatus::Retry | ResultStatus::Gap => {
+                outcome = Some(Resent::Pause(format!(
+                    "re-sending seq {} of {rollout_id}: the CP answered {:?} ({})",
+                    h.queued.seq(),
+                    result.status,
+                    result.reason.as_deref().unwrap_or("")
+                )));
+                break;
+            }
+        }
+    }
+    if !revive.is_empty() {
+        tracing::info!(%rollout_id, n_events = revive.len(), "dead letters applied on re-send; moved back to acked/");
+        let revived = queue
+            .with(move |q| revive.into_iter().try_for_each(|qseq| q.revive(qseq)))
+            .await
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(why) = revived {
+            return Resent::Pause(why);
+        }
+    }
+    if let Some(outcome) = outcome {
+        return outcome;
+    }
+    match delivery.stopped {
+        Some(why) => Resent::Pause(why),
+        None => Resent::Done,
     }
 }
 
@@ -298,9 +608,10 @@ pub struct HeartbeatConfig {
     pub booted_system: PathBuf,
 }
 
-/// Sends liveness and `last_seq` per rollout; re-sends what the CP asks
-/// for (Replay-From) from the queue's pending and acked events. It never
-/// takes state from the CP.
+/// Sends liveness and `last_seq` per rollout; hands what the CP asks to be
+/// re-sent (Replay-From) to the drainer, the one sender of events. It never
+/// takes state from the CP, and never waits for the queue (it reads the
+/// queue's copy of the last seqs), so an fsync in progress cannot delay it.
 pub async fn run_heartbeat_worker(
     api: CpApi,
     cfg: HeartbeatConfig,
@@ -326,34 +637,16 @@ pub async fn run_heartbeat_worker(
             booted_closure: resolve_current_system(&cfg.booted_system).ok(),
             uptime_secs: started.elapsed().as_secs(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            last_seq: queue.lock().rollouts().into_iter().collect(),
+            last_seq: queue.last_seqs(),
         };
         match api.heartbeat(&hb).await {
             Ok(answer) => {
                 for (rollout_id, after) in answer.replay_from {
-                    replay(&api, &queue, &rollout_id, after).await;
+                    tracing::info!(%rollout_id, after, "the control plane lacks events; asking the drainer to re-send");
+                    queue.request_resend(rollout_id, after);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-        }
-    }
-}
-
-/// Re-sends one rollout's events with seq > `after`, in batches.
-async fn replay(api: &CpApi, queue: &SharedQueue, rollout_id: &RolloutId, after: u64) {
-    let events = queue.lock().events_after(rollout_id, after);
-    tracing::info!(%rollout_id, after, n_events = events.len(), "replaying events the control plane lacks");
-    for chunk in events.chunks(MAX_BATCH_EVENTS) {
-        let batch = EventBatch {
-            hostname: api.hostname().clone(),
-            events: chunk
-                .iter()
-                .map(|q| BatchItem { rollout_id: q.rollout_id.clone(), event: q.event.clone() })
-                .collect(),
-        };
-        if let Err(e) = api.post_events(&batch).await {
-            tracing::warn!(%rollout_id, error = %e, "replay failed; the next heartbeat asks again");
-            return;
         }
     }
 }

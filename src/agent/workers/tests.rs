@@ -351,7 +351,13 @@ async fn an_idle_activation_worker_stops_on_shutdown_or_when_the_reducer_is_gone
     trigger.trigger();
     assert_eq!(worker.await.expect("join"), WorkerExit::Shutdown);
     let closure = crate::ids::Closure::parse("/nix/store/0c3n4iv2w9ab1p6lq0yzf3d8k2m5r7s9-x").expect("valid");
-    orders.send_replace(Some(SwitchOrder { rollout_id: rid("r1"), closure, rollback: false, generation: 1 }));
+    orders.send_replace(Some(SwitchOrder {
+        rollout_id: rid("r1"),
+        closure,
+        rollback: false,
+        generation: 1,
+        restore_boot_from: None,
+    }));
     let (_trigger, stopped) = shutdown_channel();
     drop(_trigger);
     assert!(stopped.is_requested(), "a dropped trigger counts as a request");

@@ -1,5 +1,5 @@
-//! A minimal HTTP/1.1 client for `cp publish` / `cp status` and the
-//! integration tests: one connection per request, a deadline on each, JSON
+//! A minimal HTTP/1.1 client for the agent, `cp publish` / `cp status` and
+//! the integration tests: one connection per request, a deadline on each, JSON
 //! errors turned into messages. Plain `http://` only until TLS lands.
 
 use std::time::Duration;
@@ -34,6 +34,16 @@ pub enum ClientError {
     BadHeader(String),
     #[error("the control plane answered {status}: {message}")]
     Status { status: StatusCode, code: String, message: String },
+    /// A successful answer whose body is not the JSON the caller expects.
+    #[error("the control plane answered {status}: the answer is not the expected JSON: {source}")]
+    BadAnswer { status: StatusCode, source: serde_json::Error },
+    /// The answer's body could not be read: cut off, or larger than
+    /// [`MAX_RESPONSE_BYTES`].
+    #[error("the control plane answered {status}: cannot read the answer from {authority}: {source}")]
+    Body { authority: String, status: StatusCode, source: Box<dyn std::error::Error + Send + Sync> },
+    /// A request body that cannot be encoded as JSON.
+    #[error("cannot encode the request as JSON: {0}")]
+    Encode(#[source] serde_json::Error),
 }
 
 /// `http://host:port` of a control plane.
@@ -75,11 +85,7 @@ impl HttpResponse {
         if !self.status.is_success() {
             return Err(self.error());
         }
-        serde_json::from_slice(&self.body).map_err(|e| ClientError::Status {
-            status: self.status,
-            code: "bad_answer".to_owned(),
-            message: format!("the answer is not the expected JSON: {e}"),
-        })
+        serde_json::from_slice(&self.body).map_err(|source| ClientError::BadAnswer { status: self.status, source })
     }
 
     pub fn error(&self) -> ClientError {
@@ -133,9 +139,10 @@ pub async fn request(
     let work = async {
         let resp = sender.send_request(req).await.map_err(http)?;
         let (parts, body) = resp.into_parts();
-        let body = http_body_util::Limited::new(body, MAX_RESPONSE_BYTES).collect().await.map_err(|e| {
-            ClientError::Status { status: parts.status, code: "bad_answer".to_owned(), message: e.to_string() }
-        })?;
+        let body = http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|source| ClientError::Body { authority: authority.clone(), status: parts.status, source })?;
         Ok(HttpResponse { status: parts.status, headers: parts.headers, body: body.to_bytes() })
     };
     let result = tokio::time::timeout(REQUEST_TIMEOUT, work).await.map_err(|_| timeout());

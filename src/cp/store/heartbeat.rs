@@ -1,0 +1,122 @@
+//! `POST /v1/agent/heartbeat` inside the writer's transaction: compare the
+//! agent's last seqs with the records (Replay-From where the CP is behind)
+//! and judge drift (SPEC §4 rule 10). A heartbeat never changes host state
+//! (the reference system synthesised transitions and overwrote agents,
+//! §11 items 11, 13).
+
+use std::collections::BTreeMap;
+
+use rusqlite::{params, OptionalExtension};
+use time::OffsetDateTime;
+
+use super::state::CpState;
+use super::{ts, Db, StoreError};
+use crate::ids::{Closure, RolloutId};
+use crate::wire::Heartbeat;
+
+/// The verdict of the last heartbeat on what a host runs (SPEC §4 rule 10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Drift {
+    /// The heartbeat's current closure is the one the records say it runs.
+    InSync,
+    /// It is another closure: someone or something changed the host.
+    Drifting,
+    /// Not judged: the records do not know what the host runs (never
+    /// accepted a rollout here, switching, rebooting, rolling back), or the
+    /// CP has not yet received every event the agent has emitted.
+    Unknown,
+}
+
+impl Drift {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Drift::InSync => "in_sync",
+            Drift::Drifting => "drifting",
+            Drift::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Drift> {
+        [Drift::InSync, Drift::Drifting, Drift::Unknown].into_iter().find(|d| d.as_str() == text)
+    }
+}
+
+pub(super) fn heartbeat(
+    db: Db<'_>,
+    state: &CpState,
+    hb: &Heartbeat,
+    now: OffsetDateTime,
+) -> Result<BTreeMap<RolloutId, u64>, StoreError> {
+    let replay_from = replay_from(state, hb);
+    // Drift is judged only on complete knowledge: when the CP is behind the
+    // agent, its records describe the past and would cry wolf.
+    let expected = if replay_from.is_empty() { state.expected_closure(&hb.hostname) } else { None };
+    let drift = match &expected {
+        None => Drift::Unknown,
+        Some((closure, _)) if *closure == hb.current_closure => Drift::InSync,
+        Some(_) => Drift::Drifting,
+    };
+    log_drift_change(db, hb, drift, expected.as_ref())?;
+    db.conn()
+        .prepare_cached(
+            "INSERT INTO hosts (hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs,
+                            expected_closure, expected_from, drift)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (hostname) DO UPDATE SET last_heartbeat_at = ?2, current_closure = ?3, booted_closure = ?4,
+             agent_version = ?5, uptime_secs = ?6, expected_closure = ?7, expected_from = ?8, drift = ?9",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                hb.hostname.as_str(),
+                ts(now),
+                hb.current_closure.as_str(),
+                hb.booted_closure.as_ref().map(Closure::as_str),
+                hb.agent_version,
+                // Clamped, not wrapped: shown only, and 2^63 s is not an uptime.
+                i64::try_from(hb.uptime_secs).unwrap_or(i64::MAX),
+                expected.as_ref().map(|(c, _)| c.as_str()),
+                expected.as_ref().map(|(_, id)| id.as_str()),
+                drift.as_str()
+            ])
+        })
+        .map_err(db.sql("record heartbeat"))?;
+    Ok(replay_from)
+}
+
+/// Per rollout, the CP's last seq where the agent has emitted more: the
+/// agent re-sends from there. Compare only.
+fn replay_from(state: &CpState, hb: &Heartbeat) -> BTreeMap<RolloutId, u64> {
+    let mut replay_from = BTreeMap::new();
+    for (id, agent_last) in &hb.last_seq {
+        let cp_last = state.rollouts.get(id).and_then(|r| r.records.get(&hb.hostname)).map(|r| r.last_seq);
+        if let Some(cp_last) = cp_last {
+            if *agent_last > cp_last {
+                replay_from.insert(id.clone(), cp_last);
+            }
+        }
+    }
+    replay_from
+}
+
+/// Logs a host turning drifting, or back in sync, once per change.
+fn log_drift_change(
+    db: Db<'_>,
+    hb: &Heartbeat,
+    drift: Drift,
+    expected: Option<&(Closure, RolloutId)>,
+) -> Result<(), StoreError> {
+    let previous: Option<String> = db
+        .conn()
+        .query_row("SELECT drift FROM hosts WHERE hostname = ?1", params![hb.hostname.as_str()], |r| r.get(0))
+        .optional()
+        .map_err(db.sql("read drift"))?;
+    if drift == Drift::Drifting && previous.as_deref() != Some(Drift::Drifting.as_str()) {
+        if let Some((closure, from)) = expected {
+            tracing::warn!(host = %hb.hostname, current = %hb.current_closure, expected = %closure, rollout = %from, "drift: the host runs another closure than its records say");
+        }
+    } else if drift == Drift::InSync && previous.as_deref() == Some(Drift::Drifting.as_str()) {
+        tracing::info!(host = %hb.hostname, current = %hb.current_closure, "drift resolved");
+    }
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! The SQLite schema and its migrations (`PRAGMA user_version`), and the
+//! two ways to open the database: the writer's ([`open`], durable
+//! settings, migrates) and a status reader's ([`open_reader`], query-only).
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::db::sql_error;
+use super::StoreError;
+
+/// Schema version written to `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 2;
+
+const MIGRATION_1: &str = r#"
+CREATE TABLE rollouts (
+    rollout_id     TEXT PRIMARY KEY,
+    channel        TEXT NOT NULL,
+    envelope       BLOB NOT NULL,            -- the DSSE envelope as published
+    payload        BLOB NOT NULL,            -- the exact signed manifest bytes
+    payload_sha256 TEXT NOT NULL,
+    issued_at      TEXT NOT NULL,            -- from the manifest
+    published_at   TEXT NOT NULL,            -- CP receive time
+    state          TEXT NOT NULL CHECK (state IN ('active','converging','halted','completed','superseded')),
+    current_wave   INTEGER NOT NULL,
+    halt_reason    TEXT,
+    superseded_by  TEXT,
+    updated_at     TEXT NOT NULL
+);
+CREATE INDEX rollouts_by_channel ON rollouts (channel);
+
+CREATE TABLE host_records (
+    rollout_id TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    hostname   TEXT NOT NULL,
+    wave       INTEGER NOT NULL,
+    state      TEXT NOT NULL,
+    last_seq   INTEGER NOT NULL,
+    record     TEXT NOT NULL,                -- HostRecord as JSON: a cache of step results
+    -- A row appears with the host's first applied event; until then the
+    -- host is Pending as the manifest says (publishing 100k hosts writes no rows).
+    PRIMARY KEY (rollout_id, hostname)
+);
+CREATE INDEX host_records_by_host ON host_records (hostname);
+
+CREATE TABLE event_log (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    hostname    TEXT NOT NULL,
+    rollout_id  TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    seq         INTEGER NOT NULL,
+    kind        TEXT NOT NULL,
+    event       TEXT NOT NULL,               -- the wire event (OutboundEvent JSON)
+    agent_at    TEXT NOT NULL,               -- the agent's timestamp of the fact
+    received_at TEXT NOT NULL,               -- CP receive time (never host state)
+    UNIQUE (hostname, rollout_id, seq)
+);
+CREATE INDEX event_log_by_rollout ON event_log (rollout_id, id);
+
+CREATE TABLE dispatches (
+    rollout_id     TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    hostname       TEXT NOT NULL,
+    target_closure TEXT NOT NULL,
+    wave           INTEGER NOT NULL,
+    soak_secs      INTEGER NOT NULL,
+    issued_at      TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, hostname)
+);
+
+CREATE TABLE quarantined_closures (
+    channel        TEXT NOT NULL,
+    closure        TEXT NOT NULL,
+    rollout_id     TEXT NOT NULL,
+    hostname       TEXT NOT NULL,
+    quarantined_at TEXT NOT NULL,            -- the agent's rollback completion time
+    PRIMARY KEY (channel, closure)
+);
+
+CREATE TABLE hosts (
+    hostname          TEXT PRIMARY KEY,
+    last_heartbeat_at TEXT NOT NULL,         -- CP receive time: liveness is the CP's view
+    current_closure   TEXT NOT NULL,
+    booted_closure    TEXT,
+    agent_version     TEXT NOT NULL,
+    uptime_secs       INTEGER NOT NULL
+);
+"#;
+
+/// Schema 2: CP-only outcomes and drift.
+/// - `skipped_hosts`: a host whose target closure became quarantined on the
+///   channel before it acked is skipped by the planner: a terminal outcome
+///   of the CONTROL PLANE, kept apart from `host_records` (which stay a pure
+///   fold of the agent's events, so `replay` never sees it).
+/// - `hosts.expected_closure/expected_from/drift`: what the records say the
+///   host runs, and the verdict of the last heartbeat (SPEC §4 rule 10).
+const MIGRATION_2: &str = r#"
+CREATE TABLE skipped_hosts (
+    rollout_id     TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    hostname       TEXT NOT NULL,
+    target_closure TEXT NOT NULL,
+    reason         TEXT NOT NULL,
+    skipped_at     TEXT NOT NULL,            -- CP time: this is the CP's decision
+    PRIMARY KEY (rollout_id, hostname)
+);
+ALTER TABLE hosts ADD COLUMN expected_closure TEXT;
+ALTER TABLE hosts ADD COLUMN expected_from TEXT;
+ALTER TABLE hosts ADD COLUMN drift TEXT NOT NULL DEFAULT 'unknown'
+    CHECK (drift IN ('in_sync', 'drifting', 'unknown'));
+"#;
+
+/// Opens (creating if needed) the database with the durability settings the
+/// acknowledgement contract needs, and migrates it.
+pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(sql_error(path, "open"))?;
+    // FULL: the WAL is synced at every commit, so an `applied` answer
+    // survives power loss; NORMAL would only survive a process crash.
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+    )
+    .map_err(sql_error(path, "set pragmas"))?;
+    let version: i64 =
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_error(path, "read version"))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema { path: path.to_owned(), found: version });
+    }
+    if version < 1 {
+        conn.execute_batch(&format!("BEGIN; {MIGRATION_1} PRAGMA user_version = 1; COMMIT;"))
+            .map_err(sql_error(path, "migrate to schema 1"))?;
+    }
+    if version < 2 {
+        conn.execute_batch(&format!("BEGIN; {MIGRATION_2} PRAGMA user_version = 2; COMMIT;"))
+            .map_err(sql_error(path, "migrate to schema 2"))?;
+    }
+    Ok(conn)
+}
+
+/// Opens a read-only view connection (status routes).
+pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(sql_error(path, "open reader"))?;
+    conn.execute_batch("PRAGMA query_only = 1; PRAGMA busy_timeout = 5000;")
+        .map_err(sql_error(path, "reader pragmas"))?;
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn temp_db(label: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nixfleet-store-{label}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir.join("cp.db")
+    }
+
+    /// The acknowledgement contract depends on WAL + synchronous=FULL, and a
+    /// fresh database is migrated to the current schema version.
+    #[test]
+    fn open_sets_durability_pragmas_and_migrates() {
+        let path = temp_db("pragmas");
+        let conn = open(&path).expect("open");
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("mode");
+        let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).expect("sync");
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        assert_eq!((mode.as_str(), sync, version), ("wal", 2, SCHEMA_VERSION));
+        drop(conn);
+        open(&path).expect("re-opening a migrated database is a no-op");
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    /// A database written by a newer nixfleet is refused, not half-read.
+    #[test]
+    fn newer_schema_is_refused() {
+        let path = temp_db("newer");
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch("PRAGMA user_version = 99;").expect("set version");
+        drop(conn);
+        let err = open(&path).expect_err("must refuse");
+        assert!(matches!(err, StoreError::NewerSchema { found: 99, .. }), "{err}");
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    /// A schema-1 database (before skips and drift) is migrated in place:
+    /// its rows are kept, hosts start with drift "unknown", and the new
+    /// table exists.
+    #[test]
+    fn a_schema_1_database_is_migrated_keeping_its_rows() {
+        let path = temp_db("migrate2");
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch(&format!("BEGIN; {MIGRATION_1} PRAGMA user_version = 1; COMMIT;")).expect("schema 1");
+        conn.execute(
+            "INSERT INTO hosts (hostname, last_heartbeat_at, current_closure, agent_version, uptime_secs)
+             VALUES ('web-1', 't', '/nix/store/x', 'v', 1)",
+            [],
+        )
+        .expect("host row");
+        drop(conn);
+        let conn = open(&path).expect("migrate");
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).expect("version");
+        let row: (String, String, Option<String>) = conn
+            .query_row("SELECT current_closure, drift, expected_closure FROM hosts", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("row kept");
+        let n_skipped: i64 = conn.query_row("SELECT COUNT(*) FROM skipped_hosts", [], |r| r.get(0)).expect("table");
+        assert_eq!((version, row, n_skipped), (2, ("/nix/store/x".into(), "unknown".into(), None), 0));
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    /// The event log is append-only per (host, rollout, seq): a second row
+    /// with the same key is refused by the database itself.
+    #[test]
+    fn event_log_key_is_unique() {
+        let path = temp_db("unique");
+        let conn = open(&path).expect("open");
+        conn.execute(
+            "INSERT INTO rollouts (rollout_id, channel, envelope, payload, payload_sha256, issued_at, published_at,
+                                   state, current_wave, updated_at)
+             VALUES ('s@r', 's', x'', x'', '', 't', 't', 'active', 0, 't')",
+            [],
+        )
+        .expect("rollout");
+        let insert = "INSERT INTO event_log (hostname, rollout_id, seq, kind, event, agent_at, received_at)
+                      VALUES ('h', 's@r', 1, 'k', '{}', 't', 't')";
+        conn.execute(insert, []).expect("first");
+        assert!(conn.execute(insert, []).is_err(), "duplicate (hostname, rollout_id, seq)");
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+}

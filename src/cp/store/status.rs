@@ -1,0 +1,302 @@
+//! The rows behind the status views (`cp::views`) and `/metrics`, read on a
+//! reader connection. They come back typed and checked (a value this
+//! version cannot read is [`StoreError::Corrupt`]); the views shape them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::heartbeat::Drift;
+use super::{Db, StoreError};
+use crate::cp::planner::RolloutState;
+use crate::ids::{Hostname, RolloutId};
+use crate::wire::{Manifest, OutboundEvent};
+
+/// One `rollouts` row, its manifest parsed.
+#[derive(Debug, Clone)]
+pub struct RolloutRow {
+    pub manifest: Manifest,
+    pub state: RolloutState,
+    pub current_wave: usize,
+    pub halt_reason: Option<String>,
+    pub superseded_by: Option<RolloutId>,
+    pub issued_at: String,
+    pub published_at: String,
+    pub updated_at: String,
+}
+
+const ROLLOUT_COLUMNS: &str =
+    "rollout_id, payload, state, current_wave, halt_reason, superseded_by, issued_at, published_at, updated_at";
+
+/// The columns as stored, before any check.
+struct RawRollout {
+    id: String,
+    payload: Vec<u8>,
+    state: String,
+    current_wave: i64,
+    halt_reason: Option<String>,
+    superseded_by: Option<String>,
+    issued_at: String,
+    published_at: String,
+    updated_at: String,
+}
+
+fn raw_rollout(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRollout> {
+    Ok(RawRollout {
+        id: r.get(0)?,
+        payload: r.get(1)?,
+        state: r.get(2)?,
+        current_wave: r.get(3)?,
+        halt_reason: r.get(4)?,
+        superseded_by: r.get(5)?,
+        issued_at: r.get(6)?,
+        published_at: r.get(7)?,
+        updated_at: r.get(8)?,
+    })
+}
+
+impl RawRollout {
+    fn check(self, db: Db<'_>) -> Result<RolloutRow, StoreError> {
+        let id = &self.id;
+        let manifest = Manifest::parse(&self.payload).map_err(|e| db.corrupt(format!("rollout {id}: {e}")))?;
+        Ok(RolloutRow {
+            state: RolloutState::parse(&self.state)
+                .ok_or_else(|| db.corrupt(format!("rollout state {}", self.state)))?,
+            current_wave: usize::try_from(self.current_wave)
+                .map_err(|_| db.corrupt(format!("rollout {id}: current_wave {}", self.current_wave)))?,
+            superseded_by: self.superseded_by.as_deref().and_then(|s| RolloutId::parse(s).ok()),
+            manifest,
+            halt_reason: self.halt_reason,
+            issued_at: self.issued_at,
+            published_at: self.published_at,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// Every rollout, in publish order.
+pub fn rollout_rows(conn: &Connection, path: &Path) -> Result<Vec<RolloutRow>, StoreError> {
+    let db = Db::new(conn, path);
+    let mut stmt = conn
+        .prepare(&format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY published_at, rollout_id"))
+        .map_err(db.sql("list rollouts"))?;
+    let rows = stmt.query_map([], raw_rollout).map_err(db.sql("list rollouts"))?;
+    let raw = rows.collect::<Result<Vec<_>, _>>().map_err(db.sql("list rollouts"))?;
+    raw.into_iter().map(|r| r.check(db)).collect()
+}
+
+/// One rollout; `None` if unknown.
+pub fn rollout_row(conn: &Connection, path: &Path, id: &RolloutId) -> Result<Option<RolloutRow>, StoreError> {
+    let db = Db::new(conn, path);
+    let raw = conn
+        .query_row(
+            &format!("SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE rollout_id = ?1"),
+            params![id.as_str()],
+            raw_rollout,
+        )
+        .optional()
+        .map_err(db.sql("read rollout"))?;
+    raw.map(|r| r.check(db)).transpose()
+}
+
+/// Whether the rollout is known.
+pub fn rollout_exists(conn: &Connection, path: &Path, id: &RolloutId) -> Result<bool, StoreError> {
+    let known: Option<i64> = conn
+        .query_row("SELECT 1 FROM rollouts WHERE rollout_id = ?1", params![id.as_str()], |r| r.get(0))
+        .optional()
+        .map_err(Db::new(conn, path).sql("read rollout"))?;
+    Ok(known.is_some())
+}
+
+/// When each standing dispatch of the rollout was issued (CP time).
+pub fn dispatch_times(
+    conn: &Connection,
+    path: &Path,
+    id: &RolloutId,
+) -> Result<BTreeMap<Hostname, String>, StoreError> {
+    let db = Db::new(conn, path);
+    let mut out = BTreeMap::new();
+    let mut stmt = conn
+        .prepare("SELECT hostname, issued_at FROM dispatches WHERE rollout_id = ?1")
+        .map_err(db.sql("read dispatches"))?;
+    let rows = stmt
+        .query_map(params![id.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .map_err(db.sql("read dispatches"))?;
+    for row in rows {
+        let (host, at) = row.map_err(db.sql("read dispatches"))?;
+        if let Ok(h) = Hostname::parse(&host) {
+            out.insert(h, at);
+        }
+    }
+    Ok(out)
+}
+
+/// One `quarantined_closures` row.
+#[derive(Debug, Clone)]
+pub struct QuarantineRow {
+    pub channel: String,
+    pub closure: String,
+    pub rollout_id: String,
+    pub hostname: String,
+    pub quarantined_at: String,
+}
+
+/// Every quarantined closure, by channel and closure.
+pub fn quarantine_rows(conn: &Connection, path: &Path) -> Result<Vec<QuarantineRow>, StoreError> {
+    let db = Db::new(conn, path);
+    let mut stmt = conn
+        .prepare("SELECT channel, closure, rollout_id, hostname, quarantined_at FROM quarantined_closures ORDER BY channel, closure")
+        .map_err(db.sql("read quarantine"))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(QuarantineRow {
+                channel: r.get(0)?,
+                closure: r.get(1)?,
+                rollout_id: r.get(2)?,
+                hostname: r.get(3)?,
+                quarantined_at: r.get(4)?,
+            })
+        })
+        .map_err(db.sql("read quarantine"))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(db.sql("read quarantine"))
+}
+
+/// One `event_log` row, the event parsed.
+#[derive(Debug, Clone)]
+pub struct LoggedRow {
+    pub id: i64,
+    pub hostname: String,
+    pub seq: u64,
+    pub kind: String,
+    pub agent_at: String,
+    pub received_at: String,
+    pub event: OutboundEvent,
+}
+
+/// At most `limit` rows of the rollout's log after log id `after`, in order.
+pub fn event_rows(
+    conn: &Connection,
+    path: &Path,
+    id: &RolloutId,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<LoggedRow>, StoreError> {
+    let db = Db::new(conn, path);
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, hostname, seq, kind, agent_at, received_at, event FROM event_log
+             WHERE rollout_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )
+        .map_err(db.sql("read events"))?;
+    let rows = stmt
+        .query_map(params![id.as_str(), after, limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })
+        .map_err(db.sql("read events"))?;
+    let mut events = Vec::new();
+    for row in rows {
+        let (log_id, hostname, seq, kind, agent_at, received_at, json) = row.map_err(db.sql("read events"))?;
+        let event: OutboundEvent =
+            serde_json::from_str(&json).map_err(|e| db.corrupt(format!("event log row {log_id}: {e}")))?;
+        events.push(LoggedRow {
+            id: log_id,
+            hostname,
+            seq: u64::try_from(seq).map_err(|_| db.corrupt(format!("event log row {log_id}: seq {seq}")))?,
+            kind,
+            agent_at,
+            received_at,
+            event,
+        });
+    }
+    Ok(events)
+}
+
+/// One `hosts` row: the last heartbeat and its drift verdict.
+#[derive(Debug, Clone)]
+pub struct HostRow {
+    pub hostname: String,
+    pub last_heartbeat_at: String,
+    pub current_closure: String,
+    pub booted_closure: Option<String>,
+    pub agent_version: String,
+    pub uptime_secs: i64,
+    pub drift: Drift,
+    pub expected_closure: Option<String>,
+    pub expected_from: Option<String>,
+}
+
+/// Every host that sent a heartbeat.
+pub fn host_rows(conn: &Connection, path: &Path) -> Result<Vec<HostRow>, StoreError> {
+    let db = Db::new(conn, path);
+    let mut stmt = conn
+        .prepare(
+            "SELECT hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs,
+                    drift, expected_closure, expected_from FROM hosts",
+        )
+        .map_err(db.sql("read hosts"))?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((
+                HostRow {
+                    hostname: r.get(0)?,
+                    last_heartbeat_at: r.get(1)?,
+                    current_closure: r.get(2)?,
+                    booted_closure: r.get(3)?,
+                    agent_version: r.get(4)?,
+                    uptime_secs: r.get(5)?,
+                    drift: Drift::Unknown,
+                    expected_closure: r.get(7)?,
+                    expected_from: r.get(8)?,
+                },
+                r.get::<_, String>(6)?,
+            ))
+        })
+        .map_err(db.sql("read hosts"))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (mut host, drift) = row.map_err(db.sql("read hosts"))?;
+        host.drift =
+            Drift::parse(&drift).ok_or_else(|| db.corrupt(format!("host {}: drift {drift}", host.hostname)))?;
+        out.push(host);
+    }
+    Ok(out)
+}
+
+/// The figures `/metrics` reads from the database.
+#[derive(Debug, Clone, Default)]
+pub struct MetricCounts {
+    /// `(state, count)`, by state.
+    pub rollouts_by_state: Vec<(String, i64)>,
+    pub superseded: HashSet<String>,
+    pub n_drifting: i64,
+    pub n_skipped: i64,
+}
+
+/// Reads the figures of `/metrics`.
+pub fn metric_counts(conn: &Connection, path: &Path) -> Result<MetricCounts, StoreError> {
+    let sql = || Db::new(conn, path).sql("read metrics");
+    let grouped = |query: &str| -> Result<Vec<(String, i64)>, StoreError> {
+        let mut stmt = conn.prepare(query).map_err(sql())?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(sql())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(sql())
+    };
+    let count = |query: &str| -> Result<i64, StoreError> { conn.query_row(query, [], |r| r.get(0)).map_err(sql()) };
+    Ok(MetricCounts {
+        rollouts_by_state: grouped("SELECT state, COUNT(*) FROM rollouts GROUP BY state ORDER BY state")?,
+        superseded: grouped("SELECT rollout_id, 0 FROM rollouts WHERE state = 'superseded'")?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect(),
+        n_drifting: count("SELECT COUNT(*) FROM hosts WHERE drift = 'drifting'")?,
+        n_skipped: count("SELECT COUNT(*) FROM skipped_hosts")?,
+    })
+}

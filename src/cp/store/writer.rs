@@ -1,0 +1,321 @@
+//! The ONE writer: commands in over a bounded channel, applied in groups of
+//! one transaction each (group commit), answered only after the commit;
+//! the long-poll board and the counters change after the commit too. What
+//! each command does inside the transaction is in [`super::publish`],
+//! [`super::ingest`], [`super::heartbeat`] and [`super::plan`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use super::group::{BoardChange, Group};
+use super::publish::PublishOutcome;
+use super::state::CpState;
+use super::{heartbeat, ingest, load_state, open, plan, publish, Db, StoreError};
+use crate::clock::ClockHandle;
+use crate::cp::longpoll::Board;
+use crate::ids::{Hostname, RolloutId};
+use crate::wire::{BatchItem, EventResult, Heartbeat, Manifest, ResultStatus};
+
+/// Commands waiting for the writer. Handlers `send().await`, so a full
+/// channel back-pressures requests instead of failing them; 1024 covers a
+/// burst of one request from each of 1024 agents while a commit is flushing.
+pub const WRITER_CHANNEL_CAPACITY: usize = 1024;
+/// Events applied in one transaction at most: bounds the time callers wait
+/// for a commit and the size of the WAL frame written at once. The first
+/// command of a group is always taken, so one full batch (256) always fits.
+pub const MAX_GROUP_EVENTS: usize = 4096;
+/// A group slower than this is logged as a warning: agents wait for it.
+pub const SLOW_GROUP_MS: u128 = 250;
+
+/// Counters shared by the writer (which bumps them after a commit, so they
+/// count only durable work) and the metrics route.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub commits: AtomicU64,
+    pub commit_failures: AtomicU64,
+    pub events_applied: AtomicU64,
+    pub events_duplicate: AtomicU64,
+    pub events_rejected: AtomicU64,
+    pub events_retry: AtomicU64,
+    pub events_gap: AtomicU64,
+}
+
+impl Counters {
+    fn count_results(&self, results: &[EventResult]) {
+        for r in results {
+            let counter = match r.status {
+                ResultStatus::Applied => &self.events_applied,
+                ResultStatus::Duplicate => &self.events_duplicate,
+                ResultStatus::Rejected => &self.events_rejected,
+                ResultStatus::Retry => &self.events_retry,
+                ResultStatus::Gap => &self.events_gap,
+            };
+            counter.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+/// Work for the writer. Each carries its reply channel.
+#[derive(Debug)]
+pub enum Command {
+    Publish {
+        envelope: Vec<u8>,
+        payload: Vec<u8>,
+        manifest: Box<Manifest>,
+        reply: oneshot::Sender<Reply<PublishOutcome>>,
+    },
+    Ingest {
+        hostname: Hostname,
+        items: Vec<BatchItem>,
+        reply: oneshot::Sender<Reply<Vec<EventResult>>>,
+    },
+    Heartbeat {
+        heartbeat: Heartbeat,
+        reply: oneshot::Sender<Reply<BTreeMap<RolloutId, u64>>>,
+    },
+    /// Re-plan every rollout (safety net; the planner also runs on change).
+    Tick,
+}
+
+/// What the writer answers: the commit failed → `Err` (callers answer 503).
+pub type Reply<T> = Result<T, Arc<StoreError>>;
+
+impl Command {
+    fn n_events(&self) -> usize {
+        match self {
+            Command::Ingest { items, .. } => items.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// A reply held back until the group's commit.
+enum Pending {
+    Publish(oneshot::Sender<Reply<PublishOutcome>>, PublishOutcome),
+    Ingest(oneshot::Sender<Reply<Vec<EventResult>>>, Vec<EventResult>),
+    Heartbeat(oneshot::Sender<Reply<BTreeMap<RolloutId, u64>>>, BTreeMap<RolloutId, u64>),
+}
+
+impl Pending {
+    fn send_ok(self) {
+        // A caller that went away (client disconnected) needs no answer.
+        match self {
+            Pending::Publish(tx, v) => drop(tx.send(Ok(v))),
+            Pending::Ingest(tx, v) => drop(tx.send(Ok(v))),
+            Pending::Heartbeat(tx, v) => drop(tx.send(Ok(v))),
+        }
+    }
+
+    fn send_err(self, err: &Arc<StoreError>) {
+        match self {
+            Pending::Publish(tx, _) => drop(tx.send(Err(err.clone()))),
+            Pending::Ingest(tx, _) => drop(tx.send(Err(err.clone()))),
+            Pending::Heartbeat(tx, _) => drop(tx.send(Err(err.clone()))),
+        }
+    }
+}
+
+/// The single writer: owns the write connection and the in-memory state.
+pub struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    state: CpState,
+    clock: ClockHandle,
+    board: Arc<Board>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("path", &self.path).finish()
+    }
+}
+
+/// Statistics of the writer's life, logged at shutdown.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WriterStats {
+    pub n_commits: u64,
+    pub n_commands: u64,
+    pub n_events_applied: u64,
+}
+
+/// A committed group: what to answer, what to show, how long it took.
+struct Committed {
+    replies: Vec<Pending>,
+    board: Vec<BoardChange>,
+    n_applied: u64,
+    /// Elapsed at the end of: applying the commands, planning, commit.
+    phases: [Duration; 3],
+}
+
+impl Writer {
+    /// Opens the database, loads the state and publishes the standing
+    /// dispatches on the board (they survive restarts).
+    pub fn open(
+        path: &Path,
+        clock: ClockHandle,
+        board: Arc<Board>,
+        counters: Arc<Counters>,
+    ) -> Result<Writer, StoreError> {
+        let conn = open(path)?;
+        let state = load_state(&conn, path)?;
+        for rollout in state.rollouts.values() {
+            for (host, d) in &rollout.dispatched {
+                board.offer(host, d.clone());
+            }
+        }
+        Ok(Writer { conn, path: path.to_owned(), state, clock, board, counters })
+    }
+
+    /// The writer's in-memory projection of the database (read-only), for
+    /// checks that compare it with the database.
+    #[allow(dead_code)] // used by `nixfleet sim`
+    pub(crate) fn state(&self) -> &CpState {
+        &self.state
+    }
+
+    /// Runs until every sender is dropped, then checkpoints the WAL.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Command>) -> WriterStats {
+        let mut stats = WriterStats::default();
+        // Plan once at start: a tick may have been lost in a crash.
+        let mut group = vec![Command::Tick];
+        loop {
+            let mut n_events: usize = group.iter().map(Command::n_events).sum();
+            while n_events < MAX_GROUP_EVENTS {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        n_events += cmd.n_events();
+                        group.push(cmd);
+                    }
+                    Err(_) => break,
+                }
+            }
+            stats.n_commands += group.len() as u64;
+            stats.n_events_applied += self.run_group(std::mem::take(&mut group));
+            stats.n_commits += 1;
+            match rx.blocking_recv() {
+                Some(cmd) => group.push(cmd),
+                None => break,
+            }
+        }
+        if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+            tracing::warn!(db = %self.path.display(), error = %e, "WAL checkpoint at shutdown failed");
+        }
+        stats
+    }
+
+    /// Applies a group of commands in one transaction; answers after commit.
+    /// `pub(crate)` for `nixfleet sim`, which drives the writer
+    /// synchronously (one group per simulated instant) instead of from its
+    /// thread; the replies arrive on the commands' oneshots as usual.
+    pub(crate) fn run_group(&mut self, group: Vec<Command>) -> u64 {
+        let started = Instant::now();
+        let n_commands = group.len();
+        let mut replies = Vec::with_capacity(group.len());
+        match self.apply_group(group, &mut replies, started) {
+            Ok((board, n_applied, phases)) => {
+                self.after_commit(Committed { replies, board, n_applied, phases }, n_commands, started);
+                n_applied
+            }
+            Err(e) => {
+                self.after_failure(e, replies);
+                0
+            }
+        }
+    }
+
+    /// The transaction: every command, then the planner, then the commit.
+    fn apply_group(
+        &mut self,
+        commands: Vec<Command>,
+        replies: &mut Vec<Pending>,
+        started: Instant,
+    ) -> Result<(Vec<BoardChange>, u64, [Duration; 3]), StoreError> {
+        let mut phases = [Duration::ZERO; 3];
+        let mut n_applied = 0u64;
+        let mut group = Group { now: self.clock.now(), dirty: BTreeSet::new(), board: Vec::new() };
+        let tx = self.conn.transaction().map_err(super::db::sql_error(&self.path, "begin"))?;
+        let db = Db::new(&tx, &self.path);
+        let state = &mut self.state;
+        for cmd in commands {
+            match cmd {
+                Command::Publish { envelope, payload, manifest, reply } => {
+                    let outcome = publish::publish(db, state, &mut group, &envelope, &payload, *manifest)?;
+                    replies.push(Pending::Publish(reply, outcome));
+                }
+                Command::Ingest { hostname, items, reply } => {
+                    let results = ingest::ingest(db, state, &mut group, &hostname, &items)?;
+                    n_applied += results.iter().filter(|r| r.status == ResultStatus::Applied).count() as u64;
+                    replies.push(Pending::Ingest(reply, results));
+                }
+                Command::Heartbeat { heartbeat, reply } => {
+                    let replay = heartbeat::heartbeat(db, state, &heartbeat, group.now)?;
+                    replies.push(Pending::Heartbeat(reply, replay));
+                }
+                Command::Tick => group.dirty.extend(state.rollouts.keys().cloned()),
+            }
+        }
+        phases[0] = started.elapsed();
+        plan::run_planner(db, state, &mut group)?;
+        phases[1] = started.elapsed();
+        tx.commit().map_err(super::db::sql_error(&self.path, "commit"))?;
+        phases[2] = started.elapsed();
+        Ok((group.board, n_applied, phases))
+    }
+
+    /// Counters, then the board (waking long-polls), then the answers.
+    fn after_commit(&self, done: Committed, n_commands: usize, started: Instant) {
+        self.counters.commits.fetch_add(1, Relaxed);
+        for reply in &done.replies {
+            if let Pending::Ingest(_, results) = reply {
+                self.counters.count_results(results);
+            }
+        }
+        let mut offers = Vec::new();
+        let mut withdrawals = Vec::new();
+        for change in done.board {
+            match change {
+                BoardChange::Offer(host, d) => offers.push((host, d)),
+                BoardChange::Withdraw(host, id) => withdrawals.push((host, id)),
+            }
+        }
+        let n_offers = offers.len();
+        self.board.apply(offers, withdrawals);
+        for reply in done.replies {
+            reply.send_ok();
+        }
+        let ms = started.elapsed().as_millis();
+        let [applied, planned, committed] = done.phases.map(|d| d.as_millis());
+        let n_applied = done.n_applied;
+        let text = format!(
+            "{n_commands} commands, {n_applied} events applied, {n_offers} dispatches offered in {ms} ms \
+             (commands {applied} ms, planned by {planned} ms, committed by {committed} ms)"
+        );
+        if ms > SLOW_GROUP_MS {
+            tracing::warn!("slow commit: {text}");
+        } else {
+            tracing::debug!("commit: {text}");
+        }
+    }
+
+    /// Every caller gets the error (503); memory is reloaded from the disk
+    /// so it never runs ahead of what was committed.
+    fn after_failure(&mut self, e: StoreError, replies: Vec<Pending>) {
+        tracing::error!(error = %e, "transaction failed; answering 503 and reloading state from the database");
+        self.counters.commit_failures.fetch_add(1, Relaxed);
+        let err = Arc::new(e);
+        for reply in replies {
+            reply.send_err(&err);
+        }
+        match load_state(&self.conn, &self.path) {
+            Ok(state) => self.state = state,
+            Err(e) => tracing::error!(error = %e, "reloading state failed; keeping the previous state"),
+        }
+    }
+}

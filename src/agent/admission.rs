@@ -54,6 +54,18 @@ pub fn admit_cached(
     rollout_id: &crate::ids::RolloutId,
 ) -> Result<Manifest, Refusal> {
     let manifest = verified_manifest(trust_keys, envelope_bytes)?;
+    check_cached(hostname, &manifest, rollout_id)?;
+    Ok(manifest)
+}
+
+/// The checks of [`admit_cached`] after the signature: the verified
+/// manifest is for `rollout_id` and lists this host. Seam for the restart
+/// rebuild's shared verification (`journal::RestoreSource::verify_envelope`).
+pub fn check_cached(
+    hostname: &Hostname,
+    manifest: &Manifest,
+    rollout_id: &crate::ids::RolloutId,
+) -> Result<(), Refusal> {
     if &manifest.rollout_id != rollout_id {
         return Err(Refusal::WrongRollout {
             dispatched: rollout_id.to_string(),
@@ -63,7 +75,7 @@ pub fn admit_cached(
     if !manifest.hosts.contains_key(hostname) {
         return Err(Refusal::HostNotInManifest(hostname.clone()));
     }
-    Ok(manifest)
+    Ok(())
 }
 
 pub fn verified_manifest(trust_keys: &[PublicKey], envelope_bytes: &[u8]) -> Result<Manifest, Refusal> {

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{watch, Notify};
 
-use super::admission::admit_cached;
+use super::admission::{check_cached, verified_manifest, Refusal};
 use super::channels::ChannelHistory;
 use super::reducer::{Journal, JournalError};
 use super::rollouts::Rollouts;
@@ -18,7 +18,7 @@ use crate::ids::{Hostname, RolloutId};
 use crate::machine::{Event, HostState, Policy};
 use crate::queue::{DeadCause, EntryState, Queue, QueueError, QueueView, QueuedEvent, QueuedRef};
 use crate::sign::PublicKey;
-use crate::wire::OutboundEvent;
+use crate::wire::{Manifest, OutboundEvent};
 
 /// A replay parameter, never a decision policy: the policy a rollout is
 /// rebuilt under when no cached manifest proves its own AND the rollout can
@@ -407,6 +407,12 @@ pub trait RestoreSource {
     fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, String>;
     /// Where the cached envelope is, for messages.
     fn manifest_path(&self, rollout_id: &RolloutId) -> PathBuf;
+    /// The signature check of a cached envelope (default:
+    /// [`verified_manifest`]). Seam for `nixfleet sim`, which checks each
+    /// (envelope, keys) once for all its hosts.
+    fn verify_envelope(&self, trust_keys: &[PublicKey], envelope: &[u8]) -> Result<Arc<Manifest>, Refusal> {
+        verified_manifest(trust_keys, envelope).map(Arc::new)
+    }
 }
 
 /// The daemon's [`RestoreSource`]: the files of the state dir.
@@ -496,11 +502,12 @@ pub fn restore_from(
             .map_err(|e| format!("cannot read the cached manifest: {e}"))
             .and_then(|bytes| bytes.ok_or_else(|| "no cached manifest".to_owned()))
             .and_then(|bytes| {
-                verify_cached(&bytes, || source.accepted_key(&rollout_id), &rollout_id, hostname, trust_keys)
+                let verify = |keys: &[PublicKey], bytes: &[u8]| source.verify_envelope(keys, bytes);
+                verify_cached(&bytes, || source.accepted_key(&rollout_id), &rollout_id, hostname, trust_keys, &verify)
             });
         let policy = match cached {
-            Ok(cached) => {
-                if let Some(keyid) = &cached.no_longer_trusted {
+            Ok((manifest, no_longer_trusted)) => {
+                if let Some(keyid) = &no_longer_trusted {
                     tracing::warn!(
                         %rollout_id, %keyid,
                         "the rollout's manifest was verified by key {keyid} when it was accepted; this host no longer trusts that key, and the rollout is finished under that manifest (new manifests need a trusted key)"
@@ -509,14 +516,13 @@ pub fn restore_from(
                 }
                 let accepted = journal.iter().any(|e| matches!(e.body, crate::machine::EventBody::Activate { .. }));
                 if accepted {
-                    let manifest = &cached.manifest;
                     let offered = super::channels::Accepted {
                         rollout_id: manifest.rollout_id.clone(),
                         issued_at: manifest.issued_at,
                     };
                     channels = channels.with(offered);
                 }
-                cached.manifest.machine_policy()
+                manifest.machine_policy()
             }
             Err(why) => {
                 // Only a rollout that can never decide again may be rebuilt
@@ -640,20 +646,33 @@ pub fn cached_manifest(
         .load(rollout_id)
         .map_err(|e| format!("cannot read the cached manifest: {e}"))?
         .ok_or_else(|| "no cached manifest".to_owned())?;
-    verify_cached(&bytes, || cache.accepted_key(rollout_id), rollout_id, hostname, trust_keys)
+    let verify = |keys: &[PublicKey], bytes: &[u8]| verified_manifest(keys, bytes).map(Arc::new);
+    verify_cached(&bytes, || cache.accepted_key(rollout_id), rollout_id, hostname, trust_keys, &verify)
+        .map(|(manifest, no_longer_trusted)| CachedManifest { manifest: Arc::unwrap_or_clone(manifest), no_longer_trusted })
 }
 
-/// [`cached_manifest`] once the envelope is read: `accepted_key` is asked
-/// only when the current trust keys do not verify it.
+/// Verifies a signed envelope with the given keys.
+type Verify<'a> = &'a dyn Fn(&[PublicKey], &[u8]) -> Result<Arc<Manifest>, Refusal>;
+
+/// [`cached_manifest`] once the envelope is read (`admission::admit_cached`
+/// with the signature check passed in): the manifest, and `Some(keyid)`
+/// when only the key recorded at acceptance verifies it. `accepted_key` is
+/// asked only when the current trust keys do not verify it.
 fn verify_cached(
     bytes: &[u8],
     accepted_key: impl FnOnce() -> Result<Option<PublicKey>, String>,
     rollout_id: &RolloutId,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
-) -> Result<CachedManifest, String> {
-    let now_error = match admit_cached(hostname, trust_keys, bytes, rollout_id) {
-        Ok(manifest) => return Ok(CachedManifest { manifest, no_longer_trusted: None }),
+    verify: Verify<'_>,
+) -> Result<(Arc<Manifest>, Option<String>), String> {
+    let admit = |keys: &[PublicKey]| -> Result<Arc<Manifest>, Refusal> {
+        let manifest = verify(keys, bytes)?;
+        check_cached(hostname, &manifest, rollout_id)?;
+        Ok(manifest)
+    };
+    let now_error = match admit(trust_keys) {
+        Ok(manifest) => return Ok((manifest, None)),
         Err(e) => e,
     };
     let key = match accepted_key()? {
@@ -661,8 +680,8 @@ fn verify_cached(
         None => return Err(format!("{now_error} (and no key was recorded when it was accepted)")),
     };
     let keyid = key.keyid();
-    admit_cached(hostname, &[key], bytes, rollout_id)
-        .map(|manifest| CachedManifest { manifest, no_longer_trusted: Some(keyid.clone()) })
+    admit(&[key])
+        .map(|manifest| (manifest, Some(keyid.clone())))
         .map_err(|e| format!("{now_error}; with key {keyid} that accepted it: {e}"))
 }
 

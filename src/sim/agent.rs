@@ -18,6 +18,10 @@ use std::task::{Context, Poll, Waker};
 use tokio::sync::watch;
 
 use super::storage::MemStorage;
+use std::cell::RefCell;
+
+use super::cp::SharedEnvelope;
+use crate::agent::admission::{verified_manifest_by, Refusal};
 use crate::agent::backoff::Backoff;
 use crate::agent::channels::ChannelHistory;
 use crate::agent::journal::{restore_from, RestoreReport, RestoreSource, MANIFEST_DIR};
@@ -28,7 +32,26 @@ use crate::ids::{Hostname, RolloutId};
 use crate::queue::record::{self, DeadCause, DeadReason, QueuedEvent};
 use crate::queue::{Queue, QueueConfig, QueueError, ACKED_DIR, DEAD_DIR, QUEUE_DIR};
 use crate::sign::PublicKey;
-use crate::wire::OutboundEvent;
+use crate::wire::{Manifest, OutboundEvent};
+
+/// One signature check per (envelope digest, trust key ids), shared by
+/// every simulated agent (admission and the restart rebuild): the manifest
+/// and the key that verified it, or the refusal. Checking a 10,000-host
+/// envelope (1.2 MB) on every host would be most of a large run.
+pub type VerifyCache = BTreeMap<([u8; 32], Vec<String>), Result<(Arc<Manifest>, PublicKey), Refusal>>;
+
+/// `admission::verified_manifest_by`, once per (envelope, keys).
+pub fn verify_shared(
+    cache: &mut VerifyCache,
+    trust_keys: &[PublicKey],
+    envelope: &SharedEnvelope,
+) -> Result<(Arc<Manifest>, PublicKey), Refusal> {
+    let key = (envelope.digest, trust_keys.iter().map(PublicKey::keyid).collect());
+    cache
+        .entry(key)
+        .or_insert_with(|| verified_manifest_by(trust_keys, &envelope.bytes).map(|(m, k)| (Arc::new(m), k)))
+        .clone()
+}
 
 /// The journal of a simulated agent: the real queue, appended to
 /// synchronously (the real `SharedQueue` only adds a hop to the blocking
@@ -129,7 +152,7 @@ pub struct Proc {
 /// rollout for the whole fleet, however many hosts cached it.
 #[derive(Debug, Default)]
 pub struct AgentFiles {
-    pub manifests: BTreeMap<RolloutId, (Arc<[u8]>, PublicKey)>,
+    pub manifests: BTreeMap<RolloutId, (SharedEnvelope, PublicKey)>,
     pub channels: Arc<Mutex<ChannelHistory>>,
 }
 
@@ -152,6 +175,7 @@ pub struct SimAgent {
 /// The sim's [`RestoreSource`]: the in-memory files of one agent.
 struct SimFiles<'a> {
     agent: &'a SimAgent,
+    verified: &'a RefCell<VerifyCache>,
 }
 
 impl RestoreSource for SimFiles<'_> {
@@ -173,7 +197,7 @@ impl RestoreSource for SimFiles<'_> {
     }
 
     fn cached_envelope(&self, rollout_id: &RolloutId) -> std::io::Result<Option<Arc<[u8]>>> {
-        Ok(self.agent.files.manifests.get(rollout_id).map(|(e, _)| e.clone()))
+        Ok(self.agent.files.manifests.get(rollout_id).map(|(e, _)| e.bytes.clone()))
     }
 
     fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, String> {
@@ -182,6 +206,18 @@ impl RestoreSource for SimFiles<'_> {
 
     fn manifest_path(&self, rollout_id: &RolloutId) -> PathBuf {
         self.agent.state_dir.join(MANIFEST_DIR).join(format!("{rollout_id}.json"))
+    }
+
+    /// The shared check: `envelope` is one this agent cached (the rebuild
+    /// reads it through [`Self::cached_envelope`]), found by its address.
+    fn verify_envelope(&self, trust_keys: &[PublicKey], envelope: &[u8]) -> Result<Arc<Manifest>, Refusal> {
+        let shared = self.agent.files.manifests.values().map(|(e, _)| e).find(|e| {
+            std::ptr::eq(e.bytes.as_ptr(), envelope.as_ptr()) && e.bytes.len() == envelope.len()
+        });
+        match shared {
+            Some(e) => verify_shared(&mut self.verified.borrow_mut(), trust_keys, e).map(|(m, _)| m),
+            None => crate::agent::admission::verified_manifest(trust_keys, envelope).map(Arc::new),
+        }
     }
 }
 
@@ -206,7 +242,7 @@ impl SimAgent {
     /// Starts the process the way `agent::runtime::serve` does: open the
     /// queue (start-up recovery), rebuild every rollout, create the reducer,
     /// `resume` what was in progress.
-    pub fn start(&mut self, clock: &ClockHandle, now_ms: u64) -> Result<(), String> {
+    pub fn start(&mut self, clock: &ClockHandle, now_ms: u64, verified: &RefCell<VerifyCache>) -> Result<(), String> {
         let queue = Queue::open_with_storage(
             Box::new(self.storage.clone()),
             &self.state_dir,
@@ -215,7 +251,7 @@ impl SimAgent {
             clock.clone(),
         )
         .map_err(|e| format!("{}: queue open: {e}", self.host))?;
-        let (rollouts, report) = restore_from(&queue, &SimFiles { agent: self }, &self.host, &self.trust_keys)?;
+        let (rollouts, report) = restore_from(&queue, &SimFiles { agent: self, verified }, &self.host, &self.trust_keys)?;
         let journal =
             SimJournal { queue: Arc::new(Mutex::new(queue)), channels: self.files.channels.clone() };
         let (cmds, rx) = commands();

@@ -26,16 +26,15 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use time::macros::datetime;
 
-use self::agent::{delivery, Drain, LongPoll, SimAgent};
+use self::agent::{delivery, verify_shared, Drain, LongPoll, SimAgent, VerifyCache};
 use self::check::{Checker, Violation};
 use self::cp::{Answer, SimCp, Work};
 use self::rng::Rng;
 use self::world::{ClosureBook, Faults, PlannedRollout};
-use crate::agent::admission::{check_dispatch, verified_manifest_by, Refusal};
+use crate::agent::admission::check_dispatch;
 use crate::agent::reducer::{Input, SwitchOrder};
 use crate::agent::rollouts::SwitchOutcome;
 use crate::clock::ClockHandle;
@@ -252,9 +251,6 @@ struct Stats {
 /// (envelope bytes, trust keys). Verifying a 10,000-host envelope on each
 /// of 10,000 hosts would be the whole run; the checks after the signature
 /// (`check_dispatch`) still run per host.
-/// One signature check per (envelope digest, trust key ids), shared by every
-/// agent: the manifest and the key that verified it, or the refusal.
-type VerifyCache = BTreeMap<([u8; 32], Vec<String>), Result<(Arc<Manifest>, PublicKey), Refusal>>;
 
 pub struct Sim {
     cfg: SimConfig,
@@ -284,7 +280,7 @@ pub struct Sim {
     issued: BTreeMap<RolloutId, Timestamp>,
     book: ClosureBook,
     faults: Faults,
-    verify_cache: VerifyCache,
+    verify_cache: std::cell::RefCell<VerifyCache>,
     next_req: u64,
     next_switch: u64,
     trace: VecDeque<String>,
@@ -419,7 +415,7 @@ impl Sim {
             issued: BTreeMap::new(),
             book: ClosureBook::default(),
             faults,
-            verify_cache: BTreeMap::new(),
+            verify_cache: std::cell::RefCell::new(BTreeMap::new()),
             next_req: 1,
             next_switch: 1,
             trace: VecDeque::new(),
@@ -888,12 +884,15 @@ impl Sim {
 
     /// The writer takes whatever arrived while its previous commit was
     /// flushing; the sim models that flush as a window that grows with the
-    /// fleet (1 ms per 100 hosts, 1–100 ms), so a 10,000-host fleet commits
-    /// in groups as the real writer does under load, not once per request.
+    /// fleet (1 ms per 40 hosts, 1–250 ms: a 10,000-host group plans over
+    /// every host of every rollout, several ms of CPU in the real writer),
+    /// so a large fleet commits in groups as the real writer does under
+    /// load, not once per request. Coarser windows mean fewer interleavings
+    /// per simulated second, never another code path.
     fn schedule_commit(&mut self) {
         if !self.cp_commit_scheduled {
             self.cp_commit_scheduled = true;
-            let window = (self.agents.len() as u64 / 100).clamp(1, 100);
+            let window = (self.agents.len() as u64 / 40).clamp(1, 250);
             self.after(window, Ev::CpCommit);
         }
     }
@@ -1040,7 +1039,7 @@ impl Sim {
         self.machines[host].up = true;
         let before = self.checker.live_before_crash(host);
         self.agents[host]
-            .start(&self.clock, self.now_ms)
+            .start(&self.clock, self.now_ms, &self.verify_cache)
             .map_err(|e| Violation::new("agent-restart", format!("the agent does not start: {e}")))?;
         let inc = self.agents[host].incarnation;
         let report = self.agents[host].proc.as_ref().map(|p| p.restore.clone()).unwrap_or_default();
@@ -1482,17 +1481,7 @@ impl Sim {
     /// The long-poll worker's admission: verify (shared cache), check,
     /// cache the envelope before the ack, read the running closure.
     fn admit(&mut self, host: usize, dispatch: Dispatch, envelope: cp::SharedEnvelope) -> Result<(), Violation> {
-        let key_ids: Vec<String> = self.agents[host].trust_keys.iter().map(PublicKey::keyid).collect();
-        let cache_key = (envelope.digest, key_ids);
-        let verified = match self.verify_cache.get(&cache_key) {
-            Some(v) => v.clone(),
-            None => {
-                let v = verified_manifest_by(&self.agents[host].trust_keys, &envelope.bytes)
-                    .map(|(m, key)| (Arc::new(m), key));
-                self.verify_cache.insert(cache_key, v.clone());
-                v
-            }
-        };
+        let verified = verify_shared(&mut self.verify_cache.borrow_mut(), &self.agents[host].trust_keys, &envelope);
         let at = self.clock.now();
         let checked = {
             let agent = &self.agents[host];
@@ -1505,7 +1494,7 @@ impl Sim {
             Ok((c, manifest, key)) => {
                 // `ManifestCache::store`: the envelope and the key that
                 // verified it, before the DispatchAck can exist.
-                self.agents[host].files.manifests.insert(rollout_id.clone(), (envelope.bytes.clone(), key));
+                self.agents[host].files.manifests.insert(rollout_id.clone(), (envelope, key));
                 Input::Dispatch {
                     rollout_id,
                     policy: c.policy,

@@ -80,3 +80,6 @@ pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod golden_tests;

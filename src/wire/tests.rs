@@ -17,7 +17,7 @@ fn closure(s: &str) -> Closure {
     Closure::parse(s).expect("valid")
 }
 
-fn one_of_each_kind() -> Vec<EventBody> {
+pub(super) fn one_of_each_kind() -> Vec<EventBody> {
     let t = datetime!(2026-11-25 12:00:00.123456789 UTC);
     vec![
         EventBody::Activate {

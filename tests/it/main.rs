@@ -14,5 +14,4 @@ pub mod nixenv;
 mod probes;
 mod protocol_doc;
 mod queue;
-mod wire_golden;
 mod workers;

@@ -35,6 +35,10 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A small certificate authority for mutual TLS: a CA, then host,
+    /// operator and cp certificates (large fleets bring their own CA).
+    #[command(subcommand)]
+    Pki(PkiCommand),
     /// Work with rollout manifests (validate, sign, verify).
     #[command(subcommand)]
     Manifest(ManifestCommand),
@@ -59,6 +63,55 @@ pub enum Command {
     /// Run the control plane, or publish to it and ask it for status.
     #[command(subcommand)]
     Cp(CpCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create a CA: DIR/ca.crt and DIR/ca.key (mode 0600), valid 10 years.
+    Init {
+        /// Directory for the CA files (created 0700 if missing); existing files are never overwritten.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate signed by DIR's CA: DIR/NAME.crt and DIR/NAME.key (mode 0600).
+    Issue {
+        /// The directory holding ca.crt and ca.key (from `pki init`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The certificate's CN and file name; for a host, its hostname ([a-z0-9][a-z0-9-]{0,62}).
+        #[arg(long)]
+        name: String,
+        /// host: an agent (client); operator: `cp publish|status` (client); cp: the control plane (server).
+        #[arg(long, value_enum, default_value_t = PkiRole::Host)]
+        role: PkiRole,
+        /// An extra DNS name (subjectAltName); repeat for several. A cp certificate needs a --dns or an --ip.
+        #[arg(long)]
+        dns: Vec<String>,
+        /// An IP address (subjectAltName); repeat for several.
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        /// Days the certificate is valid (1..=3650).
+        #[arg(long, default_value_t = crate::tools::pki::DEFAULT_LEAF_DAYS)]
+        days: u32,
+    },
+}
+
+/// The role a `pki issue` certificate carries (URI SAN `nixfleet:ROLE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PkiRole {
+    Host,
+    Operator,
+    Cp,
+}
+
+impl From<PkiRole> for crate::tls::Role {
+    fn from(role: PkiRole) -> crate::tls::Role {
+        match role {
+            PkiRole::Host => crate::tls::Role::Host,
+            PkiRole::Operator => crate::tls::Role::Operator,
+            PkiRole::Cp => crate::tls::Role::Cp,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

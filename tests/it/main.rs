@@ -11,6 +11,7 @@ mod delivery;
 mod demo;
 mod harness;
 pub mod nixenv;
+mod pki;
 mod probes;
 mod protocol_doc;
 mod queue;

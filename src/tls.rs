@@ -6,9 +6,10 @@
 //! **One crypto provider, ring**, passed explicitly to every config (never
 //! the process-wide default), so a dependency that switches on aws-lc-rs can
 //! neither change what runs nor make rustls panic over two defaults. ring is
-//! Rust plus assembly built by `cc`; aws-lc-rs needs cmake and a C toolchain
-//! for a large C library and complicates the crt-static glibc build
-//! (`just static`). TLS 1.3 first, 1.2 allowed (docs/decisions.md).
+//! Rust plus assembly and a little C, built by `cc` with no other tool;
+//! aws-lc-rs builds a large C library with cmake and complicates the
+//! crt-static glibc build (`just static`). TLS 1.3 first, 1.2 allowed
+//! (docs/decisions.md).
 //!
 //! **Identity convention**: the subject CN is the peer's name (a host's
 //! hostname, an operator's name, the CP's name); the role is a URI SAN,

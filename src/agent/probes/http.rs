@@ -25,7 +25,6 @@ use tokio::time::Instant;
 
 use super::ProbeRun;
 use crate::tls;
-use crate::tools::error_chain;
 
 /// Body bytes read at most: health endpoints are small; a bigger body is
 /// searched only in its first MiB, and the connection is then dropped.
@@ -271,6 +270,22 @@ where
             Err(e) => Err(error_chain(&e)),
         },
     }
+}
+
+/// An error and its causes on one line ("a: b: c"): hyper's and rustls'
+/// top-level messages alone hide the reason (an I/O error, a bad certificate).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -1,4 +1,4 @@
-//! The command-line surface (SPEC §1), as clap derive types. Doc comments
+//! The command-line surface (`docs/manual.md`), as clap derive types. Doc comments
 //! here are the `--help` text. Parsing only: every command is run by a
 //! function in its role module, called from `main.rs`.
 
@@ -65,7 +65,7 @@ pub enum Command {
 pub enum ManifestCommand {
     /// Validate an unsigned manifest and print a summary of its waves.
     Check {
-        /// The manifest JSON file (SPEC §3).
+        /// The manifest JSON file (format: docs/protocol.md §2).
         manifest: PathBuf,
         /// Print the validated manifest as JSON instead of a summary.
         #[arg(long)]

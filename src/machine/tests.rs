@@ -1,6 +1,8 @@
 //! Table-driven tests of `step`: every (state, event kind, side) pair, the
-//! six rules of SPEC §4, and scenarios for the reference system's defects
-//! (seed-system.md §11 items 1, 4, 5, 6, 9, 10).
+//! numbered rules of `docs/protocol.md` §3, and scenarios for the mistakes
+//! a rollout machine easily makes (the wrong rollback target, a failure
+//! clock that does not reset, early convergence, the soak's start, lost
+//! rollback failures, completion on another closure).
 
 use time::macros::datetime;
 use time::Duration;
@@ -226,7 +228,7 @@ fn sample(kind: EventKind, h: &mut Host) -> EventBody {
     }
 }
 
-/// The legal pairs of SPEC §4 and the state each leads to (rollback policy).
+/// The legal pairs of `docs/protocol.md` §3 and the state each leads to (rollback policy).
 fn legal_target(from: HostState, kind: EventKind) -> Option<HostState> {
     use EventKind as K;
     use HostState as S;
@@ -394,7 +396,7 @@ fn a_busy_refusal_leaves_the_host_pending_and_a_later_ack_activates_it() {
 
 #[test]
 fn halt_policy_fails_without_a_rollback_and_refuses_rollback_events() {
-    // Proves SPEC §3 "halt": no FireRollback, the host stays Failed, and a
+    // Proves the `halt` policy (`docs/protocol.md` §2): no FireRollback, the host stays Failed, and a
     // rollback outcome cannot be claimed for a rollback that never fired.
     let mut h = host_in(HostState::Activating, halt_policy());
     h.feed(EventBody::ActivationFailed { exit_code: 1, stderr_tail: "x".into(), failed_at: at(5) });
@@ -407,7 +409,7 @@ fn halt_policy_fails_without_a_rollback_and_refuses_rollback_events() {
     assert!(matches!(err, TransitionError::Refused { .. }), "{err}");
 }
 
-// ---- Reference defect 1 / rule 4: the rollback target ----
+// ---- Rule 7 (`docs/protocol.md` §3): the rollback target ----
 
 #[test]
 fn rollback_goes_to_the_closure_running_at_dispatch_not_the_target() {
@@ -442,7 +444,7 @@ fn dispatch_ack_for_another_target_than_the_manifest_is_refused() {
     assert!(err.to_string().contains("differs from the manifest"), "{err}");
 }
 
-// ---- Reference defect 4 / rule 3: the sustained-failure clock ----
+// ---- Rule 5: the sustained-failure clock ----
 
 #[test]
 fn a_probe_that_failed_recovered_and_fails_again_later_does_not_fail_the_host_early() {
@@ -525,7 +527,7 @@ fn the_failure_clock_starts_at_the_first_failure_not_when_the_tick_notices() {
     assert!(h.try_feed(wrong).is_err(), "a start time other than the failure run's is refused");
 }
 
-// ---- Reference defect 5 / rule 2: convergence gates ----
+// ---- Rule 4: convergence gates ----
 
 #[test]
 fn no_convergence_before_every_enforce_probe_was_observed() {
@@ -584,7 +586,7 @@ fn failure_is_checked_before_convergence_at_the_tick() {
     assert_eq!(ev.kind(), EventKind::SustainedFailureCrossed);
 }
 
-// ---- Reference defect 6 / rule 5: soak starts at activation completion ----
+// ---- Rule 4: the soak starts at activation completion ----
 
 #[test]
 fn the_soak_window_starts_when_the_activation_completes_on_the_host() {
@@ -597,7 +599,7 @@ fn the_soak_window_starts_when_the_activation_completes_on_the_host() {
     assert!(converge_due(&h.record, at(1000 + SOAK_SECS as i64)).is_some());
 }
 
-// ---- Reference defect 9: rollback failures and Deferred failures ----
+// ---- Rollback failures and Deferred failures (`docs/decisions.md` 9, 10) ----
 
 #[test]
 fn a_failed_rollback_is_recorded_not_dropped_and_the_host_stays_failed() {
@@ -631,7 +633,7 @@ fn a_deferred_host_completes_after_reboot_and_soaks_from_then() {
     assert_eq!(h.record.soak_due_at, Some(at(900 + SOAK_SECS as i64)));
 }
 
-// ---- Reference defect 10: completed with the wrong closure ----
+// ---- Completed with the wrong closure (`docs/decisions.md` 8) ----
 
 #[test]
 fn activation_completed_with_another_closure_fails_the_host() {
@@ -775,7 +777,8 @@ fn replay_of_the_emitted_events_rebuilds_the_record() {
 
 #[test]
 fn the_machine_module_does_no_io_reads_no_clock_and_never_awaits() {
-    // Proves the functional-core boundary (STYLE.md §1) by reading the
+    // Proves the functional-core boundary (ARCHITECTURE.md's first
+    // invariant) by reading the
     // module's own source: none of these may appear outside comments.
     let sources = [
         ("mod.rs", include_str!("mod.rs")),

@@ -1,6 +1,6 @@
 //! The agent's outbound events: what it journals in its queue and posts to
 //! the control plane. One variant per event kind, tagged by `kind` with the
-//! names of SPEC §4's Remote side (`DispatchAck`, `Failed`, …). Converting
+//! wire names of `docs/protocol.md` §3 (`DispatchAck`, `Failed`, …). Converting
 //! to the machine's [`EventBody`] validates sizes and shapes and names the
 //! offending field.
 
@@ -15,7 +15,7 @@ use crate::machine::{Event, EventBody, OnHealthFailure, ProbeDecl, ProbeMode, Pr
 /// head of a Nix error is usually repeated at its end, and 4 KiB keeps a
 /// full batch far below the body limit.
 pub const STDERR_TAIL_MAX_BYTES: usize = 4096;
-/// SPEC §7: a probe failure reason is at most 512 bytes.
+/// `docs/protocol.md` §6: a probe failure reason is at most 512 bytes.
 pub const FAILURE_REASON_MAX_BYTES: usize = 512;
 /// Free-text fields (switch method, deferred component, rejection reason).
 pub const SHORT_TEXT_MAX_BYTES: usize = 1024;

@@ -1,4 +1,4 @@
-//! The rollout manifest (SPEC §3): parsed strictly (unknown fields are
+//! The rollout manifest (`docs/protocol.md` §2): parsed strictly (unknown fields are
 //! errors, so a typo like `max_inflight` is not silently ignored) and
 //! validated into typed identifiers. Every error names the field by its
 //! JSON path, e.g. `hosts.web-1.wave`.
@@ -212,7 +212,7 @@ impl Manifest {
         self.hosts.iter().filter(move |(_, h)| h.wave == wave)
     }
 
-    /// Serialises back to the SPEC §3 shape (for examples and tests; the
+    /// Serialises back to the `docs/protocol.md` §2 shape (for examples and tests; the
     /// signed bytes are always kept as published, never re-serialised).
     pub fn to_json(&self) -> serde_json::Value {
         let raw = RawManifest {

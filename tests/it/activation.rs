@@ -1,4 +1,4 @@
-//! Activation (SPEC §7) against real Nix where installed: real store paths,
+//! Activation (`docs/protocol.md` §6) against real Nix where installed: real store paths,
 //! a real signed binary cache, real `nix-store --realise` and `nix-env --set`,
 //! and a stand-in `switch-to-configuration` that repoints a symlink.
 

@@ -1,4 +1,5 @@
-//! SPEC §4 rules 7, 8, 10 and 11 and the quarantine outcome, through the
+//! `docs/protocol.md` §3 rules 2, 8 and 10, §2 (order on a channel) and
+//! the quarantine outcome, through the
 //! real `nixfleet cp serve` over HTTP with scripted agents: one live rollout
 //! per host, gaps answered with the expected seq (also after a database
 //! loss), drift visible everywhere, no downgrade by publish order, and a

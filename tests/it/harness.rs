@@ -92,7 +92,7 @@ pub fn closure(label: &str) -> String {
 /// One wave: (name, soak_secs, max_in_flight).
 pub type WaveSpec<'a> = (&'a str, u64, u32);
 
-/// Manifest JSON (SPEC §3); hosts are (hostname, wave, closure label).
+/// Manifest JSON (`docs/protocol.md` §2); hosts are (hostname, wave, closure label).
 pub fn manifest(
     id: &str,
     issued_at: &str,

@@ -1,4 +1,4 @@
-//! The Nix test environment (SPEC §7): real store paths built by the real
+//! The Nix test environment (`docs/protocol.md` §6): real store paths built by the real
 //! `nix-build` from a tiny derivation (no nixpkgs), a real signed local binary
 //! cache, real `nix-store`/`nix-env`. The only stand-in is each closure's
 //! `bin/switch-to-configuration`, a /bin/sh script that repoints a

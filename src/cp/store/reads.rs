@@ -1,7 +1,7 @@
 //! Reads that rebuild or compare state: [`load_state`] (the writer's start
 //! and its recovery after a failed commit), the current records of a
 //! rollout, [`rebuild_host_records`] (the event log folded through
-//! `machine::replay`, SPEC §8), and the small reads the routes and tools
+//! `machine::replay`: a record is a fold of its events), and the small reads the routes and tools
 //! need. Every function takes a connection and the database's path.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -207,7 +207,7 @@ pub fn skipped_of(
     Ok(out)
 }
 
-/// Per host, the rollouts it is live in (SPEC §4 rule 7), read from the
+/// Per host, the rollouts it is live in (`docs/protocol.md` §3 rule 8), read from the
 /// cached records: the views' counterpart of [`CpState::live`].
 pub fn live_rollouts(conn: &Connection, path: &Path) -> Result<HashMap<Hostname, BTreeSet<RolloutId>>, StoreError> {
     let db = Db::new(conn, path);
@@ -242,7 +242,7 @@ pub fn manifests(conn: &Connection, path: &Path) -> Result<Vec<Manifest>, StoreE
     payloads.iter().map(|p| Manifest::parse(p).map_err(|e| db.corrupt(e.to_string()))).collect()
 }
 
-/// Rebuilds every host record from the event log alone (SPEC §8): a Pending
+/// Rebuilds every host record from the event log alone (what a lost cache is rebuilt from): a Pending
 /// record from the manifest, then the logged events folded through `replay`.
 pub fn rebuild_host_records(
     conn: &Connection,

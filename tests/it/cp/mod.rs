@@ -1,5 +1,5 @@
 //! The control plane over real HTTP on loopback, driven by scripted agents,
-//! against the real `nixfleet cp serve` process (SPEC §5, §8; issue 4).
+//! against the real `nixfleet cp serve` process (`docs/protocol.md` §4).
 //! One file per concern: [`publish`], [`dispatch`] (long-polls, waves,
 //! halts, supersession), [`ingest`] (events and heartbeats), [`durability`]
 //! (`kill -9`, database loss, SIGTERM), [`views`] (status JSON and the

@@ -76,7 +76,7 @@ impl Host {
             .args(["--nix-store", &self.nix.nix_store().display().to_string()])
             .args(["--nix-env", &self.nix.nix_env().display().to_string()])
             .args(["--switch-runner", "setsid", "--tick", "200ms", "--heartbeat", "1s", "--drain", "1s"])
-            .args(["--longpoll-wait", "2"])
+            .args(["--longpoll-wait", "2s"])
             .env("RUST_LOG", "nixfleet=debug")
             .stdout(Stdio::null())
             .stderr(log)

@@ -3,7 +3,7 @@
 use serde_json::json;
 use time::macros::datetime;
 
-use super::event::{MAX_PROBES, STDERR_TAIL_MAX_BYTES};
+use super::event::{MAX_PROBES, MAX_STDERR_TAIL_BYTES};
 use super::*;
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{
@@ -165,7 +165,7 @@ fn field_limits_are_enforced_when_converting_to_the_machine() {
     assert_eq!(to_body(u64::MAX, &ok), Err("seq".into()));
     assert!(to_body(MAX_SEQ, &ok).is_ok());
     let long =
-        EventBody::ActivationFailed { exit_code: 1, stderr_tail: "x".repeat(STDERR_TAIL_MAX_BYTES + 1), failed_at: t };
+        EventBody::ActivationFailed { exit_code: 1, stderr_tail: "x".repeat(MAX_STDERR_TAIL_BYTES + 1), failed_at: t };
     assert_eq!(to_body(1, &long), Err("stderr_tail".into()));
     let bad_name = EventBody::ProbeObservedFirst { probe_name: "a b".into(), mode: ProbeMode::Enforce, observed_at: t };
     assert_eq!(to_body(1, &bad_name), Err("probe_name".into()));

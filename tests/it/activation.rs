@@ -11,7 +11,7 @@ use nixfleet::agent::activation::{
     EXIT_CODE_VERIFY_FAILED,
 };
 use nixfleet::ids::Closure;
-use nixfleet::wire::event::STDERR_TAIL_MAX_BYTES;
+use nixfleet::wire::event::MAX_STDERR_TAIL_BYTES;
 
 use crate::nixenv::{profile_generations, resolve, ClosureSpec, Host};
 
@@ -38,7 +38,7 @@ async fn run(cfg: &ActivationConfig, req: &ActivationRequest) -> ActivationOutco
 fn failed(outcome: ActivationOutcome) -> (i32, String) {
     match outcome {
         ActivationOutcome::Failed { exit_code, stderr_tail } => {
-            assert!(stderr_tail.len() <= STDERR_TAIL_MAX_BYTES);
+            assert!(stderr_tail.len() <= MAX_STDERR_TAIL_BYTES);
             (exit_code, stderr_tail)
         }
         other => panic!("expected Failed, got {other:?}"),

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nixfleet::agent::probes::{HealthChecks, HostRunner, Probe, ProbeRun, ProbeRunner};
 use nixfleet::machine::ProbeStatus;
-use nixfleet::wire::event::FAILURE_REASON_MAX_BYTES;
+use nixfleet::wire::event::MAX_FAILURE_REASON_BYTES;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -20,7 +20,7 @@ fn probe(fields: &str) -> Probe {
 async fn run(fields: &str) -> ProbeRun {
     let run = HostRunner::default().run(&probe(fields)).await;
     if let Some(reason) = &run.reason {
-        assert!(reason.len() <= FAILURE_REASON_MAX_BYTES);
+        assert!(reason.len() <= MAX_FAILURE_REASON_BYTES);
     }
     run
 }

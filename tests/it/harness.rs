@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
@@ -23,30 +22,21 @@ use time::{Duration as TimeDuration, OffsetDateTime};
 /// Everything in tests waits on a condition with this deadline, never a sleep.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
-/// A directory removed when dropped.
-pub struct TempDir(PathBuf);
+/// A test's own directory, `nixfleet-it-{label}-XXXXXX` under the system
+/// temp dir, created fresh and removed when dropped: the one way these
+/// tests make a temp dir (the label says which test left one behind after
+/// a crash).
+#[derive(Debug)]
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(label: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "nixfleet-it-{label}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let dir = tempfile::Builder::new().prefix(&format!("nixfleet-it-{label}-")).tempdir().expect("create temp dir");
         TempDir(dir)
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 

@@ -21,6 +21,8 @@ use std::process::Command;
 use nixfleet::agent::activation::{ActivationConfig, SwitchRunner};
 use nixfleet::ids::Closure;
 
+use crate::harness::TempDir;
+
 /// What a test closure contains besides its switch script.
 #[derive(Debug, Clone, Default)]
 pub struct ClosureSpec {
@@ -54,7 +56,7 @@ pub enum NixKind {
 #[derive(Debug)]
 pub struct NixEnv {
     pub kind: NixKind,
-    dir: tempfile::TempDir,
+    dir: TempDir,
     nix_store: PathBuf,
     nix_env: PathBuf,
     nix_build: PathBuf,
@@ -186,7 +188,7 @@ ln -sfn "$(basename "$profile")-$n-link" "$profile.tmp" && mv -T "$profile.tmp" 
 impl NixEnv {
     /// Real Nix if `nix-store` and `nix-build` run, else stand-ins; prints which.
     pub fn detect() -> NixEnv {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = TempDir::new("nix");
         let kind = match real_nix_version() {
             Some(version) => NixKind::Real { version },
             None => NixKind::StandIn,

@@ -12,6 +12,8 @@ use nixfleet::wire::event::MAX_FAILURE_REASON_BYTES;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::harness::TempDir;
+
 fn probe(fields: &str) -> Probe {
     let json = format!(r#"{{"probes":[{{"name":"p","mode":"enforce",{fields}}}]}}"#);
     HealthChecks::parse(&json).expect("valid probe").probes.remove(0)
@@ -54,7 +56,7 @@ async fn exec_passes_on_the_expected_exit_code_and_fails_otherwise_with_stderr()
 #[tokio::test]
 async fn exec_past_its_timeout_fails_and_its_whole_process_group_is_killed() {
     // Proves a hung probe is a Fail at its timeout and leaves no process behind (the backgrounded sleep dies too).
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = TempDir::new("probe-exec-timeout");
     let pidfile = dir.path().join("bg.pid");
     let script = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
     let begun = Instant::now();
@@ -186,7 +188,7 @@ fn write_systemctl(dir: &Path) -> std::path::PathBuf {
 #[tokio::test]
 async fn systemd_asks_systemctl_is_active_and_reports_the_unit_state() {
     // Proves the systemd runner's program boundary: `is-active -- UNIT`, exit 0 passes, otherwise the state is the reason.
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = TempDir::new("probe-systemd");
     let runner = HostRunner { systemctl: write_systemctl(dir.path()) };
     assert_pass(&runner.run(&probe(r#""kind":"systemd","unit":"good.service""#)).await);
     let failed = runner.run(&probe(r#""kind":"systemd","unit":"bad.service""#)).await;

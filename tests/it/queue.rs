@@ -21,6 +21,8 @@ use nixfleet::queue::{Queue, QueueConfig};
 use nixfleet::wire::{OutboundEvent, WireEventBody};
 use time::macros::datetime;
 
+use crate::harness::TempDir;
+
 const CHILD_ENV: &str = "NIXFLEET_IT_QUEUE_CHILD_STATE_DIR";
 
 fn nixfleet(args: &[&str]) -> Output {
@@ -78,7 +80,7 @@ fn arg(p: &Path) -> &str {
 /// kind and age, the dead one with its reason, and a summary line.
 #[test]
 fn ls_prints_a_table_of_every_state_and_a_summary() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = TempDir::new("queue-ls");
     sample_queue(tmp.path());
     let out = nixfleet(&["queue", "ls", "--state-dir", arg(tmp.path()), "--all"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -103,7 +105,7 @@ fn ls_prints_a_table_of_every_state_and_a_summary() {
 /// `queue ls --json` is one document with counts and every field per event.
 #[test]
 fn ls_json_carries_counts_and_every_field() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = TempDir::new("queue-ls-json");
     sample_queue(tmp.path());
     let out = nixfleet(&["queue", "ls", "--state-dir", arg(tmp.path()), "--all", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -130,7 +132,7 @@ fn ls_json_carries_counts_and_every_field() {
 /// An empty queue lists nothing and says so; it is not an error.
 #[test]
 fn ls_on_an_empty_queue_prints_only_the_summary() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = TempDir::new("queue-ls-empty");
     drop(Queue::open(tmp.path(), host(), QueueConfig::default(), ClockHandle::system()).expect("open"));
     let out = nixfleet(&["queue", "ls", "--state-dir", arg(tmp.path()), "--all"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -144,7 +146,7 @@ fn ls_on_an_empty_queue_prints_only_the_summary() {
 /// and exit 1, for both commands.
 #[test]
 fn a_missing_dir_or_a_dir_without_a_queue_fails_clearly() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = TempDir::new("queue-missing");
     let missing = tmp.path().join("nope");
     for args in
         [vec!["queue", "ls", "--state-dir", arg(&missing)], vec!["queue", "inspect", "--state-dir", arg(&missing), "1"]]
@@ -165,7 +167,7 @@ fn a_missing_dir_or_a_dir_without_a_queue_fails_clearly() {
 /// healthy events, before the agent has even moved it.
 #[test]
 fn a_corrupt_file_shows_as_dead_with_the_reason() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = TempDir::new("queue-corrupt");
     let paths = sample_queue(tmp.path());
     let bytes = std::fs::read(&paths[3]).expect("read");
     std::fs::write(&paths[3], &bytes[..bytes.len() - 20]).expect("truncate");
@@ -182,7 +184,7 @@ fn a_corrupt_file_shows_as_dead_with_the_reason() {
 /// prints the stored bytes with --json, and fails on an unknown qseq.
 #[test]
 fn inspect_prints_one_event_by_qseq_or_file() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = TempDir::new("queue-inspect");
     let paths = sample_queue(tmp.path());
     let out = nixfleet(&["queue", "inspect", "--state-dir", arg(tmp.path()), "3"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -211,7 +213,7 @@ fn inspect_prints_one_event_by_qseq_or_file() {
 /// `queue ls` needs no lock: it works while an agent holds the queue.
 #[test]
 fn ls_works_while_the_agent_holds_the_lock() {
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = TempDir::new("queue-ls-locked");
     sample_queue(tmp.path());
     let _agent = Queue::open(tmp.path(), host(), QueueConfig::default(), ClockHandle::system()).expect("open");
     let out = nixfleet(&["queue", "ls", "--state-dir", arg(tmp.path())]);
@@ -249,7 +251,7 @@ fn enqueue_loop_child() {
 fn kill_dash_nine_never_loses_a_reported_event() {
     const N_KILLS: usize = 60;
     const REPORT_DEADLINE: Duration = Duration::from_secs(30);
-    let tmp = tempfile::tempdir().expect("tempdir");
+    let tmp = TempDir::new("queue-kill9");
     let seed = RandomState::new().build_hasher().finish();
     eprintln!("kill -9 test seed {seed:#x}");
     let mut rng = seed;

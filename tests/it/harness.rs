@@ -3,6 +3,7 @@
 //! a scripted test agent that speaks the wire protocol over real HTTP.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -38,6 +39,27 @@ impl TempDir {
     pub fn path(&self) -> &Path {
         self.0.path()
     }
+}
+
+/// Hands a child test its parameter (see [`child_test`]).
+const CHILD_PARAM_ENV: &str = "NIXFLEET_IT_CHILD_PARAM";
+
+/// This test binary, re-executed to run only the `#[ignore]`d child test
+/// `name` (its path, e.g. `queue::enqueue_loop_child`) with `param` for
+/// [`child_param`]: a real process running library code that a crash test
+/// can `kill -9`, without a hidden subcommand in the user CLI or an extra
+/// binary target. The caller adds stdio and a process group.
+pub fn child_test(name: &str, param: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));
+    cmd.args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"]).env(CHILD_PARAM_ENV, param);
+    cmd
+}
+
+/// In a child test: the parameter [`child_test`] passed, or `None` when the
+/// test was run some other way (`cargo test -- --ignored`); it must then
+/// return at once.
+pub fn child_param() -> Option<String> {
+    std::env::var(CHILD_PARAM_ENV).ok()
 }
 
 /// Polls `cond` until it returns `Some`, or panics after [`DEADLINE`].

@@ -1,11 +1,9 @@
 //! The agent's queue from outside: `nixfleet queue ls|inspect` run as the
 //! real binary, and crash safety under `kill -9` of a real process.
 //!
-//! The crash test's child is this same test binary, re-executed with
-//! [`CHILD_ENV`] set: it then runs [`enqueue_loop_child`], which enqueues
-//! forever and prints each qseq after `enqueue` returned. Without the
-//! variable that function returns at once, so it costs nothing in a normal
-//! run, and no hidden subcommand or extra binary is needed.
+//! The crash test's child is this same test binary, re-executed by
+//! [`child_test`] to run [`enqueue_loop_child`], which enqueues forever and
+//! prints each qseq after `enqueue` returned.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -21,9 +19,7 @@ use nixfleet::queue::{Queue, QueueConfig};
 use nixfleet::wire::{OutboundEvent, WireEventBody};
 use time::macros::datetime;
 
-use crate::harness::TempDir;
-
-const CHILD_ENV: &str = "NIXFLEET_IT_QUEUE_CHILD_STATE_DIR";
+use crate::harness::{child_param, child_test, TempDir};
 
 fn nixfleet(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nixfleet")).args(args).output().expect("run nixfleet")
@@ -224,11 +220,12 @@ fn ls_works_while_the_agent_holds_the_lock() {
 // ------------------------------------------------------------- kill -9
 
 /// The child half of the crash test (see the module doc): enqueues on two
-/// rollouts forever, printing `qseq rollout seq` after each enqueue returns.
-/// In a normal test run it returns at once.
+/// rollouts forever in the state dir it is given, printing
+/// `qseq rollout seq` after each enqueue returns.
 #[test]
+#[ignore = "child process of kill_dash_nine_never_loses_a_reported_event; runs only when it starts it"]
 fn enqueue_loop_child() {
-    let Some(dir) = std::env::var_os(CHILD_ENV) else { return };
+    let Some(dir) = child_param() else { return };
     let mut q =
         Queue::open(Path::new(&dir), host(), QueueConfig::default(), ClockHandle::system()).expect("child open");
     let rollouts = [rollout("stable@r1"), rollout("canary@r1")];
@@ -264,9 +261,7 @@ fn kill_dash_nine_never_loses_a_reported_event() {
     let mut reported: Vec<(u64, String, u64)> = Vec::new();
     let mut n_tmp_seen = 0;
     for round in 0..N_KILLS {
-        let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["--exact", "queue::enqueue_loop_child", "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, tmp.path())
+        let mut child = child_test("queue::enqueue_loop_child", tmp.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

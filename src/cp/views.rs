@@ -68,7 +68,7 @@ pub struct HostInRollout {
     pub deferred_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferred_for_secs: Option<u64>,
-    /// Pending and held: the other rollout the host is live in (rule 7).
+    /// Pending and held: the other rollout the host is live in (`docs/protocol.md` §3 rule 8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_by: Option<RolloutId>,
     /// The CP skipped the host: its target was quarantined before it acked.

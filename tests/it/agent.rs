@@ -671,7 +671,7 @@ async fn the_drain_worker_applies_acked_retention() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_offered_while_another_is_live_waits_busy_and_runs_after_it() {
-    // Proves rule 7 end to end (the reproduced bug): A soaks on web-1, B is
+    // Proves rule 8 (`docs/protocol.md` §3) end to end (the reproduced bug): A soaks on web-1, B is
     // published on the same channel; the CP holds B's dispatch for web-1
     // (the view names A as what holds it), A's probe then fails, A rolls back
     // to its pre-A closure, and only then is B dispatched, accepted and

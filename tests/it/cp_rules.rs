@@ -85,7 +85,7 @@ fn replay_agrees(cp: &Cp) {
     );
 }
 
-/// Rule 8: a seq beyond the next one is answered `gap` with the expected
+/// Rule 2: a seq beyond the next one is answered `gap` with the expected
 /// seq and nothing is stored; once the missing event arrives both apply and
 /// the log holds 1, 2, 3 in order.
 #[test]
@@ -133,7 +133,7 @@ fn a_gap_is_answered_with_the_expected_seq_and_nothing_is_stored() {
     replay_agrees(&cp);
 }
 
-/// Rule 8 after a database loss: the CP is restarted on an empty database
+/// Rule 2 after a database loss: the CP is restarted on an empty database
 /// and the manifest re-published; the agent's drainer posts its pending
 /// events BEFORE any heartbeat and is answered `gap` from seq 1 (not
 /// rejected: nothing is dead-lettered); when it re-sends 1..N the records
@@ -208,7 +208,7 @@ fn after_a_database_loss_pending_events_get_a_gap_and_a_resend_rebuilds_the_reco
     replay_agrees(&cp);
 }
 
-/// Rule 7 with supersession: r2 supersedes r1 on the channel, but db-1 is
+/// Rule 8 with supersession: r2 supersedes r1 on the channel, but db-1 is
 /// Soaking in r1, so r2 holds db-1's dispatch (it is neither in flight nor
 /// settled, the view says why) while db-2 gets r2 at once; db-1's later r1
 /// events are still applied, and once it converged in r1 r2 is offered.
@@ -241,7 +241,7 @@ fn a_newer_rollout_waits_while_the_host_is_live_in_the_superseded_one() {
     });
 }
 
-/// Rule 7 across channels: a host Failed in one rollout with its rollback
+/// Rule 8 across channels: a host Failed in one rollout with its rollback
 /// still running is live; another channel's rollout holds it until the
 /// rollback completed.
 #[test]
@@ -276,7 +276,7 @@ fn a_rollback_in_progress_holds_another_channels_dispatch() {
     });
 }
 
-/// Rule 7: an agent's `busy` refusal is "ask again later": the host stays
+/// Rule 8: an agent's `busy` refusal is "ask again later": the host stays
 /// Pending, nothing counts as failed (max_failed_hosts 0 does not halt),
 /// the dispatch keeps standing and a later ack activates the host.
 #[test]
@@ -436,9 +436,9 @@ fn drift_is_visible_in_views_metrics_and_status() {
     assert!(hosts.contains("DRIFT") && hosts.contains("drifting"), "{hosts}");
 }
 
-/// Rule 11 on the CP: a manifest issued beyond the clock-skew bound in the
-/// future is refused with 400 naming issued_at and the CP's time, and
-/// nothing is stored.
+/// Clock skew (`docs/protocol.md` §2) on the CP: a manifest issued beyond
+/// the clock-skew bound in the future is refused with 400 naming issued_at
+/// and the CP's time, and nothing is stored.
 #[test]
 fn publish_refuses_a_manifest_issued_in_the_future() {
     let (_dir, release, cp) = setup("future");
@@ -458,9 +458,10 @@ fn publish_refuses_a_manifest_issued_in_the_future() {
     });
 }
 
-/// Rule 11: on equal `issued_at` the byte-greater ref is newer, whatever
-/// the publish order: on channel a the newer is published last, on channel
-/// b first; both end with `@y` active and `@x` superseded by it.
+/// Order on a channel (`docs/protocol.md` §2): on equal `issued_at` the
+/// byte-greater ref is newer, whatever the publish order: on channel a the
+/// newer is published last, on channel b first; both end with `@y` active
+/// and `@x` superseded by it.
 #[test]
 fn equal_issued_at_is_ordered_by_ref_whatever_the_publish_order() {
     let (_dir, release, cp) = setup("newness");

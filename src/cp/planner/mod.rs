@@ -233,7 +233,7 @@ fn skips_and_holds(input: &PlanInput<'_>, skip: &mut Vec<Hostname>) -> (BTreeSet
         }
     }
     // A host live elsewhere keeps no standing dispatch here: the offer
-    // comes again once the other rollout is over on it (rule 7).
+    // comes again once the other rollout is over on it (`docs/protocol.md` §3 rule 8).
     for host in input.busy_elsewhere.keys() {
         if input.dispatched.contains(host) && input.records.get(host).is_some_and(|r| r.state == HostState::Pending) {
             withdraw.insert(host.clone());

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::db::two_texts;
 use super::state::{pending_records, CpState, LiveRollout};
 use super::{parse_ts, Db, StoreError};
 use crate::cp::planner::RolloutState;
@@ -86,13 +87,7 @@ fn load_records(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
 }
 
 fn load_skipped(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
-    let mut stmt =
-        db.conn().prepare("SELECT rollout_id, hostname FROM skipped_hosts").map_err(db.sql("load skipped hosts"))?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-        .map_err(db.sql("load skipped hosts"))?;
-    for row in rows {
-        let (id, host) = row.map_err(db.sql("load skipped hosts"))?;
+    for (id, host) in db.rows("load skipped hosts", "SELECT rollout_id, hostname FROM skipped_hosts", [], two_texts)? {
         let bad = |e: crate::ids::IdError| db.corrupt(format!("skipped host {id}/{host}: {e}"));
         let rollout_id = RolloutId::parse(&id).map_err(bad)?;
         let hostname = Hostname::parse(&host).map_err(bad)?;
@@ -140,13 +135,9 @@ fn load_dispatches(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
 }
 
 fn load_quarantine(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
-    let mut stmt =
-        db.conn().prepare("SELECT channel, closure FROM quarantined_closures").map_err(db.sql("load quarantine"))?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-        .map_err(db.sql("load quarantine"))?;
-    for row in rows {
-        let (channel, closure) = row.map_err(db.sql("load quarantine"))?;
+    for (channel, closure) in
+        db.rows("load quarantine", "SELECT channel, closure FROM quarantined_closures", [], two_texts)?
+    {
         let closure = Closure::parse(&closure).map_err(|e| db.corrupt(e.to_string()))?;
         state.quarantine.entry(channel).or_default().insert(closure);
     }
@@ -231,14 +222,8 @@ pub fn live_rollouts(conn: &Connection, path: &Path) -> Result<HashMap<Hostname,
 /// Every rollout's manifest, in publish order.
 pub fn manifests(conn: &Connection, path: &Path) -> Result<Vec<Manifest>, StoreError> {
     let db = Db::new(conn, path);
-    let mut stmt = conn
-        .prepare("SELECT payload FROM rollouts ORDER BY published_at, rollout_id")
-        .map_err(db.sql("read manifests"))?;
-    let payloads: Vec<Vec<u8>> = stmt
-        .query_map([], |r| r.get(0))
-        .map_err(db.sql("read manifests"))?
-        .collect::<Result<_, _>>()
-        .map_err(db.sql("read manifests"))?;
+    let payloads: Vec<Vec<u8>> =
+        db.rows("read manifests", "SELECT payload FROM rollouts ORDER BY published_at, rollout_id", [], |r| r.get(0))?;
     payloads.iter().map(|p| Manifest::parse(p).map_err(|e| db.corrupt(e.to_string()))).collect()
 }
 

@@ -15,34 +15,11 @@ use nixfleet::machine::RejectCode;
 use nixfleet::wire::{OutboundEvent, ResultStatus, WireEventBody};
 use time::macros::datetime;
 
-use crate::harness::{assert_applied, bin, closure, manifest, Agent, Cp, Release, TempDir};
+use crate::cp::{rt, setup};
+use crate::harness::{assert_applied, bin, closure, manifest, Agent, Cp};
 
 const T0: &str = "2026-11-25T12:00:00Z";
 const T1: &str = "2026-11-25T13:00:00Z";
-
-fn setup(label: &str) -> (TempDir, Release, Cp) {
-    let dir = TempDir::new(label);
-    let release = Release::new(dir.path(), "release");
-    let cp = Cp::start(dir.path(), &release.pub_path);
-    (dir, release, cp)
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
-}
-
-/// One host of one rollout in `/v1/rollouts/{id}`.
-async fn host_view(cp: &Cp, rollout: &str, host: &str) -> serde_json::Value {
-    let detail = cp.get_json(&format!("/v1/rollouts/{rollout}")).await;
-    for wave in detail["waves"].as_array().expect("waves") {
-        for h in wave["hosts"].as_array().expect("hosts") {
-            if h["hostname"] == host {
-                return h.clone();
-            }
-        }
-    }
-    panic!("{host} not in {rollout}: {detail:#}")
-}
 
 async fn host_entry(cp: &Cp, host: &str) -> serde_json::Value {
     let hosts = cp.get_json("/v1/hosts").await;
@@ -119,7 +96,7 @@ fn a_gap_is_answered_with_the_expected_seq_and_nothing_is_stored() {
         assert!(r.reason.as_deref().unwrap_or("").contains("seq 2"), "{r:?}");
         let log: Vec<u64> = log_of(&cp, "stable@r1").await.iter().map(|e| e.1).collect();
         assert_eq!(log, [1], "nothing stored for the gap");
-        let web1 = host_view(&cp, "stable@r1", "web-1").await;
+        let web1 = cp.host_row("stable@r1", "web-1").await;
         assert_eq!((web1["state"].as_str(), web1["last_seq"].as_u64()), (Some("Activating"), Some(1)));
 
         let results = agent.post(&[("stable@r1", &e2), ("stable@r1", &e3)]).await;
@@ -228,7 +205,7 @@ fn a_newer_rollout_waits_while_the_host_is_live_in_the_superseded_one() {
         assert_eq!(cp.get_json("/v1/rollouts/db@r1").await["state"], "superseded");
         assert_eq!(db2.poll(0).await.expect("r2 dispatch").rollout_id.as_str(), "db@r2");
         assert!(db1.poll(0).await.is_none(), "db-1 is live in db@r1: r2 must not touch it");
-        let held = host_view(&cp, "db@r2", "db-1").await;
+        let held = cp.host_row("db@r2", "db-1").await;
         assert_eq!(held["state"], "Pending");
         assert_eq!(held["held_by"], "db@r1", "{held:#}");
         assert!(held["note"].as_str().unwrap_or("").contains("live in rollout db@r1"), "{held:#}");
@@ -264,7 +241,7 @@ fn a_rollback_in_progress_holds_another_channels_dispatch() {
         let cache = manifest("cache@r1", T1, 0, &[("all", 0, 1)], &[("h-1", 0, "h-1-cache")]);
         cp.publish(&release.sign(&cache)).await;
         assert!(h1.poll(0).await.is_none(), "rolling back in web@r1: cache@r1 waits");
-        assert_eq!(host_view(&cp, "cache@r1", "h-1").await["held_by"], "web@r1");
+        assert_eq!(cp.host_row("cache@r1", "h-1").await["held_by"], "web@r1");
         let reverted = WireEventBody::RollbackComplete {
             reverted_to_closure: Closure::parse(&prior).expect("closure"),
             exit_code: 0,
@@ -329,7 +306,7 @@ fn a_quarantined_target_withdraws_dispatches_and_skips_the_host() {
         assert_eq!(detail["state"], "completed", "{detail:#}");
         assert_eq!(detail["hosts_by_state"]["Skipped"], 2, "{detail:#}");
         assert_eq!(detail["hosts_by_state"]["Reverted"], 1, "{detail:#}");
-        let w2 = host_view(&cp, "stable@r1", "web-2").await;
+        let w2 = cp.host_row("stable@r1", "web-2").await;
         assert_eq!(w2["state"], "Pending", "the record is still the fold of web-2's (no) events");
         assert!(w2["skipped"]["reason"].as_str().unwrap_or("").contains("quarantined"), "{w2:#}");
         assert!(w2["skipped"]["skipped_at"].is_string(), "{w2:#}");
@@ -551,7 +528,7 @@ fn a_deferred_host_shows_its_age() {
             deferred_at: datetime!(2026-11-25 12:05 UTC),
         };
         assert_applied(&agent.send("stable@r1", deferred).await);
-        let h = host_view(&cp, "stable@r1", "web-1").await;
+        let h = cp.host_row("stable@r1", "web-1").await;
         assert_eq!(h["deferred_at"], "2026-11-25T12:05:00Z", "{h:#}");
         assert!(h["deferred_for_secs"].as_u64().unwrap_or(0) > 0, "{h:#}");
     });

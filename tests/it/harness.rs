@@ -249,17 +249,22 @@ impl Cp {
         client::request(&self.url, Method::POST, "/v1/rollouts", &[], Some(envelope.to_vec())).await.expect("POST")
     }
 
-    /// The state of one host in one rollout, from `/v1/rollouts/{id}`.
-    pub async fn host_state(&self, rollout: &str, host: &str) -> String {
+    /// One host's row of `/v1/rollouts/{id}`.
+    pub async fn host_row(&self, rollout: &str, host: &str) -> serde_json::Value {
         let detail = self.get_json(&format!("/v1/rollouts/{rollout}")).await;
         for wave in detail["waves"].as_array().expect("waves") {
             for h in wave["hosts"].as_array().expect("hosts") {
                 if h["hostname"] == host {
-                    return h["state"].as_str().expect("state").to_owned();
+                    return h.clone();
                 }
             }
         }
-        panic!("{host} not in {rollout}")
+        panic!("{host} not in {rollout}: {detail:#}")
+    }
+
+    /// The state of one host in one rollout, from `/v1/rollouts/{id}`.
+    pub async fn host_state(&self, rollout: &str, host: &str) -> String {
+        self.host_row(rollout, host).await["state"].as_str().expect("state").to_owned()
     }
 }
 

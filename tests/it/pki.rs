@@ -31,14 +31,14 @@ fn mode(path: &Path) -> u32 {
 
 /// A pki directory made by the real binary.
 struct Pki {
-    _tmp: tempfile::TempDir,
+    _tmp: crate::harness::TempDir,
     dir: PathBuf,
 }
 
 impl Pki {
     /// `pki init` in a fresh (not yet existing) directory.
     fn init() -> Pki {
-        let tmp = tempfile::tempdir().expect("tempdir");
+        let tmp = crate::harness::TempDir::new("pki");
         let dir = tmp.path().join("pki");
         assert_exit(&nixfleet(&["pki", "init", "--dir", dir.to_str().expect("utf8")]), 0);
         Pki { _tmp: tmp, dir }
@@ -127,7 +127,7 @@ fn pki_issue_refuses_overwrites_bad_names_a_missing_ca_and_a_cp_without_an_addre
     left.sort();
     assert_eq!(left, ["ca.crt", "ca.key", "web1.crt", "web1.key"]);
 
-    let empty = tempfile::tempdir().expect("tempdir");
+    let empty = crate::harness::TempDir::new("pki-empty");
     let out = nixfleet(&["pki", "issue", "--dir", empty.path().to_str().expect("utf8"), "--name", "web1"]);
     assert_exit(&out, 1);
     assert!(stderr(&out).contains("no CA in") && stderr(&out).contains("nixfleet pki init --dir"), "{}", stderr(&out));

@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 
 use nixfleet::agent::probes::{HealthChecks, HostRunner, Probe, ProbeRun, ProbeRunner};
 use nixfleet::machine::ProbeStatus;
-use nixfleet::wire::event::FAILURE_REASON_MAX_BYTES;
+use nixfleet::wire::event::MAX_FAILURE_REASON_BYTES;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+use crate::harness::TempDir;
 
 fn probe(fields: &str) -> Probe {
     let json = format!(r#"{{"probes":[{{"name":"p","mode":"enforce",{fields}}}]}}"#);
@@ -20,7 +22,7 @@ fn probe(fields: &str) -> Probe {
 async fn run(fields: &str) -> ProbeRun {
     let run = HostRunner::default().run(&probe(fields)).await;
     if let Some(reason) = &run.reason {
-        assert!(reason.len() <= FAILURE_REASON_MAX_BYTES);
+        assert!(reason.len() <= MAX_FAILURE_REASON_BYTES);
     }
     run
 }
@@ -54,7 +56,7 @@ async fn exec_passes_on_the_expected_exit_code_and_fails_otherwise_with_stderr()
 #[tokio::test]
 async fn exec_past_its_timeout_fails_and_its_whole_process_group_is_killed() {
     // Proves a hung probe is a Fail at its timeout and leaves no process behind (the backgrounded sleep dies too).
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = TempDir::new("probe-exec-timeout");
     let pidfile = dir.path().join("bg.pid");
     let script = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
     let begun = Instant::now();
@@ -203,7 +205,7 @@ async fn http_to_a_closed_port_fails_with_the_connect_error() {
 /// A pki (made by the real binary) with a server certificate for
 /// 127.0.0.1 only, and an https server presenting it.
 struct HttpsFixture {
-    dir: tempfile::TempDir,
+    dir: TempDir,
     port: u16,
     server: tokio::task::JoinHandle<()>,
 }
@@ -220,7 +222,7 @@ fn pki(dir: &Path, args: &[&str]) {
 }
 
 async fn https_server() -> HttpsFixture {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = TempDir::new("https-probe");
     pki(dir.path(), &["init"]);
     pki(dir.path(), &["issue", "--name", "app", "--role", "cp", "--ip", "127.0.0.1"]);
     pki(&dir.path().join("other"), &["init"]);
@@ -329,7 +331,7 @@ fn write_systemctl(dir: &Path) -> std::path::PathBuf {
 #[tokio::test]
 async fn systemd_asks_systemctl_is_active_and_reports_the_unit_state() {
     // Proves the systemd runner's program boundary: `is-active -- UNIT`, exit 0 passes, otherwise the state is the reason.
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = TempDir::new("probe-systemd");
     let runner = HostRunner { systemctl: write_systemctl(dir.path()) };
     assert_pass(&runner.run(&probe(r#""kind":"systemd","unit":"good.service""#)).await);
     let failed = runner.run(&probe(r#""kind":"systemd","unit":"bad.service""#)).await;

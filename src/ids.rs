@@ -1,4 +1,4 @@
-//! Identifiers that cross every boundary (SPEC §2): hostnames, rollout ids
+//! Identifiers that cross every boundary (`docs/protocol.md` §1): hostnames, rollout ids
 //! and store-path closures. Each is a newtype that can only be built through
 //! its parser, so a value of the type is always well-formed and the rest of
 //! the code never re-validates.
@@ -24,7 +24,7 @@ fn id_error(what: &'static str, input: &str, why: &'static str) -> IdError {
     IdError { what, input, why }
 }
 
-/// `[a-z0-9][a-z0-9-]{0,62}` (SPEC §2); with mTLS it equals the certificate CN.
+/// `[a-z0-9][a-z0-9-]{0,62}` (`docs/protocol.md` §1); with mTLS it equals the certificate CN.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Hostname(String);
 
@@ -53,7 +53,7 @@ impl Hostname {
     }
 }
 
-/// `{channel}@{ref}` (SPEC §2): channel `[a-z0-9_-]{1,64}`, ref
+/// `{channel}@{ref}` (`docs/protocol.md` §1): channel `[a-z0-9_-]{1,64}`, ref
 /// `[A-Za-z0-9._-]{1,128}`, exactly one `@`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RolloutId {
@@ -120,7 +120,7 @@ pub fn validate_ref(git_ref: &str) -> Result<(), IdError> {
 }
 
 /// A full Nix store path of a system closure:
-/// `/nix/store/<32 chars of nix base32>-<name>` (SPEC §2).
+/// `/nix/store/<32 chars of nix base32>-<name>` (`docs/protocol.md` §1).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Closure(String);
 

@@ -1,4 +1,4 @@
-//! Activation on a NixOS host (SPEC §7): fetch the closure, point the system
+//! Activation on a NixOS host (`docs/protocol.md` §6): fetch the closure, point the system
 //! profile at it, run its `switch-to-configuration`, and check what
 //! `/run/current-system` resolves to afterwards.
 //!
@@ -115,7 +115,7 @@ pub struct ActivationConfig {
 }
 
 impl ActivationConfig {
-    /// The SPEC §7 defaults for a NixOS host, with the switch log in `log_dir`.
+    /// The `docs/protocol.md` §6 defaults for a NixOS host, with the switch log in `log_dir`.
     pub fn host_defaults(log_dir: PathBuf) -> ActivationConfig {
         ActivationConfig {
             nix_store: "nix-store".into(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 /// First retry after a failed delivery.
 pub const RETRY_DELAY_MIN: Duration = Duration::from_millis(500);
-/// SPEC / issue 5: delivery backoff is capped at 60 s; an agent never waits
+/// Delivery backoff is capped at 60 s; an agent never waits
 /// longer than a minute to learn that its CP is back.
 pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(60);
 

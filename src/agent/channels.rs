@@ -1,5 +1,5 @@
-//! The newest manifest this host has accepted on each channel (SPEC §4
-//! rule 11, no downgrade). It exists apart from the queue because the queue
+//! The newest manifest this host has accepted on each channel (`docs/protocol.md`
+//! §3 rule 9, no downgrade). It exists apart from the queue because the queue
 //! forgets: acked retention prunes whole rollouts, and a host that converged
 //! on `stable@v2` must still refuse `stable@v1` a month later. So the agent
 //! keeps one small file, `{state_dir}/accepted-channels.json`, written

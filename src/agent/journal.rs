@@ -1,7 +1,7 @@
 //! The agent's durable memory: the outbound queue as the reducer's
 //! [`Journal`], the cache of signed manifests, and the rebuild of every
-//! rollout's record at start, before any worker runs (reference defect 14:
-//! workers started before state was restored). Works with the control
+//! rollout's record at start, before any worker runs (a worker started
+//! earlier would act on records that do not exist yet). Works with the control
 //! plane down: nothing here talks to it.
 
 use std::collections::BTreeMap;
@@ -810,7 +810,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_corrupt_first_record_of_a_live_rollout_is_an_error_and_a_replay_problem_not_pruning() {
-        // Proves item 8: a Soaking-or-earlier rollout whose acked seq 1 is
+        // Proves a lost start is never retention: a Soaking-or-earlier rollout whose acked seq 1 is
         // corrupt is not silently dropped as "pruned": restore reports it
         // (rollout, file, missing seq), and `replay --state-dir` exits 1.
         // A rollout whose first events retention removed stays "pruned".

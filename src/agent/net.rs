@@ -1,4 +1,4 @@
-//! The agent's side of the wire protocol (SPEC §5): long-poll for a
+//! The agent's side of the wire protocol (`docs/protocol.md` §4): long-poll for a
 //! dispatch, fetch a rollout's signed manifest, post event batches, send
 //! heartbeats. Thin typed calls over the shared HTTP client; every call
 //! names this host.

@@ -1,6 +1,6 @@
 //! The agent's one mutator: a task that owns [`Rollouts`], is the only
 //! caller of `step`, and turns worker inputs into durable events and then
-//! into commands (STYLE.md §3).
+//! into commands.
 //!
 //! Why it is shaped this way:
 //! - Inputs arrive on ONE bounded channel ([`INPUT_CAPACITY`]); workers wait
@@ -8,8 +8,8 @@
 //! - Outgoing commands never block the reducer: the switch order and the
 //!   probe plan are `watch` channels (latest value wins; there is only ever
 //!   one switch and one probe plan that matter) and the drainer is woken
-//!   with a `Notify`. The reference agent deadlocked when a bounded command
-//!   channel was full while its worker waited on the reducer (defect 27).
+//!   with a `Notify`. A bounded command channel would deadlock: full while its
+//!   worker waits on the reducer, with the reducer waiting on it.
 //! - Write-ahead: an event is appended to the journal (the on-disk queue)
 //!   before the record changes and before any command is sent. When the
 //!   append fails (disk full, I/O error) the reducer keeps the input and
@@ -866,7 +866,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_dispatch_while_another_rollout_is_live_is_refused_busy_once_and_admitted_after_it_ends() {
-        // Proves rule 7 on the agent: B offered while A soaks (probe failing)
+        // Proves one live rollout per host on the agent (§3 rule 8): B offered while A soaks (probe failing)
         // is answered `busy` (durable, B stays Pending), repeats are ignored,
         // A's gate and rollback run while B waits, and B's next offer after A
         // is over activates it with the next seq. Before the fix B was
@@ -909,7 +909,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_restarted_agent_that_refused_b_busy_admits_b_once_a_has_ended() {
-        // Proves the restart path of rule 7: the busy refusal is durable (no
+        // Proves the restart path of one live rollout per host: the busy refusal is durable (no
         // second refusal after the restart while A is live), and once A has
         // ended the restarted agent activates B with the next seq.
         let journal = MemJournal::default();
@@ -938,7 +938,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_older_manifest_on_a_channel_is_refused_stale_even_after_a_restart() {
-        // Proves rule 11: after accepting stable@v2 (durably, before its
+        // Proves no downgrade (§3 rule 9): after accepting stable@v2 (durably, before its
         // DispatchAck), stable@v1 is refused `stale` naming both, also by a
         // restarted agent that reloads the file; a manifest dated beyond the
         // clock-skew bound is refused. Before the fix v1 was activated.
@@ -982,7 +982,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn after_a_restart_the_failure_gate_waits_for_fresh_results_and_counts_from_this_run() {
-        // Proves rule 9: a probe failing since 10 s before the restart does
+        // Proves fresh evidence (§3 rule 6): a probe failing since 10 s before the restart does
         // not fail the host on pre-restart observations (before the fix the
         // first tick after the restart rolled back); the threshold counts
         // from the first failure this run saw, and the machine accepts it.
@@ -1017,7 +1017,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn steady_probe_results_add_no_events_and_a_full_queue_never_blocks_a_decision() {
-        // Proves item 5: a probe failing at 1 Hz for 100 s journals one
+        // Proves that steady results are no events: a probe failing at 1 Hz for 100 s journals one
         // result (before the fix: 100); under a full queue a visibility
         // event is dropped without blocking the reducer and the sustained
         // failure (decisive, through the queue's reserve) still goes out,

@@ -2,7 +2,7 @@
 //! I/O: the part of the agent's reducer that can be tested with plain
 //! values. The runtime owns one [`Rollouts`] and is its only caller.
 //!
-//! Write-ahead protocol (SPEC §6): for every event the runtime calls
+//! Write-ahead protocol (`docs/protocol.md` §5): for every event the runtime calls
 //! [`Rollouts::prepare`], which runs `step` on a copy and assigns the next
 //! seq; the runtime makes the outbound event durable in the queue; only then
 //! does it call [`Rollouts::commit`] and execute the remaining effects. If
@@ -26,7 +26,7 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// SPEC §4 rule 7: the rollout still acts on the host (Activating,
+    /// `docs/protocol.md` §3 rule 8: the rollout still acts on the host (Activating,
     /// Deferred, Soaking, or Failed with a rollback fired whose outcome is
     /// not recorded). While one is live no other rollout is accepted. A
     /// failed rollback ends it: the operator decides, and the next rollout
@@ -39,8 +39,8 @@ impl Slot {
 }
 
 /// What THIS run of the agent has seen of a soaking rollout's probes. Never
-/// journaled: a restart starts empty, which is the point (SPEC §4 rule 9,
-/// decisions need fresh evidence). The gates' other inputs are the record.
+/// journaled: a restart starts empty, which is the point (`docs/protocol.md`
+/// §3 rule 6: decisions need fresh evidence). The gates' other inputs are the record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunEvidence {
     /// The latest result of each probe in this run.
@@ -167,8 +167,8 @@ impl Rollouts {
         true
     }
 
-    /// The live rollout other than `except` (rule 7). With several (only a
-    /// journal written before rule 7 can hold that), the one accepted last.
+    /// The live rollout other than `except` (§3 rule 8). With several (only a
+    /// journal written before that rule can hold that), the one accepted last.
     pub fn live(&self, except: Option<&RolloutId>) -> Option<(&RolloutId, &Slot)> {
         self.slots
             .iter()
@@ -402,7 +402,7 @@ impl Rollouts {
     /// it: the activation worker reports Completed when the host provably
     /// runs the target, and otherwise re-runs the idempotent boot setup), or
     /// Failed with a rollback whose outcome was never recorded.
-    /// A rollout accepted before another one never acts again (rule 7).
+    /// A rollout accepted before another one never acts again (§3 rule 8).
     pub fn unfinished_switches(&self) -> Vec<(RolloutId, HostState)> {
         self.slots
             .iter()

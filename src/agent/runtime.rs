@@ -50,7 +50,7 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// Defaults of SPEC §7 and issue 5 for the paths and programs.
+    /// The NixOS defaults (`docs/protocol.md` §6) for the paths and programs.
     pub fn activation_defaults(state_dir: &std::path::Path) -> ActivationConfig {
         ActivationConfig {
             switch_runner: SwitchRunner::detect(),

@@ -1,4 +1,4 @@
-//! The agent's outbound event queue: its write-ahead journal (SPEC §6).
+//! The agent's outbound event queue: its write-ahead journal (`docs/protocol.md` §5).
 //! Every event the agent's state machine emits is durable here before its
 //! effects run, survives `kill -9`, power loss and reboots, is handed to
 //! the drainer in enqueue order, and is never silently lost.

@@ -1,4 +1,4 @@
-//! The on-disk form of one queued event (SPEC §6): its file name and its
+//! The on-disk form of one queued event (`docs/protocol.md` §5): its file name and its
 //! JSON record with a checksum, and the sidecar that says why an event is
 //! dead. Encoding and decoding only; no I/O.
 //!
@@ -249,7 +249,7 @@ pub fn file_name(qseq: u64, hostname: &str, rollout_id: &str, kind: &str) -> Str
     name
 }
 
-/// Anything outside `[A-Za-z0-9@._-]` becomes `_` (SPEC §6).
+/// Anything outside `[A-Za-z0-9@._-]` becomes `_` (`docs/protocol.md` §5).
 fn push_sanitised(out: &mut String, part: &str, max_chars: usize) {
     let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '@' | '.' | '_' | '-');
     out.extend(part.chars().take(max_chars).map(|c| if ok(c) { c } else { '_' }));

@@ -1,4 +1,4 @@
-//! Health probes (SPEC §7): the health-checks file of the active system, and
+//! Health probes (`docs/protocol.md` §6): the health-checks file of the active system, and
 //! the runners that turn one probe into Pass or Fail.
 //!
 //! The file is parsed strictly (unknown fields are errors naming the field),

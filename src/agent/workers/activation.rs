@@ -4,7 +4,7 @@
 //! runtime questions: which order is new, whether a switch already
 //! happened before a restart, and how outcomes reach the reducer.
 //!
-//! Restart rule (SPEC §7, issue 5 "reports the outcome it can prove"): a
+//! Restart rule (a restarted agent reports the outcome it can prove): a
 //! restarted reducer re-issues the switch of an unfinished activation or
 //! rollback. Before running any order the worker asks whether the host
 //! already runs the order's closure: if BOTH `current-system` and the system

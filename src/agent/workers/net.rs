@@ -35,9 +35,9 @@ use hyper::StatusCode;
 pub const KNOWN_DISPATCH_PAUSE_MIN: Duration = Duration::from_millis(20);
 pub const KNOWN_DISPATCH_PAUSE_MAX: Duration = Duration::from_secs(5);
 /// The drainer also looks at the queue this often without being woken
-/// (SPEC default 15 s), so nothing waits for the next enqueue.
+/// (every 15 s by default), so nothing waits for the next enqueue.
 pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(15);
-/// SPEC default heartbeat interval.
+/// The default heartbeat interval: liveness once a minute.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Randomness for jitter; seeded from the OS, falling back to the clock's
@@ -198,7 +198,7 @@ pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// `acked/` or `dead/` by the CP's answer. `retry`, 5xx and network errors
 /// keep the event where it is and back off (jitter, cap 60 s). A `gap`
 /// re-sends the rollout's delivered history from the expected seq first
-/// (rule 8); Replay-From requests of the heartbeat are served the same way,
+/// (`docs/protocol.md` §3 rule 2); Replay-From requests of the heartbeat are served the same way,
 /// by this one sender. A batch the CP refuses whole (400 `bad_event_batch`,
 /// 413) is halved down to one event, and an event refused on its own is
 /// dead-lettered with the CP's answer. It also applies the queue's

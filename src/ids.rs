@@ -19,8 +19,8 @@ pub struct IdError {
 
 fn id_error(what: &'static str, input: &str, why: &'static str) -> IdError {
     // Cap the echoed input: an identifier field may carry megabytes of junk.
-    const ECHO_MAX_CHARS: usize = 80;
-    let input = input.chars().take(ECHO_MAX_CHARS).collect();
+    const MAX_ECHO_CHARS: usize = 80;
+    let input = input.chars().take(MAX_ECHO_CHARS).collect();
     IdError { what, input, why }
 }
 
@@ -62,8 +62,8 @@ pub struct RolloutId {
 }
 
 impl RolloutId {
-    pub const CHANNEL_MAX_LEN: usize = 64;
-    pub const REF_MAX_LEN: usize = 128;
+    pub const MAX_CHANNEL_LEN: usize = 64;
+    pub const MAX_REF_LEN: usize = 128;
 
     pub fn parse(input: &str) -> Result<RolloutId, IdError> {
         let what = "rollout id";
@@ -95,7 +95,7 @@ impl RolloutId {
 
 /// Checks a channel name: `[a-z0-9_-]{1,64}`.
 pub fn validate_channel(channel: &str) -> Result<(), IdError> {
-    let ok_len = !channel.is_empty() && channel.len() <= RolloutId::CHANNEL_MAX_LEN;
+    let ok_len = !channel.is_empty() && channel.len() <= RolloutId::MAX_CHANNEL_LEN;
     if !ok_len {
         return Err(id_error("channel", channel, "must be 1 to 64 characters"));
     }
@@ -108,7 +108,7 @@ pub fn validate_channel(channel: &str) -> Result<(), IdError> {
 
 /// Checks a rollout ref: `[A-Za-z0-9._-]{1,128}`.
 pub fn validate_ref(git_ref: &str) -> Result<(), IdError> {
-    let ok_len = !git_ref.is_empty() && git_ref.len() <= RolloutId::REF_MAX_LEN;
+    let ok_len = !git_ref.is_empty() && git_ref.len() <= RolloutId::MAX_REF_LEN;
     if !ok_len {
         return Err(id_error("ref", git_ref, "must be 1 to 128 characters"));
     }
@@ -128,7 +128,7 @@ impl Closure {
     const STORE_DIR: &'static str = "/nix/store/";
     const HASH_LEN: usize = 32;
     /// Nix limits store path names to 211 characters.
-    const NAME_MAX_LEN: usize = 211;
+    const MAX_NAME_LEN: usize = 211;
     /// Nix's base32 alphabet (no e, o, u, t).
     const HASH_ALPHABET: &'static [u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
@@ -147,7 +147,7 @@ impl Closure {
         let Some(name) = name.strip_prefix('-') else {
             return Err(id_error(what, input, "expected '-' and a name after the store hash"));
         };
-        if name.is_empty() || name.len() > Self::NAME_MAX_LEN {
+        if name.is_empty() || name.len() > Self::MAX_NAME_LEN {
             return Err(id_error(what, input, "name must be 1 to 211 characters"));
         }
         let ok = |b: u8| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b);

@@ -43,7 +43,7 @@ pub const SWITCH_UNIT_PREFIX: &str = "nixfleet-switch-";
 pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 /// Activation ids become systemd unit and log file names; longer ids are cut.
-pub const ACTIVATION_ID_MAX_LEN: usize = 64;
+pub const MAX_ACTIVATION_ID_LEN: usize = 64;
 
 /// Exit code reported when a program could not be run at all, or a step
 /// failed without a process exit status (I/O error, bad marker file).
@@ -526,7 +526,7 @@ fn read_tail(path: &Path) -> Vec<u8> {
 pub fn sanitize_activation_id(id: &str) -> String {
     let clean: String = id
         .chars()
-        .take(ACTIVATION_ID_MAX_LEN)
+        .take(MAX_ACTIVATION_ID_LEN)
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
         .collect();
     if clean.is_empty() {
@@ -594,6 +594,6 @@ mod tests {
     fn activation_ids_become_safe_unit_names() {
         assert_eq!(sanitize_activation_id("stable@2026-11-25.1/3"), "stable_2026-11-25_1_3");
         assert_eq!(sanitize_activation_id(""), "unnamed");
-        assert_eq!(sanitize_activation_id(&"x".repeat(200)).len(), ACTIVATION_ID_MAX_LEN);
+        assert_eq!(sanitize_activation_id(&"x".repeat(200)).len(), MAX_ACTIVATION_ID_LEN);
     }
 }

@@ -546,7 +546,7 @@ pub fn names_rollout(name: &str, hostname: &Hostname, rollout_id: &RolloutId) ->
     let Some(rest) = name.split_once('-').map(|(_, r)| r) else { return false };
     let Some(rest) = rest.strip_prefix(&format!("{hostname}-")) else { return false };
     let Some((rollout_part, _kind)) = rest.rsplit_once('-') else { return false };
-    let cut = rollout_part.chars().count() >= crate::queue::record::NAME_ROLLOUT_MAX_CHARS;
+    let cut = rollout_part.chars().count() >= crate::queue::record::MAX_NAME_ROLLOUT_CHARS;
     rollout_part == rollout_id.as_str() || (cut && rollout_id.as_str().starts_with(rollout_part))
 }
 

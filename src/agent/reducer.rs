@@ -33,11 +33,11 @@ use crate::wire::{OutboundEvent, MAX_CLOCK_SKEW};
 /// reducer visible quickly (workers then wait in `send`).
 pub const INPUT_CAPACITY: usize = 64;
 /// First retry delay after a failed journal append.
-pub const JOURNAL_RETRY_MIN: StdDuration = StdDuration::from_millis(100);
+pub const MIN_JOURNAL_RETRY_DELAY: StdDuration = StdDuration::from_millis(100);
 /// Cap of the exponential journal retry: a full disk is not fixed in
 /// milliseconds, and a 10 s cap keeps the log readable while recovering
 /// within seconds once space returns.
-pub const JOURNAL_RETRY_MAX: StdDuration = StdDuration::from_secs(10);
+pub const MAX_JOURNAL_RETRY_DELAY: StdDuration = StdDuration::from_secs(10);
 
 /// Why an append did not make the event durable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -409,7 +409,7 @@ impl<J: Journal> Reducer<J> {
     }
 
     async fn save_channels_until_durable(&self, channels: &ChannelHistory) {
-        let mut delay = JOURNAL_RETRY_MIN;
+        let mut delay = MIN_JOURNAL_RETRY_DELAY;
         loop {
             let copy = channels.clone();
             let saved = match tokio::task::spawn_blocking(move || copy.save()).await {
@@ -424,7 +424,7 @@ impl<J: Journal> Reducer<J> {
                         "cannot make the accepted-channels file durable; the dispatch waits until it is"
                     );
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(JOURNAL_RETRY_MAX);
+                    delay = (delay * 2).min(MAX_JOURNAL_RETRY_DELAY);
                 }
             }
         }
@@ -468,7 +468,7 @@ impl<J: Journal> Reducer<J> {
         outbound: &OutboundEvent,
         deferrable: bool,
     ) -> bool {
-        let mut delay = JOURNAL_RETRY_MIN;
+        let mut delay = MIN_JOURNAL_RETRY_DELAY;
         loop {
             match self.journal.append(rollout_id, outbound).await {
                 Ok(()) => return true,
@@ -486,7 +486,7 @@ impl<J: Journal> Reducer<J> {
                         "cannot make the event durable; the host's state will not advance until it is"
                     );
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(JOURNAL_RETRY_MAX);
+                    delay = (delay * 2).min(MAX_JOURNAL_RETRY_DELAY);
                 }
             }
         }

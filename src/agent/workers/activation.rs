@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{Shutdown, WorkerExit};
 use crate::agent::activation::{
     activate, resolve_current_system, restore_boot_default, sanitize_activation_id, ActivationConfig,
-    ActivationOutcome, ActivationRequest, Direction, RestoreOutcome, ACTIVATION_ID_MAX_LEN,
+    ActivationOutcome, ActivationRequest, Direction, RestoreOutcome, MAX_ACTIVATION_ID_LEN,
 };
 use crate::agent::reducer::{Input, SwitchOrder};
 use crate::agent::rollouts::SwitchOutcome;
@@ -185,11 +185,11 @@ fn nonce(clock: &ClockHandle) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `<rollout>-g<generation>-<nonce>`, cut to [`ACTIVATION_ID_MAX_LEN`] by
+/// `<rollout>-g<generation>-<nonce>`, cut to [`MAX_ACTIVATION_ID_LEN`] by
 /// shortening the rollout part, so the unique tail always survives.
 pub fn activation_id(rollout_id: &RolloutId, generation: u64, nonce: &str) -> String {
     let tail = sanitize_activation_id(&format!("-g{generation}-{nonce}"));
-    let room = ACTIVATION_ID_MAX_LEN.saturating_sub(tail.len());
+    let room = MAX_ACTIVATION_ID_LEN.saturating_sub(tail.len());
     let head: String = sanitize_activation_id(rollout_id.as_str()).chars().take(room).collect();
     format!("{head}{tail}")
 }
@@ -205,7 +205,7 @@ mod tests {
         assert_eq!(activation_id(&short, 3, "0a1b2c3d"), "stable_r1-g3-0a1b2c3d");
         let long = RolloutId::parse(&format!("stable@{}", "x".repeat(100))).expect("valid");
         let id = activation_id(&long, 12, "0a1b2c3d");
-        assert_eq!(id.len(), ACTIVATION_ID_MAX_LEN);
+        assert_eq!(id.len(), MAX_ACTIVATION_ID_LEN);
         assert!(id.ends_with("-g12-0a1b2c3d"), "{id}");
         assert_eq!(sanitize_activation_id(&id), id, "already a safe unit name");
         let clock = ClockHandle::system();

@@ -30,10 +30,10 @@ use hyper::StatusCode;
 /// After a dispatch for a rollout this host already handles (the CP repeats
 /// it until our DispatchAck is applied, normally a few milliseconds later)
 /// the next poll waits this long, doubling while the repeats go on up to
-/// [`KNOWN_DISPATCH_PAUSE_MAX`]: quick to see the next rollout, and bounded
+/// [`MAX_KNOWN_DISPATCH_PAUSE`]: quick to see the next rollout, and bounded
 /// load if the CP never applies the ack (e.g. it rejected it).
-pub const KNOWN_DISPATCH_PAUSE_MIN: Duration = Duration::from_millis(20);
-pub const KNOWN_DISPATCH_PAUSE_MAX: Duration = Duration::from_secs(5);
+pub const MIN_KNOWN_DISPATCH_PAUSE: Duration = Duration::from_millis(20);
+pub const MAX_KNOWN_DISPATCH_PAUSE: Duration = Duration::from_secs(5);
 /// The drainer also looks at the queue this often without being woken
 /// (every 15 s by default), so nothing waits for the next enqueue.
 pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(15);
@@ -81,7 +81,7 @@ pub async fn run_longpoll_worker(
 ) -> WorkerExit {
     let cache = ManifestCache::new(&cfg.state_dir);
     let mut backoff = Backoff::new();
-    let mut known_pause = KNOWN_DISPATCH_PAUSE_MIN;
+    let mut known_pause = MIN_KNOWN_DISPATCH_PAUSE;
     loop {
         let polled = tokio::select! {
             biased;
@@ -120,10 +120,10 @@ pub async fn run_longpoll_worker(
             if !pause(known_pause, &mut shutdown).await {
                 return WorkerExit::Shutdown;
             }
-            known_pause = (known_pause * 2).min(KNOWN_DISPATCH_PAUSE_MAX);
+            known_pause = (known_pause * 2).min(MAX_KNOWN_DISPATCH_PAUSE);
             continue;
         }
-        known_pause = KNOWN_DISPATCH_PAUSE_MIN;
+        known_pause = MIN_KNOWN_DISPATCH_PAUSE;
         let envelope = match api.manifest(&rollout_id).await {
             Ok(bytes) => bytes,
             Err(e) => {

@@ -167,7 +167,7 @@ where
     Ok(())
 }
 
-/// The file off the reactor (it is at most `HEALTH_CHECKS_MAX_BYTES`).
+/// The file off the reactor (it is at most `MAX_HEALTH_CHECKS_BYTES`).
 async fn load(path: PathBuf) -> Result<HealthChecks, String> {
     match tokio::task::spawn_blocking(move || HealthChecks::load(&path)).await {
         Ok(loaded) => loaded.map_err(|e| e.to_string()),

@@ -55,6 +55,9 @@ pub const EXIT_CODE_SIGNALLED: i32 = -2;
 pub const EXIT_CODE_VERIFY_FAILED: i32 = -3;
 /// Exit code reported when the activation exceeded its time limit and was killed.
 pub const EXIT_CODE_TIME_LIMIT: i32 = -4;
+/// Exit code reported with a completed activation: the switch exited 0, or
+/// the host was proven to run the closure already.
+pub const EXIT_CODE_COMPLETED: i32 = 0;
 
 /// How `switch-to-configuration` is started relative to the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,11 +159,15 @@ pub struct ActivationStarted {
     pub switch_method: String,
 }
 
-/// The result of one activation, as plain data.
+/// The result of one activation (forward or rollback), as plain data: what
+/// the runner returns, what the activation worker reports, and what the
+/// reducer turns into an event ([`crate::agent::rollouts::forward_body`],
+/// [`crate::agent::rollouts::rollback_body`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ActivationOutcome {
-    /// The switch exited 0 and `current-system` resolves to `observed` (which
-    /// the state machine compares with the target).
+    /// The switch exited 0 (or had already happened) and `current-system`
+    /// resolves to `observed` (which the state machine compares with the
+    /// target); reported with [`EXIT_CODE_COMPLETED`].
     Completed { observed: Closure },
     /// The closure is marked reboot-required: the profile is set and
     /// `switch-to-configuration boot` succeeded; a reboot finishes the job.

@@ -744,7 +744,7 @@ mod tests {
         reducer.handle(dispatch(&manifest)).await;
         let rid = manifest.rollout_id.clone();
         reducer
-            .handle(Input::SwitchStarted {
+            .handle(Input::ActivationStarted {
                 rollout_id: rid.clone(),
                 switch_method: "setsid".into(),
                 at: datetime!(2026-11-25 12:00:01 UTC),
@@ -821,7 +821,7 @@ mod tests {
         reducer.handle(dispatch(&manifest)).await;
         let rid = manifest.rollout_id.clone();
         let at = datetime!(2026-11-25 12:00:01 UTC);
-        reducer.handle(Input::SwitchStarted { rollout_id: rid.clone(), switch_method: "setsid".into(), at }).await;
+        reducer.handle(Input::ActivationStarted { rollout_id: rid.clone(), switch_method: "setsid".into(), at }).await;
         {
             let mut q = queue.lock();
             for p in q.pending() {

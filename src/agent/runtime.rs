@@ -111,7 +111,7 @@ pub async fn serve_with_queue(
     let mut workers: JoinSet<(&'static str, WorkerExit)> = JoinSet::new();
     {
         let (cfg_a, inputs, clock, stop) = (cfg.activation.clone(), input_tx.clone(), clock.clone(), stop.clone());
-        let orders = rx.switch.clone();
+        let orders = rx.activation.clone();
         workers.spawn(async move { ("activation", run_activation_worker(cfg_a, orders, inputs, clock, stop).await) });
     }
     {

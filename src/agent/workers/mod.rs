@@ -1,5 +1,5 @@
 //! The agent's I/O workers that feed the reducer: they turn the host's
-//! facts (a switch finished, a probe answered, time passed) into
+//! facts (an activation finished, a probe answered, time passed) into
 //! [`Input`]s on the reducer's one bounded channel, and turn the reducer's
 //! `watch` commands into work. They never touch per-rollout state: the
 //! reducer is the one mutator, so no two tasks ever race on a record.

@@ -4,7 +4,7 @@
 //! when to stop) lives in one place, apart from the runners that answer a
 //! single probe (`agent::probes`) and from the reducer that judges results.
 //!
-//! What it does for each new [`ProbePlan`] (told apart by generation):
+//! What it does for each new [`ProbePlan`] (told apart by their order number):
 //! 1. Stops every probe loop of the previous plan and waits until they are
 //!    gone (`JoinSet::shutdown`), so no result of an old plan can arrive
 //!    after the new plan's topology.
@@ -80,14 +80,14 @@ where
     // Every probe loop of the current plan; dropping or shutting it down
     // aborts them, so no loop outlives its plan or this worker.
     let mut loops: JoinSet<()> = JoinSet::new();
-    let mut running_generation: Option<u64> = None;
+    let mut running_plan: Option<u64> = None;
     let exit = loop {
         if shutdown.is_requested() {
             break WorkerExit::Shutdown;
         }
         let wanted = plan.borrow_and_update().clone();
-        if running_generation != Some(wanted.generation) {
-            running_generation = Some(wanted.generation);
+        if running_plan != Some(wanted.number) {
+            running_plan = Some(wanted.number);
             loops.shutdown().await;
             if let Some(rollout_id) = wanted.rollout_id {
                 let start = start_plan(&health_checks_path, rollout_id, &runner, &inputs, &clock, &mut loops);

@@ -63,8 +63,10 @@ impl AgentConfig {
 pub enum AgentError {
     #[error("cannot open the agent's queue in {path}: {source}")]
     Queue { path: PathBuf, source: crate::queue::QueueError },
+    #[error("cannot create the agent's state dir {}: {source}", path.display())]
+    StateDir { path: PathBuf, source: std::io::Error },
     #[error("cannot rebuild the agent's state from its queue: {0}")]
-    Restore(String),
+    Restore(#[from] super::journal::RestoreError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("{0}; the agent stopped (its service manager restarts it, and it resumes from its queue)")]

@@ -37,6 +37,9 @@ pub enum ReplayError {
     Key(#[from] crate::sign::SignError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The agent's queue cannot be listed or read.
+    #[error(transparent)]
+    ReadQueue(#[from] crate::queue::ViewError),
     #[error("replay disagrees: {0}")]
     Disagrees(String),
 }
@@ -167,16 +170,12 @@ pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) 
     let trust_keys = trust_key_paths.iter().map(|p| PublicKey::load(p)).collect::<Result<Vec<_>, _>>()?;
     let folders = [EntryState::Pending, EntryState::Acked, EntryState::Dead];
     let mut journals: BTreeMap<(RolloutId, Hostname), Vec<OutboundEvent>> = BTreeMap::new();
-    for q in journal::recorded_events(state_dir, &folders).map_err(ReplayError::Disagrees)? {
+    for q in journal::recorded_events(state_dir, &folders)? {
         journals.entry((q.rollout_id, q.hostname)).or_default().push(q.event);
     }
     let with_pending: std::collections::BTreeSet<RolloutId> =
-        journal::recorded_events(state_dir, &[EntryState::Pending])
-            .map_err(ReplayError::Disagrees)?
-            .into_iter()
-            .map(|q| q.rollout_id)
-            .collect();
-    let corrupt = journal::corrupt_records(state_dir).map_err(ReplayError::Disagrees)?;
+        journal::recorded_events(state_dir, &[EntryState::Pending])?.into_iter().map(|q| q.rollout_id).collect();
+    let corrupt = journal::corrupt_records(state_dir)?;
     let cache = journal::ManifestCache::new(state_dir);
     let mut out = String::new();
     let mut problems = Vec::new();

@@ -257,11 +257,7 @@ async fn run_steps(
     }
     // 5. What is the host running now?
     let observed = resolve_current_system(&cfg.current_system).map_err(|why| {
-        StepFailure::new(
-            EXIT_CODE_VERIFY_FAILED,
-            Vec::new(),
-            format!("switch to {closure} exited 0 but {} {why}", cfg.current_system.display()),
-        )
+        StepFailure::new(EXIT_CODE_VERIFY_FAILED, Vec::new(), format!("switch to {closure} exited 0 but {why}"))
     })?;
     Ok(ActivationOutcome::Completed { observed })
 }
@@ -342,11 +338,24 @@ fn read_marker(marker: &Path) -> Result<Option<String>, StepFailure> {
     }
 }
 
+/// Why a system link (`current-system`, a profile) names no closure.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{} does not resolve: {source}", link.display())]
+    Dangling { link: PathBuf, source: std::io::Error },
+    #[error("{} resolves to a non-UTF-8 path {}", link.display(), target.display())]
+    NotUtf8 { link: PathBuf, target: PathBuf },
+    #[error("{} does not resolve to a closure: {source}", link.display())]
+    NotAClosure { link: PathBuf, source: crate::ids::IdError },
+}
+
 /// What `current_system` resolves to, as a closure.
-pub fn resolve_current_system(current_system: &Path) -> Result<Closure, String> {
-    let target = std::fs::canonicalize(current_system).map_err(|e| format!("does not resolve: {e}"))?;
-    let text = target.to_str().ok_or_else(|| format!("resolves to a non-UTF-8 path {}", target.display()))?;
-    Closure::parse(text).map_err(|e| format!("does not resolve to a closure: {e}"))
+pub fn resolve_current_system(current_system: &Path) -> Result<Closure, ResolveError> {
+    let link = || current_system.to_owned();
+    let target =
+        std::fs::canonicalize(current_system).map_err(|source| ResolveError::Dangling { link: link(), source })?;
+    let Some(text) = target.to_str() else { return Err(ResolveError::NotUtf8 { link: link(), target }) };
+    Closure::parse(text).map_err(|source| ResolveError::NotAClosure { link: link(), source })
 }
 
 /// Runs a short-lived Nix command with captured output, killed at the deadline.

@@ -299,7 +299,7 @@ impl<J: Journal> Reducer<J> {
                         ),
                     ))
                 } else if let Err(why) = self.rollouts.channels().check(&offered) {
-                    Some(reject(RejectCode::Stale, why))
+                    Some(reject(RejectCode::Stale, why.to_string()))
                 } else if let Some((live_id, live)) = self.rollouts.live(Some(&rollout_id)) {
                     if refused_busy_before {
                         tracing::debug!(%rollout_id, live = %live_id, "dispatch already refused busy; ignored");
@@ -416,16 +416,21 @@ impl<J: Journal> Reducer<J> {
         let mut delay = MIN_JOURNAL_RETRY_DELAY;
         loop {
             let copy = channels.clone();
-            let saved = match tokio::task::spawn_blocking(move || copy.save()).await {
-                Ok(result) => result.map_err(|e| e.to_string()),
-                Err(e) => Err(format!("save task failed: {e}")),
-            };
+            let saved = tokio::task::spawn_blocking(move || copy.save()).await;
             match saved {
-                Ok(()) => return,
-                Err(error) => {
+                Ok(Ok(())) => return,
+                Ok(Err(error)) => {
                     tracing::error!(
                         %error, retry_in_ms = delay.as_millis() as u64,
                         "cannot make the accepted-channels file durable; the dispatch waits until it is"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_JOURNAL_RETRY_DELAY);
+                }
+                Err(error) => {
+                    tracing::error!(
+                        %error, retry_in_ms = delay.as_millis() as u64,
+                        "the task saving the accepted-channels file failed; the dispatch waits until it is saved"
                     );
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(MAX_JOURNAL_RETRY_DELAY);

@@ -45,7 +45,9 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 use super::{Shutdown, WorkerExit};
-use crate::agent::probes::{HealthChecks, Probe, ProbeRun, ProbeRunner, DEFAULT_INTERVAL_SECS, MIN_INTERVAL_SECS};
+use crate::agent::probes::{
+    HealthChecks, Probe, ProbeConfigError, ProbeRun, ProbeRunner, DEFAULT_INTERVAL_SECS, MIN_INTERVAL_SECS,
+};
 use crate::agent::reducer::{Input, ProbePlan};
 use crate::clock::ClockHandle;
 use crate::ids::RolloutId;
@@ -161,18 +163,27 @@ where
             }
         }
         Err(reason) => {
-            loops.spawn(invalid_file_loop(rollout_id, reason, inputs.clone(), clock.clone()));
+            loops.spawn(invalid_file_loop(rollout_id, reason.to_string(), inputs.clone(), clock.clone()));
         }
     }
     Ok(())
 }
 
 /// The file off the reactor (it is at most `MAX_HEALTH_CHECKS_BYTES`).
-async fn load(path: PathBuf) -> Result<HealthChecks, String> {
+async fn load(path: PathBuf) -> Result<HealthChecks, LoadError> {
     match tokio::task::spawn_blocking(move || HealthChecks::load(&path)).await {
-        Ok(loaded) => loaded.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("reading the health-checks file failed: {e}")),
+        Ok(loaded) => loaded.map_err(LoadError::Invalid),
+        Err(source) => Err(LoadError::Task(source)),
     }
+}
+
+/// Why the health-checks file gave no probes (reported as a failing probe).
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error(transparent)]
+    Invalid(ProbeConfigError),
+    #[error("reading the health-checks file failed: {0}")]
+    Task(tokio::task::JoinError),
 }
 
 fn ticker(every: Duration) -> tokio::time::Interval {

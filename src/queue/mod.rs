@@ -278,6 +278,9 @@ pub enum QueueError {
         #[source]
         source: io::Error,
     },
+    /// A record file that does not decode (bad JSON, checksum mismatch).
+    #[error("corrupt record {}: {source}", path.display())]
+    Corrupt { path: PathBuf, source: record::RecordError },
     #[error("another process holds the queue lock {} (only one nixfleet agent may use a state dir)", path.display())]
     Locked { path: PathBuf },
     #[error("{}: {reason}; remove or repair it by hand (it guards against reusing event numbers)", path.display())]
@@ -608,11 +611,7 @@ impl Queue {
             Err(QueueError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 let path = acked_dir.join(&entry.name);
                 let bytes = self.storage.read_file(&path).map_err(io_err("read", &path))?;
-                record::decode(&bytes).map_err(|e| QueueError::Io {
-                    op: "decode",
-                    path,
-                    source: io::Error::other(e),
-                })?
+                record::decode(&bytes).map_err(|source| QueueError::Corrupt { path, source })?
             }
             other => other?,
         };
@@ -643,7 +642,7 @@ impl Queue {
     fn read_dead(&self, name: &str) -> Result<QueuedEvent, QueueError> {
         let path = self.dead_dir.join(name);
         let bytes = self.storage.read_file(&path).map_err(io_err("read", &path))?;
-        record::decode(&bytes).map_err(|e| QueueError::Io { op: "decode", path, source: io::Error::other(e) })
+        record::decode(&bytes).map_err(|source| QueueError::Corrupt { path, source })
     }
 
     /// The seq of the oldest pending event of a rollout, if any.

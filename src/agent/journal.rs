@@ -369,7 +369,7 @@ pub enum RestoreError {
         file.display(),
         queue_dir.display()
     )]
-    Unproven { rollout_id: RolloutId, why: CachedManifestError, file: PathBuf, queue_dir: PathBuf },
+    Unproven { rollout_id: RolloutId, why: Box<CachedManifestError>, file: PathBuf, queue_dir: PathBuf },
 }
 
 /// Why a rollout's cached manifest proves nothing ([`cached_manifest`]).
@@ -386,11 +386,11 @@ pub enum CachedManifestError {
     /// The current trust keys refuse it and no key was recorded at
     /// acceptance (cached by an older agent).
     #[error("{now} (and no key was recorded when it was accepted)")]
-    NoKeyRecorded { now: Refusal },
+    NoKeyRecorded { now: Box<Refusal> },
     /// Neither the current trust keys nor the key recorded at acceptance
     /// verify it.
     #[error("{now}; with key {keyid} that accepted it: {then}")]
-    Refused { now: Refusal, keyid: String, then: Refusal },
+    Refused { now: Box<Refusal>, keyid: String, then: Box<Refusal> },
 }
 
 /// What the start-up rebuild did, for the log and for tests.
@@ -514,7 +514,7 @@ pub fn restore(
                         file: cache.path(&rollout_id),
                         queue_dir: queue.dir().to_owned(),
                         rollout_id,
-                        why,
+                        why: Box::new(why),
                     });
                 }
                 report.without_manifest.push((rollout_id.clone(), why.to_string()));
@@ -631,12 +631,12 @@ pub fn cached_manifest(
         Err(e) => e,
     };
     let Some(key) = cache.accepted_key(rollout_id)? else {
-        return Err(CachedManifestError::NoKeyRecorded { now });
+        return Err(CachedManifestError::NoKeyRecorded { now: Box::new(now) });
     };
     let keyid = key.keyid();
     admit_cached(hostname, &[key], &bytes, rollout_id)
         .map(|manifest| CachedManifest { manifest, no_longer_trusted: Some(keyid.clone()) })
-        .map_err(|then| CachedManifestError::Refused { now, keyid, then })
+        .map_err(|then| CachedManifestError::Refused { now: Box::new(now), keyid, then: Box::new(then) })
 }
 
 /// The policy of a rollout from its cached manifest (see

@@ -1,4 +1,4 @@
-//! Health probes (SPEC §7): the health-checks file of the active system, and
+//! Health probes (`docs/protocol.md` §6): the health-checks file of the active system, and
 //! the runners that turn one probe into Pass or Fail.
 //!
 //! The file is parsed strictly (unknown fields are errors naming the field),
@@ -29,7 +29,7 @@ use crate::wire::event::{validate_probe_name, FAILURE_REASON_MAX_BYTES, MAX_PROB
 pub const DEFAULT_HEALTH_CHECKS_PATH: &str = "/etc/nixfleet/agent/health-checks.json";
 /// A health-checks file is a few KiB; a bigger one is a mistake, and reading
 /// it whole must stay cheap.
-pub const HEALTH_CHECKS_MAX_BYTES: u64 = 1024 * 1024;
+pub const MAX_HEALTH_CHECKS_BYTES: u64 = 1024 * 1024;
 /// Probe interval when the file does not say.
 pub const DEFAULT_INTERVAL_SECS: u64 = 30;
 /// Faster than once a second is load, not health checking.
@@ -286,8 +286,8 @@ impl HealthChecks {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HealthChecks::default()),
             Err(e) => return Err(with_path(config_error("(file)", e.to_string()))),
         };
-        if len > HEALTH_CHECKS_MAX_BYTES {
-            return Err(with_path(config_error("(file)", format!("{len} bytes; at most {HEALTH_CHECKS_MAX_BYTES}"))));
+        if len > MAX_HEALTH_CHECKS_BYTES {
+            return Err(with_path(config_error("(file)", format!("{len} bytes; at most {MAX_HEALTH_CHECKS_BYTES}"))));
         }
         let text = fs_err::read_to_string(path).map_err(|e| with_path(config_error("(file)", e.to_string())))?;
         HealthChecks::parse(&text).map_err(with_path)

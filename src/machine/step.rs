@@ -187,9 +187,12 @@ impl Tx<'_> {
                     self.effects.push(Effect::FireSwitch { target: target_closure.clone() });
                 }
             }
-            (EventBody::DispatchRejected { code: RejectCode::Busy, .. }, S::Pending) => {
+            (EventBody::DispatchRejected { target_closure, code: RejectCode::Busy, .. }, S::Pending) => {
                 // Busy in another rollout (one live rollout per host): the
                 // host stays Pending and is offered the dispatch again later.
+                // The record names the closure it was offered, as for any
+                // refusal, so an agent's journal alone rebuilds the CP's record.
+                self.next.target_closure = Some(target_closure.clone());
             }
             (EventBody::DispatchRejected { target_closure, reason, rejected_at, .. }, S::Pending) => {
                 // Record what the host was told to run and refused: when the

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs real Nix (Debian's nix-bin, Nix 2.8) for the activation tests and
 # configures it for a single-user root store without a sandbox or build users
-# (SPEC §7). Idempotent: safe to run on every CI run. Without root or apt the
+# (docs/protocol.md §6). Idempotent: safe to run on every CI run. Without root or apt the
 # script says so and exits 0; the tests then use stand-in nix-store/nix-env.
 set -euo pipefail
 

@@ -145,7 +145,7 @@ fn main() {
             .arg("--profile")
             .arg(dir.join("profile"))
             .args(["--nix-store", "/bin/false", "--nix-env", "/bin/false", "--switch-runner", "direct"])
-            .args(["--tick", "5s", "--heartbeat", "60s", "--drain", "15s", "--longpoll-wait", "60"])
+            .args(["--tick", "5s", "--heartbeat", "60s", "--drain", "15s", "--longpoll-wait", "60s"])
             .env("RUST_LOG", "warn")
             .stderr(Stdio::null())
             .spawn()

@@ -1,4 +1,4 @@
-//! Ingest throughput of the control plane (issue 4): 100 concurrent scripted
+//! Ingest throughput of the control plane: 100 concurrent scripted
 //! agents, each on its own keep-alive connection, post batches of 32 events
 //! over loopback HTTP into an in-process `cp::serve`; every event must come
 //! back `applied`. Printed next to a raw baseline measured in the same run:

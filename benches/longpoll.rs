@@ -1,4 +1,4 @@
-//! Idle long-polls (issue 4): the real `nixfleet cp serve` process holds
+//! Idle long-polls: the real `nixfleet cp serve` process holds
 //! 10,000 parked `GET /v1/agent/dispatch?wait=60` connections; we print its
 //! RSS per parked long-poll (from /proc, before and after), then publish a
 //! rollout that dispatches to all of them and print the time from sending

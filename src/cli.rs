@@ -1,6 +1,10 @@
-//! The command-line surface (SPEC §1), as clap derive types. Doc comments
+//! The command-line surface (`docs/manual.md`), as clap derive types. Doc comments
 //! here are the `--help` text. Parsing only: every command is run by a
 //! function in its role module, called from `main.rs`.
+//!
+//! Every duration flag takes a duration string ([`parse_duration`]: `500ms`,
+//! `5s`, `2m`, `1h`); a bare number is seconds, the unit those flags were
+//! first given in, so older units and env files keep working.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +39,10 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// A small certificate authority for mutual TLS: a CA, then host,
+    /// operator and cp certificates (large fleets bring their own CA).
+    #[command(subcommand)]
+    Pki(PkiCommand),
     /// Work with rollout manifests (validate, sign, verify).
     #[command(subcommand)]
     Manifest(ManifestCommand),
@@ -88,10 +96,59 @@ pub struct SimArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create a CA: DIR/ca.crt and DIR/ca.key (mode 0600), valid 10 years.
+    Init {
+        /// Directory for the CA files (created 0700 if missing); existing files are never overwritten.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate signed by DIR's CA: DIR/NAME.crt and DIR/NAME.key (mode 0600).
+    Issue {
+        /// The directory holding ca.crt and ca.key (from `pki init`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The certificate's CN and file name; for a host, its hostname ([a-z0-9][a-z0-9-]{0,62}).
+        #[arg(long)]
+        name: String,
+        /// host: an agent (client); operator: `cp publish|status` (client); cp: the control plane (server).
+        #[arg(long, value_enum, default_value_t = PkiRole::Host)]
+        role: PkiRole,
+        /// An extra DNS name (subjectAltName); repeat for several. A cp certificate needs a --dns or an --ip.
+        #[arg(long)]
+        dns: Vec<String>,
+        /// An IP address (subjectAltName); repeat for several.
+        #[arg(long)]
+        ip: Vec<std::net::IpAddr>,
+        /// Days the certificate is valid (1..=3650).
+        #[arg(long, default_value_t = crate::tools::pki::DEFAULT_LEAF_DAYS)]
+        days: u32,
+    },
+}
+
+/// The role a `pki issue` certificate carries (URI SAN `nixfleet:ROLE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PkiRole {
+    Host,
+    Operator,
+    Cp,
+}
+
+impl From<PkiRole> for crate::tls::Role {
+    fn from(role: PkiRole) -> crate::tls::Role {
+        match role {
+            PkiRole::Host => crate::tls::Role::Host,
+            PkiRole::Operator => crate::tls::Role::Operator,
+            PkiRole::Cp => crate::tls::Role::Cp,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ManifestCommand {
     /// Validate an unsigned manifest and print a summary of its waves.
     Check {
-        /// The manifest JSON file (SPEC §3).
+        /// The manifest JSON file (format: docs/protocol.md §2).
         manifest: PathBuf,
         /// Print the validated manifest as JSON instead of a summary.
         #[arg(long)]
@@ -179,8 +236,16 @@ pub struct CpServeArgs {
     /// Write the bound address (host:port) to this file once listening.
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
-    /// The agents' heartbeat interval; hosts silent for 3 of them show as unreachable.
-    #[arg(long, default_value_t = 60)]
+    /// The agents' heartbeat interval (whole seconds, e.g. 60s, 2m); hosts
+    /// silent for 3 of them show as unreachable.
+    // `--heartbeat-interval-secs N` was the first spelling: a hidden alias.
+    #[arg(
+        long = "heartbeat-interval",
+        alias = "heartbeat-interval-secs",
+        default_value = "60s",
+        value_name = "DURATION",
+        value_parser = parse_secs,
+    )]
     pub heartbeat_interval_secs: u64,
 }
 
@@ -258,19 +323,49 @@ pub struct AgentArgs {
     #[arg(long, env = "NIXFLEET_AGENT_SWITCH_RUNNER", value_enum, default_value_t = SwitchRunnerArg::Auto)]
     pub switch_runner: SwitchRunnerArg,
     /// Longest an activation (realise + profile + switch) may take.
-    #[arg(long, env = "NIXFLEET_AGENT_ACTIVATION_TIMEOUT", default_value = "15m", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "NIXFLEET_AGENT_ACTIVATION_TIMEOUT",
+        default_value = "15m",
+        value_name = "DURATION",
+        value_parser = parse_duration,
+    )]
     pub activation_timeout: std::time::Duration,
     /// How often the convergence and failure gates are checked.
-    #[arg(long, env = "NIXFLEET_AGENT_TICK", default_value = "5s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "NIXFLEET_AGENT_TICK",
+        default_value = "5s",
+        value_name = "DURATION",
+        value_parser = parse_duration,
+    )]
     pub tick: std::time::Duration,
     /// How often the agent sends a heartbeat.
-    #[arg(long, env = "NIXFLEET_AGENT_HEARTBEAT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "NIXFLEET_AGENT_HEARTBEAT",
+        default_value = "60s",
+        value_name = "DURATION",
+        value_parser = parse_duration,
+    )]
     pub heartbeat: std::time::Duration,
     /// How often the queue is drained without being woken.
-    #[arg(long, env = "NIXFLEET_AGENT_DRAIN", default_value = "15s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        env = "NIXFLEET_AGENT_DRAIN",
+        default_value = "15s",
+        value_name = "DURATION",
+        value_parser = parse_duration,
+    )]
     pub drain: std::time::Duration,
-    /// Seconds one long-poll may wait (the CP caps it at 60).
-    #[arg(long, env = "NIXFLEET_AGENT_LONGPOLL_WAIT", default_value_t = 60)]
+    /// How long one long-poll may wait, in whole seconds (the CP caps it at 60s).
+    #[arg(
+        long,
+        env = "NIXFLEET_AGENT_LONGPOLL_WAIT",
+        default_value = "60s",
+        value_name = "DURATION",
+        value_parser = parse_secs,
+    )]
     pub longpoll_wait: u64,
 }
 
@@ -295,7 +390,9 @@ pub struct ReplayArgs {
     pub quiet: bool,
 }
 
-/// Parses `5s`, `500ms`, `2m`, `1h` or a plain number of seconds.
+/// Parses `5s`, `500ms`, `2m`, `1h` or a plain number of seconds; zero is
+/// refused (every duration flag is a period or a limit, and zero would spin
+/// or give up at once).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
@@ -316,9 +413,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// [`parse_duration`] for the flags whose value is used in whole seconds
+/// (on the wire or in stored state): `60s`, `2m`, `60`; `1500ms` is refused
+/// rather than rounded.
+pub fn parse_secs(text: &str) -> Result<u64, String> {
+    let d = parse_duration(text)?;
+    if d.subsec_nanos() != 0 {
+        return Err(format!("{:?} is not a whole number of seconds", text.trim()));
+    }
+    Ok(d.as_secs())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     #[test]
     fn durations_parse_with_units_and_refuse_nonsense() {
@@ -330,5 +439,119 @@ mod tests {
         for bad in ["", "0s", "5x", "s", "-1s", "1.5s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn whole_second_flags_take_durations_and_refuse_fractions() {
+        // Proves the syntax of --heartbeat-interval and --longpoll-wait: a
+        // duration or bare seconds, never a fraction silently rounded.
+        assert_eq!(parse_secs("60s"), Ok(60));
+        assert_eq!(parse_secs("2m"), Ok(120));
+        assert_eq!(parse_secs("45"), Ok(45));
+        assert_eq!(parse_secs("3000ms"), Ok(3));
+        for bad in ["1500ms", "500ms", "0", "0s", "5x", ""] {
+            assert!(parse_secs(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("nixfleet").chain(args.iter().copied()))
+    }
+
+    fn heartbeat_interval_secs(extra: &[&str]) -> Result<u64, clap::Error> {
+        let mut args = vec!["cp", "serve", "--db", "cp.db", "--trust-key", "release.pub"];
+        args.extend_from_slice(extra);
+        match parse(&args)?.command {
+            Command::Cp(CpCommand::Serve(a)) => Ok(a.heartbeat_interval_secs),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn longpoll_wait_secs(extra: &[&str]) -> Result<u64, clap::Error> {
+        let mut args = vec!["agent", "--cp", "http://127.0.0.1:8443", "--trust-key", "release.pub"];
+        args.extend_from_slice(extra);
+        match parse(&args)?.command {
+            Command::Agent(a) => Ok(a.longpoll_wait),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cp_heartbeat_interval_takes_a_duration_and_its_old_spelling_still_works() {
+        // Proves --heartbeat-interval takes a duration, and the hidden alias
+        // --heartbeat-interval-secs still takes the bare seconds old units pass.
+        assert_eq!(heartbeat_interval_secs(&[]).expect("default"), 60);
+        assert_eq!(heartbeat_interval_secs(&["--heartbeat-interval", "2m"]).expect("2m"), 120);
+        assert_eq!(heartbeat_interval_secs(&["--heartbeat-interval", "90"]).expect("bare"), 90);
+        assert_eq!(heartbeat_interval_secs(&["--heartbeat-interval-secs", "30"]).expect("old spelling"), 30);
+        assert!(heartbeat_interval_secs(&["--heartbeat-interval", "1500ms"]).is_err());
+        let help = Cli::command()
+            .find_subcommand_mut("cp")
+            .and_then(|c| c.find_subcommand_mut("serve"))
+            .map(|c| c.render_long_help().to_string())
+            .expect("cp serve");
+        assert!(help.contains("--heartbeat-interval <DURATION>"), "{help}");
+        assert!(!help.contains("heartbeat-interval-secs"), "the old spelling is hidden: {help}");
+    }
+
+    #[test]
+    fn agent_longpoll_wait_takes_a_duration_or_bare_seconds() {
+        // Proves --longpoll-wait (same name as before) still takes bare
+        // seconds, and takes a duration like every other duration flag.
+        assert_eq!(longpoll_wait_secs(&[]).expect("default"), 60);
+        assert_eq!(longpoll_wait_secs(&["--longpoll-wait", "30s"]).expect("30s"), 30);
+        assert_eq!(longpoll_wait_secs(&["--longpoll-wait", "30"]).expect("bare"), 30);
+        assert!(longpoll_wait_secs(&["--longpoll-wait", "0"]).is_err());
+    }
+
+    /// `NAME=value` pairs of an env file, commented-out examples included
+    /// (`# NAME=value   # note`), so every documented example is checked.
+    fn env_pairs(text: &str) -> Vec<(&str, &str)> {
+        text.lines()
+            .map(|l| l.trim_start_matches(['#', ' ']))
+            .filter_map(|l| l.split_once('='))
+            .filter(|(name, _)| name.starts_with("NIXFLEET_") && !name.contains(' '))
+            .map(|(name, value)| (name, value.split_whitespace().next().unwrap_or("")))
+            .collect()
+    }
+
+    /// The flags an env file sets for a subcommand, by each flag's `env` name.
+    fn env_flags(sub: &str, text: &str) -> Vec<String> {
+        let cmd = Cli::command();
+        let sub = cmd.find_subcommand(sub).expect("subcommand");
+        let mut flags = Vec::new();
+        for (name, value) in env_pairs(text) {
+            let arg = sub
+                .get_arguments()
+                .find(|a| a.get_env().is_some_and(|e| e == name))
+                .unwrap_or_else(|| panic!("{name} is not the variable of any flag"));
+            flags.push(format!("--{}", arg.get_long().expect("long flag")));
+            flags.push(value.to_owned());
+        }
+        flags
+    }
+
+    /// The arguments of a unit's `ExecStart=` line after the program.
+    fn exec_start_args(unit: &str) -> Vec<String> {
+        let line = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("ExecStart=");
+        line.split_whitespace().skip(1).map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn the_example_env_file_and_the_systemd_units_parse() {
+        // Proves every variable in examples/agent.env (commented examples
+        // too) is a real flag with a valid value, and the contrib/systemd
+        // command lines parse (the agent's together with that env file).
+        let env = include_str!("../examples/agent.env");
+        assert!(env_pairs(env).len() >= 5, "the example lists its variables: {env}");
+        let mut agent = exec_start_args(include_str!("../contrib/systemd/nixfleet-agent.service"));
+        agent.extend(env_flags("agent", env));
+        let parsed = Cli::try_parse_from(std::iter::once("nixfleet".to_owned()).chain(agent.clone()))
+            .unwrap_or_else(|e| panic!("{agent:?}: {e}"));
+        assert!(matches!(parsed.command, Command::Agent(_)), "{agent:?}");
+        let cp = exec_start_args(include_str!("../contrib/systemd/nixfleet-cp.service"));
+        let parsed = Cli::try_parse_from(std::iter::once("nixfleet".to_owned()).chain(cp.clone()))
+            .unwrap_or_else(|e| panic!("{cp:?}: {e}"));
+        assert!(matches!(parsed.command, Command::Cp(CpCommand::Serve(_))), "{cp:?}");
     }
 }

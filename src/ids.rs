@@ -1,4 +1,4 @@
-//! Identifiers that cross every boundary (SPEC §2): hostnames, rollout ids
+//! Identifiers that cross every boundary (`docs/protocol.md` §1): hostnames, rollout ids
 //! and store-path closures. Each is a newtype that can only be built through
 //! its parser, so a value of the type is always well-formed and the rest of
 //! the code never re-validates.
@@ -19,12 +19,12 @@ pub struct IdError {
 
 fn id_error(what: &'static str, input: &str, why: &'static str) -> IdError {
     // Cap the echoed input: an identifier field may carry megabytes of junk.
-    const ECHO_MAX_CHARS: usize = 80;
-    let input = input.chars().take(ECHO_MAX_CHARS).collect();
+    const MAX_ECHO_CHARS: usize = 80;
+    let input = input.chars().take(MAX_ECHO_CHARS).collect();
     IdError { what, input, why }
 }
 
-/// `[a-z0-9][a-z0-9-]{0,62}` (SPEC §2); with mTLS it equals the certificate CN.
+/// `[a-z0-9][a-z0-9-]{0,62}` (`docs/protocol.md` §1); with mTLS it equals the certificate CN.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Hostname(String);
 
@@ -53,7 +53,7 @@ impl Hostname {
     }
 }
 
-/// `{channel}@{ref}` (SPEC §2): channel `[a-z0-9_-]{1,64}`, ref
+/// `{channel}@{ref}` (`docs/protocol.md` §1): channel `[a-z0-9_-]{1,64}`, ref
 /// `[A-Za-z0-9._-]{1,128}`, exactly one `@`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct RolloutId {
@@ -62,8 +62,8 @@ pub struct RolloutId {
 }
 
 impl RolloutId {
-    pub const CHANNEL_MAX_LEN: usize = 64;
-    pub const REF_MAX_LEN: usize = 128;
+    pub const MAX_CHANNEL_LEN: usize = 64;
+    pub const MAX_REF_LEN: usize = 128;
 
     pub fn parse(input: &str) -> Result<RolloutId, IdError> {
         let what = "rollout id";
@@ -95,7 +95,7 @@ impl RolloutId {
 
 /// Checks a channel name: `[a-z0-9_-]{1,64}`.
 pub fn validate_channel(channel: &str) -> Result<(), IdError> {
-    let ok_len = !channel.is_empty() && channel.len() <= RolloutId::CHANNEL_MAX_LEN;
+    let ok_len = !channel.is_empty() && channel.len() <= RolloutId::MAX_CHANNEL_LEN;
     if !ok_len {
         return Err(id_error("channel", channel, "must be 1 to 64 characters"));
     }
@@ -108,7 +108,7 @@ pub fn validate_channel(channel: &str) -> Result<(), IdError> {
 
 /// Checks a rollout ref: `[A-Za-z0-9._-]{1,128}`.
 pub fn validate_ref(git_ref: &str) -> Result<(), IdError> {
-    let ok_len = !git_ref.is_empty() && git_ref.len() <= RolloutId::REF_MAX_LEN;
+    let ok_len = !git_ref.is_empty() && git_ref.len() <= RolloutId::MAX_REF_LEN;
     if !ok_len {
         return Err(id_error("ref", git_ref, "must be 1 to 128 characters"));
     }
@@ -120,7 +120,7 @@ pub fn validate_ref(git_ref: &str) -> Result<(), IdError> {
 }
 
 /// A full Nix store path of a system closure:
-/// `/nix/store/<32 chars of nix base32>-<name>` (SPEC §2).
+/// `/nix/store/<32 chars of nix base32>-<name>` (`docs/protocol.md` §1).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Closure(String);
 
@@ -128,7 +128,7 @@ impl Closure {
     const STORE_DIR: &'static str = "/nix/store/";
     const HASH_LEN: usize = 32;
     /// Nix limits store path names to 211 characters.
-    const NAME_MAX_LEN: usize = 211;
+    const MAX_NAME_LEN: usize = 211;
     /// Nix's base32 alphabet (no e, o, u, t).
     const HASH_ALPHABET: &'static [u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
@@ -147,7 +147,7 @@ impl Closure {
         let Some(name) = name.strip_prefix('-') else {
             return Err(id_error(what, input, "expected '-' and a name after the store hash"));
         };
-        if name.is_empty() || name.len() > Self::NAME_MAX_LEN {
+        if name.is_empty() || name.len() > Self::MAX_NAME_LEN {
             return Err(id_error(what, input, "name must be 1 to 211 characters"));
         }
         let ok = |b: u8| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b);

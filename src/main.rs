@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use nixfleet::cli::{Cli, Command, LogFormat, ManifestCommand};
+use nixfleet::cli::{Cli, Command, LogFormat, ManifestCommand, PkiCommand};
 use nixfleet::clock::ClockHandle;
 use nixfleet::tools;
 
@@ -23,6 +23,13 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format, default_level);
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Keygen { out } => tools::manifest_cmd::keygen(&out).map_err(Into::into),
+        Command::Pki(PkiCommand::Init { dir }) => {
+            tools::pki::init_cmd(&dir, &ClockHandle::system()).map_err(Into::into)
+        }
+        Command::Pki(PkiCommand::Issue { dir, name, role, dns, ip, days }) => {
+            let request = tools::pki::IssueRequest { name, role: role.into(), dns, ips: ip, days };
+            tools::pki::issue_cmd(&dir, &request, &ClockHandle::system()).map_err(Into::into)
+        }
         Command::Manifest(ManifestCommand::Check { manifest, json }) => {
             tools::manifest_cmd::check(&manifest, json).map_err(Into::into)
         }

@@ -1,4 +1,4 @@
-//! Writing command output (STYLE.md §9): stdout is data, and a closed
+//! Writing command output: stdout is data, and a closed
 //! stdout (`| head`) is not an error. Shared by the operator tools and the
 //! `cp` commands.
 

@@ -4,7 +4,7 @@
 //! A rollout manifest tells every host which closure to switch to, so the
 //! control plane must not be able to invent one: the release key signs the
 //! exact manifest bytes and both the CP and each agent check that signature
-//! against their own trust keys (SPEC §3). The signed form is a DSSE envelope
+//! against their own trust keys (`docs/protocol.md` §2). The signed form is a DSSE envelope
 //! (the in-toto / sigstore "Dead Simple Signing Envelope") because it signs
 //! the payload *type* together with the bytes, which stops a signature made
 //! for some other document from being replayed as a manifest, and because it

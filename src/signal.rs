@@ -1,4 +1,4 @@
-//! The shutdown signal both roles stop on (STYLE.md §10): `cp serve` and
+//! The shutdown signal both roles stop on: `cp serve` and
 //! `agent` take it as their shutdown future.
 
 /// SIGTERM or SIGINT, whichever comes first.

@@ -1,4 +1,4 @@
-//! Activation on a NixOS host (SPEC §7): fetch the closure, point the system
+//! Activation on a NixOS host (`docs/protocol.md` §6): fetch the closure, point the system
 //! profile at it, run its `switch-to-configuration`, and check what
 //! `/run/current-system` resolves to afterwards.
 //!
@@ -43,7 +43,7 @@ pub const SWITCH_UNIT_PREFIX: &str = "nixfleet-switch-";
 pub const DEFAULT_TIME_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 /// Activation ids become systemd unit and log file names; longer ids are cut.
-pub const ACTIVATION_ID_MAX_LEN: usize = 64;
+pub const MAX_ACTIVATION_ID_LEN: usize = 64;
 
 /// Exit code reported when a program could not be run at all, or a step
 /// failed without a process exit status (I/O error, bad marker file).
@@ -55,6 +55,9 @@ pub const EXIT_CODE_SIGNALLED: i32 = -2;
 pub const EXIT_CODE_VERIFY_FAILED: i32 = -3;
 /// Exit code reported when the activation exceeded its time limit and was killed.
 pub const EXIT_CODE_TIME_LIMIT: i32 = -4;
+/// Exit code reported with a completed activation: the switch exited 0, or
+/// the host was proven to run the closure already.
+pub const EXIT_CODE_COMPLETED: i32 = 0;
 
 /// How `switch-to-configuration` is started relative to the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +118,7 @@ pub struct ActivationConfig {
 }
 
 impl ActivationConfig {
-    /// The SPEC §7 defaults for a NixOS host, with the switch log in `log_dir`.
+    /// The `docs/protocol.md` §6 defaults for a NixOS host, with the switch log in `log_dir`.
     pub fn host_defaults(log_dir: PathBuf) -> ActivationConfig {
         ActivationConfig {
             nix_store: "nix-store".into(),
@@ -156,11 +159,15 @@ pub struct ActivationStarted {
     pub switch_method: String,
 }
 
-/// The result of one activation, as plain data.
+/// The result of one activation (forward or rollback), as plain data: what
+/// the runner returns, what the activation worker reports, and what the
+/// reducer turns into an event ([`crate::agent::rollouts::forward_body`],
+/// [`crate::agent::rollouts::rollback_body`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ActivationOutcome {
-    /// The switch exited 0 and `current-system` resolves to `observed` (which
-    /// the state machine compares with the target).
+    /// The switch exited 0 (or had already happened) and `current-system`
+    /// resolves to `observed` (which the state machine compares with the
+    /// target); reported with [`EXIT_CODE_COMPLETED`].
     Completed { observed: Closure },
     /// The closure is marked reboot-required: the profile is set and
     /// `switch-to-configuration boot` succeeded; a reboot finishes the job.
@@ -250,11 +257,7 @@ async fn run_steps(
     }
     // 5. What is the host running now?
     let observed = resolve_current_system(&cfg.current_system).map_err(|why| {
-        StepFailure::new(
-            EXIT_CODE_VERIFY_FAILED,
-            Vec::new(),
-            format!("switch to {closure} exited 0 but {} {why}", cfg.current_system.display()),
-        )
+        StepFailure::new(EXIT_CODE_VERIFY_FAILED, Vec::new(), format!("switch to {closure} exited 0 but {why}"))
     })?;
     Ok(ActivationOutcome::Completed { observed })
 }
@@ -335,11 +338,24 @@ fn read_marker(marker: &Path) -> Result<Option<String>, StepFailure> {
     }
 }
 
+/// Why a system link (`current-system`, a profile) names no closure.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{} does not resolve: {source}", link.display())]
+    Dangling { link: PathBuf, source: std::io::Error },
+    #[error("{} resolves to a non-UTF-8 path {}", link.display(), target.display())]
+    NotUtf8 { link: PathBuf, target: PathBuf },
+    #[error("{} does not resolve to a closure: {source}", link.display())]
+    NotAClosure { link: PathBuf, source: crate::ids::IdError },
+}
+
 /// What `current_system` resolves to, as a closure.
-pub fn resolve_current_system(current_system: &Path) -> Result<Closure, String> {
-    let target = std::fs::canonicalize(current_system).map_err(|e| format!("does not resolve: {e}"))?;
-    let text = target.to_str().ok_or_else(|| format!("resolves to a non-UTF-8 path {}", target.display()))?;
-    Closure::parse(text).map_err(|e| format!("does not resolve to a closure: {e}"))
+pub fn resolve_current_system(current_system: &Path) -> Result<Closure, ResolveError> {
+    let link = || current_system.to_owned();
+    let target =
+        std::fs::canonicalize(current_system).map_err(|source| ResolveError::Dangling { link: link(), source })?;
+    let Some(text) = target.to_str() else { return Err(ResolveError::NotUtf8 { link: link(), target }) };
+    Closure::parse(text).map_err(|source| ResolveError::NotAClosure { link: link(), source })
 }
 
 /// Runs a short-lived Nix command with captured output, killed at the deadline.
@@ -526,7 +542,7 @@ fn read_tail(path: &Path) -> Vec<u8> {
 pub fn sanitize_activation_id(id: &str) -> String {
     let clean: String = id
         .chars()
-        .take(ACTIVATION_ID_MAX_LEN)
+        .take(MAX_ACTIVATION_ID_LEN)
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
         .collect();
     if clean.is_empty() {
@@ -594,6 +610,6 @@ mod tests {
     fn activation_ids_become_safe_unit_names() {
         assert_eq!(sanitize_activation_id("stable@2026-11-25.1/3"), "stable_2026-11-25_1_3");
         assert_eq!(sanitize_activation_id(""), "unnamed");
-        assert_eq!(sanitize_activation_id(&"x".repeat(200)).len(), ACTIVATION_ID_MAX_LEN);
+        assert_eq!(sanitize_activation_id(&"x".repeat(200)).len(), MAX_ACTIVATION_ID_LEN);
     }
 }

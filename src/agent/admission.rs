@@ -1,6 +1,7 @@
 //! Whether this host acts on a dispatch. The control plane is not trusted
 //! to choose closures: the agent verifies the rollout's DSSE envelope with
-//! ITS OWN trust keys (never a default path — reference defect 29), checks
+//! ITS OWN trust keys (never a default path, which an attacker with
+//! write access to it could fill), checks
 //! that the manifest names this host with exactly the dispatched closure and
 //! soak, and refuses a closure this host has already rolled back on the
 //! same channel. The answer is either what to feed the reducer as a

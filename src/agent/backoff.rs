@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 /// First retry after a failed delivery.
-pub const RETRY_DELAY_MIN: Duration = Duration::from_millis(500);
-/// SPEC / issue 5: delivery backoff is capped at 60 s; an agent never waits
+pub const MIN_RETRY_DELAY: Duration = Duration::from_millis(500);
+/// Delivery backoff is capped at 60 s; an agent never waits
 /// longer than a minute to learn that its CP is back.
-pub const RETRY_DELAY_MAX: Duration = Duration::from_secs(60);
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
 
 /// Consecutive-failure counter and the delay that goes with it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -28,7 +28,7 @@ impl Backoff {
     pub fn fail(&mut self, random: u64) -> Duration {
         self.failures = self.failures.saturating_add(1);
         let exp = self.failures.saturating_sub(1).min(16);
-        let ceiling = RETRY_DELAY_MIN.saturating_mul(1u32 << exp).min(RETRY_DELAY_MAX);
+        let ceiling = MIN_RETRY_DELAY.saturating_mul(1u32 << exp).min(MAX_RETRY_DELAY);
         let half = ceiling / 2;
         let jitter_nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
         let jitter = if jitter_nanos == 0 { 0 } else { random % (jitter_nanos + 1) };
@@ -54,18 +54,18 @@ mod tests {
         // Proves the schedule: ceiling doubles from 0.5 s, each delay lies in
         // [ceiling/2, ceiling], and never exceeds 60 s even after many failures.
         let mut b = Backoff::new();
-        let mut ceiling = RETRY_DELAY_MIN;
+        let mut ceiling = MIN_RETRY_DELAY;
         for attempt in 0..40u64 {
             let low = b.clone().fail(0);
             let high = b.clone().fail(u64::MAX);
             let mid = b.fail(attempt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             assert_eq!(low, ceiling / 2, "attempt {attempt}");
             assert!(high <= ceiling && mid >= low && mid <= ceiling, "attempt {attempt}: {mid:?}");
-            assert!(mid <= RETRY_DELAY_MAX);
-            ceiling = (ceiling * 2).min(RETRY_DELAY_MAX);
+            assert!(mid <= MAX_RETRY_DELAY);
+            ceiling = (ceiling * 2).min(MAX_RETRY_DELAY);
         }
-        assert_eq!(b.clone().fail(0), RETRY_DELAY_MAX / 2);
+        assert_eq!(b.clone().fail(0), MAX_RETRY_DELAY / 2);
         b.succeed();
-        assert_eq!(b.fail(0), RETRY_DELAY_MIN / 2, "success resets");
+        assert_eq!(b.fail(0), MIN_RETRY_DELAY / 2, "success resets");
     }
 }

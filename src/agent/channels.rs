@@ -1,5 +1,5 @@
-//! The newest manifest this host has accepted on each channel (SPEC §4
-//! rule 11, no downgrade). It exists apart from the queue because the queue
+//! The newest manifest this host has accepted on each channel (`docs/protocol.md`
+//! §3 rule 9, no downgrade). It exists apart from the queue because the queue
 //! forgets: acked retention prunes whole rollouts, and a host that converged
 //! on `stable@v2` must still refuse `stable@v1` a month later. So the agent
 //! keeps one small file, `{state_dir}/accepted-channels.json`, written
@@ -62,6 +62,22 @@ pub struct ChannelHistory {
     newest: BTreeMap<String, Accepted>,
 }
 
+/// A manifest not newer than the one this host already accepted on its
+/// channel (`docs/protocol.md` §3 rule 9): refused `stale`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "stale: rollout {} (issued {}) is not newer than rollout {} (issued {}) that this host already accepted on channel {}; no downgrade",
+    offered.rollout_id,
+    fmt_ts(offered.issued_at),
+    newest.rollout_id,
+    fmt_ts(newest.issued_at),
+    offered.rollout_id.channel()
+)]
+pub struct Downgrade {
+    pub offered: Accepted,
+    pub newest: Accepted,
+}
+
 impl ChannelHistory {
     /// A history that is never written to disk (tests).
     pub fn in_memory() -> ChannelHistory {
@@ -96,22 +112,15 @@ impl ChannelHistory {
         self.newest.get(channel)
     }
 
-    /// `Err(reason)` when `candidate` is older than the newest manifest
+    /// `Err(Downgrade)` when `candidate` is older than the newest manifest
     /// accepted on its channel, or as new but another rollout (cannot happen
     /// with `newness` including the ref; refused rather than assumed).
-    pub fn check(&self, candidate: &Accepted) -> Result<(), String> {
+    pub fn check(&self, candidate: &Accepted) -> Result<(), Downgrade> {
         let Some(newest) = self.newest(candidate.rollout_id.channel()) else { return Ok(()) };
         if candidate.newness() > newest.newness() || candidate.rollout_id == newest.rollout_id {
             return Ok(());
         }
-        Err(format!(
-            "stale: rollout {} (issued {}) is not newer than rollout {} (issued {}) that this host already accepted on channel {}; no downgrade",
-            candidate.rollout_id,
-            fmt_ts(candidate.issued_at),
-            newest.rollout_id,
-            fmt_ts(newest.issued_at),
-            candidate.rollout_id.channel()
-        ))
+        Err(Downgrade { offered: candidate.clone(), newest: newest.clone() })
     }
 
     /// This history with `accepted` recorded (kept only if it is newer).
@@ -169,7 +178,7 @@ mod tests {
         history.save().expect("save");
         let reloaded = ChannelHistory::load(dir.path()).expect("reload");
         assert_eq!(reloaded, history);
-        let why = reloaded.check(&accepted("stable@v1", t - time::Duration::hours(1))).expect_err("older");
+        let why = reloaded.check(&accepted("stable@v1", t - time::Duration::hours(1))).expect_err("older").to_string();
         assert!(why.contains("stable@v1") && why.contains("stable@v2"), "{why}");
         assert!(reloaded.check(&accepted("stable@v1", t)).is_err(), "same time, lower ref");
         assert!(reloaded.check(&accepted("stable@v3", t)).is_ok(), "same time, higher ref");

@@ -76,7 +76,8 @@ pub fn config(args: &AgentArgs) -> Result<AgentConfig, AgentCmdError> {
 /// `nixfleet agent`.
 pub fn run(args: AgentArgs) -> Result<(), AgentCmdError> {
     let cfg = config(&args)?;
-    fs_err::create_dir_all(&cfg.state_dir).map_err(|e| AgentError::Restore(e.to_string()))?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(|source| AgentError::StateDir { path: cfg.state_dir.clone(), source })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(RUNTIME_WORKER_THREADS)
         .enable_all()

@@ -1,7 +1,7 @@
 //! The agent's durable memory: the outbound queue as the reducer's
 //! [`Journal`], the cache of signed manifests, and the rebuild of every
-//! rollout's record at start, before any worker runs (reference defect 14:
-//! workers started before state was restored). Works with the control
+//! rollout's record at start, before any worker runs (a worker started
+//! earlier would act on records that do not exist yet). Works with the control
 //! plane down: nothing here talks to it.
 
 use std::collections::BTreeMap;
@@ -11,13 +11,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{watch, Notify};
 
 use super::admission::{check_cached, verified_manifest, Refusal};
-use super::channels::ChannelHistory;
+use super::channels::{ChannelHistory, ChannelsError};
 use super::reducer::{Journal, JournalError};
 use super::rollouts::Rollouts;
 use crate::ids::{Hostname, RolloutId};
 use crate::machine::{Event, HostState, Policy};
-use crate::queue::{DeadCause, EntryState, Queue, QueueError, QueueView, QueuedEvent, QueuedRef};
-use crate::sign::PublicKey;
+use crate::queue::{DeadCause, EntryState, Queue, QueueError, QueueView, QueuedEvent, QueuedRef, ViewError};
+use crate::sign::{PublicKey, SignError};
 use crate::wire::{Manifest, OutboundEvent};
 
 /// A replay parameter, never a decision policy: the policy a rollout is
@@ -82,7 +82,21 @@ pub enum AppendError {
     /// Any other failure (disk full, I/O error): nothing is applied; retry
     /// with backoff.
     #[error("{0}")]
-    Failed(String),
+    Failed(QueueError),
+    /// The blocking-pool task running the enqueue did not finish.
+    #[error(transparent)]
+    Task(#[from] QueueTaskError),
+}
+
+/// The blocking-pool task of [`SharedQueue::with`] did not finish (it
+/// panicked, or the runtime is shutting down): whether the queue call ran is
+/// unknown to the caller, which retries or pauses.
+#[derive(Debug, thiserror::Error)]
+#[error("the queue task on {} did not finish: {source}", dir.display())]
+pub struct QueueTaskError {
+    pub dir: PathBuf,
+    #[source]
+    pub source: tokio::task::JoinError,
 }
 
 impl AppendError {
@@ -175,7 +189,10 @@ impl SharedQueue {
 
     /// Runs `f` on the queue on the blocking pool; the calling task waits
     /// without holding a runtime thread.
-    pub async fn with<T: Send + 'static>(&self, f: impl FnOnce(&mut Queue) -> T + Send + 'static) -> Result<T, String> {
+    pub async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Queue) -> T + Send + 'static,
+    ) -> Result<T, QueueTaskError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = inner.lock();
@@ -184,7 +201,7 @@ impl SharedQueue {
             out
         })
         .await
-        .map_err(|e| format!("queue task failed: {e}"))
+        .map_err(|source| QueueTaskError { dir: self.inner.dir.clone(), source })
     }
 
     /// The queue folder.
@@ -247,8 +264,8 @@ impl SharedQueue {
             Ok(Err(e @ QueueError::SoftCapReached { .. })) => Err(AppendError::SoftCap(e)),
             Ok(Err(e @ QueueError::Poisoned(_))) => Err(AppendError::Stopped(e)),
             Ok(Err(e @ QueueError::Full { .. })) => Err(AppendError::Full(e)),
-            Ok(Err(e)) => Err(AppendError::Failed(e.to_string())),
-            Err(e) => Err(AppendError::Failed(e)),
+            Ok(Err(e)) => Err(AppendError::Failed(e)),
+            Err(e) => Err(AppendError::Task(e)),
         }
     }
 }
@@ -306,11 +323,13 @@ impl ManifestCache {
 
     /// The key recorded when the rollout was accepted (None: none recorded,
     /// e.g. cached by an older agent).
-    pub fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, String> {
+    pub fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, CachedManifestError> {
         let path = self.key_path(rollout_id);
-        let Some(bytes) = read_optional(&path).map_err(|e| e.to_string())? else { return Ok(None) };
+        let read =
+            read_optional(&path).map_err(|source| CachedManifestError::ReadKey { path: path.clone(), source })?;
+        let Some(bytes) = read else { return Ok(None) };
         let text = String::from_utf8_lossy(&bytes);
-        PublicKey::from_text(&text).map(Some).map_err(|e| format!("{}: {e}", path.display()))
+        PublicKey::from_text(&text).map(Some).map_err(|source| CachedManifestError::BadKey { path, source })
     }
 }
 
@@ -331,6 +350,47 @@ fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     drop(file);
     fs_err::rename(&tmp, path)?;
     fs_err::File::open(dir)?.sync_all()
+}
+
+/// Why [`restore`] cannot rebuild the agent's state (the agent does not
+/// start).
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The queue's `dead/` folder cannot be listed or read.
+    #[error("cannot read the rejected events of the queue in {}: {source}", state_dir.display())]
+    ReadQueue { state_dir: PathBuf, source: ViewError },
+    /// The accepted-channels file (no downgrade) cannot be read.
+    #[error(transparent)]
+    Channels(#[from] ChannelsError),
+    /// A rollout that can still decide has no manifest that proves its
+    /// policy; guessing one could make the agent act on the wrong policy.
+    #[error(
+        "rollout {rollout_id} is still under way on this host but its manifest cannot be proven ({why}; file {}): refusing to guess its policy. Restore the trust key that accepted it, or finish the rollout by hand and remove its events from {}",
+        file.display(),
+        queue_dir.display()
+    )]
+    Unproven { rollout_id: RolloutId, why: Box<CachedManifestError>, file: PathBuf, queue_dir: PathBuf },
+}
+
+/// Why a rollout's cached manifest proves nothing ([`cached_manifest`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CachedManifestError {
+    #[error("cannot read the cached manifest {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("no cached manifest")]
+    Missing { path: PathBuf },
+    #[error("cannot read the key recorded when it was accepted, {}: {source}", path.display())]
+    ReadKey { path: PathBuf, source: std::io::Error },
+    #[error("{}: {source}", path.display())]
+    BadKey { path: PathBuf, source: SignError },
+    /// The current trust keys refuse it and no key was recorded at
+    /// acceptance (cached by an older agent).
+    #[error("{now} (and no key was recorded when it was accepted)")]
+    NoKeyRecorded { now: Box<Refusal> },
+    /// Neither the current trust keys nor the key recorded at acceptance
+    /// verify it.
+    #[error("{now}; with key {keyid} that accepted it: {then}")]
+    Refused { now: Box<Refusal>, keyid: String, then: Box<Refusal> },
 }
 
 /// What the start-up rebuild did, for the log and for tests.
@@ -383,7 +443,7 @@ pub fn restore(
     state_dir: &Path,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
-) -> Result<(Rollouts, RestoreReport), String> {
+) -> Result<(Rollouts, RestoreReport), RestoreError> {
     restore_from(queue, &StateDirFiles::new(state_dir), hostname, trust_keys)
 }
 
@@ -394,17 +454,18 @@ pub fn restore(
 /// [`restore_from`].
 pub trait RestoreSource {
     /// The events of `dead/` the CP rejected (see [`recorded_events`]).
-    fn dead_letters(&self) -> Result<Vec<QueuedEvent>, String>;
+    fn dead_letters(&self) -> Result<Vec<QueuedEvent>, RestoreError>;
     /// (file name, reason) of the records of `dead/` that are not rejected
     /// events (see [`corrupt_records`]).
-    fn corrupt_records(&self) -> Result<Vec<(String, String)>, String>;
+    fn corrupt_records(&self) -> Result<Vec<(String, String)>, RestoreError>;
     /// The no-downgrade history (`accepted-channels.json`).
-    fn channel_history(&self) -> Result<ChannelHistory, String>;
-    /// The cached envelope of a rollout (`Ok(None)`: none cached).
-    fn cached_envelope(&self, rollout_id: &RolloutId) -> std::io::Result<Option<Arc<[u8]>>>;
+    fn channel_history(&self) -> Result<ChannelHistory, RestoreError>;
+    /// The cached envelope of a rollout ([`CachedManifestError::Missing`]:
+    /// none cached).
+    fn cached_envelope(&self, rollout_id: &RolloutId) -> Result<Arc<[u8]>, CachedManifestError>;
     /// The key recorded when the rollout was accepted (see
     /// [`ManifestCache::accepted_key`]).
-    fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, String>;
+    fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, CachedManifestError>;
     /// Where the cached envelope is, for messages.
     fn manifest_path(&self, rollout_id: &RolloutId) -> PathBuf;
     /// The signature check of a cached envelope (default:
@@ -426,26 +487,36 @@ impl<'a> StateDirFiles<'a> {
     pub fn new(state_dir: &'a Path) -> StateDirFiles<'a> {
         StateDirFiles { state_dir, cache: ManifestCache::new(state_dir) }
     }
+
+    fn read_dead(&self, source: ViewError) -> RestoreError {
+        RestoreError::ReadQueue { state_dir: self.state_dir.to_owned(), source }
+    }
 }
 
 impl RestoreSource for StateDirFiles<'_> {
-    fn dead_letters(&self) -> Result<Vec<QueuedEvent>, String> {
-        recorded_events(self.state_dir, &[EntryState::Dead])
+    fn dead_letters(&self) -> Result<Vec<QueuedEvent>, RestoreError> {
+        recorded_events(self.state_dir, &[EntryState::Dead]).map_err(|e| self.read_dead(e))
     }
 
-    fn corrupt_records(&self) -> Result<Vec<(String, String)>, String> {
-        corrupt_records(self.state_dir)
+    fn corrupt_records(&self) -> Result<Vec<(String, String)>, RestoreError> {
+        corrupt_records(self.state_dir).map_err(|e| self.read_dead(e))
     }
 
-    fn channel_history(&self) -> Result<ChannelHistory, String> {
-        ChannelHistory::load(self.state_dir).map_err(|e| e.to_string())
+    fn channel_history(&self) -> Result<ChannelHistory, RestoreError> {
+        Ok(ChannelHistory::load(self.state_dir)?)
     }
 
-    fn cached_envelope(&self, rollout_id: &RolloutId) -> std::io::Result<Option<Arc<[u8]>>> {
-        self.cache.load(rollout_id).map(|bytes| bytes.map(Arc::from))
+    fn cached_envelope(&self, rollout_id: &RolloutId) -> Result<Arc<[u8]>, CachedManifestError> {
+        let path = self.cache.path(rollout_id);
+        let bytes = self
+            .cache
+            .load(rollout_id)
+            .map_err(|source| CachedManifestError::Read { path: path.clone(), source })?
+            .ok_or(CachedManifestError::Missing { path })?;
+        Ok(Arc::from(bytes))
     }
 
-    fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, String> {
+    fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, CachedManifestError> {
         self.cache.accepted_key(rollout_id)
     }
 
@@ -460,7 +531,7 @@ pub fn restore_from(
     source: &dyn RestoreSource,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
-) -> Result<(Rollouts, RestoreReport), String> {
+) -> Result<(Rollouts, RestoreReport), RestoreError> {
     let mut journals: BTreeMap<RolloutId, Vec<(u64, OutboundEvent)>> = BTreeMap::new();
     for (rollout_id, _) in queue.rollouts() {
         let events = queue.events_after(&rollout_id, 0).into_iter().map(|q| (q.event.seq, q.event));
@@ -497,14 +568,10 @@ pub fn restore_from(
                 continue;
             }
         };
-        let cached = source
-            .cached_envelope(&rollout_id)
-            .map_err(|e| format!("cannot read the cached manifest: {e}"))
-            .and_then(|bytes| bytes.ok_or_else(|| "no cached manifest".to_owned()))
-            .and_then(|bytes| {
-                let verify = |keys: &[PublicKey], bytes: &[u8]| source.verify_envelope(keys, bytes);
-                verify_cached(&bytes, || source.accepted_key(&rollout_id), &rollout_id, hostname, trust_keys, &verify)
-            });
+        let cached = source.cached_envelope(&rollout_id).and_then(|bytes| {
+            let verify = |keys: &[PublicKey], bytes: &[u8]| source.verify_envelope(keys, bytes);
+            verify_cached(&bytes, || source.accepted_key(&rollout_id), &rollout_id, hostname, trust_keys, &verify)
+        });
         let policy = match cached {
             Ok((manifest, no_longer_trusted)) => {
                 if let Some(keyid) = &no_longer_trusted {
@@ -532,13 +599,14 @@ pub fn restore_from(
                 let over = probe.restore(rollout_id.clone(), FALLBACK_POLICY, &journal).is_ok()
                     && probe.get(&rollout_id).is_some_and(|s| never_decides_again(s, &journal));
                 if !over {
-                    return Err(format!(
-                        "rollout {rollout_id} is still under way on this host but its manifest cannot be proven ({why}; file {}): refusing to guess its policy. Restore the trust key that accepted it, or finish the rollout by hand and remove its events from {}",
-                        source.manifest_path(&rollout_id).display(),
-                        queue.dir().display()
-                    ));
+                    return Err(RestoreError::Unproven {
+                        file: source.manifest_path(&rollout_id),
+                        queue_dir: queue.dir().to_owned(),
+                        rollout_id,
+                        why: Box::new(why),
+                    });
                 }
-                report.without_manifest.push((rollout_id.clone(), why));
+                report.without_manifest.push((rollout_id.clone(), why.to_string()));
                 FALLBACK_POLICY
             }
         };
@@ -629,7 +697,7 @@ pub fn names_rollout(name: &str, hostname: &Hostname, rollout_id: &RolloutId) ->
     let Some(rest) = name.split_once('-').map(|(_, r)| r) else { return false };
     let Some(rest) = rest.strip_prefix(&format!("{hostname}-")) else { return false };
     let Some((rollout_part, _kind)) = rest.rsplit_once('-') else { return false };
-    let cut = rollout_part.chars().count() >= crate::queue::record::NAME_ROLLOUT_MAX_CHARS;
+    let cut = rollout_part.chars().count() >= crate::queue::record::MAX_NAME_ROLLOUT_CHARS;
     rollout_part == rollout_id.as_str() || (cut && rollout_id.as_str().starts_with(rollout_part))
 }
 
@@ -641,14 +709,16 @@ pub fn cached_manifest(
     rollout_id: &RolloutId,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
-) -> Result<CachedManifest, String> {
+) -> Result<CachedManifest, CachedManifestError> {
+    let path = cache.path(rollout_id);
     let bytes = cache
         .load(rollout_id)
-        .map_err(|e| format!("cannot read the cached manifest: {e}"))?
-        .ok_or_else(|| "no cached manifest".to_owned())?;
+        .map_err(|source| CachedManifestError::Read { path: path.clone(), source })?
+        .ok_or(CachedManifestError::Missing { path })?;
     let verify = |keys: &[PublicKey], bytes: &[u8]| verified_manifest(keys, bytes).map(Arc::new);
-    verify_cached(&bytes, || cache.accepted_key(rollout_id), rollout_id, hostname, trust_keys, &verify)
-        .map(|(manifest, no_longer_trusted)| CachedManifest { manifest: Arc::unwrap_or_clone(manifest), no_longer_trusted })
+    verify_cached(&bytes, || cache.accepted_key(rollout_id), rollout_id, hostname, trust_keys, &verify).map(
+        |(manifest, no_longer_trusted)| CachedManifest { manifest: Arc::unwrap_or_clone(manifest), no_longer_trusted },
+    )
 }
 
 /// Verifies a signed envelope with the given keys.
@@ -660,29 +730,28 @@ type Verify<'a> = &'a dyn Fn(&[PublicKey], &[u8]) -> Result<Arc<Manifest>, Refus
 /// asked only when the current trust keys do not verify it.
 fn verify_cached(
     bytes: &[u8],
-    accepted_key: impl FnOnce() -> Result<Option<PublicKey>, String>,
+    accepted_key: impl FnOnce() -> Result<Option<PublicKey>, CachedManifestError>,
     rollout_id: &RolloutId,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
     verify: Verify<'_>,
-) -> Result<(Arc<Manifest>, Option<String>), String> {
+) -> Result<(Arc<Manifest>, Option<String>), CachedManifestError> {
     let admit = |keys: &[PublicKey]| -> Result<Arc<Manifest>, Refusal> {
         let manifest = verify(keys, bytes)?;
         check_cached(hostname, &manifest, rollout_id)?;
         Ok(manifest)
     };
-    let now_error = match admit(trust_keys) {
+    let now = match admit(trust_keys) {
         Ok(manifest) => return Ok((manifest, None)),
         Err(e) => e,
     };
-    let key = match accepted_key()? {
-        Some(key) => key,
-        None => return Err(format!("{now_error} (and no key was recorded when it was accepted)")),
+    let Some(key) = accepted_key()? else {
+        return Err(CachedManifestError::NoKeyRecorded { now: Box::new(now) });
     };
     let keyid = key.keyid();
     admit(&[key])
         .map(|manifest| (manifest, Some(keyid.clone())))
-        .map_err(|e| format!("{now_error}; with key {keyid} that accepted it: {e}"))
+        .map_err(|then| CachedManifestError::Refused { now: Box::new(now), keyid, then: Box::new(then) })
 }
 
 /// The policy of a rollout from its cached manifest (see
@@ -692,7 +761,7 @@ pub fn cached_policy(
     rollout_id: &RolloutId,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
-) -> Result<Policy, String> {
+) -> Result<Policy, CachedManifestError> {
     cached_manifest(cache, rollout_id, hostname, trust_keys).map(|c| c.manifest.machine_policy())
 }
 
@@ -700,10 +769,10 @@ pub fn cached_policy(
 /// every record in `pending/` and `acked/`, and in `dead/` only those the
 /// CP rejected (an unreadable file is no event). For the restart rebuild
 /// (rejected events only; the open queue holds the rest) and `replay`.
-pub fn recorded_events(state_dir: &Path, folders: &[EntryState]) -> Result<Vec<QueuedEvent>, String> {
-    let view = QueueView::open(state_dir).map_err(|e| e.to_string())?;
+pub fn recorded_events(state_dir: &Path, folders: &[EntryState]) -> Result<Vec<QueuedEvent>, ViewError> {
+    let view = QueueView::open(state_dir)?;
     let mut out = Vec::new();
-    for entry in view.list(folders).map_err(|e| e.to_string())? {
+    for entry in view.list(folders)? {
         let Ok(inspected) = view.inspect(entry.name()) else { continue };
         let corrupt = inspected.dead_reason.as_ref().is_some_and(|r| r.cause != DeadCause::Rejected);
         let unexplained_dead = entry.folder == EntryState::Dead && inspected.dead_reason.is_none();
@@ -716,10 +785,10 @@ pub fn recorded_events(state_dir: &Path, folders: &[EntryState]) -> Result<Vec<Q
 
 /// (file name, reason) of every record in `dead/` that is not a rejected
 /// event: unreadable at start-up (corrupt) or without its reason.
-pub fn corrupt_records(state_dir: &Path) -> Result<Vec<(String, String)>, String> {
-    let view = QueueView::open(state_dir).map_err(|e| e.to_string())?;
+pub fn corrupt_records(state_dir: &Path) -> Result<Vec<(String, String)>, ViewError> {
+    let view = QueueView::open(state_dir)?;
     let mut out = Vec::new();
-    for entry in view.list(&[EntryState::Dead]).map_err(|e| e.to_string())? {
+    for entry in view.list(&[EntryState::Dead])? {
         let rejected =
             view.inspect(entry.name()).ok().and_then(|i| i.dead_reason).is_some_and(|r| r.cause == DeadCause::Rejected);
         if !rejected {
@@ -852,7 +921,7 @@ mod tests {
         reducer.handle(dispatch(&manifest)).await;
         let rid = manifest.rollout_id.clone();
         reducer
-            .handle(Input::SwitchStarted {
+            .handle(Input::ActivationStarted {
                 rollout_id: rid.clone(),
                 switch_method: "setsid".into(),
                 at: datetime!(2026-11-25 12:00:01 UTC),
@@ -911,14 +980,14 @@ mod tests {
         );
 
         fs_err::remove_file(dir.path().join(MANIFEST_DIR).join(format!("{}.key", manifest.rollout_id))).expect("rm");
-        let err = restore(&queue.lock(), dir.path(), &host(), &[other]).expect_err("cannot be proven");
+        let err = restore(&queue.lock(), dir.path(), &host(), &[other]).expect_err("cannot be proven").to_string();
         assert!(err.contains(manifest.rollout_id.as_str()) && err.contains(MANIFEST_DIR), "{err}");
         assert!(err.contains("refusing to guess its policy"), "{err}");
     }
 
     #[tokio::test]
     async fn a_corrupt_first_record_of_a_live_rollout_is_an_error_and_a_replay_problem_not_pruning() {
-        // Proves item 8: a Soaking-or-earlier rollout whose acked seq 1 is
+        // Proves a lost start is never retention: a Soaking-or-earlier rollout whose acked seq 1 is
         // corrupt is not silently dropped as "pruned": restore reports it
         // (rollout, file, missing seq), and `replay --state-dir` exits 1.
         // A rollout whose first events retention removed stays "pruned".
@@ -929,7 +998,7 @@ mod tests {
         reducer.handle(dispatch(&manifest)).await;
         let rid = manifest.rollout_id.clone();
         let at = datetime!(2026-11-25 12:00:01 UTC);
-        reducer.handle(Input::SwitchStarted { rollout_id: rid.clone(), switch_method: "setsid".into(), at }).await;
+        reducer.handle(Input::ActivationStarted { rollout_id: rid.clone(), switch_method: "setsid".into(), at }).await;
         {
             let mut q = queue.lock();
             for p in q.pending() {

@@ -1,4 +1,4 @@
-//! The agent's side of the wire protocol (SPEC §5): long-poll for a
+//! The agent's side of the wire protocol (`docs/protocol.md` §4): long-poll for a
 //! dispatch, fetch a rollout's signed manifest, post event batches, send
 //! heartbeats. Thin typed calls over the shared HTTP client; every call
 //! names this host.
@@ -47,12 +47,12 @@ impl CpApi {
     }
 
     pub async fn post_events(&self, batch: &EventBatch) -> Result<EventBatchResponse, ClientError> {
-        let body = serde_json::to_vec(batch).map_err(|e| ClientError::BadHeader(e.to_string()))?;
+        let body = serde_json::to_vec(batch).map_err(ClientError::Encode)?;
         request(&self.url, Method::POST, "/v1/agent/events", &[], Some(body)).await?.json()
     }
 
     pub async fn heartbeat(&self, hb: &Heartbeat) -> Result<HeartbeatResponse, ClientError> {
-        let body = serde_json::to_vec(hb).map_err(|e| ClientError::BadHeader(e.to_string()))?;
+        let body = serde_json::to_vec(hb).map_err(ClientError::Encode)?;
         request(&self.url, Method::POST, "/v1/agent/heartbeat", &[], Some(body)).await?.json()
     }
 }

@@ -1,15 +1,15 @@
 //! The agent's one mutator: a task that owns [`Rollouts`], is the only
 //! caller of `step`, and turns worker inputs into durable events and then
-//! into commands (STYLE.md §3).
+//! into commands.
 //!
 //! Why it is shaped this way:
 //! - Inputs arrive on ONE bounded channel ([`INPUT_CAPACITY`]); workers wait
 //!   when the reducer is behind, so memory is bounded and order is kept.
-//! - Outgoing commands never block the reducer: the switch order and the
-//!   probe plan are `watch` channels (latest value wins; there is only ever
-//!   one switch and one probe plan that matter) and the drainer is woken
-//!   with a `Notify`. The reference agent deadlocked when a bounded command
-//!   channel was full while its worker waited on the reducer (defect 27).
+//! - Outgoing commands never block the reducer: the activation order and
+//!   the probe plan are `watch` channels (latest value wins; there is only ever
+//!   one activation and one probe plan that matter) and the drainer is woken
+//!   with a `Notify`. A bounded command channel would deadlock: full while its
+//!   worker waits on the reducer, with the reducer waiting on it.
 //! - Write-ahead: an event is appended to the journal (the on-disk queue)
 //!   before the record changes and before any command is sent. When the
 //!   append fails (disk full, I/O error) the reducer keeps the input and
@@ -21,23 +21,24 @@ use std::time::Duration as StdDuration;
 
 use tokio::sync::{mpsc, watch, Notify};
 
+use super::activation::ActivationOutcome;
 use super::channels::{Accepted, ChannelHistory};
-use super::rollouts::{rollback_body, switch_body, Prepared, Rollouts, RolloutsError, SwitchOutcome};
+use super::rollouts::{forward_body, rollback_body, Prepared, Rollouts, RolloutsError};
 use crate::ids::{Closure, RolloutId};
 use crate::machine::{Effect, EventBody, HostState, Policy, ProbeDecl, ProbeMode, ProbeStatus, RejectCode, Timestamp};
 use crate::wire::{OutboundEvent, MAX_CLOCK_SKEW};
 
 /// Reducer input queue. Inputs are small and produced by a handful of
-/// workers (probes at ≥ 1 s intervals, one switch, ticks every 5 s): 64
+/// workers (probes at ≥ 1 s intervals, one activation, ticks every 5 s): 64
 /// absorbs a burst of every probe reporting at once while keeping a stuck
 /// reducer visible quickly (workers then wait in `send`).
 pub const INPUT_CAPACITY: usize = 64;
 /// First retry delay after a failed journal append.
-pub const JOURNAL_RETRY_MIN: StdDuration = StdDuration::from_millis(100);
+pub const MIN_JOURNAL_RETRY_DELAY: StdDuration = StdDuration::from_millis(100);
 /// Cap of the exponential journal retry: a full disk is not fixed in
 /// milliseconds, and a 10 s cap keeps the log readable while recovering
 /// within seconds once space returns.
-pub const JOURNAL_RETRY_MAX: StdDuration = StdDuration::from_secs(10);
+pub const MAX_JOURNAL_RETRY_DELAY: StdDuration = StdDuration::from_secs(10);
 
 /// Why an append did not make the event durable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,14 +79,9 @@ pub trait Journal: Send + std::fmt::Debug + 'static {
     fn save_channels(
         &mut self,
         channels: &ChannelHistory,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send {
+    ) -> impl std::future::Future<Output = Result<std::io::Result<()>, tokio::task::JoinError>> + Send {
         let copy = channels.clone();
-        async move {
-            match tokio::task::spawn_blocking(move || copy.save()).await {
-                Ok(result) => result.map_err(|e| e.to_string()),
-                Err(e) => Err(format!("save task failed: {e}")),
-            }
-        }
+        tokio::task::spawn_blocking(move || copy.save())
     }
 }
 
@@ -128,15 +124,15 @@ pub enum Input {
         reason: String,
         at: Timestamp,
     },
-    SwitchStarted {
+    ActivationStarted {
         rollout_id: RolloutId,
         switch_method: String,
         at: Timestamp,
     },
-    SwitchFinished {
+    ActivationFinished {
         rollout_id: RolloutId,
-        order: SwitchOrder,
-        outcome: SwitchOutcome,
+        order: ActivationOrder,
+        outcome: ActivationOutcome,
         at: Timestamp,
     },
     ProbeTopology {
@@ -157,16 +153,17 @@ pub enum Input {
     },
 }
 
-/// The one switch the activation worker should run now.
+/// The one activation (forward or rollback) the activation worker should
+/// run now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SwitchOrder {
+pub struct ActivationOrder {
     pub rollout_id: RolloutId,
     pub closure: Closure,
     pub rollback: bool,
-    /// Increases with every order, so a worker can tell a new order from a
-    /// repeated one.
-    pub generation: u64,
-    /// `Some(failed)`: not a switch. After a forward activation failed
+    /// Increases with every order (and probe plan), so a worker can tell a
+    /// new order from a repeated one. Not a NixOS profile generation.
+    pub number: u64,
+    /// `Some(failed)`: not an activation. After a forward activation failed
     /// under `halt`, make `closure` (the pre-dispatch closure) the boot
     /// default again, while the profile still names `failed`; no live
     /// switch and no event (`activation::restore_boot_default`).
@@ -177,13 +174,14 @@ pub struct SwitchOrder {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ProbePlan {
     pub rollout_id: Option<RolloutId>,
-    pub generation: u64,
+    /// From the same counter as [`ActivationOrder::number`].
+    pub number: u64,
 }
 
 /// The command side of the reducer; none of these can block it.
 #[derive(Debug, Clone)]
 pub struct Commands {
-    pub switch: watch::Sender<Option<SwitchOrder>>,
+    pub activation: watch::Sender<Option<ActivationOrder>>,
     pub probes: watch::Sender<ProbePlan>,
     pub drain: Arc<Notify>,
 }
@@ -191,18 +189,18 @@ pub struct Commands {
 /// The receiving ends, handed to the workers.
 #[derive(Debug)]
 pub struct CommandReceivers {
-    pub switch: watch::Receiver<Option<SwitchOrder>>,
+    pub activation: watch::Receiver<Option<ActivationOrder>>,
     pub probes: watch::Receiver<ProbePlan>,
     pub drain: Arc<Notify>,
 }
 
 pub fn commands() -> (Commands, CommandReceivers) {
-    let (switch_tx, switch_rx) = watch::channel(None);
+    let (activation_tx, activation_rx) = watch::channel(None);
     let (probes_tx, probes_rx) = watch::channel(ProbePlan::default());
     let drain = Arc::new(Notify::new());
     (
-        Commands { switch: switch_tx, probes: probes_tx, drain: drain.clone() },
-        CommandReceivers { switch: switch_rx, probes: probes_rx, drain },
+        Commands { activation: activation_tx, probes: probes_tx, drain: drain.clone() },
+        CommandReceivers { activation: activation_rx, probes: probes_rx, drain },
     )
 }
 
@@ -212,7 +210,8 @@ pub struct Reducer<J> {
     rollouts: Rollouts,
     journal: J,
     commands: Commands,
-    generation: u64,
+    /// The number of the last activation order or probe plan issued.
+    orders_issued: u64,
     snapshot: watch::Sender<Rollouts>,
     /// A topology that could not be journaled (queue full): the probe
     /// worker declares once per plan, so the reducer owes it and retries it
@@ -226,7 +225,7 @@ impl<J: Journal> Reducer<J> {
     /// status) that is updated after every commit.
     pub fn new(rollouts: Rollouts, journal: J, commands: Commands) -> (Reducer<J>, watch::Receiver<Rollouts>) {
         let (snapshot, snapshot_rx) = watch::channel(rollouts.clone());
-        (Reducer { rollouts, journal, commands, generation: 0, snapshot, owed_topology: None }, snapshot_rx)
+        (Reducer { rollouts, journal, commands, orders_issued: 0, snapshot, owed_topology: None }, snapshot_rx)
     }
 
     pub fn rollouts(&self) -> &Rollouts {
@@ -234,7 +233,7 @@ impl<J: Journal> Reducer<J> {
     }
 
     /// Re-issues the commands a restarted agent owes: the probe plan of a
-    /// Soaking rollout and the switch of an unfinished activation or
+    /// Soaking rollout and the activation order of an unfinished activation or
     /// rollback (the activation worker checks `current-system` first, so a
     /// switch that already happened is only observed, not repeated).
     pub fn resume(&mut self) {
@@ -255,14 +254,14 @@ impl<J: Journal> Reducer<J> {
         for id in soaking {
             self.plan_probes(Some(id));
         }
-        for (id, state) in self.rollouts.unfinished_switches() {
+        for (id, state) in self.rollouts.unfinished_activations() {
             let Some(slot) = self.rollouts.get(&id) else { continue };
             let (closure, rollback) = match state {
                 HostState::Activating | HostState::Deferred => (slot.record.target_closure.clone(), false),
                 _ => (slot.record.current_closure_at_dispatch.clone(), true),
             };
             if let Some(closure) = closure {
-                self.order_switch(id, closure, rollback);
+                self.order_activation(id, closure, rollback);
             }
         }
         // A halted failure whose boot default may not be restored yet (the
@@ -312,7 +311,7 @@ impl<J: Journal> Reducer<J> {
                         ),
                     ))
                 } else if let Err(why) = self.rollouts.channels().check(&offered) {
-                    Some(reject(RejectCode::Stale, why))
+                    Some(reject(RejectCode::Stale, why.to_string()))
                 } else if let Some((live_id, live)) = self.rollouts.live(Some(&rollout_id)) {
                     if refused_busy_before {
                         tracing::debug!(%rollout_id, live = %live_id, "dispatch already refused busy; ignored");
@@ -363,14 +362,14 @@ impl<J: Journal> Reducer<J> {
                 )
                 .await;
             }
-            Input::SwitchStarted { rollout_id, switch_method, at } => {
+            Input::ActivationStarted { rollout_id, switch_method, at } => {
                 let activating = self.state(&rollout_id) == Some(HostState::Activating);
                 if activating {
                     self.feed(&rollout_id, EventBody::ActivationStarted { started_at: at, switch_method }).await;
                 }
             }
-            Input::SwitchFinished { rollout_id, order, outcome, at } => {
-                let still_deferred = matches!(outcome, SwitchOutcome::Deferred { .. })
+            Input::ActivationFinished { rollout_id, order, outcome, at } => {
+                let still_deferred = matches!(outcome, ActivationOutcome::Deferred { .. })
                     && self.state(&rollout_id) == Some(HostState::Deferred);
                 if still_deferred && !order.rollback {
                     // A restart before the reboot re-ran the boot setup (it is
@@ -379,7 +378,7 @@ impl<J: Journal> Reducer<J> {
                     return;
                 }
                 let body =
-                    if order.rollback { rollback_body(&order.closure, outcome, at) } else { switch_body(outcome, at) };
+                    if order.rollback { rollback_body(&order.closure, outcome, at) } else { forward_body(outcome, at) };
                 self.feed(&rollout_id, body).await;
             }
             Input::ProbeTopology { rollout_id, probes, at } => {
@@ -426,17 +425,26 @@ impl<J: Journal> Reducer<J> {
     }
 
     async fn save_channels_until_durable(&mut self, channels: &ChannelHistory) {
-        let mut delay = JOURNAL_RETRY_MIN;
+        let mut delay = MIN_JOURNAL_RETRY_DELAY;
         loop {
-            match self.journal.save_channels(channels).await {
-                Ok(()) => return,
-                Err(error) => {
+            let saved = self.journal.save_channels(channels).await;
+            match saved {
+                Ok(Ok(())) => return,
+                Ok(Err(error)) => {
                     tracing::error!(
                         %error, retry_in_ms = delay.as_millis() as u64,
                         "cannot make the accepted-channels file durable; the dispatch waits until it is"
                     );
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(JOURNAL_RETRY_MAX);
+                    delay = (delay * 2).min(MAX_JOURNAL_RETRY_DELAY);
+                }
+                Err(error) => {
+                    tracing::error!(
+                        %error, retry_in_ms = delay.as_millis() as u64,
+                        "the task saving the accepted-channels file failed; the dispatch waits until it is saved"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_JOURNAL_RETRY_DELAY);
                 }
             }
         }
@@ -480,7 +488,7 @@ impl<J: Journal> Reducer<J> {
         outbound: &OutboundEvent,
         deferrable: bool,
     ) -> bool {
-        let mut delay = JOURNAL_RETRY_MIN;
+        let mut delay = MIN_JOURNAL_RETRY_DELAY;
         loop {
             match self.journal.append(rollout_id, outbound).await {
                 Ok(()) => return true,
@@ -498,7 +506,7 @@ impl<J: Journal> Reducer<J> {
                         "cannot make the event durable; the host's state will not advance until it is"
                     );
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(JOURNAL_RETRY_MAX);
+                    delay = (delay * 2).min(MAX_JOURNAL_RETRY_DELAY);
                 }
             }
         }
@@ -519,8 +527,8 @@ impl<J: Journal> Reducer<J> {
                 Effect::RecordTransition { from, to, at } => {
                     tracing::info!(%rollout_id, %from, %to, %at, "host state changed");
                 }
-                Effect::FireSwitch { target } => self.order_switch(rollout_id.clone(), target, false),
-                Effect::FireRollback { to } => self.order_switch(rollout_id.clone(), to, true),
+                Effect::FireSwitch { target } => self.order_activation(rollout_id.clone(), target, false),
+                Effect::FireRollback { to } => self.order_activation(rollout_id.clone(), to, true),
                 Effect::ResetProbes => self.plan_probes(Some(rollout_id.clone())),
                 Effect::EmitOutbound { .. } | Effect::AppendEventLog { .. } | Effect::InsertQuarantine { .. } => {}
             }
@@ -543,15 +551,15 @@ impl<J: Journal> Reducer<J> {
         }
     }
 
-    fn next_generation(&mut self) -> u64 {
-        self.generation += 1;
-        self.generation
+    fn next_order_number(&mut self) -> u64 {
+        self.orders_issued += 1;
+        self.orders_issued
     }
 
-    fn order_switch(&mut self, rollout_id: RolloutId, closure: Closure, rollback: bool) {
-        let generation = self.next_generation();
-        let order = SwitchOrder { rollout_id, closure, rollback, generation, restore_boot_from: None };
-        self.commands.switch.send_replace(Some(order));
+    fn order_activation(&mut self, rollout_id: RolloutId, closure: Closure, rollback: bool) {
+        let number = self.next_order_number();
+        let order = ActivationOrder { rollout_id, closure, rollback, number, restore_boot_from: None };
+        self.commands.activation.send_replace(Some(order));
     }
 
     /// Under `halt` a failed forward activation leaves the profile (and the
@@ -571,20 +579,20 @@ impl<J: Journal> Reducer<J> {
             return;
         };
         tracing::info!(%rollout_id, %previous, %failed, "halt: making the pre-dispatch closure the boot default again");
-        let generation = self.next_generation();
-        let order = SwitchOrder {
+        let number = self.next_order_number();
+        let order = ActivationOrder {
             rollout_id: rollout_id.clone(),
             closure: previous,
             rollback: false,
-            generation,
+            number,
             restore_boot_from: Some(failed),
         };
-        self.commands.switch.send_replace(Some(order));
+        self.commands.activation.send_replace(Some(order));
     }
 
     fn plan_probes(&mut self, rollout_id: Option<RolloutId>) {
-        let generation = self.next_generation();
-        self.commands.probes.send_replace(ProbePlan { rollout_id, generation });
+        let number = self.next_order_number();
+        self.commands.probes.send_replace(ProbePlan { rollout_id, number });
     }
 }
 
@@ -672,14 +680,14 @@ mod tests {
         let journal = MemJournal::default();
         let (mut r, rx) = reducer(journal.clone());
         r.handle(dispatch()).await;
-        let order = rx.switch.borrow().clone().expect("switch ordered");
+        let order = rx.activation.borrow().clone().expect("switch ordered");
         assert_eq!((order.closure.clone(), order.rollback), (closure('1'), false));
         r.handle(dispatch()).await; // repeated long-poll answer
         assert_eq!(journal.kinds(), vec!["DispatchAck"], "a repeated dispatch is ignored");
 
-        let done = SwitchOutcome::Completed { observed: closure('1'), exit_code: 0 };
+        let done = ActivationOutcome::Completed { observed: closure('1') };
         let at = T0 + Duration::seconds(5);
-        r.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: done, at }).await;
+        r.handle(Input::ActivationFinished { rollout_id: rid(), order, outcome: done, at }).await;
         assert_eq!(rx.probes.borrow().rollout_id, Some(rid()), "probes planned for the new system");
         let probes = vec![ProbeDecl { name: "web".into(), kind: ProbeKind::Http, mode: ProbeMode::Enforce }];
         r.handle(Input::ProbeTopology { rollout_id: rid(), probes, at }).await;
@@ -696,11 +704,11 @@ mod tests {
         r.handle(Input::Tick { now: T0 + Duration::seconds(69) }).await;
         assert_eq!(r.rollouts().get(&rid()).expect("slot").record.state, HostState::Soaking);
         r.handle(Input::Tick { now: T0 + Duration::seconds(70) }).await;
-        let order = rx.switch.borrow().clone().expect("rollback ordered");
+        let order = rx.activation.borrow().clone().expect("rollback ordered");
         assert_eq!((order.closure.clone(), order.rollback), (closure('0'), true));
         assert_eq!(rx.probes.borrow().rollout_id, None, "probes stop on a failed host");
-        let back = SwitchOutcome::Completed { observed: closure('0'), exit_code: 0 };
-        r.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: back, at: T0 + Duration::seconds(80) })
+        let back = ActivationOutcome::Completed { observed: closure('0') };
+        r.handle(Input::ActivationFinished { rollout_id: rid(), order, outcome: back, at: T0 + Duration::seconds(80) })
             .await;
         assert_eq!(r.rollouts().get(&rid()).expect("slot").record.state, HostState::Reverted);
         assert_eq!(
@@ -740,13 +748,13 @@ mod tests {
         for _ in 0..3 {
             tokio::task::yield_now().await;
         }
-        assert!(rx.switch.borrow().is_none(), "no switch before the event is durable");
+        assert!(rx.activation.borrow().is_none(), "no switch before the event is durable");
         assert!(journal.kinds().is_empty());
         drop(tx);
         task.await.expect("reducer ends");
         assert_eq!(journal.kinds(), vec!["DispatchAck"]);
         assert_eq!(*journal.failures_left.lock().expect("lock"), 0);
-        assert!(rx.switch.borrow().is_some(), "switch ordered after the append succeeded");
+        assert!(rx.activation.borrow().is_some(), "switch ordered after the append succeeded");
         assert_eq!(snapshot.borrow().last_seqs().get(&rid()), Some(&1));
     }
 
@@ -758,7 +766,7 @@ mod tests {
         let (mut r, _rx) = reducer(journal.clone());
         r.handle(dispatch()).await;
         let (mut again, rx) = restarted(&journal);
-        let order = rx.switch.borrow().clone().expect("switch re-ordered");
+        let order = rx.activation.borrow().clone().expect("switch re-ordered");
         assert_eq!((order.closure, order.rollback), (closure('1'), false));
         again.handle(dispatch()).await;
         assert_eq!(journal.kinds(), vec!["DispatchAck"], "the CP's repeated dispatch is still ignored");
@@ -772,19 +780,21 @@ mod tests {
         let journal = MemJournal::default();
         let (mut r, rx) = reducer(journal.clone());
         r.handle(dispatch()).await;
-        let order = rx.switch.borrow().clone().expect("switch ordered");
-        let deferred = || SwitchOutcome::Deferred { component: "kernel".into() };
-        r.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: deferred(), at: T0 }).await;
+        let order = rx.activation.borrow().clone().expect("switch ordered");
+        let deferred = || ActivationOutcome::Deferred { component: "kernel".into() };
+        r.handle(Input::ActivationFinished { rollout_id: rid(), order, outcome: deferred(), at: T0 }).await;
         let (mut again, rx) = restarted(&journal);
-        let order = rx.switch.borrow().clone().expect("boot setup re-ordered");
+        let order = rx.activation.borrow().clone().expect("boot setup re-ordered");
         assert_eq!((order.closure.clone(), order.rollback), (closure('1'), false));
         let at = T0 + Duration::seconds(5);
-        again.handle(Input::SwitchFinished { rollout_id: rid(), order: order.clone(), outcome: deferred(), at }).await;
+        again
+            .handle(Input::ActivationFinished { rollout_id: rid(), order: order.clone(), outcome: deferred(), at })
+            .await;
         assert_eq!(journal.kinds(), vec!["DispatchAck", "ActivationDeferred"], "nothing new before the reboot");
         assert_eq!(again.rollouts().get(&rid()).expect("slot").record.state, HostState::Deferred);
-        let booted = SwitchOutcome::Completed { observed: closure('1'), exit_code: 0 };
+        let booted = ActivationOutcome::Completed { observed: closure('1') };
         let at = T0 + Duration::seconds(60);
-        again.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: booted, at }).await;
+        again.handle(Input::ActivationFinished { rollout_id: rid(), order, outcome: booted, at }).await;
         assert_eq!(journal.kinds(), vec!["DispatchAck", "ActivationDeferred", "ActivationCompleted"]);
     }
 
@@ -802,7 +812,7 @@ mod tests {
         };
         r.handle(refuse).await;
         assert_eq!(journal.kinds(), vec!["DispatchRejected"]);
-        assert!(rx.switch.borrow().is_none());
+        assert!(rx.activation.borrow().is_none());
         assert_eq!(r.rollouts().get(&rid()).expect("slot").record.state, HostState::Failed);
     }
 
@@ -867,9 +877,9 @@ mod tests {
     /// A (rid) soaking with its enforce probe failing since `secs(10)`.
     async fn soaking_and_failing(r: &mut Reducer<MemJournal>, rx: &CommandReceivers) {
         r.handle(dispatch()).await;
-        let order = rx.switch.borrow().clone().expect("switch ordered");
-        let done = SwitchOutcome::Completed { observed: closure('1'), exit_code: 0 };
-        r.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: done, at: secs(5) }).await;
+        let order = rx.activation.borrow().clone().expect("switch ordered");
+        let done = ActivationOutcome::Completed { observed: closure('1') };
+        r.handle(Input::ActivationFinished { rollout_id: rid(), order, outcome: done, at: secs(5) }).await;
         let probes = vec![ProbeDecl { name: "web".into(), kind: ProbeKind::Http, mode: ProbeMode::Enforce }];
         r.handle(Input::ProbeTopology { rollout_id: rid(), probes, at: secs(5) }).await;
         r.handle(probe(ProbeStatus::Fail, secs(10))).await;
@@ -878,7 +888,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_dispatch_while_another_rollout_is_live_is_refused_busy_once_and_admitted_after_it_ends() {
-        // Proves rule 7 on the agent: B offered while A soaks (probe failing)
+        // Proves one live rollout per host on the agent (§3 rule 8): B offered while A soaks (probe failing)
         // is answered `busy` (durable, B stays Pending), repeats are ignored,
         // A's gate and rollback run while B waits, and B's next offer after A
         // is over activates it with the next seq. Before the fix B was
@@ -897,22 +907,22 @@ mod tests {
         assert!(r.rollouts().answered(&b), "the long-poll skips B's repeats while A is live");
         r.handle(dispatch_of("stable@r2", '2', T0, secs(21))).await;
         assert_eq!(events_of(&journal, "stable@r2").len(), 1, "a repeated offer is ignored");
-        assert_eq!(rx.switch.borrow().as_ref().map(|o| o.rollout_id.clone()), Some(rid()), "B never switched");
+        assert_eq!(rx.activation.borrow().as_ref().map(|o| o.rollout_id.clone()), Some(rid()), "B never switched");
 
         r.handle(probe(ProbeStatus::Fail, secs(11))).await;
         r.handle(Input::Tick { now: secs(70) }).await;
-        let order = rx.switch.borrow().clone().expect("A's rollback");
+        let order = rx.activation.borrow().clone().expect("A's rollback");
         assert_eq!((order.rollout_id.clone(), order.closure.clone(), order.rollback), (rid(), closure('0'), true));
         r.handle(dispatch_of("stable@r2", '2', T0, secs(71))).await;
         assert_eq!(events_of(&journal, "stable@r2").len(), 1, "still busy while A rolls back");
-        let back = SwitchOutcome::Completed { observed: closure('0'), exit_code: 0 };
-        r.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: back, at: secs(80) }).await;
+        let back = ActivationOutcome::Completed { observed: closure('0') };
+        r.handle(Input::ActivationFinished { rollout_id: rid(), order, outcome: back, at: secs(80) }).await;
         assert!(!r.rollouts().answered(&b), "A is over: B's next offer gets an answer");
         r.handle(dispatch_of("stable@r2", '2', T0, secs(90))).await;
         let b_events = events_of(&journal, "stable@r2");
         assert_eq!(b_events.len(), 2);
         assert!(matches!(b_events[1], (2, EventBody::Activate { .. })), "{b_events:?}");
-        let order = rx.switch.borrow().clone().expect("B's switch");
+        let order = rx.activation.borrow().clone().expect("B's switch");
         assert_eq!((order.rollout_id, order.closure), (b, closure('2')));
         let a_before = events_of(&journal, "stable@r1").len();
         r.handle(Input::Tick { now: secs(500) }).await;
@@ -921,7 +931,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_restarted_agent_that_refused_b_busy_admits_b_once_a_has_ended() {
-        // Proves the restart path of rule 7: the busy refusal is durable (no
+        // Proves the restart path of one live rollout per host: the busy refusal is durable (no
         // second refusal after the restart while A is live), and once A has
         // ended the restarted agent activates B with the next seq.
         let journal = MemJournal::default();
@@ -931,14 +941,16 @@ mod tests {
         let (mut again, rx) = restarted_all(&journal, r.rollouts().channels().clone());
         again.handle(dispatch_of("stable@r2", '2', T0, secs(2))).await;
         assert_eq!(events_of(&journal, "stable@r2").len(), 1, "no second busy after the restart");
-        let order = rx.switch.borrow().clone().expect("A's switch re-ordered");
+        let order = rx.activation.borrow().clone().expect("A's switch re-ordered");
         assert_eq!(order.rollout_id, rid());
-        let failed = SwitchOutcome::Failed { exit_code: 1, stderr_tail: "boom".into() };
-        again.handle(Input::SwitchFinished { rollout_id: rid(), order, outcome: failed, at: secs(3) }).await;
-        let rollback = rx.switch.borrow().clone().expect("A's rollback");
+        let failed = ActivationOutcome::Failed { exit_code: 1, stderr_tail: "boom".into() };
+        again.handle(Input::ActivationFinished { rollout_id: rid(), order, outcome: failed, at: secs(3) }).await;
+        let rollback = rx.activation.borrow().clone().expect("A's rollback");
         assert!(rollback.rollback);
-        let back = SwitchOutcome::Completed { observed: closure('0'), exit_code: 0 };
-        again.handle(Input::SwitchFinished { rollout_id: rid(), order: rollback, outcome: back, at: secs(4) }).await;
+        let back = ActivationOutcome::Completed { observed: closure('0') };
+        again
+            .handle(Input::ActivationFinished { rollout_id: rid(), order: rollback, outcome: back, at: secs(4) })
+            .await;
         assert_eq!(again.rollouts().get(&rid()).expect("slot").record.state, HostState::Reverted);
         again.handle(dispatch_of("stable@r2", '2', T0, secs(5))).await;
         let b_events = events_of(&journal, "stable@r2");
@@ -950,7 +962,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_older_manifest_on_a_channel_is_refused_stale_even_after_a_restart() {
-        // Proves rule 11: after accepting stable@v2 (durably, before its
+        // Proves no downgrade (§3 rule 9): after accepting stable@v2 (durably, before its
         // DispatchAck), stable@v1 is refused `stale` naming both, also by a
         // restarted agent that reloads the file; a manifest dated beyond the
         // clock-skew bound is refused. Before the fix v1 was activated.
@@ -961,10 +973,15 @@ mod tests {
         let hour = Duration::hours(1);
         r.handle(dispatch_of("stable@v2", '2', T0 + hour, T0 + hour)).await;
         assert!(matches!(events_of(&journal, "stable@v2").as_slice(), [(1, EventBody::Activate { .. })]));
-        let order = r.commands.switch.borrow().clone().expect("v2 switch");
-        let done = SwitchOutcome::Completed { observed: closure('2'), exit_code: 0 };
-        r.handle(Input::SwitchFinished { rollout_id: order.rollout_id.clone(), order, outcome: done, at: T0 + hour })
-            .await;
+        let order = r.commands.activation.borrow().clone().expect("v2 switch");
+        let done = ActivationOutcome::Completed { observed: closure('2') };
+        r.handle(Input::ActivationFinished {
+            rollout_id: order.rollout_id.clone(),
+            order,
+            outcome: done,
+            at: T0 + hour,
+        })
+        .await;
         let probes = vec![];
         let v2 = RolloutId::parse("stable@v2").expect("valid");
         r.handle(Input::ProbeTopology { rollout_id: v2.clone(), probes, at: T0 + hour }).await;
@@ -979,7 +996,7 @@ mod tests {
             panic!("{v1:?}")
         };
         assert!(reason.contains("stable@v1") && reason.contains("stable@v2"), "{reason}");
-        assert_eq!(rx.switch.borrow().as_ref().map(|o| o.rollout_id.clone()), None, "no switch back");
+        assert_eq!(rx.activation.borrow().as_ref().map(|o| o.rollout_id.clone()), None, "no switch back");
 
         let now = T0 + 2 * hour;
         again.handle(dispatch_of("canary@f1", '3', now + Duration::minutes(6), now)).await;
@@ -994,7 +1011,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn after_a_restart_the_failure_gate_waits_for_fresh_results_and_counts_from_this_run() {
-        // Proves rule 9: a probe failing since 10 s before the restart does
+        // Proves fresh evidence (§3 rule 6): a probe failing since 10 s before the restart does
         // not fail the host on pre-restart observations (before the fix the
         // first tick after the restart rolled back); the threshold counts
         // from the first failure this run saw, and the machine accepts it.
@@ -1012,7 +1029,7 @@ mod tests {
         assert_eq!(record.state, HostState::Failed);
         let last = events_of(&journal, "stable@r1").pop().expect("event");
         assert!(matches!(last.1, EventBody::SustainedFailureCrossed { sustained_duration_secs: 60, .. }), "{last:?}");
-        assert!(rx.switch.borrow().as_ref().is_some_and(|o| o.rollback));
+        assert!(rx.activation.borrow().as_ref().is_some_and(|o| o.rollback));
 
         // A service that recovered while the agent was down: the first fresh
         // result passes, the clock resets, nothing fails.
@@ -1029,7 +1046,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn steady_probe_results_add_no_events_and_a_full_queue_never_blocks_a_decision() {
-        // Proves item 5: a probe failing at 1 Hz for 100 s journals one
+        // Proves that steady results are no events: a probe failing at 1 Hz for 100 s journals one
         // result (before the fix: 100); under a full queue a visibility
         // event is dropped without blocking the reducer and the sustained
         // failure (decisive, through the queue's reserve) still goes out,

@@ -2,7 +2,7 @@
 //! I/O: the part of the agent's reducer that can be tested with plain
 //! values. The runtime owns one [`Rollouts`] and is its only caller.
 //!
-//! Write-ahead protocol (SPEC §6): for every event the runtime calls
+//! Write-ahead protocol (`docs/protocol.md` §5): for every event the runtime calls
 //! [`Rollouts::prepare`], which runs `step` on a copy and assigns the next
 //! seq; the runtime makes the outbound event durable in the queue; only then
 //! does it call [`Rollouts::commit`] and execute the remaining effects. If
@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 
+use super::activation::{ActivationOutcome, EXIT_CODE_COMPLETED};
 use super::channels::ChannelHistory;
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{
@@ -26,7 +27,7 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// SPEC §4 rule 7: the rollout still acts on the host (Activating,
+    /// `docs/protocol.md` §3 rule 8: the rollout still acts on the host (Activating,
     /// Deferred, Soaking, or Failed with a rollback fired whose outcome is
     /// not recorded). While one is live no other rollout is accepted. A
     /// failed rollback ends it: the operator decides, and the next rollout
@@ -39,8 +40,8 @@ impl Slot {
 }
 
 /// What THIS run of the agent has seen of a soaking rollout's probes. Never
-/// journaled: a restart starts empty, which is the point (SPEC §4 rule 9,
-/// decisions need fresh evidence). The gates' other inputs are the record.
+/// journaled: a restart starts empty, which is the point (`docs/protocol.md`
+/// §3 rule 6: decisions need fresh evidence). The gates' other inputs are the record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunEvidence {
     /// The latest result of each probe in this run.
@@ -84,24 +85,6 @@ impl From<TransitionError> for RolloutsError {
     fn from(e: TransitionError) -> RolloutsError {
         RolloutsError::Transition(Box::new(e))
     }
-}
-
-/// What a finished switch (forward or rollback) reported.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SwitchOutcome {
-    /// `current-system` now resolves to `observed`.
-    Completed {
-        observed: Closure,
-        exit_code: i32,
-    },
-    /// Profile set for the next boot; a reboot will finish it.
-    Deferred {
-        component: String,
-    },
-    Failed {
-        exit_code: i32,
-        stderr_tail: String,
-    },
 }
 
 /// Every rollout this host has seen, by id.
@@ -167,8 +150,8 @@ impl Rollouts {
         true
     }
 
-    /// The live rollout other than `except` (rule 7). With several (only a
-    /// journal written before rule 7 can hold that), the one accepted last.
+    /// The live rollout other than `except` (§3 rule 8). With several (only a
+    /// journal written before that rule can hold that), the one accepted last.
     pub fn live(&self, except: Option<&RolloutId>) -> Option<(&RolloutId, &Slot)> {
         self.slots
             .iter()
@@ -397,13 +380,13 @@ impl Rollouts {
         self.slots.get(rollout_id).and_then(|s| failure_clock_start_due(&s.record))
     }
 
-    /// The rollouts whose switch the agent must (re)fire after a restart:
+    /// The rollouts whose activation the agent must (re)order after a restart:
     /// Activating (outcome unknown), Deferred (a reboot may have finished
     /// it: the activation worker reports Completed when the host provably
     /// runs the target, and otherwise re-runs the idempotent boot setup), or
     /// Failed with a rollback whose outcome was never recorded.
-    /// A rollout accepted before another one never acts again (rule 7).
-    pub fn unfinished_switches(&self) -> Vec<(RolloutId, HostState)> {
+    /// A rollout accepted before another one never acts again (§3 rule 8).
+    pub fn unfinished_activations(&self) -> Vec<(RolloutId, HostState)> {
         self.slots
             .iter()
             .filter(|(id, _)| self.accepted_after(id).is_none())
@@ -417,38 +400,42 @@ impl Rollouts {
     }
 }
 
-/// The event for a finished forward switch.
-pub fn switch_body(outcome: SwitchOutcome, at: Timestamp) -> EventBody {
+/// The event for a finished forward activation.
+pub fn forward_body(outcome: ActivationOutcome, at: Timestamp) -> EventBody {
     match outcome {
-        SwitchOutcome::Completed { observed, exit_code } => {
-            EventBody::ActivationCompleted { observed_current_closure: observed, exit_code, completed_at: at }
-        }
-        SwitchOutcome::Deferred { component } => EventBody::ActivationDeferred { component, deferred_at: at },
-        SwitchOutcome::Failed { exit_code, stderr_tail } => {
+        ActivationOutcome::Completed { observed } => EventBody::ActivationCompleted {
+            observed_current_closure: observed,
+            exit_code: EXIT_CODE_COMPLETED,
+            completed_at: at,
+        },
+        ActivationOutcome::Deferred { component } => EventBody::ActivationDeferred { component, deferred_at: at },
+        ActivationOutcome::Failed { exit_code, stderr_tail } => {
             EventBody::ActivationFailed { exit_code, stderr_tail, failed_at: at }
         }
     }
 }
 
-/// The event for a finished rollback. A rollback that "completed" on
+/// The event for a finished rollback activation. A rollback that "completed" on
 /// another closure than its target, or was deferred to a reboot, did not
 /// restore the host and is reported as failed with the reason.
-pub fn rollback_body(target: &Closure, outcome: SwitchOutcome, at: Timestamp) -> EventBody {
+pub fn rollback_body(target: &Closure, outcome: ActivationOutcome, at: Timestamp) -> EventBody {
     match outcome {
-        SwitchOutcome::Completed { observed, exit_code } if &observed == target => {
-            EventBody::RollbackCompleted { reverted_to_closure: observed, exit_code, completed_at: at }
-        }
-        SwitchOutcome::Completed { observed, exit_code } => EventBody::RollbackFailed {
-            exit_code,
+        ActivationOutcome::Completed { observed } if &observed == target => EventBody::RollbackCompleted {
+            reverted_to_closure: observed,
+            exit_code: EXIT_CODE_COMPLETED,
+            completed_at: at,
+        },
+        ActivationOutcome::Completed { observed } => EventBody::RollbackFailed {
+            exit_code: EXIT_CODE_COMPLETED,
             stderr_tail: format!("rollback finished but the host runs {observed}, not {target}"),
             failed_at: at,
         },
-        SwitchOutcome::Deferred { component } => EventBody::RollbackFailed {
+        ActivationOutcome::Deferred { component } => EventBody::RollbackFailed {
             exit_code: 0,
             stderr_tail: format!("rollback needs a reboot ({component}); the host still runs the failed closure"),
             failed_at: at,
         },
-        SwitchOutcome::Failed { exit_code, stderr_tail } => {
+        ActivationOutcome::Failed { exit_code, stderr_tail } => {
             EventBody::RollbackFailed { exit_code, stderr_tail, failed_at: at }
         }
     }
@@ -493,9 +480,9 @@ mod tests {
         );
         assert_eq!(fx, vec![Effect::FireSwitch { target: closure('1') }]);
         assert!(!r.open(&rid(), policy()), "a repeated dispatch is ignored");
-        assert_eq!(r.unfinished_switches(), vec![(rid(), HostState::Activating)]);
-        let done = SwitchOutcome::Completed { observed: closure('1'), exit_code: 0 };
-        apply(&mut r, &mut journal, switch_body(done, T0 + Duration::seconds(5)));
+        assert_eq!(r.unfinished_activations(), vec![(rid(), HostState::Activating)]);
+        let done = ActivationOutcome::Completed { observed: closure('1') };
+        apply(&mut r, &mut journal, forward_body(done, T0 + Duration::seconds(5)));
         let decl = vec![ProbeDecl { name: "web".into(), kind: ProbeKind::Http, mode: ProbeMode::Enforce }];
         apply(&mut r, &mut journal, EventBody::ProbeTopologyDeclared { probes: decl, declared_at: T0 });
         let t = T0 + Duration::seconds(10);
@@ -510,18 +497,18 @@ mod tests {
         assert_eq!(due.len(), 1);
         let fx = apply(&mut r, &mut journal, due[0].1.clone());
         assert!(fx.contains(&Effect::FireRollback { to: closure('0') }), "{fx:?}");
-        assert_eq!(r.unfinished_switches(), vec![(rid(), HostState::Failed)]);
+        assert_eq!(r.unfinished_activations(), vec![(rid(), HostState::Failed)]);
 
         let mut restarted = Rollouts::new(host);
         restarted.restore(rid(), policy(), &journal).expect("replays");
         assert_eq!(restarted.get(&rid()), r.get(&rid()));
         assert_eq!(restarted.last_seqs(), r.last_seqs());
-        assert_eq!(restarted.unfinished_switches(), vec![(rid(), HostState::Failed)]);
+        assert_eq!(restarted.unfinished_activations(), vec![(rid(), HostState::Failed)]);
 
-        let back = SwitchOutcome::Completed { observed: closure('0'), exit_code: 0 };
+        let back = ActivationOutcome::Completed { observed: closure('0') };
         apply(&mut r, &mut journal, rollback_body(&closure('0'), back, t + Duration::seconds(70)));
         assert_eq!(r.get(&rid()).expect("slot").record.state, HostState::Reverted);
-        assert!(r.unfinished_switches().is_empty());
+        assert!(r.unfinished_activations().is_empty());
     }
 
     #[test]
@@ -557,11 +544,11 @@ mod tests {
         // Proves a rollback landing on the wrong closure or needing a reboot
         // is reported as RollbackFailed, never as a completed rollback.
         let target = closure('0');
-        let wrong = SwitchOutcome::Completed { observed: closure('2'), exit_code: 0 };
+        let wrong = ActivationOutcome::Completed { observed: closure('2') };
         assert!(matches!(rollback_body(&target, wrong, T0), EventBody::RollbackFailed { .. }));
-        let deferred = SwitchOutcome::Deferred { component: "kernel".into() };
+        let deferred = ActivationOutcome::Deferred { component: "kernel".into() };
         assert!(matches!(rollback_body(&target, deferred, T0), EventBody::RollbackFailed { .. }));
-        let ok = SwitchOutcome::Completed { observed: target.clone(), exit_code: 0 };
+        let ok = ActivationOutcome::Completed { observed: target.clone() };
         assert!(matches!(rollback_body(&target, ok, T0), EventBody::RollbackCompleted { .. }));
     }
 

@@ -50,7 +50,7 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// Defaults of SPEC §7 and issue 5 for the paths and programs.
+    /// The NixOS defaults (`docs/protocol.md` §6) for the paths and programs.
     pub fn activation_defaults(state_dir: &std::path::Path) -> ActivationConfig {
         ActivationConfig {
             switch_runner: SwitchRunner::detect(),
@@ -63,8 +63,10 @@ impl AgentConfig {
 pub enum AgentError {
     #[error("cannot open the agent's queue in {path}: {source}")]
     Queue { path: PathBuf, source: crate::queue::QueueError },
+    #[error("cannot create the agent's state dir {}: {source}", path.display())]
+    StateDir { path: PathBuf, source: std::io::Error },
     #[error("cannot rebuild the agent's state from its queue: {0}")]
-    Restore(String),
+    Restore(#[from] super::journal::RestoreError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
     #[error("{0}; the agent stopped (its service manager restarts it, and it resumes from its queue)")]
@@ -111,7 +113,7 @@ pub async fn serve_with_queue(
     let mut workers: JoinSet<(&'static str, WorkerExit)> = JoinSet::new();
     {
         let (cfg_a, inputs, clock, stop) = (cfg.activation.clone(), input_tx.clone(), clock.clone(), stop.clone());
-        let orders = rx.switch.clone();
+        let orders = rx.activation.clone();
         workers.spawn(async move { ("activation", run_activation_worker(cfg_a, orders, inputs, clock, stop).await) });
     }
     {

@@ -1,4 +1,4 @@
-//! `GET /metrics` in the Prometheus text format (SPEC §5): counters the
+//! `GET /metrics` in the Prometheus text format (`docs/protocol.md` §4): counters the
 //! writer bumps after each commit, the long-poll board's gauges, and
 //! rollout/host counts read from the database.
 

@@ -1,4 +1,4 @@
-//! The control plane (SPEC §5, §8): `cp serve` stores rollouts and an
+//! The control plane (`docs/protocol.md` §4): `cp serve` stores rollouts and an
 //! append-only event log in SQLite, mirrors every host through the shared
 //! state machine, plans waves and serves long-polls; `cp publish` and
 //! `cp status` are its operator clients.

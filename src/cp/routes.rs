@@ -1,4 +1,4 @@
-//! HTTP routes of the control plane (SPEC §5): parse and validate at the
+//! HTTP routes of the control plane (`docs/protocol.md` §4): parse and validate at the
 //! boundary, hand changes to the writer, answer only after its commit, read
 //! views from reader connections. Every error is JSON `{error, message}`
 //! with the right status, and nothing is stored for a refused request.
@@ -293,7 +293,7 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
         Ok(m) => m,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_manifest", e.to_string()),
     };
-    // SPEC §4 rule 11: a manifest dated beyond the clock-skew bound would
+    // `docs/protocol.md` §2 (clock skew): a manifest dated beyond the clock-skew bound would
     // outrank every honest manifest on its channel; the agents refuse it too.
     let now = app.clock.now();
     if manifest.issued_in_the_future(now) {

@@ -1,6 +1,6 @@
 //! The control plane's process shell: socket, accept loop, connection
 //! tasks, the writer thread, the planner tick, and graceful shutdown
-//! (STYLE.md §10). [`serve`] takes its listener, acceptor, config, clock and
+//! (stop accepting, drain for a bounded time). [`serve`] takes its listener, acceptor, config, clock and
 //! shutdown future, so tests run it in-process on port 0.
 //!
 //! Tasks and channels:

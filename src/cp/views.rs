@@ -1,4 +1,4 @@
-//! Read-only status views (SPEC §5), built from the database on a reader
+//! Read-only status views (`docs/protocol.md` §4), built from the database on a reader
 //! connection so they never queue behind the writer. Shapes are serde
 //! structs so `cp status --json` and the HTTP API print the same thing.
 
@@ -68,7 +68,7 @@ pub struct HostInRollout {
     pub deferred_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deferred_for_secs: Option<u64>,
-    /// Pending and held: the other rollout the host is live in (rule 7).
+    /// Pending and held: the other rollout the host is live in (`docs/protocol.md` §3 rule 8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_by: Option<RolloutId>,
     /// The CP skipped the host: its target was quarantined before it acked.
@@ -127,7 +127,7 @@ pub struct HostView {
     pub agent_version: Option<String>,
     pub uptime_secs: Option<u64>,
     pub rollouts: Vec<HostRolloutRef>,
-    /// The last heartbeat's verdict (SPEC §4 rule 10).
+    /// The last heartbeat's verdict (`docs/protocol.md` §3 rule 10).
     #[serde(default = "unknown_drift")]
     pub drift: Drift,
     /// The closure the records say the host runs, and the rollout saying it.

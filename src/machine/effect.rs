@@ -18,7 +18,7 @@ pub enum Effect {
     EmitOutbound { seq: u64, body: EventBody },
     /// Agent: realise, set the profile and switch to the target closure.
     FireSwitch { target: Closure },
-    /// Agent: switch back to exactly this closure (SPEC §4 rule 4).
+    /// Agent: switch back to exactly this closure (`docs/protocol.md` §3 rule 7).
     FireRollback { to: Closure },
     /// Agent: restart the probe worker against the newly active system.
     ResetProbes,

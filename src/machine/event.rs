@@ -1,5 +1,5 @@
 //! Events: facts about one host in one rollout. Each Local/Remote pair of
-//! SPEC §4 is ONE body type with an [`Origin`]: the agent applies `Local`
+//! `docs/protocol.md` §3 is ONE body type with an [`Origin`]: the agent applies `Local`
 //! events it synthesised, the control plane applies the `Remote` mirror it
 //! received. Sharing the body makes "both sides see the same fields" a
 //! property of the type system rather than of discipline.
@@ -37,7 +37,7 @@ impl Event {
         Event { origin: Origin::Remote, seq, body }
     }
 
-    /// The name of the event as SPEC §4 spells it for this side,
+    /// The name of the event on this side (`docs/decisions.md` 1),
     /// e.g. `LocalActivate` or `RemoteDispatchAck`.
     pub fn name(&self) -> &'static str {
         let kind = self.body.kind();
@@ -66,7 +66,7 @@ pub enum ProbeMode {
     Disabled,
 }
 
-/// There is no "Unknown": a runner error is a Fail with a reason (SPEC §7).
+/// There is no "Unknown": a runner error is a Fail with a reason (`docs/protocol.md` §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProbeStatus {
@@ -90,7 +90,7 @@ pub enum EventBody {
     /// of outbound events rebuilds a record from nothing.
     Activate {
         /// The closure the host actually ran when it accepted the dispatch:
-        /// the rollback target (SPEC §4 rule 4).
+        /// the rollback target (`docs/protocol.md` §3 rule 7).
         current_closure_at_dispatch: Closure,
         target_closure: Closure,
         soak_secs: u64,
@@ -298,7 +298,7 @@ impl EventBody {
         }
     }
 
-    /// The agent-owned instant at which the fact happened (SPEC §2: the
+    /// The agent-owned instant at which the fact happened (`docs/protocol.md` §1: the
     /// control plane stores the agent's time, never its own receive time).
     pub fn occurred_at(&self) -> Timestamp {
         match self {

@@ -1,5 +1,5 @@
-//! Time-driven decisions, kept out of `step` (SPEC §4 "Timers are not in
-//! step"). The agent's tick asks these pure helpers whether an event is due
+//! Time-driven decisions, kept out of `step` (`docs/protocol.md` §3: "Timers are
+//! not in `step`"). The agent's tick asks these pure helpers whether an event is due
 //! at `now` and feeds the answer through `step` like any other event, so the
 //! decision and its check share one implementation (`converge_holds`,
 //! `sustained_failure_holds`) and cannot drift apart.

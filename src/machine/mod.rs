@@ -1,4 +1,4 @@
-//! The per-host rollout state machine (SPEC §4), shared by the agent and the
+//! The per-host rollout state machine (`docs/protocol.md` §3), shared by the agent and the
 //! control plane: "same step, both sides".
 //!
 //! This module is pure. It never performs I/O, never reads a clock and never

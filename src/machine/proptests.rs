@@ -1,5 +1,5 @@
 //! Property tests of the state machine's invariants:
-//! - `step` is total: no panic for any record and any event (rule 6);
+//! - `step` is total: no panic for any record and any event (`docs/protocol.md` §3 rule 11);
 //! - the agent (Local events) and the control plane (the same events sent
 //!   through the wire format and back as Remote events) reach identical
 //!   records after every event ("same step, both sides");
@@ -270,7 +270,7 @@ fn through_the_wire(seq: u64, body: &EventBody) -> Event {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
-    /// Rule 6: `step` never panics, and its answer is well-formed.
+    /// Rule 11: `step` never panics, and its answer is well-formed.
     #[test]
     fn step_is_total(record in any_record(), body in any_body(), seq in 0u64..40,
                      remote in any::<bool>(), policy in any_policy()) {

@@ -1,7 +1,8 @@
 //! What is known about one host in one rollout: the record `step` folds
 //! events into. It is serialisable so the control plane can cache it and the
 //! status views can show it, but it is never sent to an agent to overwrite
-//! the agent's own record (a defect of the reference system).
+//! the agent's own record: the agent owns its host's transitions
+//! (`docs/protocol.md` §1).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -58,7 +59,7 @@ impl fmt::Display for HostState {
     }
 }
 
-/// What the agent does when a host fails (SPEC §3).
+/// What the agent does when a host fails (`docs/protocol.md` §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum OnHealthFailure {
     /// The host stays Failed; the operator decides.
@@ -87,7 +88,7 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// SPEC §4 rule 3 default.
+    /// The manifest's default `sustained_failure_secs` (`docs/protocol.md` §2).
     pub const DEFAULT_SUSTAINED_FAILURE_SECS: u64 = 60;
 }
 
@@ -163,13 +164,13 @@ pub struct HostRecord {
     pub activation_completed_at: Option<Timestamp>,
     /// The closure the host was last seen running (observed, not assumed).
     pub current_closure: Option<Closure>,
-    /// `activation_completed_at + soak_secs` (SPEC §4 rule 5).
+    /// `activation_completed_at + soak_secs` (`docs/protocol.md` §3 rule 4).
     pub soak_due_at: Option<Timestamp>,
     /// The probe topology declared since the last activation, if any.
     pub topology: Option<Vec<ProbeDecl>>,
     pub probes: BTreeMap<String, ProbeRecord>,
     /// Sustained-failure clock: set by ProbeFailureFirst, reset when no
-    /// enforce probe is failing any more (SPEC §4 rule 3).
+    /// enforce probe is failing any more (`docs/protocol.md` §3 rule 5).
     pub failure_clock_since: Option<Timestamp>,
     pub failed_at: Option<Timestamp>,
     pub failure: Option<Failure>,
@@ -216,7 +217,7 @@ impl HostRecord {
         }
     }
 
-    /// Whether this rollout holds the host (SPEC §4 rule 7, one live rollout
+    /// Whether this rollout holds the host (`docs/protocol.md` §3 rule 8, one live rollout
     /// per host): it is switching, waiting for a reboot, soaking, or Failed
     /// with a rollback fired whose outcome has not arrived. Nothing of
     /// another rollout may touch the host meanwhile. A failed rollback ends
@@ -230,7 +231,7 @@ impl HostRecord {
     }
 
     /// The closure this record says the host runs, when the events prove
-    /// it (SPEC §4 rule 10): Soaking, Converged and Failed without a
+    /// it (`docs/protocol.md` §3 rule 10): Soaking, Converged and Failed without a
     /// rollback → the closure last observed on the host (the target after
     /// a completed activation, the other closure after a wrong one);
     /// Reverted → the closure rolled back to. Pending, Activating, Deferred

@@ -16,7 +16,7 @@ use crate::ids::{Closure, Hostname, RolloutId};
 pub enum Outcome {
     /// The event moved the record; run the effects in order.
     Applied { record: Box<HostRecord>, effects: Vec<Effect> },
-    /// `seq <= last_seq`: already applied; nothing to do (SPEC §4 rule 1).
+    /// `seq <= last_seq`: already applied; nothing to do (`docs/protocol.md` §3 rule 1).
     Duplicate { last_seq: u64 },
     /// `seq > last_seq + 1`: an earlier event is missing. Nothing is applied;
     /// the sender re-sends from `expected` (gaps are not errors).
@@ -187,9 +187,12 @@ impl Tx<'_> {
                     self.effects.push(Effect::FireSwitch { target: target_closure.clone() });
                 }
             }
-            (EventBody::DispatchRejected { code: RejectCode::Busy, .. }, S::Pending) => {
+            (EventBody::DispatchRejected { target_closure, code: RejectCode::Busy, .. }, S::Pending) => {
                 // Busy in another rollout (one live rollout per host): the
                 // host stays Pending and is offered the dispatch again later.
+                // The record names the closure it was offered, as for any
+                // refusal, so an agent's journal alone rebuilds the CP's record.
+                self.next.target_closure = Some(target_closure.clone());
             }
             (EventBody::DispatchRejected { target_closure, reason, rejected_at, .. }, S::Pending) => {
                 // Record what the host was told to run and refused: when the
@@ -229,8 +232,8 @@ impl Tx<'_> {
                         self.effects.push(Effect::ResetProbes);
                     }
                 } else {
-                    // SPEC §4: observed ≠ target is a failure, not a Soaking
-                    // host that can never converge (reference defect 10).
+                    // Observed ≠ target is a failure, not a Soaking host that
+                    // can never converge (`docs/decisions.md` 8).
                     let failure = Failure::WrongClosure { observed: observed_current_closure.clone() };
                     self.fail(failure, *completed_at, policy.on_health_failure);
                 }
@@ -388,7 +391,7 @@ impl Tx<'_> {
         self.next.probes.entry(probe_name.to_owned()).or_insert_with(|| ProbeRecord::new(mode))
     }
 
-    /// SPEC §4 rule 3: the clock resets once no enforce probe is failing.
+    /// `docs/protocol.md` §3 rule 5: the clock resets once no enforce probe is failing.
     fn reset_clock_if_recovered(&mut self) {
         if self.next.failing_enforce_probes().is_empty() {
             self.next.failure_clock_since = None;
@@ -413,7 +416,7 @@ pub(super) fn duration_secs(secs: u64) -> Option<Duration> {
     i64::try_from(secs).ok().map(Duration::seconds)
 }
 
-/// SPEC §4 rule 2, shared by `step` (checking a claim) and the converge gate
+/// `docs/protocol.md` §3 rule 4, shared by `step` (checking a claim) and the converge gate
 /// (deciding to make one): `Err` says what still blocks convergence.
 pub(super) fn converge_holds(record: &HostRecord, at: Timestamp) -> Result<(), String> {
     if record.state != HostState::Soaking {
@@ -440,7 +443,7 @@ pub(super) fn converge_holds(record: &HostRecord, at: Timestamp) -> Result<(), S
     Ok(())
 }
 
-/// SPEC §4 rule 3, shared by `step` and the failure gate.
+/// `docs/protocol.md` §3 rule 5, shared by `step` and the failure gate.
 pub(super) fn sustained_failure_holds(record: &HostRecord, policy: &Policy, at: Timestamp) -> Result<(), String> {
     if record.state != HostState::Soaking {
         return Err(format!("host is {}, not Soaking", record.state));

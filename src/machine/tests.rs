@@ -1,6 +1,8 @@
 //! Table-driven tests of `step`: every (state, event kind, side) pair, the
-//! six rules of SPEC §4, and scenarios for the reference system's defects
-//! (seed-system.md §11 items 1, 4, 5, 6, 9, 10).
+//! numbered rules of `docs/protocol.md` §3, and scenarios for the mistakes
+//! a rollout machine easily makes (the wrong rollback target, a failure
+//! clock that does not reset, early convergence, the soak's start, lost
+//! rollback failures, completion on another closure).
 
 use time::macros::datetime;
 use time::Duration;
@@ -226,7 +228,7 @@ fn sample(kind: EventKind, h: &mut Host) -> EventBody {
     }
 }
 
-/// The legal pairs of SPEC §4 and the state each leads to (rollback policy).
+/// The legal pairs of `docs/protocol.md` §3 and the state each leads to (rollback policy).
 fn legal_target(from: HostState, kind: EventKind) -> Option<HostState> {
     use EventKind as K;
     use HostState as S;
@@ -331,7 +333,7 @@ fn a_seq_at_or_below_the_last_is_a_duplicate_no_op_in_every_state() {
 
 #[test]
 fn a_seq_beyond_the_next_is_a_gap_that_changes_nothing_in_every_state() {
-    // Proves rule 8: only last + 1 is applied; a later seq is answered with
+    // Proves rule 2: only last + 1 is applied; a later seq is answered with
     // the seq expected, and a late earlier seq is then still applied.
     for from in HostState::ALL {
         let mut h = host_in(from, rollback_policy());
@@ -368,7 +370,7 @@ fn sample_activate() -> EventBody {
 
 #[test]
 fn a_busy_refusal_leaves_the_host_pending_and_a_later_ack_activates_it() {
-    // Proves rule 7 on the machine: `busy` is "ask again later", never a
+    // Proves rule 8 on the machine: `busy` is "ask again later", never a
     // failure; `stale` and `refused` fail the host.
     let busy = |code| EventBody::DispatchRejected {
         target_closure: new(),
@@ -394,7 +396,7 @@ fn a_busy_refusal_leaves_the_host_pending_and_a_later_ack_activates_it() {
 
 #[test]
 fn halt_policy_fails_without_a_rollback_and_refuses_rollback_events() {
-    // Proves SPEC §3 "halt": no FireRollback, the host stays Failed, and a
+    // Proves the `halt` policy (`docs/protocol.md` §2): no FireRollback, the host stays Failed, and a
     // rollback outcome cannot be claimed for a rollback that never fired.
     let mut h = host_in(HostState::Activating, halt_policy());
     h.feed(EventBody::ActivationFailed { exit_code: 1, stderr_tail: "x".into(), failed_at: at(5) });
@@ -407,11 +409,11 @@ fn halt_policy_fails_without_a_rollback_and_refuses_rollback_events() {
     assert!(matches!(err, TransitionError::Refused { .. }), "{err}");
 }
 
-// ---- Reference defect 1 / rule 4: the rollback target ----
+// ---- Rule 7 (`docs/protocol.md` §3): the rollback target ----
 
 #[test]
 fn rollback_goes_to_the_closure_running_at_dispatch_not_the_target() {
-    // Proves rule 4: FireRollback names current_closure_at_dispatch and a
+    // Proves rule 7: FireRollback names current_closure_at_dispatch and a
     // RollbackCompleted to any other closure is refused.
     let mut h = host_in(HostState::Activating, rollback_policy());
     h.feed(EventBody::ActivationFailed { exit_code: 1, stderr_tail: "x".into(), failed_at: at(5) });
@@ -442,11 +444,11 @@ fn dispatch_ack_for_another_target_than_the_manifest_is_refused() {
     assert!(err.to_string().contains("differs from the manifest"), "{err}");
 }
 
-// ---- Reference defect 4 / rule 3: the sustained-failure clock ----
+// ---- Rule 5: the sustained-failure clock ----
 
 #[test]
 fn a_probe_that_failed_recovered_and_fails_again_later_does_not_fail_the_host_early() {
-    // Proves rule 3: recovery resets the clock, so the second failure run is
+    // Proves rule 5: recovery resets the clock, so the second failure run is
     // measured from its own start.
     let mut h = host_in(HostState::Soaking, rollback_policy());
     let p = h.policy;
@@ -485,7 +487,7 @@ fn a_probe_that_failed_recovered_and_fails_again_later_does_not_fail_the_host_ea
 
 #[test]
 fn observe_mode_failures_never_start_the_clock_or_fail_the_host() {
-    // Proves rule 3: only enforce failures count, on both the gate and the
+    // Proves rule 5: only enforce failures count, on both the gate and the
     // step side.
     let mut h = Host::new(rollback_policy());
     h.activate().complete(10).declare(&[("web", ProbeMode::Enforce), ("log", ProbeMode::Observe)]);
@@ -525,11 +527,11 @@ fn the_failure_clock_starts_at_the_first_failure_not_when_the_tick_notices() {
     assert!(h.try_feed(wrong).is_err(), "a start time other than the failure run's is refused");
 }
 
-// ---- Reference defect 5 / rule 2: convergence gates ----
+// ---- Rule 4: convergence gates ----
 
 #[test]
 fn no_convergence_before_every_enforce_probe_was_observed() {
-    // Proves rule 2: past the soak, with one enforce probe never observed,
+    // Proves rule 4: past the soak, with one enforce probe never observed,
     // neither the gate nor step allows Converged.
     let mut h = Host::new(rollback_policy());
     h.activate().complete(10).declare(&[("web", ProbeMode::Enforce), ("db", ProbeMode::Enforce)]);
@@ -546,7 +548,7 @@ fn no_convergence_before_every_enforce_probe_was_observed() {
 
 #[test]
 fn no_convergence_before_a_topology_is_declared_even_with_no_probes() {
-    // Proves rule 2: an empty probe map is not "all probes pass" until the
+    // Proves rule 4: an empty probe map is not "all probes pass" until the
     // agent has declared (possibly empty) topology since the activation.
     let mut h = host_in(HostState::Activating, rollback_policy());
     h.complete(10);
@@ -557,7 +559,7 @@ fn no_convergence_before_a_topology_is_declared_even_with_no_probes() {
 
 #[test]
 fn no_convergence_while_an_enforce_probe_fails_or_before_the_soak_ends() {
-    // Proves rule 2: latest result must be Pass and now >= soak_due_at.
+    // Proves rule 4: latest result must be Pass and now >= soak_due_at.
     let mut h = host_in(HostState::Soaking, rollback_policy());
     h.probe("web", ProbeMode::Enforce, ProbeStatus::Pass, 20);
     let due = at(10 + SOAK_SECS as i64);
@@ -584,11 +586,11 @@ fn failure_is_checked_before_convergence_at_the_tick() {
     assert_eq!(ev.kind(), EventKind::SustainedFailureCrossed);
 }
 
-// ---- Reference defect 6 / rule 5: soak starts at activation completion ----
+// ---- Rule 4: the soak starts at activation completion ----
 
 #[test]
 fn the_soak_window_starts_when_the_activation_completes_on_the_host() {
-    // Proves rule 5: a host acknowledged at t=0 that completes at t=1000
+    // Proves rule 4: a host acknowledged at t=0 that completes at t=1000
     // soaks until t=1000+soak, not t=0+soak.
     let mut h = host_in(HostState::Activating, rollback_policy());
     h.complete(1000).declare(&[]);
@@ -597,7 +599,7 @@ fn the_soak_window_starts_when_the_activation_completes_on_the_host() {
     assert!(converge_due(&h.record, at(1000 + SOAK_SECS as i64)).is_some());
 }
 
-// ---- Reference defect 9: rollback failures and Deferred failures ----
+// ---- Rollback failures and Deferred failures (`docs/decisions.md` 9, 10) ----
 
 #[test]
 fn a_failed_rollback_is_recorded_not_dropped_and_the_host_stays_failed() {
@@ -631,7 +633,7 @@ fn a_deferred_host_completes_after_reboot_and_soaks_from_then() {
     assert_eq!(h.record.soak_due_at, Some(at(900 + SOAK_SECS as i64)));
 }
 
-// ---- Reference defect 10: completed with the wrong closure ----
+// ---- Completed with the wrong closure (`docs/decisions.md` 8) ----
 
 #[test]
 fn activation_completed_with_another_closure_fails_the_host() {
@@ -644,11 +646,11 @@ fn activation_completed_with_another_closure_fails_the_host() {
     assert!(h.effects.contains(&Effect::FireRollback { to: old() }));
 }
 
-// ---- Rule 7 (one live rollout per host) and rule 10 (what a host runs) ----
+// ---- Rule 8 (one live rollout per host) and rule 10 (what a host runs) ----
 
 #[test]
 fn a_host_is_live_while_switching_soaking_or_rolling_back() {
-    // Proves rule 7's "live": Activating, Deferred, Soaking, and Failed with
+    // Proves rule 8's "live": Activating, Deferred, Soaking, and Failed with
     // a rollback fired and no outcome yet; not Pending, Converged, Reverted,
     // a halt-policy failure, or a failed rollback (the operator's turn).
     for (state, live) in [
@@ -775,7 +777,8 @@ fn replay_of_the_emitted_events_rebuilds_the_record() {
 
 #[test]
 fn the_machine_module_does_no_io_reads_no_clock_and_never_awaits() {
-    // Proves the functional-core boundary (STYLE.md §1) by reading the
+    // Proves the functional-core boundary (ARCHITECTURE.md's first
+    // invariant) by reading the
     // module's own source: none of these may appear outside comments.
     let sources = [
         ("mod.rs", include_str!("mod.rs")),

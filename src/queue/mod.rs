@@ -1,4 +1,4 @@
-//! The agent's outbound event queue: its write-ahead journal (SPEC §6).
+//! The agent's outbound event queue: its write-ahead journal (`docs/protocol.md` §5).
 //! Every event the agent's state machine emits is durable here before its
 //! effects run, survives `kill -9`, power loss and reboots, is handed to
 //! the drainer in enqueue order, and is never silently lost.
@@ -31,11 +31,11 @@
 //!   the seq of its next event from the queue; [`Queue::enqueue`] refuses
 //!   any other seq, so seqs are never reused or skipped.
 //! - [`Queue::enqueue`]`(rollout, &event) -> QueuedRef`: returns once the
-//!   event is durable. From [`PENDING_SOFT_MAX_COUNT`] pending events on, a
+//!   event is durable. From [`SOFT_MAX_PENDING_COUNT`] pending events on, a
 //!   visibility event ([`is_visibility`]) is refused with
 //!   [`QueueError::SoftCapReached`] (nothing written, seq not spent); the
 //!   [`PENDING_RESERVE_COUNT`] above it is for decisive events only, and at
-//!   [`PENDING_MAX_COUNT`] every event is refused with [`QueueError::Full`].
+//!   [`MAX_PENDING_COUNT`] every event is refused with [`QueueError::Full`].
 //! - [`Queue::pending`] in enqueue order; [`Queue::ack`]`(qseq)` after the CP
 //!   answered `applied`/`duplicate`; [`Queue::reject`]`(qseq, reason)` after
 //!   `rejected` (the queue moves on: no head-of-line blocking).
@@ -152,11 +152,11 @@ pub const HIGH_WATER_FILE: &str = "high-water.json";
 /// many rollouts for Replay-From, while bounding the folder to ~10 MB and
 /// the start-up scan to well under a second. The rollout of the newest
 /// event is never pruned, so one huge rollout can exceed this.
-pub const ACKED_MAX_COUNT: usize = 10_000;
+pub const MAX_ACKED_COUNT: usize = 10_000;
 /// Acked rollouts whose newest event is older than this are pruned even
 /// under the count: a month covers restoring the CP database from a
 /// backup, after which Replay-From rebuilds it from the agents' queues.
-pub const ACKED_MAX_AGE: Duration = Duration::days(30);
+pub const MAX_ACKED_AGE: Duration = Duration::days(30);
 /// Pending events at which VISIBILITY events (see [`is_visibility`]:
 /// probe results, first observations, activation started, topology) are
 /// refused with [`QueueError::SoftCapReached`], so the reducer can skip or
@@ -164,7 +164,7 @@ pub const ACKED_MAX_AGE: Duration = Duration::days(30);
 /// so this is weeks of a dead control plane; what arrives after it is
 /// mostly a steady stream of probe results, and the reserve above keeps
 /// room for the events that decide something.
-pub const PENDING_SOFT_MAX_COUNT: usize = 100_000;
+pub const SOFT_MAX_PENDING_COUNT: usize = 100_000;
 /// Pending events above the soft cap that only DECISIVE events (every kind
 /// that is not a visibility event: dispatch ack or refusal, activation
 /// outcome, failure clock, failure, rollback outcome, convergence) may use,
@@ -176,7 +176,7 @@ pub const PENDING_RESERVE_COUNT: usize = 10_000;
 /// [`QueueError::Full`] for every event, and the agent does not apply the
 /// transition (it retries and reports). It bounds the memory of the
 /// in-memory index (~1 KiB per event, ~110 MB at the limit).
-pub const PENDING_MAX_COUNT: usize = PENDING_SOFT_MAX_COUNT + PENDING_RESERVE_COUNT;
+pub const MAX_PENDING_COUNT: usize = SOFT_MAX_PENDING_COUNT + PENDING_RESERVE_COUNT;
 /// The largest qseq the queue hands out or accepts from disk. A million
 /// events a second would take 290,000 years to reach it, so a file name or
 /// record beyond it can only come from damage or a hand edit: such a file
@@ -202,10 +202,10 @@ pub struct QueueConfig {
 impl Default for QueueConfig {
     fn default() -> QueueConfig {
         QueueConfig {
-            acked_max_count: ACKED_MAX_COUNT,
-            acked_max_age: ACKED_MAX_AGE,
-            pending_soft_max_count: PENDING_SOFT_MAX_COUNT,
-            pending_max_count: PENDING_MAX_COUNT,
+            acked_max_count: MAX_ACKED_COUNT,
+            acked_max_age: MAX_ACKED_AGE,
+            pending_soft_max_count: SOFT_MAX_PENDING_COUNT,
+            pending_max_count: MAX_PENDING_COUNT,
         }
     }
 }
@@ -213,7 +213,7 @@ impl Default for QueueConfig {
 /// Whether an event only makes the host's progress visible (probe results,
 /// a probe's first observation, the switch having started, the declared
 /// probe topology), as opposed to deciding something. Visibility events are
-/// the ones refused at the soft cap ([`PENDING_SOFT_MAX_COUNT`]); the match
+/// the ones refused at the soft cap ([`SOFT_MAX_PENDING_COUNT`]); the match
 /// is exhaustive so a new event kind must be classified here.
 pub fn is_visibility(event: &OutboundEvent) -> bool {
     use crate::wire::WireEventBody as B;
@@ -278,6 +278,9 @@ pub enum QueueError {
         #[source]
         source: io::Error,
     },
+    /// A record file that does not decode (bad JSON, checksum mismatch).
+    #[error("corrupt record {}: {source}", path.display())]
+    Corrupt { path: PathBuf, source: record::RecordError },
     #[error("another process holds the queue lock {} (only one nixfleet agent may use a state dir)", path.display())]
     Locked { path: PathBuf },
     #[error("{}: {reason}; remove or repair it by hand (it guards against reusing event numbers)", path.display())]
@@ -608,11 +611,7 @@ impl Queue {
             Err(QueueError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
                 let path = acked_dir.join(&entry.name);
                 let bytes = self.storage.read_file(&path).map_err(io_err("read", &path))?;
-                record::decode(&bytes).map_err(|e| QueueError::Io {
-                    op: "decode",
-                    path,
-                    source: io::Error::other(e),
-                })?
+                record::decode(&bytes).map_err(|source| QueueError::Corrupt { path, source })?
             }
             other => other?,
         };
@@ -643,7 +642,7 @@ impl Queue {
     fn read_dead(&self, name: &str) -> Result<QueuedEvent, QueueError> {
         let path = self.dead_dir.join(name);
         let bytes = self.storage.read_file(&path).map_err(io_err("read", &path))?;
-        record::decode(&bytes).map_err(|e| QueueError::Io { op: "decode", path, source: io::Error::other(e) })
+        record::decode(&bytes).map_err(|source| QueueError::Corrupt { path, source })
     }
 
     /// The seq of the oldest pending event of a rollout, if any.

@@ -1,4 +1,4 @@
-//! The on-disk form of one queued event (SPEC §6): its file name and its
+//! The on-disk form of one queued event (`docs/protocol.md` §5): its file name and its
 //! JSON record with a checksum, and the sidecar that says why an event is
 //! dead. Encoding and decoding only; no I/O.
 //!
@@ -40,12 +40,12 @@ pub const QSEQ_DIGITS: usize = 20;
 /// stay under the 255-byte NAME_MAX of Linux file systems
 /// (20 + 1 + 63 + 1 + 112 + 1 + 32 + 5 + 8 + 4 = 247 with the longest
 /// suffix, `.revived`). The record, not the name, is the truth.
-pub const NAME_ROLLOUT_MAX_CHARS: usize = 112;
+pub const MAX_NAME_ROLLOUT_CHARS: usize = 112;
 /// The kind part of a file name (the longest kind today is 21 characters).
-pub const NAME_KIND_MAX_CHARS: usize = 32;
+pub const MAX_NAME_KIND_CHARS: usize = 32;
 /// A dead reason is cut to this many bytes: enough for any CP answer or
 /// parse error, and it bounds a sidecar.
-pub const DEAD_REASON_MAX_BYTES: usize = 4096;
+pub const MAX_DEAD_REASON_BYTES: usize = 4096;
 
 /// One event as stored: the queue's own number, who and what it is about,
 /// when it was queued, and the wire event itself.
@@ -242,14 +242,14 @@ pub fn file_name(qseq: u64, hostname: &str, rollout_id: &str, kind: &str) -> Str
     let mut name = format!("{qseq:0width$}-", width = QSEQ_DIGITS);
     push_sanitised(&mut name, hostname, usize::MAX);
     name.push('-');
-    push_sanitised(&mut name, rollout_id, NAME_ROLLOUT_MAX_CHARS);
+    push_sanitised(&mut name, rollout_id, MAX_NAME_ROLLOUT_CHARS);
     name.push('-');
-    push_sanitised(&mut name, kind, NAME_KIND_MAX_CHARS);
+    push_sanitised(&mut name, kind, MAX_NAME_KIND_CHARS);
     name.push_str(EVENT_SUFFIX);
     name
 }
 
-/// Anything outside `[A-Za-z0-9@._-]` becomes `_` (SPEC §6).
+/// Anything outside `[A-Za-z0-9@._-]` becomes `_` (`docs/protocol.md` §5).
 fn push_sanitised(out: &mut String, part: &str, max_chars: usize) {
     let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '@' | '.' | '_' | '-');
     out.extend(part.chars().take(max_chars).map(|c| if ok(c) { c } else { '_' }));
@@ -298,7 +298,7 @@ impl DeadCause {
 
 impl DeadReason {
     pub fn new(cause: DeadCause, reason: &str, dead_at: OffsetDateTime) -> DeadReason {
-        DeadReason { cause, reason: truncate_utf8(reason, DEAD_REASON_MAX_BYTES).to_owned(), dead_at }
+        DeadReason { cause, reason: truncate_utf8(reason, MAX_DEAD_REASON_BYTES).to_owned(), dead_at }
     }
 
     pub fn encode(&self) -> Vec<u8> {

@@ -99,7 +99,7 @@ fn file_names_are_sanitised_ordered_and_short_enough() {
 
 // ---------------------------------------------------- real file system
 
-/// Enqueue, ack and reject move real files where SPEC §6 says, and a
+/// Enqueue, ack and reject move real files where `docs/protocol.md` §5 says, and a
 /// reopen sees the same queue.
 #[test]
 fn enqueue_ack_reject_land_in_the_right_folders_and_survive_reopen() {
@@ -133,7 +133,7 @@ fn enqueue_ack_reject_land_in_the_right_folders_and_survive_reopen() {
 }
 
 /// Two rollouts with identical seqs interleave in enqueue order and hide
-/// nothing (the reference system keyed by seq and lost half of them).
+/// nothing (keyed by seq alone, one of each pair would be lost).
 #[test]
 fn two_rollouts_with_equal_seqs_keep_enqueue_order() {
     let tmp = tempfile::tempdir().expect("tempdir");

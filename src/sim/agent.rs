@@ -24,7 +24,9 @@ use super::cp::SharedEnvelope;
 use crate::agent::admission::{verified_manifest_by, Refusal};
 use crate::agent::backoff::Backoff;
 use crate::agent::channels::ChannelHistory;
-use crate::agent::journal::{restore_from, RestoreReport, RestoreSource, MANIFEST_DIR};
+use crate::agent::journal::{
+    restore_from, CachedManifestError, RestoreError, RestoreReport, RestoreSource, MANIFEST_DIR,
+};
 use crate::agent::reducer::{commands, CommandReceivers, Input, Journal, JournalError, Reducer};
 use crate::agent::rollouts::Rollouts;
 use crate::clock::ClockHandle;
@@ -80,9 +82,12 @@ impl Journal for SimJournal {
 
     /// The seam of `Journal::save_channels`: durable at once (the sim's
     /// disk keeps every write; there is no blocking pool to hop to).
-    async fn save_channels(&mut self, channels: &ChannelHistory) -> Result<(), String> {
+    async fn save_channels(
+        &mut self,
+        channels: &ChannelHistory,
+    ) -> Result<std::io::Result<()>, tokio::task::JoinError> {
         *self.channels.lock().unwrap_or_else(|p| p.into_inner()) = channels.clone();
-        Ok(())
+        Ok(Ok(()))
     }
 }
 
@@ -179,11 +184,11 @@ struct SimFiles<'a> {
 }
 
 impl RestoreSource for SimFiles<'_> {
-    fn dead_letters(&self) -> Result<Vec<QueuedEvent>, String> {
+    fn dead_letters(&self) -> Result<Vec<QueuedEvent>, RestoreError> {
         Ok(self.agent.dead_files().into_iter().filter_map(|(_, reason, ev)| ev.filter(|_| reason.is_ok())).collect())
     }
 
-    fn corrupt_records(&self) -> Result<Vec<(String, String)>, String> {
+    fn corrupt_records(&self) -> Result<Vec<(String, String)>, RestoreError> {
         Ok(self
             .agent
             .dead_files()
@@ -192,15 +197,18 @@ impl RestoreSource for SimFiles<'_> {
             .collect())
     }
 
-    fn channel_history(&self) -> Result<ChannelHistory, String> {
+    fn channel_history(&self) -> Result<ChannelHistory, RestoreError> {
         Ok(self.agent.files.channels.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
-    fn cached_envelope(&self, rollout_id: &RolloutId) -> std::io::Result<Option<Arc<[u8]>>> {
-        Ok(self.agent.files.manifests.get(rollout_id).map(|(e, _)| e.bytes.clone()))
+    fn cached_envelope(&self, rollout_id: &RolloutId) -> Result<Arc<[u8]>, CachedManifestError> {
+        match self.agent.files.manifests.get(rollout_id) {
+            Some((e, _)) => Ok(e.bytes.clone()),
+            None => Err(CachedManifestError::Missing { path: self.manifest_path(rollout_id) }),
+        }
     }
 
-    fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, String> {
+    fn accepted_key(&self, rollout_id: &RolloutId) -> Result<Option<PublicKey>, CachedManifestError> {
         Ok(self.agent.files.manifests.get(rollout_id).map(|(_, k)| k.clone()))
     }
 
@@ -251,7 +259,8 @@ impl SimAgent {
             clock.clone(),
         )
         .map_err(|e| format!("{}: queue open: {e}", self.host))?;
-        let (rollouts, report) = restore_from(&queue, &SimFiles { agent: self, verified }, &self.host, &self.trust_keys)?;
+        let (rollouts, report) = restore_from(&queue, &SimFiles { agent: self, verified }, &self.host, &self.trust_keys)
+            .map_err(|e| e.to_string())?;
         let journal =
             SimJournal { queue: Arc::new(Mutex::new(queue)), channels: self.files.channels.clone() };
         let (cmds, rx) = commands();

@@ -23,7 +23,7 @@ use std::fmt;
 
 use super::agent::SimAgent;
 use super::Sim;
-use crate::agent::reducer::SwitchOrder;
+use crate::agent::reducer::ActivationOrder;
 use crate::cp::planner::{is_settled, RolloutState};
 use crate::cp::store;
 use crate::ids::{Closure, Hostname, RolloutId};
@@ -67,7 +67,7 @@ pub struct Checker {
     last_known: BTreeMap<usize, Snap>,
     accepted: BTreeMap<(usize, String), (Timestamp, RolloutId)>,
     tick_armed: BTreeSet<usize>,
-    pub switch_orders: BTreeMap<u64, SwitchOrder>,
+    pub switch_orders: BTreeMap<u64, ActivationOrder>,
     db_lost: bool,
 }
 
@@ -208,7 +208,7 @@ impl Sim {
         Ok(())
     }
 
-    pub(super) fn check_activation(&mut self, host: usize, order: &SwitchOrder) -> Result<(), Violation> {
+    pub(super) fn check_activation(&mut self, host: usize, order: &ActivationOrder) -> Result<(), Violation> {
         self.checker.n_checks += 1;
         let live: Vec<RolloutId> = live_rollouts(&self.agents[host])
             .into_iter()

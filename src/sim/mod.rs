@@ -35,8 +35,8 @@ use self::cp::{Answer, SimCp, Work};
 use self::rng::Rng;
 use self::world::{ClosureBook, Faults, PlannedRollout};
 use crate::agent::admission::check_dispatch;
-use crate::agent::reducer::{Input, SwitchOrder};
-use crate::agent::rollouts::SwitchOutcome;
+use crate::agent::reducer::{Input, ActivationOrder};
+use crate::agent::activation::ActivationOutcome;
 use crate::clock::ClockHandle;
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{HostState, OnHealthFailure, Policy, ProbeDecl, ProbeKind, ProbeMode, ProbeStatus, Timestamp};
@@ -1099,8 +1099,8 @@ impl Sim {
     fn after_agent(&mut self, host: usize) -> Result<(), Violation> {
         loop {
             let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
-            let order: Option<SwitchOrder> = if proc.rx.switch.has_changed().unwrap_or(false) {
-                proc.rx.switch.borrow_and_update().clone()
+            let order: Option<ActivationOrder> = if proc.rx.activation.has_changed().unwrap_or(false) {
+                proc.rx.activation.borrow_and_update().clone()
             } else {
                 None
             };
@@ -1113,16 +1113,16 @@ impl Sim {
                 break;
             }
             if let Some(plan) = plan {
-                proc.probe_generation = plan.generation;
+                proc.probe_generation = plan.number;
                 proc.probe_rollout = plan.rollout_id.clone();
                 if plan.rollout_id.is_some() {
-                    self.set_timer(host, Timer::ProbeDeclare(plan.generation), 100);
+                    self.set_timer(host, Timer::ProbeDeclare(plan.number), 100);
                 }
             }
             if let Some(order) = order {
                 let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
-                if order.generation > proc.last_switch_generation {
-                    proc.last_switch_generation = order.generation;
+                if order.number > proc.last_switch_generation {
+                    proc.last_switch_generation = order.number;
                     self.start_switch(host, order)?;
                 }
             }
@@ -1139,12 +1139,22 @@ impl Sim {
 
     /// The activation worker: a switch the host provably already made is
     /// only reported; otherwise the (detached) switch runs.
-    fn start_switch(&mut self, host: usize, order: SwitchOrder) -> Result<(), Violation> {
+    fn start_switch(&mut self, host: usize, order: ActivationOrder) -> Result<(), Violation> {
+        if order.restore_boot_from.is_some() {
+            // `activation::restore_boot_default`: the profile (boot default)
+            // goes back to the pre-dispatch closure while it still names
+            // the failed one; no live switch, no event.
+            let m = &mut self.machines[host];
+            if order.restore_boot_from.as_ref() == Some(&m.profile) {
+                m.profile = order.closure.clone();
+            }
+            return Ok(());
+        }
         let m = &self.machines[host];
         if m.current == order.closure && m.profile == order.closure {
-            let outcome = SwitchOutcome::Completed { observed: order.closure.clone(), exit_code: 0 };
+            let outcome = ActivationOutcome::Completed { observed: order.closure.clone() };
             let at = self.clock.now();
-            return self.feed(host, Input::SwitchFinished { rollout_id: order.rollout_id.clone(), order, outcome, at });
+            return self.feed(host, Input::ActivationFinished { rollout_id: order.rollout_id.clone(), order, outcome, at });
         }
         if !order.rollback {
             self.check_activation(host, &order)?;
@@ -1157,7 +1167,7 @@ impl Sim {
         self.checker.switch_orders.insert(id, order.clone());
         self.after(duration, Ev::SwitchDone { host, switch: id });
         let at = self.clock.now();
-        self.feed(host, Input::SwitchStarted { rollout_id: order.rollout_id, switch_method: "sim".into(), at })
+        self.feed(host, Input::ActivationStarted { rollout_id: order.rollout_id, switch_method: "sim".into(), at })
     }
 
     fn switch_done(&mut self, host: usize, switch: u64) -> Result<(), Violation> {
@@ -1166,24 +1176,24 @@ impl Sim {
         let info = self.book.get(&closure);
         let outcome = if rollback {
             self.set_running(host, &closure);
-            SwitchOutcome::Completed { observed: closure.clone(), exit_code: 0 }
+            ActivationOutcome::Completed { observed: closure.clone() }
         } else if info.switch_fails {
             self.machines[host].profile = closure.clone();
-            SwitchOutcome::Failed { exit_code: 1, stderr_tail: "switch-to-configuration: unit failed".into() }
+            ActivationOutcome::Failed { exit_code: 1, stderr_tail: "switch-to-configuration: unit failed".into() }
         } else if info.reboot_required {
             self.machines[host].profile = closure.clone();
             let reboot_in = self.rng.range(30_000, 300_000);
             self.after(reboot_in, Ev::Reboot { host });
-            SwitchOutcome::Deferred { component: "kernel".into() }
+            ActivationOutcome::Deferred { component: "kernel".into() }
         } else {
             self.set_running(host, &closure);
-            SwitchOutcome::Completed { observed: closure.clone(), exit_code: 0 }
+            ActivationOutcome::Completed { observed: closure.clone() }
         };
         if self.agents[host].incarnation != inc || self.agents[host].proc.is_none() {
             return Ok(()); // the agent that ordered it is gone; a restart re-checks
         }
         let at = self.clock.now();
-        self.feed(host, Input::SwitchFinished { rollout_id: order.rollout_id.clone(), order, outcome, at })
+        self.feed(host, Input::ActivationFinished { rollout_id: order.rollout_id.clone(), order, outcome, at })
     }
 
     fn set_running(&mut self, host: usize, closure: &Closure) {

@@ -93,6 +93,23 @@ fn heavy_faults_seed_1() {
 }
 
 #[test]
+fn a_fixed_list_of_seeds_passes_under_every_fault_profile() {
+    // Proves the protocol holds every invariant on more than the named
+    // seeds: each profile, several seeds, 10 hosts (the first failing one
+    // is named with its report).
+    for (faults, seeds) in [
+        (FaultProfile::None, &[4, 5][..]),
+        (FaultProfile::Light, &[3, 4, 5][..]),
+        (FaultProfile::Heavy, &[2, 3, 4, 5][..]),
+    ] {
+        for &seed in seeds {
+            let outcome = run_seed(seed, 10, faults, None);
+            assert!(outcome.violation.is_none(), "seed {seed}, faults {}:\n{}", faults.as_str(), outcome.text);
+        }
+    }
+}
+
+#[test]
 fn scenario_supersede_mid_soak() {
     assert_passes(1, 3, FaultProfile::None, Some(Scenario::SupersedeMidSoak));
 }

@@ -4,6 +4,7 @@
 
 pub mod demo;
 pub mod manifest_cmd;
+pub mod pki;
 pub mod queue_cmd;
 pub mod replay;
 

@@ -17,7 +17,7 @@ use crate::tools::print_stdout;
 
 /// Undecodable bytes shown by `inspect` are cut here: enough to see what
 /// the file holds, without flooding a terminal with a huge garbage file.
-const RAW_PREVIEW_MAX_BYTES: usize = 4096;
+const MAX_RAW_PREVIEW_BYTES: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueCmdError {
@@ -261,7 +261,7 @@ pub fn inspect(state_dir: &Path, selector: &str, json: bool, now: OffsetDateTime
             if let Some(reason) = &e.reason {
                 let _ = writeln!(out, "dead:       {reason}");
             }
-            let preview = &found.raw[..found.raw.len().min(RAW_PREVIEW_MAX_BYTES)];
+            let preview = &found.raw[..found.raw.len().min(MAX_RAW_PREVIEW_BYTES)];
             let _ = writeln!(
                 out,
                 "raw ({} of {} bytes):\n{}",

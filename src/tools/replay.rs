@@ -37,6 +37,9 @@ pub enum ReplayError {
     Key(#[from] crate::sign::SignError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The agent's queue cannot be listed or read.
+    #[error(transparent)]
+    ReadQueue(#[from] crate::queue::ViewError),
     #[error("replay disagrees: {0}")]
     Disagrees(String),
 }
@@ -48,7 +51,16 @@ struct Trace {
     problems: Vec<String>,
 }
 
-fn fold(mut record: HostRecord, events: Vec<(u64, Result<Event, String>)>, policy: &Policy) -> Trace {
+/// Why a recorded event cannot be replayed at all.
+#[derive(Debug, thiserror::Error)]
+enum Unreadable {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Wire(#[from] crate::wire::WireError),
+}
+
+fn fold(mut record: HostRecord, events: Vec<(u64, Result<Event, Unreadable>)>, policy: &Policy) -> Trace {
     let mut lines = Vec::new();
     let mut problems = Vec::new();
     for (seq, event) in events {
@@ -119,8 +131,8 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
                 .map(|(seq, json)| {
                     let seq = u64::try_from(seq).unwrap_or(0);
                     let event = serde_json::from_str::<OutboundEvent>(&json)
-                        .map_err(|e| e.to_string())
-                        .and_then(|w| w.to_remote().map_err(|e| e.to_string()));
+                        .map_err(Unreadable::from)
+                        .and_then(|w| w.to_remote().map_err(Unreadable::from));
                     (seq, event)
                 })
                 .collect();
@@ -167,16 +179,12 @@ pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) 
     let trust_keys = trust_key_paths.iter().map(|p| PublicKey::load(p)).collect::<Result<Vec<_>, _>>()?;
     let folders = [EntryState::Pending, EntryState::Acked, EntryState::Dead];
     let mut journals: BTreeMap<(RolloutId, Hostname), Vec<OutboundEvent>> = BTreeMap::new();
-    for q in journal::recorded_events(state_dir, &folders).map_err(ReplayError::Disagrees)? {
+    for q in journal::recorded_events(state_dir, &folders)? {
         journals.entry((q.rollout_id, q.hostname)).or_default().push(q.event);
     }
     let with_pending: std::collections::BTreeSet<RolloutId> =
-        journal::recorded_events(state_dir, &[EntryState::Pending])
-            .map_err(ReplayError::Disagrees)?
-            .into_iter()
-            .map(|q| q.rollout_id)
-            .collect();
-    let corrupt = journal::corrupt_records(state_dir).map_err(ReplayError::Disagrees)?;
+        journal::recorded_events(state_dir, &[EntryState::Pending])?.into_iter().map(|q| q.rollout_id).collect();
+    let corrupt = journal::corrupt_records(state_dir)?;
     let cache = journal::ManifestCache::new(state_dir);
     let mut out = String::new();
     let mut problems = Vec::new();
@@ -220,7 +228,7 @@ pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) 
                 continue;
             }
         };
-        let local = events.iter().map(|e| (e.seq, e.to_local().map_err(|err| err.to_string()))).collect();
+        let local = events.iter().map(|e| (e.seq, e.to_local().map_err(Unreadable::from))).collect();
         let trace = fold(HostRecord::pending(rollout_id.clone(), hostname, None), local, &policy);
         let _ = writeln!(out, " host {host}: {}", trace.record.state);
         if !quiet {

@@ -1,4 +1,4 @@
-//! Request and answer bodies of the HTTP API (SPEC §5) other than the
+//! Request and answer bodies of the HTTP API (`docs/protocol.md` §4) other than the
 //! manifest: event batches and their per-event results, dispatches,
 //! heartbeats and the JSON error shape.
 

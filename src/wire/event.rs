@@ -1,6 +1,6 @@
 //! The agent's outbound events: what it journals in its queue and posts to
 //! the control plane. One variant per event kind, tagged by `kind` with the
-//! names of SPEC §4's Remote side (`DispatchAck`, `Failed`, …). Converting
+//! wire names of `docs/protocol.md` §3 (`DispatchAck`, `Failed`, …). Converting
 //! to the machine's [`EventBody`] validates sizes and shapes and names the
 //! offending field.
 
@@ -14,16 +14,22 @@ use crate::machine::{Event, EventBody, OnHealthFailure, ProbeDecl, ProbeMode, Pr
 /// The tail of a failed command's stderr that travels with the event; the
 /// head of a Nix error is usually repeated at its end, and 4 KiB keeps a
 /// full batch far below the body limit.
-pub const STDERR_TAIL_MAX_BYTES: usize = 4096;
-/// SPEC §7: a probe failure reason is at most 512 bytes.
-pub const FAILURE_REASON_MAX_BYTES: usize = 512;
+pub const MAX_STDERR_TAIL_BYTES: usize = 4096;
+/// `docs/protocol.md` §6: a probe failure reason is at most 512 bytes.
+pub const MAX_FAILURE_REASON_BYTES: usize = 512;
 /// Free-text fields (switch method, deferred component, rejection reason).
-pub const SHORT_TEXT_MAX_BYTES: usize = 1024;
+pub const MAX_SHORT_TEXT_BYTES: usize = 1024;
 /// Probes per host: a health-checks file with more is a mistake, and the
 /// bound keeps a topology event small.
 pub const MAX_PROBES: usize = 64;
 /// Probe names are identifiers shown in tables and metrics labels.
-pub const PROBE_NAME_MAX_LEN: usize = 64;
+pub const MAX_PROBE_NAME_LEN: usize = 64;
+
+// The first names of three limits above, still used by `src/agent`; remove
+// once it names the `MAX_*` constants.
+pub const STDERR_TAIL_MAX_BYTES: usize = MAX_STDERR_TAIL_BYTES;
+pub const FAILURE_REASON_MAX_BYTES: usize = MAX_FAILURE_REASON_BYTES;
+pub const SHORT_TEXT_MAX_BYTES: usize = MAX_SHORT_TEXT_BYTES;
 
 /// The largest seq on the wire: the CP stores seqs as SQLite INTEGER (i64),
 /// and a larger one would wrap there and then shadow every later event.
@@ -179,7 +185,7 @@ fn text(field: &str, value: &str, max_bytes: usize) -> Result<String, WireError>
 /// names and metric labels.
 pub fn validate_probe_name(field: &str, name: &str) -> Result<String, WireError> {
     let ok_char = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
-    if name.is_empty() || name.len() > PROBE_NAME_MAX_LEN || !name.bytes().all(ok_char) {
+    if name.is_empty() || name.len() > MAX_PROBE_NAME_LEN || !name.bytes().all(ok_char) {
         return Err(WireError::new(field, format!("probe name {name:?} must match [A-Za-z0-9._-]{{1,64}}")));
     }
     Ok(name.to_owned())
@@ -267,18 +273,18 @@ impl WireEventBody {
             }
             WireEventBody::ActivationStarted { started_at, switch_method } => EventBody::ActivationStarted {
                 started_at: utc(started_at),
-                switch_method: text("switch_method", &switch_method, SHORT_TEXT_MAX_BYTES)?,
+                switch_method: text("switch_method", &switch_method, MAX_SHORT_TEXT_BYTES)?,
             },
             WireEventBody::ActivationCompleted { observed_current_closure, exit_code, completed_at } => {
                 EventBody::ActivationCompleted { observed_current_closure, exit_code, completed_at: utc(completed_at) }
             }
             WireEventBody::ActivationDeferred { component, deferred_at } => EventBody::ActivationDeferred {
-                component: text("component", &component, SHORT_TEXT_MAX_BYTES)?,
+                component: text("component", &component, MAX_SHORT_TEXT_BYTES)?,
                 deferred_at: utc(deferred_at),
             },
             WireEventBody::ActivationFailed { exit_code, stderr_tail, failed_at } => EventBody::ActivationFailed {
                 exit_code,
-                stderr_tail: text("stderr_tail", &stderr_tail, STDERR_TAIL_MAX_BYTES)?,
+                stderr_tail: text("stderr_tail", &stderr_tail, MAX_STDERR_TAIL_BYTES)?,
                 failed_at: utc(failed_at),
             },
             WireEventBody::ProbeTopologyDeclared { probes, declared_at } => {
@@ -297,7 +303,7 @@ impl WireEventBody {
             },
             WireEventBody::ProbeResult { probe_name, mode, status, observed_at, failure_reason } => {
                 let failure_reason = match failure_reason {
-                    Some(r) => Some(text("failure_reason", &r, FAILURE_REASON_MAX_BYTES)?),
+                    Some(r) => Some(text("failure_reason", &r, MAX_FAILURE_REASON_BYTES)?),
                     None => None,
                 };
                 EventBody::ProbeResult {
@@ -332,14 +338,14 @@ impl WireEventBody {
             }
             WireEventBody::RollbackFailed { exit_code, stderr_tail, failed_at } => EventBody::RollbackFailed {
                 exit_code,
-                stderr_tail: text("stderr_tail", &stderr_tail, STDERR_TAIL_MAX_BYTES)?,
+                stderr_tail: text("stderr_tail", &stderr_tail, MAX_STDERR_TAIL_BYTES)?,
                 failed_at: utc(failed_at),
             },
             WireEventBody::DispatchRejected { target_closure, code, reason, rejected_at } => {
                 EventBody::DispatchRejected {
                     target_closure,
                     code,
-                    reason: text("reason", &reason, SHORT_TEXT_MAX_BYTES)?,
+                    reason: text("reason", &reason, MAX_SHORT_TEXT_BYTES)?,
                     rejected_at: utc(rejected_at),
                 }
             }

@@ -1,4 +1,4 @@
-//! The rollout manifest (SPEC §3): parsed strictly (unknown fields are
+//! The rollout manifest (`docs/protocol.md` §2): parsed strictly (unknown fields are
 //! errors, so a typo like `max_inflight` is not silently ignored) and
 //! validated into typed identifiers. Every error names the field by its
 //! JSON path, e.g. `hosts.web-1.wave`.
@@ -16,7 +16,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Waves per rollout: more than a few dozen stages is a mistake, not a plan.
 pub const MAX_WAVES: usize = 64;
 /// Wave names show in tables and logs.
-pub const WAVE_NAME_MAX_LEN: usize = 64;
+pub const MAX_WAVE_NAME_LEN: usize = 64;
 /// A week: a longer soak is a parked rollout, better expressed as a new one.
 pub const MAX_SOAK_SECS: u64 = 7 * 24 * 3600;
 /// Concurrent activations per wave; above this the CP's long-poll wake-up
@@ -146,7 +146,7 @@ impl Manifest {
         }
         for (idx, wave) in raw.waves.iter().enumerate() {
             let field = |f: &str| format!("waves[{idx}].{f}");
-            if wave.name.is_empty() || wave.name.len() > WAVE_NAME_MAX_LEN || wave.name.chars().any(char::is_control) {
+            if wave.name.is_empty() || wave.name.len() > MAX_WAVE_NAME_LEN || wave.name.chars().any(char::is_control) {
                 return Err(invalid(field("name"), "must be 1 to 64 printable characters"));
             }
             if raw.waves[..idx].iter().any(|w| w.name == wave.name) {
@@ -212,7 +212,7 @@ impl Manifest {
         self.hosts.iter().filter(move |(_, h)| h.wave == wave)
     }
 
-    /// Serialises back to the SPEC §3 shape (for examples and tests; the
+    /// Serialises back to the `docs/protocol.md` §2 shape (for examples and tests; the
     /// signed bytes are always kept as published, never re-serialised).
     pub fn to_json(&self) -> serde_json::Value {
         let raw = RawManifest {

@@ -14,7 +14,7 @@ pub use api::{
 pub use event::{OutboundEvent, WireEventBody, MAX_SEQ};
 pub use manifest::{HostEntry, Manifest, ManifestError, RolloutPolicy, Wave, MAX_CLOCK_SKEW};
 
-/// Header every request and answer carries (SPEC §5).
+/// Header every request and answer carries (`docs/protocol.md` §4).
 pub const PROTOCOL_HEADER: &str = "X-Nixfleet-Protocol";
 /// The one protocol version this build speaks.
 pub const PROTOCOL_VERSION: &str = "1";
@@ -27,7 +27,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Events per batch: bounds one transaction and one answer; the agent
 /// sends more in the next batch.
 pub const MAX_BATCH_EVENTS: usize = 256;
-/// Longest long-poll the CP holds (SPEC §5); longer waits are clamped.
+/// Longest long-poll the CP holds (`docs/protocol.md` §4); longer waits are clamped.
 pub const MAX_LONGPOLL_WAIT_SECS: u64 = 60;
 
 /// A malformed value at the boundary, naming the field.
@@ -80,3 +80,6 @@ pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod golden_tests;

@@ -3,7 +3,7 @@
 use serde_json::json;
 use time::macros::datetime;
 
-use super::event::{MAX_PROBES, STDERR_TAIL_MAX_BYTES};
+use super::event::{MAX_PROBES, MAX_STDERR_TAIL_BYTES};
 use super::*;
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{
@@ -17,7 +17,7 @@ fn closure(s: &str) -> Closure {
     Closure::parse(s).expect("valid")
 }
 
-fn one_of_each_kind() -> Vec<EventBody> {
+pub(super) fn one_of_each_kind() -> Vec<EventBody> {
     let t = datetime!(2026-11-25 12:00:00.123456789 UTC);
     vec![
         EventBody::Activate {
@@ -67,7 +67,7 @@ fn one_of_each_kind() -> Vec<EventBody> {
 #[test]
 fn every_event_kind_round_trips_through_json_exactly() {
     // Proves the outbound format loses nothing (nanoseconds included) and
-    // carries the SPEC's Remote names as `kind`.
+    // carries the wire names of `docs/protocol.md` §3 as `kind`.
     let bodies = one_of_each_kind();
     let kinds: Vec<EventKind> = bodies.iter().map(EventBody::kind).collect();
     assert_eq!(kinds, EventKind::ALL.to_vec(), "one sample per kind");
@@ -87,7 +87,7 @@ fn every_event_kind_round_trips_through_json_exactly() {
 
 #[test]
 fn the_dispatch_ack_has_the_documented_shape() {
-    // Proves the wire shape of SPEC §4/§5 for the most important event.
+    // Proves the wire shape of `docs/protocol.md` §4 for the most important event.
     let event = OutboundEvent::from_machine(1, &one_of_each_kind()[0]);
     let json = serde_json::to_value(&event).expect("serialise");
     assert_eq!(
@@ -165,7 +165,7 @@ fn field_limits_are_enforced_when_converting_to_the_machine() {
     assert_eq!(to_body(u64::MAX, &ok), Err("seq".into()));
     assert!(to_body(MAX_SEQ, &ok).is_ok());
     let long =
-        EventBody::ActivationFailed { exit_code: 1, stderr_tail: "x".repeat(STDERR_TAIL_MAX_BYTES + 1), failed_at: t };
+        EventBody::ActivationFailed { exit_code: 1, stderr_tail: "x".repeat(MAX_STDERR_TAIL_BYTES + 1), failed_at: t };
     assert_eq!(to_body(1, &long), Err("stderr_tail".into()));
     let bad_name = EventBody::ProbeObservedFirst { probe_name: "a b".into(), mode: ProbeMode::Enforce, observed_at: t };
     assert_eq!(to_body(1, &bad_name), Err("probe_name".into()));
@@ -217,7 +217,7 @@ fn event_batches_round_trip_and_their_bounds_hold() {
 
 #[test]
 fn results_dispatch_and_heartbeat_round_trip() {
-    // Proves the remaining API bodies keep their SPEC §5 field names.
+    // Proves the remaining API bodies keep their `docs/protocol.md` §4 field names.
     let results = EventBatchResponse {
         results: vec![
             EventResult { status: ResultStatus::Applied, reason: None, expected_seq: None },
@@ -274,8 +274,8 @@ fn parse_manifest(v: &serde_json::Value) -> Result<Manifest, ManifestError> {
 }
 
 #[test]
-fn the_spec_example_manifest_validates() {
-    // Proves the SPEC §3 example parses into typed values, and defaults apply.
+fn the_example_manifest_validates() {
+    // Proves `examples/manifest.json` (the `docs/protocol.md` §2 shape) parses into typed values, and defaults apply.
     let m = parse_manifest(&manifest_json()).expect("valid");
     assert_eq!(m.rollout_id.as_str(), "stable@2026-11-25.1");
     assert_eq!(m.waves.len(), 2);

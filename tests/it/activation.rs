@@ -1,9 +1,8 @@
-//! Activation (SPEC §7) against real Nix where installed: real store paths,
+//! Activation (`docs/protocol.md` §6) against real Nix where installed: real store paths,
 //! a real signed binary cache, real `nix-store --realise` and `nix-env --set`,
 //! and a stand-in `switch-to-configuration` that repoints a symlink.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use nixfleet::agent::activation::{
@@ -11,8 +10,9 @@ use nixfleet::agent::activation::{
     EXIT_CODE_VERIFY_FAILED,
 };
 use nixfleet::ids::Closure;
-use nixfleet::wire::event::STDERR_TAIL_MAX_BYTES;
+use nixfleet::wire::event::MAX_STDERR_TAIL_BYTES;
 
+use crate::harness::{child_param, child_test};
 use crate::nixenv::{profile_generations, resolve, ClosureSpec, Host};
 
 /// Builds a closure and makes it what the host currently runs (the
@@ -38,7 +38,7 @@ async fn run(cfg: &ActivationConfig, req: &ActivationRequest) -> ActivationOutco
 fn failed(outcome: ActivationOutcome) -> (i32, String) {
     match outcome {
         ActivationOutcome::Failed { exit_code, stderr_tail } => {
-            assert!(stderr_tail.len() <= STDERR_TAIL_MAX_BYTES);
+            assert!(stderr_tail.len() <= MAX_STDERR_TAIL_BYTES);
             (exit_code, stderr_tail)
         }
         other => panic!("expected Failed, got {other:?}"),
@@ -204,14 +204,11 @@ async fn switch_past_its_time_limit_is_killed_with_its_process_group_and_reporte
     assert_eq!(host.running(), Some(PathBuf::from(old.as_str())));
 }
 
-/// Env vars handing the survival test's parameters to the child process.
-const CHILD_ENV: &str = "NIXFLEET_TEST_SWITCH_CHILD";
-
 #[tokio::test]
 #[ignore = "helper process for the survival tests; runs only when they start it"]
 async fn survival_child_runs_one_activation() {
-    // Not a test by itself: the parent sets CHILD_ENV to `runner|nix_store|nix_env|root|closure`.
-    let Ok(params) = std::env::var(CHILD_ENV) else { return };
+    // Not a test by itself: the parent passes `runner|nix_store|nix_env|root|closure`.
+    let Some(params) = child_param() else { return };
     let p: Vec<&str> = params.split('|').collect();
     let runner =
         if p[0] == "session" { SwitchRunner::Session { setsid: "setsid".into() } } else { SwitchRunner::Direct };
@@ -243,9 +240,7 @@ async fn kill_parent_mid_switch(host: &Host, runner: &str, closure: &Closure, st
         closure.as_str(),
     ]
     .join("|");
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["activation::survival_child_runs_one_activation", "--exact", "--ignored", "--nocapture"])
-        .env(CHILD_ENV, params)
+    let mut child = child_test("activation::survival_child_runs_one_activation", params)
         .process_group(0)
         .stdout(std::process::Stdio::null())
         .spawn()

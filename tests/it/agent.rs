@@ -76,7 +76,7 @@ impl Host {
             .args(["--nix-store", &self.nix.nix_store().display().to_string()])
             .args(["--nix-env", &self.nix.nix_env().display().to_string()])
             .args(["--switch-runner", "setsid", "--tick", "200ms", "--heartbeat", "1s", "--drain", "1s"])
-            .args(["--longpoll-wait", "2"])
+            .args(["--longpoll-wait", "2s"])
             .env("RUST_LOG", "nixfleet=debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -365,19 +365,6 @@ async fn an_agent_killed_mid_switch_reports_the_switch_that_finished_without_it(
     assert_logs_agree(&cp, "stable@k2", &web1).await;
 }
 
-/// One host's row of `/v1/rollouts/{id}`.
-async fn host_row(cp: &Cp, rollout: &str, host: &str) -> serde_json::Value {
-    let detail = cp.get_json(&format!("/v1/rollouts/{rollout}")).await;
-    for wave in detail["waves"].as_array().expect("waves") {
-        for h in wave["hosts"].as_array().expect("hosts") {
-            if h["hostname"] == host {
-                return h.clone();
-            }
-        }
-    }
-    panic!("{host} not in {rollout}: {detail}")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_signed_by_a_key_the_agent_does_not_trust_is_refused_and_nothing_activates() {
     // Proves the agent verifies with its own trust keys, not the CP's: a
@@ -393,7 +380,7 @@ async fn a_manifest_signed_by_a_key_the_agent_does_not_trust_is_refused_and_noth
     assert!(cp.publish(&release.sign(&manifest("stable@u1", 1, &[("web-1", 0, &new)]))).await.status.is_success());
     web1.start_agent(&cp, &other.pub_path);
     wait_state(&cp, "stable@u1", &web1, "Failed").await;
-    let row = host_row(&cp, "stable@u1", "web-1").await;
+    let row = cp.host_row("stable@u1", "web-1").await;
     assert!(row.to_string().contains("trust"), "the refusal names the reason: {row}");
     assert_eq!(web1.running(), Some(PathBuf::from(old.as_str())), "nothing activated");
     assert_eq!(web1.acked("stable@u1").into_iter().map(|(_, k)| k).collect::<Vec<_>>(), vec!["DispatchRejected"]);
@@ -452,7 +439,7 @@ async fn a_failed_switch_and_a_failed_rollback_are_both_reported() {
     let kinds: Vec<String> = web1.acked("stable@f1").into_iter().map(|(_, k)| k).collect();
     assert!(kinds.contains(&"ActivationFailed".to_owned()), "{kinds:?}");
     assert_eq!(cp.host_state("stable@f1", "web-1").await, "Failed");
-    let row = host_row(&cp, "stable@f1", "web-1").await;
+    let row = cp.host_row("stable@f1", "web-1").await;
     assert!(row["note"].as_str().unwrap_or("").contains("rollback failed"), "{row}");
 }
 
@@ -497,7 +484,7 @@ async fn a_reboot_required_closure_is_deferred_and_completes_after_the_reboot() 
     assert!(cp.publish(&release.sign(&manifest("stable@b1", 1, &[("web-1", 0, &new)]))).await.status.is_success());
     web1.start_agent(&cp, &release.pub_path);
     wait_state(&cp, "stable@b1", &web1, "Deferred").await;
-    let row = host_row(&cp, "stable@b1", "web-1").await;
+    let row = cp.host_row("stable@b1", "web-1").await;
     assert!(row["note"].as_str().unwrap_or("").contains("reboot"), "{row}");
     assert_eq!(web1.running(), Some(PathBuf::from(old.as_str())), "no live switch");
     // The reboot: the agent stops, the machine comes up on the new closure.
@@ -671,7 +658,7 @@ async fn the_drain_worker_applies_acked_retention() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollout_offered_while_another_is_live_waits_busy_and_runs_after_it() {
-    // Proves rule 7 end to end (the reproduced bug): A soaks on web-1, B is
+    // Proves rule 8 (`docs/protocol.md` §3) end to end (the reproduced bug): A soaks on web-1, B is
     // published on the same channel; the CP holds B's dispatch for web-1
     // (the view names A as what holds it), A's probe then fails, A rolls back
     // to its pre-A closure, and only then is B dispatched, accepted and

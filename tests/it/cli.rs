@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 
 use base64::Engine as _;
 
+use crate::harness::TempDir;
+
 /// The example manifest shipped in `examples/`, so the docs and the tests agree.
 const MANIFEST: &str = include_str!("../../examples/manifest.json");
 
@@ -34,12 +36,12 @@ fn assert_exit(o: &Output, code: i32) {
 
 /// A temp dir with a key pair `rel`, a manifest and its signed envelope.
 struct Signed {
-    dir: tempfile::TempDir,
+    dir: TempDir,
 }
 
 impl Signed {
     fn new() -> Signed {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = TempDir::new("cli-signed");
         fs_err::write(dir.path().join("manifest.json"), MANIFEST).expect("write manifest");
         assert_exit(&nixfleet(dir.path(), &["keygen", "--out", "rel"]), 0);
         let signed = nixfleet(dir.path(), &["manifest", "sign", "--key", "rel.key", "manifest.json"]);
@@ -64,7 +66,7 @@ impl Signed {
 #[test]
 fn keygen_writes_a_private_key_and_never_overwrites_it() {
     // Proves the key file modes and that a second keygen keeps the old key.
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = TempDir::new("cli-keygen");
     let out = nixfleet(dir.path(), &["keygen", "--out", "release"]);
     assert_exit(&out, 0);
     assert!(stdout(&out).contains("keyid: "), "{}", stdout(&out));

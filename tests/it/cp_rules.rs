@@ -1,4 +1,5 @@
-//! SPEC §4 rules 7, 8, 10 and 11 and the quarantine outcome, through the
+//! `docs/protocol.md` §3 rules 2, 8 and 10, §2 (order on a channel) and
+//! the quarantine outcome, through the
 //! real `nixfleet cp serve` over HTTP with scripted agents: one live rollout
 //! per host, gaps answered with the expected seq (also after a database
 //! loss), drift visible everywhere, no downgrade by publish order, and a
@@ -14,34 +15,11 @@ use nixfleet::machine::RejectCode;
 use nixfleet::wire::{OutboundEvent, ResultStatus, WireEventBody};
 use time::macros::datetime;
 
-use crate::harness::{assert_applied, bin, closure, manifest, Agent, Cp, Release, TempDir};
+use crate::cp::{rt, setup};
+use crate::harness::{assert_applied, bin, closure, manifest, Agent, Cp};
 
 const T0: &str = "2026-11-25T12:00:00Z";
 const T1: &str = "2026-11-25T13:00:00Z";
-
-fn setup(label: &str) -> (TempDir, Release, Cp) {
-    let dir = TempDir::new(label);
-    let release = Release::new(dir.path(), "release");
-    let cp = Cp::start(dir.path(), &release.pub_path);
-    (dir, release, cp)
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
-}
-
-/// One host of one rollout in `/v1/rollouts/{id}`.
-async fn host_view(cp: &Cp, rollout: &str, host: &str) -> serde_json::Value {
-    let detail = cp.get_json(&format!("/v1/rollouts/{rollout}")).await;
-    for wave in detail["waves"].as_array().expect("waves") {
-        for h in wave["hosts"].as_array().expect("hosts") {
-            if h["hostname"] == host {
-                return h.clone();
-            }
-        }
-    }
-    panic!("{host} not in {rollout}: {detail:#}")
-}
 
 async fn host_entry(cp: &Cp, host: &str) -> serde_json::Value {
     let hosts = cp.get_json("/v1/hosts").await;
@@ -84,7 +62,7 @@ fn replay_agrees(cp: &Cp) {
     );
 }
 
-/// Rule 8: a seq beyond the next one is answered `gap` with the expected
+/// Rule 2: a seq beyond the next one is answered `gap` with the expected
 /// seq and nothing is stored; once the missing event arrives both apply and
 /// the log holds 1, 2, 3 in order.
 #[test]
@@ -118,7 +96,7 @@ fn a_gap_is_answered_with_the_expected_seq_and_nothing_is_stored() {
         assert!(r.reason.as_deref().unwrap_or("").contains("seq 2"), "{r:?}");
         let log: Vec<u64> = log_of(&cp, "stable@r1").await.iter().map(|e| e.1).collect();
         assert_eq!(log, [1], "nothing stored for the gap");
-        let web1 = host_view(&cp, "stable@r1", "web-1").await;
+        let web1 = cp.host_row("stable@r1", "web-1").await;
         assert_eq!((web1["state"].as_str(), web1["last_seq"].as_u64()), (Some("Activating"), Some(1)));
 
         let results = agent.post(&[("stable@r1", &e2), ("stable@r1", &e3)]).await;
@@ -132,7 +110,7 @@ fn a_gap_is_answered_with_the_expected_seq_and_nothing_is_stored() {
     replay_agrees(&cp);
 }
 
-/// Rule 8 after a database loss: the CP is restarted on an empty database
+/// Rule 2 after a database loss: the CP is restarted on an empty database
 /// and the manifest re-published; the agent's drainer posts its pending
 /// events BEFORE any heartbeat and is answered `gap` from seq 1 (not
 /// rejected: nothing is dead-lettered); when it re-sends 1..N the records
@@ -207,7 +185,7 @@ fn after_a_database_loss_pending_events_get_a_gap_and_a_resend_rebuilds_the_reco
     replay_agrees(&cp);
 }
 
-/// Rule 7 with supersession: r2 supersedes r1 on the channel, but db-1 is
+/// Rule 8 with supersession: r2 supersedes r1 on the channel, but db-1 is
 /// Soaking in r1, so r2 holds db-1's dispatch (it is neither in flight nor
 /// settled, the view says why) while db-2 gets r2 at once; db-1's later r1
 /// events are still applied, and once it converged in r1 r2 is offered.
@@ -227,7 +205,7 @@ fn a_newer_rollout_waits_while_the_host_is_live_in_the_superseded_one() {
         assert_eq!(cp.get_json("/v1/rollouts/db@r1").await["state"], "superseded");
         assert_eq!(db2.poll(0).await.expect("r2 dispatch").rollout_id.as_str(), "db@r2");
         assert!(db1.poll(0).await.is_none(), "db-1 is live in db@r1: r2 must not touch it");
-        let held = host_view(&cp, "db@r2", "db-1").await;
+        let held = cp.host_row("db@r2", "db-1").await;
         assert_eq!(held["state"], "Pending");
         assert_eq!(held["held_by"], "db@r1", "{held:#}");
         assert!(held["note"].as_str().unwrap_or("").contains("live in rollout db@r1"), "{held:#}");
@@ -240,7 +218,7 @@ fn a_newer_rollout_waits_while_the_host_is_live_in_the_superseded_one() {
     });
 }
 
-/// Rule 7 across channels: a host Failed in one rollout with its rollback
+/// Rule 8 across channels: a host Failed in one rollout with its rollback
 /// still running is live; another channel's rollout holds it until the
 /// rollback completed.
 #[test]
@@ -263,7 +241,7 @@ fn a_rollback_in_progress_holds_another_channels_dispatch() {
         let cache = manifest("cache@r1", T1, 0, &[("all", 0, 1)], &[("h-1", 0, "h-1-cache")]);
         cp.publish(&release.sign(&cache)).await;
         assert!(h1.poll(0).await.is_none(), "rolling back in web@r1: cache@r1 waits");
-        assert_eq!(host_view(&cp, "cache@r1", "h-1").await["held_by"], "web@r1");
+        assert_eq!(cp.host_row("cache@r1", "h-1").await["held_by"], "web@r1");
         let reverted = WireEventBody::RollbackComplete {
             reverted_to_closure: Closure::parse(&prior).expect("closure"),
             exit_code: 0,
@@ -275,7 +253,7 @@ fn a_rollback_in_progress_holds_another_channels_dispatch() {
     });
 }
 
-/// Rule 7: an agent's `busy` refusal is "ask again later": the host stays
+/// Rule 8: an agent's `busy` refusal is "ask again later": the host stays
 /// Pending, nothing counts as failed (max_failed_hosts 0 does not halt),
 /// the dispatch keeps standing and a later ack activates the host.
 #[test]
@@ -328,7 +306,7 @@ fn a_quarantined_target_withdraws_dispatches_and_skips_the_host() {
         assert_eq!(detail["state"], "completed", "{detail:#}");
         assert_eq!(detail["hosts_by_state"]["Skipped"], 2, "{detail:#}");
         assert_eq!(detail["hosts_by_state"]["Reverted"], 1, "{detail:#}");
-        let w2 = host_view(&cp, "stable@r1", "web-2").await;
+        let w2 = cp.host_row("stable@r1", "web-2").await;
         assert_eq!(w2["state"], "Pending", "the record is still the fold of web-2's (no) events");
         assert!(w2["skipped"]["reason"].as_str().unwrap_or("").contains("quarantined"), "{w2:#}");
         assert!(w2["skipped"]["skipped_at"].is_string(), "{w2:#}");
@@ -435,9 +413,9 @@ fn drift_is_visible_in_views_metrics_and_status() {
     assert!(hosts.contains("DRIFT") && hosts.contains("drifting"), "{hosts}");
 }
 
-/// Rule 11 on the CP: a manifest issued beyond the clock-skew bound in the
-/// future is refused with 400 naming issued_at and the CP's time, and
-/// nothing is stored.
+/// Clock skew (`docs/protocol.md` §2) on the CP: a manifest issued beyond
+/// the clock-skew bound in the future is refused with 400 naming issued_at
+/// and the CP's time, and nothing is stored.
 #[test]
 fn publish_refuses_a_manifest_issued_in_the_future() {
     let (_dir, release, cp) = setup("future");
@@ -457,9 +435,10 @@ fn publish_refuses_a_manifest_issued_in_the_future() {
     });
 }
 
-/// Rule 11: on equal `issued_at` the byte-greater ref is newer, whatever
-/// the publish order: on channel a the newer is published last, on channel
-/// b first; both end with `@y` active and `@x` superseded by it.
+/// Order on a channel (`docs/protocol.md` §2): on equal `issued_at` the
+/// byte-greater ref is newer, whatever the publish order: on channel a the
+/// newer is published last, on channel b first; both end with `@y` active
+/// and `@x` superseded by it.
 #[test]
 fn equal_issued_at_is_ordered_by_ref_whatever_the_publish_order() {
     let (_dir, release, cp) = setup("newness");
@@ -549,7 +528,7 @@ fn a_deferred_host_shows_its_age() {
             deferred_at: datetime!(2026-11-25 12:05 UTC),
         };
         assert_applied(&agent.send("stable@r1", deferred).await);
-        let h = host_view(&cp, "stable@r1", "web-1").await;
+        let h = cp.host_row("stable@r1", "web-1").await;
         assert_eq!(h["deferred_at"], "2026-11-25T12:05:00Z", "{h:#}");
         assert!(h["deferred_for_secs"].as_u64().unwrap_or(0) > 0, "{h:#}");
     });

@@ -197,7 +197,7 @@ fn open_queue(state_dir: &Path, config: QueueConfig) -> SharedQueue {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_cp_database_loss_a_gap_resends_the_acked_history_and_everything_applies() {
-    // Proves rule 8 on the agent side with the real CP: the CP lost its
+    // Proves rule 2 (`docs/protocol.md` §3) on the agent side with the real CP: the CP lost its
     // database and got the manifest again; the drainer posts pending seq
     // 11.. before any heartbeat, is answered `gap` expecting 1, re-sends
     // 1..10 from acked/ and then 11..14, and both sides agree.

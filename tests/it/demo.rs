@@ -4,7 +4,7 @@ use std::process::Command;
 
 #[test]
 fn the_demo_rolls_out_two_waves_rolls_one_host_back_and_halts() {
-    // Proves SPEC §9: a 2-wave rollout, the broken host rolls back by itself,
+    // Proves what `nixfleet demo --help` promises: a 2-wave rollout, the broken host rolls back by itself,
     // the rollout halts, and the final table says so. Without Nix the demo
     // must refuse with a message that says how to get it.
     let out = Command::new(env!("CARGO_BIN_EXE_nixfleet")).arg("demo").output().expect("run demo");

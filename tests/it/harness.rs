@@ -3,9 +3,9 @@
 //! a scripted test agent that speaks the wire protocol over real HTTP.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
@@ -23,31 +23,43 @@ use time::{Duration as TimeDuration, OffsetDateTime};
 /// Everything in tests waits on a condition with this deadline, never a sleep.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
-/// A directory removed when dropped.
-pub struct TempDir(PathBuf);
+/// A test's own directory, `nixfleet-it-{label}-XXXXXX` under the system
+/// temp dir, created fresh and removed when dropped: the one way these
+/// tests make a temp dir (the label says which test left one behind after
+/// a crash).
+#[derive(Debug)]
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     pub fn new(label: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "nixfleet-it-{label}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let dir = tempfile::Builder::new().prefix(&format!("nixfleet-it-{label}-")).tempdir().expect("create temp dir");
         TempDir(dir)
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// Hands a child test its parameter (see [`child_test`]).
+const CHILD_PARAM_ENV: &str = "NIXFLEET_IT_CHILD_PARAM";
+
+/// This test binary, re-executed to run only the `#[ignore]`d child test
+/// `name` (its path, e.g. `queue::enqueue_loop_child`) with `param` for
+/// [`child_param`]: a real process running library code that a crash test
+/// can `kill -9`, without a hidden subcommand in the user CLI or an extra
+/// binary target. The caller adds stdio and a process group.
+pub fn child_test(name: &str, param: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));
+    cmd.args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"]).env(CHILD_PARAM_ENV, param);
+    cmd
+}
+
+/// In a child test: the parameter [`child_test`] passed, or `None` when the
+/// test was run some other way (`cargo test -- --ignored`); it must then
+/// return at once.
+pub fn child_param() -> Option<String> {
+    std::env::var(CHILD_PARAM_ENV).ok()
 }
 
 /// Polls `cond` until it returns `Some`, or panics after [`DEADLINE`].
@@ -92,7 +104,7 @@ pub fn closure(label: &str) -> String {
 /// One wave: (name, soak_secs, max_in_flight).
 pub type WaveSpec<'a> = (&'a str, u64, u32);
 
-/// Manifest JSON (SPEC §3); hosts are (hostname, wave, closure label).
+/// Manifest JSON (`docs/protocol.md` §2); hosts are (hostname, wave, closure label).
 pub fn manifest(
     id: &str,
     issued_at: &str,
@@ -237,17 +249,22 @@ impl Cp {
         client::request(&self.url, Method::POST, "/v1/rollouts", &[], Some(envelope.to_vec())).await.expect("POST")
     }
 
-    /// The state of one host in one rollout, from `/v1/rollouts/{id}`.
-    pub async fn host_state(&self, rollout: &str, host: &str) -> String {
+    /// One host's row of `/v1/rollouts/{id}`.
+    pub async fn host_row(&self, rollout: &str, host: &str) -> serde_json::Value {
         let detail = self.get_json(&format!("/v1/rollouts/{rollout}")).await;
         for wave in detail["waves"].as_array().expect("waves") {
             for h in wave["hosts"].as_array().expect("hosts") {
                 if h["hostname"] == host {
-                    return h["state"].as_str().expect("state").to_owned();
+                    return h.clone();
                 }
             }
         }
-        panic!("{host} not in {rollout}")
+        panic!("{host} not in {rollout}: {detail:#}")
+    }
+
+    /// The state of one host in one rollout, from `/v1/rollouts/{id}`.
+    pub async fn host_state(&self, rollout: &str, host: &str) -> String {
+        self.host_row(rollout, host).await["state"].as_str().expect("state").to_owned()
     }
 }
 

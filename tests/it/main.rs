@@ -1,5 +1,5 @@
 //! The one integration-test binary: runs the real `nixfleet` executable for
-//! CLI, crash and fleet tests (STYLE.md §11), the control plane over real
+//! CLI, crash and fleet tests, the control plane over real
 //! HTTP, and the agent's parts against real Nix, processes and sockets.
 
 mod activation;
@@ -11,8 +11,8 @@ mod delivery;
 mod demo;
 mod harness;
 pub mod nixenv;
+mod pki;
 mod probes;
 mod protocol_doc;
 mod queue;
-mod wire_golden;
 mod workers;

@@ -1,4 +1,4 @@
-//! The Nix test environment (SPEC §7): real store paths built by the real
+//! The Nix test environment (`docs/protocol.md` §6): real store paths built by the real
 //! `nix-build` from a tiny derivation (no nixpkgs), a real signed local binary
 //! cache, real `nix-store`/`nix-env`. The only stand-in is each closure's
 //! `bin/switch-to-configuration`, a /bin/sh script that repoints a
@@ -20,6 +20,8 @@ use std::process::Command;
 
 use nixfleet::agent::activation::{ActivationConfig, SwitchRunner};
 use nixfleet::ids::Closure;
+
+use crate::harness::TempDir;
 
 /// What a test closure contains besides its switch script.
 #[derive(Debug, Clone, Default)]
@@ -54,7 +56,7 @@ pub enum NixKind {
 #[derive(Debug)]
 pub struct NixEnv {
     pub kind: NixKind,
-    dir: tempfile::TempDir,
+    dir: TempDir,
     nix_store: PathBuf,
     nix_env: PathBuf,
     nix_build: PathBuf,
@@ -186,7 +188,7 @@ ln -sfn "$(basename "$profile")-$n-link" "$profile.tmp" && mv -T "$profile.tmp" 
 impl NixEnv {
     /// Real Nix if `nix-store` and `nix-build` run, else stand-ins; prints which.
     pub fn detect() -> NixEnv {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = TempDir::new("nix");
         let kind = match real_nix_version() {
             Some(version) => NixKind::Real { version },
             None => NixKind::StandIn,

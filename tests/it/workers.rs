@@ -101,7 +101,7 @@ impl Agent {
         let (trigger, shutdown) = shutdown_channel();
         let mut workers = vec![tokio::spawn(run_activation_worker(
             host.config(Host::session()),
-            rx.switch,
+            rx.activation,
             inputs.clone(),
             clock.clone(),
             shutdown.clone(),

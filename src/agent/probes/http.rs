@@ -1,26 +1,69 @@
-//! `http` probes: one plain HTTP/1.1 GET over a TCP connection, Pass when the
-//! status matches and (if asked) the body contains a substring.
+//! `http` probes: one GET through hyper's HTTP/1.1 client, over TCP or, for
+//! `https://`, over rustls (`src/tls.rs`: ring, TLS 1.3 with 1.2 allowed).
+//! Pass when the status matches and (if asked) the body contains a substring.
 //!
-//! A probe needs only a status line and a body, so this speaks the small
-//! subset of HTTP/1.1 it needs (`Connection: close`, Content-Length, chunked)
-//! instead of pulling in an HTTP client. `https://` URLs are not supported
-//! yet and are rejected when the health-checks file is parsed, so they can
-//! never turn into a silently passing probe.
+//! An https probe trusts the host's store (rustls-native-certs: on NixOS
+//! `/etc/ssl/certs/ca-certificates.crt`, which `security.pki` builds, so a
+//! site CA added there works on an air-gapped host), or, when the probe names
+//! a `ca_file`, that file only. Not webpki-roots: a compiled-in copy of the
+//! public roots knows no site CA and is as old as the binary. The trust is
+//! loaded off the reactor and reused for [`TRUST_CACHE_TTL`]: a rotated CA
+//! file or a new bundle after a switch is in use within a minute, without
+//! restarting the agent.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::header::{ACCEPT, CONNECTION, HOST, USER_AGENT};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::ProbeRun;
+use crate::tls;
 
-/// Bytes of response read at most (headers and body): health endpoints are
-/// small; a bigger body is searched only in its first MiB.
+/// Body bytes read at most: health endpoints are small; a bigger body is
+/// searched only in its first MiB, and the connection is then dropped.
 pub const HTTP_RESPONSE_MAX_BYTES: usize = 1024 * 1024;
 
-/// A parsed `http://host[:port][/path]` URL.
+/// How long a loaded trust (the system's roots, or one CA file) is reused.
+/// Loading the system's ~150 roots costs about 6 ms of CPU (measured, release
+/// build), too much for every run of up to 64 probes a second; a minute keeps
+/// it negligible and still follows a changed file soon. Failures are not
+/// cached: a missing file is tried again at the next run.
+pub const TRUST_CACHE_TTL: Duration = Duration::from_secs(60);
+/// Distinct trusts kept at most: the system's plus one per `ca_file` of a
+/// full health-checks file. At the limit the cache is emptied, so paths from
+/// old health-checks files cannot pile up.
+const TRUST_CACHE_MAX_ENTRIES: usize = 1 + crate::wire::event::MAX_PROBES;
+
+type TrustCache = HashMap<Option<PathBuf>, (Instant, Arc<rustls::ClientConfig>)>;
+static TRUST_CACHE: LazyLock<Mutex<TrustCache>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// `http` or `https`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+}
+
+/// A parsed `http[s]://host[:port][/path]` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpUrl {
+    pub scheme: Scheme,
     /// Host as written, without brackets for IPv6 literals.
     pub host: String,
     pub port: u16,
@@ -32,11 +75,12 @@ pub struct HttpUrl {
 
 impl HttpUrl {
     pub fn parse(url: &str) -> Result<HttpUrl, String> {
-        if url.starts_with("https://") {
-            return Err(format!("{url:?}: https probes are not supported yet; use http:// or an exec probe"));
-        }
-        let Some(rest) = url.strip_prefix("http://") else {
-            return Err(format!("{url:?} must start with http://"));
+        let (scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            (Scheme::Http, rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (Scheme::Https, rest)
+        } else {
+            return Err(format!("{url:?} must start with http:// or https://"));
         };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'?' => (&rest[..i], format!("/{}", &rest[i..])),
@@ -62,18 +106,24 @@ impl HttpUrl {
             return Err(format!("{url:?} has no host"));
         }
         let port = match port {
-            None => 80,
+            None => scheme.default_port(),
             Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("{url:?}: bad port {p:?}"))?,
         };
         if path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
             return Err(format!("{url:?}: the path has spaces or control characters"));
         }
-        Ok(HttpUrl { host: host.to_owned(), port, path, original: url.to_owned() })
+        if path.parse::<hyper::Uri>().is_err() {
+            return Err(format!("{url:?}: the path is not a valid request target"));
+        }
+        if scheme == Scheme::Https && rustls::pki_types::ServerName::try_from(host).is_err() {
+            return Err(format!("{url:?}: {host:?} is not a DNS name or IP address a certificate can name"));
+        }
+        Ok(HttpUrl { scheme, host: host.to_owned(), port, path, original: url.to_owned() })
     }
 
     fn host_header(&self) -> String {
         let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
-        if self.port == 80 {
+        if self.port == self.scheme.default_port() {
             host
         } else {
             format!("{host}:{}", self.port)
@@ -81,9 +131,17 @@ impl HttpUrl {
     }
 }
 
-/// GETs `url` once; the timeout covers connecting, sending and reading.
-pub async fn run(url: &HttpUrl, expect_status: u16, body_contains: Option<&str>, timeout: Duration) -> ProbeRun {
-    let response = match tokio::time::timeout(timeout, get(url)).await {
+/// GETs `url` once; the timeout covers loading the trust, connecting, the
+/// TLS handshake, sending and reading. `ca_file` (https only) replaces the
+/// system's roots.
+pub async fn run(
+    url: &HttpUrl,
+    expect_status: u16,
+    body_contains: Option<&str>,
+    ca_file: Option<&Path>,
+    timeout: Duration,
+) -> ProbeRun {
+    let response = match tokio::time::timeout(timeout, get(url, ca_file)).await {
         Err(_elapsed) => {
             return ProbeRun::fail(format!("GET {} timed out after {} s", url.original, timeout.as_secs()))
         }
@@ -108,107 +166,130 @@ struct Response {
     truncated: bool,
 }
 
-async fn get(url: &HttpUrl) -> Result<Response, String> {
-    let mut stream = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| format!("connect: {e}"))?;
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: nixfleet-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-        url.path,
-        url.host_header()
-    );
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 8192];
-    let mut truncated = false;
-    loop {
-        let n = stream.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
-        if n == 0 {
-            break;
+async fn get(url: &HttpUrl, ca_file: Option<&Path>) -> Result<Response, String> {
+    match url.scheme {
+        Scheme::Http => {
+            let tcp = connect(url).await?;
+            exchange(TokioIo::new(tcp), url).await
         }
-        raw.extend_from_slice(&buf[..n]);
-        if raw.len() >= HTTP_RESPONSE_MAX_BYTES {
-            raw.truncate(HTTP_RESPONSE_MAX_BYTES);
-            truncated = true;
-            break;
-        }
-        if let Some(done) = complete_length(&raw) {
-            raw.truncate(done);
-            break;
+        Scheme::Https => {
+            let config = client_config(ca_file.map(Path::to_owned)).await?;
+            let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+                .map_err(|e| format!("{:?} as a TLS server name: {e}", url.host))?;
+            let tcp = connect(url).await?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS handshake: {}", error_chain(&e)))?;
+            exchange(TokioIo::new(tls), url).await
         }
     }
-    parse_response(&raw, truncated)
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() {
-        return Some(0);
+async fn connect(url: &HttpUrl) -> Result<TcpStream, String> {
+    TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| format!("connect: {e}"))
+}
+
+/// The https client config: the probe's CA file, or the system's roots,
+/// from the cache or loaded on the blocking pool (it is file I/O).
+async fn client_config(ca_file: Option<PathBuf>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let now = Instant::now();
+    let cache = || TRUST_CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((loaded_at, config)) = cache().get(&ca_file) {
+        if now.saturating_duration_since(*loaded_at) < TRUST_CACHE_TTL {
+            return Ok(Arc::clone(config));
+        }
     }
-    haystack.windows(needle.len()).position(|w| w == needle)
+    let config = load_client_config(ca_file.clone()).await?;
+    let mut cached = cache();
+    if cached.len() >= TRUST_CACHE_MAX_ENTRIES {
+        cached.clear();
+    }
+    cached.insert(ca_file, (now, Arc::clone(&config)));
+    Ok(config)
+}
+
+async fn load_client_config(ca_file: Option<PathBuf>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let build = move || {
+        let roots = match &ca_file {
+            Some(path) => tls::load_ca_bundle(path)?,
+            None => tls::system_roots()?,
+        };
+        let mut config = tls::client_config_with_roots(roots, None)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok::<_, tls::TlsError>(Arc::new(config))
+    };
+    match tokio::task::spawn_blocking(build).await {
+        Ok(Ok(config)) => Ok(config),
+        Ok(Err(e)) => Err(format!("TLS trust: {e}")),
+        Err(e) => Err(format!("TLS trust: loading task failed: {e}")),
+    }
+}
+
+/// One request and its response on an open connection. The connection is
+/// driven here, not in a spawned task, and dropped with the response.
+async fn exchange<T>(io: T, url: &HttpUrl) -> Result<Response, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("HTTP: {}", error_chain(&e)))?;
+    let request = hyper::Request::get(url.path.as_str())
+        .header(HOST, url.host_header())
+        .header(USER_AGENT, "nixfleet-probe")
+        .header(ACCEPT, "*/*")
+        .header(CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let response = async {
+        let response = sender.send_request(request).await.map_err(|e| error_chain(&e))?;
+        let status = response.status().as_u16();
+        let mut body = response.into_body();
+        let mut bytes = Vec::new();
+        let mut truncated = false;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("reading the body: {}", error_chain(&e)))?;
+            let Some(data) = frame.data_ref() else { continue };
+            let room = HTTP_RESPONSE_MAX_BYTES - bytes.len();
+            if data.len() > room {
+                bytes.extend_from_slice(&data[..room]);
+                truncated = true;
+                break;
+            }
+            bytes.extend_from_slice(data);
+        }
+        Ok(Response { status, body: bytes, truncated })
+    };
+    tokio::pin!(response, conn);
+    tokio::select! {
+        biased;
+        done = &mut response => done,
+        ended = &mut conn => match ended {
+            // The connection ended cleanly: what it read is in the response.
+            Ok(()) => response.await,
+            Err(e) => Err(error_chain(&e)),
+        },
+    }
+}
+
+/// An error and its causes on one line ("a: b: c"): hyper's and rustls'
+/// top-level messages alone hide the reason (an I/O error, a bad certificate).
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut line = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    line
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    find(haystack, needle).is_some()
-}
-
-/// Splits headers from body: (status, header lines, body start).
-fn head(raw: &[u8]) -> Option<(&str, usize)> {
-    let end = find(raw, b"\r\n\r\n")?;
-    let text = std::str::from_utf8(&raw[..end]).ok()?;
-    Some((text, end + 4))
-}
-
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().skip(1).find_map(|line| {
-        let (k, v) = line.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-/// With Content-Length, the response is complete at a known length; a server
-/// that keeps the connection open despite `Connection: close` then still works.
-fn complete_length(raw: &[u8]) -> Option<usize> {
-    let (text, body_at) = head(raw)?;
-    let len: usize = header(text, "content-length")?.parse().ok()?;
-    let total = body_at.checked_add(len)?;
-    (raw.len() >= total).then_some(total)
-}
-
-fn parse_response(raw: &[u8], truncated: bool) -> Result<Response, String> {
-    let Some((text, body_at)) = head(raw) else {
-        return Err(if raw.is_empty() {
-            "connection closed without a response".to_owned()
-        } else {
-            "response headers incomplete or not UTF-8".to_owned()
-        });
-    };
-    let status_line = text.lines().next().unwrap_or_default();
-    let mut parts = status_line.split_whitespace();
-    let status = match (parts.next(), parts.next()) {
-        (Some(v), Some(code)) if v.starts_with("HTTP/1.") => code.parse::<u16>().ok(),
-        _ => None,
-    }
-    .ok_or_else(|| format!("not an HTTP/1.x status line: {:?}", status_line.chars().take(80).collect::<String>()))?;
-    let body = &raw[body_at..];
-    let chunked = header(text, "transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_vec() };
-    Ok(Response { status, body, truncated })
-}
-
-/// Decodes a chunked body as far as it goes (a cut-off body yields what arrived).
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(line_end) = find(data, b"\r\n") {
-        let size_text = std::str::from_utf8(&data[..line_end]).unwrap_or("");
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let Ok(size) = usize::from_str_radix(size_text, 16) else { break };
-        data = &data[line_end + 2..];
-        if size == 0 {
-            break;
-        }
-        let take = size.min(data.len());
-        out.extend_from_slice(&data[..take]);
-        data = data.get(take + 2..).unwrap_or(&[]);
-    }
-    out
+    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -216,39 +297,66 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_parse_host_port_and_path() {
+    fn urls_parse_scheme_host_port_and_path() {
         let u = HttpUrl::parse("http://127.0.0.1:8080/healthz?full=1").expect("valid");
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("127.0.0.1", 8080, "/healthz?full=1"));
+        assert_eq!(
+            (u.scheme, u.host.as_str(), u.port, u.path.as_str()),
+            (Scheme::Http, "127.0.0.1", 8080, "/healthz?full=1")
+        );
         let u = HttpUrl::parse("http://localhost").expect("valid");
-        assert_eq!((u.port, u.path.as_str()), (80, "/"));
+        assert_eq!((u.port, u.path.as_str(), u.host_header()), (80, "/", "localhost".to_owned()));
         let u = HttpUrl::parse("http://[::1]:9/x").expect("valid");
         assert_eq!((u.host.as_str(), u.port, u.host_header()), ("::1", 9, "[::1]:9".to_owned()));
         let u = HttpUrl::parse("http://h?q").expect("valid");
         assert_eq!(u.path, "/?q");
+        let u = HttpUrl::parse("https://app.internal/healthz").expect("valid");
+        assert_eq!((u.scheme, u.port, u.host_header()), (Scheme::Https, 443, "app.internal".to_owned()));
+        let u = HttpUrl::parse("https://[::1]:8443/").expect("valid");
+        assert_eq!((u.scheme, u.host.as_str(), u.port), (Scheme::Https, "::1", 8443));
     }
 
     #[test]
-    fn bad_urls_are_config_errors_and_https_says_it_is_unsupported() {
-        let err = HttpUrl::parse("https://example.org/").expect_err("https");
-        assert!(err.contains("https probes are not supported yet"), "{err}");
-        for bad in ["ftp://x", "http://", "http://h:0/", "http://h:99999/", "http://u:p@h/", "http://h/a b"] {
+    fn bad_urls_are_config_errors() {
+        for bad in [
+            "ftp://x",
+            "http://",
+            "https://",
+            "http://h:0/",
+            "http://h:99999/",
+            "http://u:p@h/",
+            "http://h/a b",
+            "https://a_b!/",
+        ] {
             assert!(HttpUrl::parse(bad).is_err(), "{bad}");
         }
     }
 
-    #[test]
-    fn chunked_bodies_are_decoded_so_substrings_spanning_chunks_match() {
-        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nheal\r\n3;x=y\r\nthy\r\n0\r\n\r\n";
-        let r = parse_response(raw, false).expect("parses");
-        assert_eq!((r.status, r.body.as_slice()), (200, b"healthy".as_slice()));
+    #[tokio::test(start_paused = true)]
+    async fn a_loaded_trust_is_reused_for_the_ttl_then_loaded_again_and_failures_are_not_kept() {
+        // Proves the trust cache: one load per TTL per CA file, a reload after it, and a vanished file failing
+        // at the first run after the TTL instead of being served from the cache forever.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        fs_err::write(&path, params.self_signed(&key).expect("ca").pem()).expect("write");
+        let first = client_config(Some(path.clone())).await.expect("load");
+        let again = client_config(Some(path.clone())).await.expect("cached");
+        assert!(Arc::ptr_eq(&first, &again), "reused within the TTL");
+        tokio::time::advance(TRUST_CACHE_TTL).await;
+        let reloaded = client_config(Some(path.clone())).await.expect("reload");
+        assert!(!Arc::ptr_eq(&first, &reloaded), "loaded again after the TTL");
+        fs_err::remove_file(&path).expect("remove");
+        tokio::time::advance(TRUST_CACHE_TTL).await;
+        let err = client_config(Some(path.clone())).await.expect_err("gone");
+        assert!(err.contains(&path.display().to_string()), "{err}");
     }
 
     #[test]
-    fn garbage_responses_are_errors_not_panics() {
-        assert!(parse_response(b"", false).is_err());
-        assert!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n", false).is_err());
-        assert!(parse_response(b"HTTP/1.1 abc\r\n\r\n", false).is_err());
-        assert_eq!(dechunk(b"zz\r\n"), b"");
-        assert_eq!(dechunk(b"ff\r\nabc"), b"abc");
+    fn substring_search_spans_the_whole_body() {
+        assert!(contains(b"status: healthy", b"healthy"));
+        assert!(!contains(b"heal", b"healthy"));
+        assert!(contains(b"", b""));
     }
 }

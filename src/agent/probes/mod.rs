@@ -1,4 +1,4 @@
-//! Health probes (SPEC §7): the health-checks file of the active system, and
+//! Health probes (`docs/protocol.md` §6): the health-checks file of the active system, and
 //! the runners that turn one probe into Pass or Fail.
 //!
 //! The file is parsed strictly (unknown fields are errors naming the field),
@@ -29,7 +29,7 @@ use crate::wire::event::{validate_probe_name, FAILURE_REASON_MAX_BYTES, MAX_PROB
 pub const DEFAULT_HEALTH_CHECKS_PATH: &str = "/etc/nixfleet/agent/health-checks.json";
 /// A health-checks file is a few KiB; a bigger one is a mistake, and reading
 /// it whole must stay cheap.
-pub const HEALTH_CHECKS_MAX_BYTES: u64 = 1024 * 1024;
+pub const MAX_HEALTH_CHECKS_BYTES: u64 = 1024 * 1024;
 /// Probe interval when the file does not say.
 pub const DEFAULT_INTERVAL_SECS: u64 = 30;
 /// Faster than once a second is load, not health checking.
@@ -68,10 +68,28 @@ pub struct Probe {
 /// What a probe checks; the fields of its kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
-    Exec { argv: Vec<String>, timeout: Duration, expect_exit_code: i32 },
-    Http { url: http::HttpUrl, expect_status: u16, body_contains: Option<String>, timeout: Duration },
-    Tcp { host: String, port: u16, timeout: Duration },
-    Systemd { unit: String },
+    Exec {
+        argv: Vec<String>,
+        timeout: Duration,
+        expect_exit_code: i32,
+    },
+    /// `ca_file`: https only; the one CA bundle the server must chain to
+    /// (None: the system's roots).
+    Http {
+        url: http::HttpUrl,
+        expect_status: u16,
+        body_contains: Option<String>,
+        ca_file: Option<PathBuf>,
+        timeout: Duration,
+    },
+    Tcp {
+        host: String,
+        port: u16,
+        timeout: Duration,
+    },
+    Systemd {
+        unit: String,
+    },
 }
 
 impl Probe {
@@ -134,6 +152,8 @@ enum RawProbe {
         expect_status: u16,
         #[serde(default)]
         body_contains: Option<String>,
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
         timeout_secs: u64,
     },
     Tcp {
@@ -169,6 +189,19 @@ fn non_empty(field: &str, value: &str) -> Result<(), ProbeConfigError> {
     Ok(())
 }
 
+/// A probe's CA file must be usable when the file is parsed, so a wrong path
+/// is a config error naming the field, not a probe that fails forever.
+fn validate_ca_file(field: &str, path: &Path, scheme: http::Scheme) -> Result<(), ProbeConfigError> {
+    if scheme != http::Scheme::Https {
+        return Err(config_error(field, "only https:// URLs use a CA file"));
+    }
+    if !path.is_absolute() {
+        return Err(config_error(field, format!("{} must be an absolute path", path.display())));
+    }
+    crate::tls::load_ca_bundle(path).map_err(|e| config_error(field, e.to_string()))?;
+    Ok(())
+}
+
 impl RawProbe {
     fn validate(self, at: &str) -> Result<Probe, ProbeConfigError> {
         let f = |name: &str| format!("{at}.{name}");
@@ -180,8 +213,11 @@ impl RawProbe {
                 let timeout = secs_in(&f("timeout_secs"), timeout_secs, 1, MAX_TIMEOUT_SECS)?;
                 (name, mode, interval_secs, Check::Exec { argv, timeout, expect_exit_code })
             }
-            RawProbe::Http { name, mode, interval_secs, url, expect_status, body_contains, timeout_secs } => {
+            RawProbe::Http { name, mode, interval_secs, url, expect_status, body_contains, ca_file, timeout_secs } => {
                 let url = http::HttpUrl::parse(&url).map_err(|why| config_error(f("url"), why))?;
+                if let Some(path) = &ca_file {
+                    validate_ca_file(&f("ca_file"), path, url.scheme)?;
+                }
                 if !(100..=599).contains(&expect_status) {
                     return Err(config_error(f("expect_status"), format!("{expect_status} is not an HTTP status")));
                 }
@@ -189,7 +225,7 @@ impl RawProbe {
                     return Err(config_error(f("body_contains"), "must not be empty (omit it instead)"));
                 }
                 let timeout = secs_in(&f("timeout_secs"), timeout_secs, 1, MAX_TIMEOUT_SECS)?;
-                (name, mode, interval_secs, Check::Http { url, expect_status, body_contains, timeout })
+                (name, mode, interval_secs, Check::Http { url, expect_status, body_contains, ca_file, timeout })
             }
             RawProbe::Tcp { name, mode, interval_secs, host, port, timeout_secs } => {
                 non_empty(&f("host"), &host)?;
@@ -215,6 +251,8 @@ impl RawProbe {
 
 impl HealthChecks {
     /// Parses the file's text; errors name the field (`probes[2].timeout_secs`).
+    /// An https probe's `ca_file` is read here to check it (file I/O: call
+    /// this off the reactor, as [`HealthChecks::load`] is).
     pub fn parse(json: &str) -> Result<HealthChecks, ProbeConfigError> {
         let de = &mut serde_json::Deserializer::from_str(json);
         let raw: RawFile = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -248,8 +286,8 @@ impl HealthChecks {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HealthChecks::default()),
             Err(e) => return Err(with_path(config_error("(file)", e.to_string()))),
         };
-        if len > HEALTH_CHECKS_MAX_BYTES {
-            return Err(with_path(config_error("(file)", format!("{len} bytes; at most {HEALTH_CHECKS_MAX_BYTES}"))));
+        if len > MAX_HEALTH_CHECKS_BYTES {
+            return Err(with_path(config_error("(file)", format!("{len} bytes; at most {MAX_HEALTH_CHECKS_BYTES}"))));
         }
         let text = fs_err::read_to_string(path).map_err(|e| with_path(config_error("(file)", e.to_string())))?;
         HealthChecks::parse(&text).map_err(with_path)
@@ -303,8 +341,8 @@ impl ProbeRunner for HostRunner {
     async fn run(&self, probe: &Probe) -> ProbeRun {
         match &probe.check {
             Check::Exec { argv, timeout, expect_exit_code } => exec::run(argv, *timeout, *expect_exit_code).await,
-            Check::Http { url, expect_status, body_contains, timeout } => {
-                http::run(url, *expect_status, body_contains.as_deref(), *timeout).await
+            Check::Http { url, expect_status, body_contains, ca_file, timeout } => {
+                http::run(url, *expect_status, body_contains.as_deref(), ca_file.as_deref(), *timeout).await
             }
             Check::Tcp { host, port, timeout } => tcp::run(host, *port, *timeout).await,
             Check::Systemd { unit } => systemd::run(&self.systemctl, unit).await,

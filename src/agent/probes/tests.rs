@@ -25,8 +25,8 @@ fn full_example_parses_with_defaults_applied() {
     );
     assert_eq!(checks.probes[0].interval, Duration::from_secs(10));
     assert_eq!(checks.probes[1].interval, Duration::from_secs(DEFAULT_INTERVAL_SECS));
-    let Check::Http { expect_status, body_contains, .. } = &checks.probes[1].check else { panic!("http") };
-    assert_eq!((*expect_status, body_contains.as_deref()), (200, Some("ok")));
+    let Check::Http { expect_status, body_contains, ca_file, .. } = &checks.probes[1].check else { panic!("http") };
+    assert_eq!((*expect_status, body_contains.as_deref(), ca_file.as_deref()), (200, Some("ok"), None));
     assert_eq!(
         checks.probes[2].check,
         Check::Tcp { host: "127.0.0.1".into(), port: 5432, timeout: Duration::from_secs(DEFAULT_TCP_TIMEOUT_SECS) }
@@ -60,10 +60,21 @@ fn rejections_name_the_offending_field() {
         (probe(r#""kind":"tcp","host":"","port":1"#), "probes[0].host", "must not be empty"),
         (probe(r#""kind":"tcp","host":"h","port":0"#), "probes[0].port", "1..=65535"),
         (probe(r#""kind":"tcp","host":"h","port":70000"#), "probes[0]", "70000"),
+        (probe(r#""kind":"http","url":"ftp://x/","timeout_secs":1"#), "probes[0].url", "http:// or https://"),
         (
-            probe(r#""kind":"http","url":"https://x/","timeout_secs":1"#),
-            "probes[0].url",
-            "https probes are not supported yet",
+            probe(r#""kind":"http","url":"http://x/","timeout_secs":1,"ca_file":"/etc/ca.pem""#),
+            "probes[0].ca_file",
+            "only https:// URLs use a CA file",
+        ),
+        (
+            probe(r#""kind":"http","url":"https://x/","timeout_secs":1,"ca_file":"ca.pem""#),
+            "probes[0].ca_file",
+            "ca.pem must be an absolute path",
+        ),
+        (
+            probe(r#""kind":"http","url":"https://x/","timeout_secs":1,"ca_file":"/nonexistent/ca.pem""#),
+            "probes[0].ca_file",
+            "/nonexistent/ca.pem: No such file or directory",
         ),
         (
             probe(r#""kind":"http","url":"http://x/","timeout_secs":1,"expect_status":42"#),
@@ -139,4 +150,35 @@ fn the_shipped_example_health_checks_file_parses() {
     // Proves examples/health-checks.json (also shown in the README) is valid.
     let checks = HealthChecks::parse(include_str!("../../../examples/health-checks.json")).expect("valid example");
     assert_eq!(checks.topology().len(), 4);
+}
+
+#[test]
+fn https_probes_parse_with_the_system_roots_or_a_ca_file_that_is_checked_when_parsed() {
+    // Proves https:// is accepted, ca_file is optional, and a ca_file that is not a CA bundle is a config error
+    // naming the field and the file (found before any probe runs).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let https = |ca_file: &str| {
+        format!(
+            r#"{{"probes":[{{"name":"web","kind":"http","mode":"enforce","url":"https://127.0.0.1:8443/healthz",
+                 "timeout_secs":2{ca_file}}}]}}"#
+        )
+    };
+    let checks = HealthChecks::parse(&https("")).expect("system roots");
+    let Check::Http { url, ca_file, .. } = &checks.probes[0].check else { panic!("http") };
+    assert_eq!((url.scheme, url.port, ca_file.as_deref()), (http::Scheme::Https, 8443, None));
+
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_path = dir.path().join("ca.pem");
+    fs_err::write(&ca_path, params.self_signed(&key).expect("ca").pem()).expect("write");
+    let checks = HealthChecks::parse(&https(&format!(r#","ca_file":"{}""#, ca_path.display()))).expect("with CA");
+    let Check::Http { ca_file, .. } = &checks.probes[0].check else { panic!("http") };
+    assert_eq!(ca_file.as_deref(), Some(ca_path.as_path()));
+
+    let not_pem = dir.path().join("key.pem");
+    fs_err::write(&not_pem, key.serialize_pem()).expect("write");
+    let e = err(&https(&format!(r#","ca_file":"{}""#, not_pem.display())));
+    assert_eq!(e.field, "probes[0].ca_file", "{e}");
+    assert!(e.message.contains(&not_pem.display().to_string()) && e.message.contains("no PEM CERTIFICATE"), "{e}");
 }

@@ -1,11 +1,11 @@
-//! The activation worker: runs the switch the reducer orders and reports
+//! The activation worker: runs the activation the reducer orders and reports
 //! what the host can prove afterwards. It exists apart from
-//! `agent::activation` (which knows how to switch) because it owns the
+//! `agent::activation` (which knows how to activate) because it owns the
 //! runtime questions: which order is new, whether a switch already
 //! happened before a restart, and how outcomes reach the reducer.
 //!
-//! Restart rule (SPEC §7, issue 5 "reports the outcome it can prove"): a
-//! restarted reducer re-issues the switch of an unfinished activation or
+//! Restart rule (a restarted agent reports the outcome it can prove): a
+//! restarted reducer re-issues the order of an unfinished activation or
 //! rollback. Before running any order the worker asks whether the host
 //! already runs the order's closure: if BOTH `current-system` and the system
 //! profile resolve to it, the switch already happened (typically a switch
@@ -31,45 +31,40 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::{Shutdown, WorkerExit};
 use crate::agent::activation::{
     activate, resolve_current_system, restore_boot_default, sanitize_activation_id, ActivationConfig,
-    ActivationOutcome, ActivationRequest, Direction, RestoreOutcome, ACTIVATION_ID_MAX_LEN,
+    ActivationOutcome, ActivationRequest, Direction, RestoreOutcome, MAX_ACTIVATION_ID_LEN,
 };
-use crate::agent::reducer::{Input, SwitchOrder};
-use crate::agent::rollouts::SwitchOutcome;
+use crate::agent::reducer::{ActivationOrder, Input};
 use crate::clock::ClockHandle;
 use crate::ids::{Closure, RolloutId};
 
-/// Random bytes in each activation id: the rollout id and the order's
-/// generation repeat after a restart (generations restart at 1), and a
+/// Random bytes in each activation id: the rollout id and the order
+/// number repeat after a restart (order numbers restart at 1), and a
 /// re-run must never reuse the name of a systemd unit that may still be
 /// running. 4 bytes (8 hex digits) make a collision between the few
 /// activations of one rollout negligible while keeping unit names short.
 pub const ACTIVATION_NONCE_BYTES: usize = 4;
 
-/// Exit code reported with a `Completed` outcome: the switch exited 0, or
-/// the host was proven to run the closure already.
-const EXIT_CODE_COMPLETED: i32 = 0;
-
-/// Runs switch orders until shutdown or until the reducer is gone.
+/// Runs activation orders until shutdown or until the reducer is gone.
 ///
-/// Each order is run once: orders are told apart by their `generation`, and
-/// an order whose generation was already run (or is older) is ignored. An
+/// Each order is run once: orders are told apart by their `number`, and
+/// an order whose number was already run (or is older) is ignored. An
 /// order present when the worker starts (a restarted reducer's `resume`) is
 /// run at once.
 pub async fn run_activation_worker(
     cfg: ActivationConfig,
-    mut orders: watch::Receiver<Option<SwitchOrder>>,
+    mut orders: watch::Receiver<Option<ActivationOrder>>,
     inputs: mpsc::Sender<Input>,
     clock: ClockHandle,
     mut shutdown: Shutdown,
 ) -> WorkerExit {
-    let mut last_generation: Option<u64> = None;
+    let mut last_order: Option<u64> = None;
     loop {
         if shutdown.is_requested() {
             return WorkerExit::Shutdown;
         }
         let order = orders.borrow_and_update().clone();
-        if let Some(order) = order.filter(|o| last_generation.is_none_or(|done| o.generation > done)) {
-            last_generation = Some(order.generation);
+        if let Some(order) = order.filter(|o| last_order.is_none_or(|done| o.number > done)) {
+            last_order = Some(order.number);
             if let Err(exit) = execute(&cfg, order, &inputs, &clock).await {
                 return exit;
             }
@@ -91,13 +86,13 @@ pub async fn run_activation_worker(
 /// Runs (or observes) one order and reports it.
 async fn execute(
     cfg: &ActivationConfig,
-    order: SwitchOrder,
+    order: ActivationOrder,
     inputs: &mpsc::Sender<Input>,
     clock: &ClockHandle,
 ) -> Result<(), WorkerExit> {
     let rollout_id = order.rollout_id.clone();
     if let Some(failed) = &order.restore_boot_from {
-        let id = activation_id(&rollout_id, order.generation, &nonce(clock));
+        let id = activation_id(&rollout_id, order.number, &nonce(clock));
         match restore_boot_default(cfg, &order.closure, failed, &id).await {
             RestoreOutcome::Restored => {
                 tracing::info!(%rollout_id, closure = %order.closure, "the pre-dispatch closure is the boot default again");
@@ -116,10 +111,10 @@ async fn execute(
             %rollout_id, closure = %order.closure, rollback = order.rollback,
             "the host already runs the ordered closure (current-system and profile); reporting it without switching"
         );
-        SwitchOutcome::Completed { observed, exit_code: EXIT_CODE_COMPLETED }
+        ActivationOutcome::Completed { observed }
     } else {
-        let activation_id = activation_id(&rollout_id, order.generation, &nonce(clock));
-        tracing::info!(%rollout_id, closure = %order.closure, rollback = order.rollback, %activation_id, "switching");
+        let activation_id = activation_id(&rollout_id, order.number, &nonce(clock));
+        tracing::info!(%rollout_id, closure = %order.closure, rollback = order.rollback, %activation_id, "activating");
         let request = ActivationRequest { closure: order.closure.clone(), direction, activation_id };
         // `on_started` is a plain callback called before any program runs;
         // the send to the reducer is awaited next to the activation, so a
@@ -133,7 +128,7 @@ async fn execute(
             match started_rx.await {
                 // ActivationStarted is illegal from Failed: forward only.
                 Ok((started, at)) if direction == Direction::Forward => {
-                    let input = Input::SwitchStarted {
+                    let input = Input::ActivationStarted {
                         rollout_id: rollout_id.clone(),
                         switch_method: started.switch_method,
                         at,
@@ -145,13 +140,13 @@ async fn execute(
         };
         let (outcome, reported) = tokio::join!(activation, report_started);
         reported?;
-        switch_outcome(outcome)
+        outcome
     };
     match &outcome {
-        SwitchOutcome::Failed { exit_code, .. } => tracing::warn!(%rollout_id, exit_code, "switch failed"),
-        other => tracing::info!(%rollout_id, outcome = ?other, "switch finished"),
+        ActivationOutcome::Failed { exit_code, .. } => tracing::warn!(%rollout_id, exit_code, "activation failed"),
+        other => tracing::info!(%rollout_id, outcome = ?other, "activation finished"),
     }
-    let finished = Input::SwitchFinished { rollout_id, order, outcome, at: clock.now() };
+    let finished = Input::ActivationFinished { rollout_id, order, outcome, at: clock.now() };
     inputs.send(finished).await.map_err(|_| WorkerExit::ReducerGone)
 }
 
@@ -161,16 +156,6 @@ fn already_running(cfg: &ActivationConfig, closure: &Closure) -> Option<Closure>
     let current = resolve_current_system(&cfg.current_system).ok()?;
     let profile = resolve_current_system(&cfg.profile).ok()?;
     (&current == closure && &profile == closure).then_some(current)
-}
-
-fn switch_outcome(outcome: ActivationOutcome) -> SwitchOutcome {
-    match outcome {
-        ActivationOutcome::Completed { observed } => {
-            SwitchOutcome::Completed { observed, exit_code: EXIT_CODE_COMPLETED }
-        }
-        ActivationOutcome::Deferred { component } => SwitchOutcome::Deferred { component },
-        ActivationOutcome::Failed { exit_code, stderr_tail } => SwitchOutcome::Failed { exit_code, stderr_tail },
-    }
 }
 
 /// Hex digits that make this activation's id unique across restarts.
@@ -185,11 +170,11 @@ fn nonce(clock: &ClockHandle) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `<rollout>-g<generation>-<nonce>`, cut to [`ACTIVATION_ID_MAX_LEN`] by
+/// `<rollout>-g<order number>-<nonce>` (`g` kept from older unit names), cut to [`MAX_ACTIVATION_ID_LEN`] by
 /// shortening the rollout part, so the unique tail always survives.
-pub fn activation_id(rollout_id: &RolloutId, generation: u64, nonce: &str) -> String {
-    let tail = sanitize_activation_id(&format!("-g{generation}-{nonce}"));
-    let room = ACTIVATION_ID_MAX_LEN.saturating_sub(tail.len());
+pub fn activation_id(rollout_id: &RolloutId, order_number: u64, nonce: &str) -> String {
+    let tail = sanitize_activation_id(&format!("-g{order_number}-{nonce}"));
+    let room = MAX_ACTIVATION_ID_LEN.saturating_sub(tail.len());
     let head: String = sanitize_activation_id(rollout_id.as_str()).chars().take(room).collect();
     format!("{head}{tail}")
 }
@@ -200,12 +185,12 @@ mod tests {
 
     #[test]
     fn activation_ids_keep_their_unique_tail_when_the_rollout_id_is_long() {
-        // Proves a long rollout id cannot push the generation and nonce out of the unit name.
+        // Proves a long rollout id cannot push the order number and nonce out of the unit name.
         let short = RolloutId::parse("stable@r1").expect("valid");
         assert_eq!(activation_id(&short, 3, "0a1b2c3d"), "stable_r1-g3-0a1b2c3d");
         let long = RolloutId::parse(&format!("stable@{}", "x".repeat(100))).expect("valid");
         let id = activation_id(&long, 12, "0a1b2c3d");
-        assert_eq!(id.len(), ACTIVATION_ID_MAX_LEN);
+        assert_eq!(id.len(), MAX_ACTIVATION_ID_LEN);
         assert!(id.ends_with("-g12-0a1b2c3d"), "{id}");
         assert_eq!(sanitize_activation_id(&id), id, "already a safe unit name");
         let clock = ClockHandle::system();

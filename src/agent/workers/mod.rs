@@ -1,12 +1,12 @@
 //! The agent's I/O workers that feed the reducer: they turn the host's
-//! facts (a switch finished, a probe answered, time passed) into
+//! facts (an activation finished, a probe answered, time passed) into
 //! [`Input`]s on the reducer's one bounded channel, and turn the reducer's
 //! `watch` commands into work. They never touch per-rollout state: the
-//! reducer is the one mutator (STYLE.md §3).
+//! reducer is the one mutator, so no two tasks ever race on a record.
 //!
 //! Common contract of every worker here:
 //! - It takes its resources and a [`Shutdown`] and returns a [`WorkerExit`]
-//!   saying why it stopped (STYLE.md §10), so the runtime and the tests can
+//!   saying why it stopped, so the runtime and the tests can
 //!   tell a requested stop from a dead reducer.
 //! - It owns every task it starts (a `JoinSet`, aborted when the work they
 //!   do is no longer wanted); nothing is fire-and-forget.

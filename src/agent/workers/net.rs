@@ -5,6 +5,7 @@
 //! queue files. With the CP unreachable they back off and keep trying while
 //! the rest of the agent goes on working from its queue.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use super::{Shutdown, WorkerExit};
 use crate::agent::activation::resolve_current_system;
 use crate::agent::admission::admit;
 use crate::agent::backoff::Backoff;
-use crate::agent::journal::{ManifestCache, SharedQueue};
+use crate::agent::journal::{ManifestCache, QueueTaskError, SharedQueue};
 use crate::agent::net::CpApi;
 use crate::agent::reducer::Input;
 use crate::agent::rollouts::Rollouts;
@@ -22,7 +23,7 @@ use crate::client::ClientError;
 use crate::clock::ClockHandle;
 use crate::ids::RolloutId;
 use crate::machine::{OnHealthFailure, Policy};
-use crate::queue::QueuedEvent;
+use crate::queue::{QueueError, QueuedEvent};
 use crate::sign::PublicKey;
 use crate::wire::{BatchItem, EventBatch, EventResult, Heartbeat, ResultStatus, MAX_BATCH_EVENTS};
 use hyper::StatusCode;
@@ -30,14 +31,14 @@ use hyper::StatusCode;
 /// After a dispatch for a rollout this host already handles (the CP repeats
 /// it until our DispatchAck is applied, normally a few milliseconds later)
 /// the next poll waits this long, doubling while the repeats go on up to
-/// [`KNOWN_DISPATCH_PAUSE_MAX`]: quick to see the next rollout, and bounded
+/// [`MAX_KNOWN_DISPATCH_PAUSE`]: quick to see the next rollout, and bounded
 /// load if the CP never applies the ack (e.g. it rejected it).
-pub const KNOWN_DISPATCH_PAUSE_MIN: Duration = Duration::from_millis(20);
-pub const KNOWN_DISPATCH_PAUSE_MAX: Duration = Duration::from_secs(5);
+pub const MIN_KNOWN_DISPATCH_PAUSE: Duration = Duration::from_millis(20);
+pub const MAX_KNOWN_DISPATCH_PAUSE: Duration = Duration::from_secs(5);
 /// The drainer also looks at the queue this often without being woken
-/// (SPEC default 15 s), so nothing waits for the next enqueue.
+/// (every 15 s by default), so nothing waits for the next enqueue.
 pub const DEFAULT_DRAIN_INTERVAL: Duration = Duration::from_secs(15);
-/// SPEC default heartbeat interval.
+/// The default heartbeat interval: liveness once a minute.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Randomness for jitter; seeded from the OS, falling back to the clock's
@@ -81,7 +82,7 @@ pub async fn run_longpoll_worker(
 ) -> WorkerExit {
     let cache = ManifestCache::new(&cfg.state_dir);
     let mut backoff = Backoff::new();
-    let mut known_pause = KNOWN_DISPATCH_PAUSE_MIN;
+    let mut known_pause = MIN_KNOWN_DISPATCH_PAUSE;
     loop {
         let polled = tokio::select! {
             biased;
@@ -120,10 +121,10 @@ pub async fn run_longpoll_worker(
             if !pause(known_pause, &mut shutdown).await {
                 return WorkerExit::Shutdown;
             }
-            known_pause = (known_pause * 2).min(KNOWN_DISPATCH_PAUSE_MAX);
+            known_pause = (known_pause * 2).min(MAX_KNOWN_DISPATCH_PAUSE);
             continue;
         }
-        known_pause = KNOWN_DISPATCH_PAUSE_MIN;
+        known_pause = MIN_KNOWN_DISPATCH_PAUSE;
         let envelope = match api.manifest(&rollout_id).await {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -198,7 +199,7 @@ pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
 /// `acked/` or `dead/` by the CP's answer. `retry`, 5xx and network errors
 /// keep the event where it is and back off (jitter, cap 60 s). A `gap`
 /// re-sends the rollout's delivered history from the expected seq first
-/// (rule 8); Replay-From requests of the heartbeat are served the same way,
+/// (`docs/protocol.md` §3 rule 2); Replay-From requests of the heartbeat are served the same way,
 /// by this one sender. A batch the CP refuses whole (400 `bad_event_batch`,
 /// 413) is halved down to one event, and an event refused on its own is
 /// dead-lettered with the CP's answer. It also applies the queue's
@@ -259,7 +260,7 @@ async fn prune(queue: &SharedQueue) {
 /// and a Replay-From that would start there is skipped: at most one re-send
 /// per [`BLOCKED_RECHECK`] (a restart, or a CP that expects another seq,
 /// tries again at once).
-type Blocked = std::collections::BTreeMap<RolloutId, (u64, String, tokio::time::Instant)>;
+type Blocked = BTreeMap<RolloutId, (u64, String, tokio::time::Instant)>;
 
 /// How long the drainer trusts that a rollout's history cannot get past a
 /// seq before it re-sends it again: the CP's state can change (a database
@@ -287,14 +288,38 @@ enum Resent {
     /// its own with 400/413): it can never get past that seq.
     Refused { seq: u64, reason: String },
     /// Network, 5xx, `retry` or an unexpected answer: try again later.
-    Pause(String),
+    Pause(DeliveryPaused),
+}
+
+/// Why delivery pauses (backs off, keeping the order) instead of going on.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryPaused {
+    /// Network, timeout, 5xx, or an answer that does not parse.
+    #[error(transparent)]
+    Cp(#[from] ClientError),
+    #[error("the CP answered {answered} results for {sent} events")]
+    ResultCount { answered: usize, sent: usize },
+    #[error("the CP answered gap with expected seq {expected:?} for seq {seq}")]
+    BadGap { expected: Option<u64>, seq: u64 },
+    #[error("the CP asked to retry: {reason}")]
+    Retry { reason: String },
+    /// A gap re-sent in this pass came back at the same seq.
+    #[error("the CP still expects seq {expected} of {rollout_id} after a re-send")]
+    StillExpected { rollout_id: RolloutId, expected: u64 },
+    #[error("re-sending seq {seq} of {rollout_id}: the CP answered {status:?} ({reason})")]
+    ResendAnswer { rollout_id: RolloutId, seq: u64, status: ResultStatus, reason: String },
+    #[error(transparent)]
+    QueueTask(#[from] QueueTaskError),
+    /// Acking, dead-lettering or reviving an event failed.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
 }
 
 /// What the CP said about each event posted, in order, and why posting
 /// stopped early (then `results` covers a prefix of the events).
 struct Delivery {
     results: Vec<EventResult>,
-    stopped: Option<String>,
+    stopped: Option<DeliveryPaused>,
 }
 
 /// Whether the CP refused a whole batch for what is in it (so a smaller
@@ -338,7 +363,7 @@ async fn post_in_batches(api: &CpApi, events: &[QueuedEvent]) -> Delivery {
                 size = (size * 2).min(MAX_BATCH_EVENTS);
             }
             Ok(answer) => {
-                let why = format!("the CP answered {} results for {} events", answer.results.len(), chunk.len());
+                let why = DeliveryPaused::ResultCount { answered: answer.results.len(), sent: chunk.len() };
                 return Delivery { results, stopped: Some(why) };
             }
             Err(e) => match refused_whole(&e) {
@@ -355,7 +380,7 @@ async fn post_in_batches(api: &CpApi, events: &[QueuedEvent]) -> Delivery {
                     results.push(EventResult { status: ResultStatus::Rejected, reason: Some(why), expected_seq: None });
                     start += 1;
                 }
-                None => return Delivery { results, stopped: Some(e.to_string()) },
+                None => return Delivery { results, stopped: Some(e.into()) },
             },
         }
     }
@@ -363,11 +388,40 @@ async fn post_in_batches(api: &CpApi, events: &[QueuedEvent]) -> Delivery {
 }
 
 /// Sends batches until the queue is empty; Err when delivery must pause.
-async fn drain_once(api: &CpApi, queue: &SharedQueue, blocked: &mut Blocked) -> Result<(), String> {
-    // Replay-From first: the CP lacks history that the pending events
-    // build on.
-    let requests = queue.take_resend_requests();
-    let mut requests = requests.into_iter();
+async fn drain_once(api: &CpApi, queue: &SharedQueue, blocked: &mut Blocked) -> Result<(), DeliveryPaused> {
+    serve_resend_requests(api, queue, blocked).await?;
+    // (rollout, expected seq) re-sent in this pass: the same gap again
+    // means the CP does not take the history; pause rather than loop.
+    let mut resent = BTreeSet::new();
+    loop {
+        let batch: Vec<QueuedEvent> = queue.with(|q| q.pending_head(MAX_BATCH_EVENTS)).await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let delivery = post_in_batches(api, &batch).await;
+        let answers = sort_answers(&batch, delivery);
+        settle(queue, answers.moves).await?;
+        for (rollout_id, (expected, held)) in answers.gapped {
+            let rejected_here = answers.rejected.get(&rollout_id).filter(|(seq, _)| *seq == expected);
+            let reason = match rejected_here {
+                Some((seq, why)) => Some(refused_reason(&rollout_id, *seq, why)),
+                None => fill_gap(api, queue, blocked, &mut resent, &rollout_id, expected).await?,
+            };
+            if let Some(reason) = reason {
+                dead_letter_held(queue, &rollout_id, held, &reason).await?;
+            }
+        }
+        if let Some(why) = answers.pause {
+            return Err(why);
+        }
+    }
+}
+
+/// Serves the Replay-From requests first: the CP lacks history that the
+/// pending events build on. A paused re-send puts back its request and the
+/// ones not served yet.
+async fn serve_resend_requests(api: &CpApi, queue: &SharedQueue, blocked: &mut Blocked) -> Result<(), DeliveryPaused> {
+    let mut requests = queue.take_resend_requests().into_iter();
     while let Some((rollout_id, after)) = requests.next() {
         let from = after.saturating_add(1);
         if blocked_at(blocked, &rollout_id, from).is_some() {
@@ -378,15 +432,14 @@ async fn drain_once(api: &CpApi, queue: &SharedQueue, blocked: &mut Blocked) -> 
             Resent::Unavailable { seq } => {
                 let text = unavailable_reason(&rollout_id, seq);
                 tracing::error!(%rollout_id, seq, "{text}");
-                blocked.insert(rollout_id, (from, text, tokio::time::Instant::now()));
+                block(blocked, rollout_id, from, text);
             }
             Resent::Refused { seq, reason } => {
                 let text = refused_reason(&rollout_id, seq, &reason);
                 tracing::error!(%rollout_id, seq, "{text}");
-                blocked.insert(rollout_id, (seq, text, tokio::time::Instant::now()));
+                block(blocked, rollout_id, seq, text);
             }
             Resent::Pause(why) => {
-                // Keep this request and the ones not served yet.
                 queue.request_resend(rollout_id, after);
                 for (r, a) in requests {
                     queue.request_resend(r, a);
@@ -395,95 +448,115 @@ async fn drain_once(api: &CpApi, queue: &SharedQueue, blocked: &mut Blocked) -> 
             }
         }
     }
-    // (rollout, expected seq) re-sent in this pass: the same gap again
-    // means the CP does not take the history; pause rather than loop.
-    let mut resent = std::collections::BTreeSet::new();
-    loop {
-        let batch: Vec<QueuedEvent> = queue.with(|q| q.pending_head(MAX_BATCH_EVENTS)).await?;
-        if batch.is_empty() {
-            return Ok(());
+    Ok(())
+}
+
+/// Records that a rollout's history cannot get past `seq` (see [`Blocked`]).
+fn block(blocked: &mut Blocked, rollout_id: RolloutId, seq: u64, reason: String) {
+    blocked.insert(rollout_id, (seq, reason, tokio::time::Instant::now()));
+}
+
+/// What the answers to one batch decide.
+#[derive(Default)]
+struct Answers {
+    /// By qseq: ack (None) or dead-letter (Some(reason)).
+    moves: Vec<(u64, Option<String>)>,
+    /// Per rollout answered `gap`: the expected seq and the events of the
+    /// rollout from the gapped one on (they stay pending).
+    gapped: BTreeMap<RolloutId, (u64, Vec<QueuedEvent>)>,
+    /// Per rollout, the seq rejected in this batch and why.
+    rejected: BTreeMap<RolloutId, (u64, String)>,
+    /// Why delivery pauses after this batch, if it does.
+    pause: Option<DeliveryPaused>,
+}
+
+/// Sorts the answers of a batch, in order: applied and duplicate events are
+/// acked, rejected ones dead-lettered, a rollout's events from a `gap` on
+/// are held for [`fill_gap`]; nothing after a `retry` or an odd gap moves.
+fn sort_answers(batch: &[QueuedEvent], delivery: Delivery) -> Answers {
+    let mut answers = Answers { pause: delivery.stopped, ..Answers::default() };
+    for (queued, result) in batch.iter().zip(delivery.results) {
+        if let Some((_, held)) = answers.gapped.get_mut(&queued.rollout_id) {
+            held.push(queued.clone());
+            continue;
         }
-        let delivery = post_in_batches(api, &batch).await;
-        let mut pause = delivery.stopped;
-        let mut moves: Vec<(u64, Option<String>)> = Vec::new();
-        // Per rollout answered `gap`: the expected seq and the events of
-        // the rollout from the gapped one on (they stay pending).
-        let mut gapped: std::collections::BTreeMap<RolloutId, (u64, Vec<QueuedEvent>)> = Default::default();
-        // Per rollout, the seq rejected in this batch and why.
-        let mut rejected: std::collections::BTreeMap<RolloutId, (u64, String)> = Default::default();
-        for (queued, result) in batch.iter().zip(delivery.results) {
-            if let Some((_, held)) = gapped.get_mut(&queued.rollout_id) {
-                held.push(queued.clone());
-                continue;
+        match result.status {
+            ResultStatus::Applied | ResultStatus::Duplicate => answers.moves.push((queued.qseq, None)),
+            ResultStatus::Rejected => {
+                let reason = result.reason.unwrap_or_else(|| "rejected without a reason".to_owned());
+                tracing::warn!(qseq = queued.qseq, kind = queued.event.kind(), %reason, "event rejected; dead-lettered");
+                answers.rejected.insert(queued.rollout_id.clone(), (queued.seq(), reason.clone()));
+                answers.moves.push((queued.qseq, Some(reason)));
             }
-            match result.status {
-                ResultStatus::Applied | ResultStatus::Duplicate => moves.push((queued.qseq, None)),
-                ResultStatus::Rejected => {
-                    let reason = result.reason.unwrap_or_else(|| "rejected without a reason".to_owned());
-                    tracing::warn!(qseq = queued.qseq, kind = queued.event.kind(), %reason, "event rejected; dead-lettered");
-                    rejected.insert(queued.rollout_id.clone(), (queued.seq(), reason.clone()));
-                    moves.push((queued.qseq, Some(reason)));
+            ResultStatus::Gap => match result.expected_seq {
+                Some(expected) if expected < queued.seq() => {
+                    answers.gapped.insert(queued.rollout_id.clone(), (expected, vec![queued.clone()]));
                 }
-                ResultStatus::Gap => match result.expected_seq {
-                    Some(expected) if expected < queued.seq() => {
-                        gapped.insert(queued.rollout_id.clone(), (expected, vec![queued.clone()]));
-                    }
-                    _ => {
-                        pause = Some(format!(
-                            "the CP answered gap with expected seq {:?} for seq {}",
-                            result.expected_seq,
-                            queued.seq()
-                        ));
-                        break;
-                    }
-                },
-                ResultStatus::Retry => {
-                    // Order is kept: nothing after the first retry moves.
-                    pause =
-                        Some(format!("the CP asked to retry: {}", result.reason.unwrap_or_else(|| "retry".to_owned())));
+                expected => {
+                    answers.pause = Some(DeliveryPaused::BadGap { expected, seq: queued.seq() });
                     break;
                 }
+            },
+            ResultStatus::Retry => {
+                // Order is kept: nothing after the first retry moves.
+                let reason = result.reason.unwrap_or_else(|| "retry".to_owned());
+                answers.pause = Some(DeliveryPaused::Retry { reason });
+                break;
             }
-        }
-        settle(queue, moves).await?;
-        for (rollout_id, (expected, held)) in gapped {
-            let dead_reason = if let Some((seq, why)) = rejected.get(&rollout_id).filter(|(seq, _)| *seq == expected) {
-                Some(refused_reason(&rollout_id, *seq, why))
-            } else if let Some(text) = blocked_at(blocked, &rollout_id, expected) {
-                Some(text.to_owned())
-            } else if !resent.insert((rollout_id.clone(), expected)) {
-                return Err(format!("the CP still expects seq {expected} of {rollout_id} after a re-send"));
-            } else {
-                tracing::info!(%rollout_id, expected, "the control plane lacks earlier events; re-sending its history");
-                match resend_history(api, queue, &rollout_id, expected).await {
-                    Resent::Done => None,
-                    Resent::Unavailable { seq } => {
-                        let text = unavailable_reason(&rollout_id, seq);
-                        blocked.insert(rollout_id.clone(), (expected, text.clone(), tokio::time::Instant::now()));
-                        Some(text)
-                    }
-                    Resent::Refused { seq, reason } => {
-                        let text = refused_reason(&rollout_id, seq, &reason);
-                        blocked.insert(rollout_id.clone(), (seq, text.clone(), tokio::time::Instant::now()));
-                        Some(text)
-                    }
-                    Resent::Pause(why) => return Err(why),
-                }
-            };
-            if let Some(reason) = dead_reason {
-                for q in &held {
-                    tracing::error!(
-                        qseq = q.qseq, %rollout_id, seq = q.seq(), kind = q.kind(), %reason,
-                        "event cannot be delivered; dead-lettered"
-                    );
-                }
-                settle(queue, held.into_iter().map(|q| (q.qseq, Some(reason.clone()))).collect()).await?;
-            }
-        }
-        if let Some(why) = pause {
-            return Err(why);
         }
     }
+    answers
+}
+
+/// A rollout the CP answered `gap` for: re-sends its history from
+/// `expected`. `Ok(Some(reason))` when the gap can never be filled (the
+/// held events are then dead-lettered with it), `Ok(None)` when it is
+/// filled (they are sent again next), Err when delivery pauses.
+async fn fill_gap(
+    api: &CpApi,
+    queue: &SharedQueue,
+    blocked: &mut Blocked,
+    resent: &mut BTreeSet<(RolloutId, u64)>,
+    rollout_id: &RolloutId,
+    expected: u64,
+) -> Result<Option<String>, DeliveryPaused> {
+    if let Some(text) = blocked_at(blocked, rollout_id, expected) {
+        return Ok(Some(text.to_owned()));
+    }
+    if !resent.insert((rollout_id.clone(), expected)) {
+        return Err(DeliveryPaused::StillExpected { rollout_id: rollout_id.clone(), expected });
+    }
+    tracing::info!(%rollout_id, expected, "the control plane lacks earlier events; re-sending its history");
+    match resend_history(api, queue, rollout_id, expected).await {
+        Resent::Done => Ok(None),
+        Resent::Unavailable { seq } => {
+            let text = unavailable_reason(rollout_id, seq);
+            block(blocked, rollout_id.clone(), expected, text.clone());
+            Ok(Some(text))
+        }
+        Resent::Refused { seq, reason } => {
+            let text = refused_reason(rollout_id, seq, &reason);
+            block(blocked, rollout_id.clone(), seq, text.clone());
+            Ok(Some(text))
+        }
+        Resent::Pause(why) => Err(why),
+    }
+}
+
+/// Dead-letters the events of a rollout held behind a gap that cannot be filled.
+async fn dead_letter_held(
+    queue: &SharedQueue,
+    rollout_id: &RolloutId,
+    held: Vec<QueuedEvent>,
+    reason: &str,
+) -> Result<(), DeliveryPaused> {
+    for q in &held {
+        tracing::error!(
+            qseq = q.qseq, %rollout_id, seq = q.seq(), kind = q.kind(), %reason,
+            "event cannot be delivered; dead-lettered"
+        );
+    }
+    settle(queue, held.into_iter().map(|q| (q.qseq, Some(reason.to_owned()))).collect()).await
 }
 
 /// The dead-letter reason of events that wait on a seq the CP refused.
@@ -501,7 +574,7 @@ fn unavailable_reason(rollout_id: &RolloutId, seq: u64) -> String {
 }
 
 /// Acks (None) or dead-letters (Some(reason)) pending events.
-async fn settle(queue: &SharedQueue, moves: Vec<(u64, Option<String>)>) -> Result<(), String> {
+async fn settle(queue: &SharedQueue, moves: Vec<(u64, Option<String>)>) -> Result<(), DeliveryPaused> {
     if moves.is_empty() {
         return Ok(());
     }
@@ -513,10 +586,10 @@ async fn settle(queue: &SharedQueue, moves: Vec<(u64, Option<String>)>) -> Resul
                     Some(reason) => q.reject(qseq, &reason)?,
                 }
             }
-            Ok::<(), crate::queue::QueueError>(())
+            Ok::<(), QueueError>(())
         })
-        .await?
-        .map_err(|e| e.to_string())
+        .await??;
+    Ok(())
 }
 
 /// Re-sends one rollout's delivered history from seq `from` (acked events
@@ -534,7 +607,7 @@ async fn resend_history(api: &CpApi, queue: &SharedQueue, rollout_id: &RolloutId
         .await;
     let (history, end) = match found {
         Ok(found) => found,
-        Err(why) => return Resent::Pause(why),
+        Err(why) => return Resent::Pause(why.into()),
     };
     // The events must run from `from` to just before `end` without a hole.
     let mut want = from;
@@ -571,22 +644,20 @@ async fn resend_history(api: &CpApi, queue: &SharedQueue, rollout_id: &RolloutId
                 break;
             }
             ResultStatus::Retry | ResultStatus::Gap => {
-                outcome = Some(Resent::Pause(format!(
-                    "re-sending seq {} of {rollout_id}: the CP answered {:?} ({})",
-                    h.queued.seq(),
-                    result.status,
-                    result.reason.as_deref().unwrap_or("")
-                )));
+                outcome = Some(Resent::Pause(DeliveryPaused::ResendAnswer {
+                    rollout_id: rollout_id.clone(),
+                    seq: h.queued.seq(),
+                    status: result.status,
+                    reason: result.reason.clone().unwrap_or_default(),
+                }));
                 break;
             }
         }
     }
     if !revive.is_empty() {
         tracing::info!(%rollout_id, n_events = revive.len(), "dead letters applied on re-send; moved back to acked/");
-        let revived = queue
-            .with(move |q| revive.into_iter().try_for_each(|qseq| q.revive(qseq)))
-            .await
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        let revived = queue.with(move |q| revive.into_iter().try_for_each(|qseq| q.revive(qseq))).await;
+        let revived = revived.map_err(DeliveryPaused::from).and_then(|r| r.map_err(DeliveryPaused::from));
         if let Err(why) = revived {
             return Resent::Pause(why);
         }

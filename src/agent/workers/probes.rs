@@ -4,7 +4,7 @@
 //! when to stop) lives in one place, apart from the runners that answer a
 //! single probe (`agent::probes`) and from the reducer that judges results.
 //!
-//! What it does for each new [`ProbePlan`] (told apart by generation):
+//! What it does for each new [`ProbePlan`] (told apart by their order number):
 //! 1. Stops every probe loop of the previous plan and waits until they are
 //!    gone (`JoinSet::shutdown`), so no result of an old plan can arrive
 //!    after the new plan's topology.
@@ -45,7 +45,9 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 
 use super::{Shutdown, WorkerExit};
-use crate::agent::probes::{HealthChecks, Probe, ProbeRun, ProbeRunner, DEFAULT_INTERVAL_SECS, MIN_INTERVAL_SECS};
+use crate::agent::probes::{
+    HealthChecks, Probe, ProbeConfigError, ProbeRun, ProbeRunner, DEFAULT_INTERVAL_SECS, MIN_INTERVAL_SECS,
+};
 use crate::agent::reducer::{Input, ProbePlan};
 use crate::clock::ClockHandle;
 use crate::ids::RolloutId;
@@ -80,14 +82,14 @@ where
     // Every probe loop of the current plan; dropping or shutting it down
     // aborts them, so no loop outlives its plan or this worker.
     let mut loops: JoinSet<()> = JoinSet::new();
-    let mut running_generation: Option<u64> = None;
+    let mut running_plan: Option<u64> = None;
     let exit = loop {
         if shutdown.is_requested() {
             break WorkerExit::Shutdown;
         }
         let wanted = plan.borrow_and_update().clone();
-        if running_generation != Some(wanted.generation) {
-            running_generation = Some(wanted.generation);
+        if running_plan != Some(wanted.number) {
+            running_plan = Some(wanted.number);
             loops.shutdown().await;
             if let Some(rollout_id) = wanted.rollout_id {
                 let start = start_plan(&health_checks_path, rollout_id, &runner, &inputs, &clock, &mut loops);
@@ -161,18 +163,27 @@ where
             }
         }
         Err(reason) => {
-            loops.spawn(invalid_file_loop(rollout_id, reason, inputs.clone(), clock.clone()));
+            loops.spawn(invalid_file_loop(rollout_id, reason.to_string(), inputs.clone(), clock.clone()));
         }
     }
     Ok(())
 }
 
-/// The file off the reactor (it is at most `HEALTH_CHECKS_MAX_BYTES`).
-async fn load(path: PathBuf) -> Result<HealthChecks, String> {
+/// The file off the reactor (it is at most `MAX_HEALTH_CHECKS_BYTES`).
+async fn load(path: PathBuf) -> Result<HealthChecks, LoadError> {
     match tokio::task::spawn_blocking(move || HealthChecks::load(&path)).await {
-        Ok(loaded) => loaded.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("reading the health-checks file failed: {e}")),
+        Ok(loaded) => loaded.map_err(LoadError::Invalid),
+        Err(source) => Err(LoadError::Task(source)),
     }
+}
+
+/// Why the health-checks file gave no probes (reported as a failing probe).
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error(transparent)]
+    Invalid(ProbeConfigError),
+    #[error("reading the health-checks file failed: {0}")]
+    Task(tokio::task::JoinError),
 }
 
 fn ticker(every: Duration) -> tokio::time::Interval {

@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use super::*;
 use crate::agent::activation::ActivationConfig;
 use crate::agent::probes::{HostRunner, Probe, ProbeRun, ProbeRunner};
-use crate::agent::reducer::{Input, ProbePlan, SwitchOrder, INPUT_CAPACITY};
+use crate::agent::reducer::{ActivationOrder, Input, ProbePlan, INPUT_CAPACITY};
 use crate::clock::ClockHandle;
 use crate::ids::RolloutId;
 use crate::machine::{ProbeDecl, ProbeKind, ProbeMode, ProbeStatus, Timestamp};
@@ -71,8 +71,8 @@ fn probe_worker<R: ProbeRunner + Send + Sync + 'static>(checks: Option<&str>, ru
 }
 
 impl ProbeHarness {
-    fn order(&self, rollout_id: Option<RolloutId>, generation: u64) {
-        self.plan.send_replace(ProbePlan { rollout_id, generation });
+    fn order(&self, rollout_id: Option<RolloutId>, number: u64) {
+        self.plan.send_replace(ProbePlan { rollout_id, number });
     }
 
     async fn next(&mut self) -> Input {
@@ -342,7 +342,7 @@ async fn an_idle_activation_worker_stops_on_shutdown_or_when_the_reducer_is_gone
     // after shutdown was requested is not started.
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = idle_activation_config(dir.path());
-    let (orders, orders_rx) = watch::channel::<Option<SwitchOrder>>(None);
+    let (orders, orders_rx) = watch::channel::<Option<ActivationOrder>>(None);
     let (tx, mut rx) = mpsc::channel(INPUT_CAPACITY);
     let (trigger, shutdown) = shutdown_channel();
     let clock = ClockHandle::manual(T0);
@@ -351,11 +351,11 @@ async fn an_idle_activation_worker_stops_on_shutdown_or_when_the_reducer_is_gone
     trigger.trigger();
     assert_eq!(worker.await.expect("join"), WorkerExit::Shutdown);
     let closure = crate::ids::Closure::parse("/nix/store/0c3n4iv2w9ab1p6lq0yzf3d8k2m5r7s9-x").expect("valid");
-    orders.send_replace(Some(SwitchOrder {
+    orders.send_replace(Some(ActivationOrder {
         rollout_id: rid("r1"),
         closure,
         rollback: false,
-        generation: 1,
+        number: 1,
         restore_boot_from: None,
     }));
     let (_trigger, stopped) = shutdown_channel();
@@ -365,7 +365,7 @@ async fn an_idle_activation_worker_stops_on_shutdown_or_when_the_reducer_is_gone
     assert_eq!(exit, WorkerExit::Shutdown);
     assert!(rx.try_recv().is_err(), "nothing was switched or reported after shutdown");
 
-    let (orders, orders_rx) = watch::channel::<Option<SwitchOrder>>(None);
+    let (orders, orders_rx) = watch::channel::<Option<ActivationOrder>>(None);
     drop(orders);
     let (_keep, shutdown) = shutdown_channel();
     assert_eq!(run_activation_worker(cfg, orders_rx, tx, clock, shutdown).await, WorkerExit::ReducerGone);

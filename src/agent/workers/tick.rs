@@ -12,7 +12,7 @@ use super::{Shutdown, WorkerExit};
 use crate::agent::reducer::Input;
 use crate::clock::ClockHandle;
 
-/// SPEC §4: the agent ticks every 5 s by default. A gate is therefore
+/// The agent ticks every 5 s by default (the gates of `docs/protocol.md` §3). A gate is therefore
 /// decided at most 5 s late, at a cost of one cheap input per 5 s when idle.
 pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_secs(5);
 /// The shortest interval accepted (shorter ones are raised to it): tokio

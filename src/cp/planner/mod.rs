@@ -5,10 +5,10 @@
 //!
 //! It never does I/O and never reads a clock, so the writer can run it after
 //! every committed change and on a timer, and tests drive it with tables.
-//! Fixes of the reference system (seed-system.md §11): halt really stops
-//! dispatching (8), the quarantine set is consulted on every run (7), a
-//! superseded rollout dispatches nothing (SPEC §3), and a dispatch is a
-//! standing offer, not a queue entry that is consumed (21).
+//! Halt really stops dispatching, the quarantine set is consulted on every
+//! run, a superseded rollout dispatches nothing (`docs/protocol.md` §2,
+//! order on a channel), and a dispatch is a standing offer, not a queue
+//! entry that is consumed, so an answer lost on the way is offered again.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
@@ -19,7 +19,7 @@ use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{HostRecord, HostState};
 use crate::wire::Manifest;
 
-/// The rollout-level state shown by the status views (SPEC §5).
+/// The rollout-level state shown by the status views (`docs/protocol.md` §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RolloutState {
@@ -83,7 +83,7 @@ pub struct PlanInput<'a> {
     pub dispatched: &'a BTreeSet<Hostname>,
     /// Closures quarantined on this rollout's channel.
     pub quarantined: &'a HashSet<Closure>,
-    /// Hosts live in ANOTHER rollout (SPEC §4 rule 7), with that rollout:
+    /// Hosts live in ANOTHER rollout (`docs/protocol.md` §3 rule 8), with that rollout:
     /// held here, neither dispatched nor settled, until it ends there.
     pub busy_elsewhere: &'a BTreeMap<Hostname, RolloutId>,
     /// Hosts this rollout already skipped: their target was quarantined on
@@ -113,7 +113,8 @@ pub fn is_settled(state: HostState) -> bool {
 
 /// Holding a slot of the wave's `max_in_flight`: dispatched and not yet
 /// settled. Deferred counts: the host is not health-verified until its
-/// reboot completes (the reference system freed the slot, §11 item 25).
+/// reboot completes, and freeing its slot would let a wave start more
+/// unverified hosts than `max_in_flight`.
 fn in_flight(record: &HostRecord, dispatched: bool) -> bool {
     (record.state == HostState::Pending && dispatched)
         || matches!(record.state, HostState::Activating | HostState::Deferred | HostState::Soaking)
@@ -232,7 +233,7 @@ fn skips_and_holds(input: &PlanInput<'_>, skip: &mut Vec<Hostname>) -> (BTreeSet
         }
     }
     // A host live elsewhere keeps no standing dispatch here: the offer
-    // comes again once the other rollout is over on it (rule 7).
+    // comes again once the other rollout is over on it (`docs/protocol.md` §3 rule 8).
     for host in input.busy_elsewhere.keys() {
         if input.dispatched.contains(host) && input.records.get(host).is_some_and(|r| r.state == HostState::Pending) {
             withdraw.insert(host.clone());

@@ -36,6 +36,22 @@ impl<'a> Db<'a> {
         sql_error(self.path, op)
     }
 
+    /// Every row of `sql` through `map`: prepare, query and collect, each
+    /// failure named by `op` (e.g. "load quarantine"). Not the statement
+    /// cache: these are reads done once, and the writer's cache holds its
+    /// hot statements.
+    pub(crate) fn rows<T, P: rusqlite::Params>(
+        self,
+        op: &'static str,
+        sql: &str,
+        params: P,
+        map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut stmt = self.conn.prepare(sql).map_err(self.sql(op))?;
+        let rows = stmt.query_map(params, map).map_err(self.sql(op))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.sql(op))
+    }
+
     /// Data read back that this version cannot make sense of.
     pub(crate) fn corrupt(self, what: impl Into<String>) -> StoreError {
         StoreError::Corrupt { path: self.path.to_owned(), what: what.into() }
@@ -68,6 +84,11 @@ impl<'a> Db<'a> {
             value: <T as TryInto<u64>>::try_into(value).unwrap_or(u64::MAX),
         })
     }
+}
+
+/// A row of two text columns, for [`Db::rows`].
+pub(crate) fn two_texts(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String)> {
+    Ok((r.get(0)?, r.get(1)?))
 }
 
 /// [`Db::sql`] before there is a connection (opening the file).

@@ -1,8 +1,8 @@
 //! `POST /v1/agent/heartbeat` inside the writer's transaction: compare the
 //! agent's last seqs with the records (Replay-From where the CP is behind)
-//! and judge drift (SPEC §4 rule 10). A heartbeat never changes host state
-//! (the reference system synthesised transitions and overwrote agents,
-//! §11 items 11, 13).
+//! and judge drift (`docs/protocol.md` §3 rule 10). A heartbeat never
+//! changes host state: the agent owns every transition (§1), so the CP
+//! neither synthesises transitions nor overwrites an agent's record.
 
 use std::collections::BTreeMap;
 
@@ -14,7 +14,7 @@ use super::{ts, Db, StoreError};
 use crate::ids::{Closure, RolloutId};
 use crate::wire::Heartbeat;
 
-/// The verdict of the last heartbeat on what a host runs (SPEC §4 rule 10).
+/// The verdict of the last heartbeat on what a host runs (`docs/protocol.md` §3 rule 10).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Drift {

@@ -228,7 +228,7 @@ fn store_record(
     rollout.records.insert(hostname.clone(), next);
     if live != before.is_live() {
         // The host's hold moved: every other rollout naming it
-        // re-checks (rule 7), in this same transaction.
+        // re-checks (`docs/protocol.md` §3 rule 8), in this same transaction.
         state.set_live(hostname, &item.rollout_id, live);
         group.dirty.extend(
             state

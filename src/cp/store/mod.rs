@@ -1,5 +1,6 @@
 //! The control plane's durable state in SQLite, and the ONE writer that
-//! changes it (STYLE.md §3, §7).
+//! changes it (one mutator; SQLite's blocking calls stay off the async
+//! runtime).
 //!
 //! Every change (publish, ingest, heartbeat, planner tick) is a [`Command`]
 //! sent over a bounded channel to a dedicated writer thread. The writer
@@ -7,8 +8,8 @@
 //! [`CpState`] and to the database inside ONE transaction (group commit),
 //! runs the planner, commits with `synchronous=FULL`, and only then answers
 //! the callers and updates the long-poll board. So an `applied` answer means
-//! the event is on disk (the reference system answered 204 before doing
-//! anything, seed-system.md §11 item 3).
+//! the event is on disk, and the agent may retire its copy
+//! (`docs/protocol.md` §4: `applied`).
 //!
 //! Crash cases:
 //! - killed before commit: nothing of the group is on disk and nobody got an

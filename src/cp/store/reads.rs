@@ -1,7 +1,7 @@
 //! Reads that rebuild or compare state: [`load_state`] (the writer's start
 //! and its recovery after a failed commit), the current records of a
 //! rollout, [`rebuild_host_records`] (the event log folded through
-//! `machine::replay`, SPEC §8), and the small reads the routes and tools
+//! `machine::replay`: a record is a fold of its events), and the small reads the routes and tools
 //! need. Every function takes a connection and the database's path.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -9,6 +9,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::db::two_texts;
 use super::state::{pending_records, CpState, LiveRollout};
 use super::{parse_ts, Db, StoreError};
 use crate::cp::planner::RolloutState;
@@ -86,13 +87,7 @@ fn load_records(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
 }
 
 fn load_skipped(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
-    let mut stmt =
-        db.conn().prepare("SELECT rollout_id, hostname FROM skipped_hosts").map_err(db.sql("load skipped hosts"))?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-        .map_err(db.sql("load skipped hosts"))?;
-    for row in rows {
-        let (id, host) = row.map_err(db.sql("load skipped hosts"))?;
+    for (id, host) in db.rows("load skipped hosts", "SELECT rollout_id, hostname FROM skipped_hosts", [], two_texts)? {
         let bad = |e: crate::ids::IdError| db.corrupt(format!("skipped host {id}/{host}: {e}"));
         let rollout_id = RolloutId::parse(&id).map_err(bad)?;
         let hostname = Hostname::parse(&host).map_err(bad)?;
@@ -140,13 +135,9 @@ fn load_dispatches(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
 }
 
 fn load_quarantine(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
-    let mut stmt =
-        db.conn().prepare("SELECT channel, closure FROM quarantined_closures").map_err(db.sql("load quarantine"))?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-        .map_err(db.sql("load quarantine"))?;
-    for row in rows {
-        let (channel, closure) = row.map_err(db.sql("load quarantine"))?;
+    for (channel, closure) in
+        db.rows("load quarantine", "SELECT channel, closure FROM quarantined_closures", [], two_texts)?
+    {
         let closure = Closure::parse(&closure).map_err(|e| db.corrupt(e.to_string()))?;
         state.quarantine.entry(channel).or_default().insert(closure);
     }
@@ -207,7 +198,7 @@ pub fn skipped_of(
     Ok(out)
 }
 
-/// Per host, the rollouts it is live in (SPEC §4 rule 7), read from the
+/// Per host, the rollouts it is live in (`docs/protocol.md` §3 rule 8), read from the
 /// cached records: the views' counterpart of [`CpState::live`].
 pub fn live_rollouts(conn: &Connection, path: &Path) -> Result<HashMap<Hostname, BTreeSet<RolloutId>>, StoreError> {
     let db = Db::new(conn, path);
@@ -231,18 +222,12 @@ pub fn live_rollouts(conn: &Connection, path: &Path) -> Result<HashMap<Hostname,
 /// Every rollout's manifest, in publish order.
 pub fn manifests(conn: &Connection, path: &Path) -> Result<Vec<Manifest>, StoreError> {
     let db = Db::new(conn, path);
-    let mut stmt = conn
-        .prepare("SELECT payload FROM rollouts ORDER BY published_at, rollout_id")
-        .map_err(db.sql("read manifests"))?;
-    let payloads: Vec<Vec<u8>> = stmt
-        .query_map([], |r| r.get(0))
-        .map_err(db.sql("read manifests"))?
-        .collect::<Result<_, _>>()
-        .map_err(db.sql("read manifests"))?;
+    let payloads: Vec<Vec<u8>> =
+        db.rows("read manifests", "SELECT payload FROM rollouts ORDER BY published_at, rollout_id", [], |r| r.get(0))?;
     payloads.iter().map(|p| Manifest::parse(p).map_err(|e| db.corrupt(e.to_string()))).collect()
 }
 
-/// Rebuilds every host record from the event log alone (SPEC §8): a Pending
+/// Rebuilds every host record from the event log alone (what a lost cache is rebuilt from): a Pending
 /// record from the manifest, then the logged events folded through `replay`.
 pub fn rebuild_host_records(
     conn: &Connection,

@@ -90,7 +90,7 @@ CREATE TABLE hosts (
 ///   of the CONTROL PLANE, kept apart from `host_records` (which stay a pure
 ///   fold of the agent's events, so `replay` never sees it).
 /// - `hosts.expected_closure/expected_from/drift`: what the records say the
-///   host runs, and the verdict of the last heartbeat (SPEC §4 rule 10).
+///   host runs, and the verdict of the last heartbeat (`docs/protocol.md` §3 rule 10).
 const MIGRATION_2: &str = r#"
 CREATE TABLE skipped_hosts (
     rollout_id     TEXT NOT NULL REFERENCES rollouts (rollout_id),

@@ -29,7 +29,7 @@ pub struct LiveRollout {
 pub struct CpState {
     pub rollouts: BTreeMap<RolloutId, LiveRollout>,
     pub quarantine: HashMap<String, HashSet<Closure>>,
-    /// Per host, the rollouts it is live in (SPEC §4 rule 7; at most one
+    /// Per host, the rollouts it is live in (`docs/protocol.md` §3 rule 8; at most one
     /// unless agents broke the rule): derived from the records, so the
     /// planner finds the held hosts without scanning every record.
     pub live: HashMap<Hostname, BTreeSet<RolloutId>>,
@@ -56,7 +56,7 @@ impl CpState {
         }
     }
 
-    /// What the records say `host` runs (SPEC §4 rule 10): the record of
+    /// What the records say `host` runs (`docs/protocol.md` §3 rule 10): the record of
     /// the rollout the host accepted last (latest `dispatch_acked_at`, the
     /// agent's time; ties by rollout id), if that record knows its closure
     /// (`HostRecord::known_running_closure`). `None`: not known, not judged.

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::db::two_texts;
 use super::heartbeat::Drift;
 use super::{Db, StoreError};
 use crate::cp::planner::RolloutState;
@@ -117,14 +118,8 @@ pub fn dispatch_times(
 ) -> Result<BTreeMap<Hostname, String>, StoreError> {
     let db = Db::new(conn, path);
     let mut out = BTreeMap::new();
-    let mut stmt = conn
-        .prepare("SELECT hostname, issued_at FROM dispatches WHERE rollout_id = ?1")
-        .map_err(db.sql("read dispatches"))?;
-    let rows = stmt
-        .query_map(params![id.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-        .map_err(db.sql("read dispatches"))?;
-    for row in rows {
-        let (host, at) = row.map_err(db.sql("read dispatches"))?;
+    let sql = "SELECT hostname, issued_at FROM dispatches WHERE rollout_id = ?1";
+    for (host, at) in db.rows("read dispatches", sql, params![id.as_str()], two_texts)? {
         if let Ok(h) = Hostname::parse(&host) {
             out.insert(h, at);
         }
@@ -145,21 +140,17 @@ pub struct QuarantineRow {
 /// Every quarantined closure, by channel and closure.
 pub fn quarantine_rows(conn: &Connection, path: &Path) -> Result<Vec<QuarantineRow>, StoreError> {
     let db = Db::new(conn, path);
-    let mut stmt = conn
-        .prepare("SELECT channel, closure, rollout_id, hostname, quarantined_at FROM quarantined_closures ORDER BY channel, closure")
-        .map_err(db.sql("read quarantine"))?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(QuarantineRow {
-                channel: r.get(0)?,
-                closure: r.get(1)?,
-                rollout_id: r.get(2)?,
-                hostname: r.get(3)?,
-                quarantined_at: r.get(4)?,
-            })
+    let sql = "SELECT channel, closure, rollout_id, hostname, quarantined_at FROM quarantined_closures
+               ORDER BY channel, closure";
+    db.rows("read quarantine", sql, [], |r| {
+        Ok(QuarantineRow {
+            channel: r.get(0)?,
+            closure: r.get(1)?,
+            rollout_id: r.get(2)?,
+            hostname: r.get(3)?,
+            quarantined_at: r.get(4)?,
         })
-        .map_err(db.sql("read quarantine"))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(db.sql("read quarantine"))
+    })
 }
 
 /// One `event_log` row, the event parsed.

@@ -80,7 +80,7 @@ fn ingest_answers_applied_duplicate_rejected_retry() {
 fn heartbeat_replay_from_and_liveness() {
     let dir = TempDir::new("heartbeat");
     let release = Release::new(dir.path(), "release");
-    let cp = Cp::start_with(dir.path(), &release.pub_path, &["--heartbeat-interval-secs", "1"]);
+    let cp = Cp::start_with(dir.path(), &release.pub_path, &["--heartbeat-interval", "1s"]);
     rt().block_on(async {
         cp.publish(&release.sign(&two_waves("stable@r1", T0, 0))).await;
         let mut agent = Agent::new("web-1", &cp.url);

@@ -1,5 +1,5 @@
 //! The control plane over real HTTP on loopback, driven by scripted agents,
-//! against the real `nixfleet cp serve` process (SPEC §5, §8; issue 4).
+//! against the real `nixfleet cp serve` process (`docs/protocol.md` §4).
 //! One file per concern: [`publish`], [`dispatch`] (long-polls, waves,
 //! halts, supersession), [`ingest`] (events and heartbeats), [`durability`]
 //! (`kill -9`, database loss, SIGTERM), [`views`] (status JSON and the
@@ -36,14 +36,15 @@ fn two_waves(id: &str, issued_at: &str, max_failed: u32) -> String {
     )
 }
 
-fn setup(label: &str) -> (TempDir, Release, Cp) {
+/// A temp dir, a release key the CP trusts, and the CP.
+pub(crate) fn setup(label: &str) -> (TempDir, Release, Cp) {
     let dir = TempDir::new(label);
     let release = Release::new(dir.path(), "release");
     let cp = Cp::start(dir.path(), &release.pub_path);
     (dir, release, cp)
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
 }
 

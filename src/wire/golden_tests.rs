@@ -1,4 +1,4 @@
-//! The wire format, pinned: every event kind and every API body is
+//! The wire format, pinned (tests only): every event kind and every API body is
 //! serialised and compared with `tests/golden/wire.json`, and the golden
 //! JSON parses back into the same value. The machine's types travel on the
 //! wire through `wire`, so a rename there must show up here as a failing
@@ -7,14 +7,12 @@
 
 use std::collections::BTreeMap;
 
-use nixfleet::ids::{Closure, Hostname, RolloutId};
-use nixfleet::machine::{
-    EventBody, EventKind, OnHealthFailure, ProbeDecl, ProbeKind, ProbeMode, ProbeStatus, RejectCode,
-};
-use nixfleet::wire::{
+use super::{
     BatchItem, Dispatch, ErrorBody, EventBatch, EventBatchResponse, EventResult, Heartbeat, HeartbeatResponse,
     OutboundEvent, ResultStatus,
 };
+use crate::ids::{Closure, Hostname, RolloutId};
+use crate::machine::{EventBody, EventKind};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -26,54 +24,9 @@ fn closure(c: char) -> Closure {
     Closure::parse(&format!("/nix/store/{}-nixos-system-web-1", c.to_string().repeat(32))).expect("closure")
 }
 
-/// One body of every kind, with every optional field set.
-fn every_event_body() -> Vec<EventBody> {
-    let t = datetime!(2026-11-25 12:00 UTC);
-    vec![
-        EventBody::Activate {
-            current_closure_at_dispatch: closure('a'),
-            target_closure: closure('b'),
-            soak_secs: 300,
-            received_at: t,
-        },
-        EventBody::ActivationStarted { started_at: t, switch_method: "systemd-run".into() },
-        EventBody::ActivationCompleted { observed_current_closure: closure('b'), exit_code: 0, completed_at: t },
-        EventBody::ActivationDeferred { component: "kernel".into(), deferred_at: t },
-        EventBody::ActivationFailed { exit_code: 1, stderr_tail: "error: boom".into(), failed_at: t },
-        EventBody::ProbeTopologyDeclared {
-            probes: vec![ProbeDecl { name: "web".into(), kind: ProbeKind::Http, mode: ProbeMode::Enforce }],
-            declared_at: t,
-        },
-        EventBody::ProbeObservedFirst { probe_name: "web".into(), mode: ProbeMode::Enforce, observed_at: t },
-        EventBody::ProbeResult {
-            probe_name: "web".into(),
-            mode: ProbeMode::Enforce,
-            status: ProbeStatus::Fail,
-            observed_at: t,
-            failure_reason: Some("connection refused".into()),
-        },
-        EventBody::ProbeFailureFirst { probe_name: "web".into(), mode: ProbeMode::Enforce, first_failed_at: t },
-        EventBody::SustainedFailureCrossed {
-            failed_at: t,
-            sustained_duration_secs: 60,
-            failing_probes: vec!["web".into()],
-            policy_applied: OnHealthFailure::RollbackAndHalt,
-        },
-        EventBody::RollbackCompleted { reverted_to_closure: closure('a'), exit_code: 0, completed_at: t },
-        EventBody::RollbackFailed { exit_code: 1, stderr_tail: "error: no space".into(), failed_at: t },
-        EventBody::DispatchRejected {
-            target_closure: closure('b'),
-            code: RejectCode::Busy,
-            reason: "live in stable@r0".into(),
-            rejected_at: t,
-        },
-        EventBody::ConvergedReached { converged_at: t, current_closure: closure('b') },
-    ]
-}
-
 fn golden_entries() -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
-    let bodies = every_event_body();
+    let bodies = super::tests::one_of_each_kind();
     let kinds: Vec<EventKind> = bodies.iter().map(EventBody::kind).collect();
     assert_eq!(kinds, EventKind::ALL.to_vec(), "one golden event per kind, in EventKind::ALL order");
     for (idx, body) in bodies.iter().enumerate() {

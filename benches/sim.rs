@@ -59,9 +59,8 @@ fn bare_steps(n: u64) -> f64 {
     };
     let started = Instant::now();
     let mut n_applied = 0u64;
-    for i in 0..n {
-        let ev =
-            Event::local(2, EventBody::ActivationStarted { started_at: t, switch_method: "x".into() });
+    for _ in 0..n {
+        let ev = Event::local(2, EventBody::ActivationStarted { started_at: t, switch_method: "x".into() });
         if matches!(step(&record, &ev, &policy), Ok(nixfleet::machine::Outcome::Applied { .. })) {
             n_applied += 1;
         }

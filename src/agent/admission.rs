@@ -86,10 +86,7 @@ pub fn verified_manifest(trust_keys: &[PublicKey], envelope_bytes: &[u8]) -> Res
 /// The manifest and the first trusted key that verifies it on its own.
 /// `pub` for `nixfleet sim`, which verifies each envelope once for all its
 /// agents and caches the key next to it as the long-poll worker does.
-pub fn verified_manifest_by(
-    trust_keys: &[PublicKey],
-    envelope_bytes: &[u8],
-) -> Result<(Manifest, PublicKey), Refusal> {
+pub fn verified_manifest_by(trust_keys: &[PublicKey], envelope_bytes: &[u8]) -> Result<(Manifest, PublicKey), Refusal> {
     let envelope = sign::parse_envelope(envelope_bytes).map_err(|e| Refusal::Signature(e.to_string()))?;
     let payload = sign::verify_envelope(&envelope, trust_keys).map_err(|e| Refusal::Signature(e.to_string()))?;
     let key = trust_keys

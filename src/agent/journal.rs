@@ -749,9 +749,11 @@ fn verify_cached(
         return Err(CachedManifestError::NoKeyRecorded { now: Box::new(now) });
     };
     let keyid = key.keyid();
-    admit(&[key])
-        .map(|manifest| (manifest, Some(keyid.clone())))
-        .map_err(|then| CachedManifestError::Refused { now: Box::new(now), keyid, then: Box::new(then) })
+    admit(&[key]).map(|manifest| (manifest, Some(keyid.clone()))).map_err(|then| CachedManifestError::Refused {
+        now: Box::new(now),
+        keyid,
+        then: Box::new(then),
+    })
 }
 
 /// The policy of a rollout from its cached manifest (see

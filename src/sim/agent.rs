@@ -219,9 +219,13 @@ impl RestoreSource for SimFiles<'_> {
     /// The shared check: `envelope` is one this agent cached (the rebuild
     /// reads it through [`Self::cached_envelope`]), found by its address.
     fn verify_envelope(&self, trust_keys: &[PublicKey], envelope: &[u8]) -> Result<Arc<Manifest>, Refusal> {
-        let shared = self.agent.files.manifests.values().map(|(e, _)| e).find(|e| {
-            std::ptr::eq(e.bytes.as_ptr(), envelope.as_ptr()) && e.bytes.len() == envelope.len()
-        });
+        let shared = self
+            .agent
+            .files
+            .manifests
+            .values()
+            .map(|(e, _)| e)
+            .find(|e| std::ptr::eq(e.bytes.as_ptr(), envelope.as_ptr()) && e.bytes.len() == envelope.len());
         match shared {
             Some(e) => verify_shared(&mut self.verified.borrow_mut(), trust_keys, e).map(|(m, _)| m),
             None => crate::agent::admission::verified_manifest(trust_keys, envelope).map(Arc::new),
@@ -259,10 +263,10 @@ impl SimAgent {
             clock.clone(),
         )
         .map_err(|e| format!("{}: queue open: {e}", self.host))?;
-        let (rollouts, report) = restore_from(&queue, &SimFiles { agent: self, verified }, &self.host, &self.trust_keys)
-            .map_err(|e| e.to_string())?;
-        let journal =
-            SimJournal { queue: Arc::new(Mutex::new(queue)), channels: self.files.channels.clone() };
+        let (rollouts, report) =
+            restore_from(&queue, &SimFiles { agent: self, verified }, &self.host, &self.trust_keys)
+                .map_err(|e| e.to_string())?;
+        let journal = SimJournal { queue: Arc::new(Mutex::new(queue)), channels: self.files.channels.clone() };
         let (cmds, rx) = commands();
         let (mut reducer, snapshot) = Reducer::new(rollouts, journal.clone(), cmds);
         reducer.resume();
@@ -407,7 +411,13 @@ pub mod delivery {
     pub enum Sending {
         Batch(Vec<QueuedEvent>),
         /// `resend_history`: `history[sent..sent + chunk]` is in flight.
-        Resend { why: ResendFor, rollout_id: RolloutId, history: Vec<HistoryEvent>, sent: usize, chunk: usize },
+        Resend {
+            why: ResendFor,
+            rollout_id: RolloutId,
+            history: Vec<HistoryEvent>,
+            sent: usize,
+            chunk: usize,
+        },
     }
 
     /// One `drain_once` call in progress.
@@ -548,8 +558,7 @@ pub mod delivery {
             }
         }
         while let Some((rollout_id, expected, held)) = pass.gaps.pop_front() {
-            let dead_reason = if let Some((seq, why)) = pass.rejected.get(&rollout_id).filter(|(s, _)| *s == expected)
-            {
+            let dead_reason = if let Some((seq, why)) = pass.rejected.get(&rollout_id).filter(|(s, _)| *s == expected) {
                 Some(refused_reason(&rollout_id, *seq, why))
             } else if let Some(text) = blocked_at(blocked, &rollout_id, expected, now_ms) {
                 Some(text.to_owned())
@@ -617,7 +626,8 @@ pub mod delivery {
                     match result.status {
                         ResultStatus::Applied | ResultStatus::Duplicate => moves.push((queued.qseq, None)),
                         ResultStatus::Rejected => {
-                            let reason = result.reason.clone().unwrap_or_else(|| "rejected without a reason".to_owned());
+                            let reason =
+                                result.reason.clone().unwrap_or_else(|| "rejected without a reason".to_owned());
                             notes.lines.push(format!("{} seq {} rejected: {reason}", queued.rollout_id, queued.seq()));
                             notes.dead_lettered += 1;
                             pass.rejected.insert(queued.rollout_id.clone(), (queued.seq(), reason.clone()));
@@ -668,7 +678,8 @@ pub mod delivery {
                             }
                         }
                         ResultStatus::Rejected => {
-                            let reason = result.reason.clone().unwrap_or_else(|| "rejected without a reason".to_owned());
+                            let reason =
+                                result.reason.clone().unwrap_or_else(|| "rejected without a reason".to_owned());
                             outcome = Some(Ok((h.queued.seq(), reason)));
                             break;
                         }
@@ -691,7 +702,9 @@ pub mod delivery {
                 }
                 if !revive.is_empty() {
                     notes.revived += revive.len() as u64;
-                    notes.lines.push(format!("{} dead letter(s) of {rollout_id} applied on re-send; revived", revive.len()));
+                    notes
+                        .lines
+                        .push(format!("{} dead letter(s) of {rollout_id} applied on re-send; revived", revive.len()));
                 }
                 if outcome.is_none() && sent + chunk < history.len() {
                     pass.sending = Sending::Resend { why, rollout_id, history, sent: sent + chunk, chunk: 0 };

@@ -68,6 +68,10 @@ pub struct Checker {
     accepted: BTreeMap<(usize, String), (Timestamp, RolloutId)>,
     tick_armed: BTreeSet<usize>,
     pub switch_orders: BTreeMap<u64, ActivationOrder>,
+    /// When the CP first had each (channel, closure) quarantined.
+    pub quarantined_at: BTreeMap<(String, Closure), Timestamp>,
+    /// `issued_at` of the dispatch each (host, rollout) was admitted on.
+    pub dispatch_issued: BTreeMap<(usize, RolloutId), Timestamp>,
     db_lost: bool,
 }
 
@@ -192,9 +196,19 @@ impl Sim {
         Ok(())
     }
 
+    /// The CP must not offer a quarantined closure: a violation when the
+    /// dispatch the host acted on was issued after the quarantine. A
+    /// dispatch already on its way when the closure was quarantined may
+    /// still be acted on ("an ack that races a skip wins: the host's events
+    /// are facts", docs/decisions.md); the agent cannot know.
     fn check_not_quarantined(&self, host: usize, id: &RolloutId, target: &Closure) -> Result<(), Violation> {
-        let quarantined =
-            self.cp.state().and_then(|s| s.quarantine.get(id.channel())).is_some_and(|set| set.contains(target));
+        let since = self.checker.quarantined_at.get(&(id.channel().to_owned(), target.clone()));
+        let issued = self.checker.dispatch_issued.get(&(host, id.clone()));
+        let quarantined = match (since, issued) {
+            (Some(since), Some(issued)) => since <= issued,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
         if quarantined {
             return Err(Violation::new(
                 "quarantine",

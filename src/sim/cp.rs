@@ -134,10 +134,10 @@ impl SimCp {
             return e.clone();
         }
         let reader = self.reader.as_ref()?;
-        let read = store::envelope(reader, &self.db, id).ok().flatten().map(|bytes| SharedEnvelope {
-            digest: sha2::Sha256::digest(&bytes).into(),
-            bytes: Arc::from(bytes),
-        });
+        let read = store::envelope(reader, &self.db, id)
+            .ok()
+            .flatten()
+            .map(|bytes| SharedEnvelope { digest: sha2::Sha256::digest(&bytes).into(), bytes: Arc::from(bytes) });
         // Only a found envelope is kept: a rollout published later is found then.
         if read.is_some() {
             self.envelopes.insert(id.clone(), read.clone());

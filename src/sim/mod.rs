@@ -34,9 +34,9 @@ use self::check::{Checker, Violation};
 use self::cp::{Answer, SimCp, Work};
 use self::rng::Rng;
 use self::world::{ClosureBook, Faults, PlannedRollout};
-use crate::agent::admission::check_dispatch;
-use crate::agent::reducer::{Input, ActivationOrder};
 use crate::agent::activation::ActivationOutcome;
+use crate::agent::admission::check_dispatch;
+use crate::agent::reducer::{ActivationOrder, Input};
 use crate::clock::ClockHandle;
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{HostState, OnHealthFailure, Policy, ProbeDecl, ProbeKind, ProbeMode, ProbeStatus, Timestamp};
@@ -246,11 +246,6 @@ struct Stats {
     groups: u64,
     rejected: u64,
 }
-
-/// Signature verification shared by all simulated agents: one result per
-/// (envelope bytes, trust keys). Verifying a 10,000-host envelope on each
-/// of 10,000 hosts would be the whole run; the checks after the signature
-/// (`check_dispatch`) still run per host.
 
 pub struct Sim {
     cfg: SimConfig,
@@ -998,6 +993,11 @@ impl Sim {
                 ends.push((id.clone(), r.state.as_str().to_owned()));
             }
         }
+        for (channel, closures) in &state.quarantine {
+            for c in closures {
+                self.checker.quarantined_at.entry((channel.clone(), c.clone())).or_insert(now);
+            }
+        }
         for (id, wave) in waves {
             for w in 0..=wave {
                 let entry = self.wave_times.entry((id.clone(), w)).or_insert((self.now_ms, None));
@@ -1154,7 +1154,8 @@ impl Sim {
         if m.current == order.closure && m.profile == order.closure {
             let outcome = ActivationOutcome::Completed { observed: order.closure.clone() };
             let at = self.clock.now();
-            return self.feed(host, Input::ActivationFinished { rollout_id: order.rollout_id.clone(), order, outcome, at });
+            return self
+                .feed(host, Input::ActivationFinished { rollout_id: order.rollout_id.clone(), order, outcome, at });
         }
         if !order.rollback {
             self.check_activation(host, &order)?;
@@ -1505,6 +1506,7 @@ impl Sim {
                 // `ManifestCache::store`: the envelope and the key that
                 // verified it, before the DispatchAck can exist.
                 self.agents[host].files.manifests.insert(rollout_id.clone(), (envelope, key));
+                self.checker.dispatch_issued.insert((host, rollout_id.clone()), dispatch.issued_at);
                 Input::Dispatch {
                     rollout_id,
                     policy: c.policy,
@@ -1623,8 +1625,8 @@ impl Sim {
         );
         let _ = writeln!(
             out,
-            "work: {} steps, {} agent inputs, {} CP groups, {} publishes, {} events dead-lettered",
-            self.step, self.n_agent_inputs, s.groups, s.publishes, s.rejected
+            "work: {} steps, {} agent inputs, {} CP groups, {} publishes, {} events dead-lettered, {} revived",
+            self.step, self.n_agent_inputs, s.groups, s.publishes, s.rejected, s.revived
         );
         let _ = writeln!(
             out,

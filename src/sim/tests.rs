@@ -69,9 +69,7 @@ fn an_invariant_violation_names_the_seed_the_step_and_the_trace() {
     assert_eq!(v.invariant, "terminal");
     assert!(outcome.text.contains("INVARIANT VIOLATED at step"), "{}", outcome.text);
     assert!(
-        outcome.text.contains(
-            "reproduce: nixfleet sim --seed 1 --hosts 3 --faults none --until 120s"
-        ),
+        outcome.text.contains("reproduce: nixfleet sim --seed 1 --hosts 3 --faults none --until 120s"),
         "{}",
         outcome.text
     );
@@ -174,4 +172,3 @@ fn until_accepts_hours_minutes_and_seconds() {
     assert_eq!(parse_until("10"), Ok(10_000));
     assert!(parse_until("5d").is_err());
 }
-

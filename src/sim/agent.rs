@@ -134,7 +134,7 @@ pub struct Proc {
     pub probe_generation: u64,
     pub probe_rollout: Option<RolloutId>,
     /// Enforce probes that produced a result in THIS run, per rollout
-    /// (SPEC rule 9 is checked against it).
+    /// (protocol rule 6 is checked against it).
     pub fresh: BTreeSet<(RolloutId, String)>,
     pub drain: Drain,
     pub drain_backoff: Backoff,

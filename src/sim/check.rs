@@ -1,4 +1,4 @@
-//! The invariants, written as SPEC §4 (rules 1–11), §5 and §8 say the
+//! The invariants, written as `docs/protocol.md` (§3 rules 1–11, §4 and §5) says the
 //! product must behave, so today's divergences show as violations and the
 //! fixes make them pass. Cheap ones run after every step (agent input, CP
 //! group, restart); the agreement ones at quiescence.
@@ -6,14 +6,14 @@
 //! | name | what |
 //! |---|---|
 //! | `agreement` | the CP never rejects an event the agent applied (same `step`, both sides); at the end agent and CP records are equal per (host, rollout) |
-//! | `no-seq-gap` | the CP applies seq N only after N-1 (rule 8) |
+//! | `no-seq-gap` | the CP applies seq N only after N-1 (rule 2) |
 //! | `acked-not-lost` | an event answered `duplicate` is in the CP log; nothing answered `applied` disappears across a CP restart |
 //! | `replay` | folding the CP log (`rebuild_host_records`) gives the stored records |
-//! | `one-live-rollout` | at most one live rollout per host (rule 7) |
-//! | `fresh-evidence` | after a restart the failure gate fires only on results of this run (rule 9) |
+//! | `one-live-rollout` | at most one live rollout per host (rule 8) |
+//! | `fresh-evidence` | after a restart the failure gate fires only on results of this run (rule 6) |
 //! | `max-in-flight`, `wave-order`, `halt` | the planner's promises |
 //! | `quarantine` | a quarantined closure is never activated again on its channel |
-//! | `no-downgrade` | a host never accepts an older rollout of a channel (rule 11) |
+//! | `no-downgrade` | a host never accepts an older rollout of a channel (rule 9) |
 //! | `restore-complete` | an agent restart rebuilds every rollout that was live |
 //! | `closure` | each host runs what the CP says it runs |
 //! | `terminal` | with hosts reachable, every rollout ends (completed, halted, superseded) |
@@ -49,7 +49,7 @@ impl fmt::Display for Violation {
 }
 
 /// Live = holds the host: Activating, Deferred, Soaking, or Failed with a
-/// rollback fired whose outcome is not in yet (SPEC rule 7).
+/// rollback fired whose outcome is not in yet (protocol rule 8).
 pub fn is_live(r: &HostRecord) -> bool {
     matches!(r.state, HostState::Activating | HostState::Deferred | HostState::Soaking)
         || (r.state == HostState::Failed && r.rollback_fired && r.rollback_failure.is_none())
@@ -158,7 +158,7 @@ impl Sim {
                             "fresh-evidence",
                             format!(
                                 "{} failed {id} on probes {failing_probes:?} at {} although enforce probe(s) {stale:?} \
-                                 have produced no result since the agent restarted at +{} s (rule 9)",
+                                 have produced no result since the agent restarted at +{} s (rule 6)",
                                 agent.host,
                                 super::fmt_ms(self.now_ms),
                                 proc.started_ms / 1000
@@ -177,7 +177,7 @@ impl Sim {
                             "no-downgrade",
                             format!(
                                 "{} accepted {id} (issued {}) after it had accepted {newest_id} (issued {}) on \
-                                 channel {channel} (rule 11)",
+                                 channel {channel} (rule 9)",
                                 agent.host,
                                 store::ts(issued),
                                 store::ts(*newest)
@@ -233,7 +233,7 @@ impl Sim {
             return Err(Violation::new(
                 "one-live-rollout",
                 format!(
-                    "{} switches to {} for {} while {:?} is live on it (rule 7)",
+                    "{} switches to {} for {} while {:?} is live on it (rule 8)",
                     self.agents[host].host, order.closure, order.rollout_id, live
                 ),
             ));
@@ -287,7 +287,7 @@ impl Sim {
                         return Err(Violation::new(
                             "no-seq-gap",
                             format!(
-                                "the CP applied {} (seq {seq}) of {hostname} in {} right after seq {last} (rule 8: \
+                                "the CP applied {} (seq {seq}) of {hostname} in {} right after seq {last} (rule 2: \
                                  only seq {} may be applied; a higher one is a gap)",
                                 item.event.kind(),
                                 item.rollout_id,

@@ -87,7 +87,7 @@ pub struct SimArgs {
     /// A hand-built situation aimed at one known divergence.
     #[arg(long, value_enum)]
     pub scenario: Option<crate::sim::Scenario>,
-    /// Roll out this manifest (unsigned JSON, SPEC §3) first; the sim signs it.
+    /// Roll out this manifest (unsigned JSON, `docs/protocol.md` §2) first; the sim signs it.
     #[arg(long)]
     pub manifest: Option<PathBuf>,
     /// Simulated time limit, e.g. 6h, 90m, 3600s.

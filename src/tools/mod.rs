@@ -12,17 +12,5 @@ pub mod replay;
 /// for `queue_cmd` and `replay`, which import it from this path.
 pub use crate::output::print_stdout;
 
-/// An error and its causes on one line: "a: b: c".
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    line
-}
+/// Moved to [`crate::output`] (the agent's probes use it too).
+pub use crate::output::error_chain;

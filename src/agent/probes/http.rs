@@ -23,6 +23,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use crate::output::error_chain;
+
 use super::ProbeRun;
 use crate::tls;
 
@@ -270,22 +272,6 @@ where
             Err(e) => Err(error_chain(&e)),
         },
     }
-}
-
-/// An error and its causes on one line ("a: b: c"): hyper's and rustls'
-/// top-level messages alone hide the reason (an I/O error, a bad certificate).
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut line = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = cause.source();
-    }
-    line
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("nixfleet: error: {}", tools::error_chain(e.as_ref()));
+            eprintln!("nixfleet: error: {}", nixfleet::output::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -9,11 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rusqlite::Connection;
 
 use super::longpoll::Board;
-use super::store::{self, StoreError};
-
-/// The counters live with the writer that bumps them; re-exported here
-/// for the code that reads them as metrics.
-pub use super::store::Counters;
+use super::store::{self, Counters, StoreError};
 
 /// Renders every metric.
 pub fn render(counters: &Counters, board: &Board, conn: &Connection, path: &Path) -> Result<String, StoreError> {

@@ -19,8 +19,5 @@ pub mod server;
 pub mod store;
 pub mod views;
 
-/// The client moved to [`crate::client`] (the agent uses it too); this
-/// path stays only until code written against it has been merged.
-pub use crate::client;
 pub use cmd::{run, CpError};
 pub use server::{bind, serve, Acceptor, PlainAcceptor, ServeConfig, ServeReport};

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::clock::ClockHandle;
 use crate::cp::longpoll::Board;
-use crate::cp::metrics::Counters;
+use crate::cp::store::Counters;
 use crate::cp::store::{self, Command, CpState, PublishOutcome, Writer};
 use crate::ids::{Hostname, RolloutId};
 use crate::sign::{self, PublicKey};

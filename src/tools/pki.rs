@@ -24,8 +24,8 @@ use time::OffsetDateTime;
 
 use crate::clock::ClockHandle;
 use crate::ids::Hostname;
+use crate::output::print_stdout;
 use crate::tls::{self, Role, TlsError};
-use crate::tools::print_stdout;
 
 pub const CA_CERT_FILE: &str = "ca.crt";
 pub const CA_KEY_FILE: &str = "ca.key";

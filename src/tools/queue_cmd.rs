@@ -11,9 +11,9 @@ use time::OffsetDateTime;
 
 use crate::cli::QueueCommand;
 use crate::clock::ClockHandle;
+use crate::output::print_stdout;
 use crate::queue::view::Counts;
 use crate::queue::{EntryState, QueueView, RevivedNote, ViewEntry, ViewError};
-use crate::tools::print_stdout;
 
 /// Undecodable bytes shown by `inspect` are cut here: enough to see what
 /// the file holds, without flooding a terminal with a huge garbage file.

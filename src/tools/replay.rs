@@ -22,9 +22,9 @@ use crate::agent::journal;
 use crate::cp::store;
 use crate::ids::{Hostname, RolloutId};
 use crate::machine::{step, Event, HostRecord, Outcome, Policy};
+use crate::output::print_stdout;
 use crate::queue::EntryState;
 use crate::sign::PublicKey;
-use crate::tools::print_stdout;
 use crate::wire::OutboundEvent;
 
 #[derive(Debug, thiserror::Error)]

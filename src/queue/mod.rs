@@ -251,6 +251,21 @@ pub struct HistoryEvent {
     pub dead: bool,
 }
 
+/// The first seq from `from` on that `history` (as [`Queue::history_from`]
+/// returns it, in seq order) does not hold: a re-send can cover the seqs
+/// before it and no more. The drain worker and the simulator both decide
+/// "re-send" or "unavailable" by comparing it with the first pending seq.
+pub fn first_missing_seq(history: &[HistoryEvent], from: u64) -> u64 {
+    let mut want = from;
+    for h in history {
+        if h.queued.seq() != want {
+            break;
+        }
+        want += 1;
+    }
+    want
+}
+
 /// Where an event landed: its qseq, its seq and its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedRef {

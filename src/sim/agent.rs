@@ -493,13 +493,7 @@ pub mod delivery {
     fn start_resend(queue: &Queue, rollout_id: &RolloutId, from: u64) -> Start {
         let end = queue.first_pending_seq(rollout_id).unwrap_or_else(|| queue.last_seq(rollout_id).saturating_add(1));
         let history = queue.history_from(rollout_id, from);
-        let mut want = from;
-        for h in &history {
-            if h.queued.seq() != want {
-                break;
-            }
-            want += 1;
-        }
+        let want = crate::queue::first_missing_seq(&history, from);
         if want < end {
             return Start::Unavailable { seq: want };
         }

@@ -610,13 +610,7 @@ async fn resend_history(api: &CpApi, queue: &SharedQueue, rollout_id: &RolloutId
         Err(why) => return Resent::Pause(why.into()),
     };
     // The events must run from `from` to just before `end` without a hole.
-    let mut want = from;
-    for h in &history {
-        if h.queued.seq() != want {
-            break;
-        }
-        want += 1;
-    }
+    let want = crate::queue::first_missing_seq(&history, from);
     if want < end {
         return Resent::Unavailable { seq: want };
     }

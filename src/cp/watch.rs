@@ -2,7 +2,8 @@
 //! for every `--interval` until the rollout needs nobody any more
 //! (completed, cancelled, superseded) or needs an operator (halted). On a
 //! terminal the table is redrawn in place; piped, each changed table is
-//! printed once (with `--json`: one compact JSON document per line).
+//! printed once under a `--- TIME` line (with `--json`: one compact JSON
+//! document per line).
 
 use std::io::IsTerminal;
 
@@ -30,6 +31,7 @@ pub async fn watch_cmd(args: CpStatusArgs) -> Result<(), CpError> {
     let Some(id) = args.rollout.as_deref() else { return Ok(()) };
     let path = format!("/v1/rollouts/{}", id.replace('@', "%40"));
     let tty = std::io::stdout().is_terminal();
+    let clock = crate::clock::ClockHandle::system();
     let mut shown = String::new();
     let mut n_lines = 0usize;
     let mut failures = 0usize;
@@ -61,10 +63,11 @@ pub async fn watch_cmd(args: CpStatusArgs) -> Result<(), CpError> {
                 // Cursor up over the last frame, then clear to the end.
                 frame.push_str(&format!("\x1b[{n_lines}A\x1b[J"));
             }
-            frame.push_str(&text);
             if !tty && !args.json {
-                frame.push('\n');
+                // Piped: each table under a line saying when it was seen.
+                frame.push_str(&format!("--- {}\n", crate::cp::store::ts(clock.now())));
             }
+            frame.push_str(&text);
             print_stdout(&frame).map_err(CpError::Stdout)?;
             n_lines = text.lines().count();
             shown = text;

@@ -284,6 +284,17 @@ pub fn action_rows(
     rollout: Option<&RolloutId>,
 ) -> Result<Vec<ActionRecord>, StoreError> {
     let db = Db::new(conn, path);
+    // `replay` reads databases of older versions without migrating them:
+    // before schema 3 there were no operator actions.
+    let exists = db.rows(
+        "read operator actions",
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'operator_actions'",
+        [],
+        |r| r.get::<_, i64>(0),
+    )?;
+    if exists.is_empty() {
+        return Ok(Vec::new());
+    }
     let rows = db.rows(
         "read operator actions",
         "SELECT id, action, rollout_id, channel, closure, operator, reason, at, detail FROM operator_actions

@@ -86,6 +86,22 @@ fn a_halt_then_resume_dispatches_the_next_wave() {
     let db = dir.path().join("cp.db");
     let replay = ok(&["replay", "--db", db.to_str().unwrap(), "--quiet"]);
     assert!(replay.contains("rollout state: completed (agrees: 1 failed, 1 accepted by a resume"), "{replay}");
+    // Replay proves the rollout state from the log and the actions: a
+    // copy whose stored state says halted disagrees (the one failure was
+    // accepted), and so does one whose resume is gone (the failure then
+    // calls for a halt).
+    for (label, tamper) in [
+        ("halted", "UPDATE rollouts SET state = 'halted'"),
+        ("no-resume", "DELETE FROM operator_actions; UPDATE rollouts SET state = 'active'"),
+    ] {
+        let copy = dir.path().join(format!("tampered-{label}.db"));
+        ok(&["cp", "backup", "--db", db.to_str().unwrap(), copy.to_str().unwrap()]);
+        rusqlite::Connection::open(&copy).unwrap().execute_batch(tamper).unwrap();
+        let out = run(&["replay", "--db", copy.to_str().unwrap(), "--quiet"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{label}: {text}");
+        assert!(text.contains("rollout state:") && text.contains("DISAGREES"), "{label}: {text}");
+    }
 }
 
 /// `cp cancel` mid-rollout: the standing dispatch is withdrawn and nothing

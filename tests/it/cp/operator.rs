@@ -378,3 +378,37 @@ fn status_watch_prints_each_change_until_the_rollout_ends() {
     let last = frames[frames.len() - 1];
     assert!(last.contains("completed: 0 converged, 4 reverted"), "{last}");
 }
+
+/// `cp status --watch` on a terminal (a pty from util-linux `script`): the
+/// table is redrawn in place (cursor up, clear) until the rollout ends.
+#[test]
+fn status_watch_on_a_terminal_redraws_in_place() {
+    let (_dir, release, cp) = setup("op-watch-tty");
+    let rt = rt();
+    let m = manifest("stable@t1", T0, 0, &[("all", 0, 2)], &[("web-1", 0, "web-1-new"), ("web-2", 0, "web-2-new")]);
+    rt.block_on(async { cp.publish(&release.sign(&m)).await });
+    let command = format!("{} cp status --cp {} --rollout stable@t1 --watch --interval 100ms", bin(), url(&cp));
+    let watch = Command::new("script")
+        .args(["-q", "-e", "-c", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("util-linux `script` runs the watch on a pty");
+    rt.block_on(async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for host in ["web-1", "web-2"] {
+            let mut agent = Agent::new(host, &cp.url);
+            let d = agent.poll(5).await.expect("dispatch");
+            agent.activate(&d).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            agent.converge(&d).await;
+        }
+    });
+    let out = watch.wait_with_output().expect("the watch ends by itself");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("\x1b[J") && text.matches("A\x1b[J").count() >= 2, "redrawn in place: {text:?}");
+    assert!(!text.contains("--- "), "no piped separators on a terminal: {text:?}");
+    assert!(text.contains("completed: 2 converged"), "{text}");
+}

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 
+use super::operator_cmd;
+use super::planner::RolloutState;
 use super::routes::MAX_ENVELOPE_BYTES;
 use super::server::{self, PlainAcceptor, ServeConfig, ServeError};
 use super::store::Drift;
-use super::planner::RolloutState;
 use super::views::{HostView, Liveness, RolloutDetail, RolloutSummary, StatusView};
-use super::operator_cmd;
 use crate::cli::{CpCommand, CpPublishArgs, CpServeArgs, CpStatusArgs};
 use crate::client::{self, ClientError, CpUrl};
 use crate::clock::ClockHandle;
@@ -243,10 +243,7 @@ pub(super) fn render_rollout(r: &RolloutDetail) -> String {
         let _ = writeln!(
             out,
             "\nwave {} {:?} (soak {}s, max_in_flight {})",
-            wave.index,
-            wave.name,
-            wave.soak_secs,
-            wave.max_in_flight
+            wave.index, wave.name, wave.soak_secs, wave.max_in_flight
         );
         for h in &wave.hosts {
             let probes = if h.failing_probes.is_empty() {

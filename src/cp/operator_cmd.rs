@@ -22,7 +22,8 @@ use crate::output::print_stdout;
 /// `cp resume` / `cp cancel`.
 pub async fn rollout_action(action: &str, args: CpRolloutActionArgs) -> Result<(), CpError> {
     let url = CpUrl::parse(&args.cp)?;
-    let id = RolloutId::parse(&args.rollout).map_err(|e| CpError::Refused(format!("rollout {:?}: {e}", args.rollout)))?;
+    let id =
+        RolloutId::parse(&args.rollout).map_err(|e| CpError::Refused(format!("rollout {:?}: {e}", args.rollout)))?;
     store::check_reason(&args.reason).map_err(|m| CpError::Refused(format!("--{m}")))?;
     let body = serde_json::json!({ "reason": args.reason });
     let path = format!("/v1/rollouts/{}/{action}", id.as_str().replace('@', "%40"));

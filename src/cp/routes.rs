@@ -21,12 +21,12 @@ use rusqlite::Connection;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::actions;
 use super::config::ServeConfig;
 use super::longpoll::{Board, PollOutcome};
 use super::metrics;
 use super::store::{self, Command, Counters, PublishOutcome, Reply, StoreError};
 use super::views;
-use super::actions;
 use crate::clock::ClockHandle;
 use crate::ids::{Hostname, RolloutId};
 use crate::sign::{self, PublicKey, VerifyError};
@@ -325,7 +325,8 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
 /// 400 malformed or invalid, 403 no trusted signature, 400 dated beyond
 /// the clock-skew bound (publish and the dry run check the same way).
 pub(super) fn verified_manifest(app: &App, bytes: &[u8]) -> Result<(Vec<u8>, Manifest), Resp> {
-    let envelope = sign::parse_envelope(bytes).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_envelope", e.to_string()))?;
+    let envelope =
+        sign::parse_envelope(bytes).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_envelope", e.to_string()))?;
     let payload = match sign::verify_envelope(&envelope, &app.trust_keys) {
         Ok(p) => p,
         Err(e @ (VerifyError::BadSignature { .. } | VerifyError::UnknownKey { .. })) => {

@@ -42,9 +42,11 @@ pub async fn watch_cmd(args: CpStatusArgs) -> Result<(), CpError> {
                 d
             }
             // Only the transport is retried: a 4xx (unknown rollout) will not change.
-            Err(e @ CpError::Client(ClientError::Connect { .. } | ClientError::Timeout { .. } | ClientError::Http { .. }))
-                if failures + 1 < MAX_WATCH_FAILURES =>
-            {
+            Err(
+                e @ CpError::Client(
+                    ClientError::Connect { .. } | ClientError::Timeout { .. } | ClientError::Http { .. },
+                ),
+            ) if failures + 1 < MAX_WATCH_FAILURES => {
                 failures += 1;
                 tracing::warn!(error = %e, "status request failed; trying again");
                 tokio::time::sleep(args.interval).await;

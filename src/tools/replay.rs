@@ -171,7 +171,8 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
         let mine: Vec<&store::ActionRecord> =
             actions.iter().filter(|a| a.rollout_id.as_deref() == Some(id.as_str())).collect();
         for a in &mine {
-            let _ = writeln!(out, " operator action {}: {} by {} at {}: {}", a.id, a.action, a.operator, a.at, a.reason);
+            let _ =
+                writeln!(out, " operator action {}: {} by {} at {}: {}", a.id, a.action, a.operator, a.at, a.reason);
         }
         let skipped = store::skipped_of(&conn, db, id)?;
         let (line, problem) = rollout_verdict(&row, &replayed, &skipped, &mine);
@@ -212,13 +213,14 @@ fn rollout_verdict(
         .unwrap_or(0);
     let cancelled = actions.iter().any(|a| a.action == "cancel");
     let over_budget = n_failed > max_failed + accepted;
-    let all_settled = records
-        .iter()
-        .all(|(h, r)| is_settled(r.state) || (r.state == HostState::Pending && skipped.contains_key(h)));
+    let all_settled =
+        records.iter().all(|(h, r)| is_settled(r.state) || (r.state == HostState::Pending && skipped.contains_key(h)));
     let state = row.state;
     let facts = format!("{n_failed} failed, {accepted} accepted by a resume, max_failed_hosts {max_failed}");
     let problem = match state {
-        S::Active | S::Converging if over_budget => Some(format!("stored {state}, but the failures call for a halt ({facts})")),
+        S::Active | S::Converging if over_budget => {
+            Some(format!("stored {state}, but the failures call for a halt ({facts})"))
+        }
         S::Halted if !over_budget => Some(format!("stored halted, but the failures are within the budget ({facts})")),
         S::Cancelled if !cancelled => Some("stored cancelled, but no cancel is recorded".to_owned()),
         s if s != S::Cancelled && cancelled => Some(format!("a cancel is recorded, but the stored state is {s}")),

@@ -71,7 +71,8 @@ fn every_typed_json_example_in_the_protocol_document_parses() {
             }
             "health-checks" => drop(HealthChecks::parse(text).unwrap_or_else(|e| fail(tag, text, &e))),
             "operator-action" => drop(
-                serde_json::from_slice::<nixfleet::cp::store::ActionRecord>(bytes).unwrap_or_else(|e| fail(tag, text, &e)),
+                serde_json::from_slice::<nixfleet::cp::store::ActionRecord>(bytes)
+                    .unwrap_or_else(|e| fail(tag, text, &e)),
             ),
             "plan-preview" => drop(
                 serde_json::from_slice::<nixfleet::cp::preview::PlanPreview>(bytes)

@@ -103,9 +103,7 @@ fn supersede_older(db: Db<'_>, state: &mut CpState, group: &mut Group, id: &Roll
         .iter()
         // A completed or cancelled rollout has nothing left to stop; it
         // keeps its word, which tells the operator more than "superseded".
-        .filter(|(other, r)| {
-            other.channel() == channel && !r.state.is_terminal()
-        })
+        .filter(|(other, r)| other.channel() == channel && !r.state.is_terminal())
         .map(|(other, _)| other.clone())
         .collect();
     for old in older {

@@ -14,9 +14,9 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::group::{BoardChange, Group};
+use super::operator::{ActionOutcome, OperatorRequest};
 use super::publish::PublishOutcome;
 use super::state::CpState;
-use super::operator::{ActionOutcome, OperatorRequest};
 use super::{heartbeat, ingest, load_state, open, operator, plan, publish, Db, StoreError};
 use crate::clock::ClockHandle;
 use crate::cp::longpoll::Board;

@@ -163,8 +163,17 @@ fn unquarantine_then_a_republish_dispatches_again() {
         assert!(web1["skipped"].is_object(), "quarantined: skipped in r2: {web1:#}");
         assert!(agents[0].poll(0).await.is_none());
     });
-    let out =
-        ok(&["cp", "unquarantine", "--cp", &url(&cp), "--channel", "stable", &bad, "--reason", "flaky probe, not the closure"]);
+    let out = ok(&[
+        "cp",
+        "unquarantine",
+        "--cp",
+        &url(&cp),
+        "--channel",
+        "stable",
+        &bad,
+        "--reason",
+        "flaky probe, not the closure",
+    ]);
     assert!(out.contains("unquarantined") && out.contains("reverted by web-1"), "{out}");
     rt.block_on(async {
         assert!(cp.get_json("/v1/status").await["quarantined"].as_array().unwrap().is_empty());
@@ -175,8 +184,7 @@ fn unquarantine_then_a_republish_dispatches_again() {
         assert_eq!(actions[0]["action"], "unquarantine");
         assert_eq!(actions[0]["detail"]["quarantined_in"], "stable@r1");
     });
-    let (_, err) =
-        fails(&["cp", "unquarantine", "--cp", &url(&cp), "--channel", "stable", &bad, "--reason", "again"]);
+    let (_, err) = fails(&["cp", "unquarantine", "--cp", &url(&cp), "--channel", "stable", &bad, "--reason", "again"]);
     assert!(err.contains("is not quarantined on channel stable"), "{err}");
 }
 
@@ -187,13 +195,7 @@ fn unquarantine_then_a_republish_dispatches_again() {
 fn plan_shows_quarantined_busy_drifting_and_unreachable_hosts_and_changes_nothing() {
     let (dir, release, cp) = setup("op-plan");
     let rt = rt();
-    let other = manifest(
-        "other@r1",
-        T0,
-        0,
-        &[("all", 0, 2)],
-        &[("web-5", 0, "web-5-new"), ("web-6", 0, "web-6-new")],
-    );
+    let other = manifest("other@r1", T0, 0, &[("all", 0, 2)], &[("web-5", 0, "web-5-new"), ("web-6", 0, "web-6-new")]);
     rt.block_on(async {
         let agents = halt_at_the_canary(&cp, &release, "stable@r1", T0).await;
         agents[0].heartbeat().await;
@@ -234,7 +236,12 @@ fn plan_shows_quarantined_busy_drifting_and_unreachable_hosts_and_changes_nothin
     assert_eq!(json["would_supersede"], serde_json::json!(["stable@r1"]));
     let host = |wave: usize, i: usize| json["waves"][wave]["hosts"][i].clone();
     let brief = |h: serde_json::Value| {
-        (h["hostname"].as_str().unwrap().to_owned(), h["plan"].as_str().unwrap().to_owned(), h["unreachable"] == true, h["drifting"] == true)
+        (
+            h["hostname"].as_str().unwrap().to_owned(),
+            h["plan"].as_str().unwrap().to_owned(),
+            h["unreachable"] == true,
+            h["drifting"] == true,
+        )
     };
     let s = |t: &str| t.to_owned();
     assert_eq!(brief(host(0, 0)), (s("web-1"), s("quarantined"), false, false));
@@ -294,7 +301,8 @@ fn backup_during_ingest_then_replay_of_the_copy_agrees() {
     let mut n_copied = Vec::new();
     for copy in &copies {
         let out = ok(&["cp", "backup", "--db", &db, copy.to_str().unwrap()]);
-        let n: usize = out.split(" rollouts, ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).expect(&out);
+        let n: usize =
+            out.split(" rollouts, ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).expect(&out);
         n_copied.push(n);
     }
     rt.block_on(ingest).expect("ingest task");
@@ -307,7 +315,10 @@ fn backup_during_ingest_then_replay_of_the_copy_agrees() {
     let last = dir.path().join("final.db");
     ok(&["cp", "backup", "--db", &db, last.to_str().unwrap()]);
     let replay = ok(&["replay", "--db", last.to_str().unwrap(), "--quiet"]);
-    assert!(replay.contains(&format!("{} events of {N_HOSTS} hosts replayed; 0 disagreements", N_HOSTS * 4)), "{replay}");
+    assert!(
+        replay.contains(&format!("{} events of {N_HOSTS} hosts replayed; 0 disagreements", N_HOSTS * 4)),
+        "{replay}"
+    );
     let size = std::fs::metadata(&copies[0]).unwrap().len();
     let (code, err) = fails(&["cp", "backup", "--db", &db, copies[0].to_str().unwrap()]);
     assert_eq!(code, Some(1));
@@ -330,10 +341,9 @@ fn an_action_without_a_reason_is_refused() {
     assert_eq!(code, Some(1));
     assert!(err.contains("needs a reason"), "{err}");
     rt.block_on(async {
-        let resp =
-            client::request(&cp.url, Method::POST, "/v1/rollouts/stable@r1/resume", &[], Some(b"{}".to_vec()))
-                .await
-                .expect("request");
+        let resp = client::request(&cp.url, Method::POST, "/v1/rollouts/stable@r1/resume", &[], Some(b"{}".to_vec()))
+            .await
+            .expect("request");
         assert_eq!(resp.status, StatusCode::BAD_REQUEST);
         assert!(String::from_utf8_lossy(&resp.body).contains("missing field `reason`"));
         assert_eq!(cp.get_json("/v1/rollouts/stable@r1").await["state"], "halted", "nothing changed");
@@ -373,7 +383,10 @@ fn status_watch_prints_each_change_until_the_rollout_ends() {
     assert!(frames.len() >= 3, "one table per change: {text}");
     assert!(!text.contains('\x1b'), "piped: no terminal control sequences");
     let first = frames[0];
-    assert!(first.contains(" 0/1 ") && first.contains("wave 0 \"canary\"") && first.contains("wave 1 \"rest\""), "{first}");
+    assert!(
+        first.contains(" 0/1 ") && first.contains("wave 0 \"canary\"") && first.contains("wave 1 \"rest\""),
+        "{first}"
+    );
     assert!(first.contains("waiting for wave 0 to settle"), "{first}");
     let last = frames[frames.len() - 1];
     assert!(last.contains("completed: 0 converged, 4 reverted"), "{last}");

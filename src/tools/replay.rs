@@ -168,15 +168,8 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
                 _ => {}
             }
         }
-        let mine: Vec<&store::ActionRecord> =
-            actions.iter().filter(|a| a.rollout_id.as_deref() == Some(id.as_str())).collect();
-        for a in &mine {
-            let _ =
-                writeln!(out, " operator action {}: {} by {} at {}: {}", a.id, a.action, a.operator, a.at, a.reason);
-        }
         let skipped = store::skipped_of(&conn, db, id)?;
-        let (line, problem) = rollout_verdict(&row, &replayed, &skipped, &mine);
-        let _ = writeln!(out, " rollout state: {line}");
+        let problem = rollout_lines(&mut out, &row, &replayed, &skipped, &actions);
         disagreements.extend(problem.map(|p| format!("{id}: {p}")));
     }
     let _ = writeln!(out, "{n_events} events of {n_hosts} hosts replayed; {} disagreements", disagreements.len());
@@ -186,6 +179,25 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
     } else {
         Err(ReplayError::Disagrees(disagreements.join("; ")))
     }
+}
+
+/// The rollout's operator actions and its state verdict, written to `out`;
+/// the disagreement, if any.
+fn rollout_lines(
+    out: &mut String,
+    row: &store::RolloutRow,
+    replayed: &BTreeMap<Hostname, HostRecord>,
+    skipped: &BTreeMap<Hostname, store::SkippedHost>,
+    actions: &[store::ActionRecord],
+) -> Option<String> {
+    let id = row.manifest.rollout_id.as_str();
+    let mine: Vec<&store::ActionRecord> = actions.iter().filter(|a| a.rollout_id.as_deref() == Some(id)).collect();
+    for a in &mine {
+        let _ = writeln!(out, " operator action {}: {} by {} at {}: {}", a.id, a.action, a.operator, a.at, a.reason);
+    }
+    let (line, problem) = rollout_verdict(row, replayed, skipped, &mine);
+    let _ = writeln!(out, " rollout state: {line}");
+    problem
 }
 
 /// Whether the stored state of a rollout is what its replayed records and

@@ -217,6 +217,65 @@ pub enum CpCommand {
     Publish(CpPublishArgs),
     /// Show fleet, rollout or host status.
     Status(CpStatusArgs),
+    /// Clear a rollout's halt (after a fix): dispatches continue; the hosts
+    /// failed so far no longer count against max_failed_hosts.
+    Resume(CpRolloutActionArgs),
+    /// Cancel a rollout: no new dispatches; hosts in flight finish.
+    Cancel(CpRolloutActionArgs),
+    /// Take a closure off a channel's quarantine.
+    Unquarantine(CpUnquarantineArgs),
+    /// Dry run of a signed manifest against the fleet; changes nothing.
+    Plan(CpPlanArgs),
+    /// Consistent online copy of a (live) control-plane database.
+    Backup(CpBackupArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CpRolloutActionArgs {
+    /// Control plane URL, e.g. http://127.0.0.1:8443
+    #[arg(long, env = "NIXFLEET_CP_URL")]
+    pub cp: String,
+    /// The rollout, channel@ref.
+    pub rollout: String,
+    /// Why (recorded with who and when in the control plane's log).
+    #[arg(long)]
+    pub reason: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CpUnquarantineArgs {
+    /// Control plane URL, e.g. http://127.0.0.1:8443
+    #[arg(long, env = "NIXFLEET_CP_URL")]
+    pub cp: String,
+    /// The channel the closure is quarantined on.
+    #[arg(long)]
+    pub channel: String,
+    /// The quarantined closure (a store path).
+    pub closure: String,
+    /// Why (recorded with who and when in the control plane's log).
+    #[arg(long)]
+    pub reason: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CpPlanArgs {
+    /// Control plane URL, e.g. http://127.0.0.1:8443
+    #[arg(long, env = "NIXFLEET_CP_URL")]
+    pub cp: String,
+    /// The signed manifest (DSSE envelope JSON, from `nixfleet manifest sign`).
+    pub envelope: PathBuf,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CpBackupArgs {
+    /// The control plane's database (may be in use by `cp serve`).
+    #[arg(long)]
+    pub db: PathBuf,
+    /// Where to write the copy; an existing file is never overwritten.
+    pub out: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -272,6 +331,13 @@ pub struct CpStatusArgs {
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// With --rollout: refresh until the rollout is completed, cancelled,
+    /// superseded or halted (in place on a terminal; piped, each change).
+    #[arg(long, requires = "rollout")]
+    pub watch: bool,
+    /// How often --watch asks the control plane (e.g. 1s, 500ms).
+    #[arg(long, default_value = "1s", value_parser = parse_duration, requires = "watch")]
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

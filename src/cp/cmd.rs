@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 
+use super::operator_cmd;
+use super::planner::RolloutState;
 use super::routes::MAX_ENVELOPE_BYTES;
 use super::server::{self, PlainAcceptor, ServeConfig, ServeError};
 use super::store::Drift;
@@ -45,6 +47,11 @@ pub enum CpError {
     TooLarge { path: std::path::PathBuf, limit: usize },
     #[error("writing to stdout: {0}")]
     Stdout(std::io::Error),
+    /// An operator action or dry run the control plane refused.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Backup(#[from] operator_cmd::BackupError),
 }
 
 /// Runs one `cp` subcommand.
@@ -53,7 +60,13 @@ pub fn run(cmd: CpCommand) -> Result<(), CpError> {
     match cmd {
         CpCommand::Serve(args) => runtime.block_on(serve_cmd(args)),
         CpCommand::Publish(args) => runtime.block_on(publish_cmd(args)),
+        CpCommand::Status(args) if args.watch => runtime.block_on(super::watch::watch_cmd(args)),
         CpCommand::Status(args) => runtime.block_on(status_cmd(args)),
+        CpCommand::Resume(args) => runtime.block_on(operator_cmd::rollout_action("resume", args)),
+        CpCommand::Cancel(args) => runtime.block_on(operator_cmd::rollout_action("cancel", args)),
+        CpCommand::Unquarantine(args) => runtime.block_on(operator_cmd::unquarantine(args)),
+        CpCommand::Plan(args) => runtime.block_on(operator_cmd::plan(args)),
+        CpCommand::Backup(args) => operator_cmd::backup(&args),
     }
 }
 
@@ -136,7 +149,8 @@ fn render_rollouts(out: &mut String, rollouts: &[RolloutSummary]) {
             "{:<32} {:<11} {:>5} {:>6}  {}",
             r.rollout_id.as_str(),
             r.state.as_str(),
-            format!("{}/{}", r.current_wave + 1, r.n_waves),
+            // The manifest's numbering (from 0): the wave at / the last wave.
+            format!("{}/{}", r.current_wave, r.n_waves.saturating_sub(1)),
             r.n_hosts,
             counts.join(" ")
         );
@@ -144,9 +158,32 @@ fn render_rollouts(out: &mut String, rollouts: &[RolloutSummary]) {
             let _ = writeln!(out, "  halted: {reason}");
         }
         if let Some(by) = &r.superseded_by {
-            let _ = writeln!(out, "  superseded by {by}");
+            let _ = writeln!(out, "  superseded by {by}: {}", outcome(r));
+        } else if matches!(r.state, RolloutState::Completed | RolloutState::Cancelled) {
+            let _ = writeln!(out, "  {}: {}", r.state, outcome(r));
         }
     }
+}
+
+/// What happened to the hosts of a finished rollout, in words: a rollout
+/// in which every host reverted reads "0 converged, 4 reverted", not just
+/// "completed".
+pub(super) fn outcome(r: &RolloutSummary) -> String {
+    let n = |state: &str| r.hosts_by_state.get(state).copied().unwrap_or(0);
+    let mut parts = vec![format!("{} converged", n("Converged"))];
+    for (state, word) in [("Reverted", "reverted"), ("Failed", "failed"), ("Skipped", "skipped")] {
+        if n(state) > 0 {
+            parts.push(format!("{} {word}", n(state)));
+        }
+    }
+    let in_flight = n("Activating") + n("Deferred") + n("Soaking");
+    if in_flight > 0 {
+        parts.push(format!("{in_flight} still in flight"));
+    }
+    if n("Pending") > 0 {
+        parts.push(format!("{} never dispatched", n("Pending")));
+    }
+    parts.join(", ")
 }
 
 fn render_status(s: &StatusView) -> String {
@@ -195,18 +232,18 @@ fn render_status(s: &StatusView) -> String {
     out
 }
 
-fn render_rollout(r: &RolloutDetail) -> String {
+pub(super) fn render_rollout(r: &RolloutDetail) -> String {
     let mut out = String::new();
     render_rollouts(&mut out, std::slice::from_ref(&r.summary));
     let _ = writeln!(out, "policy: on_health_failure {}, max_failed_hosts {}", r.on_health_failure, r.max_failed_hosts);
+    for a in &r.operator_actions {
+        let _ = writeln!(out, "{} {} by {}: {}", short_time(&a.at), a.action, a.operator, a.reason);
+    }
     for wave in &r.waves {
         let _ = writeln!(
             out,
             "\nwave {} {:?} (soak {}s, max_in_flight {})",
-            wave.index + 1,
-            wave.name,
-            wave.soak_secs,
-            wave.max_in_flight
+            wave.index, wave.name, wave.soak_secs, wave.max_in_flight
         );
         for h in &wave.hosts {
             let probes = if h.failing_probes.is_empty() {
@@ -277,7 +314,7 @@ fn human_age(secs: u64) -> String {
 }
 
 /// An RFC 3339 instant to whole seconds, for tables ("2026-11-25T12:00:07Z").
-fn short_time(rfc3339: &str) -> String {
+pub(super) fn short_time(rfc3339: &str) -> String {
     match rfc3339.split_once('.') {
         Some((secs, _)) => format!("{secs}Z"),
         None => rfc3339.to_owned(),

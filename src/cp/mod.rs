@@ -5,19 +5,24 @@
 //!
 //! Reading order: [`planner`] (pure: stored state → decisions), [`store`]
 //! (SQLite schema and the one writer), [`longpoll`] (the dispatch board),
-//! [`config`], [`routes`] (HTTP API), [`views`] (status JSON), [`metrics`],
+//! [`config`], [`routes`] (HTTP API), [`actions`] (operator actions and the
+//! dry run, with [`preview`]), [`views`] (status JSON), [`metrics`],
 //! [`server`] (process shell, shutdown) and [`cmd`] (operator commands,
 //! through [`crate::client`]).
 
+pub mod actions;
 pub mod cmd;
 pub mod config;
 pub mod longpoll;
 pub mod metrics;
+pub mod operator_cmd;
 pub mod planner;
+pub mod preview;
 pub mod routes;
 pub mod server;
 pub mod store;
 pub mod views;
+pub mod watch;
 
 pub use cmd::{run, CpError};
 pub use server::{bind, serve, Acceptor, PlainAcceptor, ServeConfig, ServeReport};

@@ -21,6 +21,7 @@ use rusqlite::Connection;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::actions;
 use super::config::ServeConfig;
 use super::longpoll::{Board, PollOutcome};
 use super::metrics;
@@ -90,7 +91,7 @@ impl App {
     }
 
     /// Runs a read-only query on a reader connection, off the reactor.
-    async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
+    pub(super) async fn read<T, F>(self: &Arc<Self>, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection, &std::path::Path) -> Result<T, StoreError> + Send + 'static,
@@ -140,7 +141,7 @@ fn empty(status: StatusCode) -> Resp {
     with_protocol(resp)
 }
 
-fn store_unavailable(e: &StoreError) -> Resp {
+pub(super) fn store_unavailable(e: &StoreError) -> Resp {
     tracing::error!(error = %e, "storage error");
     error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -150,7 +151,7 @@ fn store_unavailable(e: &StoreError) -> Resp {
 }
 
 /// Checks `X-Nixfleet-Protocol`: missing → 400, another version → 426.
-fn check_protocol(req: &Request<Incoming>, required: bool) -> Result<(), Resp> {
+pub(super) fn check_protocol(req: &Request<Incoming>, required: bool) -> Result<(), Resp> {
     match req.headers().get(PROTOCOL_HEADER) {
         None if required => Err(error(
             StatusCode::BAD_REQUEST,
@@ -171,11 +172,11 @@ fn check_protocol(req: &Request<Incoming>, required: bool) -> Result<(), Resp> {
 }
 
 /// Reads the whole body, refusing more than [`MAX_BODY_BYTES`] with 413.
-async fn body(req: Request<Incoming>) -> Result<Bytes, Resp> {
+pub(super) async fn body(req: Request<Incoming>) -> Result<Bytes, Resp> {
     body_limited(req, MAX_BODY_BYTES).await
 }
 
-async fn body_limited(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
+pub(super) async fn body_limited(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
     let too_large = || {
         error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request bodies are limited to {limit} bytes"))
     };
@@ -191,13 +192,13 @@ async fn body_limited(req: Request<Incoming>, limit: usize) -> Result<Bytes, Res
 }
 
 /// A rollout id from a path segment; clients may percent-encode the `@`.
-fn parse_rollout_segment(segment: &str) -> Result<RolloutId, crate::ids::IdError> {
+pub(super) fn parse_rollout_segment(segment: &str) -> Result<RolloutId, crate::ids::IdError> {
     RolloutId::parse(&percent_decode(segment))
 }
 
 /// Decodes `%XX` escapes; anything malformed is kept as is (and then fails
 /// identifier validation with a message quoting it).
-fn percent_decode(text: &str) -> String {
+pub(super) fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut idx = 0;
@@ -217,7 +218,7 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
+pub(super) fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     req.uri().query()?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
 }
 
@@ -248,16 +249,30 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>, peer: PeerIdentity) -
             Ok(id) => manifest(req, &app, id).await,
             Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
         },
+        // Operator actions and the dry run (`super::actions`).
+        (Method::POST, ["v1", "rollouts", id, action @ ("resume" | "cancel")]) => {
+            actions::on_rollout(req, &app, &peer, id, action).await
+        }
+        (Method::POST, ["v1", "channels", channel, "unquarantine"]) => {
+            actions::unquarantine(req, &app, &peer, channel).await
+        }
+        (Method::GET, ["v1", "actions"]) => actions::list(req, &app).await,
+        (Method::POST, ["v1", "plan"]) => actions::dry_run(req, &app).await,
         (
             _,
-            ["healthz"] | ["v1", "rollouts"] | ["v1", "agent", _] | ["v1", "status" | "hosts"] | ["v1", "rollouts", ..],
+            ["healthz"]
+            | ["v1", "rollouts"]
+            | ["v1", "agent", _]
+            | ["v1", "status" | "hosts" | "actions" | "plan"]
+            | ["v1", "rollouts", ..]
+            | ["v1", "channels", _, "unquarantine"],
         ) => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {path}")),
         _ => error(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {path}")),
     }
 }
 
 /// Sends a command to the writer and waits for the answer after its commit.
-async fn ask<T>(app: &App, make: impl FnOnce(oneshot::Sender<Reply<T>>) -> Command) -> Result<T, Resp> {
+pub(super) async fn ask<T>(app: &App, make: impl FnOnce(oneshot::Sender<Reply<T>>) -> Command) -> Result<T, Resp> {
     let (tx, rx) = oneshot::channel();
     let gone =
         || error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the control plane is shutting down; retry later");
@@ -278,36 +293,10 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
         Err(resp) => return resp,
     };
     let started = std::time::Instant::now();
-    let envelope = match sign::parse_envelope(&bytes) {
-        Ok(e) => e,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_envelope", e.to_string()),
+    let (payload, manifest) = match verified_manifest(app, &bytes) {
+        Ok(v) => v,
+        Err(resp) => return resp,
     };
-    let payload = match sign::verify_envelope(&envelope, &app.trust_keys) {
-        Ok(p) => p,
-        Err(e @ (VerifyError::BadSignature { .. } | VerifyError::UnknownKey { .. })) => {
-            return error(StatusCode::FORBIDDEN, "bad_signature", e.to_string())
-        }
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_envelope", e.to_string()),
-    };
-    let manifest = match Manifest::parse(&payload) {
-        Ok(m) => m,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_manifest", e.to_string()),
-    };
-    // `docs/protocol.md` §2 (clock skew): a manifest dated beyond the clock-skew bound would
-    // outrank every honest manifest on its channel; the agents refuse it too.
-    let now = app.clock.now();
-    if manifest.issued_in_the_future(now) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "issued_in_future",
-            format!(
-                "manifest issued_at {} is more than {} s ahead of the control plane time {}; check the release machine's clock",
-                store::ts(manifest.issued_at),
-                MAX_CLOCK_SKEW.whole_seconds(),
-                store::ts(now)
-            ),
-        );
-    }
     let id = manifest.rollout_id.clone();
     let n_hosts = manifest.hosts.len();
     let verified_ms = started.elapsed().as_millis();
@@ -330,6 +319,39 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
         ),
         Err(resp) => resp,
     }
+}
+
+/// A DSSE envelope verified with the CP's trust keys, and its manifest:
+/// 400 malformed or invalid, 403 no trusted signature, 400 dated beyond
+/// the clock-skew bound (publish and the dry run check the same way).
+pub(super) fn verified_manifest(app: &App, bytes: &[u8]) -> Result<(Vec<u8>, Manifest), Resp> {
+    let envelope =
+        sign::parse_envelope(bytes).map_err(|e| error(StatusCode::BAD_REQUEST, "bad_envelope", e.to_string()))?;
+    let payload = match sign::verify_envelope(&envelope, &app.trust_keys) {
+        Ok(p) => p,
+        Err(e @ (VerifyError::BadSignature { .. } | VerifyError::UnknownKey { .. })) => {
+            return Err(error(StatusCode::FORBIDDEN, "bad_signature", e.to_string()))
+        }
+        Err(e) => return Err(error(StatusCode::BAD_REQUEST, "bad_envelope", e.to_string())),
+    };
+    let manifest =
+        Manifest::parse(&payload).map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_manifest", e.to_string()))?;
+    // `docs/protocol.md` §2 (clock skew): a manifest dated beyond the clock-skew bound would
+    // outrank every honest manifest on its channel; the agents refuse it too.
+    let now = app.clock.now();
+    if manifest.issued_in_the_future(now) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "issued_in_future",
+            format!(
+                "manifest issued_at {} is more than {} s ahead of the control plane time {}; check the release machine's clock",
+                store::ts(manifest.issued_at),
+                MAX_CLOCK_SKEW.whole_seconds(),
+                store::ts(now)
+            ),
+        ));
+    }
+    Ok((payload, manifest))
 }
 
 /// Refuses an agent request for another host than the transport's identity.

@@ -99,6 +99,9 @@ pub struct RolloutDetail {
     pub max_failed_hosts: u32,
     pub on_health_failure: String,
     pub waves: Vec<WaveView>,
+    /// `cp resume` / `cp cancel` on this rollout, oldest first.
+    #[serde(default)]
+    pub operator_actions: Vec<store::ActionRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,6 +312,13 @@ pub fn rollout(
         .filter_map(|q| Closure::parse(&q.closure).ok())
         .collect();
     let dispatched: BTreeSet<Hostname> = dispatched_at.keys().cloned().collect();
+    let operator_actions = store::action_rows(conn, path, Some(id))?;
+    let accepted_failures = operator_actions
+        .iter()
+        .rev()
+        .find(|a| a.action == "resume")
+        .and_then(|a| a.detail.get("accepted_failures").and_then(|v| v.as_array()).map(Vec::len))
+        .unwrap_or(0);
     let input = PlanInput {
         manifest,
         state: summary.state,
@@ -319,6 +329,7 @@ pub fn rollout(
         quarantined: &quarantine,
         busy_elsewhere: &busy,
         skipped: &skipped,
+        accepted_failures,
     };
     let skipped = |host: &Hostname| skipped_rows.get(host);
     let waves = manifest
@@ -342,6 +353,7 @@ pub fn rollout(
         max_failed_hosts: manifest.policy.max_failed_hosts,
         on_health_failure: manifest.policy.on_health_failure.as_str().to_owned(),
         waves,
+        operator_actions,
     }))
 }
 

@@ -352,8 +352,11 @@ impl Sim {
             let m = &r.manifest;
             let n_failed =
                 r.records.values().filter(|x| matches!(x.state, HostState::Failed | HostState::Reverted)).count();
-            let max_failed = m.policy.max_failed_hosts as usize;
-            if n_failed > max_failed && !matches!(r.state, RolloutState::Halted | RolloutState::Superseded) {
+            // Failures an operator accepted with `cp resume` leave the budget.
+            let max_failed = m.policy.max_failed_hosts as usize + r.accepted_failures;
+            if n_failed > max_failed
+                && !matches!(r.state, RolloutState::Halted | RolloutState::Superseded | RolloutState::Cancelled)
+            {
                 return Err(Violation::new(
                     "halt",
                     format!(

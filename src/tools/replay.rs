@@ -5,8 +5,11 @@
 //!   Pending record its manifest implies and folds its logged events through
 //!   `step` (the Remote side, exactly as ingest did). The result is compared
 //!   with the host records the CP cached; any difference, or an event that
-//!   no longer applies, exits 1. Opens the database read-only, so it is safe
-//!   while the CP runs.
+//!   no longer applies, exits 1. Then each rollout's stored state is checked
+//!   against the replayed records and the operator actions
+//!   (`operator_actions`: a resume's accepted failures, a cancel): see
+//!   [`rollout_verdict`]. Opens the database read-only, so it is safe while
+//!   the CP runs.
 //! - `--state-dir DIR`: an agent's queue (pending, acked and rejected
 //!   events). The agent keeps no other state, so the check is that its whole
 //!   journal still replays from seq 1 under its cached, re-verified manifest
@@ -112,13 +115,16 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
     let mut out = String::new();
     let mut disagreements = Vec::new();
     let (mut n_hosts, mut n_events) = (0usize, 0usize);
-    for manifest in store::manifests(&conn, db)? {
+    let actions = store::action_rows(&conn, db, None)?;
+    for row in store::rollout_rows(&conn, db)? {
+        let manifest = &row.manifest;
         let id = &manifest.rollout_id;
         if only.is_some_and(|o| o != id) {
             continue;
         }
         let policy = manifest.machine_policy();
         let _ = writeln!(out, "rollout {id}");
+        let mut replayed = BTreeMap::new();
         for (host, entry) in &manifest.hosts {
             n_hosts += 1;
             let rows: Vec<(i64, String)> = stmt
@@ -138,6 +144,7 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
                 .collect();
             let start = HostRecord::pending(id.clone(), host.clone(), Some(entry.target_closure.clone()));
             let trace = fold(start, events, &policy);
+            replayed.insert(host.clone(), trace.record.clone());
             let stored = cached.get(&(id.clone(), host.clone()));
             let verdict = match stored {
                 Some(s) if *s == trace.record && trace.problems.is_empty() => "agrees",
@@ -161,6 +168,9 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
                 _ => {}
             }
         }
+        let skipped = store::skipped_of(&conn, db, id)?;
+        let problem = rollout_lines(&mut out, &row, &replayed, &skipped, &actions);
+        disagreements.extend(problem.map(|p| format!("{id}: {p}")));
     }
     let _ = writeln!(out, "{n_events} events of {n_hosts} hosts replayed; {} disagreements", disagreements.len());
     print_stdout(&out)?;
@@ -169,6 +179,68 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
     } else {
         Err(ReplayError::Disagrees(disagreements.join("; ")))
     }
+}
+
+/// The rollout's operator actions and its state verdict, written to `out`;
+/// the disagreement, if any.
+fn rollout_lines(
+    out: &mut String,
+    row: &store::RolloutRow,
+    replayed: &BTreeMap<Hostname, HostRecord>,
+    skipped: &BTreeMap<Hostname, store::SkippedHost>,
+    actions: &[store::ActionRecord],
+) -> Option<String> {
+    let id = row.manifest.rollout_id.as_str();
+    let mine: Vec<&store::ActionRecord> = actions.iter().filter(|a| a.rollout_id.as_deref() == Some(id)).collect();
+    for a in &mine {
+        let _ = writeln!(out, " operator action {}: {} by {} at {}: {}", a.id, a.action, a.operator, a.at, a.reason);
+    }
+    let (line, problem) = rollout_verdict(row, replayed, skipped, &mine);
+    let _ = writeln!(out, " rollout state: {line}");
+    problem
+}
+
+/// Whether the stored state of a rollout is what its replayed records and
+/// its operator actions allow (the parts of the planner's state that do
+/// not depend on timing): unaccepted failures beyond `max_failed_hosts`
+/// mean halted (or superseded/cancelled/completed), and a halt needs them;
+/// cancelled exactly when a cancel was recorded; completed only when every
+/// host settled or was skipped. Active versus converging depends on
+/// standing dispatches, which are not facts of the log: not checked.
+fn rollout_verdict(
+    row: &store::RolloutRow,
+    records: &BTreeMap<Hostname, HostRecord>,
+    skipped: &BTreeMap<Hostname, store::SkippedHost>,
+    actions: &[&store::ActionRecord],
+) -> (String, Option<String>) {
+    use crate::cp::planner::{is_settled, RolloutState as S};
+    use crate::machine::HostState;
+    let max_failed = row.manifest.policy.max_failed_hosts as usize;
+    let n_failed = records.values().filter(|r| matches!(r.state, HostState::Failed | HostState::Reverted)).count();
+    let accepted = actions
+        .iter()
+        .rev()
+        .find(|a| a.action == "resume")
+        .and_then(|a| a.detail.get("accepted_failures").and_then(|v| v.as_array()).map(Vec::len))
+        .unwrap_or(0);
+    let cancelled = actions.iter().any(|a| a.action == "cancel");
+    let over_budget = n_failed > max_failed + accepted;
+    let all_settled =
+        records.iter().all(|(h, r)| is_settled(r.state) || (r.state == HostState::Pending && skipped.contains_key(h)));
+    let state = row.state;
+    let facts = format!("{n_failed} failed, {accepted} accepted by a resume, max_failed_hosts {max_failed}");
+    let problem = match state {
+        S::Active | S::Converging if over_budget => {
+            Some(format!("stored {state}, but the failures call for a halt ({facts})"))
+        }
+        S::Halted if !over_budget => Some(format!("stored halted, but the failures are within the budget ({facts})")),
+        S::Cancelled if !cancelled => Some("stored cancelled, but no cancel is recorded".to_owned()),
+        s if s != S::Cancelled && cancelled => Some(format!("a cancel is recorded, but the stored state is {s}")),
+        S::Completed if !all_settled => Some("stored completed, but replayed hosts are not all settled".to_owned()),
+        _ => None,
+    };
+    let verdict = if problem.is_some() { "DISAGREES" } else { "agrees" };
+    (format!("{state} ({verdict}: {facts})"), problem)
 }
 
 /// `nixfleet replay --state-dir DIR --trust-key K`. A rollout whose history

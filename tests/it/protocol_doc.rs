@@ -70,6 +70,14 @@ fn every_typed_json_example_in_the_protocol_document_parses() {
                 drop(serde_json::from_slice::<HeartbeatResponse>(bytes).unwrap_or_else(|e| fail(tag, text, &e)))
             }
             "health-checks" => drop(HealthChecks::parse(text).unwrap_or_else(|e| fail(tag, text, &e))),
+            "operator-action" => drop(
+                serde_json::from_slice::<nixfleet::cp::store::ActionRecord>(bytes)
+                    .unwrap_or_else(|e| fail(tag, text, &e)),
+            ),
+            "plan-preview" => drop(
+                serde_json::from_slice::<nixfleet::cp::preview::PlanPreview>(bytes)
+                    .unwrap_or_else(|e| fail(tag, text, &e)),
+            ),
             other => panic!("docs/protocol.md has a ```json block tagged `{other}` that no parser checks"),
         }
         *seen.entry(tag.clone()).or_default() += 1;
@@ -86,6 +94,8 @@ fn every_typed_json_example_in_the_protocol_document_parses() {
         "heartbeat",
         "heartbeat-response",
         "health-checks",
+        "operator-action",
+        "plan-preview",
     ] {
         assert!(seen.contains_key(tag), "docs/protocol.md lost its `{tag}` example");
     }

@@ -33,6 +33,9 @@ pub enum RolloutState {
     Completed,
     /// A newer manifest on the same channel took over.
     Superseded,
+    /// An operator cancelled it (`cp cancel`): nothing new is dispatched;
+    /// hosts already in flight finish and their events are still applied.
+    Cancelled,
 }
 
 impl RolloutState {
@@ -43,6 +46,7 @@ impl RolloutState {
             RolloutState::Halted => "halted",
             RolloutState::Completed => "completed",
             RolloutState::Superseded => "superseded",
+            RolloutState::Cancelled => "cancelled",
         }
     }
 
@@ -53,14 +57,22 @@ impl RolloutState {
             RolloutState::Halted,
             RolloutState::Completed,
             RolloutState::Superseded,
+            RolloutState::Cancelled,
         ]
         .into_iter()
         .find(|s| s.as_str() == text)
     }
 
-    /// Halted and Superseded are sticky: no later plan leaves them.
+    /// Halted, Superseded and Cancelled are sticky: no later plan leaves
+    /// them (only an operator's `cp resume` leaves Halted).
     pub fn is_sticky(self) -> bool {
-        matches!(self, RolloutState::Halted | RolloutState::Superseded)
+        matches!(self, RolloutState::Halted | RolloutState::Superseded | RolloutState::Cancelled)
+    }
+
+    /// Nothing will be dispatched again, whatever happens: completed,
+    /// superseded or cancelled (a halted rollout may still be resumed).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, RolloutState::Completed | RolloutState::Superseded | RolloutState::Cancelled)
     }
 }
 
@@ -89,6 +101,10 @@ pub struct PlanInput<'a> {
     /// Hosts this rollout already skipped: their target was quarantined on
     /// the channel before they acked (a CP outcome, not a host record).
     pub skipped: &'a BTreeSet<Hostname>,
+    /// Failed/Reverted hosts an operator accepted with `cp resume` (the
+    /// failures at the last resume): they no longer count against
+    /// `max_failed_hosts`; failures after the resume count afresh.
+    pub accepted_failures: usize,
 }
 
 /// What should change. Applying a plan and planning again yields an empty
@@ -141,6 +157,7 @@ pub fn blocked_reason(input: &PlanInput<'_>, host: &Hostname) -> Option<String> 
     match input.state {
         RolloutState::Superseded => return Some("rollout superseded".to_owned()),
         RolloutState::Halted => return Some("rollout halted".to_owned()),
+        RolloutState::Cancelled => return Some("rollout cancelled".to_owned()),
         _ => {}
     }
     if input.quarantined.contains(&entry.target_closure) {
@@ -167,7 +184,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     };
     // A standing dispatch is withdrawn only while the host is still
     // Pending; once acked the writer has already removed it.
-    if input.state == RolloutState::Superseded {
+    if matches!(input.state, RolloutState::Superseded | RolloutState::Cancelled) {
         out.withdraw = input.dispatched.iter().cloned().collect();
         return out;
     }
@@ -199,12 +216,20 @@ fn halt_reason(input: &PlanInput<'_>) -> Option<String> {
         .filter(|(_, r)| matches!(r.state, HostState::Failed | HostState::Reverted))
         .map(|(h, _)| h)
         .collect();
-    if input.state != RolloutState::Halted && failed.len() <= policy.max_failed_hosts as usize {
+    // Failures only grow (Failed and Reverted never leave), so the hosts
+    // failed at the last `cp resume` are a prefix of today's: a count is
+    // enough to take them out of the budget.
+    let budget = (policy.max_failed_hosts as usize).saturating_add(input.accepted_failures);
+    if input.state != RolloutState::Halted && failed.len() <= budget {
         return None;
     }
     let names: Vec<&str> = failed.iter().map(|h| h.as_str()).collect();
+    let accepted = match input.accepted_failures {
+        0 => String::new(),
+        n => format!(" ({n} accepted by an operator's resume)"),
+    };
     Some(format!(
-        "{} host(s) failed ({}), more than max_failed_hosts = {}",
+        "{} host(s) failed ({}), more than max_failed_hosts = {}{accepted}",
         failed.len(),
         names.join(", "),
         policy.max_failed_hosts
@@ -316,3 +341,5 @@ fn rollout_state(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod operator_tests;

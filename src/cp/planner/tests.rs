@@ -2,12 +2,12 @@
 use super::*;
 use crate::ids::RolloutId;
 
-fn closure(n: usize) -> String {
+pub(super) fn closure(n: usize) -> String {
     format!("/nix/store/{:0>32}-nixos-system-h{n}", n)
 }
 
 /// Wave 0: h0, h1; wave 1: h2, h3, h4 (max_in_flight 2 each).
-fn manifest(max_failed: u32) -> Manifest {
+pub(super) fn manifest(max_failed: u32) -> Manifest {
     let mut hosts = serde_json::Map::new();
     for n in 0..5 {
         let wave = if n < 2 { 0 } else { 1 };
@@ -23,7 +23,7 @@ fn manifest(max_failed: u32) -> Manifest {
     Manifest::parse(json.to_string().as_bytes()).expect("valid test manifest")
 }
 
-fn records(m: &Manifest, states: &[HostState]) -> BTreeMap<Hostname, HostRecord> {
+pub(super) fn records(m: &Manifest, states: &[HostState]) -> BTreeMap<Hostname, HostRecord> {
     let id = RolloutId::parse("stable@r1").expect("id");
     m.hosts
         .iter()
@@ -36,7 +36,7 @@ fn records(m: &Manifest, states: &[HostState]) -> BTreeMap<Hostname, HostRecord>
         .collect()
 }
 
-fn hosts(names: &[&str]) -> Vec<Hostname> {
+pub(super) fn hosts(names: &[&str]) -> Vec<Hostname> {
     names.iter().map(|n| Hostname::parse(n).expect("host")).collect()
 }
 
@@ -374,6 +374,7 @@ fn planner_table() {
             quarantined: &quarantined,
             busy_elsewhere: &busy,
             skipped: &skipped,
+            accepted_failures: 0,
         };
         let got = plan(&input);
         assert_eq!(got.skip, hosts(case.want_skip), "{}", case.name);
@@ -403,6 +404,7 @@ fn planning_an_applied_plan_again_dispatches_nothing_new() {
         quarantined: &quarantined,
         busy_elsewhere: &busy,
         skipped: &skipped,
+        accepted_failures: 0,
     };
     let first = plan(&input(&none));
     let dispatched: BTreeSet<Hostname> = first.dispatch.iter().cloned().collect();

@@ -30,7 +30,8 @@
 //! metrics), [`writer`] (commands, group commit, answers after commit), [`group`]
 //! (what a group's transaction carries to the planner and the board), and
 //! what one command does inside the group's transaction: [`publish`],
-//! [`ingest`], [`heartbeat`] (with the drift verdict), [`plan`] (the pure
+//! [`ingest`], [`heartbeat`] (with the drift verdict), [`operator`]
+//! (`cp resume`/`cancel`/`unquarantine`), [`plan`] (the pure
 //! planner's decisions written down). All SQL of the control plane is in
 //! this module, so another backend would replace this module alone.
 
@@ -43,6 +44,7 @@ mod db;
 mod group;
 mod heartbeat;
 mod ingest;
+mod operator;
 mod plan;
 mod publish;
 mod reads;
@@ -53,6 +55,10 @@ mod writer;
 
 pub(crate) use db::Db;
 pub use heartbeat::Drift;
+pub use operator::{
+    accepted_of, action_rows, check_reason, ActionKind, ActionOutcome, ActionRecord, OperatorRequest, Refusal,
+    MAX_REASON_BYTES, UNAUTHENTICATED,
+};
 pub use publish::PublishOutcome;
 pub use reads::{
     cached_host_records, envelope, host_records_of, live_rollouts, load_state, logged_events_of, manifests,

@@ -37,6 +37,7 @@ pub(super) fn run_planner(db: Db<'_>, state: &mut CpState, group: &mut Group) ->
             quarantined,
             busy_elsewhere: &busy,
             skipped: &rollout.skipped,
+            accepted_failures: rollout.accepted_failures,
         });
         // Skips and withdrawals before the rollout's new state, all in this
         // transaction: a quarantine never leaves a dispatch standing.

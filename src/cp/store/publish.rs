@@ -73,6 +73,7 @@ pub(super) fn publish(
             records,
             dispatched: BTreeMap::new(),
             skipped: BTreeSet::new(),
+            accepted_failures: 0,
         },
     );
     group.dirty.insert(id);
@@ -100,11 +101,9 @@ fn supersede_older(db: Db<'_>, state: &mut CpState, group: &mut Group, id: &Roll
     let older: Vec<RolloutId> = state
         .rollouts
         .iter()
-        // A completed rollout has nothing left to stop; it keeps saying
-        // "completed", which tells the operator more than "superseded".
-        .filter(|(other, r)| {
-            other.channel() == channel && !matches!(r.state, RolloutState::Superseded | RolloutState::Completed)
-        })
+        // A completed or cancelled rollout has nothing left to stop; it
+        // keeps its word, which tells the operator more than "superseded".
+        .filter(|(other, r)| other.channel() == channel && !r.state.is_terminal())
         .map(|(other, _)| other.clone())
         .collect();
     for old in older {

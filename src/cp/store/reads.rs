@@ -27,6 +27,7 @@ pub fn load_state(conn: &Connection, path: &Path) -> Result<CpState, StoreError>
     load_skipped(db, &mut state)?;
     load_dispatches(db, &mut state)?;
     load_quarantine(db, &mut state)?;
+    super::operator::load_accepted_failures(db, &mut state)?;
     Ok(state)
 }
 
@@ -64,6 +65,7 @@ fn load_rollouts(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
                 records,
                 dispatched: BTreeMap::new(),
                 skipped: BTreeSet::new(),
+                accepted_failures: 0,
             },
         );
     }

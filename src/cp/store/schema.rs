@@ -10,7 +10,7 @@ use super::db::sql_error;
 use super::StoreError;
 
 /// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATION_1: &str = r#"
 CREATE TABLE rollouts (
@@ -106,6 +106,50 @@ ALTER TABLE hosts ADD COLUMN drift TEXT NOT NULL DEFAULT 'unknown'
     CHECK (drift IN ('in_sync', 'drifting', 'unknown'));
 "#;
 
+/// Schema 3: operator actions.
+/// - `rollouts.state` admits `cancelled` (`cp cancel`). SQLite cannot
+///   change a CHECK in place, so the table is rebuilt (create, copy, drop,
+///   rename) with foreign keys off for the migration only; the other
+///   tables keep naming `rollouts`.
+/// - `operator_actions`: who did what, when and why (`cp resume`,
+///   `cp cancel`, `cp unquarantine`). Rollout-level facts of the CP, kept
+///   apart from the event log, which stays the agents' facts alone.
+const MIGRATION_3: &str = r#"
+CREATE TABLE rollouts_v3 (
+    rollout_id     TEXT PRIMARY KEY,
+    channel        TEXT NOT NULL,
+    envelope       BLOB NOT NULL,
+    payload        BLOB NOT NULL,
+    payload_sha256 TEXT NOT NULL,
+    issued_at      TEXT NOT NULL,
+    published_at   TEXT NOT NULL,
+    state          TEXT NOT NULL
+                   CHECK (state IN ('active','converging','halted','completed','superseded','cancelled')),
+    current_wave   INTEGER NOT NULL,
+    halt_reason    TEXT,
+    superseded_by  TEXT,
+    updated_at     TEXT NOT NULL
+);
+INSERT INTO rollouts_v3 SELECT rollout_id, channel, envelope, payload, payload_sha256, issued_at, published_at,
+    state, current_wave, halt_reason, superseded_by, updated_at FROM rollouts;
+DROP TABLE rollouts;
+ALTER TABLE rollouts_v3 RENAME TO rollouts;
+CREATE INDEX rollouts_by_channel ON rollouts (channel);
+
+CREATE TABLE operator_actions (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    action     TEXT NOT NULL CHECK (action IN ('resume', 'cancel', 'unquarantine')),
+    rollout_id TEXT REFERENCES rollouts (rollout_id),  -- resume, cancel
+    channel    TEXT NOT NULL,
+    closure    TEXT,                                   -- unquarantine
+    operator   TEXT NOT NULL,                          -- the client certificate's name, or 'unauthenticated (plaintext)'
+    reason     TEXT NOT NULL,
+    at         TEXT NOT NULL,                          -- CP time: the operator's act happens at the CP
+    detail     TEXT NOT NULL                           -- JSON: what the action found and changed
+);
+CREATE INDEX operator_actions_by_rollout ON operator_actions (rollout_id, id);
+"#;
+
 /// Opens (creating if needed) the database with the durability settings the
 /// acknowledgement contract needs, and migrates it.
 pub fn open(path: &Path) -> Result<Connection, StoreError> {
@@ -128,6 +172,24 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     if version < 2 {
         conn.execute_batch(&format!("BEGIN; {MIGRATION_2} PRAGMA user_version = 2; COMMIT;"))
             .map_err(sql_error(path, "migrate to schema 2"))?;
+    }
+    if version < 3 {
+        // Dropping the old `rollouts` with foreign keys on would check the
+        // children; the pragma is a no-op inside a transaction, so it is
+        // switched around it, and the keys are checked before the commit.
+        conn.execute_batch(&format!(
+            "PRAGMA foreign_keys = OFF; BEGIN; {MIGRATION_3} PRAGMA user_version = 3; COMMIT; PRAGMA foreign_keys = ON;"
+        ))
+        .map_err(sql_error(path, "migrate to schema 3"))?;
+        let broken: i64 = conn
+            .query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |r| r.get(0))
+            .map_err(sql_error(path, "check foreign keys after migration 3"))?;
+        if broken != 0 {
+            return Err(StoreError::Corrupt {
+                path: path.to_owned(),
+                what: format!("{broken} rows name a rollout that does not exist after migration 3"),
+            });
+        }
     }
     Ok(conn)
 }
@@ -203,7 +265,56 @@ mod tests {
             })
             .expect("row kept");
         let n_skipped: i64 = conn.query_row("SELECT COUNT(*) FROM skipped_hosts", [], |r| r.get(0)).expect("table");
-        assert_eq!((version, row, n_skipped), (2, ("/nix/store/x".into(), "unknown".into(), None), 0));
+        assert_eq!((version, row, n_skipped), (SCHEMA_VERSION, ("/nix/store/x".into(), "unknown".into(), None), 0));
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+    }
+
+    /// A schema-2 database (before operator actions) is migrated in place:
+    /// the rollouts table is rebuilt keeping every row and the rows of the
+    /// tables naming it; afterwards `cancelled` is a valid state and a
+    /// rollout id that does not exist is still refused by the foreign key.
+    #[test]
+    fn a_schema_2_database_is_migrated_keeping_its_rollouts() {
+        let path = temp_db("migrate3");
+        let conn = Connection::open(&path).expect("open");
+        conn.execute_batch(&format!(
+            "PRAGMA foreign_keys = ON; BEGIN; {MIGRATION_1} {MIGRATION_2} PRAGMA user_version = 2; COMMIT;"
+        ))
+        .expect("schema 2");
+        conn.execute(
+            "INSERT INTO rollouts (rollout_id, channel, envelope, payload, payload_sha256, issued_at, published_at,
+                                   state, current_wave, halt_reason, updated_at)
+             VALUES ('s@r', 's', x'01', x'02', 'sha', 't', 't', 'halted', 1, 'why', 't')",
+            [],
+        )
+        .expect("rollout");
+        conn.execute(
+            "INSERT INTO event_log (hostname, rollout_id, seq, kind, event, agent_at, received_at)
+             VALUES ('h', 's@r', 1, 'k', '{}', 't', 't')",
+            [],
+        )
+        .expect("event");
+        drop(conn);
+        let conn = open(&path).expect("migrate");
+        let row: (String, i64, Option<String>, Vec<u8>) = conn
+            .query_row("SELECT state, current_wave, halt_reason, payload FROM rollouts", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .expect("rollout kept");
+        assert_eq!(row, ("halted".into(), 1, Some("why".into()), vec![2]));
+        let n_events: i64 = conn.query_row("SELECT COUNT(*) FROM event_log", [], |r| r.get(0)).expect("events");
+        assert_eq!(n_events, 1);
+        conn.execute("UPDATE rollouts SET state = 'cancelled'", []).expect("cancelled is a state now");
+        assert!(conn.execute("UPDATE rollouts SET state = 'paused'", []).is_err(), "the CHECK still holds");
+        let orphan = conn.execute(
+            "INSERT INTO event_log (hostname, rollout_id, seq, kind, event, agent_at, received_at)
+             VALUES ('h', 'x@y', 1, 'k', '{}', 't', 't')",
+            [],
+        );
+        assert!(orphan.is_err(), "the event log's foreign key still names the rebuilt table");
+        let n_actions: i64 =
+            conn.query_row("SELECT COUNT(*) FROM operator_actions", [], |r| r.get(0)).expect("new table");
+        assert_eq!(n_actions, 0);
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 

@@ -22,6 +22,9 @@ pub struct LiveRollout {
     pub dispatched: BTreeMap<Hostname, Dispatch>,
     /// Hosts the planner skipped (`skipped_hosts`).
     pub skipped: BTreeSet<Hostname>,
+    /// Failed/Reverted hosts the last `cp resume` accepted
+    /// (`operator_actions`); the planner leaves them out of the budget.
+    pub accepted_failures: usize,
 }
 
 /// Everything the writer needs in memory; a projection of the database.

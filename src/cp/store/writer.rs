@@ -14,9 +14,10 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::group::{BoardChange, Group};
+use super::operator::{ActionOutcome, OperatorRequest};
 use super::publish::PublishOutcome;
 use super::state::CpState;
-use super::{heartbeat, ingest, load_state, open, plan, publish, Db, StoreError};
+use super::{heartbeat, ingest, load_state, open, operator, plan, publish, Db, StoreError};
 use crate::clock::ClockHandle;
 use crate::cp::longpoll::Board;
 use crate::ids::{Hostname, RolloutId};
@@ -79,6 +80,11 @@ pub enum Command {
         heartbeat: Heartbeat,
         reply: oneshot::Sender<Reply<BTreeMap<RolloutId, u64>>>,
     },
+    /// `cp resume` / `cp cancel` / `cp unquarantine` (`super::operator`).
+    Operator {
+        request: OperatorRequest,
+        reply: oneshot::Sender<Reply<ActionOutcome>>,
+    },
     /// Re-plan every rollout (safety net; the planner also runs on change).
     Tick,
 }
@@ -100,6 +106,7 @@ enum Pending {
     Publish(oneshot::Sender<Reply<PublishOutcome>>, PublishOutcome),
     Ingest(oneshot::Sender<Reply<Vec<EventResult>>>, Vec<EventResult>),
     Heartbeat(oneshot::Sender<Reply<BTreeMap<RolloutId, u64>>>, BTreeMap<RolloutId, u64>),
+    Operator(oneshot::Sender<Reply<ActionOutcome>>, ActionOutcome),
 }
 
 impl Pending {
@@ -109,6 +116,7 @@ impl Pending {
             Pending::Publish(tx, v) => drop(tx.send(Ok(v))),
             Pending::Ingest(tx, v) => drop(tx.send(Ok(v))),
             Pending::Heartbeat(tx, v) => drop(tx.send(Ok(v))),
+            Pending::Operator(tx, v) => drop(tx.send(Ok(v))),
         }
     }
 
@@ -117,6 +125,7 @@ impl Pending {
             Pending::Publish(tx, _) => drop(tx.send(Err(err.clone()))),
             Pending::Ingest(tx, _) => drop(tx.send(Err(err.clone()))),
             Pending::Heartbeat(tx, _) => drop(tx.send(Err(err.clone()))),
+            Pending::Operator(tx, _) => drop(tx.send(Err(err.clone()))),
         }
     }
 }
@@ -257,6 +266,10 @@ impl Writer {
                 Command::Heartbeat { heartbeat, reply } => {
                     let replay = heartbeat::heartbeat(db, state, &heartbeat, group.now)?;
                     replies.push(Pending::Heartbeat(reply, replay));
+                }
+                Command::Operator { request, reply } => {
+                    let outcome = operator::apply(db, state, &mut group, &request)?;
+                    replies.push(Pending::Operator(reply, outcome));
                 }
                 Command::Tick => group.dirty.extend(state.rollouts.keys().cloned()),
             }

@@ -10,6 +10,7 @@ mod cp_rules;
 mod delivery;
 mod demo;
 mod harness;
+mod nixos;
 pub mod nixenv;
 mod pki;
 mod probes;

@@ -109,6 +109,22 @@ fn the_module_parses() {
 }
 
 #[test]
+fn the_readmes_flake_snippet_parses() {
+    if !have_nix() {
+        return;
+    }
+    let readme = std::fs::read_to_string(repo("README.md")).expect("README.md");
+    let section = readme.split("\n## NixOS\n").nth(1).expect("a NixOS section");
+    let snippet = section.split("```nix\n").nth(1).and_then(|s| s.split("```").next()).expect("a nix block");
+    assert!(snippet.contains("contrib/nixos/module.nix"), "the snippet imports the module");
+    let dir = TempDir::new("readme-nix");
+    let file = dir.path().join("flake.nix");
+    std::fs::write(&file, snippet).expect("write snippet");
+    let out = Command::new("nix-instantiate").arg("--parse").arg(&file).output().expect("run nix-instantiate");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
 fn the_agents_health_checks_are_rendered_into_the_closure_as_the_agent_parses_them() {
     if !have_nix() {
         return;

@@ -140,7 +140,10 @@ fn assert_paced(pings: &[Instant], n: usize) {
     for pair in pings.windows(2) {
         let gap = pair[1] - pair[0];
         assert!(gap < WATCHDOG, "a gap of {gap:?} between pings; systemd kills at {WATCHDOG:?}");
-        assert!(gap >= WATCHDOG / 2 - Duration::from_millis(20), "pinged after {gap:?}: throttled to half the timeout");
+        assert!(
+            gap >= WATCHDOG / 2 - Duration::from_millis(200),
+            "pinged after {gap:?}: throttled to half the timeout"
+        );
     }
 }
 
@@ -230,7 +233,8 @@ fn a_wedged_cp_writer_stops_the_watchdog_pings_while_the_server_still_answers() 
     assert!(!published.success(), "the publish could not commit while the lock was held");
     assert!(served_while_wedged, "the wedge lasted {:?}", answered - sent);
     let window = (sent + Duration::from_millis(1000), answered - Duration::from_millis(500));
-    assert!(window.1 - window.0 >= Duration::from_secs(3), "the writer was wedged for {:?}", answered - sent);
+    // Longer than the watchdog timeout without a ping: systemd would restart it.
+    assert!(window.1 - window.0 >= WATCHDOG, "the writer was wedged for only {:?}", answered - sent);
     let during: Vec<_> = notify.pings().into_iter().filter(|at| *at > window.0 && *at < window.1).collect();
     assert!(during.is_empty(), "{} pings while the writer was wedged", during.len());
 

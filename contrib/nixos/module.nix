@@ -139,6 +139,8 @@ let
     Type = "notify";
     NotifyAccess = "main";
     WatchdogSec = "60s";
+    # SIGHUP re-reads the TLS files (`systemctl reload` after a rotation).
+    ExecReload = "${pkgs.coreutils}/bin/kill -HUP $MAINPID";
   };
 in
 {

@@ -172,6 +172,10 @@ fn the_agent_service_runs_a_command_line_the_cli_accepts_under_systemd_notify() 
         (cfg["Type"].as_str(), cfg["NotifyAccess"].as_str(), cfg["WatchdogSec"].as_str()),
         (Some("notify"), Some("main"), Some("60s"))
     );
+    assert_eq!(
+        cfg["ExecReload"].as_str(),
+        Some("/nix/store/00000000000000000000000000000000-coreutils/bin/kill -HUP $MAINPID")
+    );
     let argv = shell_words(cfg["ExecStart"].as_str().expect("ExecStart"));
     assert_eq!(argv[0], "/nix/store/00000000000000000000000000000000-nixfleet/bin/nixfleet");
     let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("the agent refuses {argv:?}: {e}"));
@@ -331,4 +335,58 @@ fn mistakes_fail_the_evaluation_naming_the_option() {
         let error = eval(&settings, "config.systemd.services").expect_err(want);
         assert!(error.contains(want), "wanted {want:?} in:\n{error}");
     }
+}
+
+/// A unit file from an evaluated `systemd.services.NAME`, as NixOS writes it
+/// (booleans as true/false, one line per list element), with the stand-in
+/// store paths pointed at real programs so `systemd-analyze verify` can
+/// check that they are executable.
+fn unit_file(service: &serde_json::Value) -> String {
+    let fake = |name: &str| format!("/nix/store/00000000000000000000000000000000-{name}");
+    let real = |text: &str| {
+        text.replace(&format!("{}/bin/nixfleet", fake("nixfleet")), crate::harness::bin())
+            .replace(&format!("{}/bin/kill", fake("coreutils")), "/bin/kill")
+    };
+    let scalar = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => real(s),
+        other => other.to_string(),
+    };
+    let mut unit = format!("[Unit]\nDescription={}\n", scalar(&service["description"]));
+    for key in ["wants", "after"] {
+        for v in service[key].as_array().into_iter().flatten() {
+            unit += &format!("{}={}\n", if key == "wants" { "Wants" } else { "After" }, scalar(v));
+        }
+    }
+    unit += "\n[Service]\n";
+    for (key, value) in service["serviceConfig"].as_object().expect("serviceConfig") {
+        match value {
+            serde_json::Value::Array(items) => items.iter().for_each(|v| unit += &format!("{key}={}\n", scalar(v))),
+            v => unit += &format!("{key}={}\n", scalar(v)),
+        }
+    }
+    unit + "\n[Install]\nWantedBy=multi-user.target\n"
+}
+
+#[test]
+fn the_modules_units_pass_systemd_analyze_verify() {
+    if !have_nix() {
+        return;
+    }
+    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+        println!("skipped: systemd-analyze is not installed (Debian package `systemd`; .ci/run installs it)");
+        return;
+    }
+    let dir = TempDir::new("nixos-units");
+    let mut paths = Vec::new();
+    for (settings, name) in [(AGENT, "nixfleet-agent"), (&*CP.replace("port = 9443;", "port = 443;"), "nixfleet-cp")] {
+        let service = eval(settings, &format!("config.systemd.services.{name}")).expect("evaluates");
+        let path = dir.path().join(format!("{name}.service"));
+        std::fs::write(&path, unit_file(&service)).expect("write unit");
+        paths.push(path);
+    }
+    let out = Command::new("systemd-analyze").arg("verify").args(&paths).output().expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let about_units: Vec<&str> = stderr.lines().filter(|l| l.contains("nixfleet")).collect();
+    let units: Vec<String> = paths.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect();
+    assert!(out.status.success() && about_units.is_empty(), "systemd-analyze verify:\n{stderr}\n{}", units.join("\n"));
 }

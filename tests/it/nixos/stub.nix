@@ -134,7 +134,7 @@ let
       else mergeDecls a.${n} v) b;
 
   fakePackage = name: { type = "derivation"; inherit name; outPath = "/nix/store/00000000000000000000000000000000-${name}"; };
-  pkgs = { util-linux = fakePackage "util-linux"; };
+  pkgs = { util-linux = fakePackage "util-linux"; coreutils = fakePackage "coreutils"; };
 
   # The NixOS options the module sets, loosely typed where NixOS's own
   # types are large (systemd units).

@@ -72,13 +72,12 @@ impl Notifier {
         })
     }
 
-    /// Notifies `socket` (a path, or `@name` in the abstract namespace);
-    /// `watchdog_timeout` is the service's `WatchdogSec=`, if any.
-    pub fn new(socket: &OsStr, watchdog_timeout: Option<Duration>) -> io::Result<Notifier> {
-        let bytes = socket.as_bytes();
-        let addr = match bytes.split_first() {
+    /// Notifies `notify_socket` (a path, or `@name` in the abstract
+    /// namespace); `watchdog_timeout` is the service's `WatchdogSec=`, if any.
+    pub fn new(notify_socket: &OsStr, watchdog_timeout: Option<Duration>) -> io::Result<Notifier> {
+        let addr = match notify_socket.as_bytes().split_first() {
             Some((b'@', name)) => SocketAddr::from_abstract_name(name)?,
-            Some((b'/', _)) => SocketAddr::from_pathname(socket)?,
+            Some((b'/', _)) => SocketAddr::from_pathname(notify_socket)?,
             _ => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -86,12 +85,12 @@ impl Notifier {
                 ))
             }
         };
-        let socket_fd = UnixDatagram::unbound()?;
+        let socket = UnixDatagram::unbound()?;
         // A full receive queue drops a message instead of stalling the
         // reducer's runtime thread; the next ping is another chance.
-        socket_fd.set_nonblocking(true)?;
-        let name = socket.to_string_lossy().into_owned();
-        Ok(Notifier { target: Some(Arc::new(Target { socket: socket_fd, addr, name })), watchdog_timeout })
+        socket.set_nonblocking(true)?;
+        let name = notify_socket.to_string_lossy().into_owned();
+        Ok(Notifier { target: Some(Arc::new(Target { socket, addr, name })), watchdog_timeout })
     }
 
     /// `READY=1`: the role serves. `status` is shown by `systemctl status`.

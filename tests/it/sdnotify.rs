@@ -23,7 +23,7 @@ use nixfleet::sdnotify::Notifier;
 use nixfleet::wire::OutboundEvent;
 use tokio::sync::Semaphore;
 
-use crate::harness::{bin, manifest, wait_for, Cp, Release, TempDir};
+use crate::harness::{bin, child_param, child_test, manifest, wait_for, Cp, Release, TempDir};
 
 /// The watchdog timeout the roles are started with: pings are due every
 /// second, and the loops are woken every half second.
@@ -296,6 +296,44 @@ fn the_agent_says_ready_after_restoring_pings_from_its_reducer_and_says_stopping
     assert_eq!(status.code(), Some(1), "{}", std::fs::read_to_string(&log).unwrap_or_default());
     notify.finish();
     assert!(notify.times_of("READY=1").is_empty(), "{:?}", notify.seen());
+}
+
+/// Run by [`the_command_entry_points_take_the_variables_out_of_the_environment`]
+/// in a process of its own (changing the environment is only safe there):
+/// the parameter is the `WATCHDOG_USEC` it expects to be honoured, or `none`.
+#[test]
+#[ignore = "a child process of the_command_entry_points_take_the_variables_out_of_the_environment"]
+fn take_from_env_child() {
+    let Some(expected) = child_param() else { return };
+    let notifier = Notifier::take_from_env();
+    for name in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+        assert!(std::env::var_os(name).is_none(), "{name} is still set for children");
+    }
+    let wake = notifier.watchdog().wake_interval();
+    match expected.as_str() {
+        "none" => assert_eq!(wake, None),
+        usec => assert_eq!(wake, Some(Duration::from_micros(usec.parse().expect("usec")) / 4)),
+    }
+    notifier.ready("child");
+}
+
+#[test]
+fn the_command_entry_points_take_the_variables_out_of_the_environment() {
+    // Proves probes and switches started by the agent cannot notify in its
+    // name, and that WATCHDOG_PID naming another process turns the
+    // watchdog off while READY=1 still goes out.
+    let dir = TempDir::new("sd-env");
+    for (label, pid, expected) in [("ours", None, "2000000"), ("theirs", Some("1"), "none")] {
+        let notify = NotifySocket::at_path(&dir.path().join(format!("{label}.sock")));
+        let mut child = child_test("sdnotify::take_from_env_child", expected);
+        child.env("NOTIFY_SOCKET", &notify.env).env("WATCHDOG_USEC", "2000000").stdout(Stdio::null());
+        if let Some(pid) = pid {
+            child.env("WATCHDOG_PID", pid);
+        }
+        let status = child.status().expect("run the child test");
+        assert!(status.success(), "{label}: the child's checks failed");
+        wait_for("READY=1 from the child", || notify.times_of("READY=1").first().copied());
+    }
 }
 
 /// A journal whose appends wait until the test opens the gate: a reducer

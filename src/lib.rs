@@ -2,9 +2,9 @@
 //! probes and autonomous rollback. The modules are listed in reading order:
 //! identifiers and time, the pure state machine, the formats that cross a
 //! boundary (wire, signatures), what both roles share (TLS, the HTTP client,
-//! the shutdown signal, stdout output), the agent's durable queue, the two roles
-//! (control plane, agent; neither names the other), then the operator tools
-//! and the command line.
+//! the shutdown signal, service-manager notifications, stdout output), the
+//! agent's durable queue, the two roles (control plane, agent; neither names
+//! the other), then the operator tools and the command line.
 
 pub mod ids;
 pub mod clock;
@@ -14,6 +14,7 @@ pub mod sign;
 pub mod tls;
 pub mod client;
 pub mod signal;
+pub mod sdnotify;
 pub mod output;
 pub mod queue;
 pub mod cp;

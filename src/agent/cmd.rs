@@ -6,11 +6,12 @@
 use std::path::PathBuf;
 
 use super::activation::SwitchRunner;
-use super::runtime::{serve, AgentConfig, AgentError};
+use super::runtime::{serve_notifying, AgentConfig, AgentError};
 use crate::cli::{AgentArgs, SwitchRunnerArg};
 use crate::client::{ClientError, CpUrl};
 use crate::clock::ClockHandle;
 use crate::ids::{Hostname, IdError};
+use crate::sdnotify::Notifier;
 use crate::sign::{PublicKey, SignError};
 
 /// The agent is mostly idle and waits on I/O; two worker threads are
@@ -76,6 +77,9 @@ pub fn config(args: &AgentArgs) -> Result<AgentConfig, AgentCmdError> {
 /// `nixfleet agent`.
 pub fn run(args: AgentArgs) -> Result<(), AgentCmdError> {
     let cfg = config(&args)?;
+    // Read (and unset, so switches and probes do not inherit it) before the
+    // runtime's threads exist.
+    let notifier = Notifier::take_from_env();
     std::fs::create_dir_all(&cfg.state_dir)
         .map_err(|source| AgentError::StateDir { path: cfg.state_dir.clone(), source })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -83,6 +87,6 @@ pub fn run(args: AgentArgs) -> Result<(), AgentCmdError> {
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?;
-    runtime.block_on(serve(cfg, ClockHandle::system(), crate::signal::shutdown_signal()))?;
+    runtime.block_on(serve_notifying(cfg, ClockHandle::system(), &notifier, crate::signal::shutdown_signal()))?;
     Ok(())
 }

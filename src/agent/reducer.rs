@@ -26,6 +26,7 @@ use super::channels::{Accepted, ChannelHistory};
 use super::rollouts::{forward_body, rollback_body, Prepared, Rollouts, RolloutsError};
 use crate::ids::{Closure, RolloutId};
 use crate::machine::{Effect, EventBody, HostState, Policy, ProbeDecl, ProbeMode, ProbeStatus, RejectCode, Timestamp};
+use crate::sdnotify::Watchdog;
 use crate::wire::{OutboundEvent, MAX_CLOCK_SKEW};
 
 /// Reducer input queue. Inputs are small and produced by a handful of
@@ -280,9 +281,16 @@ impl<J: Journal> Reducer<J> {
     }
 
     /// Runs until every input sender is dropped.
-    pub async fn run(mut self, mut inputs: mpsc::Receiver<Input>) {
+    pub async fn run(self, inputs: mpsc::Receiver<Input>) {
+        self.run_pinging(inputs, Watchdog::disabled()).await;
+    }
+
+    /// [`Reducer::run`], pinging `watchdog` after every input (throttled):
+    /// a wedged reducer stops the pings. The tick worker is the idle wake-up.
+    pub async fn run_pinging(mut self, mut inputs: mpsc::Receiver<Input>, mut watchdog: Watchdog) {
         while let Some(input) = inputs.recv().await {
             self.handle(input).await;
+            watchdog.ping();
         }
         tracing::info!("reducer stopped: all inputs closed");
     }

@@ -24,6 +24,7 @@ use crate::client::CpUrl;
 use crate::clock::ClockHandle;
 use crate::ids::Hostname;
 use crate::queue::{Queue, QueueConfig};
+use crate::sdnotify::Notifier;
 use crate::sign::PublicKey;
 
 /// After SIGTERM, workers get this long to stop (an activation in progress
@@ -81,9 +82,22 @@ pub async fn serve(
     clock: ClockHandle,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    serve_notifying(cfg, clock, &Notifier::disabled(), shutdown).await
+}
+
+/// [`serve`], telling the service manager `READY=1` once every rollout is
+/// restored and the workers run, `STOPPING=1` when the shutdown begins, and
+/// `WATCHDOG=1` from the reducer's loop, which the tick worker wakes at least
+/// every [`Watchdog::wake_interval`](crate::sdnotify::Watchdog::wake_interval).
+pub async fn serve_notifying(
+    cfg: AgentConfig,
+    clock: ClockHandle,
+    notifier: &Notifier,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
     let queue = Queue::open(&cfg.state_dir, cfg.hostname.clone(), QueueConfig::default(), clock.clone())
         .map_err(|source| AgentError::Queue { path: cfg.state_dir.clone(), source })?;
-    serve_with_queue(cfg, clock, queue, shutdown).await
+    run_agent(cfg, clock, queue, notifier, shutdown).await
 }
 
 /// [`serve`] on a queue the caller opened (tests open it on a storage that
@@ -92,6 +106,16 @@ pub async fn serve_with_queue(
     cfg: AgentConfig,
     clock: ClockHandle,
     queue: Queue,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    run_agent(cfg, clock, queue, &Notifier::disabled(), shutdown).await
+}
+
+async fn run_agent(
+    cfg: AgentConfig,
+    clock: ClockHandle,
+    queue: Queue,
+    notifier: &Notifier,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let started = Instant::now();
@@ -106,7 +130,9 @@ pub async fn serve_with_queue(
     let (mut reducer, snapshot) = Reducer::new(rollouts, queue.clone(), cmds);
     reducer.resume();
     let (input_tx, input_rx) = mpsc::channel(INPUT_CAPACITY);
-    let mut reducer_task = tokio::spawn(reducer.run(input_rx));
+    let watchdog = notifier.watchdog();
+    let tick_every = watchdog.wake_interval().map_or(cfg.tick, |wake| wake.min(cfg.tick));
+    let mut reducer_task = tokio::spawn(reducer.run_pinging(input_rx, watchdog));
 
     let api = CpApi::new(cfg.cp.clone(), cfg.hostname.clone());
     let (trigger, stop) = shutdown_channel();
@@ -124,7 +150,7 @@ pub async fn serve_with_queue(
         });
     }
     {
-        let (tick, inputs, clock, stop) = (cfg.tick, input_tx.clone(), clock.clone(), stop.clone());
+        let (tick, inputs, clock, stop) = (tick_every, input_tx.clone(), clock.clone(), stop.clone());
         workers.spawn(async move { ("tick", run_tick_worker(tick, inputs, clock, stop).await) });
     }
     {
@@ -153,6 +179,7 @@ pub async fn serve_with_queue(
     }
     drop(input_tx);
     tracing::info!(hostname = %cfg.hostname, cp = cfg.cp.authority(), "agent running");
+    notifier.ready(&format!("running as {} against {}", cfg.hostname, cfg.cp.authority()));
 
     // A worker ends on its own only when something it needs is gone (the
     // reducer) or it panicked: the agent then stops with an error, so the
@@ -181,6 +208,7 @@ pub async fn serve_with_queue(
             Some(AgentError::QueueStopped { path: queue.dir().to_owned(), reason })
         }
     };
+    notifier.stopping("stopping the workers");
     trigger.trigger();
     let graceful = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while let Some(done) = workers.join_next().await {

@@ -19,6 +19,7 @@ use crate::cli::{CpCommand, CpPublishArgs, CpServeArgs, CpStatusArgs};
 use crate::client::{self, ClientError, CpUrl};
 use crate::clock::ClockHandle;
 use crate::output::print_stdout;
+use crate::sdnotify::Notifier;
 use crate::sign::{PublicKey, SignError};
 use crate::signal::shutdown_signal;
 
@@ -56,9 +57,11 @@ pub enum CpError {
 
 /// Runs one `cp` subcommand.
 pub fn run(cmd: CpCommand) -> Result<(), CpError> {
+    // Read (and unset) before the runtime's threads exist.
+    let notifier = Notifier::take_from_env();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(CpError::Runtime)?;
     match cmd {
-        CpCommand::Serve(args) => runtime.block_on(serve_cmd(args)),
+        CpCommand::Serve(args) => runtime.block_on(serve_cmd(args, notifier)),
         CpCommand::Publish(args) => runtime.block_on(publish_cmd(args)),
         CpCommand::Status(args) if args.watch => runtime.block_on(super::watch::watch_cmd(args)),
         CpCommand::Status(args) => runtime.block_on(status_cmd(args)),
@@ -70,7 +73,7 @@ pub fn run(cmd: CpCommand) -> Result<(), CpError> {
     }
 }
 
-async fn serve_cmd(args: CpServeArgs) -> Result<(), CpError> {
+async fn serve_cmd(args: CpServeArgs, notifier: Notifier) -> Result<(), CpError> {
     if !args.listen.ip().is_loopback() && !args.insecure {
         return Err(CpError::PlaintextNonLoopback(args.listen));
     }
@@ -91,7 +94,7 @@ async fn serve_cmd(args: CpServeArgs) -> Result<(), CpError> {
         heartbeat_interval_secs: args.heartbeat_interval_secs,
         grace: SHUTDOWN_GRACE,
     };
-    server::serve(listener, PlainAcceptor, cfg, ClockHandle::system(), shutdown_signal()).await?;
+    server::serve_notifying(listener, PlainAcceptor, cfg, ClockHandle::system(), &notifier, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -31,12 +31,15 @@ use super::longpoll::Board;
 use super::routes::{self, App, PeerIdentity};
 use super::store::{self, Command, Counters, StoreError, Writer, WriterStats};
 use crate::clock::ClockHandle;
+use crate::sdnotify::Notifier;
 
 /// Listen backlog: tokio's default `bind` gives 128, and 5,000 agents
 /// reconnecting at once after a CP restart then stall in SYN retries for
 /// ~30 s (perf-reliability.md B). The kernel caps it at somaxconn.
 pub const LISTEN_BACKLOG: u32 = 4096;
-/// Safety-net re-plan interval; the planner also runs on every change.
+/// Safety-net re-plan interval; the planner also runs on every change. A
+/// service watchdog shorter than four ticks shortens it (the tick is what
+/// turns an idle writer's loop, which pings the watchdog).
 pub const PLAN_TICK_SECS: u64 = 15;
 /// A client must send its request head within this; bounds slowloris.
 pub const HEADER_READ_TIMEOUT_SECS: u64 = 30;
@@ -116,6 +119,21 @@ pub async fn serve<A: Acceptor>(
     clock: ClockHandle,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ServeReport, ServeError> {
+    serve_notifying(listener, acceptor, cfg, clock, &Notifier::disabled(), shutdown).await
+}
+
+/// [`serve`], telling the service manager `READY=1` once the writer runs and
+/// connections are accepted, `STOPPING=1` when the shutdown begins, and
+/// `WATCHDOG=1` from the writer's loop, which the planner tick wakes at least
+/// every [`Watchdog::wake_interval`](crate::sdnotify::Watchdog::wake_interval).
+pub async fn serve_notifying<A: Acceptor>(
+    listener: TcpListener,
+    acceptor: A,
+    cfg: ServeConfig,
+    clock: ClockHandle,
+    notifier: &Notifier,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ServeReport, ServeError> {
     let board = Arc::new(Board::default());
     let counters = Arc::new(Counters::default());
     let writer = {
@@ -126,15 +144,18 @@ pub async fn serve<A: Acceptor>(
             .map_err(|_| ServeError::WriterPanicked)??
     };
     let (cmd_tx, cmd_rx) = mpsc::channel(store::WRITER_CHANNEL_CAPACITY);
+    let watchdog = notifier.watchdog();
+    let plan_tick = Duration::from_secs(PLAN_TICK_SECS);
+    let tick_every = watchdog.wake_interval().map_or(plan_tick, |wake| wake.min(plan_tick));
     let (writer_thread, mut writer_ended) =
-        spawn_watched("cp-writer", move || writer.run(cmd_rx)).map_err(ServeError::WriterThread)?;
+        spawn_watched("cp-writer", move || writer.run(cmd_rx, watchdog)).map_err(ServeError::WriterThread)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = Arc::new(App::new(cmd_tx.clone(), board, counters, clock, stop_rx.clone(), &cfg));
 
     let mut tick_stop = stop_rx.clone();
     let tick_tx = cmd_tx;
     let tick = tokio::spawn(async move {
-        let mut interval = tokio::time::interval(Duration::from_secs(PLAN_TICK_SECS));
+        let mut interval = tokio::time::interval(tick_every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -164,6 +185,8 @@ pub async fn serve<A: Acceptor>(
         }
     };
     let mut shutdown = std::pin::pin!(shutdown);
+    let local = listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
+    notifier.ready(&format!("serving on {local}"));
     loop {
         while conns.try_join_next().is_some() {}
         if conns.len() >= MAX_CONNECTIONS {
@@ -212,6 +235,7 @@ pub async fn serve<A: Acceptor>(
     }
 
     tracing::info!("shutting down: no new connections; waking long-polls; draining in-flight requests");
+    notifier.stopping("draining in-flight requests");
     drop(listener);
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(cfg.grace, graceful.shutdown()).await.is_ok();

@@ -21,6 +21,7 @@ use super::{heartbeat, ingest, load_state, open, operator, plan, publish, Db, St
 use crate::clock::ClockHandle;
 use crate::cp::longpoll::Board;
 use crate::ids::{Hostname, RolloutId};
+use crate::sdnotify::Watchdog;
 use crate::wire::{BatchItem, EventResult, Heartbeat, Manifest, ResultStatus};
 
 /// Commands waiting for the writer. Handlers `send().await`, so a full
@@ -189,8 +190,9 @@ impl Writer {
         &self.state
     }
 
-    /// Runs until every sender is dropped, then checkpoints the WAL.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Command>) -> WriterStats {
+    /// Runs until every sender is dropped, then checkpoints the WAL. Every
+    /// turn pings `watchdog` (throttled): a wedged writer stops the pings.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Command>, mut watchdog: Watchdog) -> WriterStats {
         let mut stats = WriterStats::default();
         // Plan once at start: a tick may have been lost in a crash.
         let mut group = vec![Command::Tick];
@@ -208,6 +210,7 @@ impl Writer {
             stats.n_commands += group.len() as u64;
             stats.n_events_applied += self.run_group(std::mem::take(&mut group));
             stats.n_commits += 1;
+            watchdog.ping();
             match rx.blocking_recv() {
                 Some(cmd) => group.push(cmd),
                 None => break,

@@ -5,7 +5,8 @@
 //!
 //! Reading order: [`planner`] (pure: stored state → decisions), [`store`]
 //! (SQLite schema and the one writer), [`longpoll`] (the dispatch board),
-//! [`config`], [`routes`] (HTTP API), [`views`] (status JSON), [`metrics`],
+//! [`config`], [`routes`] (HTTP API), [`views`] (status JSON), [`web`] (the status page and the API
+//! document), [`metrics`],
 //! [`server`] (process shell, shutdown) and [`cmd`] (operator commands,
 //! through [`crate::client`]).
 
@@ -18,6 +19,7 @@ pub mod routes;
 pub mod server;
 pub mod store;
 pub mod views;
+pub mod web;
 
 pub use cmd::{run, CpError};
 pub use server::{bind, serve, Acceptor, PlainAcceptor, ServeConfig, ServeReport};

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use rusqlite::Connection;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -26,6 +26,7 @@ use super::longpoll::{Board, PollOutcome};
 use super::metrics;
 use super::store::{self, Command, Counters, PublishOutcome, Reply, StoreError};
 use super::views;
+use super::web;
 use crate::clock::ClockHandle;
 use crate::ids::{Hostname, RolloutId};
 use crate::sign::{self, PublicKey, VerifyError};
@@ -64,6 +65,7 @@ pub struct App {
     pub shutdown: watch::Receiver<bool>,
     pub db_path: PathBuf,
     pub heartbeat_interval_secs: u64,
+    pub latencies: metrics::RouteLatencies,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -85,6 +87,7 @@ impl App {
             shutdown,
             db_path: cfg.db_path.clone(),
             heartbeat_interval_secs: cfg.heartbeat_interval_secs,
+            latencies: metrics::RouteLatencies::default(),
             readers: Mutex::new(Vec::new()),
         }
     }
@@ -221,38 +224,138 @@ fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     req.uri().query()?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
 }
 
-/// The only entry point: routes one request.
+/// What a request is for: one variant per row of [`ROUTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    WebOverview,
+    WebRollout,
+    WebHost,
+    Healthz,
+    Metrics,
+    OpenApi,
+    Publish,
+    Dispatch,
+    Events,
+    Heartbeat,
+    Status,
+    Rollouts,
+    Hosts,
+    Rollout,
+    RolloutEvents,
+    Manifest,
+}
+
+/// One endpoint: method, path template (`{name}` matches one non-empty
+/// segment, as in docs/openapi.yaml) and what it is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub endpoint: Endpoint,
+}
+
+const fn route(method: &'static str, path: &'static str, endpoint: Endpoint) -> Route {
+    Route { method, path, endpoint }
+}
+
+/// Every endpoint of the CP. [`handle`] routes through this table only, so
+/// it is the API's list of endpoints: `tests/it/openapi.rs` checks it
+/// against docs/openapi.yaml in both directions.
+pub const ROUTES: &[Route] = &[
+    route("GET", "/", Endpoint::WebOverview),
+    route("GET", "/rollouts/{rollout_id}", Endpoint::WebRollout),
+    route("GET", "/hosts/{hostname}", Endpoint::WebHost),
+    route("GET", "/healthz", Endpoint::Healthz),
+    route("GET", "/metrics", Endpoint::Metrics),
+    route("GET", "/v1/openapi.json", Endpoint::OpenApi),
+    route("POST", "/v1/rollouts", Endpoint::Publish),
+    route("GET", "/v1/agent/dispatch", Endpoint::Dispatch),
+    route("POST", "/v1/agent/events", Endpoint::Events),
+    route("POST", "/v1/agent/heartbeat", Endpoint::Heartbeat),
+    route("GET", "/v1/status", Endpoint::Status),
+    route("GET", "/v1/rollouts", Endpoint::Rollouts),
+    route("GET", "/v1/hosts", Endpoint::Hosts),
+    route("GET", "/v1/rollouts/{rollout_id}", Endpoint::Rollout),
+    route("GET", "/v1/rollouts/{rollout_id}/events", Endpoint::RolloutEvents),
+    route("GET", "/v1/rollouts/{rollout_id}/manifest", Endpoint::Manifest),
+];
+
+/// Where a request goes: the endpoint and its path parameters in order, or
+/// `Err(true)` when the path exists with other methods (405), `Err(false)`
+/// when it does not (404).
+pub fn find_route<'p>(method: &str, path: &'p str) -> Result<(Endpoint, Vec<&'p str>), bool> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let mut path_exists = false;
+    for route in ROUTES {
+        let template: Vec<&str> = route.path.trim_matches('/').split('/').collect();
+        if template.len() != segments.len() {
+            continue;
+        }
+        let mut params = Vec::new();
+        let matched = template.iter().zip(&segments).all(|(t, s)| {
+            if t.starts_with('{') {
+                params.push(*s);
+                !s.is_empty()
+            } else {
+                t == s
+            }
+        });
+        if !matched {
+            continue;
+        }
+        if route.method == method {
+            return Ok((route.endpoint, params));
+        }
+        path_exists = true;
+    }
+    Err(path_exists)
+}
+
+/// The only entry point: routes one request through [`ROUTES`].
 pub async fn handle(req: Request<Incoming>, app: Arc<App>, peer: PeerIdentity) -> Resp {
     let path = req.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
-    match (method.clone(), segments.as_slice()) {
-        (Method::GET, ["healthz"]) => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        (Method::GET, ["metrics"]) => metrics_route(&app).await,
-        (Method::POST, ["v1", "rollouts"]) => publish(req, &app).await,
-        (Method::GET, ["v1", "agent", "dispatch"]) => dispatch(req, &app, &peer).await,
-        (Method::POST, ["v1", "agent", "events"]) => events(req, &app, &peer).await,
-        (Method::POST, ["v1", "agent", "heartbeat"]) => heartbeat(req, &app, &peer).await,
-        (Method::GET, ["v1", "status"]) => view(req, &app, View::Status).await,
-        (Method::GET, ["v1", "rollouts"]) => view(req, &app, View::Rollouts).await,
-        (Method::GET, ["v1", "hosts"]) => view(req, &app, View::Hosts).await,
-        (Method::GET, ["v1", "rollouts", id]) => match parse_rollout_segment(id) {
-            Ok(id) => view(req, &app, View::Rollout(id)).await,
-            Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
+    let (endpoint, params) = match find_route(method.as_str(), &path) {
+        Ok(found) => found,
+        Err(true) => {
+            let message = format!("{method} is not allowed on {path}");
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", message);
+        }
+        Err(false) => return error(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {path}")),
+    };
+    let param = params.first().copied().unwrap_or_default();
+    let rollout = || parse_rollout_segment(param);
+    match endpoint {
+        Endpoint::WebOverview => view(req, &app, View::Page(web::Page::Overview)).await,
+        Endpoint::WebRollout => match rollout() {
+            Ok(id) => view(req, &app, View::Page(web::Page::Rollout(id))).await,
+            Err(e) => web::bad_request(&e.to_string()),
         },
-        (Method::GET, ["v1", "rollouts", id, "events"]) => match parse_rollout_segment(id) {
-            Ok(id) => view(req, &app, View::Events(id)).await,
-            Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
+        Endpoint::WebHost => match Hostname::parse(&percent_decode(param)) {
+            Ok(host) => view(req, &app, View::Page(web::Page::Host(host))).await,
+            Err(e) => web::bad_request(&e.to_string()),
         },
-        (Method::GET, ["v1", "rollouts", id, "manifest"]) => match parse_rollout_segment(id) {
-            Ok(id) => manifest(req, &app, id).await,
-            Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
-        },
-        (
-            _,
-            ["healthz"] | ["v1", "rollouts"] | ["v1", "agent", _] | ["v1", "status" | "hosts"] | ["v1", "rollouts", ..],
-        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {path}")),
-        _ => error(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {path}")),
+        Endpoint::Healthz => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        Endpoint::Metrics => metrics_route(&app).await,
+        Endpoint::OpenApi => web::openapi_json(),
+        Endpoint::Publish => publish(req, &app).await,
+        Endpoint::Dispatch => dispatch(req, &app, &peer).await,
+        Endpoint::Events => events(req, &app, &peer).await,
+        Endpoint::Heartbeat => heartbeat(req, &app, &peer).await,
+        Endpoint::Status => view(req, &app, View::Json(JsonView::Status)).await,
+        Endpoint::Rollouts => view(req, &app, View::Json(JsonView::Rollouts)).await,
+        Endpoint::Hosts => view(req, &app, View::Json(JsonView::Hosts)).await,
+        Endpoint::Rollout | Endpoint::RolloutEvents | Endpoint::Manifest => {
+            let id = match rollout() {
+                Ok(id) => id,
+                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
+            };
+            match endpoint {
+                Endpoint::Rollout => view(req, &app, View::Json(JsonView::Rollout(id))).await,
+                Endpoint::RolloutEvents => view(req, &app, View::Json(JsonView::Events(id))).await,
+                _ => manifest(req, &app, id).await,
+            }
+        }
     }
 }
 
@@ -361,13 +464,21 @@ async fn dispatch(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -
         Some(Ok(n)) => n.min(MAX_LONGPOLL_WAIT_SECS),
         Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "bad_wait", "wait must be a whole number of seconds"),
     };
+    let started = std::time::Instant::now();
     match app.board.poll(&hostname, Duration::from_secs(wait_secs), app.shutdown.clone()).await {
-        PollOutcome::Dispatch(d) => json(StatusCode::OK, &d),
-        PollOutcome::NoWork => empty(StatusCode::NO_CONTENT),
+        PollOutcome::Dispatch(d) => {
+            app.latencies.longpoll_dispatch.observe(started.elapsed());
+            json(StatusCode::OK, &d)
+        }
+        PollOutcome::NoWork => {
+            app.latencies.longpoll_no_work.observe(started.elapsed());
+            empty(StatusCode::NO_CONTENT)
+        }
     }
 }
 
 async fn events(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> Resp {
+    let started = std::time::Instant::now();
     if let Err(resp) = check_protocol(&req, true) {
         return resp;
     }
@@ -384,7 +495,10 @@ async fn events(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> 
     }
     let EventBatch { hostname, events: items } = batch;
     match ask(app, |reply| Command::Ingest { hostname, items, reply }).await {
-        Ok(results) => json(StatusCode::OK, &EventBatchResponse { results }),
+        Ok(results) => {
+            app.latencies.ingest.observe(started.elapsed());
+            json(StatusCode::OK, &EventBatchResponse { results })
+        }
         Err(resp) => resp,
     }
 }
@@ -441,7 +555,15 @@ async fn manifest(req: Request<Incoming>, app: &Arc<App>, id: RolloutId) -> Resp
     }
 }
 
+/// An operator view. Every one (JSON or web page) passes through [`view`],
+/// so a check placed there guards them all.
 enum View {
+    /// A page of the web status view (`cp::web`).
+    Page(web::Page),
+    Json(JsonView),
+}
+
+enum JsonView {
     Status,
     Rollouts,
     Hosts,
@@ -453,10 +575,29 @@ async fn view(req: Request<Incoming>, app: &Arc<App>, which: View) -> Resp {
     if let Err(resp) = check_protocol(&req, false) {
         return resp;
     }
+    match which {
+        View::Page(page) => page_view(app, page).await,
+        View::Json(which) => json_view(&req, app, which).await,
+    }
+}
+
+async fn page_view(app: &Arc<App>, page: web::Page) -> Resp {
     let now = app.clock.now();
     let stale_after_secs = app.heartbeat_interval_secs.saturating_mul(views::UNREACHABLE_AFTER_INTERVALS);
-    let after = query_param(&req, "after").map(str::parse::<i64>);
-    let limit = query_param(&req, "limit").map(str::parse::<usize>);
+    match app.read(move |conn, path| web::render(conn, path, &page, now, stale_after_secs)).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::error!(error = %e, "storage error");
+            web::unavailable(&e.to_string())
+        }
+    }
+}
+
+async fn json_view(req: &Request<Incoming>, app: &Arc<App>, which: JsonView) -> Resp {
+    let now = app.clock.now();
+    let stale_after_secs = app.heartbeat_interval_secs.saturating_mul(views::UNREACHABLE_AFTER_INTERVALS);
+    let after = query_param(req, "after").map(str::parse::<i64>);
+    let limit = query_param(req, "limit").map(str::parse::<usize>);
     let (after, limit) = match (after, limit) {
         (Some(Err(_)), _) | (_, Some(Err(_))) => {
             return error(StatusCode::BAD_REQUEST, "bad_query", "after and limit must be whole numbers")
@@ -468,11 +609,11 @@ async fn view(req: Request<Incoming>, app: &Arc<App>, which: View) -> Resp {
     let result = app
         .read(move |conn, path| {
             Ok(match which {
-                View::Status => Some(serde_json::to_value(views::status(conn, path, now, stale_after_secs)?)),
-                View::Rollouts => Some(serde_json::to_value(views::rollouts(conn, path)?)),
-                View::Hosts => Some(serde_json::to_value(views::hosts(conn, path, now, stale_after_secs)?)),
-                View::Rollout(id) => views::rollout(conn, path, &id, now)?.map(serde_json::to_value),
-                View::Events(id) => views::events(conn, path, &id, after, limit)?.map(serde_json::to_value),
+                JsonView::Status => Some(serde_json::to_value(views::status(conn, path, now, stale_after_secs)?)),
+                JsonView::Rollouts => Some(serde_json::to_value(views::rollouts(conn, path)?)),
+                JsonView::Hosts => Some(serde_json::to_value(views::hosts(conn, path, now, stale_after_secs)?)),
+                JsonView::Rollout(id) => views::rollout(conn, path, &id, now)?.map(serde_json::to_value),
+                JsonView::Events(id) => views::events(conn, path, &id, after, limit)?.map(serde_json::to_value),
             })
         })
         .await;
@@ -486,7 +627,19 @@ async fn view(req: Request<Incoming>, app: &Arc<App>, which: View) -> Resp {
 
 async fn metrics_route(app: &Arc<App>) -> Resp {
     let shared = Arc::clone(app);
-    match app.read(move |conn, path| metrics::render(&shared.counters, &shared.board, conn, path)).await {
+    let now = app.clock.now();
+    let stale_after_secs = app.heartbeat_interval_secs.saturating_mul(views::UNREACHABLE_AFTER_INTERVALS);
+    let render = move |conn: &Connection, path: &std::path::Path| {
+        let sources = metrics::Sources {
+            counters: &shared.counters,
+            latencies: &shared.latencies,
+            board: &shared.board,
+            now,
+            stale_after_secs,
+        };
+        metrics::render(sources, conn, path)
+    };
+    match app.read(render).await {
         Ok(text) => {
             let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));

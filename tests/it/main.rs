@@ -11,6 +11,7 @@ mod delivery;
 mod demo;
 mod harness;
 pub mod nixenv;
+mod metrics;
 mod openapi;
 mod pki;
 mod probes;

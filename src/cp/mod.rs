@@ -5,16 +5,17 @@
 //!
 //! Reading order: [`planner`] (pure: stored state → decisions), [`store`]
 //! (SQLite schema and the one writer), [`longpoll`] (the dispatch board),
-//! [`config`], [`routes`] (HTTP API), [`views`] (status JSON), [`web`] (the status page and the API
-//! document), [`metrics`],
-//! [`server`] (process shell, shutdown) and [`cmd`] (operator commands,
-//! through [`crate::client`]).
+//! [`config`], [`route_table`] (every endpoint), [`routes`] (HTTP API),
+//! [`views`] (status JSON), [`web`] (the status page and the API
+//! document), [`metrics`], [`server`] (process shell, shutdown) and [`cmd`]
+//! (operator commands, through [`crate::client`]).
 
 pub mod cmd;
 pub mod config;
 pub mod longpoll;
 pub mod metrics;
 pub mod planner;
+pub mod route_table;
 pub mod routes;
 pub mod server;
 pub mod store;

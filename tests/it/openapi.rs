@@ -10,7 +10,7 @@ use std::sync::{Mutex, OnceLock};
 
 use hyper::StatusCode;
 use nixfleet::client::HttpResponse;
-use nixfleet::cp::routes::{find_route, ROUTES};
+use nixfleet::cp::route_table::{find_route, ROUTES};
 use serde_json::Value;
 
 use crate::harness::TempDir;

@@ -525,7 +525,7 @@ fn host_page(h: &HostView, events: &[(String, store::LoggedRow)]) -> String {
         Liveness::Unreachable => "unreachable",
         Liveness::NeverSeen => "never seen",
     };
-    let drift = serde_json::to_value(&h.drift).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+    let drift = serde_json::to_value(h.drift).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
     let facts = [
         ("liveness", Some(liveness.to_owned())),
         ("last heartbeat", h.last_heartbeat_at.clone()),

@@ -119,7 +119,10 @@ async fn page(cp: &Cp, path: &str) -> (StatusCode, String, hyper::HeaderMap) {
 /// timeline, with only inline assets and a policy allowing nothing else.
 #[test]
 fn page_works_without_javascript() {
-    let (_dir, release, cp) = crate::cp::setup("webhtml");
+    let dir = TempDir::new("webhtml");
+    let release = Release::new(dir.path(), "release");
+    // Heartbeats every 1 s: a host silent for 3 s is unreachable.
+    let cp = Cp::start_with(dir.path(), &release.pub_path, &["--heartbeat-interval", "1s"]);
     rt().block_on(async {
         let mut a = mid_rollout(&cp, &release).await;
         halt(&mut a).await;
@@ -156,6 +159,48 @@ fn page_works_without_javascript() {
         assert_eq!(page(&cp, "/hosts/nobody").await.0, StatusCode::NOT_FOUND);
         assert_eq!(page(&cp, "/hosts/Bad_Name").await.0, StatusCode::BAD_REQUEST);
         assert_eq!(page(&cp, "/rollouts/web@none").await.0, StatusCode::NOT_FOUND);
+
+        // What needs a person: web-4's ack raced the halt and it now waits
+        // for a reboot (since days, by its clock: a long deferral); web-1
+        // runs a closure nobody rolled out, then falls silent.
+        let (_, before, _) = page(&cp, "/").await;
+        assert!(!before.contains("<h2>Waiting for a reboot</h2>") && !before.contains("<h2>Drifting</h2>"));
+        let d4 = nixfleet::wire::Dispatch {
+            rollout_id: ID.parse().unwrap(),
+            target_closure: nixfleet::ids::Closure::parse(&crate::harness::closure("web-4-new")).unwrap(),
+            wave: 1,
+            soak_secs: 0,
+            issued_at: datetime!(2026-11-25 12:00 UTC),
+        };
+        let ack = a[3].ack_body(&d4);
+        assert_applied(&a[3].send(ID, ack).await);
+        let deferred = WireEventBody::ActivationDeferred {
+            component: "kernel".into(),
+            deferred_at: datetime!(2026-11-25 12:30 UTC),
+        };
+        assert_applied(&a[3].send(ID, deferred).await);
+        a[0].current = crate::harness::closure("hand-built");
+        a[0].heartbeat().await;
+        let started = Instant::now();
+        let html = loop {
+            let (_, html, _) = page(&cp, "/").await;
+            if html.contains("<h2>Unreachable</h2>") {
+                break html;
+            }
+            assert!(started.elapsed() < crate::harness::DEADLINE, "web-1 never shown unreachable");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let section = |title: &str| {
+            let start = html.find(&format!("<h2>{title}</h2>")).unwrap_or_else(|| panic!("no {title} list"));
+            let end = html[start..].find("</table>").expect("table end");
+            html[start..start + end].to_owned()
+        };
+        assert!(section("Unreachable").contains(">web-1</a>"));
+        assert!(section("Drifting").contains(&crate::harness::closure("hand-built")));
+        let waiting = section("Waiting for a reboot");
+        assert!(waiting.contains("<tr class=\"long\"><td><a href=\"/hosts/web-4\">"), "{waiting}");
+        assert_states(&html, &[("web-4", "Deferred")]);
+        assert!(html.contains("<span class=\"n\">1</span> long deferrals"));
     });
 }
 

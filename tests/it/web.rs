@@ -24,14 +24,46 @@ const ID: &str = "web@2026-11-25.1";
 /// that would add an element and run script if it were not escaped.
 const INJECTION: &str = "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script>";
 
-fn four_hosts() -> String {
-    manifest(
-        ID,
-        T0,
-        0,
-        &[("canary", 0, 1), ("rest", 0, 3)],
-        &[("web-1", 0, "web-1-new"), ("web-2", 1, "web-2-new"), ("web-3", 1, "web-3-new"), ("web-4", 1, "web-4-new")],
-    )
+/// Ten hosts in three waves: web-1 the canary, web-2..4 early, web-5..10 the rest.
+fn ten_hosts() -> String {
+    let names: Vec<String> = (1..=10).map(|i| format!("web-{i}")).collect();
+    let hosts: Vec<(&str, usize, String)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                n.as_str(),
+                if i == 0 {
+                    0
+                } else if i < 4 {
+                    1
+                } else {
+                    2
+                },
+                format!("{n}-new"),
+            )
+        })
+        .collect();
+    let hosts: Vec<(&str, usize, &str)> = hosts.iter().map(|(n, w, c)| (*n, *w, c.as_str())).collect();
+    manifest(ID, T0, 0, &[("canary", 0, 1), ("early", 0, 3), ("rest", 0, 6)], &hosts)
+}
+
+/// The states of [`mid_rollout`], and after [`halt`].
+const DURING: [(&str, &str); 10] = [
+    ("web-1", "Converged"),
+    ("web-2", "Soaking"),
+    ("web-3", "Activating"),
+    ("web-4", "Pending"),
+    ("web-5", "Pending"),
+    ("web-6", "Pending"),
+    ("web-7", "Pending"),
+    ("web-8", "Pending"),
+    ("web-9", "Pending"),
+    ("web-10", "Pending"),
+];
+
+fn halted_states() -> Vec<(&'static str, &'static str)> {
+    DURING.iter().map(|(h, s)| (*h, if *h == "web-3" { "Reverted" } else { *s })).collect()
 }
 
 fn probe_topology() -> WireEventBody {
@@ -52,10 +84,11 @@ fn failing_probe(n: i64) -> WireEventBody {
 }
 
 /// The fleet mid-rollout: web-1 Converged (wave 1 done), web-2 Soaking
-/// with a failing probe, web-3 Activating, web-4 dispatched but Pending.
+/// with a failing probe, web-3 Activating, web-4 dispatched but Pending,
+/// web-5..10 waiting for wave 2.
 async fn mid_rollout(cp: &Cp, release: &Release) -> Vec<Agent> {
-    assert_eq!(cp.publish(&release.sign(&four_hosts())).await.status, StatusCode::CREATED);
-    let mut a: Vec<Agent> = (1..=4).map(|i| Agent::new(&format!("web-{i}"), &cp.url)).collect();
+    assert_eq!(cp.publish(&release.sign(&ten_hosts())).await.status, StatusCode::CREATED);
+    let mut a: Vec<Agent> = (1..=10).map(|i| Agent::new(&format!("web-{i}"), &cp.url)).collect();
     let d1 = a[0].poll(0).await.expect("canary dispatch");
     a[0].activate(&d1).await;
     a[0].converge(&d1).await;
@@ -68,6 +101,7 @@ async fn mid_rollout(cp: &Cp, release: &Release) -> Vec<Agent> {
     let ack = a[2].ack_body(&d3);
     assert_applied(&a[2].send(ID, ack).await);
     assert!(a[3].poll(0).await.is_some(), "web-4 is dispatched");
+    assert!(a[4].poll(0).await.is_none(), "wave 3 waits");
     a
 }
 
@@ -131,10 +165,7 @@ fn page_works_without_javascript() {
         assert_eq!(headers["content-type"], "text/html; charset=utf-8");
         let csp = headers["content-security-policy"].to_str().unwrap();
         assert!(csp.starts_with("default-src 'none'") && csp.contains("script-src 'sha256-"), "{csp}");
-        assert_states(
-            &html,
-            &[("web-1", "Converged"), ("web-2", "Soaking"), ("web-3", "Reverted"), ("web-4", "Pending")],
-        );
+        assert_states(&html, &halted_states());
         let detail = cp.get_json(&format!("/v1/rollouts/{ID}")).await;
         let reason = detail["halt_reason"].as_str().expect("halted");
         assert!(html.contains(&nixfleet::cp::web::esc(reason)), "halt reason {reason:?} shown");
@@ -327,20 +358,14 @@ fn browser_renders_a_live_rollout_and_its_halt() {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut agents = rt().block_on(mid_rollout(&cp, &release));
         let dom = render(dir.path(), &url, virtual_ms, &dir.path().join("during.png"));
-        assert_states(
-            &dom,
-            &[("web-1", "Converged"), ("web-2", "Soaking"), ("web-3", "Activating"), ("web-4", "Pending")],
-        );
+        assert_states(&dom, &DURING);
         assert!(dom.contains("id=\"live\" class=\"live on\">live · updated"), "the script refreshed the page");
         assert!(!dom.contains("class=\"halt\""), "not halted yet");
         assert_escaped(&dom);
 
         rt().block_on(halt(&mut agents));
         let dom = render(dir.path(), &url, virtual_ms, &dir.path().join("halted.png"));
-        assert_states(
-            &dom,
-            &[("web-1", "Converged"), ("web-2", "Soaking"), ("web-3", "Reverted"), ("web-4", "Pending")],
-        );
+        assert_states(&dom, &halted_states());
         let reason =
             rt().block_on(cp.get_json(&format!("/v1/rollouts/{ID}")))["halt_reason"].as_str().unwrap().to_owned();
         assert!(

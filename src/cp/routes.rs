@@ -225,7 +225,8 @@ fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
     req.uri().query()?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
 }
 
-/// The only entry point: routes one request through [`ROUTES`].
+/// The only entry point: routes one request through
+/// [`ROUTES`](super::route_table::ROUTES).
 pub async fn handle(req: Request<Incoming>, app: Arc<App>, peer: PeerIdentity) -> Resp {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();

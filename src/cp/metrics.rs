@@ -1,74 +1,231 @@
 //! `GET /metrics` in the Prometheus text format (`docs/protocol.md` §4): counters the
-//! writer bumps after each commit, the long-poll board's gauges, and
-//! rollout/host counts read from the database.
+//! writer bumps after each commit, latency histograms (commit, event
+//! ingest, long-poll answers), the long-poll board's gauges, build info, and
+//! rollout/host figures read from the database. The README lists every
+//! metric.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use rusqlite::Connection;
+use time::OffsetDateTime;
 
 use super::longpoll::Board;
 use super::store::{self, Counters, StoreError};
+use super::views::{self, Liveness};
+use crate::machine::HostState;
+use crate::wire::PROTOCOL_VERSION;
+
+/// Upper bounds of the latency buckets, in seconds: from a fast commit
+/// (≈ 1 ms) to a long-poll that waited its full 60 s.
+pub const LATENCY_BUCKETS_SECS: [f64; 15] =
+    [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// A latency histogram over [`LATENCY_BUCKETS_SECS`]: lock-free, so the
+/// writer and the request handlers only add to atomics.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last slot is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS_SECS.len() + 1],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let idx = LATENCY_BUCKETS_SECS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BUCKETS_SECS.len());
+        self.buckets[idx].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `_bucket`, `_sum` and `_count` lines; `labels` is empty or
+    /// `key="value",` pairs each followed by a comma.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0u64;
+        for (idx, bound) in LATENCY_BUCKETS_SECS.iter().enumerate() {
+            cumulative += self.buckets[idx].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[LATENCY_BUCKETS_SECS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let plain = labels.trim_end_matches(',');
+        let braces = if plain.is_empty() { String::new() } else { format!("{{{plain}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count.load(Ordering::Relaxed));
+    }
+}
+
+/// Latencies the request handlers measure (the writer's commit latency is
+/// in [`Counters`]).
+#[derive(Debug, Default)]
+pub struct RouteLatencies {
+    /// `POST /v1/agent/events`: from the request to its answer after the commit.
+    pub ingest: Histogram,
+    /// `GET /v1/agent/dispatch` answered with a dispatch (at once or on wake).
+    pub longpoll_dispatch: Histogram,
+    /// `GET /v1/agent/dispatch` answered 204 after its wait (or at shutdown).
+    pub longpoll_no_work: Histogram,
+}
+
+/// What `/metrics` reads besides the database.
+#[derive(Debug, Clone, Copy)]
+pub struct Sources<'a> {
+    pub counters: &'a Counters,
+    pub latencies: &'a RouteLatencies,
+    pub board: &'a Board,
+    pub now: OffsetDateTime,
+    /// Silence after which a host counts as unreachable (as in the views).
+    pub stale_after_secs: u64,
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn label(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
 
 /// Renders every metric.
-pub fn render(counters: &Counters, board: &Board, conn: &Connection, path: &Path) -> Result<String, StoreError> {
+pub fn render(src: Sources<'_>, conn: &Connection, path: &Path) -> Result<String, StoreError> {
     let mut out = String::new();
-    let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
-    };
-    counter(&mut out, "nixfleet_cp_commits_total", "Committed writer transactions.", &counters.commits);
-    counter(
-        &mut out,
-        "nixfleet_cp_commit_failures_total",
-        "Writer transactions that failed.",
-        &counters.commit_failures,
-    );
+    header(&mut out, "nixfleet_build_info", "gauge", "The running version; always 1.");
     let _ = writeln!(
         out,
-        "# HELP nixfleet_cp_events_total Agent events by verdict.\n# TYPE nixfleet_cp_events_total counter"
+        "nixfleet_build_info{{version=\"{}\",protocol=\"{PROTOCOL_VERSION}\",role=\"cp\"}} 1",
+        label(env!("CARGO_PKG_VERSION"))
     );
+    render_counters(&mut out, src);
+    render_latencies(&mut out, src);
+    render_fleet(&mut out, src, conn, path)?;
+    Ok(out)
+}
+
+fn render_counters(out: &mut String, src: Sources<'_>) {
+    let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+        header(out, name, "counter", help);
+        let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+    };
+    let c = src.counters;
+    counter(out, "nixfleet_cp_commits_total", "Committed writer transactions.", &c.commits);
+    counter(out, "nixfleet_cp_commit_failures_total", "Writer transactions that failed.", &c.commit_failures);
+    header(out, "nixfleet_cp_events_total", "counter", "Agent events by verdict.");
     for (status, v) in [
-        ("applied", &counters.events_applied),
-        ("duplicate", &counters.events_duplicate),
-        ("rejected", &counters.events_rejected),
-        ("retry", &counters.events_retry),
-        ("gap", &counters.events_gap),
+        ("applied", &c.events_applied),
+        ("duplicate", &c.events_duplicate),
+        ("rejected", &c.events_rejected),
+        ("retry", &c.events_retry),
+        ("gap", &c.events_gap),
     ] {
         let _ = writeln!(out, "nixfleet_cp_events_total{{status=\"{status}\"}} {}", v.load(Ordering::Relaxed));
     }
-    let _ = writeln!(
-        out,
-        "# HELP nixfleet_cp_longpolls_parked Long-polls waiting for a dispatch.\n# TYPE nixfleet_cp_longpolls_parked gauge\nnixfleet_cp_longpolls_parked {}",
-        board.n_parked()
-    );
-    let _ = writeln!(out, "# HELP nixfleet_cp_rollouts Rollouts by state.\n# TYPE nixfleet_cp_rollouts gauge");
+    header(out, "nixfleet_cp_longpolls_parked", "gauge", "Long-polls waiting for a dispatch.");
+    let _ = writeln!(out, "nixfleet_cp_longpolls_parked {}", src.board.n_parked());
+}
+
+fn render_latencies(out: &mut String, src: Sources<'_>) {
+    let name = "nixfleet_cp_commit_seconds";
+    header(out, name, "histogram", "Writer groups: from the first command to the synchronous commit.");
+    src.counters.commit_seconds.render(out, name, "");
+    let name = "nixfleet_cp_ingest_seconds";
+    header(out, name, "histogram", "Event batches: from the request to the answer after the commit.");
+    src.latencies.ingest.render(out, name, "");
+    let name = "nixfleet_cp_longpoll_answer_seconds";
+    header(out, name, "histogram", "Long-polls: from the request to the answer, by outcome.");
+    src.latencies.longpoll_dispatch.render(out, name, "outcome=\"dispatch\",");
+    src.latencies.longpoll_no_work.render(out, name, "outcome=\"no_work\",");
+}
+
+/// Rollouts, hosts per rollout and state, drift, reachability, skips.
+fn render_fleet(out: &mut String, src: Sources<'_>, conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    header(out, "nixfleet_cp_rollouts", "gauge", "Rollouts by state.");
     let counts = store::metric_counts(conn, path)?;
     for (state, n) in &counts.rollouts_by_state {
-        let _ = writeln!(out, "nixfleet_cp_rollouts{{state=\"{state}\"}} {n}");
+        let _ = writeln!(out, "nixfleet_cp_rollouts{{state=\"{}\"}} {n}", label(state));
     }
-    let _ = writeln!(out, "# HELP nixfleet_cp_host_records Host records of unsuperseded rollouts by state.\n# TYPE nixfleet_cp_host_records gauge");
-    let mut by_state: std::collections::BTreeMap<&'static str, usize> = std::collections::BTreeMap::new();
+    let mut fleet: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut per_rollout = String::new();
     for manifest in store::manifests(conn, path)? {
-        if counts.superseded.contains(manifest.rollout_id.as_str()) {
+        let id = manifest.rollout_id.as_str();
+        if counts.superseded.contains(id) {
             continue;
         }
+        let mut by_state: BTreeMap<&'static str, usize> = HostState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         for record in store::host_records_of(conn, path, &manifest)?.values() {
             *by_state.entry(record.state.as_str()).or_insert(0) += 1;
+            *fleet.entry(record.state.as_str()).or_insert(0) += 1;
+        }
+        for (state, n) in by_state {
+            let _ =
+                writeln!(per_rollout, "nixfleet_cp_rollout_hosts{{rollout=\"{}\",state=\"{state}\"}} {n}", label(id));
         }
     }
-    for (state, n) in by_state {
+    header(out, "nixfleet_cp_host_records", "gauge", "Host records of unsuperseded rollouts by state.");
+    for (state, n) in fleet {
         let _ = writeln!(out, "nixfleet_cp_host_records{{state=\"{state}\"}} {n}");
     }
-    let _ = writeln!(
+    header(out, "nixfleet_cp_rollout_hosts", "gauge", "Hosts of each unsuperseded rollout by state.");
+    out.push_str(&per_rollout);
+    header(
         out,
-        "# HELP nixfleet_hosts_drifting Hosts whose last heartbeat named another closure than their records say they run.\n# TYPE nixfleet_hosts_drifting gauge\nnixfleet_hosts_drifting {}",
-        counts.n_drifting
+        "nixfleet_hosts_drifting",
+        "gauge",
+        "Hosts whose last heartbeat named another closure than their records say they run.",
     );
-    let _ = writeln!(
+    let _ = writeln!(out, "nixfleet_hosts_drifting {}", counts.n_drifting);
+    let hosts = views::hosts(conn, path, src.now, src.stale_after_secs)?;
+    let n = |l: Liveness| hosts.iter().filter(|h| h.liveness == l).count();
+    header(out, "nixfleet_hosts_unreachable", "gauge", "Hosts silent for more than 3 heartbeat intervals.");
+    let _ = writeln!(out, "nixfleet_hosts_unreachable {}", n(Liveness::Unreachable));
+    header(out, "nixfleet_cp_hosts", "gauge", "Hosts seen in a heartbeat or named by a manifest, by liveness.");
+    for (name, l) in [
+        ("reachable", Liveness::Reachable),
+        ("unreachable", Liveness::Unreachable),
+        ("never_seen", Liveness::NeverSeen),
+    ] {
+        let _ = writeln!(out, "nixfleet_cp_hosts{{liveness=\"{name}\"}} {}", n(l));
+    }
+    header(
         out,
-        "# HELP nixfleet_cp_hosts_skipped Hosts skipped by a rollout because their target closure was quarantined before they acked.\n# TYPE nixfleet_cp_hosts_skipped gauge\nnixfleet_cp_hosts_skipped {}",
-        counts.n_skipped
+        "nixfleet_cp_hosts_skipped",
+        "gauge",
+        "Hosts skipped by a rollout because their target closure was quarantined before they acked.",
     );
-    Ok(out)
+    let _ = writeln!(out, "nixfleet_cp_hosts_skipped {}", counts.n_skipped);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_bounds_inclusive() {
+        let h = Histogram::default();
+        h.observe(Duration::from_millis(1));
+        h.observe(Duration::from_millis(30));
+        h.observe(Duration::from_secs(61));
+        let mut out = String::new();
+        h.render(&mut out, "x", "a=\"b\",");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.001\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.025\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.05\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"60\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_sum{a=\"b\"} 61.031\n"), "{out}");
+        assert!(out.contains("x_count{a=\"b\"} 3\n"), "{out}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
 }

@@ -5,10 +5,11 @@
 //!
 //! Reading order: [`planner`] (pure: stored state → decisions), [`store`]
 //! (SQLite schema and the one writer), [`longpoll`] (the dispatch board),
-//! [`config`], [`routes`] (HTTP API), [`actions`] (operator actions and the
-//! dry run, with [`preview`]), [`views`] (status JSON), [`metrics`],
-//! [`server`] (process shell, shutdown) and [`cmd`] (operator commands,
-//! through [`crate::client`]).
+//! [`config`], [`route_table`] (every endpoint), [`routes`] (HTTP API),
+//! [`actions`] (operator actions and the dry run, with [`preview`]),
+//! [`views`] (status JSON), [`web`] (the status page and the API
+//! document), [`metrics`], [`server`] (process shell, shutdown) and [`cmd`]
+//! (operator commands, through [`crate::client`]).
 
 pub mod actions;
 pub mod cmd;
@@ -18,11 +19,13 @@ pub mod metrics;
 pub mod operator_cmd;
 pub mod planner;
 pub mod preview;
+pub mod route_table;
 pub mod routes;
 pub mod server;
 pub mod store;
 pub mod views;
 pub mod watch;
+pub mod web;
 
 pub use cmd::{run, CpError};
 pub use server::{bind, serve, Acceptor, PlainAcceptor, ServeConfig, ServeReport};

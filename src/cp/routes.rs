@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use rusqlite::Connection;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -25,8 +25,10 @@ use super::actions;
 use super::config::ServeConfig;
 use super::longpoll::{Board, PollOutcome};
 use super::metrics;
+use super::route_table::{find_route, Endpoint};
 use super::store::{self, Command, Counters, PublishOutcome, Reply, StoreError};
 use super::views;
+use super::web;
 use crate::clock::ClockHandle;
 use crate::ids::{Hostname, RolloutId};
 use crate::sign::{self, PublicKey, VerifyError};
@@ -65,6 +67,7 @@ pub struct App {
     pub shutdown: watch::Receiver<bool>,
     pub db_path: PathBuf,
     pub heartbeat_interval_secs: u64,
+    pub latencies: metrics::RouteLatencies,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -86,6 +89,7 @@ impl App {
             shutdown,
             db_path: cfg.db_path.clone(),
             heartbeat_interval_secs: cfg.heartbeat_interval_secs,
+            latencies: metrics::RouteLatencies::default(),
             readers: Mutex::new(Vec::new()),
         }
     }
@@ -222,52 +226,58 @@ pub(super) fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<
     req.uri().query()?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == name).map(|(_, v)| v)
 }
 
-/// The only entry point: routes one request.
+/// The only entry point: routes one request through
+/// [`ROUTES`](super::route_table::ROUTES).
 pub async fn handle(req: Request<Incoming>, app: Arc<App>, peer: PeerIdentity) -> Resp {
     let path = req.uri().path().to_owned();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
-    match (method.clone(), segments.as_slice()) {
-        (Method::GET, ["healthz"]) => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        (Method::GET, ["metrics"]) => metrics_route(&app).await,
-        (Method::POST, ["v1", "rollouts"]) => publish(req, &app).await,
-        (Method::GET, ["v1", "agent", "dispatch"]) => dispatch(req, &app, &peer).await,
-        (Method::POST, ["v1", "agent", "events"]) => events(req, &app, &peer).await,
-        (Method::POST, ["v1", "agent", "heartbeat"]) => heartbeat(req, &app, &peer).await,
-        (Method::GET, ["v1", "status"]) => view(req, &app, View::Status).await,
-        (Method::GET, ["v1", "rollouts"]) => view(req, &app, View::Rollouts).await,
-        (Method::GET, ["v1", "hosts"]) => view(req, &app, View::Hosts).await,
-        (Method::GET, ["v1", "rollouts", id]) => match parse_rollout_segment(id) {
-            Ok(id) => view(req, &app, View::Rollout(id)).await,
-            Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
+    let (endpoint, params) = match find_route(method.as_str(), &path) {
+        Ok(found) => found,
+        Err(true) => {
+            let message = format!("{method} is not allowed on {path}");
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", message);
+        }
+        Err(false) => return error(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {path}")),
+    };
+    let param = params.first().copied().unwrap_or_default();
+    let rollout = || parse_rollout_segment(param);
+    match endpoint {
+        Endpoint::WebOverview => view(req, &app, View::Page(web::Page::Overview)).await,
+        Endpoint::WebRollout => match rollout() {
+            Ok(id) => view(req, &app, View::Page(web::Page::Rollout(id))).await,
+            Err(e) => web::bad_request(&e.to_string()),
         },
-        (Method::GET, ["v1", "rollouts", id, "events"]) => match parse_rollout_segment(id) {
-            Ok(id) => view(req, &app, View::Events(id)).await,
-            Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
+        Endpoint::WebHost => match Hostname::parse(&percent_decode(param)) {
+            Ok(host) => view(req, &app, View::Page(web::Page::Host(host))).await,
+            Err(e) => web::bad_request(&e.to_string()),
         },
-        (Method::GET, ["v1", "rollouts", id, "manifest"]) => match parse_rollout_segment(id) {
-            Ok(id) => manifest(req, &app, id).await,
-            Err(e) => error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
-        },
+        Endpoint::Healthz => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        Endpoint::Metrics => metrics_route(&app).await,
+        Endpoint::OpenApi => web::openapi_json(),
+        Endpoint::Publish => publish(req, &app).await,
+        Endpoint::Dispatch => dispatch(req, &app, &peer).await,
+        Endpoint::Events => events(req, &app, &peer).await,
+        Endpoint::Heartbeat => heartbeat(req, &app, &peer).await,
+        Endpoint::Status => view(req, &app, View::Json(JsonView::Status)).await,
+        Endpoint::Rollouts => view(req, &app, View::Json(JsonView::Rollouts)).await,
+        Endpoint::Hosts => view(req, &app, View::Json(JsonView::Hosts)).await,
+        Endpoint::Rollout | Endpoint::RolloutEvents | Endpoint::Manifest => {
+            let id = match rollout() {
+                Ok(id) => id,
+                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
+            };
+            match endpoint {
+                Endpoint::Rollout => view(req, &app, View::Json(JsonView::Rollout(id))).await,
+                Endpoint::RolloutEvents => view(req, &app, View::Json(JsonView::Events(id))).await,
+                _ => manifest(req, &app, id).await,
+            }
+        }
         // Operator actions and the dry run (`super::actions`).
-        (Method::POST, ["v1", "rollouts", id, action @ ("resume" | "cancel")]) => {
-            actions::on_rollout(req, &app, &peer, id, action).await
-        }
-        (Method::POST, ["v1", "channels", channel, "unquarantine"]) => {
-            actions::unquarantine(req, &app, &peer, channel).await
-        }
-        (Method::GET, ["v1", "actions"]) => actions::list(req, &app).await,
-        (Method::POST, ["v1", "plan"]) => actions::dry_run(req, &app).await,
-        (
-            _,
-            ["healthz"]
-            | ["v1", "rollouts"]
-            | ["v1", "agent", _]
-            | ["v1", "status" | "hosts" | "actions" | "plan"]
-            | ["v1", "rollouts", ..]
-            | ["v1", "channels", _, "unquarantine"],
-        ) => error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("{method} is not allowed on {path}")),
-        _ => error(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {path}")),
+        Endpoint::Resume => actions::on_rollout(req, &app, &peer, param, "resume").await,
+        Endpoint::Cancel => actions::on_rollout(req, &app, &peer, param, "cancel").await,
+        Endpoint::Unquarantine => actions::unquarantine(req, &app, &peer, param).await,
+        Endpoint::Actions => actions::list(req, &app).await,
+        Endpoint::Plan => actions::dry_run(req, &app).await,
     }
 }
 
@@ -383,13 +393,21 @@ async fn dispatch(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -
         Some(Ok(n)) => n.min(MAX_LONGPOLL_WAIT_SECS),
         Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "bad_wait", "wait must be a whole number of seconds"),
     };
+    let started = std::time::Instant::now();
     match app.board.poll(&hostname, Duration::from_secs(wait_secs), app.shutdown.clone()).await {
-        PollOutcome::Dispatch(d) => json(StatusCode::OK, &d),
-        PollOutcome::NoWork => empty(StatusCode::NO_CONTENT),
+        PollOutcome::Dispatch(d) => {
+            app.latencies.longpoll_dispatch.observe(started.elapsed());
+            json(StatusCode::OK, &d)
+        }
+        PollOutcome::NoWork => {
+            app.latencies.longpoll_no_work.observe(started.elapsed());
+            empty(StatusCode::NO_CONTENT)
+        }
     }
 }
 
 async fn events(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> Resp {
+    let started = std::time::Instant::now();
     if let Err(resp) = check_protocol(&req, true) {
         return resp;
     }
@@ -406,7 +424,10 @@ async fn events(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> 
     }
     let EventBatch { hostname, events: items } = batch;
     match ask(app, |reply| Command::Ingest { hostname, items, reply }).await {
-        Ok(results) => json(StatusCode::OK, &EventBatchResponse { results }),
+        Ok(results) => {
+            app.latencies.ingest.observe(started.elapsed());
+            json(StatusCode::OK, &EventBatchResponse { results })
+        }
         Err(resp) => resp,
     }
 }
@@ -463,7 +484,15 @@ async fn manifest(req: Request<Incoming>, app: &Arc<App>, id: RolloutId) -> Resp
     }
 }
 
+/// An operator view. Every one (JSON or web page) passes through [`view`],
+/// so a check placed there guards them all.
 enum View {
+    /// A page of the web status view (`cp::web`).
+    Page(web::Page),
+    Json(JsonView),
+}
+
+enum JsonView {
     Status,
     Rollouts,
     Hosts,
@@ -475,10 +504,29 @@ async fn view(req: Request<Incoming>, app: &Arc<App>, which: View) -> Resp {
     if let Err(resp) = check_protocol(&req, false) {
         return resp;
     }
+    match which {
+        View::Page(page) => page_view(app, page).await,
+        View::Json(which) => json_view(&req, app, which).await,
+    }
+}
+
+async fn page_view(app: &Arc<App>, page: web::Page) -> Resp {
     let now = app.clock.now();
     let stale_after_secs = app.heartbeat_interval_secs.saturating_mul(views::UNREACHABLE_AFTER_INTERVALS);
-    let after = query_param(&req, "after").map(str::parse::<i64>);
-    let limit = query_param(&req, "limit").map(str::parse::<usize>);
+    match app.read(move |conn, path| web::render(conn, path, &page, now, stale_after_secs)).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            tracing::error!(error = %e, "storage error");
+            web::unavailable(&e.to_string())
+        }
+    }
+}
+
+async fn json_view(req: &Request<Incoming>, app: &Arc<App>, which: JsonView) -> Resp {
+    let now = app.clock.now();
+    let stale_after_secs = app.heartbeat_interval_secs.saturating_mul(views::UNREACHABLE_AFTER_INTERVALS);
+    let after = query_param(req, "after").map(str::parse::<i64>);
+    let limit = query_param(req, "limit").map(str::parse::<usize>);
     let (after, limit) = match (after, limit) {
         (Some(Err(_)), _) | (_, Some(Err(_))) => {
             return error(StatusCode::BAD_REQUEST, "bad_query", "after and limit must be whole numbers")
@@ -490,11 +538,11 @@ async fn view(req: Request<Incoming>, app: &Arc<App>, which: View) -> Resp {
     let result = app
         .read(move |conn, path| {
             Ok(match which {
-                View::Status => Some(serde_json::to_value(views::status(conn, path, now, stale_after_secs)?)),
-                View::Rollouts => Some(serde_json::to_value(views::rollouts(conn, path)?)),
-                View::Hosts => Some(serde_json::to_value(views::hosts(conn, path, now, stale_after_secs)?)),
-                View::Rollout(id) => views::rollout(conn, path, &id, now)?.map(serde_json::to_value),
-                View::Events(id) => views::events(conn, path, &id, after, limit)?.map(serde_json::to_value),
+                JsonView::Status => Some(serde_json::to_value(views::status(conn, path, now, stale_after_secs)?)),
+                JsonView::Rollouts => Some(serde_json::to_value(views::rollouts(conn, path)?)),
+                JsonView::Hosts => Some(serde_json::to_value(views::hosts(conn, path, now, stale_after_secs)?)),
+                JsonView::Rollout(id) => views::rollout(conn, path, &id, now)?.map(serde_json::to_value),
+                JsonView::Events(id) => views::events(conn, path, &id, after, limit)?.map(serde_json::to_value),
             })
         })
         .await;
@@ -508,7 +556,19 @@ async fn view(req: Request<Incoming>, app: &Arc<App>, which: View) -> Resp {
 
 async fn metrics_route(app: &Arc<App>) -> Resp {
     let shared = Arc::clone(app);
-    match app.read(move |conn, path| metrics::render(&shared.counters, &shared.board, conn, path)).await {
+    let now = app.clock.now();
+    let stale_after_secs = app.heartbeat_interval_secs.saturating_mul(views::UNREACHABLE_AFTER_INTERVALS);
+    let render = move |conn: &Connection, path: &std::path::Path| {
+        let sources = metrics::Sources {
+            counters: &shared.counters,
+            latencies: &shared.latencies,
+            board: &shared.board,
+            now,
+            stale_after_secs,
+        };
+        metrics::render(sources, conn, path)
+    };
+    match app.read(render).await {
         Ok(text) => {
             let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));

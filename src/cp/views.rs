@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use super::planner::{self, PlanInput, RolloutState};
 use super::store::{self, parse_ts, Drift, HostRow, RolloutRow, StoreError};
 use crate::ids::{Closure, Hostname, RolloutId};
-use crate::machine::{Failure, HostRecord, HostState};
+use crate::machine::{Failure, HostRecord, HostState, ProbeStatus};
 use crate::wire::OutboundEvent;
 
 /// A host silent for this many heartbeat intervals shows as unreachable.
@@ -56,6 +56,10 @@ pub struct HostInRollout {
     pub failed_at: Option<String>,
     pub reverted_at: Option<String>,
     pub failing_probes: Vec<String>,
+    /// Every probe whose last result was a failure: its name, since when
+    /// it fails (agent time) and the agent's reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub probe_failures: Vec<ProbeFailureView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
     /// Why the host is where it is, when that is not obvious (waiting for
@@ -74,6 +78,15 @@ pub struct HostInRollout {
     /// The CP skipped the host: its target was quarantined before it acked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<SkippedView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeFailureView {
+    pub probe_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -384,6 +397,16 @@ fn host_in_rollout<'a>(
         failed_at: fmt(r.failed_at),
         reverted_at: fmt(r.reverted_at),
         failing_probes: r.failing_enforce_probes(),
+        probe_failures: r
+            .probes
+            .iter()
+            .filter(|(_, p)| p.last_status == Some(ProbeStatus::Fail))
+            .map(|(name, p)| ProbeFailureView {
+                probe_name: name.clone(),
+                failing_since: fmt(p.failing_since),
+                reason: p.failure_reason.clone(),
+            })
+            .collect(),
         failure: r.failure.clone(),
         note: host_note(input, r),
         deferred_at: fmt(deferred_at),

@@ -8,7 +8,6 @@
 use std::process::Command;
 
 use hyper::{Method, StatusCode};
-use nixfleet::client;
 use nixfleet::cp::store;
 use nixfleet::ids::Closure;
 use nixfleet::machine::RejectCode;
@@ -501,7 +500,7 @@ fn a_heartbeat_seq_beyond_max_seq_is_refused() {
             r#"{{"hostname":"web-1","current_closure":"{}","uptime_secs":1,"agent_version":"t","last_seq":{{"stable@r1":{big}}}}}"#,
             closure("web-1-old")
         );
-        let resp = client::request(&cp.url, Method::POST, "/v1/agent/heartbeat", &[], Some(body.into_bytes()))
+        let resp = crate::harness::request(&cp.url, Method::POST, "/v1/agent/heartbeat", &[], Some(body.into_bytes()))
             .await
             .expect("heartbeat");
         assert_eq!(resp.status, StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(&resp.body));

@@ -39,6 +39,11 @@ impl TempDir {
     pub fn path(&self) -> &Path {
         self.0.path()
     }
+
+    /// Keeps the directory (for a failed test's evidence) and returns its path.
+    pub fn keep(self) -> PathBuf {
+        self.0.keep()
+    }
 }
 
 /// Hands a child test its parameter (see [`child_test`]).
@@ -125,6 +130,22 @@ pub fn manifest(
         "waves": waves, "hosts": hosts,
     })
     .to_string()
+}
+
+/// Every HTTP request of the integration tests: `client::request`, then
+/// the answer is checked against docs/openapi.yaml (route, status, content
+/// type, JSON schema; `openapi::check_response`), so a test that gets an
+/// undocumented answer fails.
+pub async fn request(
+    url: &CpUrl,
+    method: Method,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> Result<HttpResponse, client::ClientError> {
+    let resp = client::request(url, method.clone(), path_and_query, headers, body).await?;
+    crate::openapi::check_response(method.as_str(), path_and_query, &resp);
+    Ok(resp)
 }
 
 pub fn bin() -> &'static str {
@@ -236,7 +257,7 @@ impl Cp {
     }
 
     pub async fn get(&self, path: &str) -> HttpResponse {
-        client::request(&self.url, Method::GET, path, &[], None).await.expect("GET")
+        request(&self.url, Method::GET, path, &[], None).await.expect("GET")
     }
 
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
@@ -246,7 +267,7 @@ impl Cp {
     }
 
     pub async fn publish(&self, envelope: &[u8]) -> HttpResponse {
-        client::request(&self.url, Method::POST, "/v1/rollouts", &[], Some(envelope.to_vec())).await.expect("POST")
+        request(&self.url, Method::POST, "/v1/rollouts", &[], Some(envelope.to_vec())).await.expect("POST")
     }
 
     /// One host's row of `/v1/rollouts/{id}`.
@@ -324,7 +345,7 @@ impl Agent {
     pub async fn post_raw(&self, items: &[(&str, &OutboundEvent)]) -> HttpResponse {
         let events: Vec<_> = items.iter().map(|(r, e)| serde_json::json!({"rollout_id": r, "event": e})).collect();
         let body = serde_json::json!({"hostname": self.host, "events": events});
-        client::request(&self.url, Method::POST, "/v1/agent/events", &[], Some(body.to_string().into_bytes()))
+        request(&self.url, Method::POST, "/v1/agent/events", &[], Some(body.to_string().into_bytes()))
             .await
             .expect("POST events")
     }
@@ -333,10 +354,9 @@ impl Agent {
     pub async fn post_raw_checked(&self, items: &[(&str, &OutboundEvent)]) -> Option<Vec<EventResult>> {
         let events: Vec<_> = items.iter().map(|(r, e)| serde_json::json!({"rollout_id": r, "event": e})).collect();
         let body = serde_json::json!({"hostname": self.host, "events": events});
-        let resp =
-            client::request(&self.url, Method::POST, "/v1/agent/events", &[], Some(body.to_string().into_bytes()))
-                .await
-                .ok()?;
+        let resp = request(&self.url, Method::POST, "/v1/agent/events", &[], Some(body.to_string().into_bytes()))
+            .await
+            .ok()?;
         if resp.status != StatusCode::OK {
             return None;
         }
@@ -352,7 +372,7 @@ impl Agent {
 
     pub async fn poll(&self, wait_secs: u64) -> Option<Dispatch> {
         let path = format!("/v1/agent/dispatch?hostname={}&wait={wait_secs}", self.host);
-        let resp = client::request(&self.url, Method::GET, &path, &[], None).await.expect("long-poll");
+        let resp = request(&self.url, Method::GET, &path, &[], None).await.expect("long-poll");
         match resp.status {
             StatusCode::OK => Some(serde_json::from_slice(&resp.body).expect("dispatch")),
             StatusCode::NO_CONTENT => None,
@@ -366,10 +386,9 @@ impl Agent {
             "hostname": self.host, "current_closure": self.current, "uptime_secs": 100,
             "agent_version": "test", "last_seq": last_seq,
         });
-        let resp =
-            client::request(&self.url, Method::POST, "/v1/agent/heartbeat", &[], Some(body.to_string().into_bytes()))
-                .await
-                .expect("heartbeat");
+        let resp = request(&self.url, Method::POST, "/v1/agent/heartbeat", &[], Some(body.to_string().into_bytes()))
+            .await
+            .expect("heartbeat");
         assert_eq!(resp.status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp.body));
         let header = resp.headers.get(REPLAY_FROM_HEADER).map(|v| v.to_str().expect("ascii").to_owned());
         (serde_json::from_slice(&resp.body).expect("heartbeat answer"), header)

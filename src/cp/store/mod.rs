@@ -67,8 +67,8 @@ pub use reads::{
 pub use schema::{open, open_reader, SCHEMA_VERSION};
 pub use state::{pending_records, CpState, LiveRollout};
 pub use status::{
-    dispatch_times, event_rows, host_rows, metric_counts, quarantine_rows, rollout_exists, rollout_row, rollout_rows,
-    HostRow, LoggedRow, MetricCounts, QuarantineRow, RolloutRow,
+    dispatch_times, event_rows, host_event_rows, host_rows, metric_counts, quarantine_rows, rollout_exists,
+    rollout_row, rollout_rows, HostRow, LoggedRow, MetricCounts, QuarantineRow, RolloutRow,
 };
 pub use writer::{
     Command, Counters, Reply, Writer, WriterStats, MAX_GROUP_EVENTS, SLOW_GROUP_MS, WRITER_CHANNEL_CAPACITY,

@@ -195,20 +195,67 @@ pub fn event_rows(
         .map_err(db.sql("read events"))?;
     let mut events = Vec::new();
     for row in rows {
-        let (log_id, hostname, seq, kind, agent_at, received_at, json) = row.map_err(db.sql("read events"))?;
-        let event: OutboundEvent =
-            serde_json::from_str(&json).map_err(|e| db.corrupt(format!("event log row {log_id}: {e}")))?;
-        events.push(LoggedRow {
-            id: log_id,
-            hostname,
-            seq: u64::try_from(seq).map_err(|_| db.corrupt(format!("event log row {log_id}: seq {seq}")))?,
-            kind,
-            agent_at,
-            received_at,
-            event,
-        });
+        events.push(logged_row(db, row.map_err(db.sql("read events"))?)?);
     }
     Ok(events)
+}
+
+/// The columns of an `event_log` row as read: id, hostname, seq, kind,
+/// agent_at, received_at, event JSON.
+type RawLogged = (i64, String, i64, String, String, String, String);
+
+fn logged_row(db: Db<'_>, raw: RawLogged) -> Result<LoggedRow, StoreError> {
+    let (log_id, hostname, seq, kind, agent_at, received_at, json) = raw;
+    let event: OutboundEvent =
+        serde_json::from_str(&json).map_err(|e| db.corrupt(format!("event log row {log_id}: {e}")))?;
+    Ok(LoggedRow {
+        id: log_id,
+        hostname,
+        seq: u64::try_from(seq).map_err(|_| db.corrupt(format!("event log row {log_id}: seq {seq}")))?,
+        kind,
+        agent_at,
+        received_at,
+        event,
+    })
+}
+
+/// The newest `limit` rows of one host's log, across its rollouts, newest
+/// first, with the rollout of each (the web page's timeline).
+pub fn host_event_rows(
+    conn: &Connection,
+    path: &Path,
+    host: &Hostname,
+    limit: i64,
+) -> Result<Vec<(String, LoggedRow)>, StoreError> {
+    let db = Db::new(conn, path);
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, hostname, seq, kind, agent_at, received_at, event, rollout_id FROM event_log
+             WHERE hostname = ?1 ORDER BY id DESC LIMIT ?2",
+        )
+        .map_err(db.sql("read host events"))?;
+    let rows = stmt
+        .query_map(params![host.as_str(), limit], |r| {
+            Ok((
+                (
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(5)?,
+                    r.get::<_, String>(6)?,
+                ),
+                r.get::<_, String>(7)?,
+            ))
+        })
+        .map_err(db.sql("read host events"))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (raw, rollout) = row.map_err(db.sql("read host events"))?;
+        out.push((rollout, logged_row(db, raw)?));
+    }
+    Ok(out)
 }
 
 /// One `hosts` row: the last heartbeat and its drift verdict.

@@ -46,6 +46,8 @@ pub struct Counters {
     pub events_rejected: AtomicU64,
     pub events_retry: AtomicU64,
     pub events_gap: AtomicU64,
+    /// Each committed group, from its first command to the commit.
+    pub commit_seconds: crate::cp::metrics::Histogram,
 }
 
 impl Counters {
@@ -288,6 +290,7 @@ impl Writer {
     /// Counters, then the board (waking long-polls), then the answers.
     fn after_commit(&self, done: Committed, n_commands: usize, started: Instant) {
         self.counters.commits.fetch_add(1, Relaxed);
+        self.counters.commit_seconds.observe(done.phases[2]);
         for reply in &done.replies {
             if let Pending::Ingest(_, results) = reply {
                 self.counters.count_results(results);

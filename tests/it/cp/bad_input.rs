@@ -101,7 +101,7 @@ fn bad_input_is_refused_with_json_errors_and_not_stored() {
             ),
         ];
         for (name, path, body, headers, status, code) in cases {
-            let resp = client::request(&cp.url, Method::POST, path, headers, Some(body)).await.expect(name);
+            let resp = crate::harness::request(&cp.url, Method::POST, path, headers, Some(body)).await.expect(name);
             let text = String::from_utf8_lossy(&resp.body).into_owned();
             assert_eq!(resp.status, status, "{name}: {text}");
             let json: serde_json::Value =
@@ -171,7 +171,7 @@ fn identity_is_enforced_and_liveness_follows_the_clock() {
             },
         ));
         let publish =
-            client::request(&url, Method::POST, "/v1/rollouts", &[], Some(release.sign(&two_waves("stable@r1", T0, 0))))
+            crate::harness::request(&url, Method::POST, "/v1/rollouts", &[], Some(release.sign(&two_waves("stable@r1", T0, 0))))
                 .await
                 .unwrap();
         assert_eq!(publish.status, StatusCode::CREATED);
@@ -185,10 +185,10 @@ fn identity_is_enforced_and_liveness_follows_the_clock() {
         assert_eq!(resp.status, StatusCode::FORBIDDEN);
         assert!(resp.error().to_string().contains("authenticated as web-1"), "{}", resp.error());
         let resp =
-            client::request(&url, Method::GET, "/v1/agent/dispatch?hostname=web-2&wait=0", &[], None).await.unwrap();
+            crate::harness::request(&url, Method::GET, "/v1/agent/dispatch?hostname=web-2&wait=0", &[], None).await.unwrap();
         assert_eq!(resp.status, StatusCode::FORBIDDEN);
         let hb = serde_json::json!({"hostname": "web-2", "current_closure": closure("x"), "uptime_secs": 1, "agent_version": "t"});
-        let resp = client::request(&url, Method::POST, "/v1/agent/heartbeat", &[], Some(hb.to_string().into_bytes()))
+        let resp = crate::harness::request(&url, Method::POST, "/v1/agent/heartbeat", &[], Some(hb.to_string().into_bytes()))
             .await
             .unwrap();
         assert_eq!(resp.status, StatusCode::FORBIDDEN);
@@ -201,7 +201,7 @@ fn identity_is_enforced_and_liveness_follows_the_clock() {
         let get = |path: &'static str| {
             let url = url.clone();
             async move {
-                let r = client::request(&url, Method::GET, path, &[], None).await.unwrap();
+                let r = crate::harness::request(&url, Method::GET, path, &[], None).await.unwrap();
                 serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()
             }
         };

@@ -441,7 +441,8 @@ fn check_waves(
     }
     for ((h, e), rec) in m.hosts.iter().zip(r.records.values()) {
         let skipped = r.skipped.contains(h);
-        if !is_settled(rec.state) && !(skipped && rec.state == HostState::Pending) {
+        let settled = is_settled(rec.state) || (skipped && rec.state == HostState::Pending);
+        if !settled {
             first_unsettled = first_unsettled.min(e.wave);
             let listed = unsettled.entry(e.wave).or_default();
             if listed.len() < 5 {

@@ -145,6 +145,14 @@ pub struct Proc {
     /// lowest seq the CP has; the drainer takes them at its next pass.
     pub resend: BTreeMap<RolloutId, u64>,
     pub heartbeat_req: Option<u64>,
+    /// (request, simulated ms) of the heartbeat the CP last answered, set
+    /// when the CP commits it; `heartbeat_seen_ms` takes the instant once
+    /// the answer (and so any Replay-From) reaches this process.
+    pub heartbeat_committed: Option<(u64, u64)>,
+    /// When the CP committed the last heartbeat whose answer arrived: the
+    /// end of the run waits until this is after the last re-publish (see
+    /// `Checker::republished_ms`).
+    pub heartbeat_seen_ms: u64,
     pub poll: LongPoll,
     pub poll_backoff: Backoff,
     pub known_pause_ms: u64,
@@ -288,6 +296,8 @@ impl SimAgent {
             blocked: BTreeMap::new(),
             resend: BTreeMap::new(),
             heartbeat_req: None,
+            heartbeat_committed: None,
+            heartbeat_seen_ms: 0,
             poll: LongPoll::Paused(0),
             poll_backoff: Backoff::new(),
             known_pause_ms: 20,

@@ -73,13 +73,37 @@ pub struct Checker {
     /// `issued_at` of the dispatch each (host, rollout) was admitted on.
     pub dispatch_issued: BTreeMap<(usize, RolloutId), Timestamp>,
     db_lost: bool,
+    /// The last successful publish after a database loss (0 before any
+    /// loss): the run may end only once every agent's heartbeat was
+    /// committed after it, so the rebuilt CP has asked each agent for the
+    /// history it lacks (`Sim::is_quiescent`).
+    republished_ms: u64,
+    /// (rollout, host) whose ack the CP applied after skipping the host,
+    /// already noted in the trace.
+    raced: BTreeSet<(RolloutId, Hostname)>,
 }
 
 impl Checker {
+    /// The database is gone, and with it everything the CP knew: the
+    /// applied seqs and the quarantine. A closure counts as quarantined
+    /// again once the rebuilt CP has it (an agent replayed the Reverted
+    /// event): the `quarantine` check judges the CP's dispatches against
+    /// what the CP knew when it issued them, as before the loss.
     pub fn database_lost(&mut self) {
         self.cp_last.clear();
         self.logged.clear();
+        self.quarantined_at.clear();
         self.db_lost = true;
+    }
+
+    pub fn published(&mut self, now_ms: u64) {
+        if self.db_lost {
+            self.republished_ms = now_ms;
+        }
+    }
+
+    pub fn republished_ms(&self) -> u64 {
+        self.republished_ms
     }
 
     pub fn tick_armed(&self, host: usize) -> bool {
@@ -348,6 +372,8 @@ impl Sim {
     pub(super) fn check_cp(&mut self) -> Result<(), Violation> {
         self.checker.n_checks += 1;
         let Some(state) = self.cp.state() else { return Ok(()) };
+        let now = super::world::at(self.now_ms);
+        let mut races = Vec::new();
         for (id, r) in &state.rollouts {
             let m = &r.manifest;
             let n_failed =
@@ -371,49 +397,121 @@ impl Sim {
                     format!("{id} is halted but still offers {} dispatch(es)", r.dispatched.len()),
                 ));
             }
-            let mut first_unsettled = usize::MAX;
-            let mut in_flight: BTreeMap<usize, usize> = BTreeMap::new();
-            // The CP opens one record per manifest host: both maps have the
-            // same keys in the same order, so they are walked side by side
-            // (a lookup per host was most of the sim's time at 10,000 hosts).
-            if m.hosts.len() != r.records.len() {
-                return Err(Violation::new("cp-state", format!("{id}: records and manifest hosts differ")));
-            }
-            for ((h, e), rec) in m.hosts.iter().zip(r.records.values()) {
-                if !is_settled(rec.state) {
-                    first_unsettled = first_unsettled.min(e.wave);
-                }
-                let dispatched = r.dispatched.contains_key(h);
-                if (rec.state == HostState::Pending && dispatched)
-                    || matches!(rec.state, HostState::Activating | HostState::Deferred | HostState::Soaking)
-                {
-                    *in_flight.entry(e.wave).or_default() += 1;
-                }
-            }
-            if !self.checker.db_lost {
-                for (wave, n) in &in_flight {
-                    let max = m.waves.get(*wave).map_or(0, |w| w.max_in_flight as usize);
-                    if *n > max {
-                        return Err(Violation::new(
-                            "max-in-flight",
-                            format!("{id} wave {wave} has {n} hosts in flight, max_in_flight is {max}"),
-                        ));
-                    }
-                }
-            }
-            for h in r.dispatched.keys() {
-                let wave = m.hosts.get(h).map_or(0, |e| e.wave);
-                if wave > first_unsettled {
-                    return Err(Violation::new(
-                        "wave-order",
-                        format!("{id} dispatches {h} of wave {wave} while wave {first_unsettled} has unsettled hosts"),
-                    ));
-                }
-            }
+            check_waves(&self.checker, now, id, r, &mut races)?;
+        }
+        for (id, h) in races {
+            self.note(format!("CP: {h} acked {id} after the CP skipped it (its ack raced the quarantine)"));
+            self.checker.raced.insert((id, h));
         }
         Ok(())
     }
+}
 
+/// `max-in-flight` and `wave-order` for one rollout.
+///
+/// In flight = the planner's definition: Pending with a standing
+/// dispatch, Activating, Deferred, Soaking. Settled = Converged,
+/// Failed, Reverted, or Pending and skipped (a skipped host reaches its
+/// terminal outcome, counted by its wave: issue item 6).
+///
+/// A host the CP skipped after offering it may already hold the offer
+/// (the withdrawal cannot reach back into a long-poll answer on its
+/// way); its ack then arrives after the slot was given to another
+/// host, and the CP applies it ("an ack that races a skip wins",
+/// docs/decisions.md). Such a host (skipped, no longer Pending) is in
+/// flight and counted, but may push the wave over `max_in_flight` by
+/// itself: the CP could not have known. Every offer is still checked
+/// strictly: a wave that receives a new dispatch must be within
+/// `max_in_flight` counting every in-flight host, raced ones included.
+fn check_waves(
+    checker: &Checker,
+    now: Timestamp,
+    id: &RolloutId,
+    r: &store::LiveRollout,
+    races: &mut Vec<(RolloutId, Hostname)>,
+) -> Result<(), Violation> {
+    let m = &r.manifest;
+    let mut first_unsettled = usize::MAX;
+    let mut in_flight: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    let mut raced: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut offered: BTreeSet<usize> = BTreeSet::new();
+    let mut unsettled: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    // The CP opens one record per manifest host: both maps have the
+    // same keys in the same order, so they are walked side by side
+    // (a lookup per host was most of the sim's time at 10,000 hosts).
+    if m.hosts.len() != r.records.len() {
+        return Err(Violation::new("cp-state", format!("{id}: records and manifest hosts differ")));
+    }
+    for ((h, e), rec) in m.hosts.iter().zip(r.records.values()) {
+        let skipped = r.skipped.contains(h);
+        let settled = is_settled(rec.state) || (skipped && rec.state == HostState::Pending);
+        if !settled {
+            first_unsettled = first_unsettled.min(e.wave);
+            let listed = unsettled.entry(e.wave).or_default();
+            if listed.len() < 5 {
+                listed.push(format!("{h} {}", rec.state));
+            }
+        }
+        let dispatch = r.dispatched.get(h);
+        if dispatch.is_some_and(|d| d.issued_at == now) {
+            offered.insert(e.wave);
+        }
+        if (rec.state == HostState::Pending && dispatch.is_some())
+            || matches!(rec.state, HostState::Activating | HostState::Deferred | HostState::Soaking)
+        {
+            let late = skipped && rec.state != HostState::Pending;
+            let what = if dispatch.is_some() { "offered" } else { rec.state.as_str() };
+            in_flight
+                .entry(e.wave)
+                .or_default()
+                .push(format!("{h} {what}{}", if late { " (raced its skip)" } else { "" }));
+            if late {
+                *raced.entry(e.wave).or_default() += 1;
+                if !checker.raced.contains(&(id.clone(), h.clone())) {
+                    races.push((id.clone(), h.clone()));
+                }
+            }
+        }
+    }
+    if !checker.db_lost {
+        for (wave, hosts) in &in_flight {
+            let max = m.waves.get(*wave).map_or(0, |w| w.max_in_flight as usize);
+            let n = hosts.len();
+            let n_raced = raced.get(wave).copied().unwrap_or(0);
+            if n - n_raced > max || (n > max && offered.contains(wave)) {
+                let why = if offered.contains(wave) { " after a new dispatch" } else { "" };
+                return Err(Violation::new(
+                    "max-in-flight",
+                    format!(
+                        "{id} wave {wave} has {n} hosts in flight{why}, max_in_flight is {max}: {}",
+                        hosts.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    // The order is a promise about dispatching: no offer made by this
+    // group may be in a wave after one with an unsettled host.
+    if let Some(wave) = offered.iter().find(|w| **w > first_unsettled) {
+        let offers: Vec<&str> = r
+            .dispatched
+            .iter()
+            .filter(|(h, d)| d.issued_at == now && m.hosts.get(*h).is_some_and(|e| e.wave == *wave))
+            .map(|(h, _)| h.as_str())
+            .collect();
+        return Err(Violation::new(
+            "wave-order",
+            format!(
+                "{id} dispatches {} of wave {wave} while wave {first_unsettled} has unsettled hosts: {}",
+                offers.join(", "),
+                unsettled.get(&first_unsettled).map(|v| v.join(", ")).unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Sim {
     pub(super) fn check_replay(&mut self, when: &str) -> Result<(), Violation> {
         self.checker.n_checks += 1;
         let Some(conn) = self.cp.reader() else { return Ok(()) };

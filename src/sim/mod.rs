@@ -740,6 +740,7 @@ impl Sim {
         let p = &self.plan[i];
         self.note(format!("operator publishes {}@{} ({})", p.channel, p.git_ref, if ok { "ok" } else { "failed" }));
         if ok {
+            self.checker.published(self.now_ms);
             if !self.published.contains(&i) {
                 self.published.push(i);
             }
@@ -952,7 +953,12 @@ impl Sim {
                     }
                     ToAgent::Events(results)
                 }
-                Answer::Heartbeat(r) => ToAgent::Heartbeat(r),
+                Answer::Heartbeat(r) => {
+                    if let Some(p) = self.agents[host].proc.as_mut() {
+                        p.heartbeat_committed = Some((req, self.now_ms));
+                    }
+                    ToAgent::Heartbeat(r)
+                }
                 Answer::Published(_) | Answer::Unavailable => ToAgent::Unavailable,
             };
             self.reply(host, inc, req, reply);
@@ -1430,6 +1436,11 @@ impl Sim {
                     return Ok(());
                 }
                 proc.heartbeat_req = None;
+                if let Some((r, at)) = proc.heartbeat_committed {
+                    if r == req {
+                        proc.heartbeat_seen_ms = at;
+                    }
+                }
                 if !replay_from.is_empty() {
                     // `queue.request_resend` per rollout: the drainer, the one
                     // sender, serves them at its next pass.
@@ -1542,6 +1553,7 @@ impl Sim {
             m.switches.is_empty()
                 && proc.journal.lock().pending_len() == 0
                 && proc.resend.is_empty()
+                && proc.heartbeat_seen_ms >= self.checker.republished_ms()
                 && !matches!(proc.drain, Drain::InFlight { .. })
                 && proc.reducer.rollouts().iter().all(|(_, s)| !check::is_live(&s.record))
         })

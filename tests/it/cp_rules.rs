@@ -338,6 +338,47 @@ fn a_quarantined_target_withdraws_dispatches_and_skips_the_host() {
     replay_agrees(&cp);
 }
 
+/// An ack that races a skip wins, and the rollout follows it. web-2 held
+/// its offer when web-1's revert quarantined the shared closure (the
+/// withdrawal cannot reach back into a long-poll answer already sent); its
+/// late ack unsettles the completed rollout, and its failure makes two
+/// failed hosts, more than `max_failed_hosts` = 1: the rollout halts. The
+/// writer used to never plan a completed rollout again, so it stayed
+/// "completed" with a host in flight and the budget exceeded. Found by
+/// `nixfleet sim --seed 239 --hosts 12 --faults heavy` (replays arriving
+/// late after a database loss do the same).
+#[test]
+fn a_late_ack_and_failure_reopen_and_halt_a_completed_rollout() {
+    let (_dir, release, cp) = setup("late-ack");
+    let rt = rt();
+    rt.block_on(async {
+        let hosts = [("web-1", 0, "shared"), ("web-2", 0, "shared")];
+        cp.publish(&release.sign(&manifest("stable@r1", T0, 1, &[("all", 0, 2)], &hosts))).await;
+        let mut web1 = Agent::new("web-1", &cp.url);
+        let mut web2 = Agent::new("web-2", &cp.url);
+        let d1 = web1.poll(0).await.expect("web-1 dispatched");
+        let d2 = web2.poll(0).await.expect("web-2 dispatched");
+        web1.fail_and_revert(&d1).await;
+        let detail = cp.get_json("/v1/rollouts/stable@r1").await;
+        assert_eq!(detail["state"], "completed", "web-2 skipped, web-1 within the budget: {detail:#}");
+        let ack = web2.ack_body(&d2);
+        assert_applied(&web2.send("stable@r1", ack).await);
+        let detail = cp.get_json("/v1/rollouts/stable@r1").await;
+        assert_eq!(detail["state"], "converging", "web-2 is in flight after its late ack: {detail:#}");
+        let failed = WireEventBody::ActivationFailed {
+            exit_code: 1,
+            stderr_tail: "switch-to-configuration: unit web.service failed".into(),
+            failed_at: web2.tick(3),
+        };
+        assert_applied(&web2.send("stable@r1", failed).await);
+        let detail = cp.get_json("/v1/rollouts/stable@r1").await;
+        assert_eq!(detail["state"], "halted", "two failed hosts, max_failed_hosts 1: {detail:#}");
+        let reason = detail["halt_reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("web-1") && reason.contains("web-2"), "{detail:#}");
+    });
+    replay_agrees(&cp);
+}
+
 /// Rule 10: a heartbeat whose current closure differs from the closure the
 /// records say the host runs is drift, shown in `/v1/hosts`, `/v1/status`,
 /// `/metrics` and `cp status`; an activating host, and a host whose events

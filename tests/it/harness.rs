@@ -317,7 +317,7 @@ impl Agent {
         }
     }
 
-    fn tick(&mut self, secs: i64) -> OffsetDateTime {
+    pub fn tick(&mut self, secs: i64) -> OffsetDateTime {
         self.clock += TimeDuration::seconds(secs);
         self.clock
     }

@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use super::group::{BoardChange, Group};
 use super::state::{CpState, LiveRollout};
 use super::{ts, Db, StoreError};
-use crate::cp::planner::{self, Plan, PlanInput, RolloutState};
+use crate::cp::planner::{self, Plan, PlanInput};
 use crate::ids::{Hostname, RolloutId};
 use crate::wire::Dispatch;
 
@@ -20,9 +20,12 @@ pub(super) fn run_planner(db: Db<'_>, state: &mut CpState, group: &mut Group) ->
     let empty = HashSet::new();
     let dirty = std::mem::take(&mut group.dirty);
     for id in &dirty {
+        // A completed rollout is planned again when touched: an ack that
+        // raced a skip, or a replay arriving late after a database loss,
+        // can unsettle a host or exceed `max_failed_hosts` (halt) after it.
         let busy = match state.rollouts.get(id) {
-            Some(r) if r.state != RolloutState::Completed => state.busy_elsewhere(id, &r.manifest),
-            _ => continue,
+            Some(r) => state.busy_elsewhere(id, &r.manifest),
+            None => continue,
         };
         let Some(rollout) = state.rollouts.get_mut(id) else { continue };
         let dispatched: BTreeSet<Hostname> = rollout.dispatched.keys().cloned().collect();

@@ -6,7 +6,7 @@
 //! Reading order: [`planner`] (pure: stored state → decisions), [`store`]
 //! (SQLite schema and the one writer), [`longpoll`] (the dispatch board),
 //! [`config`], [`routes`] (HTTP API), [`views`] (status JSON), [`metrics`],
-//! [`server`] (process shell, shutdown) and [`cmd`] (operator commands,
+//! [`server`] (process shell, shutdown), [`transport`] (mutual TLS) and [`cmd`] (operator commands,
 //! through [`crate::client`]).
 
 pub mod cmd;
@@ -17,7 +17,9 @@ pub mod planner;
 pub mod routes;
 pub mod server;
 pub mod store;
+pub mod transport;
 pub mod views;
 
 pub use cmd::{run, CpError};
 pub use server::{bind, serve, Acceptor, PlainAcceptor, ServeConfig, ServeReport};
+pub use transport::TlsAcceptor;

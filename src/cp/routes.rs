@@ -29,6 +29,7 @@ use super::views;
 use crate::clock::ClockHandle;
 use crate::ids::{Hostname, RolloutId};
 use crate::sign::{self, PublicKey, VerifyError};
+use crate::tls::{self, Role};
 use crate::wire::{
     ErrorBody, EventBatch, EventBatchResponse, Heartbeat, HeartbeatResponse, Manifest, MAX_BODY_BYTES, MAX_CLOCK_SKEW,
     MAX_LONGPOLL_WAIT_SECS, MAX_SEQ, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLAY_FROM_HEADER,
@@ -47,11 +48,115 @@ pub const MAX_AGENT_VERSION_BYTES: usize = 128;
 /// open a connection and drop it (views are rare operator requests).
 const MAX_IDLE_READERS: usize = 4;
 
-/// The peer's identity as established by the transport. Plain TCP has none;
-/// with mTLS (later) it is the certificate's hostname and agent requests for
-/// any other host are refused with 403.
+/// Who the transport says the peer is.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerIdentity(pub Option<Hostname>);
+pub enum PeerIdentity {
+    /// Plaintext HTTP (loopback, or `--insecure` on a trusted network):
+    /// nobody is authenticated and every route is open.
+    #[default]
+    Unauthenticated,
+    /// Mutual TLS: a client certificate that chains to the client CA, and
+    /// what it names, or why it names nothing usable (a refusal quotes it).
+    Certificate(Result<tls::PeerIdentity, String>),
+}
+
+impl PeerIdentity {
+    /// What a certificate names, for error messages: `CN web-1, DNS web-1, role host`.
+    fn describe(&self) -> String {
+        match self {
+            PeerIdentity::Unauthenticated => "an unauthenticated connection".to_owned(),
+            PeerIdentity::Certificate(Err(why)) => format!("a certificate without a usable identity ({why})"),
+            PeerIdentity::Certificate(Ok(id)) => {
+                let mut parts = vec![format!("CN {}", id.common_name.as_deref().unwrap_or("(none)"))];
+                parts.extend(id.dns_names.iter().map(|n| format!("DNS {n}")));
+                parts.push(match id.role {
+                    Some(role) => format!("role {role}"),
+                    None => format!("no {}ROLE URI", tls::ROLE_URI_SCHEME),
+                });
+                format!("the certificate of {}", parts.join(", "))
+            }
+        }
+    }
+
+    /// The certificate's identity if it carries `role`.
+    fn with_role(&self, role: Role) -> Option<&tls::PeerIdentity> {
+        match self {
+            PeerIdentity::Certificate(Ok(id)) if id.role == Some(role) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+fn role_required(peer: &PeerIdentity, needs: &str) -> Resp {
+    error(
+        StatusCode::FORBIDDEN,
+        "role_required",
+        format!("this endpoint needs {needs}; this connection presented {}", peer.describe()),
+    )
+}
+
+/// Operator endpoints (publish, views, a rollout's events, metrics, and
+/// every later operator route): a certificate with the URI SAN
+/// `nixfleet:operator`. Open on a plaintext connection.
+pub fn require_operator(peer: &PeerIdentity) -> Result<(), Resp> {
+    match peer {
+        PeerIdentity::Unauthenticated => Ok(()),
+        _ if peer.with_role(Role::Operator).is_some() => Ok(()),
+        _ => Err(role_required(peer, "an operator certificate (URI SAN nixfleet:operator)")),
+    }
+}
+
+/// An agent acting for `hostname`: a `nixfleet:host` certificate whose CN
+/// or one of whose DNS SANs is exactly `hostname`; otherwise 403 naming
+/// both names. Open on a plaintext connection.
+pub fn require_host(peer: &PeerIdentity, hostname: &Hostname) -> Result<(), Resp> {
+    if *peer == PeerIdentity::Unauthenticated {
+        return Ok(());
+    }
+    let Some(id) = peer.with_role(Role::Host) else {
+        return Err(role_required(peer, "a host certificate (URI SAN nixfleet:host)"));
+    };
+    if id.names(hostname.as_str()) {
+        return Ok(());
+    }
+    Err(error(
+        StatusCode::FORBIDDEN,
+        "identity_mismatch",
+        format!(
+            "this connection is authenticated as {} ({}), which may not act for host {hostname}",
+            id.common_name.as_deref().unwrap_or("(no CN)"),
+            peer.describe()
+        ),
+    ))
+}
+
+/// Any agent (a `nixfleet:host` certificate) or an operator: a rollout's
+/// signed manifest, which agents fetch and operators may read.
+pub fn require_host_or_operator(peer: &PeerIdentity) -> Result<(), Resp> {
+    match peer {
+        PeerIdentity::Unauthenticated => Ok(()),
+        _ if peer.with_role(Role::Host).is_some() || peer.with_role(Role::Operator).is_some() => Ok(()),
+        _ => Err(role_required(peer, "a host or an operator certificate")),
+    }
+}
+
+/// Which certificate a path needs, checked before anything else is read:
+/// `/healthz` is open, `/v1/agent/*` needs a host certificate (the handler
+/// then checks it names the host acted for), a rollout's manifest a host or
+/// an operator, and every other path (the operator endpoints, and any path
+/// added later) an operator: an unlisted route is never open by accident.
+fn authorize(peer: &PeerIdentity, segments: &[&str]) -> Result<(), Resp> {
+    match segments {
+        ["healthz"] => Ok(()),
+        ["v1", "agent", ..] => match peer.with_role(Role::Host) {
+            Some(_) => Ok(()),
+            None if *peer == PeerIdentity::Unauthenticated => Ok(()),
+            None => Err(role_required(peer, "a host certificate (URI SAN nixfleet:host)")),
+        },
+        ["v1", "rollouts", _, "manifest"] => require_host_or_operator(peer),
+        _ => require_operator(peer),
+    }
+}
 
 /// Shared by every connection.
 #[derive(Debug)]
@@ -226,6 +331,9 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>, peer: PeerIdentity) -
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
+    if let Err(resp) = authorize(&peer, &segments) {
+        return resp;
+    }
     match (method.clone(), segments.as_slice()) {
         (Method::GET, ["healthz"]) => json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         (Method::GET, ["metrics"]) => metrics_route(&app).await,
@@ -332,18 +440,6 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
     }
 }
 
-/// Refuses an agent request for another host than the transport's identity.
-fn check_identity(peer: &PeerIdentity, hostname: &Hostname) -> Result<(), Resp> {
-    match &peer.0 {
-        Some(id) if id != hostname => Err(error(
-            StatusCode::FORBIDDEN,
-            "identity_mismatch",
-            format!("this connection is authenticated as {id}, not {hostname}"),
-        )),
-        _ => Ok(()),
-    }
-}
-
 async fn dispatch(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> Resp {
     if let Err(resp) = check_protocol(&req, true) {
         return resp;
@@ -353,7 +449,7 @@ async fn dispatch(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "bad_hostname", e.to_string()),
         None => return error(StatusCode::BAD_REQUEST, "missing_hostname", "the query needs hostname=H"),
     };
-    if let Err(resp) = check_identity(peer, &hostname) {
+    if let Err(resp) = require_host(peer, &hostname) {
         return resp;
     }
     let wait_secs = match query_param(&req, "wait").map(str::parse::<u64>) {
@@ -379,7 +475,7 @@ async fn events(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> 
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_event_batch", e.to_string()),
     };
-    if let Err(resp) = check_identity(peer, &batch.hostname) {
+    if let Err(resp) = require_host(peer, &batch.hostname) {
         return resp;
     }
     let EventBatch { hostname, events: items } = batch;
@@ -410,7 +506,7 @@ async fn heartbeat(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) 
         let message = format!("last_seq.{id}: {seq} is larger than the largest seq, {MAX_SEQ}");
         return error(StatusCode::BAD_REQUEST, "bad_heartbeat", message);
     }
-    if let Err(resp) = check_identity(peer, &heartbeat.hostname) {
+    if let Err(resp) = require_host(peer, &heartbeat.hostname) {
         return resp;
     }
     let replay_from: BTreeMap<RolloutId, u64> = match ask(app, |reply| Command::Heartbeat { heartbeat, reply }).await {

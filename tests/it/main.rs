@@ -15,4 +15,5 @@ mod pki;
 mod probes;
 mod protocol_doc;
 mod queue;
+mod tls;
 mod workers;

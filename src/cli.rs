@@ -601,10 +601,15 @@ mod tests {
         agent.extend(env_flags("agent", env));
         let parsed = Cli::try_parse_from(std::iter::once("nixfleet".to_owned()).chain(agent.clone()))
             .unwrap_or_else(|e| panic!("{agent:?}: {e}"));
-        assert!(matches!(parsed.command, Command::Agent(_)), "{agent:?}");
+        let Command::Agent(agent_args) = parsed.command else { panic!("{agent:?}") };
+        // The examples run a real fleet: the agent speaks mutual TLS...
+        assert!(agent_args.cp.starts_with("https://"), "{agent:?}");
+        assert!(agent_args.ca_cert.is_some() && agent_args.client_cert.is_some() && agent_args.client_key.is_some());
         let cp = exec_start_args(include_str!("../contrib/systemd/nixfleet-cp.service"));
         let parsed = Cli::try_parse_from(std::iter::once("nixfleet".to_owned()).chain(cp.clone()))
             .unwrap_or_else(|e| panic!("{cp:?}: {e}"));
-        assert!(matches!(parsed.command, Command::Cp(CpCommand::Serve(_))), "{cp:?}");
+        let Command::Cp(CpCommand::Serve(serve)) = parsed.command else { panic!("{cp:?}") };
+        // ...and the CP listens on the network with TLS, never --insecure.
+        assert!(!serve.listen.ip().is_loopback() && serve.tls_cert.is_some() && !serve.insecure, "{cp:?}");
     }
 }

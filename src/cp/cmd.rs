@@ -88,7 +88,7 @@ async fn serve_cmd(args: CpServeArgs) -> Result<(), CpError> {
             let tls = Arc::clone(tls);
             crate::signal::spawn_on_sighup(move || tls.reload_logged())
         }
-        None if args.listen.ip().is_loopback() => {
+        None if !args.insecure => {
             tracing::info!(addr = %local, %db, "control plane listening on http://{local} (plaintext, loopback only: no TLS configured)");
             crate::signal::spawn_on_sighup(|| tracing::info!("SIGHUP: no TLS files to re-read (plaintext)"))
         }

@@ -571,7 +571,7 @@ async fn drain_through_real_cp(
     }
     let queue = SharedQueue::new(queue);
     let (trigger, stop) = shutdown_channel();
-    let api = CpApi::new(cp.url.clone(), host);
+    let api = CpApi::new(cp.host_url("web-1"), host);
     let wake = std::sync::Arc::new(tokio::sync::Notify::new());
     let worker = tokio::spawn(run_drain_worker(api, queue.clone(), wake, Duration::from_millis(50), stop));
     let start = Instant::now();

@@ -416,3 +416,56 @@ async fn sighup_rotates_to_a_new_client_ca_and_keeps_the_old_files_on_a_bad_one_
     let code = host.stop_agent();
     assert_eq!(code, Some(0), "{}", host.log());
 }
+
+#[test]
+fn without_tls_the_cp_binds_loopback_only_and_insecure_says_loudly_that_it_is_for_a_lab() {
+    // Proves the plaintext rules: a network address without TLS is refused with a message naming the TLS flags;
+    // --insecure serves but logs an INSECURE warning; half the TLS flags, or --insecure with TLS, are usage
+    // errors; https without the client files and http with them are refused by the clients.
+    let dir = TempDir::new("tls-plain-rules");
+    let release = Release::new(dir.path(), "release");
+    let db = dir.path().join("cp.db").display().to_string();
+    let trust = release.pub_path.display().to_string();
+    let serve = |extra: &[&str]| {
+        let mut args: Vec<String> = ["cp", "serve", "--db", &db, "--trust-key", &trust].map(String::from).to_vec();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    };
+    let out = nixfleet(&serve(&["--listen", "0.0.0.0:0"]));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("--tls-cert, --tls-key and --client-ca") && text(&out).contains("--insecure"),
+        "{}",
+        text(&out)
+    );
+    for usage in
+        [&["--tls-cert", "x.crt"][..], &["--tls-cert", "a", "--tls-key", "b", "--client-ca", "c", "--insecure"]]
+    {
+        let out = nixfleet(&serve(usage));
+        assert_eq!(out.status.code(), Some(2), "{usage:?}: {}", text(&out));
+    }
+
+    let cp = Cp::start_with(dir.path(), &release.pub_path, &["--insecure"]);
+    let log = cp.log_text();
+    assert!(log.contains("INSECURE") && log.contains("trusted lab network only"), "{log}");
+
+    let url = format!("https://{}", cp.url.authority());
+    let out = nixfleet(&["cp".into(), "status".into(), "--cp".into(), url.clone()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("give --ca-cert"), "{}", text(&out));
+    let out = nixfleet(&[
+        "agent".into(),
+        "--cp".into(),
+        url,
+        "--trust-key".into(),
+        trust.clone(),
+        "--hostname".into(),
+        "web-1".into(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("give --ca-cert"), "{}", text(&out));
+    let http = format!("http://{}", cp.url.authority());
+    let out = nixfleet(&["cp".into(), "status".into(), "--cp".into(), http, "--ca-cert".into(), trust]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("plaintext http, but TLS files were given"), "{}", text(&out));
+}

@@ -285,9 +285,8 @@ async fn last_heartbeat(url: &CpUrl, host: &str) -> Option<String> {
 async fn next_heartbeat(url: &CpUrl, host: &str, after: Option<String>, agent_log: impl Fn() -> String) -> String {
     let start = Instant::now();
     loop {
-        let now = last_heartbeat(url, host).await;
-        if now.is_some() && now > after {
-            return now.expect("some");
+        if let Some(now) = last_heartbeat(url, host).await.filter(|now| Some(now) > after.as_ref()) {
+            return now;
         }
         assert!(
             start.elapsed() < crate::harness::DEADLINE,

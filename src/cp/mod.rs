@@ -5,10 +5,12 @@
 //!
 //! Reading order: [`planner`] (pure: stored state → decisions), [`store`]
 //! (SQLite schema and the one writer), [`longpoll`] (the dispatch board),
-//! [`config`], [`routes`] (HTTP API), [`views`] (status JSON), [`metrics`],
-//! [`server`] (process shell, shutdown), [`transport`] (mutual TLS) and [`cmd`] (operator commands,
+//! [`config`], [`authz`] (who may call what), [`routes`] (HTTP API),
+//! [`views`] (status JSON), [`metrics`], [`server`] (process shell,
+//! shutdown), [`transport`] (mutual TLS) and [`cmd`] (operator commands,
 //! through [`crate::client`]).
 
+pub mod authz;
 pub mod cmd;
 pub mod config;
 pub mod longpoll;

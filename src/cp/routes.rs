@@ -21,6 +21,8 @@ use rusqlite::Connection;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::authz::authorize;
+pub use super::authz::{require_host, require_host_or_operator, require_operator, PeerIdentity};
 use super::config::ServeConfig;
 use super::longpoll::{Board, PollOutcome};
 use super::metrics;
@@ -29,7 +31,6 @@ use super::views;
 use crate::clock::ClockHandle;
 use crate::ids::{Hostname, RolloutId};
 use crate::sign::{self, PublicKey, VerifyError};
-use crate::tls::{self, Role};
 use crate::wire::{
     ErrorBody, EventBatch, EventBatchResponse, Heartbeat, HeartbeatResponse, Manifest, MAX_BODY_BYTES, MAX_CLOCK_SKEW,
     MAX_LONGPOLL_WAIT_SECS, MAX_SEQ, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLAY_FROM_HEADER,
@@ -47,116 +48,6 @@ pub const MAX_AGENT_VERSION_BYTES: usize = 128;
 /// Reader connections kept for the status views; more concurrent readers
 /// open a connection and drop it (views are rare operator requests).
 const MAX_IDLE_READERS: usize = 4;
-
-/// Who the transport says the peer is.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum PeerIdentity {
-    /// Plaintext HTTP (loopback, or `--insecure` on a trusted network):
-    /// nobody is authenticated and every route is open.
-    #[default]
-    Unauthenticated,
-    /// Mutual TLS: a client certificate that chains to the client CA, and
-    /// what it names, or why it names nothing usable (a refusal quotes it).
-    Certificate(Result<tls::PeerIdentity, String>),
-}
-
-impl PeerIdentity {
-    /// What a certificate names, for error messages: `CN web-1, DNS web-1, role host`.
-    fn describe(&self) -> String {
-        match self {
-            PeerIdentity::Unauthenticated => "an unauthenticated connection".to_owned(),
-            PeerIdentity::Certificate(Err(why)) => format!("a certificate without a usable identity ({why})"),
-            PeerIdentity::Certificate(Ok(id)) => {
-                let mut parts = vec![format!("CN {}", id.common_name.as_deref().unwrap_or("(none)"))];
-                parts.extend(id.dns_names.iter().map(|n| format!("DNS {n}")));
-                parts.push(match id.role {
-                    Some(role) => format!("role {role}"),
-                    None => format!("no {}ROLE URI", tls::ROLE_URI_SCHEME),
-                });
-                format!("the certificate of {}", parts.join(", "))
-            }
-        }
-    }
-
-    /// The certificate's identity if it carries `role`.
-    fn with_role(&self, role: Role) -> Option<&tls::PeerIdentity> {
-        match self {
-            PeerIdentity::Certificate(Ok(id)) if id.role == Some(role) => Some(id),
-            _ => None,
-        }
-    }
-}
-
-fn role_required(peer: &PeerIdentity, needs: &str) -> Resp {
-    error(
-        StatusCode::FORBIDDEN,
-        "role_required",
-        format!("this endpoint needs {needs}; this connection presented {}", peer.describe()),
-    )
-}
-
-/// Operator endpoints (publish, views, a rollout's events, metrics, and
-/// every later operator route): a certificate with the URI SAN
-/// `nixfleet:operator`. Open on a plaintext connection.
-pub fn require_operator(peer: &PeerIdentity) -> Result<(), Resp> {
-    match peer {
-        PeerIdentity::Unauthenticated => Ok(()),
-        _ if peer.with_role(Role::Operator).is_some() => Ok(()),
-        _ => Err(role_required(peer, "an operator certificate (URI SAN nixfleet:operator)")),
-    }
-}
-
-/// An agent acting for `hostname`: a `nixfleet:host` certificate whose CN
-/// or one of whose DNS SANs is exactly `hostname`; otherwise 403 naming
-/// both names. Open on a plaintext connection.
-pub fn require_host(peer: &PeerIdentity, hostname: &Hostname) -> Result<(), Resp> {
-    if *peer == PeerIdentity::Unauthenticated {
-        return Ok(());
-    }
-    let Some(id) = peer.with_role(Role::Host) else {
-        return Err(role_required(peer, "a host certificate (URI SAN nixfleet:host)"));
-    };
-    if id.names(hostname.as_str()) {
-        return Ok(());
-    }
-    Err(error(
-        StatusCode::FORBIDDEN,
-        "identity_mismatch",
-        format!(
-            "this connection is authenticated as {} ({}), which may not act for host {hostname}",
-            id.common_name.as_deref().unwrap_or("(no CN)"),
-            peer.describe()
-        ),
-    ))
-}
-
-/// Any agent (a `nixfleet:host` certificate) or an operator: a rollout's
-/// signed manifest, which agents fetch and operators may read.
-pub fn require_host_or_operator(peer: &PeerIdentity) -> Result<(), Resp> {
-    match peer {
-        PeerIdentity::Unauthenticated => Ok(()),
-        _ if peer.with_role(Role::Host).is_some() || peer.with_role(Role::Operator).is_some() => Ok(()),
-        _ => Err(role_required(peer, "a host or an operator certificate")),
-    }
-}
-
-/// Which certificate a path needs, checked before anything else is read:
-/// `/healthz` is open, `/v1/agent/*` needs a host certificate (the handler
-/// then checks it names the host acted for), a rollout's manifest a host or
-/// an operator, and every other path (the operator endpoints, and any path
-/// added later) an operator: an unlisted route is never open by accident.
-fn authorize(peer: &PeerIdentity, segments: &[&str]) -> Result<(), Resp> {
-    match segments {
-        ["healthz"] => Ok(()),
-        ["v1", "agent", ..] => match peer.with_role(Role::Host) {
-            Some(_) => Ok(()),
-            None if *peer == PeerIdentity::Unauthenticated => Ok(()),
-            None => Err(role_required(peer, "a host certificate (URI SAN nixfleet:host)")),
-        },
-        ["v1", "rollouts", _, "manifest"] => require_host_or_operator(peer),
-        _ => require_operator(peer),
-    }
-}
 
 /// Shared by every connection.
 #[derive(Debug)]

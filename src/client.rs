@@ -24,6 +24,9 @@ use crate::wire::{ErrorBody, MAX_LONGPOLL_WAIT_SECS, PROTOCOL_HEADER, PROTOCOL_V
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A whole request, including the longest long-poll the CP holds.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(MAX_LONGPOLL_WAIT_SECS + 30);
+/// After a failed request, how long the connection may take to report its
+/// own error (it has failed already; this only orders the two tasks).
+const CONNECTION_ERROR_WAIT: Duration = Duration::from_millis(100);
 /// Answers above this are refused (status views of a 100k-host fleet fit).
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -45,6 +48,14 @@ pub enum ClientError {
     Timeout { authority: String },
     #[error("HTTP error talking to {authority}: {source}")]
     Http { authority: String, source: hyper::Error },
+    /// The control plane ended the TLS session with an alert: with TLS 1.3
+    /// it checks the client certificate after the client's handshake is
+    /// done, so a refused certificate shows up at the first read.
+    #[error(
+        "the control plane at {authority} refused this client's TLS certificate ({alert}): check that \
+         --client-cert is issued by the CA the control plane trusts and is within its validity dates"
+    )]
+    CertificateRefused { authority: String, alert: String },
     #[error("bad request header {0}")]
     BadHeader(String),
     #[error("the control plane answered {status}: {message}")]
@@ -227,6 +238,21 @@ impl HttpResponse {
     }
 }
 
+/// A hyper error, or [`ClientError::CertificateRefused`] when underneath it
+/// the server sent a TLS alert.
+fn http_error(authority: &str, source: hyper::Error) -> ClientError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+    while let Some(err) = cause {
+        let inner =
+            err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|e| e as &dyn std::error::Error);
+        if let Some(rustls::Error::AlertReceived(alert)) = inner.and_then(|e| e.downcast_ref::<rustls::Error>()) {
+            return ClientError::CertificateRefused { authority: authority.to_owned(), alert: format!("{alert:?}") };
+        }
+        cause = err.source();
+    }
+    ClientError::Http { authority: authority.to_owned(), source }
+}
+
 /// One request with `X-Nixfleet-Protocol: 1` unless `headers` sets it; a
 /// header given with an empty value is left out (tests use that to send a
 /// request without the protocol header).
@@ -240,9 +266,9 @@ pub async fn request(
     let authority = url.authority.clone();
     let timeout = || ClientError::Timeout { authority: authority.clone() };
     let stream = connect(url).await?;
-    let http = |source| ClientError::Http { authority: authority.clone(), source };
+    let http = |source| http_error(&authority, source);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
-    let driver = tokio::spawn(conn);
+    let mut driver = tokio::spawn(conn);
 
     let mut builder = Request::builder().method(method).uri(path_and_query).header(HOST, &authority);
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(PROTOCOL_HEADER)) {
@@ -268,9 +294,24 @@ pub async fn request(
             .map_err(|source| ClientError::Body { authority: authority.clone(), status: parts.status, source })?;
         Ok(HttpResponse { status: parts.status, headers: parts.headers, body: body.to_bytes() })
     };
-    let result = tokio::time::timeout(REQUEST_TIMEOUT, work).await.map_err(|_| timeout());
+    let mut result = tokio::time::timeout(REQUEST_TIMEOUT, work).await.map_err(|_| timeout());
     drop(sender);
-    driver.abort();
-    let _ = driver.await;
+    let mut driver_done = false;
+    if let Ok(Err(ClientError::Http { .. })) = &result {
+        // A request cancelled by a failed connection: the connection's own
+        // error says why (a TLS alert: the certificate was refused).
+        if let Ok(joined) = tokio::time::timeout(CONNECTION_ERROR_WAIT, &mut driver).await {
+            driver_done = true;
+            if let Ok(Err(e)) = joined {
+                if let refused @ ClientError::CertificateRefused { .. } = http_error(&authority, e) {
+                    result = Ok(Err(refused));
+                }
+            }
+        }
+    }
+    if !driver_done {
+        driver.abort();
+        let _ = driver.await;
+    }
     result?
 }

@@ -209,8 +209,8 @@ fn clients_without_a_valid_certificate_fail_the_handshake_and_reach_nothing() {
             let envelope = release.sign(&one_wave("stable@r1"));
             let err = client::request(&url, Method::POST, "/v1/rollouts", &[], Some(envelope)).await.expect_err(what);
             assert!(
-                matches!(err, ClientError::Http { .. } | ClientError::Handshake { .. }),
-                "{what}: a transport error, not an answer: {err}"
+                matches!(err, ClientError::CertificateRefused { .. } | ClientError::Handshake { .. }),
+                "{what}: refused at the TLS layer, not an answer: {err}"
             );
             cp_log_saying(&cp, logged);
         }
@@ -225,6 +225,8 @@ fn clients_without_a_valid_certificate_fail_the_handshake_and_reach_nothing() {
     }
     let out = nixfleet(&args);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(said.contains("refused this client's TLS certificate (CertificateExpired)"), "{said}");
 }
 
 #[test]

@@ -9,6 +9,11 @@
 //! server holds a pending long-poll in ≈ 17 KiB; targets ≤ 32 KiB each and
 //! ≤ 500 ms for all.
 //!
+//! The same runs again with mutual TLS (`cp serve --tls-cert --tls-key
+//! --client-ca`, every poller presenting its own host certificate, made in
+//! memory from a `pki` CA), printed beside the plaintext figures: the
+//! targets hold for both.
+//!
 //! Baseline measured in the same run: a bare hyper server (no routing, no
 //! storage) holding the same 10,000 long-polls and releasing them all at
 //! once, answered to the same client code: the floor this machine and this
@@ -28,6 +33,9 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use nixfleet::client::{self, CpUrl};
 use nixfleet::sign;
+use nixfleet::tls::{self, CertKeyFiles, ClientTlsFiles, ReloadableClientConfig, Role};
+use nixfleet::tools::pki;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 const N_POLLS: usize = 10_000;
 const CONNECT_CONCURRENCY: usize = 256;
@@ -62,11 +70,27 @@ async fn parked(url: &CpUrl) -> usize {
 /// as little CPU as it can on a machine it shares with the server. The
 /// connection is returned open, as an agent keeps it for its DispatchAck:
 /// closing 10,000 sockets is not part of "answered".
-async fn poll(url: CpUrl, host: String, gate: Arc<tokio::sync::Semaphore>) -> (Instant, tokio::net::TcpStream) {
+/// A poller's stream: plain TCP, or TLS over it.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+async fn poll(
+    url: CpUrl,
+    host: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    gate: Arc<tokio::sync::Semaphore>,
+) -> (Instant, Box<dyn Stream>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = {
+    let mut stream: Box<dyn Stream> = {
         let _permit = gate.acquire().await.expect("semaphore");
-        tokio::net::TcpStream::connect(url.authority()).await.expect("connect")
+        let tcp = tokio::net::TcpStream::connect(url.authority()).await.expect("connect");
+        match tls {
+            None => Box::new(tcp),
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+                Box::new(tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("TLS handshake"))
+            }
+        }
     };
     let request = format!(
         "GET /v1/agent/dispatch?hostname={host}&wait=60 HTTP/1.1\r\nhost: {}\r\n{}: {}\r\n\r\n",
@@ -75,6 +99,7 @@ async fn poll(url: CpUrl, host: String, gate: Arc<tokio::sync::Semaphore>) -> (I
         nixfleet::wire::PROTOCOL_VERSION
     );
     stream.write_all(request.as_bytes()).await.expect("send long-poll");
+    stream.flush().await.expect("flush");
     let mut buf = Vec::with_capacity(1024);
     loop {
         let n = stream.read_buf(&mut buf).await.expect("read answer");
@@ -87,6 +112,77 @@ async fn poll(url: CpUrl, host: String, gate: Arc<tokio::sync::Semaphore>) -> (I
     let answered = Instant::now();
     assert!(buf.starts_with(b"HTTP/1.1 200 "), "every poll gets its dispatch: {}", String::from_utf8_lossy(&buf));
     (answered, stream)
+}
+
+/// The fleet's certificates for the TLS runs: a `pki` CA with the CP's and
+/// an operator's certificate on disk, and one client config per host with
+/// its own certificate (CN n{i}, URI SAN nixfleet:host), made in memory:
+/// 10,000 key files would only measure the disk.
+struct Fleet {
+    pki_dir: std::path::PathBuf,
+    hosts: Vec<Arc<rustls::ClientConfig>>,
+}
+
+impl Fleet {
+    fn new(dir: &std::path::Path) -> Fleet {
+        let pki_dir = dir.join("pki");
+        let now = nixfleet::clock::ClockHandle::system().now();
+        pki::init(&pki_dir, now).expect("pki init");
+        let cp = pki::IssueRequest {
+            name: "cp".into(),
+            role: Role::Cp,
+            dns: vec![],
+            ips: vec!["127.0.0.1".parse().expect("ip")],
+            days: 1,
+        };
+        pki::issue(&pki_dir, &cp, now).expect("cp certificate");
+        let operator =
+            pki::IssueRequest { name: "operator".into(), role: Role::Operator, dns: vec![], ips: vec![], days: 1 };
+        pki::issue(&pki_dir, &operator, now).expect("operator certificate");
+        let ca_pem = std::fs::read_to_string(pki_dir.join("ca.crt")).expect("ca.crt");
+        let ca_key =
+            rcgen::KeyPair::from_pem(&std::fs::read_to_string(pki_dir.join("ca.key")).expect("ca.key")).expect("key");
+        let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+        let roots = Arc::new(tls::load_ca_bundle(&pki_dir.join("ca.crt")).expect("roots"));
+        let hosts = (0..N_POLLS)
+            .map(|i| {
+                let key = rcgen::KeyPair::generate().expect("key");
+                let mut params = rcgen::CertificateParams::new(vec![format!("n{i}")]).expect("params");
+                params.distinguished_name.push(rcgen::DnType::CommonName, format!("n{i}"));
+                params.subject_alt_names.push(rcgen::SanType::URI("nixfleet:host".try_into().expect("uri")));
+                params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+                params.not_before = now - time::Duration::hours(1);
+                params.not_after = now + time::Duration::days(1);
+                let cert = params.signed_by(&key, &issuer).expect("sign");
+                let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).expect("key der");
+                let config = rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
+                    .with_protocol_versions(tls::PROTOCOL_VERSIONS)
+                    .expect("versions")
+                    .with_root_certificates(Arc::clone(&roots))
+                    .with_client_auth_cert(vec![cert.der().clone()], der)
+                    .expect("client config");
+                Arc::new(config)
+            })
+            .collect();
+        Fleet { pki_dir, hosts }
+    }
+
+    fn serve_args(&self) -> Vec<std::ffi::OsString> {
+        let p = |name: &str| self.pki_dir.join(name).into_os_string();
+        vec!["--tls-cert".into(), p("cp.crt"), "--tls-key".into(), p("cp.key"), "--client-ca".into(), p("ca.crt")]
+    }
+
+    fn operator_url(&self, addr: &str) -> CpUrl {
+        let files = ClientTlsFiles {
+            ca: self.pki_dir.join("ca.crt"),
+            identity: Some(CertKeyFiles {
+                cert: self.pki_dir.join("operator.crt"),
+                key: self.pki_dir.join("operator.key"),
+            }),
+        };
+        let tls = Arc::new(ReloadableClientConfig::load(files).expect("operator config"));
+        CpUrl::parse(&format!("https://{addr}")).expect("url").with_tls(tls)
+    }
 }
 
 /// The length of a complete HTTP/1.1 response with a Content-Length body
@@ -121,7 +217,7 @@ struct Run {
     first_ms: f64,
 }
 
-async fn run(dir: &std::path::Path, idx: usize) -> Run {
+async fn run(dir: &std::path::Path, idx: usize, fleet: Option<&Fleet>) -> Run {
     let run_dir = dir.join(format!("run-{idx}"));
     std::fs::create_dir_all(&run_dir).expect("dir");
     let (key_path, pub_path) = sign::write_keypair(&run_dir.join("release")).expect("keys");
@@ -134,6 +230,7 @@ async fn run(dir: &std::path::Path, idx: usize) -> Run {
         .arg(run_dir.join("cp.db"))
         .arg("--addr-file")
         .arg(&addr_file)
+        .args(fleet.map(Fleet::serve_args).unwrap_or_default())
         .env("RUST_LOG", "nixfleet=info")
         .stdout(Stdio::null())
         .spawn()
@@ -149,13 +246,17 @@ async fn run(dir: &std::path::Path, idx: usize) -> Run {
         assert!(start.elapsed() < Duration::from_secs(20), "cp serve did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let url = CpUrl::parse(&format!("http://{addr}")).expect("url");
+    let url = match fleet {
+        Some(fleet) => fleet.operator_url(&addr),
+        None => CpUrl::parse(&format!("http://{addr}")).expect("url"),
+    };
     let rss_before = rss_kib(server.0.id());
 
     let gate = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..N_POLLS {
-        tasks.spawn(poll(url.clone(), format!("n{i}"), Arc::clone(&gate)));
+        let tls = fleet.map(|f| Arc::clone(&f.hosts[i]));
+        tasks.spawn(poll(url.clone(), format!("n{i}"), tls, Arc::clone(&gate)));
     }
     let start = Instant::now();
     while parked(&url).await < N_POLLS {
@@ -191,8 +292,9 @@ async fn run(dir: &std::path::Path, idx: usize) -> Run {
     drop(open);
     let first_ms = first.map_or(0.0, |f| (f.saturating_duration_since(published)).as_secs_f64() * 1000.0);
     let all_answered_ms = (last - published).as_secs_f64() * 1000.0;
+    let mode = if fleet.is_some() { "mTLS" } else { "plaintext" };
     println!(
-        "  run {idx}: cp RSS {rss_before} KiB idle -> {rss_after} KiB with {N_POLLS} parked = {per_poll_kib:.1} KiB per long-poll; all answered {all_answered_ms:.0} ms after publish (first after {first_ms:.0} ms; the publish itself answered in {publish_ms:.0} ms)"
+        "  {mode} run {idx}: cp RSS {rss_before} KiB idle -> {rss_after} KiB with {N_POLLS} parked = {per_poll_kib:.1} KiB per long-poll; all answered {all_answered_ms:.0} ms after publish (first after {first_ms:.0} ms; the publish itself answered in {publish_ms:.0} ms)"
     );
     drop(server);
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -263,7 +365,7 @@ async fn bare_baseline() -> (f64, f64) {
     let gate = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..N_POLLS {
-        tasks.spawn(poll(url.clone(), format!("n{i}"), Arc::clone(&gate)));
+        tasks.spawn(poll(url.clone(), format!("n{i}"), None, Arc::clone(&gate)));
     }
     loop {
         let resp = client::request(&url, Method::GET, "/parked", &[], None).await.expect("parked");
@@ -298,13 +400,17 @@ fn main() {
     }
     let dir = std::env::temp_dir().join(format!("nixfleet-bench-longpoll-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    println!("longpoll: {N_POLLS} parked long-polls on the real cp serve, {} runs", runs());
+    println!(
+        "longpoll: {N_POLLS} parked long-polls on the real cp serve, {} runs plaintext and {} with mutual TLS",
+        runs(),
+        runs()
+    );
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    let results: Vec<Run> = (0..runs()).map(|i| rt.block_on(run(&dir, i))).collect();
-    let rss = median(results.iter().map(|r| r.kib_per_poll).collect());
-    let ms = median(results.iter().map(|r| r.all_ms).collect());
-    let first = median(results.iter().map(|r| r.first_ms).collect());
-    let spread = median(results.iter().map(|r| r.all_ms - r.first_ms).collect());
+    let plain: Vec<Run> = (0..runs()).map(|i| rt.block_on(run(&dir, i, None))).collect();
+    let made = Instant::now();
+    let fleet = Fleet::new(&dir);
+    println!("  ({N_POLLS} host certificates and client configs made in {:.1} s)", made.elapsed().as_secs_f64());
+    let mtls: Vec<Run> = (0..runs()).map(|i| rt.block_on(run(&dir, i, Some(&fleet)))).collect();
     let bare: Vec<(f64, f64)> = (0..runs())
         .map(|i| {
             let (kib, ms) = rt.block_on(bare_baseline());
@@ -314,16 +420,22 @@ fn main() {
         .collect();
     let bare_kib = median(bare.iter().map(|b| b.0).collect());
     let bare = median(bare.iter().map(|b| b.1).collect());
-    println!(
-        "longpoll median: {rss:.1} KiB RSS per parked long-poll (target <= 32; bare hyper {bare_kib:.1} KiB, ratio {:.2})",
-        rss / bare_kib.max(0.1)
-    );
-    println!(
-        "longpoll median: all {N_POLLS} answered {ms:.0} ms after the publish (target <= 500): the first after {first:.0} ms \
-         (receive, verify, store, plan, commit), then all of them within {spread:.0} ms; bare hyper answering {N_POLLS} \
-         released at once: {bare:.0} ms (answering ratio {:.2}; whole publish-to-last ratio {:.2})",
-        spread / bare,
-        ms / bare
-    );
+    for (mode, results) in [("plaintext", &plain), ("mTLS", &mtls)] {
+        let rss = median(results.iter().map(|r| r.kib_per_poll).collect());
+        let ms = median(results.iter().map(|r| r.all_ms).collect());
+        let first = median(results.iter().map(|r| r.first_ms).collect());
+        let spread = median(results.iter().map(|r| r.all_ms - r.first_ms).collect());
+        println!(
+            "longpoll median ({mode}): {rss:.1} KiB RSS per parked long-poll (target <= 32; bare hyper {bare_kib:.1} KiB, ratio {:.2})",
+            rss / bare_kib.max(0.1)
+        );
+        println!(
+            "longpoll median ({mode}): all {N_POLLS} answered {ms:.0} ms after the publish (target <= 500): the first after {first:.0} ms \
+             (receive, verify, store, plan, commit), then all of them within {spread:.0} ms; bare hyper answering {N_POLLS} \
+             released at once: {bare:.0} ms (answering ratio {:.2}; whole publish-to-last ratio {:.2})",
+            spread / bare,
+            ms / bare
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -232,9 +232,8 @@ pub enum CpCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct CpRolloutActionArgs {
-    /// Control plane URL, e.g. http://127.0.0.1:8443
-    #[arg(long, env = "NIXFLEET_CP_URL")]
-    pub cp: String,
+    #[command(flatten)]
+    pub client: CpClientArgs,
     /// The rollout, channel@ref.
     pub rollout: String,
     /// Why (recorded with who and when in the control plane's log).
@@ -244,9 +243,8 @@ pub struct CpRolloutActionArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct CpUnquarantineArgs {
-    /// Control plane URL, e.g. http://127.0.0.1:8443
-    #[arg(long, env = "NIXFLEET_CP_URL")]
-    pub cp: String,
+    #[command(flatten)]
+    pub client: CpClientArgs,
     /// The channel the closure is quarantined on.
     #[arg(long)]
     pub channel: String,
@@ -259,9 +257,8 @@ pub struct CpUnquarantineArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct CpPlanArgs {
-    /// Control plane URL, e.g. http://127.0.0.1:8443
-    #[arg(long, env = "NIXFLEET_CP_URL")]
-    pub cp: String,
+    #[command(flatten)]
+    pub client: CpClientArgs,
     /// The signed manifest (DSSE envelope JSON, from `nixfleet manifest sign`).
     pub envelope: PathBuf,
     /// Print the API's JSON instead of a table.
@@ -289,8 +286,20 @@ pub struct CpServeArgs {
     /// Public key(s) that may sign rollout manifests (repeatable).
     #[arg(long = "trust-key", required = true)]
     pub trust_key: Vec<PathBuf>,
-    /// Allow plaintext HTTP on a non-loopback address.
-    #[arg(long)]
+    /// The CP's certificate chain (PEM, leaf first), e.g. from `nixfleet pki
+    /// issue --role cp`. With --tls-key and --client-ca the CP speaks mutual
+    /// TLS only and may listen on any address; SIGHUP re-reads all three.
+    #[arg(long, requires_all = ["tls_key", "client_ca"], value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires_all = ["tls_cert", "client_ca"], value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA every client certificate (agents, operators) must chain to.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"], value_name = "FILE")]
+    pub client_ca: Option<PathBuf>,
+    /// Serve plaintext HTTP on a non-loopback address: for a trusted lab
+    /// network only (anyone who reaches the port can act as any host).
+    #[arg(long, conflicts_with = "tls_cert")]
     pub insecure: bool,
     /// Write the bound address (host:port) to this file once listening.
     #[arg(long)]
@@ -308,20 +317,50 @@ pub struct CpServeArgs {
     pub heartbeat_interval_secs: u64,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct CpPublishArgs {
-    /// Control plane URL, e.g. http://127.0.0.1:8443
+/// How an operator command reaches the control plane: its URL and, for
+/// https, the TLS files (every operator command flattens this).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CpClientArgs {
+    /// Control plane URL, e.g. https://cp.example:8443 (http:// only for a
+    /// CP without TLS).
     #[arg(long, env = "NIXFLEET_CP_URL")]
     pub cp: String,
+    /// The CA the control plane's certificate must chain to (https).
+    #[arg(long, env = "NIXFLEET_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Your operator certificate (URI SAN nixfleet:operator), e.g. from
+    /// `nixfleet pki issue --role operator`.
+    #[arg(long, env = "NIXFLEET_CLIENT_CERT", value_name = "FILE")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of --client-cert.
+    #[arg(long, env = "NIXFLEET_CLIENT_KEY", value_name = "FILE")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl CpClientArgs {
+    /// The URL with its TLS config loaded (errors name the missing flag or the bad file).
+    pub fn url(&self) -> Result<crate::client::CpUrl, crate::client::ClientError> {
+        let paths = crate::client::ClientTlsPaths {
+            ca_cert: self.ca_cert.clone(),
+            client_cert: self.client_cert.clone(),
+            client_key: self.client_key.clone(),
+        };
+        crate::client::CpUrl::connect_to(&self.cp, &paths)
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CpPublishArgs {
+    #[command(flatten)]
+    pub client: CpClientArgs,
     /// The signed manifest (DSSE envelope JSON, from `nixfleet manifest sign`).
     pub envelope: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct CpStatusArgs {
-    /// Control plane URL, e.g. http://127.0.0.1:8443
-    #[arg(long, env = "NIXFLEET_CP_URL")]
-    pub cp: String,
+    #[command(flatten)]
+    pub client: CpClientArgs,
     /// Show one rollout host by host.
     #[arg(long)]
     pub rollout: Option<String>,
@@ -357,9 +396,20 @@ pub struct AgentArgs {
     /// Where the agent keeps its queue, cached manifests and switch logs.
     #[arg(long, env = "NIXFLEET_AGENT_STATE_DIR", default_value = "/var/lib/nixfleet-agent")]
     pub state_dir: PathBuf,
-    /// The control plane, e.g. http://cp.example:8443.
+    /// The control plane, e.g. https://cp.example:8443 (http:// only for a
+    /// CP without TLS).
     #[arg(long, env = "NIXFLEET_AGENT_CP")]
     pub cp: String,
+    /// The CA the control plane's certificate must chain to (https).
+    #[arg(long, env = "NIXFLEET_AGENT_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// This host's certificate (CN or a DNS SAN = its hostname, URI SAN
+    /// nixfleet:host); SIGHUP re-reads it and the next request uses it.
+    #[arg(long, env = "NIXFLEET_AGENT_CLIENT_CERT", value_name = "FILE")]
+    pub client_cert: Option<PathBuf>,
+    /// The private key of --client-cert.
+    #[arg(long, env = "NIXFLEET_AGENT_CLIENT_KEY", value_name = "FILE")]
+    pub client_key: Option<PathBuf>,
     /// This host's name in manifests (default: the system's hostname).
     #[arg(long, env = "NIXFLEET_AGENT_HOSTNAME")]
     pub hostname: Option<String>,
@@ -614,10 +664,15 @@ mod tests {
         agent.extend(env_flags("agent", env));
         let parsed = Cli::try_parse_from(std::iter::once("nixfleet".to_owned()).chain(agent.clone()))
             .unwrap_or_else(|e| panic!("{agent:?}: {e}"));
-        assert!(matches!(parsed.command, Command::Agent(_)), "{agent:?}");
+        let Command::Agent(agent_args) = parsed.command else { panic!("{agent:?}") };
+        // The examples run a real fleet: the agent speaks mutual TLS...
+        assert!(agent_args.cp.starts_with("https://"), "{agent:?}");
+        assert!(agent_args.ca_cert.is_some() && agent_args.client_cert.is_some() && agent_args.client_key.is_some());
         let cp = exec_start_args(include_str!("../contrib/systemd/nixfleet-cp.service"));
         let parsed = Cli::try_parse_from(std::iter::once("nixfleet".to_owned()).chain(cp.clone()))
             .unwrap_or_else(|e| panic!("{cp:?}: {e}"));
-        assert!(matches!(parsed.command, Command::Cp(CpCommand::Serve(_))), "{cp:?}");
+        let Command::Cp(CpCommand::Serve(serve)) = parsed.command else { panic!("{cp:?}") };
+        // ...and the CP listens on the network with TLS, never --insecure.
+        assert!(!serve.listen.ip().is_loopback() && serve.tls_cert.is_some() && !serve.insecure, "{cp:?}");
     }
 }

@@ -1,7 +1,12 @@
 //! A minimal HTTP/1.1 client for the agent, `cp publish` / `cp status` and
 //! the integration tests: one connection per request, a deadline on each, JSON
-//! errors turned into messages. Plain `http://` only until TLS lands.
+//! errors turned into messages. `https://` is mutual TLS: the CA file the
+//! control plane's certificate must chain to and this client's certificate,
+//! held in a [`ReloadableClientConfig`] so a SIGHUP's new certificate is used
+//! from the next request on (a connector is taken per connection).
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,14 +14,19 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::tls::{CertKeyFiles, ClientTlsFiles, ReloadableClientConfig, TlsError};
 use crate::wire::{ErrorBody, MAX_LONGPOLL_WAIT_SECS, PROTOCOL_HEADER, PROTOCOL_VERSION};
 
 /// Connecting longer than this means the CP is down or unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A whole request, including the longest long-poll the CP holds.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(MAX_LONGPOLL_WAIT_SECS + 30);
+/// After a failed request, how long the connection may take to report its
+/// own error (it has failed already; this only orders the two tasks).
+const CONNECTION_ERROR_WAIT: Duration = Duration::from_millis(100);
 /// Answers above this are refused (status views of a 100k-host fleet fit).
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -26,10 +36,26 @@ pub enum ClientError {
     BadUrl { url: String, why: &'static str },
     #[error("cannot connect to {authority}: {source}")]
     Connect { authority: String, source: std::io::Error },
+    /// The TLS handshake failed: the server's certificate is not from the
+    /// CA file, or it names another address.
+    #[error("TLS handshake with {authority} failed: {source}")]
+    Handshake { authority: String, source: std::io::Error },
+    #[error("{0}")]
+    TlsSetup(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("request to {authority} timed out")]
     Timeout { authority: String },
     #[error("HTTP error talking to {authority}: {source}")]
     Http { authority: String, source: hyper::Error },
+    /// The control plane ended the TLS session with an alert: with TLS 1.3
+    /// it checks the client certificate after the client's handshake is
+    /// done, so a refused certificate shows up at the first read.
+    #[error(
+        "the control plane at {authority} refused this client's TLS certificate ({alert}): check that \
+         --client-cert is issued by the CA the control plane trusts and is within its validity dates"
+    )]
+    CertificateRefused { authority: String, alert: String },
     #[error("bad request header {0}")]
     BadHeader(String),
     #[error("the control plane answered {status}: {message}")]
@@ -46,29 +72,141 @@ pub enum ClientError {
     Encode(#[source] serde_json::Error),
 }
 
-/// `http://host:port` of a control plane.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `http://host:port` or `https://host:port` of a control plane; an https
+/// one carries the client's TLS config.
+#[derive(Debug, Clone)]
 pub struct CpUrl {
     authority: String,
+    tls: Option<Arc<ReloadableClientConfig>>,
+    https: bool,
+}
+
+impl PartialEq for CpUrl {
+    fn eq(&self, other: &CpUrl) -> bool {
+        let same_tls = match (&self.tls, &other.tls) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        self.authority == other.authority && self.https == other.https && same_tls
+    }
+}
+
+impl Eq for CpUrl {}
+
+/// The TLS files of a client of the control plane, as the flags give them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTlsPaths {
+    pub ca_cert: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 impl CpUrl {
+    /// Parses the URL; an `https://` one cannot send a request until
+    /// [`CpUrl::with_tls`] gives it a config ([`CpUrl::connect_to`] does both).
     pub fn parse(url: &str) -> Result<CpUrl, ClientError> {
         let bad = |why| ClientError::BadUrl { url: url.to_owned(), why };
-        if url.starts_with("https://") {
-            return Err(bad("https is not supported yet; TLS arrives with the transport-security work"));
-        }
-        let rest = url.strip_prefix("http://").ok_or_else(|| bad("must start with http://"))?;
+        let (https, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            (None, None) => return Err(bad("must start with https:// or http://")),
+        };
         let authority = rest.trim_end_matches('/');
         if authority.is_empty() || authority.contains('/') || !authority.contains(':') {
-            return Err(bad("expected http://HOST:PORT"));
+            return Err(bad("expected https://HOST:PORT or http://HOST:PORT"));
         }
-        Ok(CpUrl { authority: authority.to_owned() })
+        Ok(CpUrl { authority: authority.to_owned(), tls: None, https })
+    }
+
+    /// The URL with the TLS config its connections use.
+    pub fn with_tls(mut self, tls: Arc<ReloadableClientConfig>) -> CpUrl {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Parses the URL and loads the TLS files: `https://` needs all three
+    /// (the control plane accepts no client without a certificate),
+    /// `http://` none (a certificate would silently not be used).
+    pub fn connect_to(url: &str, paths: &ClientTlsPaths) -> Result<CpUrl, ClientError> {
+        let parsed = CpUrl::parse(url)?;
+        let setup = |text: String| ClientError::TlsSetup(text);
+        match (parsed.https, &paths.ca_cert, &paths.client_cert, &paths.client_key) {
+            (true, Some(ca), Some(cert), Some(key)) => {
+                let files = ClientTlsFiles {
+                    ca: ca.clone(),
+                    identity: Some(CertKeyFiles { cert: cert.clone(), key: key.clone() }),
+                };
+                Ok(parsed.with_tls(Arc::new(ReloadableClientConfig::load(files)?)))
+            }
+            (true, _, _, _) => Err(setup(format!(
+                "{url} is https: give --ca-cert (the CA the control plane's certificate chains to), \
+                 --client-cert and --client-key (this client's certificate and key)"
+            ))),
+            (false, None, None, None) => Ok(parsed),
+            (false, _, _, _) => {
+                Err(setup(format!("{url} is plaintext http, but TLS files were given; use https:// to talk TLS")))
+            }
+        }
     }
 
     pub fn authority(&self) -> &str {
         &self.authority
     }
+
+    /// `https://…` or `http://…`.
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+
+    /// The client TLS config (re-read by `reload` on SIGHUP).
+    pub fn tls(&self) -> Option<&Arc<ReloadableClientConfig>> {
+        self.tls.as_ref()
+    }
+
+    /// The name the server's certificate must carry: the authority without
+    /// its port (and without the brackets of an IPv6 address).
+    fn server_name(&self) -> Result<rustls::pki_types::ServerName<'static>, ClientError> {
+        let host = self.authority.rsplit_once(':').map_or(self.authority.as_str(), |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|_| ClientError::BadUrl {
+            url: self.authority.clone(),
+            why: "the host is neither a DNS name nor an IP address",
+        })
+    }
+}
+
+/// A connection's byte stream: plain TCP or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Connects (and for https, shakes hands) within [`CONNECT_TIMEOUT`].
+async fn connect(url: &CpUrl) -> Result<Box<dyn Io>, ClientError> {
+    let authority = url.authority.clone();
+    let work = async {
+        let stream = TcpStream::connect(&authority)
+            .await
+            .map_err(|source| ClientError::Connect { authority: authority.clone(), source })?;
+        let _ = stream.set_nodelay(true);
+        match (&url.tls, url.https) {
+            (None, false) => Ok(Box::new(stream) as Box<dyn Io>),
+            (Some(tls), true) => {
+                let tls_stream = tls
+                    .connector()
+                    .connect(url.server_name()?, stream)
+                    .await
+                    .map_err(|source| ClientError::Handshake { authority: authority.clone(), source })?;
+                Ok(Box::new(tls_stream) as Box<dyn Io>)
+            }
+            (None, true) => Err(ClientError::TlsSetup(format!(
+                "https://{authority} needs the client's TLS files (--ca-cert, --client-cert, --client-key)"
+            ))),
+            (Some(_), false) => Err(ClientError::TlsSetup(format!("http://{authority} is plaintext; use https://"))),
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, work)
+        .await
+        .map_err(|_| ClientError::Timeout { authority: authority.clone() })?
 }
 
 /// A whole answer.
@@ -100,6 +238,21 @@ impl HttpResponse {
     }
 }
 
+/// A hyper error, or [`ClientError::CertificateRefused`] when underneath it
+/// the server sent a TLS alert.
+fn http_error(authority: &str, source: hyper::Error) -> ClientError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+    while let Some(err) = cause {
+        let inner =
+            err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|e| e as &dyn std::error::Error);
+        if let Some(rustls::Error::AlertReceived(alert)) = inner.and_then(|e| e.downcast_ref::<rustls::Error>()) {
+            return ClientError::CertificateRefused { authority: authority.to_owned(), alert: format!("{alert:?}") };
+        }
+        cause = err.source();
+    }
+    ClientError::Http { authority: authority.to_owned(), source }
+}
+
 /// One request with `X-Nixfleet-Protocol: 1` unless `headers` sets it; a
 /// header given with an empty value is left out (tests use that to send a
 /// request without the protocol header).
@@ -112,14 +265,10 @@ pub async fn request(
 ) -> Result<HttpResponse, ClientError> {
     let authority = url.authority.clone();
     let timeout = || ClientError::Timeout { authority: authority.clone() };
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&authority))
-        .await
-        .map_err(|_| timeout())?
-        .map_err(|source| ClientError::Connect { authority: authority.clone(), source })?;
-    let _ = stream.set_nodelay(true);
-    let http = |source| ClientError::Http { authority: authority.clone(), source };
+    let stream = connect(url).await?;
+    let http = |source| http_error(&authority, source);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
-    let driver = tokio::spawn(conn);
+    let mut driver = tokio::spawn(conn);
 
     let mut builder = Request::builder().method(method).uri(path_and_query).header(HOST, &authority);
     if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(PROTOCOL_HEADER)) {
@@ -145,9 +294,24 @@ pub async fn request(
             .map_err(|source| ClientError::Body { authority: authority.clone(), status: parts.status, source })?;
         Ok(HttpResponse { status: parts.status, headers: parts.headers, body: body.to_bytes() })
     };
-    let result = tokio::time::timeout(REQUEST_TIMEOUT, work).await.map_err(|_| timeout());
+    let mut result = tokio::time::timeout(REQUEST_TIMEOUT, work).await.map_err(|_| timeout());
     drop(sender);
-    driver.abort();
-    let _ = driver.await;
+    let mut driver_done = false;
+    if let Ok(Err(ClientError::Http { .. })) = &result {
+        // A request cancelled by a failed connection: the connection's own
+        // error says why (a TLS alert: the certificate was refused).
+        if let Ok(joined) = tokio::time::timeout(CONNECTION_ERROR_WAIT, &mut driver).await {
+            driver_done = true;
+            if let Ok(Err(e)) = joined {
+                if let refused @ ClientError::CertificateRefused { .. } = http_error(&authority, e) {
+                    result = Ok(Err(refused));
+                }
+            }
+        }
+    }
+    if !driver_done {
+        driver.abort();
+        let _ = driver.await;
+    }
     result?
 }

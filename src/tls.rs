@@ -327,6 +327,13 @@ impl PeerIdentity {
         }
     }
 
+    /// Whether the certificate names `name`: its CN or one of its DNS SANs,
+    /// exactly (DNS names compare without regard to ASCII case). The CP
+    /// lets a host certificate act only for a hostname it names.
+    pub fn names(&self, name: &str) -> bool {
+        self.common_name.iter().chain(&self.dns_names).any(|n| n.eq_ignore_ascii_case(name))
+    }
+
     /// The host a `nixfleet:host` certificate names: its CN, a valid hostname.
     pub fn host(&self) -> Result<Hostname, TlsError> {
         self.require_role(Role::Host)?;
@@ -391,6 +398,18 @@ impl<F: TlsFiles> Reloadable<F> {
         let config = Arc::new(self.files.build()?);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = config;
         Ok(())
+    }
+
+    /// [`reload`](Self::reload) for SIGHUP: logs what was re-read, or why
+    /// the config in use stays.
+    pub fn reload_logged(&self) {
+        match self.reload() {
+            Ok(()) => tracing::info!(files = ?self.files, "SIGHUP: TLS files re-read; new connections use them"),
+            Err(e) => tracing::error!(
+                error = %e,
+                "SIGHUP: cannot use the new TLS files; keeping the certificate and CA already in use"
+            ),
+        }
     }
 
     pub fn files(&self) -> &F {

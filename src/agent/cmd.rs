@@ -1,14 +1,14 @@
 //! `nixfleet agent` from the command line: resolve flags (and their
 //! `NIXFLEET_AGENT_*` environment variables) into an [`AgentConfig`], load
-//! the trust keys, and run the agent on a small tokio runtime until
-//! SIGTERM/SIGINT.
+//! the trust keys and the TLS files, and run the agent on a small tokio
+//! runtime until SIGTERM/SIGINT (SIGHUP re-reads the TLS files).
 
 use std::path::PathBuf;
 
 use super::activation::SwitchRunner;
 use super::runtime::{serve_notifying, AgentConfig, AgentError};
 use crate::cli::{AgentArgs, SwitchRunnerArg};
-use crate::client::{ClientError, CpUrl};
+use crate::client::{ClientError, ClientTlsPaths, CpUrl};
 use crate::clock::ClockHandle;
 use crate::ids::{Hostname, IdError};
 use crate::sdnotify::Notifier;
@@ -30,6 +30,8 @@ pub enum AgentCmdError {
     TrustKey(#[from] SignError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(std::io::Error),
 }
 
 fn system_hostname() -> Result<String, std::io::Error> {
@@ -60,7 +62,14 @@ pub fn config(args: &AgentArgs) -> Result<AgentConfig, AgentCmdError> {
     };
     Ok(AgentConfig {
         state_dir: args.state_dir.clone(),
-        cp: CpUrl::parse(&args.cp)?,
+        cp: CpUrl::connect_to(
+            &args.cp,
+            &ClientTlsPaths {
+                ca_cert: args.ca_cert.clone(),
+                client_cert: args.client_cert.clone(),
+                client_key: args.client_key.clone(),
+            },
+        )?,
         hostname,
         trust_keys,
         health_checks: args.health_checks.clone(),
@@ -87,6 +96,17 @@ pub fn run(args: AgentArgs) -> Result<(), AgentCmdError> {
         .enable_all()
         .build()
         .map_err(AgentError::Runtime)?;
-    runtime.block_on(serve_notifying(cfg, ClockHandle::system(), &notifier, crate::signal::shutdown_signal()))?;
-    Ok(())
+    runtime.block_on(async {
+        // SIGHUP re-reads the client certificate, key and CA; every request
+        // opens its own connection, so the next one uses the new files.
+        let tls = cfg.cp.tls().cloned();
+        let reloader = crate::signal::spawn_on_sighup(move || match &tls {
+            Some(tls) => tls.reload_logged(),
+            None => tracing::info!("SIGHUP: no TLS files to re-read (plaintext)"),
+        })
+        .map_err(AgentCmdError::Signal)?;
+        let served = serve_notifying(cfg, ClockHandle::system(), &notifier, crate::signal::shutdown_signal()).await;
+        reloader.abort();
+        served.map_err(AgentCmdError::from)
+    })
 }

@@ -31,9 +31,19 @@ struct ActionBody {
     closure: Option<String>,
 }
 
-/// Who acts: the transport's identity, or that there was none.
+/// Who acts: the operator certificate's CN (else its first DNS name), or
+/// that the connection was plaintext. `authz::authorize` has already
+/// required the operator role on a TLS connection.
 fn operator_name(peer: &PeerIdentity) -> String {
-    peer.0.as_ref().map_or_else(|| store::UNAUTHENTICATED.to_owned(), |h| h.to_string())
+    match peer {
+        PeerIdentity::Unauthenticated => store::UNAUTHENTICATED.to_owned(),
+        PeerIdentity::Certificate(Ok(id)) => id
+            .common_name
+            .clone()
+            .or_else(|| id.dns_names.first().cloned())
+            .unwrap_or_else(|| "(an operator certificate without a name)".to_owned()),
+        PeerIdentity::Certificate(Err(why)) => format!("(a certificate without a usable identity: {why})"),
+    }
 }
 
 async fn action_body(req: Request<Incoming>) -> Result<ActionBody, Resp> {

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
@@ -14,22 +15,28 @@ use super::planner::RolloutState;
 use super::routes::MAX_ENVELOPE_BYTES;
 use super::server::{self, PlainAcceptor, ServeConfig, ServeError};
 use super::store::Drift;
+use super::transport::TlsAcceptor;
 use super::views::{HostView, Liveness, RolloutDetail, RolloutSummary, StatusView};
 use crate::cli::{CpCommand, CpPublishArgs, CpServeArgs, CpStatusArgs};
-use crate::client::{self, ClientError, CpUrl};
+use crate::client::{self, ClientError};
 use crate::clock::ClockHandle;
 use crate::output::print_stdout;
 use crate::sdnotify::Notifier;
 use crate::sign::{PublicKey, SignError};
 use crate::signal::shutdown_signal;
+use crate::tls::{CertKeyFiles, ReloadableServerConfig, ServerTlsFiles, TlsError};
 
 /// How long in-flight requests may finish after SIGTERM/SIGINT.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CpError {
-    #[error("refusing to serve plaintext HTTP on non-loopback address {0}: pass --insecure, or wait for TLS support")]
+    #[error("refusing to serve plaintext HTTP on non-loopback address {0}: give --tls-cert, --tls-key and --client-ca (mutual TLS), or --insecure on a trusted lab network only")]
     PlaintextNonLoopback(SocketAddr),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(std::io::Error),
     #[error("trust key: {0}")]
     TrustKey(#[from] SignError),
     #[error("cannot start the async runtime: {0}")]
@@ -74,17 +81,39 @@ pub fn run(cmd: CpCommand) -> Result<(), CpError> {
 }
 
 async fn serve_cmd(args: CpServeArgs, notifier: Notifier) -> Result<(), CpError> {
-    if !args.listen.ip().is_loopback() && !args.insecure {
+    let tls = match (&args.tls_cert, &args.tls_key, &args.client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => {
+            let files = ServerTlsFiles {
+                identity: CertKeyFiles { cert: cert.clone(), key: key.clone() },
+                client_ca: client_ca.clone(),
+            };
+            Some(Arc::new(ReloadableServerConfig::load(files)?))
+        }
+        _ => None,
+    };
+    if tls.is_none() && !args.listen.ip().is_loopback() && !args.insecure {
         return Err(CpError::PlaintextNonLoopback(args.listen));
     }
     let trust_keys = args.trust_key.iter().map(|p| PublicKey::load(p)).collect::<Result<Vec<_>, _>>()?;
     let listener = server::bind(args.listen).map_err(|source| CpError::Bind { addr: args.listen, source })?;
     let local = listener.local_addr().map_err(|source| CpError::Bind { addr: args.listen, source })?;
-    if args.listen.ip().is_loopback() {
-        tracing::info!(addr = %local, db = %args.db.display(), "control plane listening on http://{local} (plaintext, loopback only: no TLS configured)");
-    } else {
-        tracing::warn!(addr = %local, db = %args.db.display(), "control plane listening on http://{local} WITHOUT TLS (--insecure)");
+    let db = args.db.display();
+    let reloader = match &tls {
+        Some(tls) => {
+            tracing::info!(addr = %local, %db, "control plane listening on https://{local} (mutual TLS: every client needs a certificate from {})", tls.files().client_ca.display());
+            let tls = Arc::clone(tls);
+            crate::signal::spawn_on_sighup(move || tls.reload_logged())
+        }
+        None if !args.insecure => {
+            tracing::info!(addr = %local, %db, "control plane listening on http://{local} (plaintext, loopback only: no TLS configured)");
+            crate::signal::spawn_on_sighup(|| tracing::info!("SIGHUP: no TLS files to re-read (plaintext)"))
+        }
+        None => {
+            tracing::warn!(addr = %local, %db, "INSECURE: control plane listening on http://{local} WITHOUT TLS (--insecure). Anyone who can reach this port can act as any host and publish as an operator: use this on a trusted lab network only, never on a real fleet");
+            crate::signal::spawn_on_sighup(|| tracing::info!("SIGHUP: no TLS files to re-read (plaintext)"))
+        }
     }
+    .map_err(CpError::Signal)?;
     if let Some(path) = &args.addr_file {
         write_addr_file(path, local).map_err(CpError::AddrFile)?;
     }
@@ -94,7 +123,25 @@ async fn serve_cmd(args: CpServeArgs, notifier: Notifier) -> Result<(), CpError>
         heartbeat_interval_secs: args.heartbeat_interval_secs,
         grace: SHUTDOWN_GRACE,
     };
-    server::serve_notifying(listener, PlainAcceptor, cfg, ClockHandle::system(), &notifier, shutdown_signal()).await?;
+    let served = match tls {
+        Some(tls) => {
+            server::serve_notifying(
+                listener,
+                TlsAcceptor::new(tls),
+                cfg,
+                ClockHandle::system(),
+                &notifier,
+                shutdown_signal(),
+            )
+            .await
+        }
+        None => {
+            server::serve_notifying(listener, PlainAcceptor, cfg, ClockHandle::system(), &notifier, shutdown_signal())
+                .await
+        }
+    };
+    reloader.abort();
+    served?;
     Ok(())
 }
 
@@ -106,7 +153,7 @@ fn write_addr_file(path: &Path, addr: SocketAddr) -> std::io::Result<()> {
 }
 
 async fn publish_cmd(args: CpPublishArgs) -> Result<(), CpError> {
-    let url = CpUrl::parse(&args.cp)?;
+    let url = args.client.url()?;
     let meta = fs_err::metadata(&args.envelope).map_err(CpError::Read)?;
     if meta.len() > MAX_ENVELOPE_BYTES as u64 {
         return Err(CpError::TooLarge { path: args.envelope.clone(), limit: MAX_ENVELOPE_BYTES });
@@ -123,7 +170,7 @@ async fn publish_cmd(args: CpPublishArgs) -> Result<(), CpError> {
 }
 
 async fn status_cmd(args: CpStatusArgs) -> Result<(), CpError> {
-    let url = CpUrl::parse(&args.cp)?;
+    let url = args.client.url()?;
     let path = match (&args.rollout, args.hosts) {
         (Some(id), _) => format!("/v1/rollouts/{id}"),
         (None, true) => "/v1/hosts".to_owned(),

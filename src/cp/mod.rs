@@ -5,13 +5,15 @@
 //!
 //! Reading order: [`planner`] (pure: stored state → decisions), [`store`]
 //! (SQLite schema and the one writer), [`longpoll`] (the dispatch board),
-//! [`config`], [`route_table`] (every endpoint), [`routes`] (HTTP API),
-//! [`actions`] (operator actions and the dry run, with [`preview`]),
-//! [`views`] (status JSON), [`web`] (the status page and the API
-//! document), [`metrics`], [`server`] (process shell, shutdown) and [`cmd`]
-//! (operator commands, through [`crate::client`]).
+//! [`config`], [`authz`] (who may call what), [`route_table`] (every
+//! endpoint), [`routes`] (HTTP API), [`actions`] (operator actions and the
+//! dry run, with [`preview`]), [`views`] (status JSON), [`web`] (the status
+//! page and the API document), [`metrics`], [`server`] (process shell,
+//! shutdown), [`transport`] (mutual TLS) and [`cmd`] (operator commands,
+//! through [`crate::client`]).
 
 pub mod actions;
+pub mod authz;
 pub mod cmd;
 pub mod config;
 pub mod longpoll;
@@ -23,9 +25,11 @@ pub mod route_table;
 pub mod routes;
 pub mod server;
 pub mod store;
+pub mod transport;
 pub mod views;
 pub mod watch;
 pub mod web;
 
 pub use cmd::{run, CpError};
 pub use server::{bind, serve, Acceptor, PlainAcceptor, ServeConfig, ServeReport};
+pub use transport::TlsAcceptor;

@@ -21,7 +21,7 @@ use crate::output::print_stdout;
 
 /// `cp resume` / `cp cancel`.
 pub async fn rollout_action(action: &str, args: CpRolloutActionArgs) -> Result<(), CpError> {
-    let url = CpUrl::parse(&args.cp)?;
+    let url = args.client.url()?;
     let id =
         RolloutId::parse(&args.rollout).map_err(|e| CpError::Refused(format!("rollout {:?}: {e}", args.rollout)))?;
     store::check_reason(&args.reason).map_err(|m| CpError::Refused(format!("--{m}")))?;
@@ -48,7 +48,7 @@ pub async fn rollout_action(action: &str, args: CpRolloutActionArgs) -> Result<(
 
 /// `cp unquarantine --channel C CLOSURE`.
 pub async fn unquarantine(args: CpUnquarantineArgs) -> Result<(), CpError> {
-    let url = CpUrl::parse(&args.cp)?;
+    let url = args.client.url()?;
     let closure =
         Closure::parse(&args.closure).map_err(|e| CpError::Refused(format!("closure {:?}: {e}", args.closure)))?;
     store::check_reason(&args.reason).map_err(|m| CpError::Refused(format!("--{m}")))?;
@@ -72,7 +72,7 @@ async fn post_action(url: &CpUrl, path: &str, body: serde_json::Value) -> Result
 
 /// `cp plan SIGNED.json [--json]`.
 pub async fn plan(args: CpPlanArgs) -> Result<(), CpError> {
-    let url = CpUrl::parse(&args.cp)?;
+    let url = args.client.url()?;
     let meta = fs_err::metadata(&args.envelope).map_err(CpError::Read)?;
     if meta.len() > MAX_ENVELOPE_BYTES as u64 {
         return Err(CpError::TooLarge { path: args.envelope.clone(), limit: MAX_ENVELOPE_BYTES });

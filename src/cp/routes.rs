@@ -22,6 +22,8 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::actions;
+use super::authz::authorize;
+pub use super::authz::{require_host, require_host_or_operator, require_operator, PeerIdentity};
 use super::config::ServeConfig;
 use super::longpoll::{Board, PollOutcome};
 use super::metrics;
@@ -49,12 +51,6 @@ pub const MAX_AGENT_VERSION_BYTES: usize = 128;
 /// Reader connections kept for the status views; more concurrent readers
 /// open a connection and drop it (views are rare operator requests).
 const MAX_IDLE_READERS: usize = 4;
-
-/// The peer's identity as established by the transport. Plain TCP has none;
-/// with mTLS (later) it is the certificate's hostname and agent requests for
-/// any other host are refused with 403.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerIdentity(pub Option<Hostname>);
 
 /// Shared by every connection.
 #[derive(Debug)]
@@ -231,6 +227,10 @@ pub(super) fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<
 pub async fn handle(req: Request<Incoming>, app: Arc<App>, peer: PeerIdentity) -> Resp {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let Err(resp) = authorize(&peer, &segments) {
+        return resp;
+    }
     let (endpoint, params) = match find_route(method.as_str(), &path) {
         Ok(found) => found,
         Err(true) => {
@@ -364,18 +364,6 @@ pub(super) fn verified_manifest(app: &App, bytes: &[u8]) -> Result<(Vec<u8>, Man
     Ok((payload, manifest))
 }
 
-/// Refuses an agent request for another host than the transport's identity.
-fn check_identity(peer: &PeerIdentity, hostname: &Hostname) -> Result<(), Resp> {
-    match &peer.0 {
-        Some(id) if id != hostname => Err(error(
-            StatusCode::FORBIDDEN,
-            "identity_mismatch",
-            format!("this connection is authenticated as {id}, not {hostname}"),
-        )),
-        _ => Ok(()),
-    }
-}
-
 async fn dispatch(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> Resp {
     if let Err(resp) = check_protocol(&req, true) {
         return resp;
@@ -385,7 +373,7 @@ async fn dispatch(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "bad_hostname", e.to_string()),
         None => return error(StatusCode::BAD_REQUEST, "missing_hostname", "the query needs hostname=H"),
     };
-    if let Err(resp) = check_identity(peer, &hostname) {
+    if let Err(resp) = require_host(peer, &hostname) {
         return resp;
     }
     let wait_secs = match query_param(&req, "wait").map(str::parse::<u64>) {
@@ -419,7 +407,7 @@ async fn events(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> 
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_event_batch", e.to_string()),
     };
-    if let Err(resp) = check_identity(peer, &batch.hostname) {
+    if let Err(resp) = require_host(peer, &batch.hostname) {
         return resp;
     }
     let EventBatch { hostname, events: items } = batch;
@@ -453,7 +441,7 @@ async fn heartbeat(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) 
         let message = format!("last_seq.{id}: {seq} is larger than the largest seq, {MAX_SEQ}");
         return error(StatusCode::BAD_REQUEST, "bad_heartbeat", message);
     }
-    if let Err(resp) = check_identity(peer, &heartbeat.hostname) {
+    if let Err(resp) = require_host(peer, &heartbeat.hostname) {
         return resp;
     }
     let replay_from: BTreeMap<RolloutId, u64> = match ask(app, |reply| Command::Heartbeat { heartbeat, reply }).await {

@@ -51,8 +51,8 @@ pub const MAX_CONN_BUF_BYTES: usize = 64 * 1024;
 /// (the kernel backlog holds the rest). 10,000 idle long-polls fit with room.
 pub const MAX_CONNECTIONS: usize = 50_000;
 
-/// The transport seam: plain TCP today, TLS (with the client certificate's
-/// hostname as the peer identity) in the transport-security issue.
+/// The transport seam: plain TCP ([`PlainAcceptor`]) or mutual TLS
+/// (`transport::TlsAcceptor`, the client certificate as the peer identity).
 pub trait Acceptor: Clone + Send + Sync + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     fn accept(&self, tcp: TcpStream) -> impl Future<Output = io::Result<(Self::Io, PeerIdentity)>> + Send;

@@ -27,7 +27,7 @@ pub fn watch_ends(state: RolloutState) -> bool {
 }
 
 pub async fn watch_cmd(args: CpStatusArgs) -> Result<(), CpError> {
-    let url = CpUrl::parse(&args.cp)?;
+    let url = args.client.url()?;
     let Some(id) = args.rollout.as_deref() else { return Ok(()) };
     let path = format!("/v1/rollouts/{}", id.replace('@', "%40"));
     let tty = std::io::stdout().is_terminal();

@@ -342,3 +342,18 @@ fn configs_use_ring_prefer_tls13_and_allow_tls12() {
     let (seen, version) = handshake_version(Arc::new(tls12_only), server).expect("tls 1.2");
     assert_eq!((version, seen.role), (rustls::ProtocolVersion::TLSv1_2, Some(Role::Host)));
 }
+
+#[test]
+fn a_certificate_names_a_host_by_its_cn_or_one_of_its_dns_sans_only() {
+    // Proves the host-identity rule the CP applies: the CN or any DNS SAN, exactly (ASCII case aside); a URI
+    // SAN, a prefix or a suffix never names a host.
+    let id = identity_of(vec![dns("web-1"), dns("WEB-7"), uri("nixfleet:host")], "web-1.example.org").expect("ok");
+    for name in ["web-1", "web-1.example.org", "web-7"] {
+        assert!(id.names(name), "{name}");
+    }
+    for name in ["web-2", "web", "web-1.example", "example.org", "nixfleet:host", "host"] {
+        assert!(!id.names(name), "{name}");
+    }
+    let no_cn = PeerIdentity { common_name: None, dns_names: vec![], role: Some(Role::Host) };
+    assert!(!no_cn.names("web-1") && !no_cn.names(""));
+}

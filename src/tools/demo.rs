@@ -3,6 +3,8 @@
 //! state dir, profile and `current-system` link; the closures are real
 //! store paths (`nix-store --add`) whose only stand-in is the
 //! `bin/switch-to-configuration` script (it repoints that host's link).
+//! The control plane and the agents speak mutual TLS with certificates from
+//! a fresh `nixfleet pki` CA in the work dir, as a real fleet does.
 //! A 2-wave rollout runs; web-3's new closure fails its enforce probe, so
 //! web-3 rolls back by itself, the rollout halts, and a per-host table ends
 //! the run. Everything else is the production code path.
@@ -10,6 +12,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::Method;
@@ -18,10 +21,13 @@ use crate::agent::activation::{ActivationConfig, SwitchRunner};
 use crate::agent::runtime::{serve as serve_agent, AgentConfig};
 use crate::client::{request, CpUrl};
 use crate::clock::ClockHandle;
-use crate::cp::server::{self, PlainAcceptor, ServeConfig};
+use crate::cp::server::{self, ServeConfig};
+use crate::cp::transport::TlsAcceptor;
 use crate::ids::{Closure, Hostname};
 use crate::output::print_stdout;
 use crate::sign;
+use crate::tls::{self, CertKeyFiles, ClientTlsFiles, ReloadableClientConfig, ReloadableServerConfig, Role};
+use crate::tools::pki;
 
 const HOSTS: [(&str, usize); 4] = [("web-1", 0), ("web-2", 1), ("web-3", 1), ("web-4", 1)];
 const BROKEN_HOST: &str = "web-3";
@@ -40,6 +46,53 @@ pub enum DemoError {
     Setup(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error("demo certificates: {0}")]
+    Pki(#[from] pki::PkiError),
+    #[error("demo TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+}
+
+/// The demo's certificates: a CA, the CP's (for 127.0.0.1), one per host and
+/// the operator's, all in `work/pki` as `nixfleet pki` writes them.
+struct DemoPki {
+    dir: std::path::PathBuf,
+}
+
+impl DemoPki {
+    fn new(work: &Path, clock: &ClockHandle) -> Result<DemoPki, DemoError> {
+        let dir = work.join("pki");
+        pki::init(&dir, clock.now())?;
+        let demo = DemoPki { dir };
+        let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+        demo.issue("cp", Role::Cp, vec![ip], clock)?;
+        demo.issue("operator", Role::Operator, Vec::new(), clock)?;
+        for (host, _) in HOSTS {
+            demo.issue(host, Role::Host, Vec::new(), clock)?;
+        }
+        Ok(demo)
+    }
+
+    fn issue(&self, name: &str, role: Role, ips: Vec<std::net::IpAddr>, clock: &ClockHandle) -> Result<(), DemoError> {
+        let request = pki::IssueRequest { name: name.to_owned(), role, dns: Vec::new(), ips, days: 1 };
+        pki::issue(&self.dir, &request, clock.now())?;
+        Ok(())
+    }
+
+    fn files(&self, name: &str) -> CertKeyFiles {
+        CertKeyFiles { cert: self.dir.join(format!("{name}.crt")), key: self.dir.join(format!("{name}.key")) }
+    }
+
+    fn server(&self) -> Result<Arc<ReloadableServerConfig>, DemoError> {
+        let files = tls::ServerTlsFiles { identity: self.files("cp"), client_ca: self.dir.join(pki::CA_CERT_FILE) };
+        Ok(Arc::new(ReloadableServerConfig::load(files)?))
+    }
+
+    /// The CP's URL as `name`, presenting its certificate.
+    fn url(&self, addr: std::net::SocketAddr, name: &str) -> Result<CpUrl, DemoError> {
+        let files = ClientTlsFiles { ca: self.dir.join(pki::CA_CERT_FILE), identity: Some(self.files(name)) };
+        let tls = Arc::new(ReloadableClientConfig::load(files)?);
+        Ok(CpUrl::parse(&format!("https://{addr}")).map_err(setup("url"))?.with_tls(tls))
+    }
 }
 
 fn setup<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> DemoError + '_ {
@@ -141,10 +194,15 @@ async fn demo(keep: bool) -> Result<(), DemoError> {
         heartbeat_interval_secs: 2,
         grace: Duration::from_secs(2),
     };
-    let cp_task =
-        tokio::spawn(server::serve(listener, PlainAcceptor, cfg, ClockHandle::system(), stopped(stop_rx.clone())));
-    let url = CpUrl::parse(&format!("http://{addr}")).map_err(setup("url"))?;
-    say(format!("control plane on http://{addr}"));
+    let clock = ClockHandle::system();
+    let demo_pki = DemoPki::new(&work, &clock)?;
+    let acceptor = TlsAcceptor::new(demo_pki.server()?);
+    let cp_task = tokio::spawn(server::serve(listener, acceptor, cfg, clock, stopped(stop_rx.clone())));
+    let url = demo_pki.url(addr, "operator")?;
+    say(format!(
+        "control plane on https://{addr} (mutual TLS; CA and certificates of the CP, the operator and each host in {})",
+        demo_pki.dir.display()
+    ));
     let published = request(&url, Method::POST, "/v1/rollouts", &[], Some(envelope)).await.map_err(setup("publish"))?;
     if !published.status.is_success() {
         return Err(DemoError::Setup(format!("publish answered {}", published.status)));
@@ -166,7 +224,7 @@ async fn demo(keep: bool) -> Result<(), DemoError> {
         };
         let cfg = AgentConfig {
             state_dir: root.join("state"),
-            cp: url.clone(),
+            cp: demo_pki.url(addr, host)?,
             hostname: Hostname::parse(host).map_err(setup("hostname"))?,
             trust_keys: vec![key.public_key()],
             health_checks: root.join("current-system/etc/nixfleet/agent/health-checks.json"),

@@ -1,6 +1,7 @@
 //! The real `nixfleet agent` against the real `nixfleet cp serve` on
-//! loopback, with real Nix store paths (or the stand-ins where Nix is
-//! absent; `nixenv` prints which ran).
+//! loopback over mutual TLS (certificates from the `pki` code), with real
+//! Nix store paths (or the stand-ins where Nix is absent; `nixenv` prints
+//! which ran).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,27 +10,29 @@ use std::time::{Duration, Instant};
 use nixfleet::ids::Closure;
 use nixfleet::queue::{EntryState, QueueView};
 
+use nixfleet::tls::Role;
+
 use crate::harness::{bin, Cp, Release, TempDir};
 use crate::nixenv::{resolve, ClosureSpec, NixEnv};
 
 /// Generous: a debug binary, real Nix and a shared 2-core machine.
 const CONVERGE_LIMIT: Duration = Duration::from_secs(60);
 
-const PASSING_PROBE: &str = r#"{"probes":[{"name":"selftest","kind":"exec","mode":"enforce","interval_secs":1,
+pub(crate) const PASSING_PROBE: &str = r#"{"probes":[{"name":"selftest","kind":"exec","mode":"enforce","interval_secs":1,
   "argv":["/bin/sh","-c","exit 0"],"timeout_secs":5}]}"#;
 const FAILING_PROBE: &str = r#"{"probes":[{"name":"selftest","kind":"exec","mode":"enforce","interval_secs":1,
   "argv":["/bin/sh","-c","exit 3"],"timeout_secs":5}]}"#;
 
 /// One host: its Nix, its current-system link and profile, its agent.
-struct Host {
-    name: String,
+pub(crate) struct Host {
+    pub(crate) name: String,
     nix: NixEnv,
-    root: PathBuf,
-    agent: Option<Child>,
+    pub(crate) root: PathBuf,
+    pub(crate) agent: Option<Child>,
 }
 
 impl Host {
-    fn new(name: &str) -> Host {
+    pub(crate) fn new(name: &str) -> Host {
         let nix = NixEnv::detect();
         let root = nix.dir().join(name);
         fs_err::create_dir_all(root.join("profiles")).expect("mkdir");
@@ -38,7 +41,7 @@ impl Host {
     fn current_system(&self) -> PathBuf {
         self.root.join("current-system")
     }
-    fn closure(&self, label: &str, health_checks: &str) -> Closure {
+    pub(crate) fn closure(&self, label: &str, health_checks: &str) -> Closure {
         self.nix.build_closure(&ClosureSpec {
             label: format!("{}-{label}", self.name),
             current_system: self.current_system(),
@@ -46,24 +49,24 @@ impl Host {
             ..ClosureSpec::default()
         })
     }
-    fn boot_into(&self, closure: &Closure) {
+    pub(crate) fn boot_into(&self, closure: &Closure) {
         for link in [self.current_system(), self.root.join("profiles/system")] {
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(closure.as_str(), &link).expect("symlink");
         }
     }
-    fn running(&self) -> Option<PathBuf> {
+    pub(crate) fn running(&self) -> Option<PathBuf> {
         resolve(&self.current_system())
     }
-    fn state_dir(&self) -> PathBuf {
+    pub(crate) fn state_dir(&self) -> PathBuf {
         self.root.join("state")
     }
-    fn start_agent(&mut self, cp: &Cp, trust: &Path) {
+    pub(crate) fn start_agent(&mut self, cp: &Cp, trust: &Path) {
         let log = std::fs::File::create(self.root.join("agent.log")).expect("log");
         let child = Command::new(bin())
             .arg("agent")
             .args(["--state-dir", &self.state_dir().display().to_string()])
-            .args(["--cp", &format!("http://{}", cp.url.authority())])
+            .args(cp.client_args(&self.name, Role::Host))
             .args(["--hostname", &self.name])
             .args(["--trust-key", &trust.display().to_string()])
             .args([
@@ -84,7 +87,7 @@ impl Host {
             .expect("spawn agent");
         self.agent = Some(child);
     }
-    fn stop_agent(&mut self) -> Option<i32> {
+    pub(crate) fn stop_agent(&mut self) -> Option<i32> {
         let mut child = self.agent.take()?;
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -99,7 +102,7 @@ impl Host {
             std::thread::park_timeout(Duration::from_millis(20));
         }
     }
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         fs_err::read_to_string(self.root.join("agent.log")).unwrap_or_default()
     }
     /// (seq, kind) of the agent's acked events of one rollout, in seq order.
@@ -130,7 +133,7 @@ impl Drop for Host {
     }
 }
 
-fn manifest(id: &str, soak_secs: u64, hosts: &[(&str, usize, &Closure)]) -> String {
+pub(crate) fn manifest(id: &str, soak_secs: u64, hosts: &[(&str, usize, &Closure)]) -> String {
     manifest_with(id, soak_secs, "rollback-and-halt", hosts)
 }
 
@@ -150,7 +153,7 @@ fn manifest_with(id: &str, soak_secs: u64, on_health_failure: &str, hosts: &[(&s
     .to_string()
 }
 
-async fn wait_state(cp: &Cp, rollout: &str, host: &Host, want: &str) {
+pub(crate) async fn wait_state(cp: &Cp, rollout: &str, host: &Host, want: &str) {
     let start = Instant::now();
     loop {
         let state = cp.host_state(rollout, &host.name).await;
@@ -191,7 +194,7 @@ async fn a_two_wave_rollout_converges_and_the_cp_log_matches_the_agents_queue() 
     // CP's event log equals each agent's acked queue one for one.
     let dir = TempDir::new("agent-happy");
     let release = Release::new(dir.path(), "release");
-    let cp = Cp::start(dir.path(), &release.pub_path);
+    let cp = Cp::start_tls(dir.path(), &release.pub_path, &[]);
     let mut web1 = Host::new("web-1");
     let mut web2 = Host::new("web-2");
     let (old1, new1) = (web1.closure("old", PASSING_PROBE), web1.closure("new", PASSING_PROBE));
@@ -254,7 +257,7 @@ async fn a_failing_probe_rolls_the_host_back_and_the_cp_halts_the_rollout() {
     // it Reverted, and the second wave is never dispatched.
     let dir = TempDir::new("agent-rollback");
     let release = Release::new(dir.path(), "release");
-    let cp = Cp::start(dir.path(), &release.pub_path);
+    let cp = Cp::start_tls(dir.path(), &release.pub_path, &[]);
     let mut web1 = Host::new("web-1");
     let mut web2 = Host::new("web-2");
     let (old1, bad1) = (web1.closure("old", PASSING_PROBE), web1.closure("bad", FAILING_PROBE));
@@ -303,7 +306,7 @@ async fn an_agent_killed_while_soaking_resumes_from_its_queue_and_converges() {
     // has every event exactly once.
     let dir = TempDir::new("agent-kill-soak");
     let release = Release::new(dir.path(), "release");
-    let cp = Cp::start(dir.path(), &release.pub_path);
+    let cp = Cp::start_tls(dir.path(), &release.pub_path, &[]);
     let mut web1 = Host::new("web-1");
     let (old, new) = (web1.closure("old", PASSING_PROBE), web1.closure("new", PASSING_PROBE));
     web1.boot_into(&old);
@@ -337,7 +340,7 @@ async fn an_agent_killed_mid_switch_reports_the_switch_that_finished_without_it(
     // current-system, then converges; nothing is lost or duplicated.
     let dir = TempDir::new("agent-kill-switch");
     let release = Release::new(dir.path(), "release");
-    let cp = Cp::start(dir.path(), &release.pub_path);
+    let cp = Cp::start_tls(dir.path(), &release.pub_path, &[]);
     let mut web1 = Host::new("web-1");
     let old = web1.closure("old", PASSING_PROBE);
     let gate = web1.root.join("gate");
@@ -373,7 +376,7 @@ async fn a_manifest_signed_by_a_key_the_agent_does_not_trust_is_refused_and_noth
     let dir = TempDir::new("agent-untrusted");
     let release = Release::new(dir.path(), "release");
     let other = Release::new(dir.path(), "other");
-    let cp = Cp::start(dir.path(), &release.pub_path);
+    let cp = Cp::start_tls(dir.path(), &release.pub_path, &[]);
     let mut web1 = Host::new("web-1");
     let (old, new) = (web1.closure("old", PASSING_PROBE), web1.closure("new", PASSING_PROBE));
     web1.boot_into(&old);
@@ -393,7 +396,7 @@ async fn with_the_cp_down_the_agent_converges_alone_and_delivers_everything_in_o
     // back every event is delivered in order, once.
     let dir = TempDir::new("agent-cp-down");
     let release = Release::new(dir.path(), "release");
-    let mut cp = Cp::start(dir.path(), &release.pub_path);
+    let mut cp = Cp::start_tls(dir.path(), &release.pub_path, &[]);
     let mut web1 = Host::new("web-1");
     let (old, new) = (web1.closure("old", PASSING_PROBE), web1.closure("new", PASSING_PROBE));
     web1.boot_into(&old);
@@ -419,7 +422,7 @@ async fn a_failed_switch_and_a_failed_rollback_are_both_reported() {
     // the host stays Failed with a note that the operator must act.
     let dir = TempDir::new("agent-double-failure");
     let release = Release::new(dir.path(), "release");
-    let cp = Cp::start(dir.path(), &release.pub_path);
+    let cp = Cp::start_tls(dir.path(), &release.pub_path, &[]);
     let mut web1 = Host::new("web-1");
     let spec = |label: &str| ClosureSpec {
         label: format!("web-1-{label}"),
@@ -449,7 +452,7 @@ async fn under_halt_a_failing_host_stays_failed_on_the_new_closure() {
     // and nothing rolls it back.
     let dir = TempDir::new("agent-halt");
     let release = Release::new(dir.path(), "release");
-    let cp = Cp::start(dir.path(), &release.pub_path);
+    let cp = Cp::start_tls(dir.path(), &release.pub_path, &[]);
     let mut web1 = Host::new("web-1");
     let (old, bad) = (web1.closure("old", PASSING_PROBE), web1.closure("bad", FAILING_PROBE));
     web1.boot_into(&old);
@@ -470,7 +473,7 @@ async fn a_reboot_required_closure_is_deferred_and_completes_after_the_reboot() 
     // target, the restarted agent reports the completion and converges.
     let dir = TempDir::new("agent-deferred");
     let release = Release::new(dir.path(), "release");
-    let cp = Cp::start(dir.path(), &release.pub_path);
+    let cp = Cp::start_tls(dir.path(), &release.pub_path, &[]);
     let mut web1 = Host::new("web-1");
     let old = web1.closure("old", PASSING_PROBE);
     let new = web1.nix.build_closure(&ClosureSpec {
@@ -503,7 +506,7 @@ async fn a_switch_that_kills_the_agent_and_completes_is_reported_by_the_restarte
     // reports it once, and converges.
     let dir = TempDir::new("agent-switch-kills");
     let release = Release::new(dir.path(), "release");
-    let cp = Cp::start(dir.path(), &release.pub_path);
+    let cp = Cp::start_tls(dir.path(), &release.pub_path, &[]);
     let mut web1 = Host::new("web-1");
     let old = web1.closure("old", PASSING_PROBE);
     let pid_file = web1.root.join("agent.pid");
@@ -554,7 +557,7 @@ async fn drain_through_real_cp(
 
     let dir = TempDir::new(label);
     let release = Release::new(dir.path(), "release");
-    let cp = Cp::start(dir.path(), &release.pub_path);
+    let cp = Cp::start_tls(dir.path(), &release.pub_path, &[]);
     let old = Closure::parse("/nix/store/00000000000000000000000000000000-old").expect("valid");
     let new = Closure::parse("/nix/store/11111111111111111111111111111111-new").expect("valid");
     for id in ["stable@q1", "canary@q1"] {
@@ -568,7 +571,7 @@ async fn drain_through_real_cp(
     }
     let queue = SharedQueue::new(queue);
     let (trigger, stop) = shutdown_channel();
-    let api = CpApi::new(cp.url.clone(), host);
+    let api = CpApi::new(cp.host_url("web-1"), host);
     let wake = std::sync::Arc::new(tokio::sync::Notify::new());
     let worker = tokio::spawn(run_drain_worker(api, queue.clone(), wake, Duration::from_millis(50), stop));
     let start = Instant::now();
@@ -668,7 +671,7 @@ async fn a_rollout_offered_while_another_is_live_waits_busy_and_runs_after_it() 
     // and the simulator.)
     let dir = TempDir::new("agent-busy");
     let release = Release::new(dir.path(), "release");
-    let cp = Cp::start(dir.path(), &release.pub_path);
+    let cp = Cp::start_tls(dir.path(), &release.pub_path, &[]);
     let mut web1 = Host::new("web-1");
     let fail_now = web1.root.join("fail-now");
     let a_probe = format!(

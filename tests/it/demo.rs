@@ -20,6 +20,8 @@ fn the_demo_rolls_out_two_waves_rolls_one_host_back_and_halts() {
     println!("nix: real");
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     for line in [
+        "control plane on https://127.0.0.1:",
+        "(mutual TLS;",
         "rollout converging (wave 1)",
         "web-1  Soaking -> Converged",
         "rollout halted (wave 1): 1 host(s) failed (web-3)",

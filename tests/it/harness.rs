@@ -13,6 +13,8 @@ use nixfleet::client::{self, CpUrl, HttpResponse};
 use nixfleet::ids::Closure;
 use nixfleet::machine::ProbeDecl;
 use nixfleet::sign::{self, SigningKey};
+use nixfleet::tls::{CertKeyFiles, ClientTlsFiles, ReloadableClientConfig, Role};
+use nixfleet::tools::pki;
 use nixfleet::wire::{
     Dispatch, EventBatchResponse, EventResult, HeartbeatResponse, OutboundEvent, WireEventBody, REPLAY_FROM_HEADER,
 };
@@ -152,10 +154,85 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_nixfleet")
 }
 
+/// A fleet CA made with the `nixfleet pki` code (`tools::pki`), and the
+/// certificates issued from it: `cp` (server, for 127.0.0.1 and localhost)
+/// at once, any host or operator on first use.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let pki = Pki { dir: dir.to_owned() };
+        pki::init(&pki.dir, nixfleet::clock::ClockHandle::system().now()).expect("pki init");
+        let cp = pki::IssueRequest {
+            name: "cp".into(),
+            role: Role::Cp,
+            dns: vec!["localhost".into()],
+            ips: vec!["127.0.0.1".parse().expect("ip")],
+            days: 30,
+        };
+        pki::issue(&pki.dir, &cp, nixfleet::clock::ClockHandle::system().now()).expect("pki issue cp");
+        pki
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// `NAME.crt` and `NAME.key`, issued now for 30 days unless they exist.
+    pub fn files(&self, name: &str, role: Role) -> CertKeyFiles {
+        let files = self.paths(name);
+        if !files.cert.exists() {
+            self.issue_at(name, role, nixfleet::clock::ClockHandle::system().now(), 30);
+        }
+        files
+    }
+
+    /// Issues `name` as if the clock said `now` (an expired or a not yet
+    /// valid certificate is issued in the past or the future).
+    pub fn issue_at(&self, name: &str, role: Role, now: OffsetDateTime, days: u32) -> CertKeyFiles {
+        let request = pki::IssueRequest { name: name.into(), role, dns: Vec::new(), ips: Vec::new(), days };
+        pki::issue(&self.dir, &request, now).expect("pki issue");
+        self.paths(name)
+    }
+
+    pub fn paths(&self, name: &str) -> CertKeyFiles {
+        CertKeyFiles { cert: self.dir.join(format!("{name}.crt")), key: self.dir.join(format!("{name}.key")) }
+    }
+
+    /// `--ca-cert F --client-cert F --client-key F` for `name`.
+    pub fn client_args(&self, name: &str, role: Role) -> Vec<String> {
+        let files = self.files(name, role);
+        [("--ca-cert", self.ca()), ("--client-cert", files.cert), ("--client-key", files.key)]
+            .into_iter()
+            .flat_map(|(flag, path)| [flag.to_owned(), path.display().to_string()])
+            .collect()
+    }
+
+    /// `--tls-cert F --tls-key F --client-ca F` of `cp serve`.
+    pub fn serve_args(&self) -> Vec<String> {
+        let cp = self.paths("cp");
+        [("--tls-cert", cp.cert), ("--tls-key", cp.key), ("--client-ca", self.ca())]
+            .into_iter()
+            .flat_map(|(flag, path)| [flag.to_owned(), path.display().to_string()])
+            .collect()
+    }
+
+    /// An https URL of `authority` presenting `files`.
+    pub fn url_with(&self, authority: &str, files: CertKeyFiles) -> CpUrl {
+        let tls = ClientTlsFiles { ca: self.ca(), identity: Some(files) };
+        let tls = std::sync::Arc::new(ReloadableClientConfig::load(tls).expect("client TLS config"));
+        CpUrl::parse(&format!("https://{authority}")).expect("url").with_tls(tls)
+    }
+}
+
 /// A real `nixfleet cp serve` process.
 pub struct Cp {
     child: Option<Child>,
+    /// The operator's URL (with TLS: the `operator` certificate).
     pub url: CpUrl,
+    pub pki: Option<Pki>,
     pub db: PathBuf,
     pub log: PathBuf,
     args: Vec<String>,
@@ -167,7 +244,21 @@ impl Cp {
         Cp::start_with(dir, trust, &[])
     }
 
+    /// With mutual TLS: a fleet CA in `dir/pki`, the CP's certificate, and
+    /// `url` speaking as the operator `operator`.
+    pub fn start_tls(dir: &Path, trust: &Path, extra: &[&str]) -> Cp {
+        let pki = Pki::new(&dir.join("pki"));
+        let mut args: Vec<String> = pki.serve_args();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Cp::start_inner(dir, trust, &args, Some(pki))
+    }
+
     pub fn start_with(dir: &Path, trust: &Path, extra: &[&str]) -> Cp {
+        Cp::start_inner(dir, trust, extra, None)
+    }
+
+    fn start_inner(dir: &Path, trust: &Path, extra: &[&str], pki: Option<Pki>) -> Cp {
         let db = dir.join("cp.db");
         let addr_file = dir.join("cp.addr");
         let mut args: Vec<String> = vec![
@@ -186,6 +277,7 @@ impl Cp {
         let mut cp = Cp {
             child: None,
             url: CpUrl::parse("http://127.0.0.1:1").expect("url"),
+            pki,
             db,
             log: dir.join("cp.log"),
             args,
@@ -217,7 +309,35 @@ impl Cp {
             }
             std::fs::read_to_string(&self.addr_file).ok().filter(|s| s.ends_with('\n'))
         });
-        self.url = CpUrl::parse(&format!("http://{}", addr.trim())).expect("cp url");
+        self.url = self.url_as("operator", Role::Operator, addr.trim());
+    }
+
+    /// The URL of this CP as `name` (with TLS: its certificate, issued on first use).
+    fn url_as(&self, name: &str, role: Role, authority: &str) -> CpUrl {
+        match &self.pki {
+            Some(pki) => pki.url_with(authority, pki.files(name, role)),
+            None => CpUrl::parse(&format!("http://{authority}")).expect("cp url"),
+        }
+    }
+
+    /// The URL an agent for `host` uses (with TLS: the host's own certificate).
+    pub fn host_url(&self, host: &str) -> CpUrl {
+        self.url_as(host, Role::Host, self.url.authority())
+    }
+
+    /// `--cp URL` and, with TLS, the client certificate flags of `name`.
+    pub fn client_args(&self, name: &str, role: Role) -> Vec<String> {
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        let mut args = vec!["--cp".to_owned(), format!("{scheme}://{}", self.url.authority())];
+        if let Some(pki) = &self.pki {
+            args.extend(pki.client_args(name, role));
+        }
+        args
+    }
+
+    /// The process id of the running CP.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// SIGKILL: no shutdown code runs.

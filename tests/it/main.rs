@@ -20,4 +20,5 @@ mod protocol_doc;
 mod queue;
 mod sdnotify;
 mod web;
+mod tls;
 mod workers;

@@ -127,27 +127,12 @@ fn bad_input_is_refused_with_json_errors_and_not_stored() {
     });
 }
 
-/// A transport that authenticates every connection as one host: stands in
-/// for mTLS (the certificate's hostname) through the acceptor seam.
-#[derive(Debug, Clone)]
-struct AuthenticatedAs(nixfleet::ids::Hostname);
-
-impl nixfleet::cp::Acceptor for AuthenticatedAs {
-    type Io = tokio::net::TcpStream;
-    async fn accept(
-        &self,
-        tcp: tokio::net::TcpStream,
-    ) -> std::io::Result<(tokio::net::TcpStream, nixfleet::cp::routes::PeerIdentity)> {
-        Ok((tcp, nixfleet::cp::routes::PeerIdentity(Some(self.0.clone()))))
-    }
-}
-
-/// With an authenticated transport an agent may only speak for its own host
-/// (403 otherwise, nothing stored), and liveness follows the injected clock:
-/// silent for more than 3 heartbeat intervals is unreachable.
+/// Liveness follows the injected clock: silent for more than 3 heartbeat
+/// intervals is unreachable. (Who may act for which host is checked over
+/// real mutual TLS in `tests/it/tls.rs`.)
 #[test]
-fn identity_is_enforced_and_liveness_follows_the_clock() {
-    let dir = TempDir::new("identity");
+fn liveness_follows_the_clock() {
+    let dir = TempDir::new("liveness");
     let release = Release::new(dir.path(), "release");
     let rt = rt();
     rt.block_on(async {
@@ -161,38 +146,23 @@ fn identity_is_enforced_and_liveness_follows_the_clock() {
             grace: Duration::from_secs(5),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(nixfleet::cp::serve(
-            listener,
-            AuthenticatedAs("web-1".parse().unwrap()),
-            cfg,
-            clock.clone(),
-            async {
+        let server =
+            tokio::spawn(nixfleet::cp::serve(listener, nixfleet::cp::PlainAcceptor, cfg, clock.clone(), async {
                 let _ = stop_rx.await;
-            },
-        ));
-        let publish =
-            crate::harness::request(&url, Method::POST, "/v1/rollouts", &[], Some(release.sign(&two_waves("stable@r1", T0, 0))))
-                .await
-                .unwrap();
+            }));
+        let publish = crate::harness::request(
+            &url,
+            Method::POST,
+            "/v1/rollouts",
+            &[],
+            Some(release.sign(&two_waves("stable@r1", T0, 0))),
+        )
+        .await
+        .unwrap();
         assert_eq!(publish.status, StatusCode::CREATED);
 
         let mut me = Agent::new("web-1", &url);
-        let mut impostor = Agent::new("web-2", &url);
         let d = me.poll(0).await.expect("own dispatch");
-        let ack = impostor.ack_body(&d);
-        let event = impostor.emit("stable@r1", ack);
-        let resp = impostor.post_raw(&[("stable@r1", &event)]).await;
-        assert_eq!(resp.status, StatusCode::FORBIDDEN);
-        assert!(resp.error().to_string().contains("authenticated as web-1"), "{}", resp.error());
-        let resp =
-            crate::harness::request(&url, Method::GET, "/v1/agent/dispatch?hostname=web-2&wait=0", &[], None).await.unwrap();
-        assert_eq!(resp.status, StatusCode::FORBIDDEN);
-        let hb = serde_json::json!({"hostname": "web-2", "current_closure": closure("x"), "uptime_secs": 1, "agent_version": "t"});
-        let resp = crate::harness::request(&url, Method::POST, "/v1/agent/heartbeat", &[], Some(hb.to_string().into_bytes()))
-            .await
-            .unwrap();
-        assert_eq!(resp.status, StatusCode::FORBIDDEN);
-
         me.activate(&d).await;
         me.heartbeat().await;
         let liveness = |hosts: serde_json::Value| {
@@ -211,9 +181,6 @@ fn identity_is_enforced_and_liveness_follows_the_clock() {
         clock.advance(time::Duration::seconds(1));
         assert_eq!(liveness(get("/v1/hosts").await), "unreachable");
         assert_eq!(get("/v1/status").await["n_unreachable"], 1);
-        let log = get("/v1/rollouts/stable@r1/events").await;
-        let hosts: Vec<&str> = log["events"].as_array().unwrap().iter().map(|e| e["hostname"].as_str().unwrap()).collect();
-        assert_eq!(hosts, ["web-1", "web-1"], "the impostor's event was not stored");
 
         stop_tx.send(()).unwrap();
         let report = server.await.unwrap().unwrap();

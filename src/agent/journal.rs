@@ -12,6 +12,7 @@ use tokio::sync::{watch, Notify};
 
 use super::admission::{check_cached, verified_manifest, Refusal};
 use super::channels::{ChannelHistory, ChannelsError};
+use super::rebuild::{history, lost_records, History, LostRecord, Repair, Verdict};
 use super::reducer::{Journal, JournalError};
 use super::rollouts::Rollouts;
 use crate::ids::{Hostname, RolloutId};
@@ -370,6 +371,14 @@ pub enum RestoreError {
         queue_dir.display()
     )]
     Unproven { rollout_id: RolloutId, why: Box<CachedManifestError>, file: PathBuf, queue_dir: PathBuf },
+    /// A rollout that may still act on the host (accepted, and no readable
+    /// event ends it) lost records that cannot be rebuilt: carrying on
+    /// without it would leave the host unsupervised without saying so.
+    #[error(
+        "rollout {rollout_id} may still be under way on this host, but its history cannot be rebuilt ({why}); the agent does not start rather than leave the host unsupervised: check what the host runs (/run/current-system), finish or roll back the rollout by hand, then move its records out of {}",
+        queue_dir.display()
+    )]
+    Lost { rollout_id: RolloutId, why: String, queue_dir: PathBuf },
 }
 
 /// Why a rollout's cached manifest proves nothing ([`cached_manifest`]).
@@ -407,9 +416,13 @@ pub struct RestoreReport {
     /// Rebuilt under the manifest verified when the dispatch was accepted,
     /// whose key this host no longer trusts: (rollout, keyid).
     pub untrusted_key: Vec<(RolloutId, String)>,
-    /// Rollouts that could not be rebuilt (a corrupt or missing record, a
-    /// history that does not replay), with the reason; logged at ERROR and
-    /// counted as a problem by `nixfleet replay --state-dir`.
+    /// Rollouts rebuilt although records of theirs were lost (see
+    /// `agent::rebuild`), with what was rebuilt or bridged; logged at ERROR.
+    pub rebuilt: Vec<(RolloutId, String)>,
+    /// Rollouts that could not be rebuilt and no longer act on the host (a
+    /// corrupt or missing record, a history that does not replay), with the
+    /// reason; logged at ERROR and counted as a problem by `nixfleet replay
+    /// --state-dir`. A rollout that may still act is a [`RestoreError::Lost`].
     pub skipped: Vec<(RolloutId, String)>,
 }
 
@@ -534,93 +547,214 @@ pub fn restore_from(
 ) -> Result<(Rollouts, RestoreReport), RestoreError> {
     let mut journals: BTreeMap<RolloutId, Vec<(u64, OutboundEvent)>> = BTreeMap::new();
     for (rollout_id, _) in queue.rollouts() {
-        let events = queue.events_after(&rollout_id, 0).into_iter().map(|q| (q.event.seq, q.event));
+        let events = queue.events_after(&rollout_id, 0).into_iter().map(|q| (q.qseq, q.event));
         journals.entry(rollout_id).or_default().extend(events);
     }
     for q in source.dead_letters()? {
-        journals.entry(q.rollout_id).or_default().push((q.event.seq, q.event));
+        journals.entry(q.rollout_id).or_default().push((q.qseq, q.event));
     }
     let corrupt = source.corrupt_records()?;
     let with_pending: std::collections::BTreeSet<RolloutId> =
         queue.pending().into_iter().map(|q| q.rollout_id).collect();
-    let mut rollouts = Rollouts::new(hostname.clone());
-    let mut channels = source.channel_history()?;
-    let mut report = RestoreReport::default();
-    for (rollout_id, mut events) in journals {
-        events.sort_by_key(|(seq, _)| *seq);
-        events.dedup_by_key(|(seq, _)| *seq);
-        if let Some(why) = missing_start(&rollout_id, hostname, &events, &corrupt, with_pending.contains(&rollout_id)) {
-            match why {
-                MissingStart::Pruned => report.pruned.push(rollout_id),
-                MissingStart::Lost(why) => {
-                    tracing::error!(%rollout_id, %why, "rollout NOT rebuilt: part of its history is lost");
-                    report.skipped.push((rollout_id, why));
-                }
-            }
-            continue;
+    let mut rebuild = Rebuild {
+        source,
+        hostname,
+        trust_keys,
+        queue_dir: queue.dir(),
+        rollouts: Rollouts::new(hostname.clone()),
+        channels: source.channel_history()?,
+        report: RestoreReport::default(),
+    };
+    for (rollout_id, events) in journals {
+        let lost = lost_records(&corrupt, hostname, &rollout_id);
+        let pending = with_pending.contains(&rollout_id);
+        let acceptance = rebuild.channels.dispatch_of(&rollout_id).cloned();
+        match history(&rollout_id, events.clone(), &lost, pending, acceptance.as_ref()) {
+            Verdict::Pruned => rebuild.report.pruned.push(rollout_id),
+            Verdict::Lost(why) => rebuild.lost(rollout_id, &events, &lost, why)?,
+            Verdict::Complete(history) => rebuild.one(rollout_id, history)?,
         }
-        let journal = match events.iter().map(|(_, e)| e.to_local()).collect::<Result<Vec<Event>, _>>() {
+    }
+    let Rebuild { mut rollouts, channels, report, .. } = rebuild;
+    rollouts.set_channels(channels);
+    Ok((rollouts, report))
+}
+
+/// The state of one start-up rebuild, rollout by rollout.
+struct Rebuild<'a> {
+    source: &'a dyn RestoreSource,
+    hostname: &'a Hostname,
+    trust_keys: &'a [PublicKey],
+    queue_dir: &'a Path,
+    rollouts: Rollouts,
+    channels: ChannelHistory,
+    report: RestoreReport,
+}
+
+impl Rebuild<'_> {
+    /// A rollout whose history is complete (or repaired): its policy from
+    /// the cached manifest, then the replay.
+    fn one(&mut self, rollout_id: RolloutId, history: History) -> Result<(), RestoreError> {
+        let journal = match history.events.iter().map(OutboundEvent::to_local).collect::<Result<Vec<Event>, _>>() {
             Ok(j) => j,
             Err(e) => {
                 let why = format!("an event does not convert: {e}");
                 tracing::error!(%rollout_id, %why, "rollout NOT rebuilt");
-                report.skipped.push((rollout_id, why));
-                continue;
+                self.report.skipped.push((rollout_id, why));
+                return Ok(());
             }
         };
-        let cached = source.cached_envelope(&rollout_id).and_then(|bytes| {
+        let (policy, manifest) = self.policy(&rollout_id, &journal)?;
+        let repaired = !history.repairs.is_empty();
+        if repaired {
+            if let Err(why) = check_rebuilt_ack(&history, manifest.as_deref(), self.hostname) {
+                return self.not_rebuilt(rollout_id, &journal, why);
+            }
+        }
+        match self.rollouts.restore_bridged(rollout_id.clone(), policy, &journal, &history.bridged) {
+            Ok(()) if repaired => {
+                let what: Vec<String> = history.repairs.iter().map(ToString::to_string).collect();
+                let what = what.join("; ");
+                tracing::error!(%rollout_id, repaired = %what, "part of the rollout's history was lost and is rebuilt; the rollout carries on under supervision");
+                self.report.rebuilt.push((rollout_id.clone(), what));
+                self.report.restored.push(rollout_id);
+                Ok(())
+            }
+            Ok(()) => {
+                self.report.restored.push(rollout_id);
+                Ok(())
+            }
+            Err(e) => self.not_rebuilt(rollout_id, &journal, format!("its history does not replay: {e}")),
+        }
+    }
+
+    /// The rollout's policy from its verified cached manifest (and the
+    /// manifest), or the replay-only fallback for a rollout that can never
+    /// decide again; an unproven live rollout stops the agent.
+    fn policy(
+        &mut self,
+        rollout_id: &RolloutId,
+        journal: &[Event],
+    ) -> Result<(Policy, Option<Arc<Manifest>>), RestoreError> {
+        let source = self.source;
+        let cached = source.cached_envelope(rollout_id).and_then(|bytes| {
             let verify = |keys: &[PublicKey], bytes: &[u8]| source.verify_envelope(keys, bytes);
-            verify_cached(&bytes, || source.accepted_key(&rollout_id), &rollout_id, hostname, trust_keys, &verify)
+            verify_cached(
+                &bytes,
+                || source.accepted_key(rollout_id),
+                rollout_id,
+                self.hostname,
+                self.trust_keys,
+                &verify,
+            )
         });
-        let policy = match cached {
+        match cached {
             Ok((manifest, no_longer_trusted)) => {
                 if let Some(keyid) = &no_longer_trusted {
                     tracing::warn!(
                         %rollout_id, %keyid,
                         "the rollout's manifest was verified by key {keyid} when it was accepted; this host no longer trusts that key, and the rollout is finished under that manifest (new manifests need a trusted key)"
                     );
-                    report.untrusted_key.push((rollout_id.clone(), keyid.clone()));
+                    self.report.untrusted_key.push((rollout_id.clone(), keyid.clone()));
                 }
                 let accepted = journal.iter().any(|e| matches!(e.body, crate::machine::EventBody::Activate { .. }));
                 if accepted {
                     let offered = super::channels::Accepted {
                         rollout_id: manifest.rollout_id.clone(),
                         issued_at: manifest.issued_at,
+                        dispatch: None,
                     };
-                    channels = channels.with(offered);
+                    self.channels = self.channels.with(offered);
                 }
-                manifest.machine_policy()
+                Ok((manifest.machine_policy(), Some(manifest)))
             }
             Err(why) => {
                 // Only a rollout that can never decide again may be rebuilt
                 // without its policy (the fallback is then a replay
                 // parameter, never consulted for a decision).
-                let mut probe = Rollouts::new(hostname.clone());
-                let over = probe.restore(rollout_id.clone(), FALLBACK_POLICY, &journal).is_ok()
-                    && probe.get(&rollout_id).is_some_and(|s| never_decides_again(s, &journal));
+                let mut probe = Rollouts::new(self.hostname.clone());
+                let over = probe.restore(rollout_id.clone(), FALLBACK_POLICY, journal).is_ok()
+                    && probe.get(rollout_id).is_some_and(|s| never_decides_again(s, journal));
                 if !over {
                     return Err(RestoreError::Unproven {
-                        file: source.manifest_path(&rollout_id),
-                        queue_dir: queue.dir().to_owned(),
-                        rollout_id,
+                        file: source.manifest_path(rollout_id),
+                        queue_dir: self.queue_dir.to_owned(),
+                        rollout_id: rollout_id.clone(),
                         why: Box::new(why),
                     });
                 }
-                report.without_manifest.push((rollout_id.clone(), why.to_string()));
-                FALLBACK_POLICY
-            }
-        };
-        match rollouts.restore(rollout_id.clone(), policy, &journal) {
-            Ok(()) => report.restored.push(rollout_id),
-            Err(e) => {
-                let why = e.to_string();
-                tracing::error!(%rollout_id, %why, "rollout NOT rebuilt: its history does not replay");
-                report.skipped.push((rollout_id, why));
+                self.report.without_manifest.push((rollout_id.clone(), why.to_string()));
+                Ok((FALLBACK_POLICY, None))
             }
         }
     }
-    rollouts.set_channels(channels);
-    Ok((rollouts, report))
+
+    /// A history that cannot be rebuilt (`why`): a rollout that may still
+    /// act on the host stops the agent; one that is over is skipped, loudly.
+    fn lost(
+        &mut self,
+        rollout_id: RolloutId,
+        events: &[(u64, OutboundEvent)],
+        lost: &[LostRecord],
+        why: String,
+    ) -> Result<(), RestoreError> {
+        let kinds = events.iter().map(|(_, e)| e.kind()).chain(lost.iter().map(|l| l.kind.as_str()));
+        let over = events.iter().any(|(_, e)| ends_the_rollout(e));
+        let accepted = kinds.into_iter().any(|k| k != "DispatchRejected");
+        if accepted && !over {
+            return Err(RestoreError::Lost { rollout_id, why, queue_dir: self.queue_dir.to_owned() });
+        }
+        tracing::error!(%rollout_id, %why, "rollout NOT rebuilt: part of its history is lost (it no longer acts on the host)");
+        self.report.skipped.push((rollout_id, why));
+        Ok(())
+    }
+
+    /// A repaired history that does not hold: as [`Rebuild::lost`].
+    fn not_rebuilt(&mut self, rollout_id: RolloutId, journal: &[Event], why: String) -> Result<(), RestoreError> {
+        let events: Vec<(u64, OutboundEvent)> =
+            journal.iter().map(|e| (0, OutboundEvent::from_machine(e.seq, &e.body))).collect();
+        self.lost(rollout_id, &events, &[], why)
+    }
+}
+
+/// True for an event after which the rollout never acts on the host again
+/// (converged, rolled back, a failed rollback, refused, halted).
+fn ends_the_rollout(event: &OutboundEvent) -> bool {
+    use crate::machine::{EventBody as B, OnHealthFailure, RejectCode};
+    match event.to_body() {
+        Ok(B::ConvergedReached { .. } | B::RollbackCompleted { .. } | B::RollbackFailed { .. }) => true,
+        Ok(B::DispatchRejected { code, .. }) => code != RejectCode::Busy,
+        Ok(B::SustainedFailureCrossed { policy_applied, .. }) => policy_applied == OnHealthFailure::Halt,
+        _ => false,
+    }
+}
+
+/// A rebuilt DispatchAck must be the one the verified manifest allows this
+/// host: its target and its wave's soak.
+fn check_rebuilt_ack(history: &History, manifest: Option<&Manifest>, hostname: &Hostname) -> Result<(), String> {
+    use crate::machine::EventBody as B;
+    let rebuilt: Vec<u64> = history
+        .repairs
+        .iter()
+        .filter_map(|r| match r {
+            Repair::Rebuilt { seq, kind, .. } if kind == "DispatchAck" => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    for event in history.events.iter().filter(|e| rebuilt.contains(&e.seq)) {
+        let Ok(B::Activate { target_closure, soak_secs, .. }) = event.to_body() else { continue };
+        let Some(manifest) = manifest else {
+            return Err("its DispatchAck is lost and no verified manifest confirms the kept acceptance".to_owned());
+        };
+        let entry = manifest.hosts.get(hostname);
+        let soak = entry.and_then(|e| manifest.waves.get(e.wave)).map(|w| w.soak_secs);
+        if entry.map(|e| &e.target_closure) != Some(&target_closure) || soak != Some(soak_secs) {
+            return Err(format!(
+                "the acceptance kept in accepted-channels.json ({target_closure}, soak {soak_secs} s) is not what the verified manifest gives this host"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// True when no decision of this rollout can follow: never accepted
@@ -644,61 +778,6 @@ fn never_decides_again(slot: &super::rollouts::Slot, journal: &[Event]) -> bool 
         }
         _ => false,
     }
-}
-
-/// Why a rollout's history does not start at seq 1.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MissingStart {
-    /// Retention removed it: a finished rollout, known by its last seq.
-    Pruned,
-    /// A record is corrupt or missing: never silent.
-    Lost(String),
-}
-
-/// `None` when the history starts at seq 1. Retention never prunes a
-/// rollout with pending events, and removes the first event of a rollout
-/// first; so a missing start with pending events, or with a corrupt record
-/// of the rollout in `dead/`, is lost data, not pruning.
-pub fn missing_start(
-    rollout_id: &RolloutId,
-    hostname: &Hostname,
-    events: &[(u64, OutboundEvent)],
-    corrupt: &[(String, String)],
-    has_pending: bool,
-) -> Option<MissingStart> {
-    let first = events.first().map(|(seq, _)| *seq);
-    if first == Some(1) {
-        return None;
-    }
-    let files: Vec<String> = corrupt
-        .iter()
-        .filter(|(name, _)| names_rollout(name, hostname, rollout_id))
-        .map(|(n, r)| format!("dead/{n} ({r})"))
-        .collect();
-    if files.is_empty() && !has_pending {
-        return Some(MissingStart::Pruned);
-    }
-    let missing = match first {
-        Some(first) if first > 2 => format!("seqs 1 to {}", first - 1),
-        Some(_) => "seq 1".to_owned(),
-        None => "every event".to_owned(),
-    };
-    let cause = if files.is_empty() {
-        "no corrupt file names it, yet it has pending events, which retention never prunes".to_owned()
-    } else {
-        format!("corrupt record(s): {}", files.join(", "))
-    };
-    Some(MissingStart::Lost(format!("{missing} of rollout {rollout_id} missing; {cause}")))
-}
-
-/// Whether a queue file name (`{qseq}-{host}-{rollout}-{kind}.json`) is one
-/// of this rollout's (names are sanitised, and the rollout part may be cut).
-pub fn names_rollout(name: &str, hostname: &Hostname, rollout_id: &RolloutId) -> bool {
-    let Some(rest) = name.split_once('-').map(|(_, r)| r) else { return false };
-    let Some(rest) = rest.strip_prefix(&format!("{hostname}-")) else { return false };
-    let Some((rollout_part, _kind)) = rest.rsplit_once('-') else { return false };
-    let cut = rollout_part.chars().count() >= crate::queue::record::MAX_NAME_ROLLOUT_CHARS;
-    rollout_part == rollout_id.as_str() || (cut && rollout_id.as_str().starts_with(rollout_part))
 }
 
 /// The manifest of a rollout from its cached envelope, verified with
@@ -987,78 +1066,125 @@ mod tests {
         assert!(err.contains("refusing to guess its policy"), "{err}");
     }
 
-    #[tokio::test]
-    async fn a_corrupt_first_record_of_a_live_rollout_is_an_error_and_a_replay_problem_not_pruning() {
-        // Proves a lost start is never retention: a Soaking-or-earlier rollout whose acked seq 1 is
-        // corrupt is not silently dropped as "pruned": restore reports it
-        // (rollout, file, missing seq), and `replay --state-dir` exits 1.
-        // A rollout whose first events retention removed stays "pruned".
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (queue, public, manifest) = setup(dir.path());
+    /// A rollout Soaking through the real reducer and queue, every event
+    /// acked, the agent stopped; the record before the stop and the key.
+    async fn soaking_then_stopped(dir: &Path) -> (RolloutId, crate::agent::rollouts::Slot, PublicKey) {
+        let (queue, public, manifest) = setup(dir);
         let (cmds, _rx) = commands();
-        let (mut reducer, _snap) = Reducer::new(Rollouts::new(host()), queue.clone(), cmds);
+        // As the agent: the durable channel history of the state dir.
+        let mut rollouts = Rollouts::new(host());
+        rollouts.set_channels(ChannelHistory::load(dir).expect("channels"));
+        let (mut reducer, _snap) = Reducer::new(rollouts, queue.clone(), cmds);
         reducer.handle(dispatch(&manifest)).await;
         let rid = manifest.rollout_id.clone();
         let at = datetime!(2026-11-25 12:00:01 UTC);
         reducer.handle(Input::ActivationStarted { rollout_id: rid.clone(), switch_method: "setsid".into(), at }).await;
+        let target = manifest.hosts[&host()].target_closure.clone();
+        let order = reducer_order(&rid, &target);
+        let outcome = crate::agent::activation::ActivationOutcome::Completed { observed: target };
+        reducer.handle(Input::ActivationFinished { rollout_id: rid.clone(), order, outcome, at }).await;
+        let live = reducer.rollouts().get(&rid).expect("slot").clone();
+        assert_eq!(live.record.state, HostState::Soaking);
         {
             let mut q = queue.lock();
             for p in q.pending() {
                 q.ack(p.qseq).expect("ack");
             }
         }
-        drop(reducer);
-        drop(queue);
-        let acked_dir = dir.path().join("outbound-queue/acked");
-        let first = fs_err::read_dir(&acked_dir)
+        (rid, live, public)
+    }
+
+    fn reducer_order(rid: &RolloutId, closure: &Closure) -> crate::agent::reducer::ActivationOrder {
+        crate::agent::reducer::ActivationOrder {
+            rollout_id: rid.clone(),
+            closure: closure.clone(),
+            rollback: false,
+            number: 1,
+            restore_boot_from: None,
+        }
+    }
+
+    /// Corrupts the acked file of `kind`; its name.
+    fn rot(dir: &Path, kind: &str) -> String {
+        let acked_dir = dir.join("outbound-queue/acked");
+        let file = fs_err::read_dir(&acked_dir)
             .expect("acked")
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.to_string_lossy().ends_with("-DispatchAck.json"))
-            .expect("seq 1 on disk");
-        fs_err::write(&first, b"{ bit rot").expect("corrupt");
-        let name = first.file_name().and_then(|n| n.to_str()).expect("name").to_owned();
+            .find(|p| p.to_string_lossy().ends_with(&format!("-{kind}.json")))
+            .expect("on disk");
+        fs_err::write(&file, b"{ bit rot").expect("corrupt");
+        file.file_name().and_then(|n| n.to_str()).expect("name").to_owned()
+    }
 
+    fn reopen(dir: &Path) -> Queue {
         let clock = ClockHandle::manual(datetime!(2026-11-25 13:00 UTC));
-        let reopened = Queue::open(dir.path(), host(), QueueConfig::default(), clock).expect("reopen");
+        Queue::open(dir, host(), QueueConfig::default(), clock).expect("reopen")
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_dispatch_ack_of_a_soaking_rollout_is_rebuilt_exactly_and_replay_reports_it() {
+        // Proves bug 8's fix: the rotted seq 1 (the DispatchAck, which alone
+        // holds the rollback target) is rebuilt from the acceptance kept in
+        // accepted-channels.json, so the restarted agent supervises the
+        // soak with the same record (before: skipped with an ERROR, the host
+        // unsupervised); the report and `replay --state-dir` name it.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (rid, live, public) = soaking_then_stopped(dir.path()).await;
+        let name = rot(dir.path(), "DispatchAck");
+        let reopened = reopen(dir.path());
         let (rollouts, report) =
             restore(&reopened, dir.path(), &host(), std::slice::from_ref(&public)).expect("restore");
-        assert!(rollouts.get(&rid).is_none());
-        assert!(report.pruned.is_empty(), "not pruning: {report:?}");
-        let [(skipped, why)] = report.skipped.as_slice() else { panic!("{report:?}") };
-        assert_eq!(skipped, &rid);
-        assert!(why.contains("seq 1") && why.contains(&name), "{why}");
+        assert_eq!(rollouts.get(&rid), Some(&live), "the same record, rollback target included");
+        assert_eq!(report.restored, vec![rid.clone()]);
+        assert!(report.skipped.is_empty() && report.pruned.is_empty(), "{report:?}");
+        let [(rebuilt, what)] = report.rebuilt.as_slice() else { panic!("{report:?}") };
+        assert_eq!(rebuilt, &rid);
+        assert!(what.contains("seq 1 (DispatchAck") && what.contains(&name), "{what}");
+        assert!(what.contains("accepted-channels.json"), "{what}");
         drop(reopened);
 
         let key_path = dir.path().join("release.pub");
         fs_err::write(&key_path, public.to_text()).expect("key file");
         let replayed = crate::tools::replay::replay_queue(dir.path(), &[key_path], true);
-        let err = replayed.expect_err("a lost record is a problem");
-        assert!(err.to_string().contains(rid.as_str()) && err.to_string().contains("seq 1"), "{err}");
+        let err = replayed.expect_err("a lost record is a problem, even rebuilt").to_string();
+        assert!(err.contains(rid.as_str()) && err.contains("seq 1 (DispatchAck") && err.contains("rebuilt"), "{err}");
     }
 
-    #[test]
-    fn a_missing_start_without_pending_events_or_a_corrupt_record_is_retention() {
-        // Proves the distinction: pruned by retention vs lost.
-        let rid = RolloutId::parse("stable@r1").expect("valid");
-        let tail = vec![(
-            5,
-            OutboundEvent::from_machine(
-                5,
-                &crate::machine::EventBody::ActivationStarted {
-                    started_at: datetime!(2026-11-25 12:00 UTC),
-                    switch_method: "x".into(),
-                },
-            ),
-        )];
-        assert_eq!(missing_start(&rid, &host(), &tail, &[], false), Some(MissingStart::Pruned));
-        let Some(MissingStart::Lost(why)) = missing_start(&rid, &host(), &tail, &[], true) else { panic!() };
-        assert!(why.contains("seqs 1 to 4") && why.contains("pending"), "{why}");
-        let corrupt = vec![("00000000000000000007-web-1-stable@r1-DispatchAck.json".to_owned(), "bad json".to_owned())];
-        let Some(MissingStart::Lost(why)) = missing_start(&rid, &host(), &tail, &corrupt, false) else { panic!() };
-        assert!(why.contains("dead/00000000000000000007-web-1-stable@r1-DispatchAck.json"), "{why}");
-        assert!(!names_rollout("00000000000000000007-web-1-stable@r10-DispatchAck.json", &host(), &rid));
-        let r10 = RolloutId::parse("stable@r10").expect("valid");
-        assert!(!names_rollout(&corrupt[0].0, &host(), &r10), "a shorter id is not a prefix match");
+    #[tokio::test]
+    async fn a_lost_dispatch_ack_without_a_kept_acceptance_stops_the_agent_naming_the_rollout() {
+        // Proves the loud stop: an accepted-channels.json written by an
+        // older agent has no copy of the acceptance, so the rollback target
+        // is unknowable; the live rollout is neither dropped nor guessed.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (rid, _live, public) = soaking_then_stopped(dir.path()).await;
+        let name = rot(dir.path(), "DispatchAck");
+        let file = dir.path().join(super::super::channels::CHANNELS_FILE);
+        let mut body: serde_json::Value = serde_json::from_slice(&fs_err::read(&file).expect("read")).expect("json");
+        body["channels"]["stable"].as_object_mut().expect("entry").remove("dispatch").expect("kept");
+        fs_err::write(&file, serde_json::to_vec(&body).expect("json")).expect("older format");
+        let reopened = reopen(dir.path());
+        let err = restore(&reopened, dir.path(), &host(), &[public]).expect_err("cannot be rebuilt").to_string();
+        assert!(err.contains(rid.as_str()) && err.contains(&name) && err.contains("rollback target"), "{err}");
+        assert!(err.contains("does not start"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_visibility_event_in_the_middle_is_bridged_and_the_rollout_carries_on() {
+        // Proves a lost ActivationStarted (seq 2) no longer drops the
+        // rollout: its seq is kept, its content not guessed, the rest
+        // replays, and the next seq agrees with the queue.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (rid, live, public) = soaking_then_stopped(dir.path()).await;
+        rot(dir.path(), "ActivationStarted");
+        let reopened = reopen(dir.path());
+        let (rollouts, report) = restore(&reopened, dir.path(), &host(), &[public]).expect("restore");
+        let slot = rollouts.get(&rid).expect("rebuilt");
+        assert_eq!(slot.record.state, HostState::Soaking);
+        assert_eq!(slot.record.last_seq, live.record.last_seq);
+        assert_eq!(slot.record.current_closure_at_dispatch, live.record.current_closure_at_dispatch);
+        assert_eq!(slot.record.switch_method, None, "not guessed");
+        assert_eq!(reopened.next_seq(&rid), slot.record.last_seq + 1);
+        assert!(report.rebuilt[0].1.contains("seq 2 (ActivationStarted"), "{report:?}");
     }
 }

@@ -22,7 +22,7 @@ use std::time::Duration as StdDuration;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::activation::ActivationOutcome;
-use super::channels::{Accepted, ChannelHistory};
+use super::channels::{Accepted, AcceptedDispatch, ChannelHistory};
 use super::rollouts::{forward_body, rollback_body, Prepared, Rollouts, RolloutsError};
 use crate::ids::{Closure, RolloutId};
 use crate::machine::{Effect, EventBody, HostState, Policy, ProbeDecl, ProbeMode, ProbeStatus, RejectCode, Timestamp};
@@ -301,7 +301,14 @@ impl<J: Journal> Reducer<J> {
                     None => false,
                 };
                 let reject = |code, reason| (code, reason, policy, target_closure.clone());
-                let offered = Accepted { rollout_id: rollout_id.clone(), issued_at };
+                let dispatch = AcceptedDispatch {
+                    current_closure_at_dispatch: current_closure.clone(),
+                    target_closure: target_closure.clone(),
+                    soak_secs,
+                    received_at: at,
+                };
+                let offered =
+                    Accepted { rollout_id: rollout_id.clone(), issued_at, dispatch: Some(Box::new(dispatch)) };
                 let refusal = if issued_at > at + MAX_CLOCK_SKEW {
                     Some(reject(
                         RejectCode::Refused,
@@ -335,8 +342,9 @@ impl<J: Journal> Reducer<J> {
                     .await;
                     return;
                 }
-                // Accepted: the no-downgrade history is durable BEFORE the
-                // DispatchAck exists, so no restart or pruning forgets it.
+                // Accepted: the no-downgrade history, with the acceptance
+                // itself, is durable BEFORE the DispatchAck exists, so no
+                // restart, pruning or rotted record forgets it.
                 let channels = self.rollouts.channels().with(offered);
                 if &channels != self.rollouts.channels() {
                     self.save_channels_until_durable(&channels).await;

@@ -535,7 +535,7 @@ impl<J: Journal> Reducer<J> {
                 Effect::RecordTransition { from, to, at } => {
                     tracing::info!(%rollout_id, %from, %to, %at, "host state changed");
                 }
-                Effect::FireSwitch { target } => self.order_activation(rollout_id.clone(), target, false),
+                Effect::FireActivation { target } => self.order_activation(rollout_id.clone(), target, false),
                 Effect::FireRollback { to } => self.order_activation(rollout_id.clone(), to, true),
                 Effect::ResetProbes => self.plan_probes(Some(rollout_id.clone())),
                 Effect::EmitOutbound { .. } | Effect::AppendEventLog { .. } | Effect::InsertQuarantine { .. } => {}

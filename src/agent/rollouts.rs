@@ -497,7 +497,7 @@ mod tests {
                 received_at: T0,
             },
         );
-        assert_eq!(fx, vec![Effect::FireSwitch { target: closure('1') }]);
+        assert_eq!(fx, vec![Effect::FireActivation { target: closure('1') }]);
         assert!(!r.open(&rid(), policy()), "a repeated dispatch is ignored");
         assert_eq!(r.unfinished_activations(), vec![(rid(), HostState::Activating)]);
         let done = ActivationOutcome::Completed { observed: closure('1') };

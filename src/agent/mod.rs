@@ -19,5 +19,5 @@ pub mod rollouts;
 pub mod runtime;
 pub mod workers;
 
-#[cfg(test)]
-mod testkit;
+#[doc(hidden)]
+pub mod testkit;

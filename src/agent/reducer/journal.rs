@@ -56,7 +56,7 @@ pub trait Journal: Send + std::fmt::Debug + 'static {
 /// full queue they are not retried in a loop (that would block every
 /// decision behind them) but attempted again later. The same list is the
 /// queue's "not decisive" set for its reserve.
-pub(super) fn deferrable(body: &EventBody) -> bool {
+pub(crate) fn deferrable(body: &EventBody) -> bool {
     matches!(
         body,
         EventBody::ProbeResult { .. }

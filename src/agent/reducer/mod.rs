@@ -37,7 +37,7 @@ mod messages;
 #[cfg(test)]
 mod tests;
 
-use journal::deferrable;
+pub(crate) use journal::deferrable;
 pub use journal::{Journal, JournalError};
 pub use messages::{commands, ActivationOrder, CommandReceivers, Commands, Input, ProbePlan};
 

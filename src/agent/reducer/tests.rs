@@ -1,51 +1,12 @@
 //! The reducer on an in-memory journal: write-ahead, retries, restarts,
 //! one live rollout, no downgrade, fresh evidence, a full queue.
 
-use std::sync::{Arc, Mutex};
-
 use time::Duration;
 
 use super::*;
 use crate::agent::channels::ChannelHistory;
-use crate::agent::testkit::{closure, host, policy, rid, T0};
+use crate::agent::testkit::{closure, host, policy, rid, MemJournal, T0};
 use crate::machine::{Event, ProbeKind, RejectCode};
-
-#[derive(Debug, Clone, Default)]
-struct MemJournal {
-    events: Arc<Mutex<Vec<(RolloutId, OutboundEvent)>>>,
-    /// Appends fail while this is > 0 (decremented on each failure).
-    failures_left: Arc<Mutex<u32>>,
-    /// With Some(n): once n events are held, every append is `Full`
-    /// (the queue's soft cap as the reducer sees it).
-    full_at: Arc<Mutex<Option<usize>>>,
-}
-
-impl Journal for MemJournal {
-    async fn append(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<(), JournalError> {
-        if let Some(max) = *self.full_at.lock().expect("lock") {
-            let decisive = !deferrable(&event.to_body().map_err(|e| JournalError::Failed(e.to_string()))?);
-            if !decisive && self.events.lock().expect("lock").len() >= max {
-                return Err(JournalError::Full("queue full: 3 of 3 pending".into()));
-            }
-        }
-        let mut left = self.failures_left.lock().expect("lock");
-        if *left > 0 {
-            *left -= 1;
-            return Err(JournalError::Failed("No space left on device (os error 28)".into()));
-        }
-        self.events.lock().expect("lock").push((rollout_id.clone(), event.clone()));
-        Ok(())
-    }
-}
-
-impl MemJournal {
-    fn kinds(&self) -> Vec<&'static str> {
-        self.events.lock().expect("lock").iter().map(|(_, e)| e.kind()).collect()
-    }
-    fn local_events(&self) -> Vec<Event> {
-        self.events.lock().expect("lock").iter().map(|(_, e)| e.to_local().expect("valid")).collect()
-    }
-}
 
 fn dispatch() -> Input {
     Input::Dispatch {

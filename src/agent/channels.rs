@@ -11,7 +11,7 @@
 //! content of the rollout's DispatchAck), a second copy of the one record
 //! whose loss no later event can make up for (it alone holds the rollback
 //! target). The start-up rebuild uses it when that record rotted in the
-//! queue (`docs/decisions.md`, "A lost record of a live rollout").
+//! queue (`docs/decisions.md` 29, "A lost record of a live rollout is rebuilt, or the agent stops").
 //!
 //! Order: [`Manifest::newness`](crate::wire::Manifest::newness), the one
 //! rule shared with the control plane (later `issued_at`; on equal

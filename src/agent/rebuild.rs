@@ -5,7 +5,7 @@
 //! the readable events), and what can be rebuilt. Pure: the caller reads the
 //! files and decides what to do with a loss.
 //!
-//! The rules (`docs/decisions.md`, "A lost record of a live rollout"):
+//! The rules (`docs/decisions.md` 29, "A lost record of a live rollout is rebuilt, or the agent stops"):
 //! - a lost `DispatchAck` is rebuilt exactly from the acceptance kept in
 //!   `accepted-channels.json` ([`AcceptedDispatch`]);
 //! - a lost `ActivationCompleted` that the later events prove (they are

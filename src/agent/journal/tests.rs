@@ -302,3 +302,44 @@ async fn a_corrupt_visibility_event_in_the_middle_is_bridged_and_the_rollout_car
     assert_eq!(reopened.next_seq(&rid), slot.record.last_seq + 1);
     assert!(report.rebuilt[0].1.contains("seq 2 (ActivationStarted"), "{report:?}");
 }
+
+#[test]
+fn a_lost_decision_of_a_rollout_that_is_over_is_skipped_loudly_not_a_stop() {
+    // Proves the other side of the loud stop: a rotted ActivationFailed in
+    // a rollout whose RollbackComplete survived cannot be rebuilt, but the
+    // rollout no longer acts on the host, so the agent starts and reports it.
+    use crate::machine::EventBody;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (queue, public, manifest) = setup(dir.path());
+    let rid = manifest.rollout_id.clone();
+    let old = Closure::parse("/nix/store/00000000000000000000000000000000-old").expect("valid");
+    let new = manifest.hosts[&host()].target_closure.clone();
+    let t = datetime!(2026-11-25 12:00 UTC);
+    let bodies = [
+        EventBody::Activate {
+            current_closure_at_dispatch: old.clone(),
+            target_closure: new,
+            soak_secs: 300,
+            received_at: t,
+        },
+        EventBody::ActivationFailed { exit_code: 1, stderr_tail: "boom".into(), failed_at: t },
+        EventBody::RollbackCompleted { reverted_to_closure: old, exit_code: 0, completed_at: t },
+    ];
+    {
+        let mut q = queue.lock();
+        for (i, body) in bodies.iter().enumerate() {
+            q.enqueue(&rid, &OutboundEvent::from_machine(i as u64 + 1, body)).expect("enqueue");
+        }
+        for p in q.pending() {
+            q.ack(p.qseq).expect("ack");
+        }
+    }
+    drop(queue);
+    let name = rot(dir.path(), "ActivationFailed");
+    let reopened = reopen(dir.path());
+    let (rollouts, report) = restore(&reopened, dir.path(), &host(), &[public]).expect("starts");
+    assert!(rollouts.get(&rid).is_none());
+    let [(skipped, why)] = report.skipped.as_slice() else { panic!("{report:?}") };
+    assert_eq!(skipped, &rid);
+    assert!(why.contains("seq 2") && why.contains(&name) && why.contains("ActivationFailed"), "{why}");
+}

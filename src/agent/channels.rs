@@ -7,6 +7,12 @@
 //! accepts a rollout is journaled. A file that cannot be read or parsed is
 //! an error naming it: "no history" would silently allow a downgrade.
 //!
+//! Each entry also keeps the acceptance itself ([`AcceptedDispatch`]: the
+//! content of the rollout's DispatchAck), a second copy of the one record
+//! whose loss no later event can make up for (it alone holds the rollback
+//! target). The start-up rebuild uses it when that record rotted in the
+//! queue (`docs/decisions.md` 29, "A lost record of a live rollout is rebuilt, or the agent stops").
+//!
 //! Order: [`Manifest::newness`](crate::wire::Manifest::newness), the one
 //! rule shared with the control plane (later `issued_at`; on equal
 //! `issued_at` the byte-wise greater ref).
@@ -17,7 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::ids::RolloutId;
+use crate::ids::{Closure, RolloutId};
 
 /// File name inside the agent's state dir.
 pub const CHANNELS_FILE: &str = "accepted-channels.json";
@@ -30,6 +36,25 @@ pub struct Accepted {
     pub rollout_id: RolloutId,
     #[serde(with = "crate::wire::ts")]
     pub issued_at: OffsetDateTime,
+    /// How this host accepted it (the DispatchAck's content). `None` in a
+    /// file written by an older agent, or for an entry rebuilt from a cached
+    /// manifest at start.
+    /// Boxed: most entries are compared and copied, few are rebuilt from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dispatch: Option<Box<AcceptedDispatch>>,
+}
+
+/// The fields of the Activate event (wire `DispatchAck`) that accepted a
+/// rollout, kept so a rotted DispatchAck record can be rebuilt exactly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptedDispatch {
+    /// The rollback target: what `current-system` was at acceptance.
+    pub current_closure_at_dispatch: Closure,
+    pub target_closure: Closure,
+    pub soak_secs: u64,
+    #[serde(with = "crate::wire::ts")]
+    pub received_at: OffsetDateTime,
 }
 
 impl Accepted {
@@ -123,11 +148,21 @@ impl ChannelHistory {
         Err(Downgrade { offered: candidate.clone(), newest: newest.clone() })
     }
 
-    /// This history with `accepted` recorded (kept only if it is newer).
+    /// The acceptance of `rollout_id` kept in this history, if it is still
+    /// the newest of its channel and was recorded with its dispatch.
+    pub fn dispatch_of(&self, rollout_id: &RolloutId) -> Option<&AcceptedDispatch> {
+        self.newest(rollout_id.channel()).filter(|a| &a.rollout_id == rollout_id)?.dispatch.as_deref()
+    }
+
+    /// This history with `accepted` recorded (kept only if it is newer, or
+    /// if it is the same rollout and brings the dispatch the entry lacks).
     pub fn with(&self, accepted: Accepted) -> ChannelHistory {
         let mut next = self.clone();
         let channel = accepted.rollout_id.channel().to_owned();
-        let newer = next.newest.get(&channel).is_none_or(|n| accepted.newness() > n.newness());
+        let newer = next.newest.get(&channel).is_none_or(|n| {
+            accepted.newness() > n.newness()
+                || (n.rollout_id == accepted.rollout_id && n.dispatch.is_none() && accepted.dispatch.is_some())
+        });
         if newer {
             next.newest.insert(channel, accepted);
         }
@@ -164,7 +199,7 @@ mod tests {
     use super::*;
 
     fn accepted(id: &str, issued_at: OffsetDateTime) -> Accepted {
-        Accepted { rollout_id: RolloutId::parse(id).expect("valid"), issued_at }
+        Accepted { rollout_id: RolloutId::parse(id).expect("valid"), issued_at, dispatch: None }
     }
 
     #[test]

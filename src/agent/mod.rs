@@ -2,7 +2,7 @@
 //! records and is the only caller of `step`; workers (long-poll,
 //! activation, probes, tick, heartbeat, drainer) feed it; commands run only
 //! after the outbound event is durable in the queue. Reading order:
-//! `rollouts` (pure bookkeeping), `reducer`, `admission`, `journal`,
+//! `rollouts` (pure bookkeeping), `reducer`, `admission`, `journal`, `rebuild`,
 //! `activation`, `probes`, `workers`, `net`, `runtime`, `cmd`.
 
 pub mod activation;
@@ -13,10 +13,11 @@ pub mod cmd;
 pub mod journal;
 pub mod net;
 pub mod probes;
+pub mod rebuild;
 pub mod reducer;
 pub mod rollouts;
 pub mod runtime;
 pub mod workers;
 
-#[cfg(test)]
-mod testkit;
+#[doc(hidden)]
+pub mod testkit;

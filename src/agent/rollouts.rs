@@ -122,12 +122,31 @@ impl Rollouts {
     /// Rebuilds one rollout from its journal (pending + acked events, in seq
     /// order) at start, before any worker runs.
     pub fn restore(&mut self, rollout_id: RolloutId, policy: Policy, journal: &[Event]) -> Result<(), RolloutsError> {
-        let fresh = HostRecord::pending(rollout_id.clone(), self.hostname.clone(), None);
-        let record = replay(fresh, journal, &policy).map_err(|(index, source)| RolloutsError::Replay {
-            rollout_id: rollout_id.clone(),
-            index,
-            source: Box::new(source),
-        })?;
+        self.restore_bridged(rollout_id, policy, journal, &[])
+    }
+
+    /// [`Rollouts::restore`] of a history with lost visibility events
+    /// (`agent::rebuild`): each seq in `bridged` is spent without content,
+    /// so the record's `last_seq` still matches the queue. The one change of
+    /// a record that does not go through `step`: the lost event's content is
+    /// unknown and is not guessed; every readable event is still replayed
+    /// through `step`, which refuses a history the gap made illegal.
+    pub fn restore_bridged(
+        &mut self,
+        rollout_id: RolloutId,
+        policy: Policy,
+        journal: &[Event],
+        bridged: &[u64],
+    ) -> Result<(), RolloutsError> {
+        let mut record = HostRecord::pending(rollout_id.clone(), self.hostname.clone(), None);
+        for (index, event) in journal.iter().enumerate() {
+            while record.last_seq + 1 < event.seq && bridged.contains(&(record.last_seq + 1)) {
+                record.last_seq += 1;
+            }
+            record = replay(record, std::slice::from_ref(event), &policy).map_err(|(_, source)| {
+                RolloutsError::Replay { rollout_id: rollout_id.clone(), index, source: Box::new(source) }
+            })?;
+        }
         self.slots.insert(rollout_id, Slot { record, policy });
         Ok(())
     }
@@ -478,7 +497,7 @@ mod tests {
                 received_at: T0,
             },
         );
-        assert_eq!(fx, vec![Effect::FireSwitch { target: closure('1') }]);
+        assert_eq!(fx, vec![Effect::FireActivation { target: closure('1') }]);
         assert!(!r.open(&rid(), policy()), "a repeated dispatch is ignored");
         assert_eq!(r.unfinished_activations(), vec![(rid(), HostState::Activating)]);
         let done = ActivationOutcome::Completed { observed: closure('1') };

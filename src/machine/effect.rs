@@ -1,5 +1,5 @@
 //! Effects: commands `step` asks the caller to carry out. Events name facts
-//! (`ActivationCompleted`); effects name commands (`FireSwitch`). Local
+//! (`ActivationCompleted`); effects name commands (`FireActivation`). Local
 //! effects are executed by the agent, Remote ones by the control plane.
 //!
 //! Ordering contract: the journal effect (`EmitOutbound` on the agent,
@@ -16,9 +16,9 @@ use crate::ids::Closure;
 pub enum Effect {
     /// Agent: persist this outbound event in the queue, then deliver it.
     EmitOutbound { seq: u64, body: EventBody },
-    /// Agent: realise, set the profile and switch to the target closure.
-    FireSwitch { target: Closure },
-    /// Agent: switch back to exactly this closure (`docs/protocol.md` §3 rule 7).
+    /// Agent: activate the target closure (realise, set the profile, switch).
+    FireActivation { target: Closure },
+    /// Agent: activate exactly this closure again, a rollback (`docs/protocol.md` §3 rule 7).
     FireRollback { to: Closure },
     /// Agent: restart the probe worker against the newly active system.
     ResetProbes,

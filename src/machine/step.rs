@@ -184,7 +184,7 @@ impl Tx<'_> {
                 self.next.dispatch_acked_at = Some(*received_at);
                 self.transition(S::Activating, *received_at);
                 if self.local() {
-                    self.effects.push(Effect::FireSwitch { target: target_closure.clone() });
+                    self.effects.push(Effect::FireActivation { target: target_closure.clone() });
                 }
             }
             (EventBody::DispatchRejected { target_closure, code: RejectCode::Busy, .. }, S::Pending) => {

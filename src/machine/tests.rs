@@ -262,7 +262,7 @@ fn expected_effects(from: HostState, to: HostState, event: &Event) -> Vec<Effect
         fx.push(Effect::RecordTransition { from, to, at: event.body.occurred_at() });
     }
     match (event.body.kind(), local) {
-        (EventKind::Activate, true) => fx.push(Effect::FireSwitch { target: new() }),
+        (EventKind::Activate, true) => fx.push(Effect::FireActivation { target: new() }),
         (EventKind::ActivationCompleted, true) => fx.push(Effect::ResetProbes),
         (EventKind::ActivationFailed | EventKind::SustainedFailureCrossed, true) => {
             fx.push(Effect::FireRollback { to: old() })

@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::params;
 
-use crate::agent::journal;
+use crate::agent::channels::ChannelHistory;
+use crate::agent::{journal, rebuild};
 use crate::cp::store;
 use crate::ids::{Hostname, RolloutId};
 use crate::machine::{step, Event, HostRecord, Outcome, Policy};
@@ -63,10 +64,21 @@ enum Unreadable {
     Wire(#[from] crate::wire::WireError),
 }
 
-fn fold(mut record: HostRecord, events: Vec<(u64, Result<Event, Unreadable>)>, policy: &Policy) -> Trace {
+/// `bridged`: seqs of lost visibility events, spent without content (see
+/// `agent::rebuild`).
+fn fold(
+    mut record: HostRecord,
+    events: Vec<(u64, Result<Event, Unreadable>)>,
+    policy: &Policy,
+    bridged: &[u64],
+) -> Trace {
     let mut lines = Vec::new();
     let mut problems = Vec::new();
     for (seq, event) in events {
+        while record.last_seq + 1 < seq && bridged.contains(&(record.last_seq + 1)) {
+            record.last_seq += 1;
+            lines.push(format!("  seq {:>4}  lost (a visibility event; only its seq is kept)", record.last_seq));
+        }
         let event = match event {
             Ok(e) => e,
             Err(why) => {
@@ -143,7 +155,7 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
                 })
                 .collect();
             let start = HostRecord::pending(id.clone(), host.clone(), Some(entry.target_closure.clone()));
-            let trace = fold(start, events, &policy);
+            let trace = fold(start, events, &policy, &[]);
             replayed.insert(host.clone(), trace.record.clone());
             let stored = cached.get(&(id.clone(), host.clone()));
             let verdict = match stored {
@@ -250,9 +262,9 @@ fn rollout_verdict(
 pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) -> Result<(), ReplayError> {
     let trust_keys = trust_key_paths.iter().map(|p| PublicKey::load(p)).collect::<Result<Vec<_>, _>>()?;
     let folders = [EntryState::Pending, EntryState::Acked, EntryState::Dead];
-    let mut journals: BTreeMap<(RolloutId, Hostname), Vec<OutboundEvent>> = BTreeMap::new();
+    let mut journals: BTreeMap<(RolloutId, Hostname), Vec<(u64, OutboundEvent)>> = BTreeMap::new();
     for q in journal::recorded_events(state_dir, &folders)? {
-        journals.entry((q.rollout_id, q.hostname)).or_default().push(q.event);
+        journals.entry((q.rollout_id, q.hostname)).or_default().push((q.qseq, q.event));
     }
     let with_pending: std::collections::BTreeSet<RolloutId> =
         journal::recorded_events(state_dir, &[EntryState::Pending])?.into_iter().map(|q| q.rollout_id).collect();
@@ -260,31 +272,40 @@ pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) 
     let cache = journal::ManifestCache::new(state_dir);
     let mut out = String::new();
     let mut problems = Vec::new();
+    let channels = ChannelHistory::load(state_dir).unwrap_or_else(|e| {
+        problems.push(e.to_string());
+        ChannelHistory::in_memory()
+    });
     for (name, reason) in &corrupt {
-        let known = journals.keys().any(|(rollout_id, host)| journal::names_rollout(name, host, rollout_id));
+        let known = journals.keys().any(|(rollout_id, host)| rebuild::names_rollout(name, host, rollout_id));
         if !known {
             problems.push(format!("corrupt record dead/{name} ({reason}) of a rollout with no readable event"));
         }
     }
-    for ((rollout_id, hostname), mut events) in journals {
-        events.sort_by_key(|e| e.seq);
-        events.dedup_by_key(|e| e.seq);
+    for ((rollout_id, hostname), events) in journals {
         let host = hostname.to_string();
         let _ = writeln!(out, "rollout {rollout_id}");
-        let numbered: Vec<(u64, OutboundEvent)> = events.iter().map(|e| (e.seq, e.clone())).collect();
-        match journal::missing_start(&rollout_id, &hostname, &numbered, &corrupt, with_pending.contains(&rollout_id)) {
-            None => {}
-            Some(journal::MissingStart::Pruned) => {
-                let first = events.first().map_or(0, |e| e.seq);
-                let _ = writeln!(out, " host {host}: history pruned by retention (starts at seq {first})");
+        let lost = rebuild::lost_records(&corrupt, &hostname, &rollout_id);
+        let pending = with_pending.contains(&rollout_id);
+        let history = match rebuild::history(&rollout_id, events, &lost, pending, channels.dispatch_of(&rollout_id)) {
+            rebuild::Verdict::Complete(history) => history,
+            rebuild::Verdict::Pruned => {
+                let _ = writeln!(out, " host {host}: history pruned by retention");
                 continue;
             }
-            Some(journal::MissingStart::Lost(why)) => {
+            rebuild::Verdict::Lost(why) => {
                 let _ = writeln!(out, " host {host}: NOT REBUILDABLE: {why}");
                 problems.push(format!("{rollout_id}: {why}"));
                 continue;
             }
+        };
+        // A lost record is a problem even when it could be rebuilt: the
+        // disk under the queue lost data.
+        for repair in &history.repairs {
+            let _ = writeln!(out, " host {host}: REBUILT: {repair}");
+            problems.push(format!("{rollout_id}: {repair}"));
         }
+        let events = history.events;
         let accepted = events.iter().any(|e| e.kind() == "DispatchAck");
         let policy = match journal::cached_manifest(&cache, &rollout_id, &hostname, &trust_keys) {
             Ok(cached) => {
@@ -301,7 +322,8 @@ pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) 
             }
         };
         let local = events.iter().map(|e| (e.seq, e.to_local().map_err(Unreadable::from))).collect();
-        let trace = fold(HostRecord::pending(rollout_id.clone(), hostname, None), local, &policy);
+        let start = HostRecord::pending(rollout_id.clone(), hostname, None);
+        let trace = fold(start, local, &policy, &history.bridged);
         let _ = writeln!(out, " host {host}: {}", trace.record.state);
         if !quiet {
             for line in &trace.lines {

@@ -704,3 +704,58 @@ async fn a_rollout_offered_while_another_is_live_waits_busy_and_runs_after_it() 
     assert_eq!(a_kinds.last().map(String::as_str), Some("RollbackComplete"), "{a_kinds:?}");
     assert_logs_agree(&cp, "stable@b1", &web1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotted_dispatch_ack_is_rebuilt_and_the_restarted_agent_still_rolls_the_host_back() {
+    // Proves bug 8's fix through the real binaries: kill -9 while soaking,
+    // the acked DispatchAck file (the only record holding the rollback
+    // target) rots, the restarted agent rebuilds it and keeps supervising:
+    // the probe starts failing, the gate fires and the host goes back to
+    // the closure it ran at dispatch. `replay --state-dir` names the loss.
+    // (Before: the rollout was skipped; no probes, no gate, CP Soaking.)
+    let dir = TempDir::new("agent-rotted-ack");
+    let release = Release::new(dir.path(), "release");
+    let cp = Cp::start(dir.path(), &release.pub_path);
+    let mut web1 = Host::new("web-1");
+    let flag = dir.path().join("break-the-service");
+    let probe = format!(
+        r#"{{"probes":[{{"name":"selftest","kind":"exec","mode":"enforce","interval_secs":1,
+          "argv":["/bin/sh","-c","test ! -e {}"],"timeout_secs":5}}]}}"#,
+        flag.display()
+    );
+    let (old, new) = (web1.closure("old", PASSING_PROBE), web1.closure("new", &probe));
+    web1.boot_into(&old);
+    let m = manifest("stable@rot1", 3600, &[("web-1", 0, &new)]);
+    assert!(cp.publish(&release.sign(&m)).await.status.is_success());
+    web1.start_agent(&cp, &release.pub_path);
+    wait_state(&cp, "stable@rot1", &web1, "Soaking").await;
+    crate::harness::wait_for("the DispatchAck to be acked", || {
+        web1.acked("stable@rot1").iter().any(|(seq, kind)| *seq == 1 && kind == "DispatchAck").then_some(())
+    });
+    web1.kill9_agent();
+    let acked = web1.state_dir().join("outbound-queue/acked");
+    let ack = fs_err::read_dir(&acked)
+        .expect("acked/")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with("-stable@rot1-DispatchAck.json"))
+        .expect("the DispatchAck file");
+    fs_err::write(&ack, b"{\"bit\": \"rot\"").expect("rot it");
+    fs_err::write(&flag, b"").expect("the service breaks");
+    web1.start_agent(&cp, &release.pub_path);
+
+    wait_state(&cp, "stable@rot1", &web1, "Reverted").await;
+    assert_eq!(web1.running(), Some(PathBuf::from(old.as_str())), "rolled back to the closure it ran at dispatch");
+    let log = web1.log();
+    assert!(log.contains("is rebuilt") && log.contains("seq 1 (DispatchAck"), "{log}");
+    web1.stop_agent();
+    let trust = release.pub_path.display().to_string();
+    let state = web1.state_dir().display().to_string();
+    let out = Command::new(bin())
+        .args(["replay", "--state-dir", &state, "--trust-key", &trust, "--quiet"])
+        .output()
+        .expect("replay");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "a lost record is a problem: {text}");
+    assert!(text.contains("REBUILT: seq 1 (DispatchAck") && text.contains("Reverted"), "{text}");
+}

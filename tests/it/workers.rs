@@ -4,19 +4,18 @@
 //! and real time. Each test follows one rollout to the state it proves.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nixfleet::agent::probes::HostRunner;
-use nixfleet::agent::reducer::{commands, Input, Journal, Reducer, INPUT_CAPACITY};
+use nixfleet::agent::reducer::{commands, Input, Reducer, INPUT_CAPACITY};
 use nixfleet::agent::rollouts::Rollouts;
+use nixfleet::agent::testkit::MemJournal;
 use nixfleet::agent::workers::{
     run_activation_worker, run_probe_worker, run_tick_worker, shutdown_channel, ShutdownTrigger, WorkerExit,
 };
 use nixfleet::clock::ClockHandle;
 use nixfleet::ids::{Closure, Hostname, RolloutId};
-use nixfleet::machine::{Event, EventBody, HostState, OnHealthFailure, Policy};
-use nixfleet::wire::OutboundEvent;
+use nixfleet::machine::{EventBody, HostState, OnHealthFailure, Policy};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -25,31 +24,6 @@ use crate::nixenv::{ClosureSpec, Host};
 /// Everything a test gives a rollout: generous for a loaded CI machine,
 /// while a healthy run takes a few seconds.
 const STATE_LIMIT: Duration = Duration::from_secs(40);
-
-#[derive(Debug, Clone, Default)]
-struct MemJournal {
-    events: Arc<Mutex<Vec<(RolloutId, OutboundEvent)>>>,
-}
-
-impl Journal for MemJournal {
-    async fn append(
-        &mut self,
-        rollout_id: &RolloutId,
-        event: &OutboundEvent,
-    ) -> Result<(), nixfleet::agent::reducer::JournalError> {
-        self.events.lock().expect("lock").push((rollout_id.clone(), event.clone()));
-        Ok(())
-    }
-}
-
-impl MemJournal {
-    fn kinds(&self) -> Vec<&'static str> {
-        self.events.lock().expect("lock").iter().map(|(_, e)| e.kind()).collect()
-    }
-    fn local_events(&self) -> Vec<Event> {
-        self.events.lock().expect("lock").iter().map(|(_, e)| e.to_local().expect("valid")).collect()
-    }
-}
 
 fn rid() -> RolloutId {
     RolloutId::parse("stable@r1").expect("valid")

@@ -171,7 +171,7 @@ fn run_effects(
             }
             // Agent-side effects never come out of a Remote event.
             Effect::EmitOutbound { .. }
-            | Effect::FireSwitch { .. }
+            | Effect::FireActivation { .. }
             | Effect::FireRollback { .. }
             | Effect::ResetProbes => {}
         }

@@ -20,6 +20,11 @@ const DEMO_LIMIT: Duration = Duration::from_secs(90);
 /// How often the CP's status is asked for.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
+/// Live-view lines are cut to fit an 80-column terminal: a wrapped line
+/// would throw off the count of lines the next redraw moves up over (the
+/// final table prints the full halt reason).
+const LIVE_LINE_MAX_CHARS: usize = 79;
+
 /// What the watcher remembers between two looks.
 #[derive(Debug)]
 struct Seen {
@@ -130,7 +135,12 @@ impl Seen {
         }
         self.drawn = lines.len();
         for line in lines {
-            view.push_str(&line);
+            // A wrapped line would throw off the redraw's line count.
+            let fits: String = line.chars().take(LIVE_LINE_MAX_CHARS).collect();
+            view.push_str(&fits);
+            if fits.len() < line.len() {
+                view.push('…');
+            }
             view.push('\n');
         }
         let _ = print_stdout(&view);

@@ -185,14 +185,14 @@ fn interrupt_mid_run(signal: rustix::process::Signal, name: &str, path: Option<P
     let demo_pid = rustix::process::Pid::from_raw(i32::try_from(pid).expect("pid")).expect("pid");
     rustix::process::kill_process(demo_pid, signal).expect("signal the demo");
     let out = child.wait_with_output().expect("wait for the demo");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "an interrupted demo must exit non-zero; stderr:\n{stderr}");
-    assert!(stderr.contains(&format!("demo interrupted by {name}")), "{stderr}");
     let work = work_dir(&seen);
     assert!(!work.exists(), "work dir {} left behind", work.display());
     assert_eq!(closures_left(&work), Vec::<String>::new(), "closures left in /nix/store");
     assert_eq!(processes_marked(&marker), Vec::<String>::new(), "processes of the demo still run");
     assert_eq!(group_members(pid), Vec::<String>::new(), "the demo's process group still has members");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an interrupted demo must exit non-zero; stderr:\n{stderr}");
+    assert!(stderr.contains(&format!("demo interrupted by {name}")), "{stderr}");
 }
 
 #[test]
@@ -211,4 +211,51 @@ fn sigterm_mid_run_without_nix_cleans_up_the_same_way() {
     // SIGTERM in stand-in mode: the plain-directory closures under /nix/store go too.
     let dir = TempDir::new("demo-term");
     interrupt_mid_run(rustix::process::Signal::TERM, "SIGTERM", Some(path_without_nix(dir.path())));
+}
+
+#[test]
+fn keep_leaves_the_work_dir_and_says_how_to_look_at_it() {
+    // --keep: the work dir stays, the demo prints its path and the replay
+    // and queue commands, and `replay` of the kept CP database agrees.
+    let dir = TempDir::new("demo-keep");
+    let out = demo()
+        .args(["demo", "--hosts", "2", "--keep"])
+        .env("PATH", path_without_nix(dir.path()))
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let work = work_dir(&stdout);
+    let left = closures_left(&work);
+    // The kept run is this test's to remove, whatever happens below.
+    let cleanup = scopeguard(|| {
+        let _ = std::fs::remove_dir_all(&work);
+        for name in &left {
+            let _ = std::fs::remove_dir_all(Path::new("/nix/store").join(name));
+        }
+    });
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(work.join("cp.db").is_file(), "no cp.db in the kept {}", work.display());
+    assert_eq!(left.len(), 4, "two closures per host are kept: {left:?}");
+    let kept = format!("kept {w}: `nixfleet replay --db {w}/cp.db`", w = work.display());
+    assert!(stdout.contains(&kept), "missing {kept:?} in:\n{stdout}");
+    assert!(
+        stdout.contains(&format!("nixfleet queue ls --state-dir {}/web-2/state --all", work.display())),
+        "{stdout}"
+    );
+    let replay = demo().args(["replay", "--db"]).arg(work.join("cp.db")).output().expect("run replay");
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    drop(cleanup);
+}
+
+/// Runs `f` when dropped (also when the test panics).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }

@@ -130,7 +130,8 @@ impl Seen {
                 let name = text(&h["hostname"]);
                 let since = self.hosts.get(name).map_or(0.0, |(_, at)| at.elapsed().as_secs_f64());
                 let note = h["note"].as_str().unwrap_or("");
-                lines.push(format!("    {name:<8} {:<11} {since:>5.1}s  {note}", text(&h["state"])));
+                let line = format!("    {name:<8} {:<11} {since:>5.1}s  {note}", text(&h["state"]));
+                lines.push(line.trim_end().to_owned());
             }
         }
         self.drawn = lines.len();
@@ -159,12 +160,13 @@ pub fn report(detail: &Value, hosts_run: &[Host], mode: &NixMode) -> String {
             .map(|p| p.display().to_string().rsplit_once('-').map_or(String::new(), |(_, tail)| tail.to_owned()))
             .unwrap_or_default();
         let note = h["note"].as_str().or_else(|| h["failure"]["cause"].as_str()).unwrap_or("");
-        let _ = writeln!(
-            table,
+        let row = format!(
             "{name:<7} {:<5} {:<11} {running:<11} {note}",
             wave["index"].as_u64().unwrap_or(0),
             text(&h["state"])
         );
+        table.push_str(row.trim_end());
+        table.push('\n');
     }
     let broken = hosts_run.iter().find(|h| h.probe_fails).map_or("?", |h| h.name.as_str());
     let _ = writeln!(

@@ -72,6 +72,7 @@ fn assert_story(out: &Output, n_hosts: usize, mode_line: &str, table_label: &str
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
+    assert!(!stdout.contains('\x1b'), "piped output must be plain lines:\n{stdout}");
     let work = work_dir(&stdout);
     assert!(!work.exists(), "work dir {} left behind", work.display());
     assert_eq!(closures_left(&work), Vec::<String>::new(), "closures left in /nix/store");
@@ -258,4 +259,34 @@ fn scopeguard(f: impl FnOnce()) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+#[test]
+fn on_a_terminal_the_rollout_is_a_view_redrawn_in_place() {
+    // Under a pseudo-terminal (util-linux `script`) stdout is a terminal: the
+    // view (rollout, waves, hosts with their time in state) is redrawn by
+    // moving the cursor up over the previous one, and the table follows.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let Some(script) = std::env::split_paths(&path).map(|d| d.join("script")).find(|p| p.is_file()) else {
+        println!("script(1) absent: no pseudo-terminal to run the demo on");
+        return;
+    };
+    let dir = TempDir::new("demo-tty");
+    let command = format!("{} demo --hosts 2", env!("CARGO_BIN_EXE_nixfleet"));
+    let out = Command::new(script)
+        .args(["-qefc", &command, "/dev/null"])
+        .env("PATH", path_without_nix(dir.path()))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script");
+    let tty = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
+    assert!(out.status.success(), "{tty}\n{}", String::from_utf8_lossy(&out.stderr));
+    // Five lines: the rollout, two waves, two hosts.
+    let redraws = tty.matches("\x1b[5F\x1b[J").count();
+    assert!(redraws >= 5, "{redraws} redraws in:\n{tty}");
+    for line in ["] rollout stable@demo-1 converging (wave 1)", "  wave 0 canary   done", "    web-1    Converged "] {
+        assert!(tty.contains(line), "missing {line:?} in:\n{tty}");
+    }
+    assert!(tty.contains("closures: STAND-IN closures: plain directories, no Nix\n"), "{tty}");
+    assert!(!tty.contains("web-1  Pending -> "), "per-change lines are for piped output:\n{tty}");
 }

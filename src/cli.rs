@@ -55,8 +55,12 @@ pub enum Command {
     Agent(AgentArgs),
     /// The whole system on this machine: a control plane and four agents on
     /// loopback, a 2-wave rollout in which one host fails its probe and rolls
-    /// back by itself; prints progress and a final per-host table.
+    /// back by itself; prints progress and a final per-host table. Without
+    /// `nix-store` on PATH it runs with stand-in closures and says so.
     Demo {
+        /// Number of hosts (2 to 32): web-1 is the canary, the rest the second wave.
+        #[arg(long, default_value_t = 4, value_parser = crate::tools::demo::parse_hosts)]
+        hosts: usize,
         /// Keep the work dir (CP database, agent queues) for `replay` and `queue ls`.
         #[arg(long)]
         keep: bool,

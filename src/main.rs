@@ -41,7 +41,9 @@ fn main() -> ExitCode {
         }
         Command::Queue(cmd) => tools::queue_cmd::run(&cmd, &ClockHandle::system()).map_err(Into::into),
         Command::Agent(args) => nixfleet::agent::cmd::run(args).map_err(Into::into),
-        Command::Demo { keep } => tools::demo::run(keep).map_err(Into::into),
+        Command::Demo { hosts, keep } => {
+            tools::demo::run(&tools::demo::DemoOptions { hosts, keep }).map_err(Into::into)
+        }
         Command::Replay(args) => match (&args.db, &args.state_dir) {
             (Some(db), _) => tools::replay::replay_db(db, args.rollout.as_ref(), args.quiet).map_err(Into::into),
             (None, Some(dir)) => tools::replay::replay_queue(dir, &args.trust_keys, args.quiet).map_err(Into::into),

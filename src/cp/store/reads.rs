@@ -51,21 +51,11 @@ fn load_rollouts(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
         let (id, payload, sha, st, wave, halt_reason) = row.map_err(db.sql("load rollouts"))?;
         let manifest = Manifest::parse(&payload).map_err(|e| db.corrupt(format!("rollout {id}: {e}")))?;
         let state_ = RolloutState::parse(&st).ok_or_else(|| db.corrupt(format!("rollout {id}: state {st}")))?;
-        let records = pending_records(&manifest);
-        state.rollouts.insert(
-            manifest.rollout_id.clone(),
-            LiveRollout {
-                manifest,
-                payload_sha256: sha,
-                state: state_,
-                current_wave: usize::try_from(wave)
-                    .map_err(|_| db.corrupt(format!("rollout {id}: current_wave {wave}")))?,
-                halt_reason,
-                records,
-                dispatched: BTreeMap::new(),
-                skipped: BTreeSet::new(),
-            },
-        );
+        let mut rollout = LiveRollout::published(manifest, sha, state_);
+        rollout.current_wave =
+            usize::try_from(wave).map_err(|_| db.corrupt(format!("rollout {id}: current_wave {wave}")))?;
+        rollout.halt_reason = halt_reason;
+        state.rollouts.insert(rollout.manifest.rollout_id.clone(), rollout);
     }
     Ok(())
 }
@@ -77,10 +67,11 @@ fn load_records(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
         let json = row.map_err(db.sql("load host records"))?;
         let record: HostRecord = serde_json::from_str(&json).map_err(|e| db.corrupt(format!("host record: {e}")))?;
         if let Some(r) = state.rollouts.get_mut(&record.rollout_id) {
-            if record.is_live() {
-                state.live.entry(record.hostname.clone()).or_default().insert(record.rollout_id.clone());
+            let live = record.is_live().then(|| (record.hostname.clone(), record.rollout_id.clone()));
+            r.set_record(record);
+            if let Some((host, id)) = live {
+                state.set_live(&host, &id, true);
             }
-            r.records.insert(record.hostname.clone(), record);
         }
     }
     Ok(())
@@ -92,7 +83,7 @@ fn load_skipped(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
         let rollout_id = RolloutId::parse(&id).map_err(bad)?;
         let hostname = Hostname::parse(&host).map_err(bad)?;
         if let Some(r) = state.rollouts.get_mut(&rollout_id) {
-            r.skipped.insert(hostname);
+            r.insert_skip(hostname);
         }
     }
     Ok(())
@@ -128,7 +119,7 @@ fn load_dispatches(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
             issued_at: parse_ts(&issued).ok_or_else(|| bad("issued_at"))?,
         };
         if let Some(r) = state.rollouts.get_mut(&rollout_id) {
-            r.dispatched.insert(hostname, dispatch);
+            r.insert_dispatch(hostname, dispatch);
         }
     }
     Ok(())

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use crate::cp::planner::RolloutState;
+use crate::cp::planner::{HostClass, PlanIndex, RolloutState};
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::HostRecord;
 use crate::wire::{Dispatch, Manifest};
@@ -22,6 +22,78 @@ pub struct LiveRollout {
     pub dispatched: BTreeMap<Hostname, Dispatch>,
     /// Hosts the planner skipped (`skipped_hosts`).
     pub skipped: BTreeSet<Hostname>,
+    /// The planner's index of `records`, `dispatched` and `skipped`
+    /// (`planner::PlanIndex`), built at the first plan and kept up to date
+    /// by the setters below: change those three maps only through them.
+    pub index: Option<PlanIndex>,
+}
+
+impl LiveRollout {
+    /// A rollout as published: every host Pending, nothing dispatched.
+    pub fn published(manifest: Manifest, payload_sha256: String, state: RolloutState) -> LiveRollout {
+        let records = pending_records(&manifest);
+        LiveRollout {
+            manifest,
+            payload_sha256,
+            state,
+            current_wave: 0,
+            halt_reason: None,
+            records,
+            dispatched: BTreeMap::new(),
+            skipped: BTreeSet::new(),
+            index: None,
+        }
+    }
+
+    fn class(&self, host: &Hostname) -> Option<HostClass> {
+        self.records.get(host).map(|r| HostClass {
+            state: r.state,
+            dispatched: self.dispatched.contains_key(host),
+            skipped: self.skipped.contains(host),
+        })
+    }
+
+    fn reindex(&mut self, host: &Hostname, before: Option<HostClass>) {
+        let after = self.class(host);
+        if let Some(index) = self.index.as_mut() {
+            index.update(host, self.manifest.hosts.get(host), before, after);
+        }
+    }
+
+    /// The planner's index, built now if it was not.
+    pub fn plan_index(&mut self) -> &PlanIndex {
+        let LiveRollout { manifest, records, dispatched, skipped, index, .. } = self;
+        index.get_or_insert_with(|| PlanIndex::build(manifest, records, &|h| dispatched.contains_key(h), skipped))
+    }
+
+    /// Replaces the record of its host.
+    pub fn set_record(&mut self, record: HostRecord) {
+        let host = record.hostname.clone();
+        let before = self.class(&host);
+        self.records.insert(host.clone(), record);
+        self.reindex(&host, before);
+    }
+
+    pub fn insert_dispatch(&mut self, host: Hostname, dispatch: Dispatch) {
+        let before = self.class(&host);
+        self.dispatched.insert(host.clone(), dispatch);
+        self.reindex(&host, before);
+    }
+
+    pub fn remove_dispatch(&mut self, host: &Hostname) -> Option<Dispatch> {
+        let before = self.class(host);
+        let removed = self.dispatched.remove(host);
+        self.reindex(host, before);
+        removed
+    }
+
+    /// Marks `host` skipped; false if it already was.
+    pub fn insert_skip(&mut self, host: Hostname) -> bool {
+        let before = self.class(&host);
+        let new = self.skipped.insert(host.clone());
+        self.reindex(&host, before);
+        new
+    }
 }
 
 /// Everything the writer needs in memory; a projection of the database.
@@ -33,25 +105,41 @@ pub struct CpState {
     /// unless agents broke the rule): derived from the records, so the
     /// planner finds the held hosts without scanning every record.
     pub live: HashMap<Hostname, BTreeSet<RolloutId>>,
+    /// The same index by rollout: the hosts live in each, so
+    /// `busy_elsewhere` walks only the hosts live in the OTHER rollouts.
+    pub live_in: BTreeMap<RolloutId, BTreeSet<Hostname>>,
 }
 
 impl CpState {
     /// The hosts of rollout `id` that are live in another rollout.
+    /// Each is paired with the first (lowest id) such rollout.
     pub fn busy_elsewhere(&self, id: &RolloutId, manifest: &Manifest) -> BTreeMap<Hostname, RolloutId> {
-        self.live
-            .iter()
-            .filter(|(host, _)| manifest.hosts.contains_key(*host))
-            .filter_map(|(host, ids)| ids.iter().find(|other| *other != id).map(|other| (host.clone(), other.clone())))
-            .collect()
+        let mut busy = BTreeMap::new();
+        // Rollouts in id order: the first one met for a host is its lowest.
+        for (other, hosts) in self.live_in.iter().filter(|(other, _)| *other != id) {
+            for host in hosts.iter().filter(|h| manifest.hosts.contains_key(*h)) {
+                busy.entry(host.clone()).or_insert_with(|| other.clone());
+            }
+        }
+        busy
     }
 
     pub(super) fn set_live(&mut self, host: &Hostname, id: &RolloutId, live: bool) {
         if live {
             self.live.entry(host.clone()).or_default().insert(id.clone());
-        } else if let Some(ids) = self.live.get_mut(host) {
+            self.live_in.entry(id.clone()).or_default().insert(host.clone());
+            return;
+        }
+        if let Some(ids) = self.live.get_mut(host) {
             ids.remove(id);
             if ids.is_empty() {
                 self.live.remove(host);
+            }
+        }
+        if let Some(hosts) = self.live_in.get_mut(id) {
+            hosts.remove(host);
+            if hosts.is_empty() {
+                self.live_in.remove(id);
             }
         }
     }

@@ -214,10 +214,8 @@ fn store_record(
     // The ack (or rejection) ends the standing dispatch.
     if next.state != HostState::Pending && rollout.remove_dispatch(hostname).is_some() {
         db.conn()
-            .execute(
-                "DELETE FROM dispatches WHERE rollout_id = ?1 AND hostname = ?2",
-                params![item.rollout_id.as_str(), hostname.as_str()],
-            )
+            .prepare_cached("DELETE FROM dispatches WHERE rollout_id = ?1 AND hostname = ?2")
+            .and_then(|mut s| s.execute(params![item.rollout_id.as_str(), hostname.as_str()]))
             .map_err(db.sql("delete dispatch"))?;
         group.board.push(BoardChange::Withdraw(hostname.clone(), item.rollout_id.clone()));
     }

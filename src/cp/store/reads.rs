@@ -10,6 +10,7 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::db::two_texts;
+use super::heartbeat::Drift;
 use super::state::{pending_records, CpState, LiveRollout};
 use super::{parse_ts, Db, StoreError};
 use crate::cp::planner::RolloutState;
@@ -27,7 +28,18 @@ pub fn load_state(conn: &Connection, path: &Path) -> Result<CpState, StoreError>
     load_skipped(db, &mut state)?;
     load_dispatches(db, &mut state)?;
     load_quarantine(db, &mut state)?;
+    load_drift(db, &mut state)?;
     Ok(state)
+}
+
+/// The drift verdict of every host's last heartbeat.
+fn load_drift(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
+    for (host, drift) in db.rows("load drift", "SELECT hostname, drift FROM hosts", [], two_texts)? {
+        let hostname = Hostname::parse(&host).map_err(|e| db.corrupt(format!("host {host}: {e}")))?;
+        let verdict = Drift::parse(&drift).ok_or_else(|| db.corrupt(format!("host {host}: drift {drift}")))?;
+        state.drift.insert(hostname, verdict);
+    }
+    Ok(())
 }
 
 fn load_rollouts(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {

@@ -3,7 +3,9 @@
 //! live index (which rollouts each host is live in).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use super::heartbeat::Drift;
 use crate::cp::planner::{HostClass, PlanIndex, RolloutState};
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::HostRecord;
@@ -26,6 +28,18 @@ pub struct LiveRollout {
     /// (`planner::PlanIndex`), built at the first plan and kept up to date
     /// by the setters below: change those three maps only through them.
     pub index: Option<PlanIndex>,
+    /// A stamp taken at every change made through the setters below, unique
+    /// in the process (also across reloads and restarts): equal stamps mean
+    /// unchanged `records`, `dispatched` and `skipped`, so the simulator
+    /// re-checks a rollout's invariants only when it changed.
+    pub changed: u64,
+}
+
+/// The source of [`LiveRollout::changed`] stamps.
+static CHANGE_STAMPS: AtomicU64 = AtomicU64::new(1);
+
+fn next_stamp() -> u64 {
+    CHANGE_STAMPS.fetch_add(1, Relaxed)
 }
 
 impl LiveRollout {
@@ -42,6 +56,7 @@ impl LiveRollout {
             dispatched: BTreeMap::new(),
             skipped: BTreeSet::new(),
             index: None,
+            changed: next_stamp(),
         }
     }
 
@@ -54,6 +69,7 @@ impl LiveRollout {
     }
 
     fn reindex(&mut self, host: &Hostname, before: Option<HostClass>) {
+        self.changed = next_stamp();
         let after = self.class(host);
         if let Some(index) = self.index.as_mut() {
             index.update(host, self.manifest.hosts.get(host), before, after);
@@ -108,6 +124,9 @@ pub struct CpState {
     /// The same index by rollout: the hosts live in each, so
     /// `busy_elsewhere` walks only the hosts live in the OTHER rollouts.
     pub live_in: BTreeMap<RolloutId, BTreeSet<Hostname>>,
+    /// Per host, the drift verdict of its last heartbeat (`hosts.drift`),
+    /// so a heartbeat learns whether the verdict changed without a read.
+    pub drift: HashMap<Hostname, Drift>,
 }
 
 impl CpState {

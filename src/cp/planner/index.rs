@@ -72,8 +72,10 @@ impl PlanIndex {
         dispatched: &dyn Fn(&Hostname) -> bool,
         skipped: &BTreeSet<Hostname>,
     ) -> PlanIndex {
-        let mut index = PlanIndex::default();
-        index.irregular = records.keys().filter(|h| !manifest.hosts.contains_key(*h)).count();
+        let mut index = PlanIndex {
+            irregular: records.keys().filter(|h| !manifest.hosts.contains_key(*h)).count(),
+            ..PlanIndex::default()
+        };
         for (host, entry) in &manifest.hosts {
             match records.get(host) {
                 Some(r) => {

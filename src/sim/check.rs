@@ -81,6 +81,10 @@ pub struct Checker {
     /// (rollout, host) whose ack the CP applied after skipping the host,
     /// already noted in the trace.
     raced: BTreeSet<(RolloutId, Hostname)>,
+    /// Per rollout, what `check_cp` last found clean: the rollout's change
+    /// stamp, its state, and whether a database was lost. The checks read
+    /// nothing else, so an equal key gives the same (clean) answer.
+    cp_clean: BTreeMap<RolloutId, (u64, RolloutState, bool)>,
 }
 
 impl Checker {
@@ -375,6 +379,10 @@ impl Sim {
         let now = super::world::at(self.now_ms);
         let mut races = Vec::new();
         for (id, r) in &state.rollouts {
+            let clean_key = (r.changed, r.state, self.checker.db_lost);
+            if self.checker.cp_clean.get(id) == Some(&clean_key) {
+                continue;
+            }
             let m = &r.manifest;
             let n_failed =
                 r.records.values().filter(|x| matches!(x.state, HostState::Failed | HostState::Reverted)).count();
@@ -398,6 +406,7 @@ impl Sim {
                 ));
             }
             check_waves(&self.checker, now, id, r, &mut races)?;
+            self.checker.cp_clean.insert(id.clone(), clean_key);
         }
         for (id, h) in races {
             self.note(format!("CP: {h} acked {id} after the CP skipped it (its ack raced the quarantine)"));

@@ -195,7 +195,8 @@ enum Ev {
 struct Scheduled {
     at_ms: u64,
     order: u64,
-    ev: Ev,
+    /// Boxed: the heap moves 24 bytes per level instead of the whole event.
+    ev: Box<Ev>,
 }
 
 impl PartialEq for Scheduled {
@@ -503,7 +504,7 @@ impl Sim {
 
     fn at(&mut self, at_ms: u64, ev: Ev) {
         self.order += 1;
-        self.queue.push(Scheduled { at_ms, order: self.order, ev });
+        self.queue.push(Scheduled { at_ms, order: self.order, ev: Box::new(ev) });
     }
 
     fn after(&mut self, delay_ms: u64, ev: Ev) {
@@ -575,7 +576,7 @@ impl Sim {
             self.now_ms = next.at_ms;
             self.clock.set(world::at(self.now_ms));
             self.step += 1;
-            match self.dispatch(next.ev) {
+            match self.dispatch(*next.ev) {
                 Ok(true) => {
                     quiescent = true;
                     break;

@@ -132,8 +132,12 @@ pub fn is_settled(state: HostState) -> bool {
 /// reboot completes, and freeing its slot would let a wave start more
 /// unverified hosts than `max_in_flight`.
 fn in_flight(record: &HostRecord, dispatched: bool) -> bool {
-    (record.state == HostState::Pending && dispatched)
-        || matches!(record.state, HostState::Activating | HostState::Deferred | HostState::Soaking)
+    in_flight_class(record.state, dispatched)
+}
+
+fn in_flight_class(state: HostState, dispatched: bool) -> bool {
+    (state == HostState::Pending && dispatched)
+        || matches!(state, HostState::Activating | HostState::Deferred | HostState::Soaking)
 }
 
 /// A skip holds only while the host never acked: if an ack raced the skip
@@ -223,17 +227,21 @@ fn halt_reason(input: &PlanInput<'_>) -> Option<String> {
     if input.state != RolloutState::Halted && failed.len() <= budget {
         return None;
     }
+    Some(halt_text(&failed, policy.max_failed_hosts, input.accepted_failures))
+}
+
+/// The halt reason naming the failed hosts (in hostname order).
+fn halt_text(failed: &[&Hostname], max_failed_hosts: u32, accepted_failures: usize) -> String {
     let names: Vec<&str> = failed.iter().map(|h| h.as_str()).collect();
-    let accepted = match input.accepted_failures {
+    let accepted = match accepted_failures {
         0 => String::new(),
         n => format!(" ({n} accepted by an operator's resume)"),
     };
-    Some(format!(
-        "{} host(s) failed ({}), more than max_failed_hosts = {}{accepted}",
+    format!(
+        "{} host(s) failed ({}), more than max_failed_hosts = {max_failed_hosts}{accepted}",
         failed.len(),
-        names.join(", "),
-        policy.max_failed_hosts
-    ))
+        names.join(", ")
+    )
 }
 
 /// The skipped hosts after this plan (new skips are pushed on `skip`), and
@@ -339,6 +347,11 @@ fn rollout_state(
     }
 }
 
+mod index;
+pub use index::{plan_indexed, HostClass, IndexedInput, PlanIndex};
+
+#[cfg(test)]
+mod index_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::params;
 use time::OffsetDateTime;
 
 use super::state::CpState;
@@ -44,7 +44,7 @@ impl Drift {
 
 pub(super) fn heartbeat(
     db: Db<'_>,
-    state: &CpState,
+    state: &mut CpState,
     hb: &Heartbeat,
     now: OffsetDateTime,
 ) -> Result<BTreeMap<RolloutId, u64>, StoreError> {
@@ -57,7 +57,8 @@ pub(super) fn heartbeat(
         Some((closure, _)) if *closure == hb.current_closure => Drift::InSync,
         Some(_) => Drift::Drifting,
     };
-    log_drift_change(db, hb, drift, expected.as_ref())?;
+    let previous = state.drift.insert(hb.hostname.clone(), drift);
+    log_drift_change(hb, drift, previous, expected.as_ref());
     db.conn()
         .prepare_cached(
             "INSERT INTO hosts (hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs,
@@ -99,24 +100,14 @@ fn replay_from(state: &CpState, hb: &Heartbeat) -> BTreeMap<RolloutId, u64> {
     replay_from
 }
 
-/// Logs a host turning drifting, or back in sync, once per change.
-fn log_drift_change(
-    db: Db<'_>,
-    hb: &Heartbeat,
-    drift: Drift,
-    expected: Option<&(Closure, RolloutId)>,
-) -> Result<(), StoreError> {
-    let previous: Option<String> = db
-        .conn()
-        .query_row("SELECT drift FROM hosts WHERE hostname = ?1", params![hb.hostname.as_str()], |r| r.get(0))
-        .optional()
-        .map_err(db.sql("read drift"))?;
-    if drift == Drift::Drifting && previous.as_deref() != Some(Drift::Drifting.as_str()) {
+/// Logs a host turning drifting, or back in sync, once per change
+/// (`previous`: the verdict of the host's last heartbeat, if any).
+fn log_drift_change(hb: &Heartbeat, drift: Drift, previous: Option<Drift>, expected: Option<&(Closure, RolloutId)>) {
+    if drift == Drift::Drifting && previous != Some(Drift::Drifting) {
         if let Some((closure, from)) = expected {
             tracing::warn!(host = %hb.hostname, current = %hb.current_closure, expected = %closure, rollout = %from, "drift: the host runs another closure than its records say");
         }
-    } else if drift == Drift::InSync && previous.as_deref() == Some(Drift::Drifting.as_str()) {
+    } else if drift == Drift::InSync && previous == Some(Drift::Drifting) {
         tracing::info!(host = %hb.hostname, current = %hb.current_closure, "drift resolved");
     }
-    Ok(())
 }

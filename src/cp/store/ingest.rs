@@ -212,12 +212,10 @@ fn store_record(
         })
         .map_err(db.sql("update host record"))?;
     // The ack (or rejection) ends the standing dispatch.
-    if next.state != HostState::Pending && rollout.dispatched.remove(hostname).is_some() {
+    if next.state != HostState::Pending && rollout.remove_dispatch(hostname).is_some() {
         db.conn()
-            .execute(
-                "DELETE FROM dispatches WHERE rollout_id = ?1 AND hostname = ?2",
-                params![item.rollout_id.as_str(), hostname.as_str()],
-            )
+            .prepare_cached("DELETE FROM dispatches WHERE rollout_id = ?1 AND hostname = ?2")
+            .and_then(|mut s| s.execute(params![item.rollout_id.as_str(), hostname.as_str()]))
             .map_err(db.sql("delete dispatch"))?;
         group.board.push(BoardChange::Withdraw(hostname.clone(), item.rollout_id.clone()));
     }
@@ -225,7 +223,7 @@ fn store_record(
         group.dirty.insert(item.rollout_id.clone());
     }
     let live = next.is_live();
-    rollout.records.insert(hostname.clone(), next);
+    rollout.set_record(next);
     if live != before.is_live() {
         // The host's hold moved: every other rollout naming it
         // re-checks (`docs/protocol.md` §3 rule 8), in this same transaction.

@@ -4,7 +4,7 @@
 //! rollout's new state and wave, then the new dispatches (offered on the
 //! board only after the commit).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use rusqlite::params;
 use time::OffsetDateTime;
@@ -12,48 +12,38 @@ use time::OffsetDateTime;
 use super::group::{BoardChange, Group};
 use super::state::{CpState, LiveRollout};
 use super::{ts, Db, StoreError};
-use crate::cp::planner::{self, Plan, PlanInput};
-use crate::ids::{Hostname, RolloutId};
+use crate::cp::planner::{self, IndexedInput, Plan, PlanInput};
+use crate::ids::{Closure, Hostname, RolloutId};
 use crate::wire::Dispatch;
 
 pub(super) fn run_planner(db: Db<'_>, state: &mut CpState, group: &mut Group) -> Result<(), StoreError> {
     let empty = HashSet::new();
+    let no_busy = BTreeMap::new();
     let dirty = std::mem::take(&mut group.dirty);
     for id in &dirty {
         // A completed rollout is planned again when touched: an ack that
         // raced a skip, or a replay arriving late after a database loss,
         // can unsettle a host or exceed `max_failed_hosts` (halt) after it.
+        // A superseded, halted or cancelled rollout's plan never reads the holds.
         let busy = match state.rollouts.get(id) {
-            Some(r) => state.busy_elsewhere(id, &r.manifest),
+            Some(r) if r.state.is_sticky() => None,
+            Some(r) => Some(state.busy_elsewhere(id, &r.manifest)),
             None => continue,
         };
+        let busy = busy.as_ref().unwrap_or(&no_busy);
         let Some(rollout) = state.rollouts.get_mut(id) else { continue };
-        let dispatched: BTreeSet<Hostname> = rollout.dispatched.keys().cloned().collect();
         let quarantined = state.quarantine.get(id.channel()).unwrap_or(&empty);
-        let plan = planner::plan(&PlanInput {
-            manifest: &rollout.manifest,
-            state: rollout.state,
-            current_wave: rollout.current_wave,
-            halt_reason: rollout.halt_reason.as_deref(),
-            records: &rollout.records,
-            dispatched: &dispatched,
-            quarantined,
-            busy_elsewhere: &busy,
-            skipped: &rollout.skipped,
-            accepted_failures: rollout.accepted_failures,
-        });
+        let plan = plan_rollout(rollout, quarantined, busy);
         // Skips and withdrawals before the rollout's new state, all in this
         // transaction: a quarantine never leaves a dispatch standing.
         skip_hosts(db, id, rollout, &plan, group.now)?;
         update_rollout(db, id, rollout, &plan, group.now)?;
         for host in plan.withdraw {
             db.conn()
-                .execute(
-                    "DELETE FROM dispatches WHERE rollout_id = ?1 AND hostname = ?2",
-                    params![id.as_str(), host.as_str()],
-                )
+                .prepare_cached("DELETE FROM dispatches WHERE rollout_id = ?1 AND hostname = ?2")
+                .and_then(|mut s| s.execute(params![id.as_str(), host.as_str()]))
                 .map_err(db.sql("withdraw dispatch"))?;
-            rollout.dispatched.remove(&host);
+            rollout.remove_dispatch(&host);
             group.board.push(BoardChange::Withdraw(host, id.clone()));
         }
         let mut offers = Vec::with_capacity(plan.dispatch.len());
@@ -72,11 +62,65 @@ pub(super) fn run_planner(db: Db<'_>, state: &mut CpState, group: &mut Group) ->
         }
         insert_dispatches(db, &offers, group.now)?;
         for (host, dispatch) in offers {
-            rollout.dispatched.insert(host.clone(), dispatch.clone());
+            rollout.insert_dispatch(host.clone(), dispatch.clone());
             group.board.push(BoardChange::Offer(host, dispatch));
         }
     }
     Ok(())
+}
+
+/// The plan of one rollout: `planner::plan_indexed` on the rollout's
+/// index (`planner::plan` when the index declines). Debug builds check
+/// every indexed plan against `planner::plan` on the same input.
+fn plan_rollout(
+    rollout: &mut LiveRollout,
+    quarantined: &HashSet<Closure>,
+    busy: &BTreeMap<Hostname, RolloutId>,
+) -> Plan {
+    rollout.plan_index();
+    let full_input = |dispatched| PlanInput {
+        manifest: &rollout.manifest,
+        state: rollout.state,
+        current_wave: rollout.current_wave,
+        halt_reason: rollout.halt_reason.as_deref(),
+        records: &rollout.records,
+        dispatched,
+        quarantined,
+        busy_elsewhere: busy,
+        skipped: &rollout.skipped,
+        accepted_failures: rollout.accepted_failures,
+    };
+    let indexed = rollout.index.as_ref().and_then(|index| {
+        planner::plan_indexed(&IndexedInput {
+            manifest: &rollout.manifest,
+            state: rollout.state,
+            current_wave: rollout.current_wave,
+            halt_reason: rollout.halt_reason.as_deref(),
+            records: &rollout.records,
+            dispatched: &rollout.dispatched,
+            quarantined,
+            busy_elsewhere: busy,
+            skipped: &rollout.skipped,
+            accepted_failures: rollout.accepted_failures,
+            index,
+        })
+    });
+    let dispatched = || rollout.dispatched.keys().cloned().collect::<BTreeSet<Hostname>>();
+    match indexed {
+        Some(plan) => {
+            #[cfg(debug_assertions)]
+            {
+                let full = planner::plan(&full_input(&dispatched()));
+                assert_eq!(
+                    plan, full,
+                    "the indexed plan of {} differs from planner::plan",
+                    rollout.manifest.rollout_id
+                );
+            }
+            plan
+        }
+        None => planner::plan(&full_input(&dispatched())),
+    }
 }
 
 fn skip_hosts(
@@ -99,7 +143,7 @@ fn skip_hosts(
                 s.execute(params![id.as_str(), host.as_str(), entry.target_closure.as_str(), reason, ts(now)])
             })
             .map_err(db.sql("skip host"))?;
-        rollout.skipped.insert(host.clone());
+        rollout.insert_skip(host.clone());
     }
     Ok(())
 }

@@ -2,13 +2,11 @@
 //! stored with its exact envelope and payload, and supersedes the older
 //! rollouts of its channel (or opens superseded, if a newer one exists).
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use rusqlite::params;
 use sha2::{Digest, Sha256};
 
 use super::group::Group;
-use super::state::{pending_records, CpState, LiveRollout};
+use super::state::{CpState, LiveRollout};
 use super::{ts, Db, StoreError};
 use crate::cp::planner::RolloutState;
 use crate::ids::RolloutId;
@@ -61,21 +59,7 @@ pub(super) fn publish(
     if newer.is_none() {
         supersede_older(db, state, group, &id)?;
     }
-    let records = pending_records(&manifest);
-    state.rollouts.insert(
-        id.clone(),
-        LiveRollout {
-            manifest,
-            payload_sha256: sha,
-            state: initial,
-            current_wave: 0,
-            halt_reason: None,
-            records,
-            dispatched: BTreeMap::new(),
-            skipped: BTreeSet::new(),
-            accepted_failures: 0,
-        },
-    );
+    state.rollouts.insert(id.clone(), LiveRollout::published(manifest, sha, initial));
     group.dirty.insert(id);
     Ok(PublishOutcome::Created)
 }

@@ -10,6 +10,7 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::db::two_texts;
+use super::heartbeat::Drift;
 use super::state::{pending_records, CpState, LiveRollout};
 use super::{parse_ts, Db, StoreError};
 use crate::cp::planner::RolloutState;
@@ -28,7 +29,18 @@ pub fn load_state(conn: &Connection, path: &Path) -> Result<CpState, StoreError>
     load_dispatches(db, &mut state)?;
     load_quarantine(db, &mut state)?;
     super::operator::load_accepted_failures(db, &mut state)?;
+    load_drift(db, &mut state)?;
     Ok(state)
+}
+
+/// The drift verdict of every host's last heartbeat.
+fn load_drift(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
+    for (host, drift) in db.rows("load drift", "SELECT hostname, drift FROM hosts", [], two_texts)? {
+        let hostname = Hostname::parse(&host).map_err(|e| db.corrupt(format!("host {host}: {e}")))?;
+        let verdict = Drift::parse(&drift).ok_or_else(|| db.corrupt(format!("host {host}: drift {drift}")))?;
+        state.drift.insert(hostname, verdict);
+    }
+    Ok(())
 }
 
 fn load_rollouts(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
@@ -52,22 +64,11 @@ fn load_rollouts(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
         let (id, payload, sha, st, wave, halt_reason) = row.map_err(db.sql("load rollouts"))?;
         let manifest = Manifest::parse(&payload).map_err(|e| db.corrupt(format!("rollout {id}: {e}")))?;
         let state_ = RolloutState::parse(&st).ok_or_else(|| db.corrupt(format!("rollout {id}: state {st}")))?;
-        let records = pending_records(&manifest);
-        state.rollouts.insert(
-            manifest.rollout_id.clone(),
-            LiveRollout {
-                manifest,
-                payload_sha256: sha,
-                state: state_,
-                current_wave: usize::try_from(wave)
-                    .map_err(|_| db.corrupt(format!("rollout {id}: current_wave {wave}")))?,
-                halt_reason,
-                records,
-                dispatched: BTreeMap::new(),
-                skipped: BTreeSet::new(),
-                accepted_failures: 0,
-            },
-        );
+        let mut rollout = LiveRollout::published(manifest, sha, state_);
+        rollout.current_wave =
+            usize::try_from(wave).map_err(|_| db.corrupt(format!("rollout {id}: current_wave {wave}")))?;
+        rollout.halt_reason = halt_reason;
+        state.rollouts.insert(rollout.manifest.rollout_id.clone(), rollout);
     }
     Ok(())
 }
@@ -79,10 +80,11 @@ fn load_records(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
         let json = row.map_err(db.sql("load host records"))?;
         let record: HostRecord = serde_json::from_str(&json).map_err(|e| db.corrupt(format!("host record: {e}")))?;
         if let Some(r) = state.rollouts.get_mut(&record.rollout_id) {
-            if record.is_live() {
-                state.live.entry(record.hostname.clone()).or_default().insert(record.rollout_id.clone());
+            let live = record.is_live().then(|| (record.hostname.clone(), record.rollout_id.clone()));
+            r.set_record(record);
+            if let Some((host, id)) = live {
+                state.set_live(&host, &id, true);
             }
-            r.records.insert(record.hostname.clone(), record);
         }
     }
     Ok(())
@@ -94,7 +96,7 @@ fn load_skipped(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
         let rollout_id = RolloutId::parse(&id).map_err(bad)?;
         let hostname = Hostname::parse(&host).map_err(bad)?;
         if let Some(r) = state.rollouts.get_mut(&rollout_id) {
-            r.skipped.insert(hostname);
+            r.insert_skip(hostname);
         }
     }
     Ok(())
@@ -130,7 +132,7 @@ fn load_dispatches(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
             issued_at: parse_ts(&issued).ok_or_else(|| bad("issued_at"))?,
         };
         if let Some(r) = state.rollouts.get_mut(&rollout_id) {
-            r.dispatched.insert(hostname, dispatch);
+            r.insert_dispatch(hostname, dispatch);
         }
     }
     Ok(())

@@ -150,6 +150,12 @@ CREATE TABLE operator_actions (
 CREATE INDEX operator_actions_by_rollout ON operator_actions (rollout_id, id);
 "#;
 
+/// Prepared statements the writer keeps: its dozen fixed statements plus
+/// the dispatch INSERT in each of its 64 row counts (`plan.rs`), so a plan
+/// of a few dispatches never evicts the per-event statements (rusqlite's
+/// default keeps 16, and each miss parses the SQL again).
+const WRITER_STATEMENT_CACHE: usize = 96;
+
 /// Opens (creating if needed) the database with the durability settings the
 /// acknowledgement contract needs, and migrates it.
 pub fn open(path: &Path) -> Result<Connection, StoreError> {
@@ -160,6 +166,7 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
     )
     .map_err(sql_error(path, "set pragmas"))?;
+    conn.set_prepared_statement_cache_capacity(WRITER_STATEMENT_CACHE);
     let version: i64 =
         conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(sql_error(path, "read version"))?;
     if version > SCHEMA_VERSION {

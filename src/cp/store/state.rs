@@ -3,8 +3,10 @@
 //! live index (which rollouts each host is live in).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::cp::planner::RolloutState;
+use super::heartbeat::Drift;
+use crate::cp::planner::{HostClass, PlanIndex, RolloutState};
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::HostRecord;
 use crate::wire::{Dispatch, Manifest};
@@ -25,6 +27,93 @@ pub struct LiveRollout {
     /// Failed/Reverted hosts the last `cp resume` accepted
     /// (`operator_actions`); the planner leaves them out of the budget.
     pub accepted_failures: usize,
+    /// The planner's index of `records`, `dispatched` and `skipped`
+    /// (`planner::PlanIndex`), built at the first plan and kept up to date
+    /// by the setters below: change those three maps only through them.
+    pub index: Option<PlanIndex>,
+    /// A stamp taken at every change made through the setters below, unique
+    /// in the process (also across reloads and restarts): equal stamps mean
+    /// unchanged `records`, `dispatched` and `skipped`, so the simulator
+    /// re-checks a rollout's invariants only when it changed.
+    pub changed: u64,
+}
+
+/// The source of [`LiveRollout::changed`] stamps.
+static CHANGE_STAMPS: AtomicU64 = AtomicU64::new(1);
+
+fn next_stamp() -> u64 {
+    CHANGE_STAMPS.fetch_add(1, Relaxed)
+}
+
+impl LiveRollout {
+    /// A rollout as published: every host Pending, nothing dispatched.
+    pub fn published(manifest: Manifest, payload_sha256: String, state: RolloutState) -> LiveRollout {
+        let records = pending_records(&manifest);
+        LiveRollout {
+            manifest,
+            payload_sha256,
+            state,
+            current_wave: 0,
+            halt_reason: None,
+            records,
+            dispatched: BTreeMap::new(),
+            skipped: BTreeSet::new(),
+            accepted_failures: 0,
+            index: None,
+            changed: next_stamp(),
+        }
+    }
+
+    fn class(&self, host: &Hostname) -> Option<HostClass> {
+        self.records.get(host).map(|r| HostClass {
+            state: r.state,
+            dispatched: self.dispatched.contains_key(host),
+            skipped: self.skipped.contains(host),
+        })
+    }
+
+    fn reindex(&mut self, host: &Hostname, before: Option<HostClass>) {
+        self.changed = next_stamp();
+        let after = self.class(host);
+        if let Some(index) = self.index.as_mut() {
+            index.update(host, self.manifest.hosts.get(host), before, after);
+        }
+    }
+
+    /// The planner's index, built now if it was not.
+    pub fn plan_index(&mut self) -> &PlanIndex {
+        let LiveRollout { manifest, records, dispatched, skipped, index, .. } = self;
+        index.get_or_insert_with(|| PlanIndex::build(manifest, records, &|h| dispatched.contains_key(h), skipped))
+    }
+
+    /// Replaces the record of its host.
+    pub fn set_record(&mut self, record: HostRecord) {
+        let host = record.hostname.clone();
+        let before = self.class(&host);
+        self.records.insert(host.clone(), record);
+        self.reindex(&host, before);
+    }
+
+    pub fn insert_dispatch(&mut self, host: Hostname, dispatch: Dispatch) {
+        let before = self.class(&host);
+        self.dispatched.insert(host.clone(), dispatch);
+        self.reindex(&host, before);
+    }
+
+    pub fn remove_dispatch(&mut self, host: &Hostname) -> Option<Dispatch> {
+        let before = self.class(host);
+        let removed = self.dispatched.remove(host);
+        self.reindex(host, before);
+        removed
+    }
+
+    /// Marks `host` skipped; false if it already was.
+    pub fn insert_skip(&mut self, host: Hostname) -> bool {
+        let before = self.class(&host);
+        let new = self.skipped.insert(host.clone());
+        self.reindex(&host, before);
+        new
+    }
 }
 
 /// Everything the writer needs in memory; a projection of the database.
@@ -36,25 +125,44 @@ pub struct CpState {
     /// unless agents broke the rule): derived from the records, so the
     /// planner finds the held hosts without scanning every record.
     pub live: HashMap<Hostname, BTreeSet<RolloutId>>,
+    /// The same index by rollout: the hosts live in each, so
+    /// `busy_elsewhere` walks only the hosts live in the OTHER rollouts.
+    pub live_in: BTreeMap<RolloutId, BTreeSet<Hostname>>,
+    /// Per host, the drift verdict of its last heartbeat (`hosts.drift`),
+    /// so a heartbeat learns whether the verdict changed without a read.
+    pub drift: HashMap<Hostname, Drift>,
 }
 
 impl CpState {
     /// The hosts of rollout `id` that are live in another rollout.
+    /// Each is paired with the first (lowest id) such rollout.
     pub fn busy_elsewhere(&self, id: &RolloutId, manifest: &Manifest) -> BTreeMap<Hostname, RolloutId> {
-        self.live
-            .iter()
-            .filter(|(host, _)| manifest.hosts.contains_key(*host))
-            .filter_map(|(host, ids)| ids.iter().find(|other| *other != id).map(|other| (host.clone(), other.clone())))
-            .collect()
+        let mut busy = BTreeMap::new();
+        // Rollouts in id order: the first one met for a host is its lowest.
+        for (other, hosts) in self.live_in.iter().filter(|(other, _)| *other != id) {
+            for host in hosts.iter().filter(|h| manifest.hosts.contains_key(*h)) {
+                busy.entry(host.clone()).or_insert_with(|| other.clone());
+            }
+        }
+        busy
     }
 
     pub(super) fn set_live(&mut self, host: &Hostname, id: &RolloutId, live: bool) {
         if live {
             self.live.entry(host.clone()).or_default().insert(id.clone());
-        } else if let Some(ids) = self.live.get_mut(host) {
+            self.live_in.entry(id.clone()).or_default().insert(host.clone());
+            return;
+        }
+        if let Some(ids) = self.live.get_mut(host) {
             ids.remove(id);
             if ids.is_empty() {
                 self.live.remove(host);
+            }
+        }
+        if let Some(hosts) = self.live_in.get_mut(id) {
+            hosts.remove(host);
+            if hosts.is_empty() {
+                self.live_in.remove(id);
             }
         }
     }

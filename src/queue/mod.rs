@@ -983,6 +983,14 @@ impl Queue {
                 let bytes = match self.storage.read_file(&path) {
                     Ok(bytes) => bytes,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    // Too large (or not a regular file): never read into
+                    // memory, moved aside like any unreadable record.
+                    Err(e) if storage::unsafe_file(&e).is_some() => {
+                        let reason = format!("unreadable: {e}");
+                        self.move_to_dead(dir, &name, &reason)?;
+                        self.recovery.moved_to_dead.push((name, reason));
+                        continue;
+                    }
                     Err(source) => return Err(QueueError::Io { op: "read", path, source }),
                 };
                 match self.check_record(&name, &bytes, &mut live_seqs) {

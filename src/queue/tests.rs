@@ -304,7 +304,12 @@ fn a_high_water_mark_beyond_the_bounds_is_refused() {
         let hw = HighWater { qseq, seqs: BTreeMap::from([(rollout("stable@r1"), seq)]) };
         std::fs::write(tmp.path().join(QUEUE_DIR).join(HIGH_WATER_FILE), hw.encode()).expect("write");
         let err = Queue::open(tmp.path(), host(), QueueConfig::default(), clock()).expect_err("refused");
-        assert!(matches!(err, QueueError::HighWaterCorrupt { .. }), "{err}");
+        let expected = if qseq == u64::MAX {
+            HighWaterError::QseqBeyondBound(qseq)
+        } else {
+            HighWaterError::SeqBeyondBound { rollout_id: rollout("stable@r1"), seq }
+        };
+        assert!(matches!(&err, QueueError::HighWaterCorrupt { source, .. } if *source == expected), "{err}");
         assert!(err.to_string().contains("beyond"), "{err}");
     }
 }

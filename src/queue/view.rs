@@ -76,8 +76,19 @@ pub struct Inspected {
     /// The file's bytes as stored.
     pub raw: Vec<u8>,
     /// The decoded record, or why it cannot be decoded.
-    pub record: Result<QueuedEvent, String>,
+    pub record: Result<QueuedEvent, InspectError>,
     pub dead_reason: Option<DeadReason>,
+}
+
+/// Why `queue inspect` shows no record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InspectError {
+    /// Not read at all (a link, not a regular file, too large).
+    #[error(transparent)]
+    NotRead(#[from] UnsafeFile),
+    /// Read, but the bytes are not a valid record.
+    #[error(transparent)]
+    Record(#[from] record::RecordError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -256,10 +267,10 @@ impl QueueView {
                 let Some((entry, raw)) = self.read_entry(folder, &name)? else { continue };
                 let (raw, record) = match raw {
                     Ok(raw) => {
-                        let record = record::decode(&raw).map_err(|e| e.to_string());
+                        let record = record::decode(&raw).map_err(InspectError::from);
                         (raw, record)
                     }
-                    Err(why) => (Vec::new(), Err(why.to_string())),
+                    Err(why) => (Vec::new(), Err(InspectError::from(why))),
                 };
                 let dead_reason = if folder == EntryState::Dead { self.dead_reason(&name) } else { None };
                 return Ok(Inspected { entry, raw, record, dead_reason });

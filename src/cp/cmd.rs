@@ -77,6 +77,12 @@ async fn serve_cmd(args: CpServeArgs) -> Result<(), CpError> {
         trust_keys,
         heartbeat_interval_secs: args.heartbeat_interval_secs,
         grace: SHUTDOWN_GRACE,
+        limits: super::ServeLimits {
+            header_timeout: args.header_timeout,
+            body_timeout: args.body_timeout,
+            max_connections: args.max_connections,
+            max_connections_per_address: args.max_connections_per_address,
+        },
     };
     server::serve(listener, PlainAcceptor, cfg, ClockHandle::system(), shutdown_signal()).await?;
     Ok(())

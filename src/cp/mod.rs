@@ -5,12 +5,13 @@
 //!
 //! Reading order: [`planner`] (pure: stored state → decisions), [`store`]
 //! (SQLite schema and the one writer), [`longpoll`] (the dispatch board),
-//! [`config`], [`routes`] (HTTP API), [`views`] (status JSON), [`metrics`],
+//! [`config`], [`conn`] (connection limits, connection-level errors), [`routes`] (HTTP API), [`views`] (status JSON), [`metrics`],
 //! [`server`] (process shell, shutdown) and [`cmd`] (operator commands,
 //! through [`crate::client`]).
 
 pub mod cmd;
 pub mod config;
+pub mod conn;
 pub mod longpoll;
 pub mod metrics;
 pub mod planner;
@@ -20,4 +21,5 @@ pub mod store;
 pub mod views;
 
 pub use cmd::{run, CpError};
+pub use config::ServeLimits;
 pub use server::{bind, serve, Acceptor, PlainAcceptor, ServeConfig, ServeReport};

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -40,6 +40,16 @@ use crate::wire::{
 /// anything is stored; every agent endpoint keeps the 1 MiB limit.
 pub const MAX_ENVELOPE_BYTES: usize = 16 * 1024 * 1024;
 
+/// A request body must arrive whole within this (a body dribbled a byte at
+/// a time used to hold its connection and memory forever; only the head had
+/// a deadline). A 1 MiB event batch needs 35 KB/s, a 16 MiB manifest 280 KB/s.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest request target (path and query) the routes read: every real one
+/// is under 300 bytes; a longer one is answered 414 here, as JSON, before
+/// hyper's own buffer limit answers it with an empty 431.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
 /// `agent_version` is shown in tables and logs; a longer one is junk.
 pub const MAX_AGENT_VERSION_BYTES: usize = 128;
 
@@ -64,6 +74,7 @@ pub struct App {
     pub shutdown: watch::Receiver<bool>,
     pub db_path: PathBuf,
     pub heartbeat_interval_secs: u64,
+    pub body_timeout: Duration,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -85,6 +96,7 @@ impl App {
             shutdown,
             db_path: cfg.db_path.clone(),
             heartbeat_interval_secs: cfg.heartbeat_interval_secs,
+            body_timeout: cfg.limits.body_timeout,
             readers: Mutex::new(Vec::new()),
         }
     }
@@ -171,11 +183,14 @@ fn check_protocol(req: &Request<Incoming>, required: bool) -> Result<(), Resp> {
 }
 
 /// Reads the whole body, refusing more than [`MAX_BODY_BYTES`] with 413.
-async fn body(req: Request<Incoming>) -> Result<Bytes, Resp> {
-    body_limited(req, MAX_BODY_BYTES).await
+async fn body(req: Request<Incoming>, app: &App) -> Result<Bytes, Resp> {
+    body_limited(req, MAX_BODY_BYTES, app.body_timeout).await
 }
 
-async fn body_limited(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
+/// Reads the whole body within `deadline` (408 after it) and `limit` bytes
+/// (413 beyond it), copying chunks into one buffer so memory follows the
+/// bytes received, not the number of reads.
+async fn body_limited(req: Request<Incoming>, limit: usize, deadline: Duration) -> Result<Bytes, Resp> {
     let too_large = || {
         error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request bodies are limited to {limit} bytes"))
     };
@@ -183,10 +198,16 @@ async fn body_limited(req: Request<Incoming>, limit: usize) -> Result<Bytes, Res
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad_body", format!("could not read the request body: {e}"))),
+    let expected = declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+    match tokio::time::timeout(deadline, crate::client::collect_bounded(req.into_body(), limit, expected)).await {
+        Ok(Ok(bytes)) => Ok(Bytes::from(bytes)),
+        Ok(Err(crate::client::BodyError::TooLarge { .. })) => Err(too_large()),
+        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, "bad_body", format!("could not read the request body: {e}"))),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {} s", deadline.as_secs()),
+        )),
     }
 }
 
@@ -223,6 +244,14 @@ fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<&'a str> {
 
 /// The only entry point: routes one request.
 pub async fn handle(req: Request<Incoming>, app: Arc<App>, peer: PeerIdentity) -> Resp {
+    let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target_len > MAX_URI_BYTES {
+        return error(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the request target is {target_len} bytes; the limit is {MAX_URI_BYTES}"),
+        );
+    }
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -273,7 +302,7 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
     if let Err(resp) = check_protocol(&req, true) {
         return resp;
     }
-    let bytes = match body_limited(req, MAX_ENVELOPE_BYTES).await {
+    let bytes = match body_limited(req, MAX_ENVELOPE_BYTES, app.body_timeout).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -364,6 +393,11 @@ async fn dispatch(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -
     match app.board.poll(&hostname, Duration::from_secs(wait_secs), app.shutdown.clone()).await {
         PollOutcome::Dispatch(d) => json(StatusCode::OK, &d),
         PollOutcome::NoWork => empty(StatusCode::NO_CONTENT),
+        PollOutcome::Replaced => error(
+            StatusCode::CONFLICT,
+            "longpoll_replaced",
+            format!("a newer long-poll for {hostname} arrived; one long-poll per host is held"),
+        ),
     }
 }
 
@@ -371,7 +405,7 @@ async fn events(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> 
     if let Err(resp) = check_protocol(&req, true) {
         return resp;
     }
-    let bytes = match body(req).await {
+    let bytes = match body(req, app).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -393,7 +427,7 @@ async fn heartbeat(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) 
     if let Err(resp) = check_protocol(&req, true) {
         return resp;
     }
-    let bytes = match body(req).await {
+    let bytes = match body(req, app).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };

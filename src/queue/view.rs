@@ -108,6 +108,9 @@ pub enum ViewError {
     NotFound { selector: String, root: PathBuf },
 }
 
+/// One entry as read: its view, and its bytes or why they were not read.
+type EntryRead = (ViewEntry, Result<Vec<u8>, UnsafeFile>);
+
 /// Read-only access to `{state_dir}/outbound-queue/`.
 #[derive(Debug, Clone)]
 pub struct QueueView {
@@ -198,11 +201,7 @@ impl QueueView {
     /// Reads one file; None if it vanished since the listing. The bytes are
     /// an [`UnsafeFile`] error when the file is not read at all (a link,
     /// not a regular file, beyond [`MAX_QUEUE_FILE_BYTES`]).
-    fn read_entry(
-        &self,
-        folder: EntryState,
-        name: &str,
-    ) -> Result<Option<(ViewEntry, Result<Vec<u8>, UnsafeFile>)>, ViewError> {
+    fn read_entry(&self, folder: EntryState, name: &str) -> Result<Option<EntryRead>, ViewError> {
         let path = self.folder(folder).join(name);
         // Never through a link, never more than the queue's file bound: a
         // symlink to /etc/passwd is shown as what it is, not followed.

@@ -140,6 +140,7 @@ async fn demo(keep: bool) -> Result<(), DemoError> {
         trust_keys: vec![key.public_key()],
         heartbeat_interval_secs: 2,
         grace: Duration::from_secs(2),
+        limits: crate::cp::ServeLimits::default(),
     };
     let cp_task =
         tokio::spawn(server::serve(listener, PlainAcceptor, cfg, ClockHandle::system(), stopped(stop_rx.clone())));

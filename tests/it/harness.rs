@@ -139,6 +139,8 @@ pub struct Cp {
     pub log: PathBuf,
     args: Vec<String>,
     addr_file: PathBuf,
+    /// A descriptor limit (`ulimit -n`) to start the process under.
+    nofile: Option<u64>,
 }
 
 impl Cp {
@@ -169,15 +171,38 @@ impl Cp {
             log: dir.join("cp.log"),
             args,
             addr_file,
+            nofile: None,
         };
         cp.spawn();
         cp
     }
 
+    /// [`Cp::start_with`] under a descriptor limit of `nofile`.
+    pub fn start_with_nofile(dir: &Path, trust: &Path, extra: &[&str], nofile: u64) -> Cp {
+        let mut cp = Cp::start_with(dir, trust, extra);
+        cp.kill9();
+        cp.nofile = Some(nofile);
+        cp.restart();
+        cp
+    }
+
+    /// The process id (for /proc readings).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     fn spawn(&mut self) {
         let _ = std::fs::remove_file(&self.addr_file);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        let child = Command::new(bin())
+        let mut command = match self.nofile {
+            None => Command::new(bin()),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(bin());
+                sh
+            }
+        };
+        let child = command
             .args(&self.args)
             .env("RUST_LOG", "nixfleet=debug")
             .stdout(Stdio::null())

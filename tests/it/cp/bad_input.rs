@@ -159,6 +159,7 @@ fn identity_is_enforced_and_liveness_follows_the_clock() {
             trust_keys: vec![nixfleet::sign::PublicKey::load(&release.pub_path).unwrap()],
             heartbeat_interval_secs: 60,
             grace: Duration::from_secs(5),
+            limits: nixfleet::cp::ServeLimits::default(),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(nixfleet::cp::serve(

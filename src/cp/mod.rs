@@ -15,6 +15,7 @@ pub mod conn;
 pub mod longpoll;
 pub mod metrics;
 pub mod planner;
+pub mod quota;
 pub mod routes;
 pub mod server;
 pub mod store;

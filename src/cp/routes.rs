@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::config::ServeConfig;
 use super::longpoll::{Board, PollOutcome};
 use super::metrics;
+use super::quota::{HostQuotas, OverQuota};
 use super::store::{self, Command, Counters, PublishOutcome, Reply, StoreError};
 use super::views;
 use crate::clock::ClockHandle;
@@ -53,6 +54,17 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 /// `agent_version` is shown in tables and logs; a longer one is junk.
 pub const MAX_AGENT_VERSION_BYTES: usize = 128;
 
+/// Status views built at once (each holds a reader connection and up to a
+/// parsed manifest plus one page); more wait up to [`VIEW_QUEUE_TIMEOUT`].
+/// 40 parallel whole-rollout views of a 100,000-host rollout used to peak
+/// at 11 GB.
+pub const MAX_CONCURRENT_VIEWS: usize = 4;
+/// How long a view waits for its turn before 503 `busy`.
+pub const VIEW_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Header of `GET /v1/hosts` naming the `after` of the next page (absent on
+/// the last page); the body stays a plain array.
+pub const NEXT_AFTER_HEADER: &str = "X-Nixfleet-Next-After";
+
 /// Reader connections kept for the status views; more concurrent readers
 /// open a connection and drop it (views are rare operator requests).
 const MAX_IDLE_READERS: usize = 4;
@@ -75,6 +87,11 @@ pub struct App {
     pub db_path: PathBuf,
     pub heartbeat_interval_secs: u64,
     pub body_timeout: Duration,
+    /// Per-host ingest quotas (events, heartbeats).
+    pub event_quota: HostQuotas,
+    pub heartbeat_quota: HostQuotas,
+    /// Permits for [`MAX_CONCURRENT_VIEWS`].
+    views: tokio::sync::Semaphore,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -97,6 +114,9 @@ impl App {
             db_path: cfg.db_path.clone(),
             heartbeat_interval_secs: cfg.heartbeat_interval_secs,
             body_timeout: cfg.limits.body_timeout,
+            event_quota: HostQuotas::events(),
+            heartbeat_quota: HostQuotas::heartbeats(),
+            views: tokio::sync::Semaphore::new(MAX_CONCURRENT_VIEWS),
             readers: Mutex::new(Vec::new()),
         }
     }
@@ -361,6 +381,14 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
     }
 }
 
+/// 429 `quota_exceeded` with `Retry-After` (whole seconds, at least 1).
+fn over_quota(over: &OverQuota) -> Resp {
+    let mut resp = error(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", over.message.clone());
+    let secs = over.retry_after.as_secs().max(1);
+    resp.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
 /// Refuses an agent request for another host than the transport's identity.
 fn check_identity(peer: &PeerIdentity, hostname: &Hostname) -> Result<(), Resp> {
     match &peer.0 {
@@ -416,6 +444,10 @@ async fn events(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> 
     if let Err(resp) = check_identity(peer, &batch.hostname) {
         return resp;
     }
+    let n_events = u32::try_from(batch.events.len()).unwrap_or(u32::MAX);
+    if let Err(over) = app.event_quota.take(&batch.hostname, n_events, std::time::Instant::now()) {
+        return over_quota(&over);
+    }
     let EventBatch { hostname, events: items } = batch;
     match ask(app, |reply| Command::Ingest { hostname, items, reply }).await {
         Ok(results) => json(StatusCode::OK, &EventBatchResponse { results }),
@@ -447,8 +479,19 @@ async fn heartbeat(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) 
     if let Err(resp) = check_identity(peer, &heartbeat.hostname) {
         return resp;
     }
+    let hostname = heartbeat.hostname.clone();
+    if let Err(over) = app.heartbeat_quota.take(&hostname, 1, std::time::Instant::now()) {
+        return over_quota(&over);
+    }
     let replay_from: BTreeMap<RolloutId, u64> = match ask(app, |reply| Command::Heartbeat { heartbeat, reply }).await {
-        Ok(r) => r,
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_host",
+                format!("no published manifest names host {hostname}; nothing stored"),
+            )
+        }
         Err(resp) => return resp,
     };
     let header = (replay_from.len() == 1).then(|| replay_from.values().next().copied()).flatten();
@@ -489,31 +532,66 @@ async fn view(req: Request<Incoming>, app: &Arc<App>, which: View) -> Resp {
     }
     let now = app.clock.now();
     let stale_after_secs = app.heartbeat_interval_secs.saturating_mul(views::UNREACHABLE_AFTER_INTERVALS);
-    let after = query_param(&req, "after").map(str::parse::<i64>);
-    let limit = query_param(&req, "limit").map(str::parse::<usize>);
-    let (after, limit) = match (after, limit) {
-        (Some(Err(_)), _) | (_, Some(Err(_))) => {
-            return error(StatusCode::BAD_REQUEST, "bad_query", "after and limit must be whole numbers")
-        }
-        (a, l) => {
-            (a.and_then(Result::ok).unwrap_or(0), l.and_then(Result::ok).unwrap_or(1000).min(store::MAX_EVENTS_PAGE))
-        }
+    let bad_query = |what: &str| error(StatusCode::BAD_REQUEST, "bad_query", what.to_owned());
+    let limit = match query_param(&req, "limit").map(str::parse::<usize>) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => return bad_query("limit must be a whole number"),
+    };
+    let after_raw = query_param(&req, "after").map(percent_decode);
+    let (event_after, host_after) = match (&which, after_raw) {
+        (_, None) => (0, None),
+        (View::Events(_), Some(a)) => match a.parse::<i64>() {
+            Ok(n) => (n, None),
+            Err(_) => return bad_query("after must be a whole number (an event id)"),
+        },
+        (_, Some(a)) => match Hostname::parse(&a) {
+            Ok(h) => (0, Some(h)),
+            Err(e) => return bad_query(&format!("after must be a hostname: {e}")),
+        },
+    };
+    let event_limit = limit.unwrap_or(1000).min(store::MAX_EVENTS_PAGE);
+    let host_limit = limit.unwrap_or(views::MAX_VIEW_PAGE_HOSTS).clamp(1, views::MAX_VIEW_PAGE_HOSTS);
+    // At most MAX_CONCURRENT_VIEWS views are built at once; the rest wait.
+    let Ok(Ok(_permit)) = tokio::time::timeout(VIEW_QUEUE_TIMEOUT, app.views.acquire()).await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("{MAX_CONCURRENT_VIEWS} status views are being built; retry later"),
+        );
     };
     let result = app
         .read(move |conn, path| {
-            Ok(match which {
-                View::Status => Some(serde_json::to_value(views::status(conn, path, now, stale_after_secs)?)),
-                View::Rollouts => Some(serde_json::to_value(views::rollouts(conn, path)?)),
-                View::Hosts => Some(serde_json::to_value(views::hosts(conn, path, now, stale_after_secs)?)),
-                View::Rollout(id) => views::rollout(conn, path, &id, now)?.map(serde_json::to_value),
-                View::Events(id) => views::events(conn, path, &id, after, limit)?.map(serde_json::to_value),
-            })
+            let mut next_after = None;
+            let bytes = match which {
+                View::Status => Some(serde_json::to_vec(&views::status(conn, path, now, stale_after_secs)?)),
+                View::Rollouts => Some(serde_json::to_vec(&views::rollouts(conn, path)?)),
+                View::Hosts => {
+                    let (page, next) =
+                        views::hosts(conn, path, now, stale_after_secs, host_after.as_ref(), host_limit)?;
+                    next_after = next;
+                    Some(serde_json::to_vec(&page))
+                }
+                View::Rollout(id) => views::rollout(conn, path, &id, now, host_after.as_ref(), host_limit)?
+                    .map(|v| serde_json::to_vec(&v)),
+                View::Events(id) => {
+                    views::events(conn, path, &id, event_after, event_limit)?.map(|v| serde_json::to_vec(&v))
+                }
+            };
+            Ok((bytes, next_after))
         })
         .await;
     match result {
-        Ok(Some(Ok(value))) => json(StatusCode::OK, &value),
-        Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-        Ok(None) => error(StatusCode::NOT_FOUND, "unknown_rollout", "no such rollout"),
+        Ok((Some(Ok(bytes)), next_after)) => {
+            let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if let Some(next) = next_after.and_then(|h| HeaderValue::from_str(h.as_str()).ok()) {
+                resp.headers_mut().insert(NEXT_AFTER_HEADER, next);
+            }
+            with_protocol(resp)
+        }
+        Ok((Some(Err(e)), _)) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        Ok((None, _)) => error(StatusCode::NOT_FOUND, "unknown_rollout", "no such rollout"),
         Err(e) => store_unavailable(&e),
     }
 }

@@ -141,6 +141,8 @@ pub struct Cp {
     addr_file: PathBuf,
     /// A descriptor limit (`ulimit -n`) to start the process under.
     nofile: Option<u64>,
+    /// Extra environment variables of the process.
+    envs: Vec<(String, String)>,
 }
 
 impl Cp {
@@ -172,6 +174,7 @@ impl Cp {
             args,
             addr_file,
             nofile: None,
+            envs: Vec::new(),
         };
         cp.spawn();
         cp
@@ -182,6 +185,15 @@ impl Cp {
         let mut cp = Cp::start_with(dir, trust, extra);
         cp.kill9();
         cp.nofile = Some(nofile);
+        cp.restart();
+        cp
+    }
+
+    /// [`Cp::start_with`] with extra environment variables.
+    pub fn start_with_env(dir: &Path, trust: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Cp {
+        let mut cp = Cp::start_with(dir, trust, extra);
+        cp.kill9();
+        cp.envs = envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         cp.restart();
         cp
     }
@@ -204,6 +216,7 @@ impl Cp {
         };
         let child = command
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "nixfleet=debug")
             .stdout(Stdio::null())
             .stderr(log)

@@ -313,3 +313,273 @@ fn the_client_gives_up_on_silent_dribbling_and_oversized_answers() {
         server.abort();
     });
 }
+
+fn heartbeat_body(host: &str) -> Vec<u8> {
+    serde_json::json!({"hostname": host, "current_closure": closure("hb"), "uptime_secs": 1, "agent_version": "t"})
+        .to_string()
+        .into_bytes()
+}
+
+/// Only hosts named in a published manifest get records: a heartbeat for an
+/// invented hostname is answered 404 `unknown_host` and stores nothing; per
+/// host, heartbeats and events beyond the quota are answered 429
+/// `quota_exceeded` with Retry-After, another host is untouched.
+#[test]
+fn unknown_hosts_get_no_records_and_per_host_quotas_hold() {
+    use nixfleet::cp::quota::{EVENT_QUOTA_BURST, HEARTBEAT_QUOTA_BURST};
+    let (_dir, release, cp) = setup("ingest-quota");
+    rt().block_on(async {
+        let hb = "/v1/agent/heartbeat";
+        for host in ["invented-1", "invented-2"] {
+            let resp = client::request(&cp.url, Method::POST, hb, &[], Some(heartbeat_body(host))).await.expect("hb");
+            assert_eq!(resp.status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&resp.body));
+            assert!(matches!(resp.error(), client::ClientError::Status { code, .. } if code == "unknown_host"));
+        }
+        assert_eq!(count_rows(&cp, "hosts"), 0, "no record for invented hosts");
+        cp.publish(&release.sign(&two_waves("stable@r1", T0, 0))).await;
+        for i in 0..HEARTBEAT_QUOTA_BURST {
+            let resp =
+                client::request(&cp.url, Method::POST, hb, &[], Some(heartbeat_body("web-1"))).await.expect("hb");
+            assert_eq!(resp.status, StatusCode::OK, "heartbeat {i}: {}", String::from_utf8_lossy(&resp.body));
+        }
+        let resp = client::request(&cp.url, Method::POST, hb, &[], Some(heartbeat_body("web-1"))).await.expect("hb");
+        assert_eq!(resp.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(matches!(resp.error(), client::ClientError::Status { code, .. } if code == "quota_exceeded"));
+        assert!(resp.headers.get("retry-after").is_some(), "Retry-After is set");
+        let resp = client::request(&cp.url, Method::POST, hb, &[], Some(heartbeat_body("web-2"))).await.expect("hb");
+        assert_eq!(resp.status, StatusCode::OK, "another host is untouched");
+        assert_eq!(count_rows(&cp, "hosts"), 2);
+
+        // Events: batches of 256 for a rollout the CP does not know (answered
+        // `retry`, nothing stored) until the host's burst is spent.
+        let event = serde_json::json!({"seq": 1, "kind": "DispatchRejected", "target_closure": closure("x"),
+            "reason": "x", "rejected_at": T0});
+        let batch = serde_json::json!({"hostname": "web-3",
+            "events": vec![serde_json::json!({"rollout_id": "stable@nope", "event": event}); 256]})
+        .to_string()
+        .into_bytes();
+        let n_full = EVENT_QUOTA_BURST as usize / 256;
+        for i in 0..n_full {
+            let resp = client::request(&cp.url, Method::POST, "/v1/agent/events", &[], Some(batch.clone()))
+                .await
+                .expect("events");
+            assert_eq!(resp.status, StatusCode::OK, "batch {i}");
+        }
+        let resp = client::request(&cp.url, Method::POST, "/v1/agent/events", &[], Some(batch)).await.expect("events");
+        assert_eq!(resp.status, StatusCode::TOO_MANY_REQUESTS, "{}", String::from_utf8_lossy(&resp.body));
+        assert!(matches!(resp.error(), client::ClientError::Status { code, .. } if code == "quota_exceeded"));
+    });
+    assert_eq!(count_rows(&cp, "event_log"), 0);
+}
+
+/// Every row of every table, as text: equal before and after means the
+/// database is unchanged.
+fn db_dump(cp: &Cp) -> String {
+    let conn = rusqlite::Connection::open(&cp.db).expect("open db");
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .expect("tables")
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("names");
+    let mut out = String::new();
+    for table in tables {
+        let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY 1")).expect("select");
+        let n = stmt.column_count();
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((0..n)
+                    .map(|i| format!("{:?}", r.get_ref(i).map(|v| format!("{v:?}"))))
+                    .collect::<Vec<_>>()
+                    .join("|"))
+            })
+            .expect("rows");
+        for row in rows {
+            out.push_str(&format!("{table}: {}\n", row.expect("row")));
+        }
+    }
+    out
+}
+
+/// Hostile JSON on every endpoint that reads a body (events, heartbeat,
+/// publish: the envelope and a signed manifest): nesting far beyond any
+/// real document, numbers beyond u64 and beyond f64, invalid UTF-8, and
+/// duplicate keys are answered 4xx with the JSON error shape, and the
+/// database is byte-for-byte unchanged.
+#[test]
+fn hostile_json_is_refused_everywhere_and_the_database_is_unchanged() {
+    let (_dir, release, cp) = setup("hostile-json");
+    rt().block_on(async {
+        cp.publish(&release.sign(&two_waves("stable@r1", T0, 0))).await;
+        let before = db_dump(&cp);
+        let deep = |open: &str, close: &str| format!("{}{}", open.repeat(100_000), close.repeat(100_000));
+        let good_event = serde_json::json!({"seq": 1, "kind": "DispatchRejected", "target_closure": closure("web-1-new"),
+            "reason": "x", "rejected_at": T0});
+        let batch_with = |event: &str| {
+            format!(r#"{{"hostname":"web-1","events":[{{"rollout_id":"stable@r1","event":{event}}}]}}"#)
+        };
+        let mut invalid_utf8 = batch_with(&good_event.to_string()).into_bytes();
+        let at = invalid_utf8.windows(3).position(|w| w == b"\"x\"").expect("reason") + 1;
+        invalid_utf8.splice(at..at + 1, [0xff, 0xfe]);
+        let events_cases: Vec<(&str, Vec<u8>)> = vec![
+            ("deep arrays", deep("[", "]").into_bytes()),
+            ("deep objects", deep(r#"{"a":"#, "}").into_bytes()),
+            ("deep inside an event", batch_with(&deep("[", "]")).into_bytes()),
+            ("seq beyond u64", batch_with(&good_event.to_string().replace(r#""seq":1"#, r#""seq":18446744073709551616"#)).into_bytes()),
+            ("seq as a huge float", batch_with(&good_event.to_string().replace(r#""seq":1"#, r#""seq":1e400"#)).into_bytes()),
+            ("seq negative", batch_with(&good_event.to_string().replace(r#""seq":1"#, r#""seq":-1"#)).into_bytes()),
+            ("invalid UTF-8", invalid_utf8),
+            ("duplicate hostname", br#"{"hostname":"web-1","hostname":"web-2","events":[]}"#.to_vec()),
+            ("duplicate seq", batch_with(&good_event.to_string().replace(r#""seq":1"#, r#""seq":1,"seq":2"#)).into_bytes()),
+            ("trailing garbage", format!("{} x", batch_with(&good_event.to_string())).into_bytes()),
+        ];
+        for (name, body) in events_cases {
+            assert_refused(&cp, "/v1/agent/events", name, body).await;
+        }
+        let hb = String::from_utf8(heartbeat_body("web-1")).expect("utf8");
+        let hb_cases: Vec<(&str, Vec<u8>)> = vec![
+            ("deep", deep("[", "]").into_bytes()),
+            ("uptime beyond u64", hb.replace(r#""uptime_secs":1"#, r#""uptime_secs":99999999999999999999999"#).into_bytes()),
+            ("duplicate hostname", hb.replacen(r#""hostname":"web-1""#, r#""hostname":"web-1","hostname":"web-9""#, 1).into_bytes()),
+            ("invalid UTF-8", hb.replace("\"t\"", "\"\u{fffd}\"").replace('\u{fffd}', "\u{1}").into_bytes().into_iter().map(|b| if b == 1 { 0xff } else { b }).collect()),
+            ("huge last_seq", hb.replacen('{', r#"{"last_seq":{"stable@r1":1e999},"#, 1).into_bytes()),
+        ];
+        for (name, body) in hb_cases {
+            assert_refused(&cp, "/v1/agent/heartbeat", name, body).await;
+        }
+        let manifest = two_waves("stable@r2", T1, 0);
+        let publish_cases: Vec<(&str, Vec<u8>)> = vec![
+            ("deep envelope", deep("[", "]").into_bytes()),
+            ("envelope with duplicate payload", br#"{"payload":"e30=","payload":"e30=","payloadType":"x","signatures":[]}"#.to_vec()),
+            ("envelope invalid UTF-8", b"{\"payload\":\"\xff\"}".to_vec()),
+            ("signed deep manifest", release.sign(&deep("[", "]"))),
+            ("signed manifest with duplicate keys", release.sign(&manifest.replacen('{', r#"{"schema":1,"#, 1))),
+            ("signed manifest with a huge number", release.sign(&manifest.replace(r#""max_failed_hosts":0"#, r#""max_failed_hosts":1e400"#))),
+        ];
+        for (name, body) in publish_cases {
+            assert_refused(&cp, "/v1/rollouts", name, body).await;
+        }
+        assert_eq!(db_dump(&cp), before, "the database changed");
+    });
+}
+
+async fn assert_refused(cp: &Cp, path: &str, name: &str, body: Vec<u8>) {
+    let resp = client::request(&cp.url, Method::POST, path, &[], Some(body)).await.expect(name);
+    let text = String::from_utf8_lossy(&resp.body).into_owned();
+    assert!(resp.status.is_client_error(), "{name}: {} {text}", resp.status);
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{name}: not JSON: {text}"));
+    assert!(json["error"].is_string() && !json["message"].as_str().unwrap_or("").is_empty(), "{name}: {text}");
+}
+
+fn vm_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in {status}"))
+}
+
+fn big_manifest(id: &str, n: usize) -> String {
+    let names: Vec<String> = (0..n).map(|i| format!("h{i:06}")).collect();
+    let hosts: Vec<(&str, usize, &str)> = names.iter().map(|h| (h.as_str(), 0, "big")).collect();
+    manifest(id, T0, 0, &[("all", 0, 10)], &hosts)
+}
+
+/// Views come in pages: `GET /v1/rollouts/{id}` and `GET /v1/hosts` of a
+/// 2,500-host rollout give 1,000 hosts per page with the next page's
+/// `after`, and `cp status --rollout` / `--hosts` follow the pages to all
+/// 2,500 hosts.
+#[test]
+fn rollout_and_host_views_are_paged_and_cp_status_follows_the_pages() {
+    let (_dir, release, cp) = setup("paged-views");
+    let n = 2500;
+    rt().block_on(async {
+        let resp = cp.publish(&release.sign(&big_manifest("big@r1", n))).await;
+        assert_eq!(resp.status, StatusCode::CREATED);
+        let first = cp.get_json("/v1/rollouts/big@r1").await;
+        let on_page: usize =
+            first["waves"].as_array().expect("waves").iter().map(|w| w["hosts"].as_array().expect("hosts").len()).sum();
+        assert_eq!(on_page, nixfleet::cp::views::MAX_VIEW_PAGE_HOSTS);
+        assert_eq!(first["n_hosts"], n);
+        assert_eq!(first["hosts_by_state"]["Pending"], n, "counts cover every host, not the page");
+        assert_eq!(first["next_after"], "h000999");
+        let last = cp.get_json("/v1/rollouts/big@r1?after=h001999").await;
+        assert!(last.get("next_after").is_none(), "{}", last["next_after"]);
+        let hosts = cp.get("/v1/hosts?limit=10").await;
+        assert_eq!(serde_json::from_slice::<Vec<serde_json::Value>>(&hosts.body).expect("array").len(), 10);
+        assert_eq!(hosts.headers.get("x-nixfleet-next-after").and_then(|v| v.to_str().ok()), Some("h000009"));
+    });
+    let url = format!("http://{}", cp.url.authority());
+    let run = |args: &[&str]| std::process::Command::new(crate::harness::bin()).args(args).output().expect("run");
+    let out = run(&["cp", "status", "--cp", &url, "--rollout", "big@r1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let detail: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let all: Vec<&str> = detail["waves"][0]["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| h["hostname"].as_str().expect("name"))
+        .collect();
+    assert_eq!(all.len(), n);
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "hostname order across pages");
+    let out = run(&["cp", "status", "--cp", &url, "--hosts", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout).expect("JSON").len(), n);
+}
+
+/// Peak RSS (VmHWM, reset through /proc/PID/clear_refs) above the current
+/// RSS while `paths` are asked at once, in MiB.
+async fn view_peak_mib(cp: &Cp, paths: &[String]) -> u64 {
+    std::fs::write(format!("/proc/{}/clear_refs", cp.pid()), "5").expect("reset the peak RSS");
+    let base = vm_kib(cp.pid(), "VmRSS:");
+    let mut tasks = Vec::new();
+    for path in paths {
+        let (url, path) = (cp.url.clone(), path.clone());
+        tasks.push(tokio::spawn(async move { client::request(&url, Method::GET, &path, &[], None).await }));
+    }
+    for task in tasks {
+        let resp = task.await.expect("join").expect("view");
+        assert_eq!(resp.status, StatusCode::OK, "{}", String::from_utf8_lossy(&resp.body));
+    }
+    vm_kib(cp.pid(), "VmHWM:").saturating_sub(base) / 1024
+}
+
+/// The memory of views of a 100,000-host rollout: one page of the rollout
+/// view costs the parsed manifest and one page (tens of MB; the whole view
+/// used to cost ~250 MB per request), and 8 views asked at once cost at
+/// most `MAX_CONCURRENT_VIEWS` of them, because only that many are built at
+/// a time (40 parallel requests used to peak at 11 GB).
+#[test]
+fn views_of_a_100k_host_rollout_cost_tens_of_mb() {
+    use nixfleet::cp::routes::MAX_CONCURRENT_VIEWS;
+    let dir = TempDir::new("view-memory");
+    let release = Release::new(dir.path(), "release");
+    // glibc returns freed memory to the system at once (large blocks are
+    // mapped, the heap top is trimmed), so RSS follows live memory and a
+    // view's peak is not hidden in memory freed by the one before.
+    let malloc = [("MALLOC_MMAP_THRESHOLD_", "65536"), ("MALLOC_TRIM_THRESHOLD_", "0"), ("MALLOC_ARENA_MAX", "2")];
+    let cp = Cp::start_with_env(dir.path(), &release.pub_path, &[], &malloc);
+    let envelope = release.sign(&big_manifest("huge@r1", 100_000));
+    rt().block_on(async {
+        let resp = cp.publish(&envelope).await;
+        assert_eq!(resp.status, StatusCode::CREATED, "{}", String::from_utf8_lossy(&resp.body));
+        // One view first, so lazily built caches are not counted as views.
+        assert_eq!(cp.get("/v1/rollouts/huge@r1").await.status, StatusCode::OK);
+        let one = view_peak_mib(&cp, &["/v1/rollouts/huge@r1?after=h050000".to_owned()]).await;
+        let hosts = view_peak_mib(&cp, &["/v1/hosts?after=h050000".to_owned()]).await;
+        let started = Instant::now();
+        let mut paths: Vec<String> = (0..5).map(|i| format!("/v1/rollouts/huge@r1?after=h{:06}", i * 10_000)).collect();
+        paths.extend(["/v1/hosts".to_owned(), "/v1/hosts?after=h090000".to_owned(), "/v1/status".to_owned()]);
+        let eight = view_peak_mib(&cp, &paths).await;
+        println!(
+            "views of a 100,000-host rollout (debug build): one rollout page +{one} MiB, one hosts page +{hosts} MiB, 8 at once +{eight} MiB peak RSS, answered in {:?}",
+            started.elapsed()
+        );
+        assert!(one < 80, "one rollout page cost {one} MiB");
+        assert!(hosts < 80, "one hosts page cost {hosts} MiB");
+        assert!(eight < 80 * MAX_CONCURRENT_VIEWS as u64, "8 views cost {eight} MiB");
+    });
+}

@@ -583,3 +583,18 @@ fn views_of_a_100k_host_rollout_cost_tens_of_mb() {
         assert!(eight < 80 * MAX_CONCURRENT_VIEWS as u64, "8 views cost {eight} MiB");
     });
 }
+
+/// Publish takes at most `MAX_ENVELOPE_BYTES`: one byte more is answered 413
+/// `body_too_large` (declared or streamed), nothing stored.
+#[test]
+fn a_publish_body_beyond_the_envelope_bound_is_refused() {
+    use nixfleet::cp::routes::MAX_ENVELOPE_BYTES;
+    let (_dir, _release, cp) = setup("publish-bound");
+    rt().block_on(async {
+        let body = vec![b' '; MAX_ENVELOPE_BYTES + 1];
+        let resp = client::request(&cp.url, Method::POST, "/v1/rollouts", &[], Some(body)).await.expect("publish");
+        assert_eq!(resp.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(matches!(resp.error(), client::ClientError::Status { code, .. } if code == "body_too_large"));
+    });
+    assert_eq!(count_rows(&cp, "rollouts"), 0);
+}

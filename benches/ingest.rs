@@ -148,6 +148,8 @@ async fn cp_run(dir: &std::path::Path, bodies: &[Vec<Vec<u8>>]) -> f64 {
         trust_keys: vec![key.public_key()],
         heartbeat_interval_secs: 60,
         grace: Duration::from_secs(5),
+        // Every simulated agent connects from 127.0.0.1.
+        limits: cp::ServeLimits { max_connections_per_address: usize::MAX, ..cp::ServeLimits::default() },
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(cp::serve(listener, PlainAcceptor, cfg, ClockHandle::system(), async {

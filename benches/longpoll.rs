@@ -224,7 +224,8 @@ async fn run(dir: &std::path::Path, idx: usize, fleet: Option<&Fleet>) -> Run {
     let key = sign::SigningKey::load(&key_path).expect("key");
     let addr_file = run_dir.join("addr");
     let child = Command::new(env!("CARGO_BIN_EXE_nixfleet"))
-        .args(["cp", "serve", "--listen", "127.0.0.1:0", "--trust-key"])
+        // Every parked long-poll comes from 127.0.0.1.
+        .args(["cp", "serve", "--listen", "127.0.0.1:0", "--max-connections-per-address", "1000000", "--trust-key"])
         .arg(&pub_path)
         .arg("--db")
         .arg(run_dir.join("cp.db"))

@@ -319,6 +319,19 @@ pub struct CpServeArgs {
         value_parser = parse_secs,
     )]
     pub heartbeat_interval_secs: u64,
+    /// A request head must arrive within this; also the idle keep-alive timeout.
+    #[arg(long, default_value = "15s", value_name = "DURATION", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// A request body must arrive whole within this (408 after it).
+    #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+    /// Connections held at once (lowered to fit the descriptor limit).
+    #[arg(long, default_value_t = crate::cp::server::MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Connections held at once from one client address (raise it when a
+    /// NAT puts many agents behind one address).
+    #[arg(long, default_value_t = crate::cp::conn::MAX_CONNECTIONS_PER_ADDRESS)]
+    pub max_connections_per_address: usize,
 }
 
 /// How an operator command reaches the control plane: its URL and, for
@@ -585,6 +598,17 @@ mod tests {
             Command::Cp(CpCommand::Serve(a)) => Ok(a.heartbeat_interval_secs),
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn cp_serve_limit_flags_default_to_the_named_constants() {
+        let args = ["cp", "serve", "--db", "cp.db", "--trust-key", "release.pub"];
+        let Command::Cp(CpCommand::Serve(a)) = parse(&args).expect("parses").command else { panic!("not cp serve") };
+        let defaults = crate::cp::ServeLimits::default();
+        assert_eq!(a.header_timeout, defaults.header_timeout);
+        assert_eq!(a.body_timeout, defaults.body_timeout);
+        assert_eq!(a.max_connections, defaults.max_connections);
+        assert_eq!(a.max_connections_per_address, defaults.max_connections_per_address);
     }
 
     fn longpoll_wait_secs(extra: &[&str]) -> Result<u64, clap::Error> {

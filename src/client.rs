@@ -22,13 +22,106 @@ use crate::wire::{ErrorBody, MAX_LONGPOLL_WAIT_SECS, PROTOCOL_HEADER, PROTOCOL_V
 
 /// Connecting longer than this means the CP is down or unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A whole request, including the longest long-poll the CP holds.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(MAX_LONGPOLL_WAIT_SECS + 30);
 /// After a failed request, how long the connection may take to report its
 /// own error (it has failed already; this only orders the two tasks).
 const CONNECTION_ERROR_WAIT: Duration = Duration::from_millis(100);
-/// Answers above this are refused (status views of a 100k-host fleet fit).
-pub const MAX_RESPONSE_BYTES: usize = 256 * 1024 * 1024;
+/// A long-poll's deadline is its wait plus this: the CP answers at the end
+/// of the wait, so a connection silent for longer was dropped on the way
+/// (a NAT losing its mapping sends neither FIN nor RST) and the agent
+/// reconnects at once instead of after a fixed 90 s.
+pub const LONGPOLL_DEADLINE_MARGIN: Duration = Duration::from_secs(5);
+/// Events, heartbeats and a manifest fetch: the CP answers after one group
+/// commit (well under a second); a slower answer is a sick connection and
+/// the agent's retry is cheaper than waiting.
+pub const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Operator calls (publish verifies and plans a manifest of up to 100,000
+/// hosts; a status page reads the database).
+pub const OPERATOR_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Answers above this are refused: the largest answer is a manifest
+/// envelope (the CP's publish bound, 16 MiB); status views come in pages.
+pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
+/// TCP keepalive on every connection to the CP: a CP that vanished without
+/// a FIN or RST is noticed by the kernel, not only by the deadline.
+pub const TCP_KEEPALIVE: Keepalive =
+    Keepalive { idle: Duration::from_secs(15), interval: Duration::from_secs(5), probes: 3 };
+
+/// TCP keepalive timings: the first probe after `idle` without traffic,
+/// then one every `interval`; `probes` unanswered ones end the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub probes: u32,
+}
+
+impl Keepalive {
+    pub fn apply(&self, socket: &TcpStream) -> std::io::Result<()> {
+        use rustix::net::sockopt;
+        sockopt::set_socket_keepalive(socket, true)?;
+        sockopt::set_tcp_keepidle(socket, self.idle)?;
+        sockopt::set_tcp_keepintvl(socket, self.interval)?;
+        sockopt::set_tcp_keepcnt(socket, self.probes)?;
+        Ok(())
+    }
+}
+
+/// The deadline of a request by what it is: a long-poll waits its `wait`
+/// (clamped like the CP clamps it) plus [`LONGPOLL_DEADLINE_MARGIN`]; the
+/// other agent calls [`AGENT_CALL_TIMEOUT`]; everything else (operator
+/// calls) [`OPERATOR_CALL_TIMEOUT`].
+pub fn deadline_for(path_and_query: &str) -> Duration {
+    let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
+    if path == "/v1/agent/dispatch" {
+        let wait = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("wait="))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(MAX_LONGPOLL_WAIT_SECS)
+            .min(MAX_LONGPOLL_WAIT_SECS);
+        return Duration::from_secs(wait) + LONGPOLL_DEADLINE_MARGIN;
+    }
+    if path.starts_with("/v1/agent/") || path.ends_with("/manifest") {
+        return AGENT_CALL_TIMEOUT;
+    }
+    OPERATOR_CALL_TIMEOUT
+}
+
+/// Why a body could not be collected.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error(transparent)]
+    Read(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Collects a body of at most `limit` bytes by COPYING each chunk into one
+/// buffer: a chunk handed out by hyper pins its whole read buffer (kilobytes
+/// for a one-byte chunk), so keeping the chunks, as `collect` does, let a
+/// body dribbled one byte at a time cost about 4 KB per byte. `expected`
+/// (a declared length) beyond `limit` is refused before reading.
+pub async fn collect_bounded<B>(body: B, limit: usize, expected: usize) -> Result<Vec<u8>, BodyError>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if expected > limit {
+        return Err(BodyError::TooLarge { limit });
+    }
+    let mut body = body;
+    // A declared length is the peer's word: room for at most 1 MiB up front.
+    let mut out = Vec::with_capacity(expected.min(1024 * 1024));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyError::Read(e.into()))?;
+        if let Ok(data) = frame.into_data() {
+            if out.len().saturating_add(data.len()) > limit {
+                return Err(BodyError::TooLarge { limit });
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -188,6 +281,9 @@ async fn connect(url: &CpUrl) -> Result<Box<dyn Io>, ClientError> {
             .await
             .map_err(|source| ClientError::Connect { authority: authority.clone(), source })?;
         let _ = stream.set_nodelay(true);
+        if let Err(e) = TCP_KEEPALIVE.apply(&stream) {
+            tracing::debug!(error = %e, "cannot set TCP keepalive");
+        }
         match (&url.tls, url.https) {
             (None, false) => Ok(Box::new(stream) as Box<dyn Io>),
             (Some(tls), true) => {
@@ -255,7 +351,8 @@ fn http_error(authority: &str, source: hyper::Error) -> ClientError {
 
 /// One request with `X-Nixfleet-Protocol: 1` unless `headers` sets it; a
 /// header given with an empty value is left out (tests use that to send a
-/// request without the protocol header).
+/// request without the protocol header). The deadline follows the request
+/// ([`deadline_for`]).
 pub async fn request(
     url: &CpUrl,
     method: Method,
@@ -263,11 +360,27 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
 ) -> Result<HttpResponse, ClientError> {
+    let deadline = deadline_for(path_and_query);
+    request_with(url, method, path_and_query, headers, body, deadline).await
+}
+
+/// [`request`] with an explicit deadline for the whole exchange after the
+/// connection is made: sending, waiting, and reading the answer to its end
+/// (a server dribbling its answer cannot hold the caller longer).
+pub async fn request_with(
+    url: &CpUrl,
+    method: Method,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+    deadline: Duration,
+) -> Result<HttpResponse, ClientError> {
     let authority = url.authority.clone();
     let timeout = || ClientError::Timeout { authority: authority.clone() };
     let stream = connect(url).await?;
     let http = |source| http_error(&authority, source);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
+    let handshake = hyper::client::conn::http1::handshake(TokioIo::new(stream));
+    let (mut sender, conn) = tokio::time::timeout(deadline, handshake).await.map_err(|_| timeout())?.map_err(http)?;
     let mut driver = tokio::spawn(conn);
 
     let mut builder = Request::builder().method(method).uri(path_and_query).header(HOST, &authority);
@@ -288,13 +401,20 @@ pub async fn request(
     let work = async {
         let resp = sender.send_request(req).await.map_err(http)?;
         let (parts, body) = resp.into_parts();
-        let body = http_body_util::Limited::new(body, MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|source| ClientError::Body { authority: authority.clone(), status: parts.status, source })?;
-        Ok(HttpResponse { status: parts.status, headers: parts.headers, body: body.to_bytes() })
+        let declared = parts
+            .headers
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        let body = collect_bounded(body, MAX_RESPONSE_BYTES, declared).await.map_err(|e| ClientError::Body {
+            authority: authority.clone(),
+            status: parts.status,
+            source: Box::new(e),
+        })?;
+        Ok(HttpResponse { status: parts.status, headers: parts.headers, body: Bytes::from(body) })
     };
-    let mut result = tokio::time::timeout(REQUEST_TIMEOUT, work).await.map_err(|_| timeout());
+    let mut result = tokio::time::timeout(deadline, work).await.map_err(|_| timeout());
     drop(sender);
     let mut driver_done = false;
     if let Ok(Err(ClientError::Http { .. })) = &result {
@@ -314,4 +434,31 @@ pub async fn request(
         let _ = driver.await;
     }
     result?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_follow_the_request() {
+        let margin = LONGPOLL_DEADLINE_MARGIN;
+        assert_eq!(deadline_for("/v1/agent/dispatch?hostname=web-1&wait=20"), Duration::from_secs(20) + margin);
+        assert_eq!(deadline_for("/v1/agent/dispatch?wait=0&hostname=web-1"), margin);
+        let longest = Duration::from_secs(MAX_LONGPOLL_WAIT_SECS) + margin;
+        assert_eq!(deadline_for("/v1/agent/dispatch?hostname=web-1&wait=99999"), longest, "clamped like the CP");
+        assert_eq!(deadline_for("/v1/agent/dispatch?hostname=web-1"), longest);
+        assert_eq!(deadline_for("/v1/agent/events"), AGENT_CALL_TIMEOUT);
+        assert_eq!(deadline_for("/v1/agent/heartbeat"), AGENT_CALL_TIMEOUT);
+        assert_eq!(deadline_for("/v1/rollouts/stable@r1/manifest"), AGENT_CALL_TIMEOUT);
+        assert_eq!(deadline_for("/v1/rollouts"), OPERATOR_CALL_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn a_body_beyond_the_bound_is_refused_and_chunks_are_copied() {
+        let body = Full::new(Bytes::from(vec![7u8; 10]));
+        assert_eq!(collect_bounded(body, 10, 10).await.expect("fits"), vec![7u8; 10]);
+        let body = Full::new(Bytes::from(vec![7u8; 11]));
+        assert!(matches!(collect_bounded(body, 10, 0).await, Err(BodyError::TooLarge { limit: 10 })));
+    }
 }

@@ -46,9 +46,9 @@ fn operator_name(peer: &PeerIdentity) -> String {
     }
 }
 
-async fn action_body(req: Request<Incoming>) -> Result<ActionBody, Resp> {
+async fn action_body(req: Request<Incoming>, app: &App) -> Result<ActionBody, Resp> {
     check_protocol(&req, true)?;
-    let bytes = body(req).await?;
+    let bytes = body(req, app).await?;
     let parsed: ActionBody = serde_json::from_slice(&bytes)
         .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_action", format!("the action's body: {e}")))?;
     store::check_reason(&parsed.reason).map_err(|m| error(StatusCode::BAD_REQUEST, "bad_reason", m))?;
@@ -67,7 +67,7 @@ pub(super) async fn on_rollout(
         Ok(id) => id,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_rollout_id", e.to_string()),
     };
-    let parsed = match action_body(req).await {
+    let parsed = match action_body(req, app).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -85,7 +85,7 @@ pub(super) async fn unquarantine(req: Request<Incoming>, app: &Arc<App>, peer: &
     if let Err(e) = RolloutId::parse(&format!("{channel}@x")) {
         return error(StatusCode::BAD_REQUEST, "bad_channel", format!("channel {channel:?}: {e}"));
     }
-    let parsed = match action_body(req).await {
+    let parsed = match action_body(req, app).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -137,7 +137,7 @@ pub(super) async fn dry_run(req: Request<Incoming>, app: &Arc<App>) -> Resp {
     if let Err(resp) = check_protocol(&req, true) {
         return resp;
     }
-    let bytes = match body_limited(req, MAX_ENVELOPE_BYTES).await {
+    let bytes = match body_limited(req, MAX_ENVELOPE_BYTES, app.body_timeout).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };

@@ -18,7 +18,7 @@ use super::store::Drift;
 use super::transport::TlsAcceptor;
 use super::views::{HostView, Liveness, RolloutDetail, RolloutSummary, StatusView};
 use crate::cli::{CpCommand, CpPublishArgs, CpServeArgs, CpStatusArgs};
-use crate::client::{self, ClientError};
+use crate::client::{self, ClientError, CpUrl};
 use crate::clock::ClockHandle;
 use crate::output::print_stdout;
 use crate::sdnotify::Notifier;
@@ -122,6 +122,12 @@ async fn serve_cmd(args: CpServeArgs, notifier: Notifier) -> Result<(), CpError>
         trust_keys,
         heartbeat_interval_secs: args.heartbeat_interval_secs,
         grace: SHUTDOWN_GRACE,
+        limits: super::ServeLimits {
+            header_timeout: args.header_timeout,
+            body_timeout: args.body_timeout,
+            max_connections: args.max_connections,
+            max_connections_per_address: args.max_connections_per_address,
+        },
     };
     let served = match tls {
         Some(tls) => {
@@ -176,18 +182,66 @@ async fn status_cmd(args: CpStatusArgs) -> Result<(), CpError> {
         (None, true) => "/v1/hosts".to_owned(),
         (None, false) => "/v1/status".to_owned(),
     };
-    let resp = client::request(&url, Method::GET, &path, &[], None).await?;
-    let text = if args.json {
-        let value: serde_json::Value = resp.json()?;
-        format!("{}\n", serde_json::to_string_pretty(&value).unwrap_or_default())
-    } else if args.rollout.is_some() {
-        render_rollout(&resp.json()?)
-    } else if args.hosts {
-        render_hosts(&resp.json::<Vec<HostView>>()?)
-    } else {
-        render_status(&resp.json()?)
+    let text = match (&args.rollout, args.hosts) {
+        (Some(_), _) => {
+            let detail = rollout_all_pages(&url, &path).await?;
+            if args.json {
+                pretty(&detail)
+            } else {
+                render_rollout(&detail)
+            }
+        }
+        (None, true) => {
+            let hosts = hosts_all_pages(&url).await?;
+            if args.json {
+                pretty(&hosts)
+            } else {
+                render_hosts(&hosts)
+            }
+        }
+        (None, false) => {
+            let resp = client::request(&url, Method::GET, &path, &[], None).await?;
+            if args.json {
+                pretty(&resp.json::<serde_json::Value>()?)
+            } else {
+                render_status(&resp.json()?)
+            }
+        }
     };
     print_stdout(&text).map_err(CpError::Stdout)
+}
+
+fn pretty<T: serde::Serialize>(value: &T) -> String {
+    format!("{}\n", serde_json::to_string_pretty(value).unwrap_or_default())
+}
+
+/// `GET /v1/rollouts/{id}` page after page (`next_after`), the pages' hosts
+/// merged into the first page's waves.
+async fn rollout_all_pages(url: &CpUrl, path: &str) -> Result<RolloutDetail, CpError> {
+    let mut detail: RolloutDetail = client::request(url, Method::GET, path, &[], None).await?.json()?;
+    while let Some(after) = detail.next_after.take() {
+        let page_path = format!("{path}?after={after}");
+        let page: RolloutDetail = client::request(url, Method::GET, &page_path, &[], None).await?.json()?;
+        for (wave, more) in detail.waves.iter_mut().zip(page.waves) {
+            wave.hosts.extend(more.hosts);
+        }
+        detail.next_after = page.next_after;
+    }
+    Ok(detail)
+}
+
+/// `GET /v1/hosts` page after page (the `X-Nixfleet-Next-After` header).
+async fn hosts_all_pages(url: &CpUrl) -> Result<Vec<HostView>, CpError> {
+    let mut hosts = Vec::new();
+    let mut path = "/v1/hosts".to_owned();
+    loop {
+        let resp = client::request(url, Method::GET, &path, &[], None).await?;
+        hosts.extend(resp.json::<Vec<HostView>>()?);
+        match resp.headers.get(super::routes::NEXT_AFTER_HEADER).and_then(|v| v.to_str().ok()) {
+            Some(after) => path = format!("/v1/hosts?after={after}"),
+            None => return Ok(hosts),
+        }
+    }
 }
 
 fn render_rollouts(out: &mut String, rollouts: &[RolloutSummary]) {

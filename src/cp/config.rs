@@ -15,4 +15,36 @@ pub struct ServeConfig {
     pub heartbeat_interval_secs: u64,
     /// How long in-flight requests may take to finish after a shutdown.
     pub grace: Duration,
+    /// Time and connection limits of the HTTP server.
+    pub limits: ServeLimits,
+}
+
+/// The HTTP server's time and connection limits (`cp serve` flags; the
+/// defaults and their reasons are the constants they name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeLimits {
+    /// A request head must arrive within this; hyper restarts the same
+    /// timer when a kept-alive connection goes idle, so it is also the idle
+    /// keep-alive timeout ([`super::server::HEADER_READ_TIMEOUT`]).
+    pub header_timeout: Duration,
+    /// A request body must arrive whole within this
+    /// ([`super::routes::BODY_READ_TIMEOUT`]).
+    pub body_timeout: Duration,
+    /// Connections held at once, before the descriptor limit lowers it
+    /// ([`super::server::MAX_CONNECTIONS`]).
+    pub max_connections: usize,
+    /// Connections held at once from one client address
+    /// ([`super::conn::MAX_CONNECTIONS_PER_ADDRESS`]).
+    pub max_connections_per_address: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> ServeLimits {
+        ServeLimits {
+            header_timeout: super::server::HEADER_READ_TIMEOUT,
+            body_timeout: super::routes::BODY_READ_TIMEOUT,
+            max_connections: super::server::MAX_CONNECTIONS,
+            max_connections_per_address: super::conn::MAX_CONNECTIONS_PER_ADDRESS,
+        }
+    }
 }

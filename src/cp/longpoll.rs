@@ -22,6 +22,10 @@ use crate::wire::Dispatch;
 struct Slot {
     dispatches: BTreeMap<RolloutId, Dispatch>,
     notify: Arc<Notify>,
+    /// Counts the long-polls of this host; only the newest one may wait
+    /// (one outstanding long-poll per host), an older one sees a higher
+    /// number when woken and ends as [`PollOutcome::Replaced`].
+    newest_poll: u64,
 }
 
 /// Standing dispatches by host. A slot exists while the host has a dispatch
@@ -50,6 +54,10 @@ pub enum PollOutcome {
     Dispatch(Dispatch),
     /// Nothing within the wait, or the server is shutting down.
     NoWork,
+    /// A newer long-poll of the same host arrived: one host holds one
+    /// parked request (the older one's client is most likely gone, e.g. a
+    /// connection a NAT dropped silently), so a host cannot pin connections.
+    Replaced,
 }
 
 impl Board {
@@ -110,13 +118,26 @@ impl Board {
     }
 
     /// Waits up to `wait` for a dispatch for `host`. Returns at once if one
-    /// stands; a shutdown (the watch turning true) ends the wait with no work.
+    /// stands; a shutdown (the watch turning true) ends the wait with no
+    /// work; a newer poll of the same host ends it as
+    /// [`PollOutcome::Replaced`] at once.
     pub async fn poll(&self, host: &Hostname, wait: Duration, mut shutdown: watch::Receiver<bool>) -> PollOutcome {
         let deadline = tokio::time::Instant::now() + wait;
+        let me = {
+            let mut slots = self.lock();
+            let slot = slots.entry(host.clone()).or_default();
+            slot.newest_poll += 1;
+            // Wakes the older poll (if parked); it sees it was replaced.
+            slot.notify.notify_waiters();
+            slot.newest_poll
+        };
         loop {
             let notified = {
                 let mut slots = self.lock();
                 let slot = slots.entry(host.clone()).or_default();
+                if slot.newest_poll != me {
+                    return PollOutcome::Replaced;
+                }
                 if let Some(d) = slot.dispatches.values().min_by_key(|d| d.issued_at) {
                     return PollOutcome::Dispatch(d.clone());
                 }
@@ -152,5 +173,44 @@ impl Board {
                 slots.remove(host);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str) -> Hostname {
+        Hostname::parse(name).expect("hostname")
+    }
+
+    /// One outstanding long-poll per host: a second poll of web-1 ends the
+    /// first at once (Replaced), long before its wait; another host's poll
+    /// is untouched; the newer poll keeps waiting.
+    #[tokio::test]
+    async fn a_newer_long_poll_of_the_same_host_replaces_the_older_at_once() {
+        let board = Arc::new(Board::default());
+        let (_stop_tx, stop) = watch::channel(false);
+        let wait = Duration::from_secs(30);
+        let first = tokio::spawn({
+            let (board, stop) = (Arc::clone(&board), stop.clone());
+            async move { board.poll(&host("web-1"), wait, stop).await }
+        });
+        let other = tokio::spawn({
+            let (board, stop) = (Arc::clone(&board), stop.clone());
+            async move { board.poll(&host("web-2"), wait, stop).await }
+        });
+        while board.n_parked() < 2 {
+            tokio::task::yield_now().await;
+        }
+        let second = tokio::spawn({
+            let (board, stop) = (Arc::clone(&board), stop.clone());
+            async move { board.poll(&host("web-1"), Duration::from_millis(300), stop).await }
+        });
+        let replaced = tokio::time::timeout(Duration::from_secs(5), first).await.expect("answered at once");
+        assert_eq!(replaced.expect("join"), PollOutcome::Replaced);
+        assert_eq!(second.await.expect("join"), PollOutcome::NoWork, "the newer poll waited its own wait");
+        assert!(!other.is_finished(), "another host's poll is untouched");
+        other.abort();
     }
 }

@@ -181,7 +181,7 @@ fn render_fleet(out: &mut String, src: Sources<'_>, conn: &Connection, path: &Pa
         "Hosts whose last heartbeat named another closure than their records say they run.",
     );
     let _ = writeln!(out, "nixfleet_hosts_drifting {}", counts.n_drifting);
-    let hosts = views::hosts(conn, path, src.now, src.stale_after_secs)?;
+    let (hosts, _) = views::hosts(conn, path, src.now, src.stale_after_secs, None, views::ALL_HOSTS)?;
     let n = |l: Liveness| hosts.iter().filter(|h| h.liveness == l).count();
     header(out, "nixfleet_hosts_unreachable", "gauge", "Hosts silent for more than 3 heartbeat intervals.");
     let _ = writeln!(out, "nixfleet_hosts_unreachable {}", n(Liveness::Unreachable));

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
@@ -27,6 +27,7 @@ pub use super::authz::{require_host, require_host_or_operator, require_operator,
 use super::config::ServeConfig;
 use super::longpoll::{Board, PollOutcome};
 use super::metrics;
+use super::quota::{HostQuotas, OverQuota};
 use super::route_table::{find_route, Endpoint};
 use super::store::{self, Command, Counters, PublishOutcome, Reply, StoreError};
 use super::views;
@@ -45,8 +46,29 @@ use crate::wire::{
 /// anything is stored; every agent endpoint keeps the 1 MiB limit.
 pub const MAX_ENVELOPE_BYTES: usize = 16 * 1024 * 1024;
 
+/// A request body must arrive whole within this (a body dribbled a byte at
+/// a time used to hold its connection and memory forever; only the head had
+/// a deadline). A 1 MiB event batch needs 35 KB/s, a 16 MiB manifest 280 KB/s.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest request target (path and query) the routes read: every real one
+/// is under 300 bytes; a longer one is answered 414 here, as JSON, before
+/// hyper's own buffer limit answers it with an empty 431.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
 /// `agent_version` is shown in tables and logs; a longer one is junk.
 pub const MAX_AGENT_VERSION_BYTES: usize = 128;
+
+/// Status views built at once (each holds a reader connection and up to a
+/// parsed manifest plus one page); more wait up to [`VIEW_QUEUE_TIMEOUT`].
+/// 40 parallel whole-rollout views of a 100,000-host rollout used to peak
+/// at 11 GB.
+pub const MAX_CONCURRENT_VIEWS: usize = 4;
+/// How long a view waits for its turn before 503 `busy`.
+pub const VIEW_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Header of `GET /v1/hosts` naming the `after` of the next page (absent on
+/// the last page); the body stays a plain array.
+pub const NEXT_AFTER_HEADER: &str = "X-Nixfleet-Next-After";
 
 /// Reader connections kept for the status views; more concurrent readers
 /// open a connection and drop it (views are rare operator requests).
@@ -64,6 +86,12 @@ pub struct App {
     pub db_path: PathBuf,
     pub heartbeat_interval_secs: u64,
     pub latencies: metrics::RouteLatencies,
+    pub body_timeout: Duration,
+    /// Per-host ingest quotas (events, heartbeats).
+    pub event_quota: HostQuotas,
+    pub heartbeat_quota: HostQuotas,
+    /// Permits for [`MAX_CONCURRENT_VIEWS`].
+    views: tokio::sync::Semaphore,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -86,6 +114,10 @@ impl App {
             db_path: cfg.db_path.clone(),
             heartbeat_interval_secs: cfg.heartbeat_interval_secs,
             latencies: metrics::RouteLatencies::default(),
+            body_timeout: cfg.limits.body_timeout,
+            event_quota: HostQuotas::events(),
+            heartbeat_quota: HostQuotas::heartbeats(),
+            views: tokio::sync::Semaphore::new(MAX_CONCURRENT_VIEWS),
             readers: Mutex::new(Vec::new()),
         }
     }
@@ -172,11 +204,14 @@ pub(super) fn check_protocol(req: &Request<Incoming>, required: bool) -> Result<
 }
 
 /// Reads the whole body, refusing more than [`MAX_BODY_BYTES`] with 413.
-pub(super) async fn body(req: Request<Incoming>) -> Result<Bytes, Resp> {
-    body_limited(req, MAX_BODY_BYTES).await
+pub(super) async fn body(req: Request<Incoming>, app: &App) -> Result<Bytes, Resp> {
+    body_limited(req, MAX_BODY_BYTES, app.body_timeout).await
 }
 
-pub(super) async fn body_limited(req: Request<Incoming>, limit: usize) -> Result<Bytes, Resp> {
+/// Reads the whole body within `deadline` (408 after it) and `limit` bytes
+/// (413 beyond it), copying chunks into one buffer so memory follows the
+/// bytes received, not the number of reads.
+pub(super) async fn body_limited(req: Request<Incoming>, limit: usize, deadline: Duration) -> Result<Bytes, Resp> {
     let too_large = || {
         error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request bodies are limited to {limit} bytes"))
     };
@@ -184,10 +219,16 @@ pub(super) async fn body_limited(req: Request<Incoming>, limit: usize) -> Result
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(error(StatusCode::BAD_REQUEST, "bad_body", format!("could not read the request body: {e}"))),
+    let expected = declared.and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+    match tokio::time::timeout(deadline, crate::client::collect_bounded(req.into_body(), limit, expected)).await {
+        Ok(Ok(bytes)) => Ok(Bytes::from(bytes)),
+        Ok(Err(crate::client::BodyError::TooLarge { .. })) => Err(too_large()),
+        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, "bad_body", format!("could not read the request body: {e}"))),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {} s", deadline.as_secs()),
+        )),
     }
 }
 
@@ -225,6 +266,14 @@ pub(super) fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<
 /// The only entry point: routes one request through
 /// [`ROUTES`](super::route_table::ROUTES).
 pub async fn handle(req: Request<Incoming>, app: Arc<App>, peer: PeerIdentity) -> Resp {
+    let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target_len > MAX_URI_BYTES {
+        return error(
+            StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!("the request target is {target_len} bytes; the limit is {MAX_URI_BYTES}"),
+        );
+    }
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -298,7 +347,7 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
     if let Err(resp) = check_protocol(&req, true) {
         return resp;
     }
-    let bytes = match body_limited(req, MAX_ENVELOPE_BYTES).await {
+    let bytes = match body_limited(req, MAX_ENVELOPE_BYTES, app.body_timeout).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -329,6 +378,14 @@ async fn publish(req: Request<Incoming>, app: &Arc<App>) -> Resp {
         ),
         Err(resp) => resp,
     }
+}
+
+/// 429 `quota_exceeded` with `Retry-After` (whole seconds, at least 1).
+fn over_quota(over: &OverQuota) -> Resp {
+    let mut resp = error(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", over.message.clone());
+    let secs = over.retry_after.as_secs().max(1);
+    resp.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
 }
 
 /// A DSSE envelope verified with the CP's trust keys, and its manifest:
@@ -391,6 +448,11 @@ async fn dispatch(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -
             app.latencies.longpoll_no_work.observe(started.elapsed());
             empty(StatusCode::NO_CONTENT)
         }
+        PollOutcome::Replaced => error(
+            StatusCode::CONFLICT,
+            "longpoll_replaced",
+            format!("a newer long-poll for {hostname} arrived; one long-poll per host is held"),
+        ),
     }
 }
 
@@ -399,7 +461,7 @@ async fn events(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> 
     if let Err(resp) = check_protocol(&req, true) {
         return resp;
     }
-    let bytes = match body(req).await {
+    let bytes = match body(req, app).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -409,6 +471,10 @@ async fn events(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) -> 
     };
     if let Err(resp) = require_host(peer, &batch.hostname) {
         return resp;
+    }
+    let n_events = u32::try_from(batch.events.len()).unwrap_or(u32::MAX);
+    if let Err(over) = app.event_quota.take(&batch.hostname, n_events, std::time::Instant::now()) {
+        return over_quota(&over);
     }
     let EventBatch { hostname, events: items } = batch;
     match ask(app, |reply| Command::Ingest { hostname, items, reply }).await {
@@ -424,7 +490,7 @@ async fn heartbeat(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) 
     if let Err(resp) = check_protocol(&req, true) {
         return resp;
     }
-    let bytes = match body(req).await {
+    let bytes = match body(req, app).await {
         Ok(b) => b,
         Err(resp) => return resp,
     };
@@ -444,8 +510,19 @@ async fn heartbeat(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) 
     if let Err(resp) = require_host(peer, &heartbeat.hostname) {
         return resp;
     }
+    let hostname = heartbeat.hostname.clone();
+    if let Err(over) = app.heartbeat_quota.take(&hostname, 1, std::time::Instant::now()) {
+        return over_quota(&over);
+    }
     let replay_from: BTreeMap<RolloutId, u64> = match ask(app, |reply| Command::Heartbeat { heartbeat, reply }).await {
-        Ok(r) => r,
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_host",
+                format!("no published manifest names host {hostname}; nothing stored"),
+            )
+        }
         Err(resp) => return resp,
     };
     let header = (replay_from.len() == 1).then(|| replay_from.values().next().copied()).flatten();
@@ -513,31 +590,66 @@ async fn page_view(app: &Arc<App>, page: web::Page) -> Resp {
 async fn json_view(req: &Request<Incoming>, app: &Arc<App>, which: JsonView) -> Resp {
     let now = app.clock.now();
     let stale_after_secs = app.heartbeat_interval_secs.saturating_mul(views::UNREACHABLE_AFTER_INTERVALS);
-    let after = query_param(req, "after").map(str::parse::<i64>);
-    let limit = query_param(req, "limit").map(str::parse::<usize>);
-    let (after, limit) = match (after, limit) {
-        (Some(Err(_)), _) | (_, Some(Err(_))) => {
-            return error(StatusCode::BAD_REQUEST, "bad_query", "after and limit must be whole numbers")
-        }
-        (a, l) => {
-            (a.and_then(Result::ok).unwrap_or(0), l.and_then(Result::ok).unwrap_or(1000).min(store::MAX_EVENTS_PAGE))
-        }
+    let bad_query = |what: &str| error(StatusCode::BAD_REQUEST, "bad_query", what.to_owned());
+    let limit = match query_param(req, "limit").map(str::parse::<usize>) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => return bad_query("limit must be a whole number"),
+    };
+    let after_raw = query_param(req, "after").map(percent_decode);
+    let (event_after, host_after) = match (&which, after_raw) {
+        (_, None) => (0, None),
+        (JsonView::Events(_), Some(a)) => match a.parse::<i64>() {
+            Ok(n) => (n, None),
+            Err(_) => return bad_query("after must be a whole number (an event id)"),
+        },
+        (_, Some(a)) => match Hostname::parse(&a) {
+            Ok(h) => (0, Some(h)),
+            Err(e) => return bad_query(&format!("after must be a hostname: {e}")),
+        },
+    };
+    let event_limit = limit.unwrap_or(1000).min(store::MAX_EVENTS_PAGE);
+    let host_limit = limit.unwrap_or(views::MAX_VIEW_PAGE_HOSTS).clamp(1, views::MAX_VIEW_PAGE_HOSTS);
+    // At most MAX_CONCURRENT_VIEWS views are built at once; the rest wait.
+    let Ok(Ok(_permit)) = tokio::time::timeout(VIEW_QUEUE_TIMEOUT, app.views.acquire()).await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("{MAX_CONCURRENT_VIEWS} status views are being built; retry later"),
+        );
     };
     let result = app
         .read(move |conn, path| {
-            Ok(match which {
-                JsonView::Status => Some(serde_json::to_value(views::status(conn, path, now, stale_after_secs)?)),
-                JsonView::Rollouts => Some(serde_json::to_value(views::rollouts(conn, path)?)),
-                JsonView::Hosts => Some(serde_json::to_value(views::hosts(conn, path, now, stale_after_secs)?)),
-                JsonView::Rollout(id) => views::rollout(conn, path, &id, now)?.map(serde_json::to_value),
-                JsonView::Events(id) => views::events(conn, path, &id, after, limit)?.map(serde_json::to_value),
-            })
+            let mut next_after = None;
+            let bytes = match which {
+                JsonView::Status => Some(serde_json::to_vec(&views::status(conn, path, now, stale_after_secs)?)),
+                JsonView::Rollouts => Some(serde_json::to_vec(&views::rollouts(conn, path)?)),
+                JsonView::Hosts => {
+                    let (page, next) =
+                        views::hosts(conn, path, now, stale_after_secs, host_after.as_ref(), host_limit)?;
+                    next_after = next;
+                    Some(serde_json::to_vec(&page))
+                }
+                JsonView::Rollout(id) => views::rollout(conn, path, &id, now, host_after.as_ref(), host_limit)?
+                    .map(|v| serde_json::to_vec(&v)),
+                JsonView::Events(id) => {
+                    views::events(conn, path, &id, event_after, event_limit)?.map(|v| serde_json::to_vec(&v))
+                }
+            };
+            Ok((bytes, next_after))
         })
         .await;
     match result {
-        Ok(Some(Ok(value))) => json(StatusCode::OK, &value),
-        Ok(Some(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-        Ok(None) => error(StatusCode::NOT_FOUND, "unknown_rollout", "no such rollout"),
+        Ok((Some(Ok(bytes)), next_after)) => {
+            let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            if let Some(next) = next_after.and_then(|h| HeaderValue::from_str(h.as_str()).ok()) {
+                resp.headers_mut().insert(NEXT_AFTER_HEADER, next);
+            }
+            with_protocol(resp)
+        }
+        Ok((Some(Err(e)), _)) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        Ok((None, _)) => error(StatusCode::NOT_FOUND, "unknown_rollout", "no such rollout"),
         Err(e) => store_unavailable(&e),
     }
 }

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 pub use super::config::ServeConfig;
+use super::conn::{self, AcceptBackoff, Admission, ConnCounter, ConnLimits, JsonErrors};
 use super::longpoll::Board;
 use super::routes::{self, App, PeerIdentity};
 use super::store::{self, Command, Counters, StoreError, Writer, WriterStats};
@@ -42,14 +43,29 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// turns an idle writer's loop, which pings the watchdog).
 pub const PLAN_TICK_SECS: u64 = 15;
 /// A client must send its request head within this; bounds slowloris.
-pub const HEADER_READ_TIMEOUT_SECS: u64 = 30;
+/// hyper restarts the same timer when a kept-alive connection goes idle
+/// after an answer, so it is also the idle keep-alive timeout (agents open
+/// one connection per request, and a request head is a few hundred bytes).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// hyper's per-connection read buffer cap: it never shrinks after growing,
 /// and 64 KiB keeps an idle long-poll connection small (bodies stream
 /// through it in chunks, so 1 MiB bodies still work).
 pub const MAX_CONN_BUF_BYTES: usize = 64 * 1024;
-/// Connections held at once; beyond it, accepting pauses until one closes
-/// (the kernel backlog holds the rest). 10,000 idle long-polls fit with room.
+/// Largest request head (request line and header fields): a real one is
+/// under 1 KiB; beyond it hyper answers 431 (rewritten as JSON by
+/// [`JsonErrors`]). Without it only the 64 KiB buffer cap bounded a head,
+/// and an 80 KiB header field was still accepted.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Connections held at once (lowered to fit the descriptor limit, see
+/// [`ConnLimits::fitted`]); beyond it [`conn::OPERATOR_RESERVE_CONNECTIONS`]
+/// more serve operators only, then accepting pauses until one closes (the
+/// kernel backlog holds the rest). 10,000 idle long-polls fit with room.
 pub const MAX_CONNECTIONS: usize = 50_000;
+/// TCP keepalive on every accepted connection: a client that vanished
+/// without a FIN or RST (a NAT dropping its mapping) is noticed within
+/// about a minute even while its long-poll is parked.
+pub const TCP_KEEPALIVE: crate::client::Keepalive =
+    crate::client::Keepalive { idle: Duration::from_secs(30), interval: Duration::from_secs(10), probes: 3 };
 
 /// The transport seam: plain TCP ([`PlainAcceptor`]) or mutual TLS
 /// (`transport::TlsAcceptor`, the client certificate as the peer identity).
@@ -185,11 +201,15 @@ pub async fn serve_notifying<A: Acceptor>(
         }
     };
     let mut shutdown = std::pin::pin!(shutdown);
+    let counter =
+        ConnCounter::new(ConnLimits::fitted(cfg.limits.max_connections, cfg.limits.max_connections_per_address));
+    tracing::info!(limits = ?counter.limits(), "connection limits");
+    let mut backoff = AcceptBackoff::default();
     let local = listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string());
     notifier.ready(&format!("serving on {local}"));
     loop {
         while conns.try_join_next().is_some() {}
-        if conns.len() >= MAX_CONNECTIONS {
+        if counter.is_full() {
             tokio::select! {
                 _ = conns.join_next() => continue,
                 () = &mut shutdown => break,
@@ -199,19 +219,41 @@ pub async fn serve_notifying<A: Acceptor>(
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE and friends: back off (growing) instead of spinning.
+                    let pause = backoff.failed(&e);
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = &mut shutdown => break,
+                    }
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
+        backoff.succeeded();
+        let (guard, reserve) = match counter.admit(peer_addr.ip()) {
+            Admission::Admitted(guard) => (guard, false),
+            Admission::Reserve(guard) => (guard, true),
+            Admission::Refused { status, code, message } => {
+                tracing::debug!(%peer_addr, code, "connection refused");
+                conn::refuse(tcp, status, code, &message);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
+        if let Err(e) = TCP_KEEPALIVE.apply(&tcp) {
+            tracing::debug!(%peer_addr, error = %e, "cannot set TCP keepalive");
+        }
         let acceptor = acceptor.clone();
         let app = Arc::clone(&app);
         let watcher = graceful.watcher();
+        let header_timeout = if reserve {
+            cfg.limits.header_timeout.min(conn::RESERVE_HEADER_TIMEOUT)
+        } else {
+            cfg.limits.header_timeout
+        };
         conns.spawn(async move {
+            let _slot = guard;
             let (io, peer) = match acceptor.accept(tcp).await {
                 Ok(x) => x,
                 Err(e) => {
@@ -221,13 +263,23 @@ pub async fn serve_notifying<A: Acceptor>(
             };
             let service = service_fn(move |req| {
                 let (app, peer) = (Arc::clone(&app), peer.clone());
-                async move { Ok::<_, std::convert::Infallible>(routes::handle(req, app, peer).await) }
+                async move {
+                    if reserve && req.uri().path().starts_with("/v1/agent/") {
+                        return Ok(routes::error(
+                            hyper::StatusCode::SERVICE_UNAVAILABLE,
+                            "too_many_connections",
+                            "the control plane is at its connection limit; this connection serves operators only; retry later",
+                        ));
+                    }
+                    Ok::<_, std::convert::Infallible>(routes::handle(req, app, peer).await)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(HEADER_READ_TIMEOUT_SECS))
+                .header_read_timeout(header_timeout)
                 .max_buf_size(MAX_CONN_BUF_BYTES)
-                .serve_connection(TokioIo::new(io), service);
+                .max_header_size(MAX_HEADER_BYTES)
+                .serve_connection(TokioIo::new(JsonErrors::new(io)), service);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer_addr, error = %e, "connection ended with an error");
             }

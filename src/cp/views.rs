@@ -17,6 +17,11 @@ use crate::wire::OutboundEvent;
 
 /// A host silent for this many heartbeat intervals shows as unreachable.
 pub const UNREACHABLE_AFTER_INTERVALS: u64 = 3;
+/// Hosts per page of `GET /v1/rollouts/{id}` and `GET /v1/hosts` (also the
+/// default): one page of 1,000 hosts is about 1 MB of JSON, so a view's
+/// memory follows the page, not the fleet (a whole 100,000-host rollout
+/// view used to cost about 250 MB per request).
+pub const MAX_VIEW_PAGE_HOSTS: usize = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutSummary {
@@ -111,10 +116,14 @@ pub struct RolloutDetail {
     pub summary: RolloutSummary,
     pub max_failed_hosts: u32,
     pub on_health_failure: String,
+    /// The page's hosts by wave (hostname order across the rollout).
     pub waves: Vec<WaveView>,
     /// `cp resume` / `cp cancel` on this rollout, oldest first.
     #[serde(default)]
     pub operator_actions: Vec<store::ActionRecord>,
+    /// Pass as `after` to get the next page of hosts; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<Hostname>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,21 +228,23 @@ pub struct EventsView {
     pub next_after: Option<i64>,
 }
 
-fn summary(
-    row: &RolloutRow,
-    records: &BTreeMap<Hostname, HostRecord>,
-    skipped: &BTreeMap<Hostname, store::SkippedHost>,
-) -> RolloutSummary {
+/// A rollout's summary with its host counts computed in SQL (no record is
+/// loaded): a Pending host the CP skipped counts as "Skipped".
+fn summary(conn: &Connection, path: &Path, row: &RolloutRow) -> Result<RolloutSummary, StoreError> {
     let manifest = &row.manifest;
-    let mut hosts_by_state = BTreeMap::new();
-    for (host, r) in records {
-        let state =
-            if r.state == HostState::Pending && skipped.contains_key(host) { "Skipped" } else { r.state.as_str() };
-        *hosts_by_state.entry(state.to_owned()).or_insert(0) += 1;
+    let id = &manifest.rollout_id;
+    let mut hosts_by_state = store::state_counts(conn, path, id)?;
+    let n_recorded: usize = hosts_by_state.values().sum();
+    let pending = manifest.hosts.len().saturating_sub(n_recorded) + hosts_by_state.remove("Pending").unwrap_or(0);
+    let skipped = store::n_skipped_pending(conn, path, id)?.min(pending);
+    for (state, n) in [("Pending", pending - skipped), ("Skipped", skipped)] {
+        if n > 0 {
+            hosts_by_state.insert(state.to_owned(), n);
+        }
     }
-    RolloutSummary {
-        rollout_id: manifest.rollout_id.clone(),
-        channel: manifest.rollout_id.channel().to_owned(),
+    Ok(RolloutSummary {
+        rollout_id: id.clone(),
+        channel: id.channel().to_owned(),
         state: row.state,
         current_wave: row.current_wave,
         n_waves: manifest.waves.len(),
@@ -244,7 +255,7 @@ fn summary(
         issued_at: row.issued_at.clone(),
         published_at: row.published_at.clone(),
         updated_at: row.updated_at.clone(),
-    }
+    })
 }
 
 /// `GET /v1/rollouts`.
@@ -261,11 +272,8 @@ fn summaries(
 ) -> Result<Vec<RolloutSummary>, StoreError> {
     let mut out = Vec::new();
     for row in store::rollout_rows(conn, path)? {
-        let manifest = &row.manifest;
-        let records = store::host_records_of(conn, path, manifest)?;
-        let skipped = store::skipped_of(conn, path, &manifest.rollout_id)?;
         if let Some((list, now)) = deferred.as_mut() {
-            for r in records.values().filter(|r| r.state == HostState::Deferred) {
+            for r in store::records_in_state(conn, path, &row.manifest.rollout_id, HostState::Deferred)? {
                 let Some(at) = r.deferred_at else { continue };
                 list.push(DeferredView {
                     hostname: r.hostname.clone(),
@@ -275,7 +283,7 @@ fn summaries(
                 });
             }
         }
-        out.push(summary(&row, &records, &skipped));
+        out.push(summary(conn, path, &row)?);
     }
     Ok(out)
 }
@@ -299,22 +307,26 @@ fn quarantined(conn: &Connection, path: &Path) -> Result<Vec<QuarantineView>, St
         .collect())
 }
 
-/// `GET /v1/rollouts/{id}`; `None` if unknown. `now` (CP time) gives the
-/// age of Deferred hosts.
+/// `GET /v1/rollouts/{id}`, one page of hosts (hostname order, after
+/// `after`, at most `limit`); `None` if unknown. `now` (CP time) gives the
+/// age of Deferred hosts. Only the page's records are loaded: the view of a
+/// 100,000-host rollout costs the parsed manifest and one page.
 pub fn rollout(
     conn: &Connection,
     path: &Path,
     id: &RolloutId,
     now: OffsetDateTime,
+    after: Option<&Hostname>,
+    limit: usize,
 ) -> Result<Option<RolloutDetail>, StoreError> {
     let Some(row) = store::rollout_row(conn, path, id)? else { return Ok(None) };
     let manifest = &row.manifest;
-    let records = store::host_records_of(conn, path, manifest)?;
+    let (records, next_after) = store::host_records_page(conn, path, manifest, after, limit)?;
     let skipped_rows = store::skipped_of(conn, path, id)?;
-    let summary = summary(&row, &records, &skipped_rows);
+    let summary = summary(conn, path, &row)?;
     let busy: BTreeMap<Hostname, RolloutId> = store::live_rollouts(conn, path)?
         .into_iter()
-        .filter(|(host, _)| manifest.hosts.contains_key(host))
+        .filter(|(host, _)| records.contains_key(host))
         .filter_map(|(host, ids)| ids.into_iter().find(|other| other != id).map(|other| (host, other)))
         .collect();
     let skipped: BTreeSet<Hostname> = skipped_rows.keys().cloned().collect();
@@ -354,9 +366,9 @@ pub fn rollout(
             name: wave.name.clone(),
             soak_secs: wave.soak_secs,
             max_in_flight: wave.max_in_flight,
-            hosts: manifest
-                .hosts_in_wave(index)
-                .filter_map(|(host, _)| records.get(host))
+            hosts: records
+                .values()
+                .filter(|r| manifest.hosts.get(&r.hostname).is_some_and(|e| e.wave == index))
                 .map(|r| host_in_rollout(&input, r, index, dispatched_at.get(&r.hostname), &skipped, now))
                 .collect(),
         })
@@ -367,6 +379,7 @@ pub fn rollout(
         on_health_failure: manifest.policy.on_health_failure.as_str().to_owned(),
         waves,
         operator_actions,
+        next_after,
     }))
 }
 
@@ -466,83 +479,128 @@ pub fn events(
     Ok(Some(EventsView { rollout_id: id.clone(), events, next_after }))
 }
 
-/// `GET /v1/hosts`: every host seen in a heartbeat or named by a manifest.
+/// A host's view from its `hosts` row (no rollouts yet).
+fn host_view(row: HostRow, now: OffsetDateTime, stale_after_secs: u64) -> Option<HostView> {
+    let HostRow {
+        hostname: host,
+        last_heartbeat_at: last,
+        current_closure: current,
+        booted_closure: booted,
+        agent_version: version,
+        uptime_secs: uptime,
+        drift,
+        expected_closure,
+        expected_from,
+    } = row;
+    let hostname = Hostname::parse(&host).ok()?;
+    let silent_secs = parse_ts(&last).map_or(i64::MAX, |t| (now - t).whole_seconds());
+    let liveness = if silent_secs > i64::try_from(stale_after_secs).unwrap_or(i64::MAX) {
+        Liveness::Unreachable
+    } else {
+        Liveness::Reachable
+    };
+    Some(HostView {
+        hostname,
+        liveness,
+        last_heartbeat_at: Some(last),
+        current_closure: Some(current),
+        booted_closure: booted,
+        agent_version: Some(version),
+        uptime_secs: u64::try_from(uptime).ok(),
+        rollouts: Vec::new(),
+        drift,
+        expected_closure,
+        expected_from,
+    })
+}
+
+fn never_seen(hostname: Hostname) -> HostView {
+    HostView {
+        hostname,
+        liveness: Liveness::NeverSeen,
+        last_heartbeat_at: None,
+        current_closure: None,
+        booted_closure: None,
+        agent_version: None,
+        uptime_secs: None,
+        rollouts: Vec::new(),
+        drift: Drift::Unknown,
+        expected_closure: None,
+        expected_from: None,
+    }
+}
+
+/// A page size that takes every host, for the callers that summarise the
+/// whole fleet (`/metrics`, the web page's overview) rather than page it.
+pub const ALL_HOSTS: usize = 1 << 40;
+
+/// `GET /v1/hosts`: one page (hostname order, after `after`, at most
+/// `limit`) of the hosts seen in a heartbeat or named by a manifest, and
+/// the `after` of the next page. Only the page's rows and records are read.
 pub fn hosts(
     conn: &Connection,
     path: &Path,
     now: OffsetDateTime,
     stale_after_secs: u64,
-) -> Result<Vec<HostView>, StoreError> {
-    let mut views: BTreeMap<String, HostView> = BTreeMap::new();
-    for row in store::host_rows(conn, path)? {
-        let HostRow {
-            hostname: host,
-            last_heartbeat_at: last,
-            current_closure: current,
-            booted_closure: booted,
-            agent_version: version,
-            uptime_secs: uptime,
-            drift,
-            expected_closure,
-            expected_from,
-        } = row;
-        let Ok(hostname) = Hostname::parse(&host) else { continue };
-        let silent_secs = parse_ts(&last).map_or(i64::MAX, |t| (now - t).whole_seconds());
-        let liveness = if silent_secs > i64::try_from(stale_after_secs).unwrap_or(i64::MAX) {
-            Liveness::Unreachable
-        } else {
-            Liveness::Reachable
-        };
-        views.insert(
-            host,
-            HostView {
-                hostname,
-                liveness,
-                last_heartbeat_at: Some(last),
-                current_closure: Some(current),
-                booted_closure: booted,
-                agent_version: Some(version),
-                uptime_secs: u64::try_from(uptime).ok(),
-                rollouts: Vec::new(),
-                drift,
-                expected_closure,
-                expected_from,
-            },
+    after: Option<&Hostname>,
+    limit: usize,
+) -> Result<(Vec<HostView>, Option<Hostname>), StoreError> {
+    let manifests = store::manifests(conn, path)?;
+    // The page's names: the first limit+1 of every source after `after`.
+    let mut names: BTreeSet<Hostname> = store::host_names_after(conn, path, after.map(Hostname::as_str), limit + 1)?
+        .iter()
+        .filter_map(|h| Hostname::parse(h).ok())
+        .collect();
+    let lower = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
+    for manifest in &manifests {
+        names.extend(
+            manifest
+                .hosts
+                .range::<Hostname, _>((lower, std::ops::Bound::Unbounded))
+                .take(limit + 1)
+                .map(|(h, _)| h.clone()),
         );
     }
-    for manifest in store::manifests(conn, path)? {
-        for (hostname, record) in store::host_records_of(conn, path, &manifest)? {
-            let view = views.entry(hostname.to_string()).or_insert_with(|| HostView {
-                hostname,
-                liveness: Liveness::NeverSeen,
-                last_heartbeat_at: None,
-                current_closure: None,
-                booted_closure: None,
-                agent_version: None,
-                uptime_secs: None,
-                rollouts: Vec::new(),
-                drift: Drift::Unknown,
-                expected_closure: None,
-                expected_from: None,
-            });
+    let mut names: Vec<Hostname> = names.into_iter().take(limit + 1).collect();
+    let next_after = if names.len() > limit {
+        names.truncate(limit);
+        names.last().cloned()
+    } else {
+        None
+    };
+    let (Some(first), Some(last)) = (names.first(), names.last()) else { return Ok((Vec::new(), None)) };
+    let mut views: BTreeMap<Hostname, HostView> = store::host_rows_between(conn, path, first.as_str(), last.as_str())?
+        .into_iter()
+        .filter_map(|row| host_view(row, now, stale_after_secs))
+        .map(|v| (v.hostname.clone(), v))
+        .collect();
+    for manifest in &manifests {
+        for (hostname, record) in store::host_records_named(conn, path, manifest, &names)? {
+            let view = views.entry(hostname.clone()).or_insert_with(|| never_seen(hostname));
             view.rollouts.push(HostRolloutRef { rollout_id: manifest.rollout_id.clone(), state: record.state });
         }
     }
-    Ok(views.into_values().collect())
+    Ok((views.into_values().collect(), next_after))
 }
 
-/// `GET /v1/status`: the fleet at a glance.
+/// `GET /v1/status`: the fleet at a glance. Reads the `hosts` rows and the
+/// manifests' host names, never every record.
 pub fn status(
     conn: &Connection,
     path: &Path,
     now: OffsetDateTime,
     stale_after_secs: u64,
 ) -> Result<StatusView, StoreError> {
-    let hosts = hosts(conn, path, now, stale_after_secs)?;
+    let seen: Vec<HostView> =
+        store::host_rows(conn, path)?.into_iter().filter_map(|row| host_view(row, now, stale_after_secs)).collect();
+    let mut all: HashSet<Hostname> = seen.iter().map(|h| h.hostname.clone()).collect();
+    for manifest in store::manifests(conn, path)? {
+        all.extend(manifest.hosts.into_keys());
+    }
     let mut deferred = Vec::new();
     let rollouts = summaries(conn, path, Some((&mut deferred, now)))?;
     deferred.sort_by(|a, b| (&a.deferred_at, &a.hostname).cmp(&(&b.deferred_at, &b.hostname)));
-    let drifting: Vec<DriftView> = hosts
+    let drifting: Vec<DriftView> = seen
         .iter()
         .filter(|h| h.drift == Drift::Drifting)
         .map(|h| DriftView {
@@ -555,8 +613,8 @@ pub fn status(
     Ok(StatusView {
         server_time: store::ts(now),
         rollouts,
-        n_hosts: hosts.len(),
-        n_unreachable: hosts.iter().filter(|h| h.liveness == Liveness::Unreachable).count(),
+        n_hosts: all.len(),
+        n_unreachable: seen.iter().filter(|h| h.liveness == Liveness::Unreachable).count(),
         quarantined: quarantined(conn, path)?,
         n_drifting: drifting.len(),
         drifting,

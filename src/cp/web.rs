@@ -165,16 +165,16 @@ pub fn render(
     Ok(match page {
         Page::Overview => {
             let status = views::status(conn, path, now, stale_after_secs)?;
-            let hosts = views::hosts(conn, path, now, stale_after_secs)?;
+            let (hosts, _) = views::hosts(conn, path, now, stale_after_secs, None, views::ALL_HOSTS)?;
             let mut details = Vec::new();
             for r in status.rollouts.iter().filter(|r| r.state != RolloutState::Superseded) {
-                if let Some(d) = views::rollout(conn, path, &r.rollout_id, now)? {
+                if let Some(d) = views::rollout(conn, path, &r.rollout_id, now, None, views::ALL_HOSTS)? {
                     details.push(d);
                 }
             }
             html_response(StatusCode::OK, document("Fleet", &overview(&status, &hosts, &details)))
         }
-        Page::Rollout(id) => match views::rollout(conn, path, id, now)? {
+        Page::Rollout(id) => match views::rollout(conn, path, id, now, None, views::ALL_HOSTS)? {
             Some(d) => {
                 let main = format!("<main id=\"main\">{}</main>", rollout_section(&d, usize::MAX));
                 html_response(StatusCode::OK, document(id.as_str(), &main))
@@ -182,7 +182,10 @@ pub fn render(
             None => message_page(StatusCode::NOT_FOUND, "Unknown rollout", &format!("no rollout {id}")),
         },
         Page::Host(host) => {
-            let view = views::hosts(conn, path, now, stale_after_secs)?.into_iter().find(|h| &h.hostname == host);
+            let view = views::hosts(conn, path, now, stale_after_secs, None, views::ALL_HOSTS)?
+                .0
+                .into_iter()
+                .find(|h| &h.hostname == host);
             match view {
                 Some(view) => {
                     let limit = i64::try_from(MAX_TIMELINE_EVENTS).unwrap_or(i64::MAX);

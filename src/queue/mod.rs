@@ -138,7 +138,7 @@ use crate::wire::{OutboundEvent, MAX_SEQ};
 
 pub use record::{DeadCause, DeadReason, QueuedEvent, RecordError, RecordHeader, RevivedNote};
 pub use storage::{RealStorage, Storage};
-pub use view::{Counts, EntryState, Inspected, QueueView, ViewEntry, ViewError};
+pub use view::{Counts, EntryState, InspectError, Inspected, QueueView, ViewEntry, ViewError};
 
 /// The queue folder inside the agent's state dir.
 pub const QUEUE_DIR: &str = "outbound-queue";
@@ -298,8 +298,8 @@ pub enum QueueError {
     Corrupt { path: PathBuf, source: record::RecordError },
     #[error("another process holds the queue lock {} (only one nixfleet agent may use a state dir)", path.display())]
     Locked { path: PathBuf },
-    #[error("{}: {reason}; remove or repair it by hand (it guards against reusing event numbers)", path.display())]
-    HighWaterCorrupt { path: PathBuf, reason: String },
+    #[error("{}: {source}; remove or repair it by hand (it guards against reusing event numbers)", path.display())]
+    HighWaterCorrupt { path: PathBuf, source: HighWaterError },
     #[error(
         "event for rollout {rollout_id} has seq {got}, the queue expects {expected} (seqs are never reused or skipped)"
     )]
@@ -320,6 +320,39 @@ pub enum QueueError {
     NotPending { qseq: u64 },
     #[error("queue stopped after an unrecoverable write failure ({0}); reopen it to recover from disk")]
     Poisoned(String),
+}
+
+/// Why `high-water.json` is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HighWaterError {
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("unknown format {0}")]
+    Format(u32),
+    #[error("checksum mismatch: file says {stored}, content hashes to {computed}")]
+    Checksum { stored: String, computed: String },
+    #[error("qseq {0} is beyond the queue's bound {MAX_QSEQ}")]
+    QseqBeyondBound(u64),
+    #[error("seq {seq} of rollout {rollout_id} is beyond the wire's bound {MAX_SEQ}")]
+    SeqBeyondBound { rollout_id: RolloutId, seq: u64 },
+}
+
+/// Why a record that decodes is still not this queue's event (it goes to
+/// `dead/` at start with this reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordCheckError {
+    #[error(transparent)]
+    Record(#[from] record::RecordError),
+    #[error("belongs to host {found}, this queue is host {queue}")]
+    OtherHost { found: Hostname, queue: Hostname },
+    #[error("qseq {0} is beyond the queue's bound {MAX_QSEQ} (only damage or a hand edit makes one)")]
+    QseqBeyondBound(u64),
+    #[error("seq {0} is outside 1..={MAX_SEQ}")]
+    SeqOutOfRange(u64),
+    #[error("record qseq {0} does not match its file name")]
+    NameMismatch(u64),
+    #[error("a second event with seq {seq} of rollout {rollout_id}")]
+    SecondSeq { rollout_id: RolloutId, seq: u64 },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> QueueError + 'a {
@@ -350,21 +383,22 @@ impl HighWater {
         bytes
     }
 
-    fn decode(bytes: &[u8]) -> Result<HighWater, String> {
-        let on_disk: HighWaterOnDisk = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    fn decode(bytes: &[u8]) -> Result<HighWater, HighWaterError> {
+        let on_disk: HighWaterOnDisk =
+            serde_json::from_slice(bytes).map_err(|e| HighWaterError::Json(e.to_string()))?;
         if on_disk.format != record::RECORD_FORMAT {
-            return Err(format!("unknown format {}", on_disk.format));
+            return Err(HighWaterError::Format(on_disk.format));
         }
         let computed = record::sha256_tagged(&serde_json::to_vec(&on_disk.high_water).expect("high water serialises"));
         if computed != on_disk.checksum {
-            return Err(format!("checksum mismatch: file says {}, content hashes to {computed}", on_disk.checksum));
+            return Err(HighWaterError::Checksum { stored: on_disk.checksum, computed });
         }
         let hw = on_disk.high_water;
         if hw.qseq > MAX_QSEQ {
-            return Err(format!("qseq {} is beyond the queue's bound {MAX_QSEQ}", hw.qseq));
+            return Err(HighWaterError::QseqBeyondBound(hw.qseq));
         }
         if let Some((rollout_id, seq)) = hw.seqs.iter().find(|(_, seq)| **seq > MAX_SEQ) {
-            return Err(format!("seq {seq} of rollout {rollout_id} is beyond the wire's bound {MAX_SEQ}"));
+            return Err(HighWaterError::SeqBeyondBound { rollout_id: rollout_id.clone(), seq: *seq });
         }
         Ok(hw)
     }
@@ -917,7 +951,7 @@ impl Queue {
         if self.storage.exists(&high_water_path).map_err(io_err("stat", &high_water_path))? {
             let bytes = self.storage.read_file(&high_water_path).map_err(io_err("read", &high_water_path))?;
             self.high_water = HighWater::decode(&bytes)
-                .map_err(|reason| QueueError::HighWaterCorrupt { path: high_water_path.clone(), reason })?;
+                .map_err(|source| QueueError::HighWaterCorrupt { path: high_water_path.clone(), source })?;
         }
         let mut max_qseq = self.high_water.qseq;
         self.last_seq = self.high_water.seqs.clone();
@@ -983,6 +1017,14 @@ impl Queue {
                 let bytes = match self.storage.read_file(&path) {
                     Ok(bytes) => bytes,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    // Too large (or not a regular file): never read into
+                    // memory, moved aside like any unreadable record.
+                    Err(e) if storage::unsafe_file(&e).is_some() => {
+                        let reason = format!("unreadable: {e}");
+                        self.move_to_dead(dir, &name, &reason)?;
+                        self.recovery.moved_to_dead.push((name, reason));
+                        continue;
+                    }
                     Err(source) => return Err(QueueError::Io { op: "read", path, source }),
                 };
                 match self.check_record(&name, &bytes, &mut live_seqs) {
@@ -996,7 +1038,8 @@ impl Queue {
                             self.acked.insert(queued.qseq, queued);
                         }
                     }
-                    Err(reason) => {
+                    Err(refused) => {
+                        let reason = refused.to_string();
                         // Its seq, if the header still reads (and is in
                         // bounds), must not come back either (it may have
                         // reached the CP).
@@ -1102,25 +1145,22 @@ impl Queue {
         name: &str,
         bytes: &[u8],
         live_seqs: &mut std::collections::HashSet<(RolloutId, u64)>,
-    ) -> Result<QueuedEvent, String> {
-        let queued = record::decode(bytes).map_err(|e| e.to_string())?;
+    ) -> Result<QueuedEvent, RecordCheckError> {
+        let queued = record::decode(bytes)?;
         if queued.hostname != self.hostname {
-            return Err(format!("belongs to host {}, this queue is host {}", queued.hostname, self.hostname));
+            return Err(RecordCheckError::OtherHost { found: queued.hostname, queue: self.hostname.clone() });
         }
         if queued.qseq > MAX_QSEQ {
-            return Err(format!(
-                "qseq {} is beyond the queue's bound {MAX_QSEQ} (only damage or a hand edit makes one)",
-                queued.qseq
-            ));
+            return Err(RecordCheckError::QseqBeyondBound(queued.qseq));
         }
         if queued.seq() == 0 || queued.seq() > MAX_SEQ {
-            return Err(format!("seq {} is outside 1..={MAX_SEQ}", queued.seq()));
+            return Err(RecordCheckError::SeqOutOfRange(queued.seq()));
         }
         if queued.file_name() != name {
-            return Err(format!("record qseq {} does not match its file name", queued.qseq));
+            return Err(RecordCheckError::NameMismatch(queued.qseq));
         }
         if !live_seqs.insert((queued.rollout_id.clone(), queued.seq())) {
-            return Err(format!("a second event with seq {} of rollout {}", queued.seq(), queued.rollout_id));
+            return Err(RecordCheckError::SecondSeq { rollout_id: queued.rollout_id.clone(), seq: queued.seq() });
         }
         Ok(queued)
     }

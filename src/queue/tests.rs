@@ -10,6 +10,7 @@ use time::Duration;
 
 use super::record::{self, DeadReason};
 use super::sim::{SimFs, SimStorage, EIO, ENOSPC};
+use super::storage::{self, MAX_QUEUE_FILE_BYTES};
 use super::*;
 use crate::wire::WireEventBody;
 
@@ -220,6 +221,42 @@ fn corrupt_files_go_to_dead_with_the_reason_and_the_rest_drains() {
     }
 }
 
+/// A garbage file beyond the queue's file bound (sparse, 300 MB) is moved
+/// to dead/ at start without being read into memory; the rest opens.
+/// `read_regular` refuses a symlink and a FIFO (which would block a plain
+/// open) as well.
+#[test]
+fn an_oversized_file_goes_to_dead_unread_and_links_and_fifos_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let r = rollout("stable@r1");
+    let mut q = open_real(tmp.path());
+    enqueue_next(&mut q, &r, "a").expect("enqueue");
+    drop(q);
+    let big = tmp.path().join("outbound-queue/00000000000000000002-web-1-stable@r1-ActivationStarted.json");
+    std::fs::File::create(&big).expect("create").set_len(300 * 1024 * 1024).expect("sparse");
+    let q = open_real(tmp.path());
+    let moved = &q.recovery_report().moved_to_dead;
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert!(moved[0].1.contains("larger than 1048576 bytes"), "{moved:?}");
+    assert_eq!(q.pending().len(), 1);
+    drop(q);
+
+    let target = tmp.path().join("target");
+    std::fs::write(&target, b"x").expect("target");
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+    let err = storage::read_regular(&link, MAX_QUEUE_FILE_BYTES).expect_err("a link is refused");
+    assert_eq!(storage::unsafe_file(&err), Some(&storage::UnsafeFile::Symlink), "{err}");
+    let fifo = tmp.path().join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let err = storage::read_regular(&fifo, MAX_QUEUE_FILE_BYTES).expect_err("a fifo is refused");
+    assert!(matches!(storage::unsafe_file(&err), Some(storage::UnsafeFile::NotRegular(_))), "{err}");
+    assert_eq!(storage::read_regular(&target, 1).expect("regular"), b"x");
+    let err = storage::read_regular(&target, 0).expect_err("over the bound");
+    assert_eq!(storage::unsafe_file(&err), Some(&storage::UnsafeFile::TooLarge { max: 0 }));
+}
+
 /// A file named with a qseq beyond MAX_QSEQ (u64::MAX: corrupt, or a
 /// valid record whose qseq is that large) goes to dead/ with the reason and
 /// never numbers the queue: pending events stay, qseqs continue after the
@@ -267,7 +304,12 @@ fn a_high_water_mark_beyond_the_bounds_is_refused() {
         let hw = HighWater { qseq, seqs: BTreeMap::from([(rollout("stable@r1"), seq)]) };
         std::fs::write(tmp.path().join(QUEUE_DIR).join(HIGH_WATER_FILE), hw.encode()).expect("write");
         let err = Queue::open(tmp.path(), host(), QueueConfig::default(), clock()).expect_err("refused");
-        assert!(matches!(err, QueueError::HighWaterCorrupt { .. }), "{err}");
+        let expected = if qseq == u64::MAX {
+            HighWaterError::QseqBeyondBound(qseq)
+        } else {
+            HighWaterError::SeqBeyondBound { rollout_id: rollout("stable@r1"), seq }
+        };
+        assert!(matches!(&err, QueueError::HighWaterCorrupt { source, .. } if *source == expected), "{err}");
         assert!(err.to_string().contains("beyond"), "{err}");
     }
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::record::{self, DeadReason, QueuedEvent, RecordHeader, RevivedNote};
+use super::storage::{self, UnsafeFile, MAX_QUEUE_FILE_BYTES};
 use super::{ACKED_DIR, DEAD_DIR, HIGH_WATER_FILE, QUEUE_DIR};
 
 /// Where an event stands.
@@ -75,8 +76,19 @@ pub struct Inspected {
     /// The file's bytes as stored.
     pub raw: Vec<u8>,
     /// The decoded record, or why it cannot be decoded.
-    pub record: Result<QueuedEvent, String>,
+    pub record: Result<QueuedEvent, InspectError>,
     pub dead_reason: Option<DeadReason>,
+}
+
+/// Why `queue inspect` shows no record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InspectError {
+    /// Not read at all (a link, not a regular file, too large).
+    #[error(transparent)]
+    NotRead(#[from] UnsafeFile),
+    /// Read, but the bytes are not a valid record.
+    #[error(transparent)]
+    Record(#[from] record::RecordError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +107,9 @@ pub enum ViewError {
     #[error("no event {selector:?} in {}", root.display())]
     NotFound { selector: String, root: PathBuf },
 }
+
+/// One entry as read: its view, and its bytes or why they were not read.
+type EntryRead = (ViewEntry, Result<Vec<u8>, UnsafeFile>);
 
 /// Read-only access to `{state_dir}/outbound-queue/`.
 #[derive(Debug, Clone)]
@@ -183,17 +198,29 @@ impl QueueView {
         Ok(entries)
     }
 
-    /// Reads one file; None if it vanished since the listing.
-    fn read_entry(&self, folder: EntryState, name: &str) -> Result<Option<(ViewEntry, Vec<u8>)>, ViewError> {
+    /// Reads one file; None if it vanished since the listing. The bytes are
+    /// an [`UnsafeFile`] error when the file is not read at all (a link,
+    /// not a regular file, beyond [`MAX_QUEUE_FILE_BYTES`]).
+    fn read_entry(&self, folder: EntryState, name: &str) -> Result<Option<EntryRead>, ViewError> {
         let path = self.folder(folder).join(name);
-        let raw = match fs::read(&path) {
-            Ok(raw) => raw,
+        // Never through a link, never more than the queue's file bound: a
+        // symlink to /etc/passwd is shown as what it is, not followed.
+        let raw = match storage::read_regular(&path, MAX_QUEUE_FILE_BYTES) {
+            Ok(raw) => Ok(raw),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(ViewError::Io { op: "read", path, source }),
+            Err(e) => match storage::unsafe_file(&e) {
+                Some(why) => Err(why.clone()),
+                None => return Err(ViewError::Io { op: "read", path, source: e }),
+            },
         };
-        let (header, mut reason) = match record::decode_header(&raw) {
-            Ok(header) => (Some(header), None),
-            Err(e) => (None, Some(format!("unreadable: {e}"))),
+        let size_bytes = match &raw {
+            Ok(raw) => raw.len() as u64,
+            Err(_) => fs::symlink_metadata(&path).map_or(0, |m| m.len()),
+        };
+        let (header, mut reason) = match raw.as_ref().map(|raw| record::decode_header(raw)) {
+            Ok(Ok(header)) => (Some(header), None),
+            Ok(Err(e)) => (None, Some(format!("unreadable: {e}"))),
+            Err(why) => (None, Some(format!("unreadable: {why}"))),
         };
         if folder == EntryState::Dead {
             reason = Some(match self.dead_reason(name) {
@@ -207,18 +234,18 @@ impl QueueView {
         let state = if header.is_none() { EntryState::Dead } else { folder };
         let qseq = header.as_ref().map(|h| h.qseq).or_else(|| record::qseq_of_name(name));
         let revived = if folder == EntryState::Acked { self.revived_note(name) } else { None };
-        let entry = ViewEntry { state, folder, path, size_bytes: raw.len() as u64, qseq, header, reason, revived };
+        let entry = ViewEntry { state, folder, path, size_bytes, qseq, header, reason, revived };
         Ok(Some((entry, raw)))
     }
 
     fn revived_note(&self, name: &str) -> Option<RevivedNote> {
         let path = self.folder(EntryState::Acked).join(format!("{name}{}", record::REVIVED_SUFFIX));
-        fs::read(path).ok().and_then(|bytes| RevivedNote::decode(&bytes).ok())
+        storage::read_regular(&path, MAX_QUEUE_FILE_BYTES).ok().and_then(|bytes| RevivedNote::decode(&bytes).ok())
     }
 
     fn dead_reason(&self, name: &str) -> Option<DeadReason> {
         let path = self.folder(EntryState::Dead).join(format!("{name}{}", record::REASON_SUFFIX));
-        fs::read(path).ok().and_then(|bytes| DeadReason::decode(&bytes).ok())
+        storage::read_regular(&path, MAX_QUEUE_FILE_BYTES).ok().and_then(|bytes| DeadReason::decode(&bytes).ok())
     }
 
     /// Finds one event by qseq (`42`) or by file name or path, in any
@@ -237,7 +264,13 @@ impl QueueView {
                     continue;
                 }
                 let Some((entry, raw)) = self.read_entry(folder, &name)? else { continue };
-                let record = record::decode(&raw).map_err(|e| e.to_string());
+                let (raw, record) = match raw {
+                    Ok(raw) => {
+                        let record = record::decode(&raw).map_err(InspectError::from);
+                        (raw, record)
+                    }
+                    Err(why) => (Vec::new(), Err(InspectError::from(why))),
+                };
                 let dead_reason = if folder == EntryState::Dead { self.dead_reason(&name) } else { None };
                 return Ok(Inspected { entry, raw, record, dead_reason });
             }

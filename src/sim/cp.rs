@@ -40,7 +40,7 @@ pub enum Work {
 
 enum Reply {
     Events(oneshot::Receiver<store::Reply<Vec<EventResult>>>),
-    Heartbeat(oneshot::Receiver<store::Reply<BTreeMap<RolloutId, u64>>>),
+    Heartbeat(oneshot::Receiver<store::Reply<Option<BTreeMap<RolloutId, u64>>>>),
     Publish(oneshot::Receiver<store::Reply<PublishOutcome>>),
     Refused,
     None,
@@ -194,7 +194,8 @@ impl SimCp {
                     _ => Answer::Unavailable,
                 },
                 Reply::Heartbeat(mut rx) => match rx.try_recv() {
-                    Ok(Ok(v)) => Answer::Heartbeat(v),
+                    // A host no manifest names gets no record and no replay.
+                    Ok(Ok(v)) => Answer::Heartbeat(v.unwrap_or_default()),
                     _ => Answer::Unavailable,
                 },
                 Reply::Publish(mut rx) => match rx.try_recv() {

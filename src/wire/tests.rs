@@ -289,6 +289,23 @@ fn the_example_manifest_validates() {
     assert_eq!((m.policy.sustained_failure_secs, m.policy.max_failed_hosts), (60, 0));
 }
 
+/// The manifest's host bound: MAX_HOSTS hosts parse, one more is refused
+/// naming `hosts`.
+#[test]
+fn a_manifest_beyond_max_hosts_is_refused() {
+    use crate::wire::manifest::MAX_HOSTS;
+    let closure = manifest_json()["hosts"].as_object().and_then(|h| h.values().next().cloned()).expect("a host");
+    let mut v = manifest_json();
+    let hosts: serde_json::Map<String, serde_json::Value> = (0..MAX_HOSTS)
+        .map(|i| (format!("h{i}"), json!({"wave": 0, "target_closure": closure["target_closure"].clone()})))
+        .collect();
+    v["hosts"] = serde_json::Value::Object(hosts);
+    assert_eq!(parse_manifest(&v).expect("MAX_HOSTS hosts fit").hosts.len(), MAX_HOSTS);
+    v["hosts"]["one-more"] = json!({"wave": 0, "target_closure": closure["target_closure"].clone()});
+    let err = parse_manifest(&v).expect_err("one host too many");
+    assert!(err.to_string().contains("hosts") && err.to_string().contains("more than 100000"), "{err}");
+}
+
 #[test]
 fn invalid_manifests_are_refused_naming_the_field() {
     // Proves every validation rule gives an error that names its field.

@@ -237,6 +237,10 @@ pub struct Cp {
     pub log: PathBuf,
     args: Vec<String>,
     addr_file: PathBuf,
+    /// A descriptor limit (`ulimit -n`) to start the process under.
+    nofile: Option<u64>,
+    /// Extra environment variables of the process.
+    envs: Vec<(String, String)>,
 }
 
 impl Cp {
@@ -282,16 +286,50 @@ impl Cp {
             log: dir.join("cp.log"),
             args,
             addr_file,
+            nofile: None,
+            envs: Vec::new(),
         };
         cp.spawn();
         cp
     }
 
+    /// [`Cp::start_with`] under a descriptor limit of `nofile`.
+    pub fn start_with_nofile(dir: &Path, trust: &Path, extra: &[&str], nofile: u64) -> Cp {
+        let mut cp = Cp::start_with(dir, trust, extra);
+        cp.kill9();
+        cp.nofile = Some(nofile);
+        cp.restart();
+        cp
+    }
+
+    /// [`Cp::start_with`] with extra environment variables.
+    pub fn start_with_env(dir: &Path, trust: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Cp {
+        let mut cp = Cp::start_with(dir, trust, extra);
+        cp.kill9();
+        cp.envs = envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        cp.restart();
+        cp
+    }
+
+    /// The process id (for /proc readings).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     fn spawn(&mut self) {
         let _ = std::fs::remove_file(&self.addr_file);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
-        let child = Command::new(bin())
+        let mut command = match self.nofile {
+            None => Command::new(bin()),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(bin());
+                sh
+            }
+        };
+        let child = command
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "nixfleet=debug")
             .stdout(Stdio::null())
             .stderr(log)
@@ -333,11 +371,6 @@ impl Cp {
             args.extend(pki.client_args(name, role));
         }
         args
-    }
-
-    /// The process id of the running CP.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
     }
 
     /// SIGKILL: no shutdown code runs.

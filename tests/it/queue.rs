@@ -176,6 +176,41 @@ fn a_corrupt_file_shows_as_dead_with_the_reason() {
     assert!(text.lines().any(|l| l.trim_start().starts_with("3 ") && l.contains(" pending ")), "{text}");
 }
 
+/// A symbolic link in the queue (here to a "secret" file outside it) is
+/// never followed: `ls` shows it dead, `inspect` prints neither its target's
+/// bytes with or without `--json`; a file beyond the queue's file bound is
+/// not read either (it used to be read whole, and a link was printed).
+#[test]
+fn a_symlink_or_an_oversized_file_in_the_queue_is_never_read() {
+    let tmp = TempDir::new("queue-symlink");
+    sample_queue(tmp.path());
+    let secret = tmp.path().join("secret.txt");
+    std::fs::write(&secret, "root:x:0:0:SECRET-LINE\n").expect("secret");
+    let queue = tmp.path().join("outbound-queue");
+    let link_name = "00000000000000000007-web-1-stable@r1-ActivationStarted.json";
+    std::os::unix::fs::symlink(&secret, queue.join(link_name)).expect("symlink");
+    let big = queue.join("00000000000000000008-web-1-stable@r1-ActivationStarted.json");
+    let file = std::fs::File::create(&big).expect("big");
+    file.set_len(nixfleet::queue::storage::MAX_QUEUE_FILE_BYTES + 1).expect("sparse");
+    let out = nixfleet(&["queue", "ls", "--state-dir", arg(tmp.path())]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(!text.contains("SECRET"), "{text}");
+    let row = text.lines().find(|l| l.trim_start().starts_with("7 ")).unwrap_or_else(|| panic!("row 7: {text}"));
+    assert!(row.contains(" dead ") && row.contains("symbolic link"), "{row}");
+    let row = text.lines().find(|l| l.trim_start().starts_with("8 ")).unwrap_or_else(|| panic!("row 8: {text}"));
+    assert!(row.contains(" dead ") && row.contains("larger than"), "{row}");
+    for extra in [&[][..], &["--json"][..]] {
+        let mut args = vec!["queue", "inspect", "--state-dir", arg(tmp.path()), "7"];
+        args.extend_from_slice(extra);
+        let out = nixfleet(&args);
+        let both = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(!both.contains("SECRET"), "{extra:?}: {both}");
+    }
+    let out = nixfleet(&["queue", "inspect", "--state-dir", arg(tmp.path()), "7"]);
+    assert!(stdout(&out).contains("symbolic link"), "{}", stdout(&out));
+}
+
 /// `inspect` finds an event by qseq or by file name, prints it readably,
 /// prints the stored bytes with --json, and fails on an unknown qseq.
 #[test]

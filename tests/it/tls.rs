@@ -327,6 +327,11 @@ async fn sighup_rotates_to_a_new_client_ca_and_keeps_the_old_files_on_a_bad_one_
     let (old, new) =
         (host.closure("old", crate::agent::PASSING_PROBE), host.closure("new", crate::agent::PASSING_PROBE));
     host.boot_into(&old);
+    // The CP keeps heartbeats only of hosts a published manifest names: a
+    // first rollout to the closure web-1 already runs names it.
+    let first = crate::agent::manifest("stable@r0", 1, &[("web-1", 0, &old)]);
+    let resp = client::request(&cp.url, Method::POST, "/v1/rollouts", &[], Some(release.sign(&first))).await;
+    assert_eq!(resp.expect("publish").status, StatusCode::CREATED);
     host.start_agent(&cp, &release.pub_path);
     let agent_pid = host.agent.as_ref().expect("agent").id();
     let cp_pid = cp.pid();

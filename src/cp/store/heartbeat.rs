@@ -42,12 +42,18 @@ impl Drift {
     }
 }
 
+/// Records a heartbeat; `None` (and nothing written) when no published
+/// manifest names the host: only hosts of a rollout get a `hosts` row, so
+/// heartbeats for invented hostnames cannot fill the table.
 pub(super) fn heartbeat(
     db: Db<'_>,
     state: &mut CpState,
     hb: &Heartbeat,
     now: OffsetDateTime,
-) -> Result<BTreeMap<RolloutId, u64>, StoreError> {
+) -> Result<Option<BTreeMap<RolloutId, u64>>, StoreError> {
+    if !state.rollouts.values().any(|r| r.manifest.hosts.contains_key(&hb.hostname)) {
+        return Ok(None);
+    }
     let replay_from = replay_from(state, hb);
     // Drift is judged only on complete knowledge: when the CP is behind the
     // agent, its records describe the past and would cry wolf.
@@ -82,7 +88,7 @@ pub(super) fn heartbeat(
             ])
         })
         .map_err(db.sql("record heartbeat"))?;
-    Ok(replay_from)
+    Ok(Some(replay_from))
 }
 
 /// Per rollout, the CP's last seq where the agent has emitted more: the

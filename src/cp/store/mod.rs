@@ -45,6 +45,7 @@ mod group;
 mod heartbeat;
 mod ingest;
 mod operator;
+mod pages;
 mod plan;
 mod publish;
 mod reads;
@@ -59,6 +60,7 @@ pub use operator::{
     accepted_of, action_rows, check_reason, ActionKind, ActionOutcome, ActionRecord, OperatorRequest, Refusal,
     MAX_REASON_BYTES, UNAUTHENTICATED,
 };
+pub use pages::{host_records_named, host_records_page, n_skipped_pending, records_in_state, state_counts};
 pub use publish::PublishOutcome;
 pub use reads::{
     cached_host_records, envelope, host_records_of, live_rollouts, load_state, logged_events_of, manifests,
@@ -67,8 +69,9 @@ pub use reads::{
 pub use schema::{open, open_reader, SCHEMA_VERSION};
 pub use state::{pending_records, CpState, LiveRollout};
 pub use status::{
-    dispatch_times, event_rows, host_event_rows, host_rows, metric_counts, quarantine_rows, rollout_exists,
-    rollout_row, rollout_rows, HostRow, LoggedRow, MetricCounts, QuarantineRow, RolloutRow,
+    dispatch_times, event_rows, host_event_rows, host_names_after, host_rows, host_rows_between, metric_counts,
+    quarantine_rows, rollout_exists, rollout_row, rollout_rows, HostRow, LoggedRow, MetricCounts, QuarantineRow,
+    RolloutRow,
 };
 pub use writer::{
     Command, Counters, Reply, Writer, WriterStats, MAX_GROUP_EVENTS, SLOW_GROUP_MS, WRITER_CHANNEL_CAPACITY,

@@ -274,15 +274,45 @@ pub struct HostRow {
 
 /// Every host that sent a heartbeat.
 pub fn host_rows(conn: &Connection, path: &Path) -> Result<Vec<HostRow>, StoreError> {
+    host_rows_where(conn, path, "", [])
+}
+
+/// The hosts that sent a heartbeat with a name in `first..=last` (one page).
+pub fn host_rows_between(conn: &Connection, path: &Path, first: &str, last: &str) -> Result<Vec<HostRow>, StoreError> {
+    host_rows_where(conn, path, "WHERE hostname >= ?1 AND hostname <= ?2", params![first, last])
+}
+
+/// Up to `limit` names from `hosts` after `after`, in order.
+pub fn host_names_after(
+    conn: &Connection,
+    path: &Path,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<String>, StoreError> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    Db::new(conn, path).rows(
+        "list hosts",
+        "SELECT hostname FROM hosts WHERE ?1 IS NULL OR hostname > ?1 ORDER BY hostname LIMIT ?2",
+        params![after, limit],
+        |r| r.get(0),
+    )
+}
+
+fn host_rows_where<P: rusqlite::Params>(
+    conn: &Connection,
+    path: &Path,
+    filter: &str,
+    params: P,
+) -> Result<Vec<HostRow>, StoreError> {
     let db = Db::new(conn, path);
     let mut stmt = conn
-        .prepare(
+        .prepare(&format!(
             "SELECT hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs,
-                    drift, expected_closure, expected_from FROM hosts",
-        )
+                    drift, expected_closure, expected_from FROM hosts {filter}"
+        ))
         .map_err(db.sql("read hosts"))?;
     let rows = stmt
-        .query_map([], |r| {
+        .query_map(params, |r| {
             Ok((
                 HostRow {
                     hostname: r.get(0)?,

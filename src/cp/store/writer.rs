@@ -79,9 +79,10 @@ pub enum Command {
         items: Vec<BatchItem>,
         reply: oneshot::Sender<Reply<Vec<EventResult>>>,
     },
+    /// Answers `None` for a host no published manifest names (nothing stored).
     Heartbeat {
         heartbeat: Heartbeat,
-        reply: oneshot::Sender<Reply<BTreeMap<RolloutId, u64>>>,
+        reply: oneshot::Sender<Reply<Option<BTreeMap<RolloutId, u64>>>>,
     },
     /// `cp resume` / `cp cancel` / `cp unquarantine` (`super::operator`).
     Operator {
@@ -108,7 +109,7 @@ impl Command {
 enum Pending {
     Publish(oneshot::Sender<Reply<PublishOutcome>>, PublishOutcome),
     Ingest(oneshot::Sender<Reply<Vec<EventResult>>>, Vec<EventResult>),
-    Heartbeat(oneshot::Sender<Reply<BTreeMap<RolloutId, u64>>>, BTreeMap<RolloutId, u64>),
+    Heartbeat(oneshot::Sender<Reply<Option<BTreeMap<RolloutId, u64>>>>, Option<BTreeMap<RolloutId, u64>>),
     Operator(oneshot::Sender<Reply<ActionOutcome>>, ActionOutcome),
 }
 

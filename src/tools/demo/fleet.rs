@@ -138,6 +138,7 @@ pub async fn start_cp(
         trust_keys: vec![key.public_key()],
         heartbeat_interval_secs: 2,
         grace: Duration::from_secs(2),
+        limits: crate::cp::ServeLimits::default(),
     };
     let acceptor = TlsAcceptor::new(demo_pki.server()?);
     let serve = server::serve(listener, acceptor, cfg, ClockHandle::system(), running.stopped());

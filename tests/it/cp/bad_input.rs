@@ -144,6 +144,7 @@ fn liveness_follows_the_clock() {
             trust_keys: vec![nixfleet::sign::PublicKey::load(&release.pub_path).unwrap()],
             heartbeat_interval_secs: 60,
             grace: Duration::from_secs(5),
+            limits: nixfleet::cp::ServeLimits::default(),
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let server =

@@ -20,6 +20,7 @@ mod bad_input;
 mod dispatch;
 mod durability;
 mod ingest;
+mod limits;
 mod operator;
 mod publish;
 mod views;

@@ -195,7 +195,16 @@ fn unquarantine_then_a_republish_dispatches_again() {
 fn plan_shows_quarantined_busy_drifting_and_unreachable_hosts_and_changes_nothing() {
     let (dir, release, cp) = setup("op-plan");
     let rt = rt();
-    let other = manifest("other@r1", T0, 0, &[("all", 0, 2)], &[("web-5", 0, "web-5-new"), ("web-6", 0, "web-6-new")]);
+    // web-7 waits in other@r1's second wave (never reached while web-5
+    // soaks): the CP knows it, so its heartbeat is stored, and it is live
+    // nowhere.
+    let other = manifest(
+        "other@r1",
+        T0,
+        0,
+        &[("all", 0, 2), ("later", 0, 1)],
+        &[("web-5", 0, "web-5-new"), ("web-6", 0, "web-6-new"), ("web-7", 1, "web-7-other")],
+    );
     rt.block_on(async {
         let agents = halt_at_the_canary(&cp, &release, "stable@r1", T0).await;
         agents[0].heartbeat().await;

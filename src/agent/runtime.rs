@@ -8,18 +8,21 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
 use super::activation::{ActivationConfig, SwitchRunner};
 use super::journal::{restore, SharedQueue};
 use super::net::CpApi;
 use super::probes::HostRunner;
-use super::reducer::{commands, Reducer, INPUT_CAPACITY};
+use super::reducer::{commands, CommandReceivers, Input, Reducer, INPUT_CAPACITY};
+use super::rollouts::Rollouts;
 use super::workers::net::{
     run_drain_worker, run_heartbeat_worker, run_longpoll_worker, HeartbeatConfig, LongPollConfig,
 };
-use super::workers::{run_activation_worker, run_probe_worker, run_tick_worker, shutdown_channel, WorkerExit};
+use super::workers::{
+    run_activation_worker, run_probe_worker, run_tick_worker, shutdown_channel, Shutdown, WorkerExit,
+};
 use crate::client::CpUrl;
 use crate::clock::ClockHandle;
 use crate::ids::Hostname;
@@ -119,12 +122,7 @@ async fn run_agent(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let started = Instant::now();
-    let report = queue.recovery_report().clone();
-    tracing::info!(?report, "queue opened");
-    let (rollouts, restored) =
-        restore(&queue, &cfg.state_dir, &cfg.hostname, &cfg.trust_keys).map_err(AgentError::Restore)?;
-    tracing::info!(restored = ?restored.restored, pruned = ?restored.pruned, skipped = ?restored.skipped, "state rebuilt from the queue");
-    let queue = SharedQueue::new(queue);
+    let (rollouts, queue) = restore_from_queue(&cfg, queue)?;
 
     let (cmds, rx) = commands();
     let (mut reducer, snapshot) = Reducer::new(rollouts, queue.clone(), cmds);
@@ -134,25 +132,84 @@ async fn run_agent(
     let tick_every = watchdog.wake_interval().map_or(cfg.tick, |wake| wake.min(cfg.tick));
     let mut reducer_task = tokio::spawn(reducer.run_pinging(input_rx, watchdog));
 
-    let api = CpApi::new(cfg.cp.clone(), cfg.hostname.clone());
     let (trigger, stop) = shutdown_channel();
-    let mut workers: JoinSet<(&'static str, WorkerExit)> = JoinSet::new();
+    let wiring = Wiring { inputs: input_tx, clock, stop };
+    let mut workers = JoinSet::new();
+    spawn_host_workers(&mut workers, &cfg, &rx, tick_every, &wiring);
+    spawn_cp_workers(&mut workers, &cfg, &rx, &snapshot, &queue, started, &wiring);
+    drop(wiring);
+    tracing::info!(hostname = %cfg.hostname, cp = cfg.cp.authority(), "agent running");
+    notifier.ready(&format!("running as {} against {}", cfg.hostname, cfg.cp.authority()));
+
+    let failure = first_stop(shutdown, &mut workers, &queue, &reducer_task).await;
+    notifier.stopping("stopping the workers");
+    trigger.trigger();
+    stop_within_grace(workers, &mut reducer_task).await;
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// Start-up: rebuilds every rollout from the queue before any worker runs.
+fn restore_from_queue(cfg: &AgentConfig, queue: Queue) -> Result<(Rollouts, SharedQueue), AgentError> {
+    let report = queue.recovery_report().clone();
+    tracing::info!(?report, "queue opened");
+    let (rollouts, restored) =
+        restore(&queue, &cfg.state_dir, &cfg.hostname, &cfg.trust_keys).map_err(AgentError::Restore)?;
+    tracing::info!(restored = ?restored.restored, pruned = ?restored.pruned, skipped = ?restored.skipped, "state rebuilt from the queue");
+    Ok((rollouts, SharedQueue::new(queue)))
+}
+
+/// What every worker gets a clone of: the reducer's input channel, the
+/// clock and the shutdown signal.
+struct Wiring {
+    inputs: mpsc::Sender<Input>,
+    clock: ClockHandle,
+    stop: Shutdown,
+}
+
+/// Each worker task returns its name with its exit, for the log.
+type Workers = JoinSet<(&'static str, WorkerExit)>;
+
+/// The workers that act on the host: activation, probes, tick.
+fn spawn_host_workers(
+    workers: &mut Workers,
+    cfg: &AgentConfig,
+    rx: &CommandReceivers,
+    tick_every: Duration,
+    w: &Wiring,
+) {
     {
-        let (cfg_a, inputs, clock, stop) = (cfg.activation.clone(), input_tx.clone(), clock.clone(), stop.clone());
+        let (cfg_a, inputs, clock, stop) = (cfg.activation.clone(), w.inputs.clone(), w.clock.clone(), w.stop.clone());
         let orders = rx.activation.clone();
         workers.spawn(async move { ("activation", run_activation_worker(cfg_a, orders, inputs, clock, stop).await) });
     }
     {
-        let (path, inputs, clock, stop) = (cfg.health_checks.clone(), input_tx.clone(), clock.clone(), stop.clone());
+        let (path, inputs, clock, stop) =
+            (cfg.health_checks.clone(), w.inputs.clone(), w.clock.clone(), w.stop.clone());
         let plan = rx.probes.clone();
         workers.spawn(async move {
             ("probes", run_probe_worker(path, HostRunner::default(), plan, inputs, clock, stop).await)
         });
     }
     {
-        let (tick, inputs, clock, stop) = (tick_every, input_tx.clone(), clock.clone(), stop.clone());
+        let (tick, inputs, clock, stop) = (tick_every, w.inputs.clone(), w.clock.clone(), w.stop.clone());
         workers.spawn(async move { ("tick", run_tick_worker(tick, inputs, clock, stop).await) });
     }
+}
+
+/// The workers that talk to the control plane: long-poll, drain, heartbeat.
+fn spawn_cp_workers(
+    workers: &mut Workers,
+    cfg: &AgentConfig,
+    rx: &CommandReceivers,
+    snapshot: &watch::Receiver<Rollouts>,
+    queue: &SharedQueue,
+    started: Instant,
+    w: &Wiring,
+) {
+    let api = CpApi::new(cfg.cp.clone(), cfg.hostname.clone());
     {
         let lp = LongPollConfig {
             wait_secs: cfg.longpoll_wait_secs,
@@ -161,11 +218,11 @@ async fn run_agent(
             state_dir: cfg.state_dir.clone(),
         };
         let (api, snap, q, inputs, clock, stop) =
-            (api.clone(), snapshot.clone(), queue.clone(), input_tx.clone(), clock.clone(), stop.clone());
+            (api.clone(), snapshot.clone(), queue.clone(), w.inputs.clone(), w.clock.clone(), w.stop.clone());
         workers.spawn(async move { ("longpoll", run_longpoll_worker(api, lp, snap, q, inputs, clock, stop).await) });
     }
     {
-        let (api, q, wake, interval, stop) = (api.clone(), queue.clone(), rx.drain.clone(), cfg.drain, stop.clone());
+        let (api, q, wake, interval, stop) = (api.clone(), queue.clone(), rx.drain.clone(), cfg.drain, w.stop.clone());
         workers.spawn(async move { ("drain", run_drain_worker(api, q, wake, interval, stop).await) });
     }
     {
@@ -174,20 +231,25 @@ async fn run_agent(
             current_system: cfg.current_system.clone(),
             booted_system: cfg.booted_system.clone(),
         };
-        let (api, q, stop) = (api.clone(), queue.clone(), stop.clone());
+        let (api, q, stop) = (api.clone(), queue.clone(), w.stop.clone());
         workers.spawn(async move { ("heartbeat", run_heartbeat_worker(api, hb, q, started, stop).await) });
     }
-    drop(input_tx);
-    tracing::info!(hostname = %cfg.hostname, cp = cfg.cp.authority(), "agent running");
-    notifier.ready(&format!("running as {} against {}", cfg.hostname, cfg.cp.authority()));
+}
 
-    // A worker ends on its own only when something it needs is gone (the
-    // reducer) or it panicked: the agent then stops with an error, so the
-    // service manager restarts it and the restart rebuilds from the queue.
-    // Likewise when the queue stops (poisoned): nothing can be journaled in
-    // this process any more, so probes, failure detection and rollback
-    // would stall; a restart reopens the queue and recovers from disk.
-    let failure = tokio::select! {
+/// Waits for what ends the run: the requested shutdown (None), or a
+/// failure. A worker ends on its own only when something it needs is gone
+/// (the reducer) or it panicked: the agent then stops with an error, so the
+/// service manager restarts it and the restart rebuilds from the queue.
+/// Likewise when the queue stops (poisoned): nothing can be journaled in
+/// this process any more, so probes, failure detection and rollback
+/// would stall; a restart reopens the queue and recovers from disk.
+async fn first_stop(
+    shutdown: impl std::future::Future<Output = ()>,
+    workers: &mut Workers,
+    queue: &SharedQueue,
+    reducer_task: &JoinHandle<()>,
+) -> Option<AgentError> {
+    tokio::select! {
         () = shutdown => {
             tracing::info!("shutdown requested");
             None
@@ -207,9 +269,13 @@ async fn run_agent(
             reducer_task.abort();
             Some(AgentError::QueueStopped { path: queue.dir().to_owned(), reason })
         }
-    };
-    notifier.stopping("stopping the workers");
-    trigger.trigger();
+    }
+}
+
+/// Shutdown, once the workers were told to stop: they get
+/// [`SHUTDOWN_GRACE`] to finish (then they are aborted), and the reducer as
+/// long again to finish the inputs it holds.
+async fn stop_within_grace(mut workers: Workers, reducer_task: &mut JoinHandle<()>) {
     let graceful = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while let Some(done) = workers.join_next().await {
             if let Ok((name, exit)) = done {
@@ -222,14 +288,10 @@ async fn run_agent(
     workers.abort_all();
     // Every input sender is gone with the workers: the reducer finishes
     // the inputs it holds and ends.
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut reducer_task).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, reducer_task).await;
     if graceful {
         tracing::info!("agent stopped gracefully");
     } else {
         tracing::warn!(grace_secs = SHUTDOWN_GRACE.as_secs(), "agent stopped after the grace period; workers aborted");
-    }
-    match failure {
-        Some(error) => Err(error),
-        None => Ok(()),
     }
 }

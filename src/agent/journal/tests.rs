@@ -47,9 +47,13 @@ fn async_workers_never_lock_the_queue_on_a_runtime_thread() {
     // Proves, by reading the source, that the workers and the runtime use
     // only `SharedQueue::with` (blocking pool) and the lock-free copies:
     // `lock()` there would stall a runtime thread behind an fsync.
-    for (file, source) in
-        [("workers/net.rs", include_str!("../workers/net.rs")), ("runtime.rs", include_str!("../runtime.rs"))]
-    {
+    for (file, source) in [
+        ("workers/net/mod.rs", include_str!("../workers/net/mod.rs")),
+        ("workers/net/longpoll.rs", include_str!("../workers/net/longpoll.rs")),
+        ("workers/net/drain.rs", include_str!("../workers/net/drain.rs")),
+        ("workers/net/heartbeat.rs", include_str!("../workers/net/heartbeat.rs")),
+        ("runtime.rs", include_str!("../runtime.rs")),
+    ] {
         assert!(!source.contains(".lock()"), "src/agent/{file} locks something on a runtime thread");
     }
 }

@@ -357,6 +357,15 @@ fn browser_renders_a_live_rollout_and_its_halt() {
     let virtual_ms = nixfleet::cp::web::REFRESH_SECS * 1000 * 2 + 1000;
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut agents = rt().block_on(mid_rollout(&cp, &release));
+        // The operator's other view of the same rollout: `cp status --watch`
+        // (piped: one table per change) until the halt ends it.
+        let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_nixfleet"))
+            .args(["cp", "status", "--cp", &format!("http://{}", cp.url.authority()), "--rollout", ID])
+            .args(["--watch", "--interval", "200ms"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cp status --watch");
         let dom = render(dir.path(), &url, virtual_ms, &dir.path().join("during.png"));
         assert_states(&dom, &DURING);
         assert!(dom.contains("id=\"live\" class=\"live on\">live · updated"), "the script refreshed the page");
@@ -376,6 +385,22 @@ fn browser_renders_a_live_rollout_and_its_halt() {
         assert!(dom.contains("<title>Fleet · nixfleet</title>"), "the title is the page's own");
         assert_escaped(&dom);
 
+        let started = std::time::Instant::now();
+        while watch.try_wait().expect("watch status").is_none() {
+            if started.elapsed() > std::time::Duration::from_secs(30) {
+                let _ = watch.kill();
+                panic!("cp status --watch did not end at the halt");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let out = watch.wait_with_output().expect("watch output");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let frames: Vec<&str> = text.split("--- ").filter(|f| !f.trim().is_empty()).collect();
+        assert!(frames.len() >= 2, "one table per change, from mid-rollout to the halt:\n{text}");
+        assert!(!frames[0].contains("halted"), "{}", frames[0]);
+        assert!(frames[frames.len() - 1].contains("halted"), "{}", frames[frames.len() - 1]);
+        assert!(frames[frames.len() - 1].contains(&reason), "the halt reason: {}", frames[frames.len() - 1]);
         let dom = render(dir.path(), &format!("{url}hosts/web-2"), virtual_ms, &dir.path().join("host.png"));
         assert!(dom.contains("<strong>ProbeResult</strong>"), "the host's timeline");
         assert_escaped(&dom);

@@ -40,8 +40,9 @@ pub struct LostRecord {
 /// What was done for one lost seq.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Repair {
-    /// Rebuilt; the event takes the lost seq.
-    Rebuilt { seq: u64, kind: String, from: &'static str, file: String },
+    /// Rebuilt; the event takes the lost seq, and the restart writes it back
+    /// under the lost record's `qseq` (`Queue::write_back`).
+    Rebuilt { seq: u64, qseq: u64, kind: String, from: &'static str, file: String },
     /// Only the seq is kept (a visibility event).
     Bridged { seq: u64, kind: String, file: String },
 }
@@ -49,7 +50,9 @@ pub enum Repair {
 impl std::fmt::Display for Repair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Repair::Rebuilt { seq, kind, from, file } => write!(f, "seq {seq} ({kind}, {file}) rebuilt from {from}"),
+            Repair::Rebuilt { seq, kind, from, file, .. } => {
+                write!(f, "seq {seq} ({kind}, {file}) rebuilt from {from}")
+            }
             Repair::Bridged { seq, kind, file } => {
                 write!(
                     f,
@@ -179,6 +182,7 @@ fn repair(
 ) -> Result<(), String> {
     let kind = record.kind.clone();
     let file = record.file.clone();
+    let qseq = record.qseq;
     let body = match kind.as_str() {
         "DispatchAck" => {
             let Some(a) = acceptance else {
@@ -208,7 +212,13 @@ fn repair(
                 completed_at: at,
             };
             let event = OutboundEvent::from_machine(seq, &body);
-            out.repairs.push(Repair::Rebuilt { seq, kind, from: "the events after it (soak from the next one)", file });
+            out.repairs.push(Repair::Rebuilt {
+                seq,
+                qseq,
+                kind,
+                from: "the events after it (soak from the next one)",
+                file,
+            });
             out.events.push(event);
             return Ok(());
         }
@@ -220,7 +230,7 @@ fn repair(
         _ => return Err(format!("a {kind} record ({file}) decides the rollout and cannot be inferred")),
     };
     out.events.push(OutboundEvent::from_machine(seq, &body));
-    out.repairs.push(Repair::Rebuilt { seq, kind, from: "accepted-channels.json", file });
+    out.repairs.push(Repair::Rebuilt { seq, qseq, kind, from: "accepted-channels.json", file });
     Ok(())
 }
 

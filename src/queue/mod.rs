@@ -110,6 +110,12 @@
 //!     `acked/` and completes.
 //! 11. Leftovers of 6 and 10: a `.reason` in `dead/` without its event, or a
 //!     `.revived` note in `acked/` without its event, is removed at open.
+//! 12. Write-back ([`Queue::write_back`], the restart rebuild of a rotted
+//!     record, see 8): the rebuilt record is written pending under the
+//!     rotted file's name (tmp, fsync, rename, fsync), then the corrupt copy
+//!     and its reason are removed from `dead/` and `dead/` is fsynced. A
+//!     crash in between leaves the name in both folders; open drops the
+//!     pending copy (8), and the rebuild writes it back again.
 //!
 //! Known limit: an event file damaged after it was durable (bit rot) moves
 //! to `dead/` and its seq is no longer known; if it was the last event of
@@ -118,6 +124,7 @@
 pub mod record;
 pub mod storage;
 pub mod view;
+mod write_back;
 
 #[cfg(test)]
 mod sim;
@@ -318,6 +325,10 @@ pub enum QueueError {
     NotDead { qseq: u64 },
     #[error("qseq {qseq} is not a pending event")]
     NotPending { qseq: u64 },
+    /// [`Queue::write_back`] of an event whose record did not rot (no
+    /// unreadable `dead/{name}`, or its seq is held by a readable event).
+    #[error("dead/{name} is not an unreadable record whose seq is free; nothing written back")]
+    NotRotted { name: String },
     #[error("queue stopped after an unrecoverable write failure ({0}); reopen it to recover from disk")]
     Poisoned(String),
 }

@@ -263,7 +263,7 @@ impl SimAgent {
     /// queue (start-up recovery), rebuild every rollout, create the reducer,
     /// `resume` what was in progress.
     pub fn start(&mut self, clock: &ClockHandle, now_ms: u64, verified: &RefCell<VerifyCache>) -> Result<(), String> {
-        let queue = Queue::open_with_storage(
+        let mut queue = Queue::open_with_storage(
             Box::new(self.storage.clone()),
             &self.state_dir,
             self.host.clone(),
@@ -272,7 +272,7 @@ impl SimAgent {
         )
         .map_err(|e| format!("{}: queue open: {e}", self.host))?;
         let (rollouts, report) =
-            restore_from(&queue, &SimFiles { agent: self, verified }, &self.host, &self.trust_keys)
+            restore_from(&mut queue, &SimFiles { agent: self, verified }, &self.host, &self.trust_keys)
                 .map_err(|e| e.to_string())?;
         let journal = SimJournal { queue: Arc::new(Mutex::new(queue)), channels: self.files.channels.clone() };
         let (cmds, rx) = commands();

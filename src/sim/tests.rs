@@ -115,6 +115,7 @@ const SOAK_SEEDS: &[(u64, FaultProfile, &str)] = &[
     (83, FaultProfile::Heavy, "quarantine: remembered across a database loss (checker)"),
     (116, FaultProfile::Heavy, "agreement: the run ended before the rebuilt CP heard every agent (sim)"),
     (239, FaultProfile::Heavy, "halt: a completed rollout never planned again (CP writer)"),
+    (122, FaultProfile::Heavy, "agreement: a rebuilt pending record never reached the CP (agent restore)"),
 ];
 
 #[test]

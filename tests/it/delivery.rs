@@ -568,3 +568,38 @@ async fn a_queue_that_stops_on_a_failed_write_stops_the_agent_with_an_error_nami
     let kinds: Vec<&str> = reopened.pending().iter().map(|q| q.kind()).collect();
     assert!(kinds.is_empty() || kinds == ["DispatchAck"], "{kinds:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotted_pending_record_is_rebuilt_written_back_and_the_cp_receives_its_seq() {
+    // Proves issue 9 (bug 8 follow-up): seq 3 (ActivationCompleted) rots
+    // while still pending, never delivered. The restart rebuilds it from
+    // the events after it and writes it back under its qseq; the real
+    // drainer then delivers 1..5 in order to the real CP. Without the
+    // write-back the CP stops at 2 and seqs 4 and 5 are dead-lettered.
+    let world = World::start("delivery-writeback", &[("stable@q1", &["web-1"])]).await;
+    let state_dir = world.state_dir();
+    let id = rid("stable@q1");
+    let envelope = world.release.sign(&manifest("stable@q1", &["web-1"]));
+    let public = world.release.key.public_key();
+    nixfleet::agent::journal::ManifestCache::new(&state_dir).store(&id, &envelope, &public).expect("cache");
+    let rotted = {
+        let mut queue = Queue::open(&state_dir, host(), QueueConfig::default(), ClockHandle::system()).expect("queue");
+        let refs: Vec<_> = (1..=5).map(|seq| queue.enqueue(&id, &legal(seq)).expect("enqueue")).collect();
+        refs[2].path.clone()
+    };
+    std::fs::write(&rotted, b"{ bit rot").expect("rot");
+
+    let mut queue = Queue::open(&state_dir, host(), QueueConfig::default(), ClockHandle::system()).expect("reopen");
+    let (rollouts, report) =
+        nixfleet::agent::journal::restore_and_write_back(&mut queue, &state_dir, &host(), &[public]).expect("restore");
+    assert_eq!(rollouts.get(&id).map(|s| s.record.last_seq), Some(5));
+    assert_eq!(report.written_back, vec![(id.clone(), 3)], "{report:?}");
+    assert!(rotted.exists(), "back in the pending folder under its own name");
+    let queue = SharedQueue::new(queue);
+    let drainer = Drainer::start(&world.cp.url, &queue);
+    until("the queue drained", || async { queue.lock().pending_len() == 0 }).await;
+    drainer.stop().await;
+    assert_eq!(world.cp_seqs("stable@q1").await, vec![1, 2, 3, 4, 5], "the CP received the rebuilt seq 3");
+    assert_eq!(world.cp.host_state("stable@q1", "web-1").await, "Soaking");
+    assert!(on_disk(&state_dir, EntryState::Dead).is_empty(), "nothing dead-lettered");
+}

@@ -51,6 +51,11 @@ pub enum RestoreError {
         queue_dir.display()
     )]
     Lost { rollout_id: RolloutId, why: String, queue_dir: PathBuf },
+    /// A rebuilt record could not be written back to the queue (the CP
+    /// would never receive its seq): the agent does not start, and the
+    /// next start rebuilds it again.
+    #[error("seq {seq} of rollout {rollout_id} was rebuilt but cannot be written back to the queue: {source}")]
+    WriteBack { rollout_id: RolloutId, seq: u64, source: crate::queue::QueueError },
 }
 
 /// What the start-up rebuild did, for the log and for tests.
@@ -70,6 +75,9 @@ pub struct RestoreReport {
     /// Rollouts rebuilt although records of theirs were lost (see
     /// `agent::rebuild`), with what was rebuilt or bridged; logged at ERROR.
     pub rebuilt: Vec<(RolloutId, String)>,
+    /// Rebuilt events written back to the queue as pending records under
+    /// the rotted record's qseq, so the CP receives them: (rollout, seq).
+    pub written_back: Vec<(RolloutId, u64)>,
     /// Rollouts that could not be rebuilt and no longer act on the host (a
     /// corrupt or missing record, a history that does not replay), with the
     /// reason; logged at ERROR and counted as a problem by `nixfleet replay
@@ -95,6 +103,24 @@ pub struct RestoreReport {
 /// the file: it cannot be finished without a policy and must not be guessed.
 pub fn restore(
     queue: &Queue,
+    state_dir: &Path,
+    hostname: &Hostname,
+    trust_keys: &[PublicKey],
+) -> Result<(Rollouts, RestoreReport), RestoreError> {
+    let (rollouts, report, write_back) = rebuild_all(queue, &StateDirFiles::new(state_dir), hostname, trust_keys)?;
+    for (rollout_id, _, event) in &write_back {
+        tracing::error!(%rollout_id, seq = event.seq, "a rebuilt record is not written back (this caller holds the queue read-only); the CP will not receive its seq");
+    }
+    Ok((rollouts, report))
+}
+
+/// [`restore`], and every rebuilt record ([`Repair::Rebuilt`]) is written
+/// back to the queue as a pending record under the rotted record's qseq
+/// ([`Queue::write_back`]), before any worker runs, so the drainer delivers
+/// it in seq order (`docs/decisions.md` 29). A write-back that fails stops
+/// the start ([`RestoreError::WriteBack`]); the next start rebuilds again.
+pub fn restore_and_write_back(
+    queue: &mut Queue,
     state_dir: &Path,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
@@ -180,13 +206,33 @@ impl RestoreSource for StateDirFiles<'_> {
     }
 }
 
-/// [`restore`] with the agent's files read through `source`.
+/// [`restore_and_write_back`] with the agent's files read through `source`.
 pub fn restore_from(
-    queue: &Queue,
+    queue: &mut Queue,
     source: &dyn RestoreSource,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
 ) -> Result<(Rollouts, RestoreReport), RestoreError> {
+    let (rollouts, mut report, write_back) = rebuild_all(queue, source, hostname, trust_keys)?;
+    for (rollout_id, qseq, event) in write_back {
+        match queue.write_back(&rollout_id, qseq, &event) {
+            Ok(_) => report.written_back.push((rollout_id, event.seq)),
+            Err(source) => return Err(RestoreError::WriteBack { rollout_id, seq: event.seq, source }),
+        }
+    }
+    Ok((rollouts, report))
+}
+
+/// A rebuilt event to write back: (rollout, the rotted record's qseq, event).
+type WriteBack = (RolloutId, u64, OutboundEvent);
+
+/// The rebuild itself, read-only on the queue.
+fn rebuild_all(
+    queue: &Queue,
+    source: &dyn RestoreSource,
+    hostname: &Hostname,
+    trust_keys: &[PublicKey],
+) -> Result<(Rollouts, RestoreReport, Vec<WriteBack>), RestoreError> {
     let mut journals: BTreeMap<RolloutId, Vec<(u64, OutboundEvent)>> = BTreeMap::new();
     for (rollout_id, _) in queue.rollouts() {
         let events = queue.events_after(&rollout_id, 0).into_iter().map(|q| (q.qseq, q.event));
@@ -206,6 +252,7 @@ pub fn restore_from(
         rollouts: Rollouts::new(hostname.clone()),
         channels: source.channel_history()?,
         report: RestoreReport::default(),
+        write_back: Vec::new(),
     };
     for (rollout_id, events) in journals {
         let lost = lost_records(&corrupt, hostname, &rollout_id);
@@ -217,9 +264,9 @@ pub fn restore_from(
             Verdict::Complete(history) => rebuild.one(rollout_id, history)?,
         }
     }
-    let Rebuild { mut rollouts, channels, report, .. } = rebuild;
+    let Rebuild { mut rollouts, channels, report, write_back, .. } = rebuild;
     rollouts.set_channels(channels);
-    Ok((rollouts, report))
+    Ok((rollouts, report, write_back))
 }
 
 /// The state of one start-up rebuild, rollout by rollout.
@@ -231,6 +278,7 @@ struct Rebuild<'a> {
     rollouts: Rollouts,
     channels: ChannelHistory,
     report: RestoreReport,
+    write_back: Vec<WriteBack>,
 }
 
 impl Rebuild<'_> {
@@ -258,6 +306,12 @@ impl Rebuild<'_> {
                 let what: Vec<String> = history.repairs.iter().map(ToString::to_string).collect();
                 let what = what.join("; ");
                 tracing::error!(%rollout_id, repaired = %what, "part of the rollout's history was lost and is rebuilt; the rollout carries on under supervision");
+                for repair in &history.repairs {
+                    let Repair::Rebuilt { seq, qseq, .. } = repair else { continue };
+                    if let Some(event) = history.events.iter().find(|e| e.seq == *seq) {
+                        self.write_back.push((rollout_id.clone(), *qseq, event.clone()));
+                    }
+                }
                 self.report.rebuilt.push((rollout_id.clone(), what));
                 self.report.restored.push(rollout_id);
                 Ok(())

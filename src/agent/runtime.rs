@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::activation::{ActivationConfig, SwitchRunner};
-use super::journal::{restore, SharedQueue};
+use super::journal::{restore_and_write_back, SharedQueue};
 use super::net::CpApi;
 use super::probes::HostRunner;
 use super::reducer::{commands, CommandReceivers, Input, Reducer, INPUT_CAPACITY};
@@ -152,12 +152,12 @@ async fn run_agent(
 }
 
 /// Start-up: rebuilds every rollout from the queue before any worker runs.
-fn restore_from_queue(cfg: &AgentConfig, queue: Queue) -> Result<(Rollouts, SharedQueue), AgentError> {
+fn restore_from_queue(cfg: &AgentConfig, mut queue: Queue) -> Result<(Rollouts, SharedQueue), AgentError> {
     let report = queue.recovery_report().clone();
     tracing::info!(?report, "queue opened");
-    let (rollouts, restored) =
-        restore(&queue, &cfg.state_dir, &cfg.hostname, &cfg.trust_keys).map_err(AgentError::Restore)?;
-    tracing::info!(restored = ?restored.restored, pruned = ?restored.pruned, skipped = ?restored.skipped, "state rebuilt from the queue");
+    let (rollouts, restored) = restore_and_write_back(&mut queue, &cfg.state_dir, &cfg.hostname, &cfg.trust_keys)
+        .map_err(AgentError::Restore)?;
+    tracing::info!(restored = ?restored.restored, pruned = ?restored.pruned, skipped = ?restored.skipped, written_back = ?restored.written_back, "state rebuilt from the queue");
     Ok((rollouts, SharedQueue::new(queue)))
 }
 

@@ -276,6 +276,12 @@ pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) 
         problems.push(e.to_string());
         ChannelHistory::in_memory()
     });
+    // Records rebuilt and written back at an earlier start: the rotted copy
+    // left `dead/` then, and the loss is still a problem of this disk.
+    for line in journal::rebuilt_log(state_dir)? {
+        let _ = writeln!(out, "REBUILT at an earlier start (written back to the queue): {line}");
+        problems.push(format!("rebuilt at an earlier start: {line}"));
+    }
     for (name, reason) in &corrupt {
         let known = journals.keys().any(|(rollout_id, host)| rebuild::names_rollout(name, host, rollout_id));
         if !known {

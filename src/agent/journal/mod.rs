@@ -27,8 +27,8 @@ mod tests;
 
 pub use manifests::{cached_manifest, cached_policy, CachedManifest, CachedManifestError, ManifestCache, MANIFEST_DIR};
 pub use restore::{
-    corrupt_records, recorded_events, restore, restore_and_write_back, restore_from, RestoreError, RestoreReport,
-    RestoreSource, StateDirFiles, FALLBACK_POLICY,
+    corrupt_records, rebuilt_log, recorded_events, restore, restore_and_write_back, restore_from, RestoreError,
+    RestoreReport, RestoreSource, StateDirFiles, FALLBACK_POLICY, REBUILT_LOG,
 };
 
 /// The queue shared by the reducer (enqueue), the drainer (ack, reject,

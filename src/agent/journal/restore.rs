@@ -155,6 +155,25 @@ pub trait RestoreSource {
     fn verify_envelope(&self, trust_keys: &[PublicKey], envelope: &[u8]) -> Result<Arc<Manifest>, Refusal> {
         verified_manifest(trust_keys, envelope).map(Arc::new)
     }
+    /// Keeps, durably, what was rebuilt before a write-back removes the
+    /// rotted copy from `dead/`, so `nixfleet replay --state-dir` still
+    /// reports the loss afterwards (default: nothing to keep).
+    fn record_rebuilt(&self, _rebuilt: &[(RolloutId, String)]) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `{state_dir}/rebuilt-records.log`: one line per rebuilt record, written
+/// (and fsynced) before the write-back removes the evidence from `dead/`.
+pub const REBUILT_LOG: &str = "rebuilt-records.log";
+
+/// The lines of [`REBUILT_LOG`] (none when the file does not exist).
+pub fn rebuilt_log(state_dir: &Path) -> std::io::Result<Vec<String>> {
+    match std::fs::read_to_string(state_dir.join(REBUILT_LOG)) {
+        Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
 }
 
 /// The daemon's [`RestoreSource`]: the files of the state dir.
@@ -204,6 +223,19 @@ impl RestoreSource for StateDirFiles<'_> {
     fn manifest_path(&self, rollout_id: &RolloutId) -> PathBuf {
         self.cache.path(rollout_id)
     }
+    fn record_rebuilt(&self, rebuilt: &[(RolloutId, String)]) -> std::io::Result<()> {
+        use std::io::Write;
+        let path = self.state_dir.join(REBUILT_LOG);
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        for (rollout_id, what) in rebuilt {
+            writeln!(file, "{rollout_id}: {what}")?;
+        }
+        file.sync_all()?;
+        if let Ok(dir) = std::fs::File::open(self.state_dir) {
+            dir.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 /// [`restore_and_write_back`] with the agent's files read through `source`.
@@ -214,6 +246,13 @@ pub fn restore_from(
     trust_keys: &[PublicKey],
 ) -> Result<(Rollouts, RestoreReport), RestoreError> {
     let (rollouts, mut report, write_back) = rebuild_all(queue, source, hostname, trust_keys)?;
+    if !write_back.is_empty() {
+        source.record_rebuilt(&report.rebuilt).map_err(|io| RestoreError::WriteBack {
+            rollout_id: write_back[0].0.clone(),
+            seq: write_back[0].2.seq,
+            source: crate::queue::QueueError::Io { op: "append", path: REBUILT_LOG.into(), source: io },
+        })?;
+    }
     for (rollout_id, qseq, event) in write_back {
         match queue.write_back(&rollout_id, qseq, &event) {
             Ok(_) => report.written_back.push((rollout_id, event.seq)),

@@ -189,14 +189,7 @@ pub fn plan_indexed<D>(input: &IndexedInput<'_, D>) -> Option<Plan> {
     if index.irregular != 0 {
         return None;
     }
-    let mut out = Plan {
-        state: input.state,
-        current_wave: input.current_wave,
-        halt_reason: input.halt_reason.map(str::to_owned),
-        dispatch: Vec::new(),
-        withdraw: Vec::new(),
-        skip: Vec::new(),
-    };
+    let mut out = Plan::unchanged(input.state, input.current_wave, input.halt_reason);
     if matches!(input.state, RolloutState::Superseded | RolloutState::Cancelled) {
         out.withdraw = input.dispatched.keys().cloned().collect();
         return Some(out);

@@ -176,16 +176,24 @@ pub fn blocked_reason(input: &PlanInput<'_>, host: &Hostname) -> Option<String> 
     Some("waiting for a free in-flight slot".to_owned())
 }
 
+impl Plan {
+    /// A plan that changes nothing yet: the rollout's state, wave and halt
+    /// reason as stored, no dispatches, withdrawals or skips.
+    fn unchanged(state: RolloutState, current_wave: usize, halt_reason: Option<&str>) -> Plan {
+        Plan {
+            state,
+            current_wave,
+            halt_reason: halt_reason.map(str::to_owned),
+            dispatch: Vec::new(),
+            withdraw: Vec::new(),
+            skip: Vec::new(),
+        }
+    }
+}
+
 /// Plans one rollout.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
-    let mut out = Plan {
-        state: input.state,
-        current_wave: input.current_wave,
-        halt_reason: input.halt_reason.map(str::to_owned),
-        dispatch: Vec::new(),
-        withdraw: Vec::new(),
-        skip: Vec::new(),
-    };
+    let mut out = Plan::unchanged(input.state, input.current_wave, input.halt_reason);
     // A standing dispatch is withdrawn only while the host is still
     // Pending; once acked the writer has already removed it.
     if matches!(input.state, RolloutState::Superseded | RolloutState::Cancelled) {

@@ -11,7 +11,7 @@ use rusqlite::{params, Connection};
 use super::{Db, StoreError};
 use crate::ids::{Hostname, RolloutId};
 use crate::machine::{HostRecord, HostState};
-use crate::wire::{HostEntry, Manifest};
+use crate::wire::Manifest;
 
 /// Host count per state of a rollout's stored records (hosts without a
 /// record are Pending and not counted here).
@@ -69,36 +69,20 @@ pub fn host_records_page(
     after: Option<&Hostname>,
     limit: usize,
 ) -> Result<(BTreeMap<Hostname, HostRecord>, Option<Hostname>), StoreError> {
-    let db = Db::new(conn, path);
     let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
-    let mut page: Vec<(&Hostname, &HostEntry)> =
-        manifest.hosts.range::<Hostname, _>((lower, Bound::Unbounded)).take(limit + 1).collect();
-    let next = if page.len() > limit {
-        page.truncate(limit);
-        page.last().map(|(h, _)| (*h).clone())
+    let mut names: Vec<Hostname> = manifest
+        .hosts
+        .range::<Hostname, _>((lower, Bound::Unbounded))
+        .take(limit + 1)
+        .map(|(h, _)| h.clone())
+        .collect();
+    let next = if names.len() > limit {
+        names.truncate(limit);
+        names.last().cloned()
     } else {
         None
     };
-    let (Some((first, _)), Some((last, _))) = (page.first(), page.last()) else { return Ok((BTreeMap::new(), None)) };
-    let (first, last) = (*first, *last);
-    let id = &manifest.rollout_id;
-    let mut out: BTreeMap<Hostname, HostRecord> = page
-        .iter()
-        .map(|(h, e)| ((*h).clone(), HostRecord::pending(id.clone(), (*h).clone(), Some(e.target_closure.clone()))))
-        .collect();
-    let rows = db.rows(
-        "read host records",
-        "SELECT record FROM host_records WHERE rollout_id = ?1 AND hostname >= ?2 AND hostname <= ?3",
-        params![manifest.rollout_id.as_str(), first.as_str(), last.as_str()],
-        |r| r.get::<_, String>(0),
-    )?;
-    for text in rows {
-        let record: HostRecord = serde_json::from_str(&text).map_err(|e| db.corrupt(format!("host record: {e}")))?;
-        if out.contains_key(&record.hostname) {
-            out.insert(record.hostname.clone(), record);
-        }
-    }
-    Ok((out, next))
+    Ok((host_records_named(conn, path, manifest, &names)?, next))
 }
 
 /// The records of `manifest`'s hosts named in `names` (sorted), Pending as

@@ -180,19 +180,7 @@ pub fn event_rows(
              WHERE rollout_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
         )
         .map_err(db.sql("read events"))?;
-    let rows = stmt
-        .query_map(params![id.as_str(), after, limit], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, String>(6)?,
-            ))
-        })
-        .map_err(db.sql("read events"))?;
+    let rows = stmt.query_map(params![id.as_str(), after, limit], raw_logged).map_err(db.sql("read events"))?;
     let mut events = Vec::new();
     for row in rows {
         events.push(logged_row(db, row.map_err(db.sql("read events"))?)?);
@@ -203,6 +191,11 @@ pub fn event_rows(
 /// The columns of an `event_log` row as read: id, hostname, seq, kind,
 /// agent_at, received_at, event JSON.
 type RawLogged = (i64, String, i64, String, String, String, String);
+
+/// Reads the first seven columns of a row in [`RawLogged`] order.
+fn raw_logged(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawLogged> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+}
 
 fn logged_row(db: Db<'_>, raw: RawLogged) -> Result<LoggedRow, StoreError> {
     let (log_id, hostname, seq, kind, agent_at, received_at, json) = raw;
@@ -235,20 +228,7 @@ pub fn host_event_rows(
         )
         .map_err(db.sql("read host events"))?;
     let rows = stmt
-        .query_map(params![host.as_str(), limit], |r| {
-            Ok((
-                (
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                    r.get::<_, String>(6)?,
-                ),
-                r.get::<_, String>(7)?,
-            ))
-        })
+        .query_map(params![host.as_str(), limit], |r| Ok((raw_logged(r)?, r.get::<_, String>(7)?)))
         .map_err(db.sql("read host events"))?;
     let mut out = Vec::new();
     for row in rows {

@@ -1,19 +1,29 @@
 //! Read-only status views (`docs/protocol.md` §4), built from the database on a reader
 //! connection so they never queue behind the writer. Shapes are serde
 //! structs so `cp status --json` and the HTTP API print the same thing.
+//! This file: the fleet summary (`/v1/status`, `/v1/rollouts`) and the
+//! event log; [`rollout`]: one rollout's page of hosts; [`hosts`]: the
+//! hosts view. No view reads every host: counts come from SQL, hosts by
+//! the page.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::planner::{self, PlanInput, RolloutState};
-use super::store::{self, parse_ts, Drift, HostRow, RolloutRow, StoreError};
-use crate::ids::{Closure, Hostname, RolloutId};
-use crate::machine::{Failure, HostRecord, HostState, ProbeStatus};
+use super::planner::RolloutState;
+use super::store::{self, LivenessCounts, RolloutHead, RolloutRow, StoreError};
+use crate::ids::{Hostname, RolloutId};
+use crate::machine::HostState;
 use crate::wire::OutboundEvent;
+
+mod hosts;
+mod rollout;
+
+pub use hosts::{host, hosts, HostRolloutRef, HostView, Liveness};
+pub use rollout::{outline, rollout, HostInRollout, ProbeFailureView, RolloutDetail, SkippedView, WaveView};
 
 /// A host silent for this many heartbeat intervals shows as unreachable.
 pub const UNREACHABLE_AFTER_INTERVALS: u64 = 3;
@@ -41,129 +51,6 @@ pub struct RolloutSummary {
     pub issued_at: String,
     pub published_at: String,
     pub updated_at: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostInRollout {
-    pub hostname: Hostname,
-    pub wave: usize,
-    pub state: HostState,
-    pub target_closure: Option<Closure>,
-    pub last_seq: u64,
-    /// When the standing dispatch was issued (CP time), while it stands.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dispatch_issued_at: Option<String>,
-    /// Host timestamps, all from the agent's events.
-    pub dispatch_acked_at: Option<String>,
-    pub activation_completed_at: Option<String>,
-    pub soak_due_at: Option<String>,
-    pub converged_at: Option<String>,
-    pub failed_at: Option<String>,
-    pub reverted_at: Option<String>,
-    pub failing_probes: Vec<String>,
-    /// Every probe whose last result was a failure: its name, since when
-    /// it fails (agent time) and the agent's reason.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub probe_failures: Vec<ProbeFailureView>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failure: Option<Failure>,
-    /// Why the host is where it is, when that is not obvious (waiting for
-    /// a reboot, blocked by quarantine, rollback failed …).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-    /// Deferred: since when (agent time) and for how long (CP time) the
-    /// host waits for its reboot.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deferred_at: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deferred_for_secs: Option<u64>,
-    /// Pending and held: the other rollout the host is live in (`docs/protocol.md` §3 rule 8).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub held_by: Option<RolloutId>,
-    /// The CP skipped the host: its target was quarantined before it acked.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub skipped: Option<SkippedView>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProbeFailureView {
-    pub probe_name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failing_since: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SkippedView {
-    pub reason: String,
-    /// CP time: the skip is the CP's decision, not a host fact.
-    pub skipped_at: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WaveView {
-    pub index: usize,
-    pub name: String,
-    pub soak_secs: u64,
-    pub max_in_flight: u32,
-    pub hosts: Vec<HostInRollout>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RolloutDetail {
-    #[serde(flatten)]
-    pub summary: RolloutSummary,
-    pub max_failed_hosts: u32,
-    pub on_health_failure: String,
-    /// The page's hosts by wave (hostname order across the rollout).
-    pub waves: Vec<WaveView>,
-    /// `cp resume` / `cp cancel` on this rollout, oldest first.
-    #[serde(default)]
-    pub operator_actions: Vec<store::ActionRecord>,
-    /// Pass as `after` to get the next page of hosts; absent on the last page.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub next_after: Option<Hostname>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostRolloutRef {
-    pub rollout_id: RolloutId,
-    pub state: HostState,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Liveness {
-    Reachable,
-    /// Silent for more than 3 heartbeat intervals.
-    Unreachable,
-    /// In a manifest but never sent a heartbeat.
-    NeverSeen,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostView {
-    pub hostname: Hostname,
-    pub liveness: Liveness,
-    pub last_heartbeat_at: Option<String>,
-    pub current_closure: Option<String>,
-    pub booted_closure: Option<String>,
-    pub agent_version: Option<String>,
-    pub uptime_secs: Option<u64>,
-    pub rollouts: Vec<HostRolloutRef>,
-    /// The last heartbeat's verdict (`docs/protocol.md` §3 rule 10).
-    #[serde(default = "unknown_drift")]
-    pub drift: Drift,
-    /// The closure the records say the host runs, and the rollout saying it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expected_closure: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expected_from: Option<String>,
-}
-
-fn unknown_drift() -> Drift {
-    Drift::Unknown
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,13 +116,13 @@ pub struct EventsView {
 }
 
 /// A rollout's summary with its host counts computed in SQL (no record is
-/// loaded): a Pending host the CP skipped counts as "Skipped".
-fn summary(conn: &Connection, path: &Path, row: &RolloutRow) -> Result<RolloutSummary, StoreError> {
-    let manifest = &row.manifest;
-    let id = &manifest.rollout_id;
+/// loaded, no manifest parsed): a Pending host the CP skipped counts as
+/// "Skipped".
+fn summary(conn: &Connection, path: &Path, head: &RolloutHead) -> Result<RolloutSummary, StoreError> {
+    let id = &head.rollout_id;
     let mut hosts_by_state = store::state_counts(conn, path, id)?;
     let n_recorded: usize = hosts_by_state.values().sum();
-    let pending = manifest.hosts.len().saturating_sub(n_recorded) + hosts_by_state.remove("Pending").unwrap_or(0);
+    let pending = head.n_hosts.saturating_sub(n_recorded) + hosts_by_state.remove("Pending").unwrap_or(0);
     let skipped = store::n_skipped_pending(conn, path, id)?.min(pending);
     for (state, n) in [("Pending", pending - skipped), ("Skipped", skipped)] {
         if n > 0 {
@@ -245,17 +132,36 @@ fn summary(conn: &Connection, path: &Path, row: &RolloutRow) -> Result<RolloutSu
     Ok(RolloutSummary {
         rollout_id: id.clone(),
         channel: id.channel().to_owned(),
+        state: head.state,
+        current_wave: head.current_wave,
+        n_waves: head.waves.len(),
+        n_hosts: head.n_hosts,
+        hosts_by_state,
+        halt_reason: head.halt_reason.clone(),
+        superseded_by: head.superseded_by.clone(),
+        issued_at: head.issued_at.clone(),
+        published_at: head.published_at.clone(),
+        updated_at: head.updated_at.clone(),
+    })
+}
+
+/// The head of a rollout whose manifest is parsed already.
+fn head_of_row(row: &RolloutRow) -> RolloutHead {
+    let manifest = &row.manifest;
+    RolloutHead {
+        rollout_id: manifest.rollout_id.clone(),
         state: row.state,
         current_wave: row.current_wave,
-        n_waves: manifest.waves.len(),
-        n_hosts: manifest.hosts.len(),
-        hosts_by_state,
         halt_reason: row.halt_reason.clone(),
         superseded_by: row.superseded_by.clone(),
         issued_at: row.issued_at.clone(),
         published_at: row.published_at.clone(),
         updated_at: row.updated_at.clone(),
-    })
+        n_hosts: manifest.hosts.len(),
+        waves: manifest.waves.clone(),
+        on_health_failure: manifest.policy.on_health_failure.as_str().to_owned(),
+        max_failed_hosts: manifest.policy.max_failed_hosts,
+    }
 }
 
 /// `GET /v1/rollouts`.
@@ -271,9 +177,9 @@ fn summaries(
     mut deferred: Option<(&mut Vec<DeferredView>, OffsetDateTime)>,
 ) -> Result<Vec<RolloutSummary>, StoreError> {
     let mut out = Vec::new();
-    for row in store::rollout_rows(conn, path)? {
+    for head in store::rollout_heads(conn, path)? {
         if let Some((list, now)) = deferred.as_mut() {
-            for r in store::records_in_state(conn, path, &row.manifest.rollout_id, HostState::Deferred)? {
+            for r in store::records_in_state(conn, path, &head.rollout_id, HostState::Deferred)? {
                 let Some(at) = r.deferred_at else { continue };
                 list.push(DeferredView {
                     hostname: r.hostname.clone(),
@@ -283,18 +189,18 @@ fn summaries(
                 });
             }
         }
-        out.push(summary(conn, path, &row)?);
+        out.push(summary(conn, path, &head)?);
     }
     Ok(out)
 }
 
 /// Whole seconds from an agent's instant to the CP's now; 0 if the
 /// agent's clock is ahead.
-fn age_secs(now: OffsetDateTime, since: OffsetDateTime) -> u64 {
+pub(super) fn age_secs(now: OffsetDateTime, since: OffsetDateTime) -> u64 {
     u64::try_from((now - since).whole_seconds()).unwrap_or(0)
 }
 
-fn quarantined(conn: &Connection, path: &Path) -> Result<Vec<QuarantineView>, StoreError> {
+pub(super) fn quarantined(conn: &Connection, path: &Path) -> Result<Vec<QuarantineView>, StoreError> {
     Ok(store::quarantine_rows(conn, path)?
         .into_iter()
         .map(|q| QuarantineView {
@@ -305,145 +211,6 @@ fn quarantined(conn: &Connection, path: &Path) -> Result<Vec<QuarantineView>, St
             quarantined_at: q.quarantined_at,
         })
         .collect())
-}
-
-/// `GET /v1/rollouts/{id}`, one page of hosts (hostname order, after
-/// `after`, at most `limit`); `None` if unknown. `now` (CP time) gives the
-/// age of Deferred hosts. Only the page's records are loaded: the view of a
-/// 100,000-host rollout costs the parsed manifest and one page.
-pub fn rollout(
-    conn: &Connection,
-    path: &Path,
-    id: &RolloutId,
-    now: OffsetDateTime,
-    after: Option<&Hostname>,
-    limit: usize,
-) -> Result<Option<RolloutDetail>, StoreError> {
-    let Some(row) = store::rollout_row(conn, path, id)? else { return Ok(None) };
-    let manifest = &row.manifest;
-    let (records, next_after) = store::host_records_page(conn, path, manifest, after, limit)?;
-    let skipped_rows = store::skipped_of(conn, path, id)?;
-    let summary = summary(conn, path, &row)?;
-    let busy: BTreeMap<Hostname, RolloutId> = store::live_rollouts(conn, path)?
-        .into_iter()
-        .filter(|(host, _)| records.contains_key(host))
-        .filter_map(|(host, ids)| ids.into_iter().find(|other| other != id).map(|other| (host, other)))
-        .collect();
-    let skipped: BTreeSet<Hostname> = skipped_rows.keys().cloned().collect();
-    let dispatched_at = store::dispatch_times(conn, path, id)?;
-    let quarantine: HashSet<Closure> = quarantined(conn, path)?
-        .into_iter()
-        .filter(|q| q.channel == id.channel())
-        .filter_map(|q| Closure::parse(&q.closure).ok())
-        .collect();
-    let dispatched: BTreeSet<Hostname> = dispatched_at.keys().cloned().collect();
-    let operator_actions = store::action_rows(conn, path, Some(id))?;
-    let accepted_failures = operator_actions
-        .iter()
-        .rev()
-        .find(|a| a.action == "resume")
-        .and_then(|a| a.detail.get("accepted_failures").and_then(|v| v.as_array()).map(Vec::len))
-        .unwrap_or(0);
-    let input = PlanInput {
-        manifest,
-        state: summary.state,
-        current_wave: summary.current_wave,
-        halt_reason: summary.halt_reason.as_deref(),
-        records: &records,
-        dispatched: &dispatched,
-        quarantined: &quarantine,
-        busy_elsewhere: &busy,
-        skipped: &skipped,
-        accepted_failures,
-    };
-    let skipped = |host: &Hostname| skipped_rows.get(host);
-    let waves = manifest
-        .waves
-        .iter()
-        .enumerate()
-        .map(|(index, wave)| WaveView {
-            index,
-            name: wave.name.clone(),
-            soak_secs: wave.soak_secs,
-            max_in_flight: wave.max_in_flight,
-            hosts: records
-                .values()
-                .filter(|r| manifest.hosts.get(&r.hostname).is_some_and(|e| e.wave == index))
-                .map(|r| host_in_rollout(&input, r, index, dispatched_at.get(&r.hostname), &skipped, now))
-                .collect(),
-        })
-        .collect();
-    Ok(Some(RolloutDetail {
-        summary,
-        max_failed_hosts: manifest.policy.max_failed_hosts,
-        on_health_failure: manifest.policy.on_health_failure.as_str().to_owned(),
-        waves,
-        operator_actions,
-        next_after,
-    }))
-}
-
-/// One host's line of the rollout view; `now` (CP time) gives a Deferred
-/// host's age.
-fn host_in_rollout<'a>(
-    input: &PlanInput<'_>,
-    r: &HostRecord,
-    wave: usize,
-    dispatch_issued_at: Option<&String>,
-    skipped: &dyn Fn(&Hostname) -> Option<&'a store::SkippedHost>,
-    now: OffsetDateTime,
-) -> HostInRollout {
-    let fmt = |t: Option<OffsetDateTime>| t.map(store::ts);
-    let pending = r.state == HostState::Pending;
-    let deferred_at = r.deferred_at.filter(|_| r.state == HostState::Deferred);
-    HostInRollout {
-        hostname: r.hostname.clone(),
-        wave,
-        state: r.state,
-        target_closure: r.target_closure.clone(),
-        last_seq: r.last_seq,
-        dispatch_issued_at: dispatch_issued_at.cloned(),
-        dispatch_acked_at: fmt(r.dispatch_acked_at),
-        activation_completed_at: fmt(r.activation_completed_at),
-        soak_due_at: fmt(r.soak_due_at),
-        converged_at: fmt(r.converged_at),
-        failed_at: fmt(r.failed_at),
-        reverted_at: fmt(r.reverted_at),
-        failing_probes: r.failing_enforce_probes(),
-        probe_failures: r
-            .probes
-            .iter()
-            .filter(|(_, p)| p.last_status == Some(ProbeStatus::Fail))
-            .map(|(name, p)| ProbeFailureView {
-                probe_name: name.clone(),
-                failing_since: fmt(p.failing_since),
-                reason: p.failure_reason.clone(),
-            })
-            .collect(),
-        failure: r.failure.clone(),
-        note: host_note(input, r),
-        deferred_at: fmt(deferred_at),
-        deferred_for_secs: deferred_at.map(|at| age_secs(now, at)),
-        held_by: input.busy_elsewhere.get(&r.hostname).filter(|_| pending).cloned(),
-        skipped: skipped(&r.hostname)
-            .filter(|_| pending)
-            .map(|s| SkippedView { reason: s.reason.clone(), skipped_at: s.skipped_at.clone() }),
-    }
-}
-
-fn host_note(input: &PlanInput<'_>, r: &HostRecord) -> Option<String> {
-    match r.state {
-        HostState::Pending => planner::blocked_reason(input, &r.hostname).or_else(|| {
-            input.dispatched.contains(&r.hostname).then(|| "dispatched, waiting for the agent to accept".to_owned())
-        }),
-        HostState::Deferred => Some(format!(
-            "waiting for a reboot to finish the activation ({})",
-            r.deferred_component.as_deref().unwrap_or("unknown component")
-        )),
-        HostState::Failed if r.rollback_failure.is_some() => Some("rollback failed: the operator must act".to_owned()),
-        HostState::Failed if r.rollback_fired => Some("rolling back".to_owned()),
-        _ => None,
-    }
 }
 
 /// `GET /v1/rollouts/{id}/events`, a page after log id `after`.
@@ -479,145 +246,48 @@ pub fn events(
     Ok(Some(EventsView { rollout_id: id.clone(), events, next_after }))
 }
 
-/// A host's view from its `hosts` row (no rollouts yet).
-fn host_view(row: HostRow, now: OffsetDateTime, stale_after_secs: u64) -> Option<HostView> {
-    let HostRow {
-        hostname: host,
-        last_heartbeat_at: last,
-        current_closure: current,
-        booted_closure: booted,
-        agent_version: version,
-        uptime_secs: uptime,
-        drift,
-        expected_closure,
-        expected_from,
-    } = row;
-    let hostname = Hostname::parse(&host).ok()?;
-    let silent_secs = parse_ts(&last).map_or(i64::MAX, |t| (now - t).whole_seconds());
-    let liveness = if silent_secs > i64::try_from(stale_after_secs).unwrap_or(i64::MAX) {
-        Liveness::Unreachable
-    } else {
-        Liveness::Reachable
-    };
-    Some(HostView {
-        hostname,
-        liveness,
-        last_heartbeat_at: Some(last),
-        current_closure: Some(current),
-        booted_closure: booted,
-        agent_version: Some(version),
-        uptime_secs: u64::try_from(uptime).ok(),
-        rollouts: Vec::new(),
-        drift,
-        expected_closure,
-        expected_from,
-    })
-}
-
-fn never_seen(hostname: Hostname) -> HostView {
-    HostView {
-        hostname,
-        liveness: Liveness::NeverSeen,
-        last_heartbeat_at: None,
-        current_closure: None,
-        booted_closure: None,
-        agent_version: None,
-        uptime_secs: None,
-        rollouts: Vec::new(),
-        drift: Drift::Unknown,
-        expected_closure: None,
-        expected_from: None,
-    }
-}
-
-/// A page size that takes every host, for the callers that summarise the
-/// whole fleet (`/metrics`, the web page's overview) rather than page it.
-pub const ALL_HOSTS: usize = 1 << 40;
-
-/// `GET /v1/hosts`: one page (hostname order, after `after`, at most
-/// `limit`) of the hosts seen in a heartbeat or named by a manifest, and
-/// the `after` of the next page. Only the page's rows and records are read.
-pub fn hosts(
-    conn: &Connection,
-    path: &Path,
-    now: OffsetDateTime,
-    stale_after_secs: u64,
-    after: Option<&Hostname>,
-    limit: usize,
-) -> Result<(Vec<HostView>, Option<Hostname>), StoreError> {
-    let manifests = store::manifests(conn, path)?;
-    // The page's names: the first limit+1 of every source after `after`.
-    let mut names: BTreeSet<Hostname> = store::host_names_after(conn, path, after.map(Hostname::as_str), limit + 1)?
-        .iter()
-        .filter_map(|h| Hostname::parse(h).ok())
-        .collect();
-    let lower = after.map_or(std::ops::Bound::Unbounded, std::ops::Bound::Excluded);
-    for manifest in &manifests {
-        names.extend(
-            manifest
-                .hosts
-                .range::<Hostname, _>((lower, std::ops::Bound::Unbounded))
-                .take(limit + 1)
-                .map(|(h, _)| h.clone()),
-        );
-    }
-    let mut names: Vec<Hostname> = names.into_iter().take(limit + 1).collect();
-    let next_after = if names.len() > limit {
-        names.truncate(limit);
-        names.last().cloned()
-    } else {
-        None
-    };
-    let (Some(first), Some(last)) = (names.first(), names.last()) else { return Ok((Vec::new(), None)) };
-    let mut views: BTreeMap<Hostname, HostView> = store::host_rows_between(conn, path, first.as_str(), last.as_str())?
-        .into_iter()
-        .filter_map(|row| host_view(row, now, stale_after_secs))
-        .map(|v| (v.hostname.clone(), v))
-        .collect();
-    for manifest in &manifests {
-        for (hostname, record) in store::host_records_named(conn, path, manifest, &names)? {
-            let view = views.entry(hostname.clone()).or_insert_with(|| never_seen(hostname));
-            view.rollouts.push(HostRolloutRef { rollout_id: manifest.rollout_id.clone(), state: record.state });
-        }
-    }
-    Ok((views.into_values().collect(), next_after))
-}
-
-/// `GET /v1/status`: the fleet at a glance. Reads the `hosts` rows and the
-/// manifests' host names, never every record.
+/// `GET /v1/status`: the fleet at a glance. Host counts come from SQL;
+/// only the drifting and Deferred hosts are read row by row.
 pub fn status(
     conn: &Connection,
     path: &Path,
     now: OffsetDateTime,
     stale_after_secs: u64,
 ) -> Result<StatusView, StoreError> {
-    let seen: Vec<HostView> =
-        store::host_rows(conn, path)?.into_iter().filter_map(|row| host_view(row, now, stale_after_secs)).collect();
-    let mut all: HashSet<Hostname> = seen.iter().map(|h| h.hostname.clone()).collect();
-    for manifest in store::manifests(conn, path)? {
-        all.extend(manifest.hosts.into_keys());
-    }
+    Ok(status_and_liveness(conn, path, now, stale_after_secs)?.0)
+}
+
+/// [`status`], and the host counts by liveness it was built from.
+pub fn status_and_liveness(
+    conn: &Connection,
+    path: &Path,
+    now: OffsetDateTime,
+    stale_after_secs: u64,
+) -> Result<(StatusView, LivenessCounts), StoreError> {
+    let live = store::liveness_counts(conn, path, now, stale_after_secs)?;
     let mut deferred = Vec::new();
     let rollouts = summaries(conn, path, Some((&mut deferred, now)))?;
     deferred.sort_by(|a, b| (&a.deferred_at, &a.hostname).cmp(&(&b.deferred_at, &b.hostname)));
-    let drifting: Vec<DriftView> = seen
-        .iter()
-        .filter(|h| h.drift == Drift::Drifting)
-        .map(|h| DriftView {
-            hostname: h.hostname.clone(),
-            current_closure: h.current_closure.clone().unwrap_or_default(),
-            expected_closure: h.expected_closure.clone().unwrap_or_default(),
-            expected_from: h.expected_from.clone().unwrap_or_default(),
+    let drifting: Vec<DriftView> = store::drifting_host_rows(conn, path)?
+        .into_iter()
+        .filter_map(|h| {
+            Some(DriftView {
+                hostname: Hostname::parse(&h.hostname).ok()?,
+                current_closure: h.current_closure,
+                expected_closure: h.expected_closure.unwrap_or_default(),
+                expected_from: h.expected_from.unwrap_or_default(),
+            })
         })
         .collect();
-    Ok(StatusView {
+    let view = StatusView {
         server_time: store::ts(now),
         rollouts,
-        n_hosts: all.len(),
-        n_unreachable: seen.iter().filter(|h| h.liveness == Liveness::Unreachable).count(),
+        n_hosts: live.total(),
+        n_unreachable: live.unreachable,
         quarantined: quarantined(conn, path)?,
         n_drifting: drifting.len(),
         drifting,
         deferred,
-    })
+    };
+    Ok((view, live))
 }

@@ -20,6 +20,7 @@ mod bad_input;
 mod dispatch;
 mod durability;
 mod ingest;
+mod large_fleet;
 mod limits;
 mod operator;
 mod publish;

@@ -296,7 +296,10 @@ fn rollout_section(d: &RolloutDetail, wave_counts: &[BTreeMap<String, usize>], l
     let empty = BTreeMap::new();
     for wave in &d.waves {
         let by_state = wave_counts.get(wave.index).unwrap_or(&empty);
-        let open = wave.index == s.current_wave || by_state.contains_key("Failed") || by_state.contains_key("Reverted");
+        let open = wave.index == s.current_wave
+            || by_state.contains_key("Failed")
+            || by_state.contains_key("Reverted")
+            || matches!(listing, Listing::Paged(_)) && !wave.hosts.is_empty();
         let _ = write!(
             out,
             "<details class=\"wave\" id=\"w-{}-{}\"{}><summary>Wave {}: {} · soak {} · at most {} at once · {}</summary>",

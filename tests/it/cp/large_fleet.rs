@@ -159,6 +159,7 @@ fn metrics_and_the_web_page_of_a_20k_host_fleet_cost_what_a_page_costs() {
         assert_eq!(host_rows(&second), page);
         assert!(second.contains(&format!("<tr data-host=\"{}\"", name(page))), "the second page starts after the first");
         assert!(second.contains("href=\"/rollouts/large@r1\">first page"));
+        assert!(second.contains("id=\"w-large@r1-0\" open>"), "the wave holding the page's hosts is open");
         let (last, _) = answer_and_peak_kib(&cp, &format!("/rollouts/large@r1?after={}", name(N - page - 1))).await;
         assert_eq!(host_rows(&last), page);
         assert!(!last.contains("next page"), "the last page has no next link");

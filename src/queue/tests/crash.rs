@@ -105,85 +105,122 @@ fn run_workload(steps: &[Step], storage: &SimStorage, crash_at: Option<usize>) -
     expect
 }
 
+/// A recovered crash state: the disk, the reopened queue and its index.
+struct Recovered {
+    storage: SimStorage,
+    q: Queue,
+    pending: BTreeMap<u64, QueuedEvent>,
+    acked: BTreeMap<u64, QueuedEvent>,
+}
+
 /// Recovers one crash state and checks every invariant of the queue.
 fn check_crash_state(state: SimFs, expect: &Expect, context: &dyn Fn() -> String) {
     let storage = SimStorage::new(state);
     let q = sim_open(&storage, prune_everything()).unwrap_or_else(|e| panic!("recovery failed: {e}\n{}", context()));
     let pending: BTreeMap<u64, QueuedEvent> = q.pending().into_iter().map(|e| (e.qseq, e)).collect();
     let acked: BTreeMap<u64, QueuedEvent> = q.acked().into_iter().map(|e| (e.qseq, e)).collect();
+    let rec = Recovered { storage, q, pending, acked };
+    check_only_attempted_events_read(&rec, expect, context);
+    for qseq in &expect.enqueued_ok {
+        check_enqueued_event(&rec, expect, *qseq, context);
+    }
+    check_histories_have_no_hole(&rec, context);
+    check_no_leftovers(&rec.storage, context);
+    check_numbers_never_come_back(&rec, expect, context);
+    // Recovery is idempotent and the queue is usable.
+    let Recovered { storage, q, pending, .. } = rec;
+    let r = rollout("stable@r1");
+    let n_pending = pending.len();
+    drop(q);
+    let mut q = sim_open(&storage, prune_everything()).expect("second recovery");
+    assert_eq!(q.pending_len(), n_pending, "{}", context());
+    enqueue_next(&mut q, &r, "after").unwrap_or_else(|e| panic!("enqueue after recovery: {e}\n{}", context()));
+}
 
-    // No torn or foreign event is ever read: each is what was attempted.
-    for queued in pending.values().chain(acked.values()) {
+/// No torn or foreign event is ever read: each is what was attempted.
+fn check_only_attempted_events_read(rec: &Recovered, expect: &Expect, context: &dyn Fn() -> String) {
+    for queued in rec.pending.values().chain(rec.acked.values()) {
         let (r, ev) =
             expect.attempted.get(&queued.qseq).unwrap_or_else(|| panic!("unknown qseq {}\n{}", queued.qseq, context()));
         assert_eq!((&queued.rollout_id, &queued.event), (r, ev), "{}", context());
     }
     assert!(
-        q.recovery_report().moved_to_dead.is_empty(),
+        rec.q.recovery_report().moved_to_dead.is_empty(),
         "a crash produced an unreadable event: {:?}\n{}",
-        q.recovery_report(),
+        rec.q.recovery_report(),
         context()
     );
-    // Every Ok enqueue is there; acked/rejected ones are never pending again.
-    for qseq in &expect.enqueued_ok {
-        if !expect.settle_attempted.contains(qseq) {
-            assert!(pending.contains_key(qseq), "enqueue {qseq} returned Ok but is not pending\n{}", context());
-        }
-        if expect.acked_ok.contains(qseq) {
-            assert!(!pending.contains_key(qseq), "acked {qseq} is pending again\n{}", context());
-            if !expect.pruned_ok.contains(qseq) && !expect.prune_planned.contains(qseq) {
-                assert!(acked.contains_key(qseq), "acked {qseq} vanished\n{}", context());
-            }
-        }
-        if expect.revived_ok.contains(qseq) {
-            assert!(!pending.contains_key(qseq), "{}", context());
-            if !expect.pruned_ok.contains(qseq) && !expect.prune_planned.contains(qseq) {
-                assert!(acked.contains_key(qseq), "revived {qseq} is not acked\n{}", context());
-            }
-            assert!(!q.dead_history().iter().any(|(d, _, _)| d == qseq), "revived {qseq} still dead\n{}", context());
-        } else if expect.rejected_ok.contains(qseq) && expect.revive_attempted.contains(qseq) {
-            // Cut short: dead with its reason, or acked; never pending.
-            let dead = q.dead_history().iter().any(|(d, _, _)| d == qseq);
-            assert!(!pending.contains_key(qseq) && (dead || acked.contains_key(qseq)), "{}", context());
-        } else if expect.rejected_ok.contains(qseq) {
-            assert!(!pending.contains_key(qseq) && !acked.contains_key(qseq), "{}", context());
-            let name = {
-                let (r, ev) = &expect.attempted[qseq];
-                record::file_name(*qseq, "web-1", r.as_str(), ev.kind())
-            };
-            let dead = PathBuf::from(ROOT).join(QUEUE_DIR).join(DEAD_DIR);
-            assert!(storage.fs().file(&dead.join(&name)).is_some(), "rejected {qseq} not in dead/\n{}", context());
-            assert!(storage.fs().file(&dead.join(format!("{name}.reason"))).is_some(), "{}", context());
+}
+
+/// An Ok enqueue is there; acked/rejected ones are never pending again;
+/// a rejected one is in dead/ with its reason; a revived one is acked.
+fn check_enqueued_event(rec: &Recovered, expect: &Expect, qseq: u64, context: &dyn Fn() -> String) {
+    let (pending, acked) = (&rec.pending, &rec.acked);
+    let qseq = &qseq;
+    if !expect.settle_attempted.contains(qseq) {
+        assert!(pending.contains_key(qseq), "enqueue {qseq} returned Ok but is not pending\n{}", context());
+    }
+    if expect.acked_ok.contains(qseq) {
+        assert!(!pending.contains_key(qseq), "acked {qseq} is pending again\n{}", context());
+        if !expect.pruned_ok.contains(qseq) && !expect.prune_planned.contains(qseq) {
+            assert!(acked.contains_key(qseq), "acked {qseq} vanished\n{}", context());
         }
     }
-    // What the agent rebuilds a rollout from (pending, acked, and dead
-    // letters with their reason) is its whole history or lacks seq 1 (then
-    // it counts as pruned): never a history with a hole after seq 1.
+    if expect.revived_ok.contains(qseq) {
+        assert!(!pending.contains_key(qseq), "{}", context());
+        if !expect.pruned_ok.contains(qseq) && !expect.prune_planned.contains(qseq) {
+            assert!(acked.contains_key(qseq), "revived {qseq} is not acked\n{}", context());
+        }
+        assert!(!rec.q.dead_history().iter().any(|(d, _, _)| d == qseq), "revived {qseq} still dead\n{}", context());
+    } else if expect.rejected_ok.contains(qseq) && expect.revive_attempted.contains(qseq) {
+        // Cut short: dead with its reason, or acked; never pending.
+        let dead = rec.q.dead_history().iter().any(|(d, _, _)| d == qseq);
+        assert!(!pending.contains_key(qseq) && (dead || acked.contains_key(qseq)), "{}", context());
+    } else if expect.rejected_ok.contains(qseq) {
+        assert!(!pending.contains_key(qseq) && !acked.contains_key(qseq), "{}", context());
+        let name = {
+            let (r, ev) = &expect.attempted[qseq];
+            record::file_name(*qseq, "web-1", r.as_str(), ev.kind())
+        };
+        let dead = PathBuf::from(ROOT).join(QUEUE_DIR).join(DEAD_DIR);
+        let fs = rec.storage.fs();
+        assert!(fs.file(&dead.join(&name)).is_some(), "rejected {qseq} not in dead/\n{}", context());
+        assert!(fs.file(&dead.join(format!("{name}.reason"))).is_some(), "{}", context());
+    }
+}
+
+/// What the agent rebuilds a rollout from (pending, acked, and dead
+/// letters with their reason) is its whole history or lacks seq 1 (then
+/// it counts as pruned): never a history with a hole after seq 1.
+fn check_histories_have_no_hole(rec: &Recovered, context: &dyn Fn() -> String) {
     let dead_dir = PathBuf::from(ROOT).join(QUEUE_DIR).join(DEAD_DIR);
     let mut history: BTreeMap<RolloutId, BTreeSet<u64>> = BTreeMap::new();
-    for queued in pending.values().chain(acked.values()) {
+    for queued in rec.pending.values().chain(rec.acked.values()) {
         history.entry(queued.rollout_id.clone()).or_default().insert(queued.seq());
     }
-    let paths = storage.fs().paths();
+    let paths = rec.storage.fs().paths();
     for path in paths {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
         if path.parent() != Some(dead_dir.as_path()) || !record::is_event_name(&name) {
             continue;
         }
-        let has_reason = storage.fs().file(&dead_dir.join(format!("{name}.reason"))).is_some();
-        let header = storage.fs().file(&path).and_then(|bytes| record::decode_header(bytes).ok());
+        let has_reason = rec.storage.fs().file(&dead_dir.join(format!("{name}.reason"))).is_some();
+        let header = rec.storage.fs().file(&path).and_then(|bytes| record::decode_header(bytes).ok());
         if let (true, Some(header)) = (has_reason, header) {
             history.entry(rollout(&header.rollout_id)).or_default().insert(header.seq);
         }
     }
     for (r, seqs) in &history {
         if seqs.contains(&1) {
-            let whole: BTreeSet<u64> = (1..=q.last_seq(r)).collect();
+            let whole: BTreeSet<u64> = (1..=rec.q.last_seq(r)).collect();
             assert_eq!(seqs, &whole, "the history of {r} has a hole\n{}", context());
         }
     }
-    // No reason without its dead event and no revived note without its
-    // acked event survive recovery.
+}
+
+/// No reason without its dead event, no revived note without its acked
+/// event, and no tmp survive recovery.
+fn check_no_leftovers(storage: &SimStorage, context: &dyn Fn() -> String) {
     let paths = storage.fs().paths();
     for path in paths {
         let text = path.to_string_lossy().into_owned();
@@ -193,28 +230,30 @@ fn check_crash_state(state: SimFs, expect: &Expect, context: &dyn Fn() -> String
             }
         }
     }
-    // No tmp survives recovery.
     assert!(!storage.fs().paths().iter().any(|p| p.to_string_lossy().ends_with(".tmp")), "{}", context());
-    // Numbers never come back: above every Ok qseq/seq and every file on disk.
+}
+
+/// Numbers never come back: above every Ok qseq/seq and every file on
+/// disk; per rollout, seqs are unique among live events.
+fn check_numbers_never_come_back(rec: &Recovered, expect: &Expect, context: &dyn Fn() -> String) {
+    let q = &rec.q;
     let max_ok_qseq = expect.enqueued_ok.iter().max().copied().unwrap_or(0);
-    let max_disk_qseq =
-        storage.fs().paths().iter().filter_map(|p| record::qseq_of_name(p.file_name()?.to_str()?)).max().unwrap_or(0);
+    let max_disk_qseq = rec
+        .storage
+        .fs()
+        .paths()
+        .iter()
+        .filter_map(|p| record::qseq_of_name(p.file_name()?.to_str()?))
+        .max()
+        .unwrap_or(0);
     assert!(q.next_qseq() > max_ok_qseq.max(max_disk_qseq), "qseq {} reused\n{}", q.next_qseq(), context());
     for (r, seq) in &expect.max_seq_ok {
         assert!(q.next_seq(r) > *seq, "seq {} of {r} reused\n{}", q.next_seq(r), context());
     }
-    // Per rollout, seqs are unique among live events.
     let mut seen = BTreeSet::new();
-    for queued in pending.values().chain(acked.values()) {
+    for queued in rec.pending.values().chain(rec.acked.values()) {
         assert!(seen.insert((queued.rollout_id.clone(), queued.seq())), "{}", context());
     }
-    // Recovery is idempotent and the queue is usable.
-    let r = rollout("stable@r1");
-    let n_pending = pending.len();
-    drop(q);
-    let mut q = sim_open(&storage, prune_everything()).expect("second recovery");
-    assert_eq!(q.pending_len(), n_pending, "{}", context());
-    enqueue_next(&mut q, &r, "after").unwrap_or_else(|e| panic!("enqueue after recovery: {e}\n{}", context()));
 }
 
 /// Crashes a workload after each of its mutating calls (or only at

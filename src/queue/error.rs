@@ -42,8 +42,9 @@ pub enum QueueError {
     NotDead { qseq: u64 },
     #[error("qseq {qseq} is not a pending event")]
     NotPending { qseq: u64 },
-    /// [`Queue::write_back`] of an event whose record did not rot (no
-    /// unreadable `dead/{name}`, or its seq is held by a readable event).
+    /// [`Queue::write_back`](super::Queue::write_back) of an event whose
+    /// record did not rot (no unreadable `dead/{name}`, or its seq is held
+    /// by a readable event).
     #[error("dead/{name} is not an unreadable record whose seq is free; nothing written back")]
     NotRotted { name: String },
     #[error("queue stopped after an unrecoverable write failure ({0}); reopen it to recover from disk")]

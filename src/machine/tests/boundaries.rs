@@ -1,6 +1,6 @@
 //! Module boundaries, checked by reading the sources: the machine does no
-//! I/O, reads no clock and never awaits, and the two roles do not import
-//! each other.
+//! I/O, reads no clock and never awaits, the two roles do not import each
+//! other, the import circles stay broken, and limits are named `MAX_X`.
 
 /// The machine's own sources: every `.rs` file under `src/machine/` except
 /// the modules `mod.rs` declares under `#[cfg(test)]` (the tests, which

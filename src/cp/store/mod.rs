@@ -42,6 +42,8 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 mod checkpoint;
+#[cfg(test)]
+mod checkpoint_tests;
 mod db;
 mod group;
 mod heartbeat;

@@ -234,7 +234,7 @@ fn a_checkpoint_bounds_the_log_and_everything_still_agrees() {
     assert!(disagreements.is_empty(), "{disagreements:?}\n{out}");
     assert!(out.contains(&format!("started from a checkpoint at seq {k}")), "{out}");
     assert!(out.contains(&format!("the {} probe events 3..={k} were deleted", k - 2)), "{out}");
-    assert!(out.contains("1 hosts started from a record checkpoint"), "{out}");
+    assert!(out.contains("1 host(s) replayed from a record checkpoint"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -347,7 +347,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 
-    /// The event log is append-only per (host, rollout, seq): a second row
+    /// The event log is unique per (host, rollout, seq): a second row
     /// with the same key is refused by the database itself.
     #[test]
     fn event_log_key_is_unique() {

@@ -294,7 +294,8 @@ pub fn db_report(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(St
         disagreements.extend(problem.map(|p| format!("{id}: {p}")));
     }
     if n_checkpoints > 0 {
-        let _ = writeln!(out, "{n_checkpoints} host(s) replayed from a record checkpoint (their probe events compacted)");
+        let _ =
+            writeln!(out, "{n_checkpoints} host(s) replayed from a record checkpoint (their probe events compacted)");
     }
     let _ = writeln!(out, "{n_events} events of {n_hosts} hosts replayed; {} disagreements", disagreements.len());
     Ok((out, disagreements))

@@ -140,12 +140,10 @@ fn write(db: Db<'_>, record: &HostRecord, now: OffsetDateTime) -> Result<u64, St
 
 /// Loads the seq of every checkpoint (`load_state`).
 pub(super) fn load(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
-    let rows: Vec<(String, String, i64)> = db.rows(
-        "load checkpoints",
-        "SELECT rollout_id, hostname, seq FROM record_checkpoints",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )?;
+    let rows: Vec<(String, String, i64)> =
+        db.rows("load checkpoints", "SELECT rollout_id, hostname, seq FROM record_checkpoints", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
     for (id, host, seq) in rows {
         let bad = |what: String| db.corrupt(format!("checkpoint of {host} in {id}: {what}"));
         let rollout_id = RolloutId::parse(&id).map_err(|e| bad(e.to_string()))?;

@@ -218,7 +218,8 @@ fn a_checkpoint_bounds_the_log_and_everything_still_agrees() {
     assert!(k > 260, "another checkpoint after the restart: seq {k}");
     assert_eq!(checkpoint.compacted, k - 2, "every seq between the soak's start and the checkpoint was deleted");
     assert_eq!(rows_of(&reader, "h0"), 2 + events.len() as u64 - k);
-    let mut kinds = reader.prepare("SELECT kind FROM event_log WHERE hostname = 'h0' AND seq <= ?1 ORDER BY seq").expect("sql");
+    let mut kinds =
+        reader.prepare("SELECT kind FROM event_log WHERE hostname = 'h0' AND seq <= ?1 ORDER BY seq").expect("sql");
     let kept_below: Vec<String> =
         kinds.query_map(params![k as i64], |r| r.get(0)).expect("kinds").collect::<Result<_, _>>().expect("kinds");
     assert_eq!(kept_below, ["DispatchAck", "ActivationCompleted"]);

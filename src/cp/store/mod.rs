@@ -59,7 +59,8 @@ mod status;
 mod writer;
 
 pub use checkpoint::{
-    checkpoint_of, has_checkpoint_table, is_compactable, Checkpoint, Checkpoints, COMPACTABLE_KINDS, MAX_EVENTS_SINCE_CHECKPOINT,
+    checkpoint_of, has_checkpoint_table, is_compactable, Checkpoint, Checkpoints, COMPACTABLE_KINDS,
+    MAX_EVENTS_SINCE_CHECKPOINT,
 };
 pub(crate) use db::Db;
 pub use heartbeat::Drift;

@@ -269,8 +269,7 @@ pub fn rebuild_host_records(
                     serde_json::from_str(&json).map_err(|e| db.corrupt(format!("event log: {e}")))?;
                 evs.push(wire.to_remote().map_err(|e| db.corrupt(format!("event log: {e}")))?);
             }
-            let checkpoint =
-                if checkpoints { super::checkpoint::checkpoint_of(conn, path, id, host)? } else { None };
+            let checkpoint = if checkpoints { super::checkpoint::checkpoint_of(conn, path, id, host)? } else { None };
             let start = match checkpoint {
                 Some(checkpoint) => checkpoint.record,
                 None => HostRecord::pending(id.clone(), host.clone(), Some(entry.target_closure.clone())),

@@ -96,9 +96,8 @@ impl SimCp {
     /// and loads its state exactly as `cp serve` does at start.
     pub fn start(&mut self) -> Result<(), String> {
         self.board = Arc::new(Board::default());
-        let mut writer =
-            Writer::open(&self.db, self.clock.clone(), self.board.clone(), Arc::new(Counters::default()))
-                .map_err(|e| e.to_string())?;
+        let mut writer = Writer::open(&self.db, self.clock.clone(), self.board.clone(), Arc::new(Counters::default()))
+            .map_err(|e| e.to_string())?;
         writer.set_checkpoint_bound(SIM_CHECKPOINT_EVENTS);
         self.writer = Some(writer);
         self.reader = Some(store::open_reader(&self.db).map_err(|e| e.to_string())?);

@@ -165,7 +165,7 @@ fn statuses(results: &[EventResult]) -> Vec<ResultStatus> {
     results.iter().map(|r| r.status).collect()
 }
 
-/// 503 events of one (host, rollout) through the real writer with a bound
+/// 504 events of one (host, rollout) through the real writer with a bound
 /// of 40: at every commit the host's rows stay at or below the bound plus
 /// the two events before the soak; the record equals the uncompacted fold;
 /// a restart, the rebuild and `replay` agree; resends below the checkpoint

@@ -1,6 +1,7 @@
 //! `nixfleet demo` as a new user runs it: the real binary, with real Nix and
-//! with a PATH that has no `nix-store` (the demo's stand-in mode), `--hosts`,
-//! and Ctrl-C / SIGTERM mid-run.
+//! with a PATH that has no `nix-store` (the demo's stand-in mode), as an
+//! unprivileged user who may not write `/nix/store`, `--hosts`, and Ctrl-C /
+//! SIGTERM mid-run.
 
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::process::CommandExt as _;
@@ -99,6 +100,120 @@ fn the_demo_without_nix_store_on_path_runs_with_labelled_stand_in_closures() {
     let dir = TempDir::new("demo-no-nix");
     let out = demo().arg("demo").env("PATH", path_without_nix(dir.path())).output().expect("run demo");
     assert_story(&out, 4, "WITHOUT Nix (no nix-store on PATH): STAND-IN closures", STAND_IN_LABEL);
+}
+
+/// The final table's label when the stand-ins live in the work dir's store.
+fn own_store_label(work: &Path) -> String {
+    format!(
+        "{STAND_IN_LABEL}; store dir {}/store (as NIX_STORE_DIR: /nix/store is not writable by this user)",
+        work.display()
+    )
+}
+
+/// The demo binary, run by a user who may not write `/nix/store`: `nobody`
+/// through setpriv(1) when this test runs as root (as CI does), else this
+/// user. A copy of the binary in `dir` (any user can run it there), a PATH
+/// without `nix-store`, HOME and TMPDIR in a directory that user owns, and
+/// nothing else from this environment. None where the test cannot arrange
+/// it (a user who may write `/nix/store` and cannot become another).
+struct Unprivileged {
+    exe: PathBuf,
+    /// setpriv(1), found on this test's PATH (the child's has none).
+    setpriv: Option<PathBuf>,
+    path: PathBuf,
+    home: PathBuf,
+}
+
+impl Unprivileged {
+    fn command(&self) -> Command {
+        let mut cmd = if let Some(setpriv) = &self.setpriv {
+            let mut setpriv = Command::new(setpriv);
+            setpriv.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&self.exe);
+            setpriv
+        } else {
+            Command::new(&self.exe)
+        };
+        cmd.env_clear().env("PATH", &self.path).env("HOME", &self.home).env("TMPDIR", &self.home);
+        cmd
+    }
+}
+
+fn unprivileged_demo(dir: &Path) -> Option<Unprivileged> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let nix_store = Path::new("/nix/store");
+    let root = rustix::process::geteuid().is_root();
+    let world_writable = std::fs::metadata(nix_store).is_ok_and(|m| m.permissions().mode() & 0o002 != 0);
+    let writable_here = rustix::fs::access(nix_store, rustix::fs::Access::WRITE_OK).is_ok();
+    if world_writable || (!root && writable_here) {
+        println!("/nix/store is writable by every user or by this one: no unprivileged user to run the demo as");
+        return None;
+    }
+    fs_err::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod test dir");
+    let home = dir.join("home");
+    fs_err::create_dir_all(&home).expect("mkdir home");
+    fs_err::set_permissions(&home, std::fs::Permissions::from_mode(0o1777)).expect("chmod home");
+    let exe = dir.join("nixfleet");
+    fs_err::copy(env!("CARGO_BIN_EXE_nixfleet"), &exe).expect("copy the binary");
+    let setpriv = if root {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let found = std::env::split_paths(&path).map(|d| d.join("setpriv")).find(|p| p.is_file());
+        Some(found.expect("setpriv(1) (util-linux) to run the demo as nobody"))
+    } else {
+        None
+    };
+    Some(Unprivileged { exe, setpriv, path: path_without_nix(dir), home })
+}
+
+#[test]
+fn the_demo_without_nix_runs_for_a_user_who_may_not_write_nix_store() {
+    // An unprivileged user, no nix-store on PATH, no writable /nix/store: the
+    // stand-in closures go to the work dir's store (NIX_STORE_DIR for the
+    // whole run), the first line and the table say so, the story is the
+    // same, and nothing is left in the work dir or /nix/store.
+    let dir = TempDir::new("demo-nobody");
+    let Some(user) = unprivileged_demo(dir.path()) else { return };
+    let out = user.command().arg("demo").output().expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    let work = work_dir(&stdout);
+    assert!(work.starts_with(dir.path().join("home")), "work dir {} not in TMPDIR", work.display());
+    let first = format!(
+        "WITHOUT Nix (no nix-store on PATH): STAND-IN closures, plain directories under {}/store (as \
+         NIX_STORE_DIR: /nix/store is not writable by this user)",
+        work.display()
+    );
+    assert_story(&out, 4, &first, &own_store_label(&work));
+}
+
+#[test]
+fn a_kept_unprivileged_run_says_how_to_read_its_store() {
+    // --keep in the work dir's store: the printed replay command sets
+    // NIX_STORE_DIR, and it is needed: the kept CP database names closures in
+    // that store, which a replay with the default store refuses.
+    let dir = TempDir::new("demo-nobody-keep");
+    let Some(user) = unprivileged_demo(dir.path()) else { return };
+    let out = user.command().args(["demo", "--hosts", "2", "--keep"]).output().expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    let work = work_dir(&stdout);
+    let store = work.join("store");
+    let kept = format!("`NIX_STORE_DIR={} nixfleet replay --db {}/cp.db`", store.display(), work.display());
+    assert!(stdout.contains(&kept), "missing {kept:?} in:\n{stdout}");
+    assert_eq!(fs_err::read_dir(&store).expect("kept store").count(), 4, "two closures per host are kept");
+    let replay = |store_dir: Option<&Path>| {
+        let mut cmd = user.command();
+        cmd.args(["replay", "--db"]).arg(work.join("cp.db"));
+        if let Some(store_dir) = store_dir {
+            cmd.env("NIX_STORE_DIR", store_dir);
+        }
+        cmd.output().expect("run replay")
+    };
+    let out = replay(Some(&store));
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = replay(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a replay in /nix/store must refuse closures elsewhere:\n{stderr}");
+    assert!(stderr.contains("must start with /nix/store/"), "{stderr}");
 }
 
 #[test]

@@ -4,10 +4,10 @@
 //! `bin/switch-to-configuration`, a /bin/sh script that repoints a
 //! `current-system` symlink baked in at build time.
 //!
-//! Where Nix is absent (or `NIXFLEET_TEST_NIX=stand-in`), stand-in
-//! `nix-store`/`nix-env` scripts on a temp dir keep the same program boundary
-//! and write closures straight into `/nix/store` (which must then be
-//! writable). Every test says which ran: `nix: real (...)` or `nix: stand-in`.
+//! Where Nix is absent (or `NIXFLEET_TEST_NIX=stand-in`), the stand-in
+//! `nix-store`/`nix-env` scripts of `nixfleet demo` (the same source) on a
+//! temp dir keep the same program boundary and write closures straight into
+//! `/nix/store` (which must then be writable). Every test says which ran: `nix: real (...)` or `nix: stand-in`.
 //!
 //! Every closure carries a random nonce, so tests sharing the real
 //! `/nix/store` never build or delete each other's paths.
@@ -145,45 +145,11 @@ derivation {
 }
 "#;
 
-/// Stand-in `nix-store`: --realise (present, or copied from a `file://`
-/// substituter in NIX_CONFIG whose `.sig` names a trusted key), --delete,
-/// --version. Messages follow Nix 2.8's wording.
-const STANDIN_NIX_STORE: &str = r#"#!/bin/sh
-PATH=/usr/bin:/bin
-case "$1" in
---version) echo "nix-store (stand-in) 0"; exit 0 ;;
---delete) shift; rm -rf "$@"; exit 0 ;;
---realise) p="$2" ;;
-*) echo "stand-in nix-store: unsupported $*" >&2; exit 2 ;;
-esac
-if [ -d "$p" ]; then echo "$p"; exit 0; fi
-name=$(basename "$p")
-subs=$(printf '%s\n' "$NIX_CONFIG" | sed -n 's/^substituters *= *//p')
-keys=$(printf '%s\n' "$NIX_CONFIG" | sed -n 's/^trusted-public-keys *= *//p')
-for s in $subs; do
-  d="${s#file://}"
-  [ -d "$d/$name" ] || continue
-  signer=$(cat "$d/$name.sig")
-  for k in $keys; do
-    if [ "${k%%:*}" = "$signer" ]; then cp -a "$d/$name" "$p"; echo "$p"; exit 0; fi
-  done
-  echo "warning: the substitute for '$p' from '$s' is not signed by any of the keys in 'trusted-public-keys'" >&2
-done
-echo "error: path '$p' is required, but there is no substituter that can build it" >&2
-exit 1
-"#;
-
-/// Stand-in `nix-env -p PROFILE --set PATH`: numbered generation links like Nix.
-const STANDIN_NIX_ENV: &str = r#"#!/bin/sh
-PATH=/usr/bin:/bin
-[ "$1" = "-p" ] && [ "$3" = "--set" ] || { echo "stand-in nix-env: unsupported $*" >&2; exit 2; }
-profile="$2"; p="$4"
-[ -d "$p" ] || { echo "error: path '$p' is not valid" >&2; exit 1; }
-n=1
-while [ -e "$profile-$n-link" ] || [ -L "$profile-$n-link" ]; do n=$((n+1)); done
-ln -s "$p" "$profile-$n-link"
-ln -sfn "$(basename "$profile")-$n-link" "$profile.tmp" && mv -T "$profile.tmp" "$profile"
-"#;
+/// The stand-in `nix-store` (--realise, from a signed `file://` substituter
+/// too; --delete; --version) and `nix-env -p PROFILE --set PATH`: the
+/// scripts `nixfleet demo` runs without Nix, one source for both.
+const STANDIN_NIX_STORE: &str = nixfleet::tools::demo::STANDIN_NIX_STORE;
+const STANDIN_NIX_ENV: &str = nixfleet::tools::demo::STANDIN_NIX_ENV;
 
 impl NixEnv {
     /// Real Nix if `nix-store` and `nix-build` run, else stand-ins; prints which.

@@ -39,11 +39,41 @@ fn work_dir(stdout: &str) -> PathBuf {
     PathBuf::from(line.split("] work dir ").nth(1).expect("work dir path").trim())
 }
 
+/// Whether this user may write `/nix/store` (creating it if missing), as
+/// the demo decides: else its stand-in closures go to its work dir's store.
+fn nix_store_writable() -> bool {
+    let nix_store = Path::new("/nix/store");
+    std::fs::create_dir_all(nix_store).is_ok()
+        && rustix::fs::access(nix_store, rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK).is_ok()
+}
+
+/// The store directory of the stand-in run whose work dir is `work`, and
+/// the `NIX_STORE_DIR=… ` a command reading that run's data needs.
+fn run_store(work: &Path) -> (PathBuf, String) {
+    if nix_store_writable() {
+        ("/nix/store".into(), String::new())
+    } else {
+        let store = work.join("store");
+        let env = format!("NIX_STORE_DIR={} ", store.display());
+        (store, env)
+    }
+}
+
+/// The final table's label of the stand-in run whose work dir is `work`.
+fn stand_in_label(work: &Path) -> String {
+    if nix_store_writable() {
+        STAND_IN_LABEL.to_owned()
+    } else {
+        own_store_label(work)
+    }
+}
+
 /// Store entries made by the run whose work dir is `work` (its nonce is in their names).
 fn closures_left(work: &Path) -> Vec<String> {
     let name = work.file_name().expect("work dir name").to_string_lossy();
     let nonce = name.trim_start_matches("nixfleet-demo-");
-    let entries = std::fs::read_dir("/nix/store").map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
+    let (store, _) = run_store(work);
+    let entries = std::fs::read_dir(store).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
     entries
         .into_iter()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -51,8 +81,9 @@ fn closures_left(work: &Path) -> Vec<String> {
         .collect()
 }
 
-fn assert_story(out: &Output, n_hosts: usize, mode_line: &str, table_label: &str) {
+fn assert_story(out: &Output, n_hosts: usize, mode_line: &str, table_label: Option<&str>) {
     let stdout = String::from_utf8_lossy(&out.stdout);
+    let table_label = table_label.map_or_else(|| stand_in_label(&work_dir(&stdout)), str::to_owned);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     let first = stdout.lines().next().unwrap_or("");
@@ -76,7 +107,7 @@ fn assert_story(out: &Output, n_hosts: usize, mode_line: &str, table_label: &str
     assert!(!stdout.contains('\x1b'), "piped output must be plain lines:\n{stdout}");
     let work = work_dir(&stdout);
     assert!(!work.exists(), "work dir {} left behind", work.display());
-    assert_eq!(closures_left(&work), Vec::<String>::new(), "closures left in /nix/store");
+    assert_eq!(closures_left(&work), Vec::<String>::new(), "closures left in the store");
 }
 
 #[test]
@@ -89,7 +120,7 @@ fn the_demo_with_nix_rolls_out_two_waves_rolls_one_host_back_and_halts() {
     }
     println!("nix: real");
     let out = demo().arg("demo").output().expect("run demo");
-    assert_story(&out, 4, "with Nix (nix-store (Nix)", "real Nix store paths");
+    assert_story(&out, 4, "with Nix (nix-store (Nix)", Some("real Nix store paths"));
 }
 
 #[test]
@@ -99,7 +130,7 @@ fn the_demo_without_nix_store_on_path_runs_with_labelled_stand_in_closures() {
     // removes its plain-directory closures at the end.
     let dir = TempDir::new("demo-no-nix");
     let out = demo().arg("demo").env("PATH", path_without_nix(dir.path())).output().expect("run demo");
-    assert_story(&out, 4, "WITHOUT Nix (no nix-store on PATH): STAND-IN closures", STAND_IN_LABEL);
+    assert_story(&out, 4, "WITHOUT Nix (no nix-store on PATH): STAND-IN closures", None);
 }
 
 /// The final table's label when the stand-ins live in the work dir's store.
@@ -182,7 +213,7 @@ fn the_demo_without_nix_runs_for_a_user_who_may_not_write_nix_store() {
          NIX_STORE_DIR: /nix/store is not writable by this user)",
         work.display()
     );
-    assert_story(&out, 4, &first, &own_store_label(&work));
+    assert_story(&out, 4, &first, Some(&own_store_label(&work)));
 }
 
 #[test]
@@ -221,7 +252,7 @@ fn the_demo_runs_seven_hosts() {
     // --hosts 7: seven agents, web-1 the canary, web-2..web-7 the second wave.
     let dir = TempDir::new("demo-7");
     let out = demo().args(["demo", "--hosts", "7"]).env("PATH", path_without_nix(dir.path())).output().expect("run");
-    assert_story(&out, 7, "WITHOUT Nix", STAND_IN_LABEL);
+    assert_story(&out, 7, "WITHOUT Nix", None);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("wave 1 = web-2 web-3 web-4 web-5 web-6 web-7"), "{stdout}");
 }
@@ -303,7 +334,7 @@ fn interrupt_mid_run(signal: rustix::process::Signal, name: &str, path: Option<P
     let out = child.wait_with_output().expect("wait for the demo");
     let work = work_dir(&seen);
     assert!(!work.exists(), "work dir {} left behind", work.display());
-    assert_eq!(closures_left(&work), Vec::<String>::new(), "closures left in /nix/store");
+    assert_eq!(closures_left(&work), Vec::<String>::new(), "closures left in the store");
     assert_eq!(processes_marked(&marker), Vec::<String>::new(), "processes of the demo still run");
     assert_eq!(group_members(pid), Vec::<String>::new(), "the demo's process group still has members");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -342,23 +373,28 @@ fn keep_leaves_the_work_dir_and_says_how_to_look_at_it() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let work = work_dir(&stdout);
     let left = closures_left(&work);
+    let (store, env) = run_store(&work);
     // The kept run is this test's to remove, whatever happens below.
     let cleanup = scopeguard(|| {
         let _ = std::fs::remove_dir_all(&work);
         for name in &left {
-            let _ = std::fs::remove_dir_all(Path::new("/nix/store").join(name));
+            let _ = std::fs::remove_dir_all(store.join(name));
         }
     });
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(work.join("cp.db").is_file(), "no cp.db in the kept {}", work.display());
     assert_eq!(left.len(), 4, "two closures per host are kept: {left:?}");
-    let kept = format!("kept {w}: `nixfleet replay --db {w}/cp.db`", w = work.display());
+    let kept = format!("kept {w}: `{env}nixfleet replay --db {w}/cp.db`", w = work.display());
     assert!(stdout.contains(&kept), "missing {kept:?} in:\n{stdout}");
     assert!(
-        stdout.contains(&format!("nixfleet queue ls --state-dir {}/web-2/state --all", work.display())),
+        stdout.contains(&format!("`{env}nixfleet queue ls --state-dir {}/web-2/state --all`", work.display())),
         "{stdout}"
     );
-    let replay = demo().args(["replay", "--db"]).arg(work.join("cp.db")).output().expect("run replay");
+    let mut replay = demo();
+    if !env.is_empty() {
+        replay.env("NIX_STORE_DIR", &store);
+    }
+    let replay = replay.args(["replay", "--db"]).arg(work.join("cp.db")).output().expect("run replay");
     assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
     drop(cleanup);
 }
@@ -402,6 +438,6 @@ fn on_a_terminal_the_rollout_is_a_view_redrawn_in_place() {
     for line in ["] rollout stable@demo-1 converging (wave 1)", "  wave 0 canary   done", "    web-1    Converged "] {
         assert!(tty.contains(line), "missing {line:?} in:\n{tty}");
     }
-    assert!(tty.contains("closures: STAND-IN closures: plain directories, no Nix\n"), "{tty}");
+    assert!(tty.contains(&format!("closures: {}\n", stand_in_label(&work_dir(&tty)))), "{tty}");
     assert!(!tty.contains("web-1  Pending -> "), "per-change lines are for piped output:\n{tty}");
 }

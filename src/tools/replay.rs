@@ -15,7 +15,7 @@
 //!   journal still replays from seq 1 under its cached, re-verified manifest
 //!   (`--trust-key`); otherwise exit 1. Read-only and lock-free.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -139,46 +139,13 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
         let mut replayed = BTreeMap::new();
         for (host, entry) in &manifest.hosts {
             n_hosts += 1;
-            let rows: Vec<(i64, String)> = stmt
-                .query_map(params![id.as_str(), host.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
-                .and_then(|rows| rows.collect())
-                .map_err(sql)?;
-            n_events += rows.len();
-            let events = rows
-                .into_iter()
-                .map(|(seq, json)| {
-                    let seq = u64::try_from(seq).unwrap_or(0);
-                    let event = serde_json::from_str::<OutboundEvent>(&json)
-                        .map_err(Unreadable::from)
-                        .and_then(|w| w.to_remote().map_err(Unreadable::from));
-                    (seq, event)
-                })
-                .collect();
+            let events = logged_events(&mut stmt, id, host).map_err(sql)?;
+            n_events += events.len();
             let start = HostRecord::pending(id.clone(), host.clone(), Some(entry.target_closure.clone()));
             let trace = fold(start, events, &policy, &[]);
-            replayed.insert(host.clone(), trace.record.clone());
             let stored = cached.get(&(id.clone(), host.clone()));
-            let verdict = match stored {
-                Some(s) if *s == trace.record && trace.problems.is_empty() => "agrees",
-                _ => "DISAGREES",
-            };
-            let _ = writeln!(out, " host {host}: {} ({verdict} with the stored record)", trace.record.state);
-            if !quiet {
-                for line in &trace.lines {
-                    let _ = writeln!(out, "{line}");
-                }
-            }
-            for p in &trace.problems {
-                disagreements.push(format!("{host} in {id}: {p}"));
-            }
-            match stored {
-                Some(s) if *s != trace.record => disagreements.push(format!(
-                    "{host} in {id}: stored record is {} at seq {}, replay gives {} at seq {}",
-                    s.state, s.last_seq, trace.record.state, trace.record.last_seq
-                )),
-                None => disagreements.push(format!("{host} in {id}: no stored record")),
-                _ => {}
-            }
+            disagreements.extend(compare_host(&mut out, id, host, stored, &trace, quiet));
+            replayed.insert(host.clone(), trace.record);
         }
         let skipped = store::skipped_of(&conn, db, id)?;
         let problem = rollout_lines(&mut out, &row, &replayed, &skipped, &actions);
@@ -190,6 +157,66 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
         Ok(())
     } else {
         Err(ReplayError::Disagrees(disagreements.join("; ")))
+    }
+}
+
+/// One host's logged events of one rollout in seq order, each read back as
+/// the Remote event ingest applied (or why it no longer reads).
+fn logged_events(
+    stmt: &mut rusqlite::Statement<'_>,
+    id: &RolloutId,
+    host: &Hostname,
+) -> rusqlite::Result<Vec<(u64, Result<Event, Unreadable>)>> {
+    let rows: Vec<(i64, String)> = stmt
+        .query_map(params![id.as_str(), host.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let events = rows
+        .into_iter()
+        .map(|(seq, json)| {
+            let seq = u64::try_from(seq).unwrap_or(0);
+            let event = serde_json::from_str::<OutboundEvent>(&json)
+                .map_err(Unreadable::from)
+                .and_then(|w| w.to_remote().map_err(Unreadable::from));
+            (seq, event)
+        })
+        .collect();
+    Ok(events)
+}
+
+/// Writes one host's replay to `out` and compares it with the record the CP
+/// stored; returns the disagreements.
+fn compare_host(
+    out: &mut String,
+    id: &RolloutId,
+    host: &Hostname,
+    stored: Option<&HostRecord>,
+    trace: &Trace,
+    quiet: bool,
+) -> Vec<String> {
+    let verdict = match stored {
+        Some(s) if *s == trace.record && trace.problems.is_empty() => "agrees",
+        _ => "DISAGREES",
+    };
+    let _ = writeln!(out, " host {host}: {} ({verdict} with the stored record)", trace.record.state);
+    write_trace_lines(out, trace, quiet);
+    let mut disagreements: Vec<String> = trace.problems.iter().map(|p| format!("{host} in {id}: {p}")).collect();
+    match stored {
+        Some(s) if *s != trace.record => disagreements.push(format!(
+            "{host} in {id}: stored record is {} at seq {}, replay gives {} at seq {}",
+            s.state, s.last_seq, trace.record.state, trace.record.last_seq
+        )),
+        None => disagreements.push(format!("{host} in {id}: no stored record")),
+        _ => {}
+    }
+    disagreements
+}
+
+/// A trace's event lines, unless `quiet`.
+fn write_trace_lines(out: &mut String, trace: &Trace, quiet: bool) {
+    if !quiet {
+        for line in &trace.lines {
+            let _ = writeln!(out, "{line}");
+        }
     }
 }
 
@@ -266,83 +293,118 @@ pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) 
     for q in journal::recorded_events(state_dir, &folders)? {
         journals.entry((q.rollout_id, q.hostname)).or_default().push((q.qseq, q.event));
     }
-    let with_pending: std::collections::BTreeSet<RolloutId> =
+    let with_pending: BTreeSet<RolloutId> =
         journal::recorded_events(state_dir, &[EntryState::Pending])?.into_iter().map(|q| q.rollout_id).collect();
-    let corrupt = journal::corrupt_records(state_dir)?;
-    let cache = journal::ManifestCache::new(state_dir);
-    let mut out = String::new();
     let mut problems = Vec::new();
     let channels = ChannelHistory::load(state_dir).unwrap_or_else(|e| {
         problems.push(e.to_string());
         ChannelHistory::in_memory()
     });
+    let mut replay = QueueReplay {
+        trust_keys,
+        cache: journal::ManifestCache::new(state_dir),
+        channels,
+        corrupt: journal::corrupt_records(state_dir)?,
+        with_pending,
+        quiet,
+        out: String::new(),
+        problems,
+    };
     // Records rebuilt and written back at an earlier start: the rotted copy
     // left `dead/` then, and the loss is still a problem of this disk.
     for line in journal::rebuilt_log(state_dir)? {
-        let _ = writeln!(out, "REBUILT at an earlier start (written back to the queue): {line}");
-        problems.push(format!("rebuilt at an earlier start: {line}"));
+        let _ = writeln!(replay.out, "REBUILT at an earlier start (written back to the queue): {line}");
+        replay.problems.push(format!("rebuilt at an earlier start: {line}"));
     }
-    for (name, reason) in &corrupt {
+    for (name, reason) in &replay.corrupt {
         let known = journals.keys().any(|(rollout_id, host)| rebuild::names_rollout(name, host, rollout_id));
         if !known {
-            problems.push(format!("corrupt record dead/{name} ({reason}) of a rollout with no readable event"));
+            replay.problems.push(format!("corrupt record dead/{name} ({reason}) of a rollout with no readable event"));
         }
     }
     for ((rollout_id, hostname), events) in journals {
-        let host = hostname.to_string();
-        let _ = writeln!(out, "rollout {rollout_id}");
-        let lost = rebuild::lost_records(&corrupt, &hostname, &rollout_id);
-        let pending = with_pending.contains(&rollout_id);
-        let history = match rebuild::history(&rollout_id, events, &lost, pending, channels.dispatch_of(&rollout_id)) {
-            rebuild::Verdict::Complete(history) => history,
-            rebuild::Verdict::Pruned => {
-                let _ = writeln!(out, " host {host}: history pruned by retention");
-                continue;
-            }
-            rebuild::Verdict::Lost(why) => {
-                let _ = writeln!(out, " host {host}: NOT REBUILDABLE: {why}");
-                problems.push(format!("{rollout_id}: {why}"));
-                continue;
-            }
-        };
-        // A lost record is a problem even when it could be rebuilt: the
-        // disk under the queue lost data.
-        for repair in &history.repairs {
-            let _ = writeln!(out, " host {host}: REBUILT: {repair}");
-            problems.push(format!("{rollout_id}: {repair}"));
-        }
-        let events = history.events;
-        let accepted = events.iter().any(|e| e.kind() == "DispatchAck");
-        let policy = match journal::cached_manifest(&cache, &rollout_id, &hostname, &trust_keys) {
-            Ok(cached) => {
-                if let Some(keyid) = cached.no_longer_trusted {
-                    let _ = writeln!(out, " note: verified only by key {keyid}, recorded when it was accepted");
-                }
-                cached.manifest.machine_policy()
-            }
-            // Never accepted: no decision depends on its policy.
-            Err(_) if !accepted => journal::FALLBACK_POLICY,
-            Err(why) => {
-                problems.push(format!("{rollout_id}: {why}"));
-                continue;
-            }
-        };
-        let local = events.iter().map(|e| (e.seq, e.to_local().map_err(Unreadable::from))).collect();
-        let start = HostRecord::pending(rollout_id.clone(), hostname, None);
-        let trace = fold(start, local, &policy, &history.bridged);
-        let _ = writeln!(out, " host {host}: {}", trace.record.state);
-        if !quiet {
-            for line in &trace.lines {
-                let _ = writeln!(out, "{line}");
-            }
-        }
-        problems.extend(trace.problems.into_iter().map(|p| format!("{rollout_id}: {p}")));
+        replay.journal(rollout_id, hostname, events);
     }
+    let QueueReplay { mut out, problems, .. } = replay;
     let _ = writeln!(out, "{} problems", problems.len());
     print_stdout(&out)?;
     if problems.is_empty() {
         Ok(())
     } else {
         Err(ReplayError::Disagrees(problems.join("; ")))
+    }
+}
+
+/// What `replay --state-dir` reads once, and the report it writes rollout
+/// by rollout.
+struct QueueReplay {
+    trust_keys: Vec<PublicKey>,
+    cache: journal::ManifestCache,
+    channels: ChannelHistory,
+    /// (file name, reason) of every unreadable record in `dead/`.
+    corrupt: Vec<(String, String)>,
+    /// Rollouts with pending events (never pruned by retention).
+    with_pending: BTreeSet<RolloutId>,
+    quiet: bool,
+    out: String,
+    problems: Vec<String>,
+}
+
+impl QueueReplay {
+    /// One rollout's journal: its history rebuilt over lost records (or
+    /// found pruned, or lost), then folded under its manifest's policy.
+    fn journal(&mut self, rollout_id: RolloutId, hostname: Hostname, events: Vec<(u64, OutboundEvent)>) {
+        let host = hostname.to_string();
+        let _ = writeln!(self.out, "rollout {rollout_id}");
+        let lost = rebuild::lost_records(&self.corrupt, &hostname, &rollout_id);
+        let pending = self.with_pending.contains(&rollout_id);
+        let dispatch = self.channels.dispatch_of(&rollout_id);
+        let history = match rebuild::history(&rollout_id, events, &lost, pending, dispatch) {
+            rebuild::Verdict::Complete(history) => history,
+            rebuild::Verdict::Pruned => {
+                let _ = writeln!(self.out, " host {host}: history pruned by retention");
+                return;
+            }
+            rebuild::Verdict::Lost(why) => {
+                let _ = writeln!(self.out, " host {host}: NOT REBUILDABLE: {why}");
+                self.problems.push(format!("{rollout_id}: {why}"));
+                return;
+            }
+        };
+        // A lost record is a problem even when it could be rebuilt: the
+        // disk under the queue lost data.
+        for repair in &history.repairs {
+            let _ = writeln!(self.out, " host {host}: REBUILT: {repair}");
+            self.problems.push(format!("{rollout_id}: {repair}"));
+        }
+        let events = history.events;
+        let accepted = events.iter().any(|e| e.kind() == "DispatchAck");
+        let Some(policy) = self.policy(&rollout_id, &hostname, accepted) else { return };
+        let local = events.iter().map(|e| (e.seq, e.to_local().map_err(Unreadable::from))).collect();
+        let start = HostRecord::pending(rollout_id.clone(), hostname, None);
+        let trace = fold(start, local, &policy, &history.bridged);
+        let _ = writeln!(self.out, " host {host}: {}", trace.record.state);
+        write_trace_lines(&mut self.out, &trace, self.quiet);
+        self.problems.extend(trace.problems.into_iter().map(|p| format!("{rollout_id}: {p}")));
+    }
+
+    /// The policy of the rollout's cached, re-verified manifest; the
+    /// fallback for a rollout never accepted (no decision depends on it);
+    /// `None`, with the problem recorded, when an accepted rollout's
+    /// manifest cannot be had.
+    fn policy(&mut self, rollout_id: &RolloutId, hostname: &Hostname, accepted: bool) -> Option<Policy> {
+        match journal::cached_manifest(&self.cache, rollout_id, hostname, &self.trust_keys) {
+            Ok(cached) => {
+                if let Some(keyid) = cached.no_longer_trusted {
+                    let _ = writeln!(self.out, " note: verified only by key {keyid}, recorded when it was accepted");
+                }
+                Some(cached.manifest.machine_policy())
+            }
+            Err(_) if !accepted => Some(journal::FALLBACK_POLICY),
+            Err(why) => {
+                self.problems.push(format!("{rollout_id}: {why}"));
+                None
+            }
+        }
     }
 }

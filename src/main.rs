@@ -21,6 +21,10 @@ fn main() -> ExitCode {
         _ => "info",
     };
     init_tracing(cli.log_format, default_level);
+    if let Err(e) = init_store_dir(&cli.command) {
+        eprintln!("nixfleet: error: {e}");
+        return ExitCode::from(2);
+    }
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Keygen { out } => tools::manifest_cmd::keygen(&out).map_err(Into::into),
         Command::Pki(PkiCommand::Init { dir }) => {
@@ -71,6 +75,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Fixes the process's Nix store directory before anything parses a closure:
+/// `NIX_STORE_DIR` or `/nix/store`. The simulator's closures are always
+/// `/nix/store` paths (it touches no store); the demo decides for itself
+/// (its stand-in closures may need a store dir in its work dir).
+fn init_store_dir(command: &Command) -> Result<(), nixfleet::ids::StoreDirError> {
+    use nixfleet::ids::StoreDir;
+    let dir = match command {
+        Command::Demo { .. } => return Ok(()),
+        Command::Sim(_) => StoreDir::nix_default(),
+        _ => StoreDir::from_env()?,
+    };
+    nixfleet::ids::init_store_dir(dir).map(|_| ())
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {

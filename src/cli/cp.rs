@@ -128,6 +128,12 @@ pub struct CpServeArgs {
     /// NAT puts many agents behind one address).
     #[arg(long, default_value_t = crate::cp::config::MAX_CONNECTIONS_PER_ADDRESS)]
     pub max_connections_per_address: usize,
+    /// Events of one host in one rollout applied between two record
+    /// checkpoints; past it the host's probe events give way to the record
+    /// they made (`docs/protocol.md` §7). Lower it to keep the log small.
+    #[arg(long, default_value_t = crate::cp::store::MAX_EVENTS_SINCE_CHECKPOINT, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_events: u64,
 }
 
 /// How an operator command reaches the control plane: its URL and, for

@@ -40,7 +40,7 @@ pub struct ServeConfig {
     pub limits: ServeLimits,
 }
 
-/// The HTTP server's time and connection limits (`cp serve` flags; the
+/// The server's time, connection and event-log limits (`cp serve` flags; the
 /// defaults and their reasons are the constants they name).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeLimits {
@@ -57,6 +57,9 @@ pub struct ServeLimits {
     /// Connections held at once from one client address
     /// ([`MAX_CONNECTIONS_PER_ADDRESS`]).
     pub max_connections_per_address: usize,
+    /// Events of a (host, rollout) between two record checkpoints
+    /// ([`super::store::MAX_EVENTS_SINCE_CHECKPOINT`]).
+    pub checkpoint_events: u64,
 }
 
 impl Default for ServeLimits {
@@ -66,6 +69,7 @@ impl Default for ServeLimits {
             body_timeout: BODY_READ_TIMEOUT,
             max_connections: MAX_CONNECTIONS,
             max_connections_per_address: MAX_CONNECTIONS_PER_ADDRESS,
+            checkpoint_events: super::store::MAX_EVENTS_SINCE_CHECKPOINT,
         }
     }
 }

@@ -226,13 +226,14 @@ async fn start(
 ) -> Result<(Started, oneshot::Receiver<()>), ServeError> {
     let board = Arc::new(Board::default());
     let counters = Arc::new(Counters::default());
-    let writer = {
+    let mut writer = {
         let (path, clock, board, counters) =
             (cfg.db_path.clone(), clock.clone(), Arc::clone(&board), Arc::clone(&counters));
         tokio::task::spawn_blocking(move || Writer::open(&path, clock, board, counters))
             .await
             .map_err(|_| ServeError::WriterPanicked)??
     };
+    writer.set_checkpoint_bound(cfg.limits.checkpoint_events);
     let (cmd_tx, cmd_rx) = mpsc::channel(store::WRITER_CHANNEL_CAPACITY);
     let watchdog = notifier.watchdog();
     let plan_tick = Duration::from_secs(PLAN_TICK_SECS);

@@ -9,7 +9,10 @@
 //!   against the replayed records and the operator actions
 //!   (`operator_actions`: a resume's accepted failures, a cancel): see
 //!   [`rollout_verdict`]. Opens the database read-only, so it is safe while
-//!   the CP runs.
+//!   the CP runs. A host whose probe events the CP compacted
+//!   (`store::checkpoint`) is folded from seq 1 up to the soak's start,
+//!   then from its record checkpoint at seq K; the output says so, and what
+//!   rests on the checkpoint instead of on events (see [`fold_checkpointed`]).
 //! - `--state-dir DIR`: an agent's queue (pending, acked and rejected
 //!   events). The agent keeps no other state, so the check is that its whole
 //!   journal still replays from seq 1 under its cached, re-verified manifest
@@ -51,6 +54,8 @@ pub enum ReplayError {
 /// One host's evolution in one rollout.
 struct Trace {
     lines: Vec<String>,
+    /// Printed even with `--quiet`: what the fold started from.
+    notes: Vec<String>,
     record: HostRecord,
     problems: Vec<String>,
 }
@@ -107,11 +112,104 @@ fn fold(
             Err(e) => problems.push(e.to_string()),
         }
     }
-    Trace { lines, record, problems }
+    Trace { lines, notes: Vec::new(), record, problems }
+}
+
+/// A host whose log the CP compacted at a record checkpoint at seq K
+/// (`store::checkpoint`): the kept events at or below K (seqs 1..=A, up to
+/// the ActivationCompleted that started the soak) are folded from the
+/// Pending record, the checkpoint is checked against that proven record,
+/// and the events after K are folded from the checkpoint. What cannot be
+/// proven any more: the probe records, the topology and the
+/// sustained-failure clock at K, which the deleted events A+1..=K made.
+fn fold_checkpointed(
+    start: HostRecord,
+    events: Vec<(u64, Result<Event, Unreadable>)>,
+    checkpoint: &store::Checkpoint,
+    policy: &Policy,
+) -> Trace {
+    let k = checkpoint.seq;
+    let (head, tail): (Vec<_>, Vec<_>) = events.into_iter().partition(|(seq, _)| *seq <= k);
+    let head = fold(start, head, policy, &[]);
+    let proven = head.record;
+    let a = proven.last_seq;
+    let mut lines = head.lines;
+    let mut problems = head.problems;
+    lines.push(format!("  seq {:>4}  checkpoint: seqs {}..={k} deleted by the CP", k, a + 1));
+    problems.extend(checkpoint_problems(&proven, checkpoint));
+    let tail = fold(checkpoint.record.clone(), tail, policy, &[]);
+    lines.extend(tail.lines);
+    problems.extend(tail.problems);
+    let notes = vec![format!(
+        "  started from a checkpoint at seq {k} (taken {}): seqs 1..={a} are proven from seq 1 and seqs after {k} \
+         from the checkpoint; the {} probe events {}..={k} were deleted, so the probe records, the topology and \
+         the sustained-failure clock at seq {k} are the CP's word, not re-proved",
+        checkpoint.at,
+        k.saturating_sub(a),
+        a + 1
+    )];
+    Trace { lines, notes, record: tail.record, problems }
+}
+
+/// How a checkpoint can be wrong given the record proven at seq A (the last
+/// kept event at or below it): it must be of the same soak (the host
+/// Soaking at A and at K), account for exactly the missing seqs, agree
+/// with the proven record in every field no probe event changes, and be a
+/// record `step` could have made (every probe declared with its mode; the
+/// clock running only while an enforce probe fails).
+fn checkpoint_problems(proven: &HostRecord, checkpoint: &store::Checkpoint) -> Vec<String> {
+    use crate::machine::HostState;
+    let (a, k, cp) = (proven.last_seq, checkpoint.seq, &checkpoint.record);
+    let mut problems = Vec::new();
+    if proven.state != HostState::Soaking || cp.state != HostState::Soaking {
+        problems.push(format!(
+            "checkpoint at seq {k}: taken only while Soaking, but the log proves {} at seq {a} and the checkpoint \
+             says {}",
+            proven.state, cp.state
+        ));
+    }
+    if checkpoint.compacted != k.saturating_sub(a) {
+        problems.push(format!(
+            "checkpoint at seq {k}: {} events deleted, but {} seqs ({}..={k}) are missing",
+            checkpoint.compacted,
+            k.saturating_sub(a),
+            a + 1
+        ));
+    }
+    let mut unchanged = cp.clone();
+    unchanged.last_seq = a;
+    unchanged.topology.clone_from(&proven.topology);
+    unchanged.probes.clone_from(&proven.probes);
+    unchanged.failure_clock_since = proven.failure_clock_since;
+    if unchanged != *proven {
+        problems.push(format!(
+            "checkpoint at seq {k} differs from the record proven at seq {a} in a field no probe event changes"
+        ));
+    }
+    for (name, probe) in &cp.probes {
+        if cp.declared_mode(name) != Some(probe.mode) {
+            problems.push(format!("checkpoint at seq {k}: probe {name:?} is not declared with mode {:?}", probe.mode));
+        }
+    }
+    if cp.failure_clock_since.is_some() && cp.failing_enforce_probes().is_empty() {
+        problems.push(format!("checkpoint at seq {k}: the failure clock runs but no enforce probe fails"));
+    }
+    problems
 }
 
 /// `nixfleet replay --db PATH`.
 pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(), ReplayError> {
+    let (out, disagreements) = db_report(db, only, quiet)?;
+    print_stdout(&out)?;
+    if disagreements.is_empty() {
+        Ok(())
+    } else {
+        Err(ReplayError::Disagrees(disagreements.join("; ")))
+    }
+}
+
+/// What `replay --db` prints, and its disagreements.
+pub fn db_report(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(String, Vec<String>), ReplayError> {
     if !db.is_file() {
         return Err(ReplayError::Io(std::io::Error::new(
             std::io::ErrorKind::NotFound,
@@ -126,8 +224,9 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
         .map_err(sql)?;
     let mut out = String::new();
     let mut disagreements = Vec::new();
-    let (mut n_hosts, mut n_events) = (0usize, 0usize);
+    let (mut n_hosts, mut n_events, mut n_checkpoints) = (0usize, 0usize, 0usize);
     let actions = store::action_rows(&conn, db, None)?;
+    let checkpoints = store::has_checkpoint_table(&conn, db)?;
     for row in store::rollout_rows(&conn, db)? {
         let manifest = &row.manifest;
         let id = &manifest.rollout_id;
@@ -142,7 +241,14 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
             let events = logged_events(&mut stmt, id, host).map_err(sql)?;
             n_events += events.len();
             let start = HostRecord::pending(id.clone(), host.clone(), Some(entry.target_closure.clone()));
-            let trace = fold(start, events, &policy, &[]);
+            let checkpoint = if checkpoints { store::checkpoint_of(&conn, db, id, host)? } else { None };
+            let trace = match checkpoint {
+                Some(checkpoint) => {
+                    n_checkpoints += 1;
+                    fold_checkpointed(start, events, &checkpoint, &policy)
+                }
+                None => fold(start, events, &policy, &[]),
+            };
             let stored = cached.get(&(id.clone(), host.clone()));
             disagreements.extend(compare_host(&mut out, id, host, stored, &trace, quiet));
             replayed.insert(host.clone(), trace.record);
@@ -151,13 +257,12 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
         let problem = rollout_lines(&mut out, &row, &replayed, &skipped, &actions);
         disagreements.extend(problem.map(|p| format!("{id}: {p}")));
     }
-    let _ = writeln!(out, "{n_events} events of {n_hosts} hosts replayed; {} disagreements", disagreements.len());
-    print_stdout(&out)?;
-    if disagreements.is_empty() {
-        Ok(())
-    } else {
-        Err(ReplayError::Disagrees(disagreements.join("; ")))
+    if n_checkpoints > 0 {
+        let _ =
+            writeln!(out, "{n_checkpoints} host(s) replayed from a record checkpoint (their probe events compacted)");
     }
+    let _ = writeln!(out, "{n_events} events of {n_hosts} hosts replayed; {} disagreements", disagreements.len());
+    Ok((out, disagreements))
 }
 
 /// One host's logged events of one rollout in seq order, each read back as
@@ -211,8 +316,12 @@ fn compare_host(
     disagreements
 }
 
-/// A trace's event lines, unless `quiet`.
+/// A trace's notes (what the fold started from), then its event lines,
+/// unless `quiet`.
 fn write_trace_lines(out: &mut String, trace: &Trace, quiet: bool) {
+    for note in &trace.notes {
+        let _ = writeln!(out, "{note}");
+    }
     if !quiet {
         for line in &trace.lines {
             let _ = writeln!(out, "{line}");

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use hyper::Method;
 use serde_json::Value;
 
-use super::closures::NixMode;
 use super::{setup, DemoError, Host, Say, ROLLOUT};
 use crate::client::{request, CpUrl};
 use crate::output::print_stdout;
@@ -149,8 +148,8 @@ impl Seen {
 }
 
 /// The final per-host table, labelled with the mode the closures were made in.
-pub fn report(detail: &Value, hosts_run: &[Host], mode: &NixMode) -> String {
-    let mut table = format!("\nclosures: {}\nHOST    WAVE  STATE       RUNNING     NOTE\n", mode.label());
+pub fn report(detail: &Value, hosts_run: &[Host], label: &str) -> String {
+    let mut table = format!("\nclosures: {label}\nHOST    WAVE  STATE       RUNNING     NOTE\n");
     for (wave, h) in hosts(detail) {
         let name = text(&h["hostname"]);
         let running = hosts_run

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use nixfleet::cli::{Cli, Command, LogFormat, ManifestCommand, PkiCommand};
+use nixfleet::cli::{Cli, Command, LogFormat, ManifestCommand, PkiCommand, QueueCommand, SimArgs};
 use nixfleet::clock::ClockHandle;
 use nixfleet::tools;
 
@@ -43,7 +43,13 @@ fn main() -> ExitCode {
         Command::Manifest(ManifestCommand::Verify { trust_keys, envelope }) => {
             tools::manifest_cmd::verify(&trust_keys, &envelope).map_err(Into::into)
         }
-        Command::Queue(cmd) => tools::queue_cmd::run(&cmd, &ClockHandle::system()).map_err(Into::into),
+        Command::Queue(QueueCommand::Ls { state_dir, pending, acked, dead, all, json }) => {
+            let folders = tools::queue_cmd::ls_folders(pending, acked, dead, all);
+            tools::queue_cmd::ls(&state_dir, &folders, json, ClockHandle::system().now()).map_err(Into::into)
+        }
+        Command::Queue(QueueCommand::Inspect { state_dir, event, json }) => {
+            tools::queue_cmd::inspect(&state_dir, &event, json, ClockHandle::system().now()).map_err(Into::into)
+        }
         Command::Agent(args) => nixfleet::agent::cmd::run(args).map_err(Into::into),
         Command::Demo { hosts, keep } => {
             tools::demo::run(&tools::demo::DemoOptions { hosts, keep }).map_err(Into::into)
@@ -54,11 +60,13 @@ fn main() -> ExitCode {
             (None, None) => Err("replay needs --db or --state-dir".into()),
         },
         Command::Cp(cmd) => nixfleet::cp::run(cmd).map_err(Into::into),
-        Command::Sim(args) => match nixfleet::sim::run_cli(&args) {
-            Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::FAILURE,
-            Err(e) => Err(e.into()),
-        },
+        Command::Sim(SimArgs { seed, hosts, faults, scenario, manifest, until }) => {
+            match nixfleet::sim::run_cli(seed, hosts, faults, scenario, manifest.as_deref(), &until) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::FAILURE,
+                Err(e) => Err(e.into()),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -122,11 +122,11 @@ pub struct CpServeArgs {
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
     pub body_timeout: Duration,
     /// Connections held at once (lowered to fit the descriptor limit).
-    #[arg(long, default_value_t = crate::cp::server::MAX_CONNECTIONS)]
+    #[arg(long, default_value_t = crate::cp::config::MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Connections held at once from one client address (raise it when a
     /// NAT puts many agents behind one address).
-    #[arg(long, default_value_t = crate::cp::conn::MAX_CONNECTIONS_PER_ADDRESS)]
+    #[arg(long, default_value_t = crate::cp::config::MAX_CONNECTIONS_PER_ADDRESS)]
     pub max_connections_per_address: usize,
     /// Events of one host in one rollout applied between two record
     /// checkpoints; past it the host's probe events give way to the record

@@ -49,11 +49,6 @@ use view_routes::{view, JsonView, View};
 /// anything is stored; every agent endpoint keeps the 1 MiB limit.
 pub const MAX_ENVELOPE_BYTES: usize = 16 * 1024 * 1024;
 
-/// A request body must arrive whole within this (a body dribbled a byte at
-/// a time used to hold its connection and memory forever; only the head had
-/// a deadline). A 1 MiB event batch needs 35 KB/s, a 16 MiB manifest 280 KB/s.
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Longest request target (path and query) the routes read: every real one
 /// is under 300 bytes; a longer one is answered 414 here, as JSON, before
 /// hyper's own buffer limit answers it with an empty 431.

@@ -42,11 +42,6 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// service watchdog shorter than four ticks shortens it (the tick is what
 /// turns an idle writer's loop, which pings the watchdog).
 pub const PLAN_TICK_SECS: u64 = 15;
-/// A client must send its request head within this; bounds slowloris.
-/// hyper restarts the same timer when a kept-alive connection goes idle
-/// after an answer, so it is also the idle keep-alive timeout (agents open
-/// one connection per request, and a request head is a few hundred bytes).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// hyper's per-connection read buffer cap: it never shrinks after growing,
 /// and 64 KiB keeps an idle long-poll connection small (bodies stream
 /// through it in chunks, so 1 MiB bodies still work).
@@ -56,11 +51,6 @@ pub const MAX_CONN_BUF_BYTES: usize = 64 * 1024;
 /// [`JsonErrors`]). Without it only the 64 KiB buffer cap bounded a head,
 /// and an 80 KiB header field was still accepted.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
-/// Connections held at once (lowered to fit the descriptor limit, see
-/// [`ConnLimits::fitted`]); beyond it [`conn::OPERATOR_RESERVE_CONNECTIONS`]
-/// more serve operators only, then accepting pauses until one closes (the
-/// kernel backlog holds the rest). 10,000 idle long-polls fit with room.
-pub const MAX_CONNECTIONS: usize = 50_000;
 /// TCP keepalive on every accepted connection: a client that vanished
 /// without a FIN or RST (a NAT dropping its mapping) is noticed within
 /// about a minute even while its long-poll is parked.

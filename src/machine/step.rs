@@ -308,7 +308,7 @@ impl Tx<'_> {
             }
         } else {
             // Observed ≠ target is a failure, not a Soaking host that
-            // can never converge (`docs/decisions.md` 8).
+            // can never converge (`docs/decisions.md`, "State machine, wire and queue" 8).
             let failure = Failure::WrongClosure { observed: observed_current_closure.clone() };
             self.fail(failure, completed_at, policy.on_health_failure);
         }

@@ -25,12 +25,6 @@ pub const MAX_PROBES: usize = 64;
 /// Probe names are identifiers shown in tables and metrics labels.
 pub const MAX_PROBE_NAME_LEN: usize = 64;
 
-// The first names of three limits above, still used by `src/agent`; remove
-// once it names the `MAX_*` constants.
-pub const STDERR_TAIL_MAX_BYTES: usize = MAX_STDERR_TAIL_BYTES;
-pub const FAILURE_REASON_MAX_BYTES: usize = MAX_FAILURE_REASON_BYTES;
-pub const SHORT_TEXT_MAX_BYTES: usize = MAX_SHORT_TEXT_BYTES;
-
 /// The largest seq on the wire: the CP stores seqs as SQLite INTEGER (i64),
 /// and a larger one would wrap there and then shadow every later event.
 pub const MAX_SEQ: u64 = i64::MAX as u64;

@@ -745,7 +745,7 @@ async fn a_rotted_dispatch_ack_is_rebuilt_and_the_restarted_agent_still_rolls_th
     if !crate::nixenv::closures_here() {
         return;
     }
-    // Proves bug 8's fix through the real binaries: kill -9 while soaking,
+    // Proves the fix of divergence 8 in docs/simulator.md through the real binaries: kill -9 while soaking,
     // the acked DispatchAck file (the only record holding the rollback
     // target) rots, the restarted agent rebuilds it and keeps supervising:
     // the probe starts failing, the gate fires and the host goes back to

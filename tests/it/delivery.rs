@@ -577,7 +577,7 @@ async fn a_queue_that_stops_on_a_failed_write_stops_the_agent_with_an_error_nami
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotted_pending_record_is_rebuilt_written_back_and_the_cp_receives_its_seq() {
-    // Proves issue 9 (bug 8 follow-up): seq 3 (ActivationCompleted) rots
+    // Proves the follow-up to divergence 8 in docs/simulator.md: seq 3 (ActivationCompleted) rots
     // while still pending, never delivered. The restart rebuilds it from
     // the events after it and writes it back under its qseq; the real
     // drainer then delivers 1..5 in order to the real CP. Without the

@@ -5,7 +5,7 @@
 
 use super::*;
 
-// ---- Rollback failures and Deferred failures (`docs/decisions.md` 9, 10) ----
+// ---- Rollback failures and Deferred failures (`docs/decisions.md`, "State machine, wire and queue" 9, 10) ----
 
 #[test]
 fn a_failed_rollback_is_recorded_not_dropped_and_the_host_stays_failed() {
@@ -39,7 +39,7 @@ fn a_deferred_host_completes_after_reboot_and_soaks_from_then() {
     assert_eq!(h.record.soak_due_at, Some(at(900 + SOAK_SECS as i64)));
 }
 
-// ---- Completed with the wrong closure (`docs/decisions.md` 8) ----
+// ---- Completed with the wrong closure (`docs/decisions.md`, "State machine, wire and queue" 8) ----
 
 #[test]
 fn activation_completed_with_another_closure_fails_the_host() {

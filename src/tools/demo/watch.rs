@@ -22,7 +22,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Live-view lines are cut to fit an 80-column terminal: a wrapped line
 /// would throw off the count of lines the next redraw moves up over (the
 /// final table prints the full halt reason).
-const LIVE_LINE_MAX_CHARS: usize = 79;
+const MAX_LIVE_LINE_CHARS: usize = 79;
 
 /// What the watcher remembers between two looks.
 #[derive(Debug)]
@@ -136,7 +136,7 @@ impl Seen {
         self.drawn = lines.len();
         for line in lines {
             // A wrapped line would throw off the redraw's line count.
-            let fits: String = line.chars().take(LIVE_LINE_MAX_CHARS).collect();
+            let fits: String = line.chars().take(MAX_LIVE_LINE_CHARS).collect();
             view.push_str(&fits);
             if fits.len() < line.len() {
                 view.push('…');

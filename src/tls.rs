@@ -189,12 +189,22 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<ServerConfig, TlsError> {
         .build()
         .map_err(|e| TlsError::ClientVerifier { path: files.client_ca.clone(), reason: e.to_string() })?;
     let (chain, key) = files.identity.load()?;
-    ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(PROTOCOL_VERSIONS)
         .map_err(|source| TlsError::Config { what: "protocol versions".to_owned(), source })?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|source| TlsError::Config { what: files.identity.describe(), source })
+        .map_err(|source| TlsError::Config { what: files.identity.describe(), source })?;
+    // No session resumption: every connection verifies its client
+    // certificate against the CA and dates of now (a resumed session would
+    // carry the identity of a certificate that may have expired since).
+    // Clients open one connection per request and a fleet outnumbers any
+    // session cache, so resumption saved little, while every handshake
+    // paid for two session tickets that every client then had to decrypt
+    // and store.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(config)
 }
 
 /// A client config trusting only the CA file, with a client certificate if given.

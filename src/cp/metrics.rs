@@ -1,8 +1,9 @@
 //! `GET /metrics` in the Prometheus text format (`docs/protocol.md` §4): counters the
 //! writer bumps after each commit, latency histograms (commit, event
 //! ingest, long-poll answers), the long-poll board's gauges, build info, and
-//! rollout/host figures read from the database. The README lists every
-//! metric.
+//! rollout/host figures counted in SQL (`store::fleet`: a scrape reads a few
+//! rows per rollout, whatever the size of the fleet). The README lists
+//! every metric.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -14,8 +15,8 @@ use rusqlite::Connection;
 use time::OffsetDateTime;
 
 use super::longpoll::Board;
+use super::planner::RolloutState;
 use super::store::{self, Counters, StoreError};
-use super::views::{self, Liveness};
 use crate::machine::HostState;
 use crate::wire::PROTOCOL_VERSION;
 
@@ -144,7 +145,9 @@ fn render_latencies(out: &mut String, src: Sources<'_>) {
     src.latencies.longpoll_no_work.render(out, name, "outcome=\"no_work\",");
 }
 
-/// Rollouts, hosts per rollout and state, drift, reachability, skips.
+/// Rollouts, hosts per rollout and state, drift, reachability, skips: all
+/// counted in SQL, so a scrape reads a few rows per rollout whatever the
+/// size of the fleet.
 fn render_fleet(out: &mut String, src: Sources<'_>, conn: &Connection, path: &Path) -> Result<(), StoreError> {
     header(out, "nixfleet_cp_rollouts", "gauge", "Rollouts by state.");
     let counts = store::metric_counts(conn, path)?;
@@ -153,19 +156,26 @@ fn render_fleet(out: &mut String, src: Sources<'_>, conn: &Connection, path: &Pa
     }
     let mut fleet: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut per_rollout = String::new();
-    for manifest in store::manifests(conn, path)? {
-        let id = manifest.rollout_id.as_str();
-        if counts.superseded.contains(id) {
+    let mut recorded = store::record_counts(conn, path)?;
+    for head in store::rollout_heads(conn, path)? {
+        let id = head.rollout_id.as_str();
+        if head.state == RolloutState::Superseded {
             continue;
         }
-        let mut by_state: BTreeMap<&'static str, usize> = HostState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
-        for record in store::host_records_of(conn, path, &manifest)?.values() {
-            *by_state.entry(record.state.as_str()).or_insert(0) += 1;
-            *fleet.entry(record.state.as_str()).or_insert(0) += 1;
-        }
-        for (state, n) in by_state {
-            let _ =
-                writeln!(per_rollout, "nixfleet_cp_rollout_hosts{{rollout=\"{}\",state=\"{state}\"}} {n}", label(id));
+        let stored = recorded.remove(id).unwrap_or_default();
+        let n_recorded: usize = stored.values().sum();
+        for state in HostState::ALL {
+            let mut n = stored.get(state.as_str()).copied().unwrap_or(0);
+            if state == HostState::Pending {
+                n += head.n_hosts.saturating_sub(n_recorded);
+            }
+            *fleet.entry(state.as_str()).or_insert(0) += n;
+            let _ = writeln!(
+                per_rollout,
+                "nixfleet_cp_rollout_hosts{{rollout=\"{}\",state=\"{}\"}} {n}",
+                label(id),
+                state.as_str()
+            );
         }
     }
     header(out, "nixfleet_cp_host_records", "gauge", "Host records of unsuperseded rollouts by state.");
@@ -181,17 +191,13 @@ fn render_fleet(out: &mut String, src: Sources<'_>, conn: &Connection, path: &Pa
         "Hosts whose last heartbeat named another closure than their records say they run.",
     );
     let _ = writeln!(out, "nixfleet_hosts_drifting {}", counts.n_drifting);
-    let (hosts, _) = views::hosts(conn, path, src.now, src.stale_after_secs, None, views::ALL_HOSTS)?;
-    let n = |l: Liveness| hosts.iter().filter(|h| h.liveness == l).count();
+    let live = store::liveness_counts(conn, path, src.now, src.stale_after_secs)?;
     header(out, "nixfleet_hosts_unreachable", "gauge", "Hosts silent for more than 3 heartbeat intervals.");
-    let _ = writeln!(out, "nixfleet_hosts_unreachable {}", n(Liveness::Unreachable));
+    let _ = writeln!(out, "nixfleet_hosts_unreachable {}", live.unreachable);
     header(out, "nixfleet_cp_hosts", "gauge", "Hosts seen in a heartbeat or named by a manifest, by liveness.");
-    for (name, l) in [
-        ("reachable", Liveness::Reachable),
-        ("unreachable", Liveness::Unreachable),
-        ("never_seen", Liveness::NeverSeen),
-    ] {
-        let _ = writeln!(out, "nixfleet_cp_hosts{{liveness=\"{name}\"}} {}", n(l));
+    for (name, n) in [("reachable", live.reachable), ("unreachable", live.unreachable), ("never_seen", live.never_seen)]
+    {
+        let _ = writeln!(out, "nixfleet_cp_hosts{{liveness=\"{name}\"}} {n}");
     }
     header(
         out,

@@ -291,7 +291,10 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>, peer: PeerIdentity) -
     match endpoint {
         Endpoint::WebOverview => view(req, &app, View::Page(web::Page::Overview)).await,
         Endpoint::WebRollout => match rollout() {
-            Ok(id) => view(req, &app, View::Page(web::Page::Rollout(id))).await,
+            Ok(id) => match web::rollout_page(id, req.uri().query()) {
+                Ok(page) => view(req, &app, View::Page(page)).await,
+                Err(message) => web::bad_request(&message),
+            },
             Err(e) => web::bad_request(&e.to_string()),
         },
         Endpoint::WebHost => match Hostname::parse(&percent_decode(param)) {

@@ -23,10 +23,9 @@ use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use super::planner::RolloutState;
 use super::routes::Resp;
 use super::store::{self, StoreError};
-use super::views::{self, HostInRollout, HostView, Liveness, RolloutDetail, RolloutSummary, StatusView};
+use super::views::{self, HostInRollout, HostView, Liveness, RolloutDetail};
 use crate::ids::{Hostname, RolloutId};
 use crate::wire::{PROTOCOL_HEADER, PROTOCOL_VERSION};
 
@@ -54,8 +53,24 @@ const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Page {
     Overview,
-    Rollout(RolloutId),
+    /// A rollout and one page of its hosts: those after the hostname, if any.
+    Rollout(RolloutId, Option<Hostname>),
     Host(Hostname),
+}
+
+/// The page of `GET /rollouts/{id}` for the request's query: `after=HOST`
+/// asks for the page of hosts after HOST (the page's next link); a bad
+/// value is refused with the message for [`bad_request`].
+pub fn rollout_page(id: RolloutId, query: Option<&str>) -> Result<Page, String> {
+    let after =
+        query.into_iter().flat_map(|q| q.split('&')).filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == "after");
+    match after {
+        None => Ok(Page::Rollout(id, None)),
+        Some((_, value)) => match Hostname::parse(value) {
+            Ok(host) => Ok(Page::Rollout(id, Some(host))),
+            Err(e) => Err(format!("after must be a hostname: {e}")),
+        },
+    }
 }
 
 /// Escapes text for HTML element content and quoted attribute values.
@@ -154,7 +169,9 @@ pub fn openapi_json() -> Resp {
     resp
 }
 
-/// Renders one page on a reader connection.
+/// Renders one page on a reader connection. What it reads is bounded by
+/// the page, never by the fleet: counts come from SQL, and hosts are listed
+/// a page ([`views::MAX_VIEW_PAGE_HOSTS`]) at a time.
 pub fn render(
     conn: &Connection,
     path: &Path,
@@ -163,38 +180,25 @@ pub fn render(
     stale_after_secs: u64,
 ) -> Result<Resp, StoreError> {
     Ok(match page {
-        Page::Overview => {
-            let status = views::status(conn, path, now, stale_after_secs)?;
-            let (hosts, _) = views::hosts(conn, path, now, stale_after_secs, None, views::ALL_HOSTS)?;
-            let mut details = Vec::new();
-            for r in status.rollouts.iter().filter(|r| r.state != RolloutState::Superseded) {
-                if let Some(d) = views::rollout(conn, path, &r.rollout_id, now, None, views::ALL_HOSTS)? {
-                    details.push(d);
+        Page::Overview => overview::page(conn, path, now, stale_after_secs)?,
+        Page::Rollout(id, after) => {
+            match views::rollout(conn, path, id, now, after.as_ref(), views::MAX_VIEW_PAGE_HOSTS)? {
+                Some(d) => {
+                    let counts = store::wave_counts(conn, path, id)?;
+                    let section = rollout_section(&d, &counts, Listing::Paged(after.as_ref()));
+                    html_response(StatusCode::OK, document(id.as_str(), &format!("<main id=\"main\">{section}</main>")))
                 }
+                None => message_page(StatusCode::NOT_FOUND, "Unknown rollout", &format!("no rollout {id}")),
             }
-            html_response(StatusCode::OK, document("Fleet", &overview(&status, &hosts, &details)))
         }
-        Page::Rollout(id) => match views::rollout(conn, path, id, now, None, views::ALL_HOSTS)? {
-            Some(d) => {
-                let main = format!("<main id=\"main\">{}</main>", rollout_section(&d, usize::MAX));
-                html_response(StatusCode::OK, document(id.as_str(), &main))
+        Page::Host(host) => match views::host(conn, path, now, stale_after_secs, host)? {
+            Some(view) => {
+                let limit = i64::try_from(MAX_TIMELINE_EVENTS).unwrap_or(i64::MAX);
+                let events = store::host_event_rows(conn, path, host, limit)?;
+                html_response(StatusCode::OK, document(host.as_str(), &host_page(&view, &events)))
             }
-            None => message_page(StatusCode::NOT_FOUND, "Unknown rollout", &format!("no rollout {id}")),
+            None => message_page(StatusCode::NOT_FOUND, "Unknown host", &format!("no host {host}")),
         },
-        Page::Host(host) => {
-            let view = views::hosts(conn, path, now, stale_after_secs, None, views::ALL_HOSTS)?
-                .0
-                .into_iter()
-                .find(|h| &h.hostname == host);
-            match view {
-                Some(view) => {
-                    let limit = i64::try_from(MAX_TIMELINE_EVENTS).unwrap_or(i64::MAX);
-                    let events = store::host_event_rows(conn, path, host, limit)?;
-                    html_response(StatusCode::OK, document(host.as_str(), &host_page(&view, &events)))
-                }
-                None => message_page(StatusCode::NOT_FOUND, "Unknown host", &format!("no host {host}")),
-            }
-        }
     })
 }
 
@@ -226,146 +230,27 @@ pub fn is_long_deferral(deferred_for_secs: u64) -> bool {
     deferred_for_secs >= LONG_DEFERRAL_SECS
 }
 
-fn overview(status: &StatusView, hosts: &[HostView], details: &[RolloutDetail]) -> String {
-    let mut out = String::from("<main id=\"main\">");
-    let _ = write!(out, "<p class=\"muted\">control plane time {}</p>", esc(&status.server_time));
-    out.push_str(&fleet_cards(status, hosts, details));
-    out.push_str(&attention_lists(status, hosts));
-    out.push_str("<h1>Rollouts</h1>");
-    if details.is_empty() {
-        out.push_str("<p class=\"muted\">No rollout yet: publish one with <code>nixfleet cp publish</code>.</p>");
-    }
-    for d in details.iter().rev() {
-        out.push_str(&rollout_section(d, MAX_INLINE_HOSTS));
-    }
-    let superseded: Vec<&RolloutSummary> =
-        status.rollouts.iter().filter(|r| r.state == RolloutState::Superseded).collect();
-    if !superseded.is_empty() {
-        let _ = write!(
-            out,
-            "<details id=\"superseded\"><summary>{} superseded rollout(s)</summary><div class=\"scroll\"><table>\
-             <tr><th>rollout</th><th>superseded by</th><th>hosts</th><th>updated</th></tr>",
-            superseded.len()
-        );
-        for r in superseded.iter().rev() {
-            let by = r.superseded_by.as_ref().map(|id| rollout_link(id.as_str())).unwrap_or_default();
-            let _ = write!(
-                out,
-                "<tr><td>{}</td><td>{by}</td><td>{}</td><td>{}</td></tr>",
-                rollout_link(r.rollout_id.as_str()),
-                counts(&r.hosts_by_state),
-                esc(&r.updated_at)
-            );
-        }
-        out.push_str("</table></div></details>");
-    }
-    out.push_str("</main>");
-    out
-}
-
 fn counts(by_state: &BTreeMap<String, usize>) -> String {
     let parts: Vec<String> = by_state.iter().map(|(s, n)| format!("{} {n}", state_badge(s))).collect();
     parts.join(" ")
 }
 
-fn fleet_cards(status: &StatusView, hosts: &[HostView], details: &[RolloutDetail]) -> String {
-    let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
-    for d in details {
-        for (state, n) in &d.summary.hosts_by_state {
-            *by_state.entry(state.clone()).or_insert(0) += n;
-        }
-    }
-    let never_seen = hosts.iter().filter(|h| h.liveness == Liveness::NeverSeen).count();
-    let long = status.deferred.iter().filter(|d| is_long_deferral(d.deferred_for_secs)).count();
-    let card = |label: &str, n: usize, alert: bool| {
-        let class = if alert && n > 0 { "card alert" } else { "card" };
-        format!("<div class=\"{class}\"><span class=\"n\">{n}</span> {}</div>", esc(label))
-    };
-    let mut out = String::from("<h1>Fleet</h1><div class=\"cards\">");
-    out.push_str(&card("hosts", status.n_hosts, false));
-    out.push_str(&card("unreachable", status.n_unreachable, true));
-    out.push_str(&card("never seen", never_seen, false));
-    out.push_str(&card("drifting", status.n_drifting, true));
-    out.push_str(&card("waiting for a reboot", status.deferred.len(), false));
-    out.push_str(&card("long deferrals", long, true));
-    out.push_str(&card("quarantined closures", status.quarantined.len(), true));
-    out.push_str("</div>");
-    let _ = write!(out, "<p>Hosts in current rollouts by state: {}</p>", counts(&by_state));
-    out
+/// How a rollout section lists its hosts.
+#[derive(Debug, Clone, Copy)]
+enum Listing<'a> {
+    /// Every host (the overview, a rollout of at most [`MAX_INLINE_HOSTS`]).
+    Inline,
+    /// None: the overview links to the rollout's own page.
+    Elsewhere,
+    /// The detail's page of hosts (those after the hostname, if any), with
+    /// links to the first and the next page.
+    Paged(Option<&'a Hostname>),
 }
 
-/// Unreachable, drifting and deferred hosts and quarantined closures:
-/// what needs a person, each list only when it is not empty.
-fn attention_lists(status: &StatusView, hosts: &[HostView]) -> String {
-    let mut out = String::new();
-    let unreachable: Vec<&HostView> = hosts.iter().filter(|h| h.liveness == Liveness::Unreachable).collect();
-    if !unreachable.is_empty() {
-        out.push_str("<h2>Unreachable</h2><div class=\"scroll\"><table><tr><th>host</th><th>last heartbeat</th></tr>");
-        for h in unreachable {
-            let last = h.last_heartbeat_at.as_deref().unwrap_or("never");
-            let _ = write!(out, "<tr><td>{}</td><td>{}</td></tr>", host_link(h.hostname.as_str()), esc(last));
-        }
-        out.push_str("</table></div>");
-    }
-    if !status.drifting.is_empty() {
-        out.push_str(
-            "<h2>Drifting</h2><div class=\"scroll\"><table><tr><th>host</th><th>runs</th><th>expected</th>\
-             <th>according to</th></tr>",
-        );
-        for d in &status.drifting {
-            let _ = write!(
-                out,
-                "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td><td>{}</td></tr>",
-                host_link(d.hostname.as_str()),
-                esc(&d.current_closure),
-                esc(&d.expected_closure),
-                rollout_link(&d.expected_from)
-            );
-        }
-        out.push_str("</table></div>");
-    }
-    if !status.deferred.is_empty() {
-        out.push_str(
-            "<h2>Waiting for a reboot</h2><div class=\"scroll\"><table><tr><th>host</th><th>rollout</th>\
-             <th>deferred at</th><th>for</th></tr>",
-        );
-        for d in &status.deferred {
-            let class = if is_long_deferral(d.deferred_for_secs) { " class=\"long\"" } else { "" };
-            let _ = write!(
-                out,
-                "<tr{class}><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                host_link(d.hostname.as_str()),
-                rollout_link(d.rollout_id.as_str()),
-                esc(&d.deferred_at),
-                age(d.deferred_for_secs)
-            );
-        }
-        out.push_str("</table></div>");
-    }
-    if !status.quarantined.is_empty() {
-        out.push_str(
-            "<h2>Quarantined closures</h2><div class=\"scroll\"><table><tr><th>channel</th><th>closure</th>\
-             <th>reverted on</th><th>rollout</th><th>at</th></tr>",
-        );
-        for q in &status.quarantined {
-            let _ = write!(
-                out,
-                "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&q.channel),
-                esc(&q.closure),
-                host_link(&q.hostname),
-                rollout_link(&q.rollout_id),
-                esc(&q.quarantined_at)
-            );
-        }
-        out.push_str("</table></div>");
-    }
-    out
-}
-
-/// One rollout: its summary, halt reason and waves; hosts listed when the
-/// rollout has at most `max_hosts`.
-fn rollout_section(d: &RolloutDetail, max_hosts: usize) -> String {
+/// One rollout: its summary, halt reason and waves, each wave with its
+/// host counts by state (`wave_counts`, the whole wave, from SQL) and the
+/// hosts `listing` asks for.
+fn rollout_section(d: &RolloutDetail, wave_counts: &[BTreeMap<String, usize>], listing: Listing<'_>) -> String {
     let s = &d.summary;
     let id = s.rollout_id.as_str();
     let mut out = format!(
@@ -396,22 +281,25 @@ fn rollout_section(d: &RolloutDetail, max_hosts: usize) -> String {
         esc(&s.published_at),
         esc(&s.updated_at),
     );
-    let inline = s.n_hosts <= max_hosts;
-    if !inline {
-        let _ = write!(
-            out,
-            "<p class=\"muted\">{} hosts: more than {max_hosts}, so they are listed on the {} page.</p>",
-            s.n_hosts,
-            rollout_link(id)
-        );
-    }
-    for wave in &d.waves {
-        let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
-        for h in &wave.hosts {
-            *by_state.entry(h.state.as_str().to_owned()).or_insert(0) += 1;
+    match listing {
+        Listing::Inline => {}
+        Listing::Elsewhere => {
+            let _ = write!(
+                out,
+                "<p class=\"muted\">{} hosts: more than {MAX_INLINE_HOSTS}, so they are listed on the {} page.</p>",
+                s.n_hosts,
+                rollout_link(id)
+            );
         }
+        Listing::Paged(after) => out.push_str(&page_links(d, after)),
+    }
+    let empty = BTreeMap::new();
+    for wave in &d.waves {
+        let by_state = wave_counts.get(wave.index).unwrap_or(&empty);
         let open = wave.index == s.current_wave
-            || wave.hosts.iter().any(|h| matches!(h.state.as_str(), "Failed" | "Reverted"));
+            || by_state.contains_key("Failed")
+            || by_state.contains_key("Reverted")
+            || matches!(listing, Listing::Paged(_)) && !wave.hosts.is_empty();
         let _ = write!(
             out,
             "<details class=\"wave\" id=\"w-{}-{}\"{}><summary>Wave {}: {} · soak {} · at most {} at once · {}</summary>",
@@ -422,14 +310,40 @@ fn rollout_section(d: &RolloutDetail, max_hosts: usize) -> String {
             esc(&wave.name),
             age(wave.soak_secs),
             wave.max_in_flight,
-            counts(&by_state)
+            counts(by_state)
         );
-        if inline {
-            out.push_str(&host_table(&wave.hosts));
+        match listing {
+            Listing::Inline => out.push_str(&host_table(&wave.hosts)),
+            Listing::Paged(_) if !wave.hosts.is_empty() => out.push_str(&host_table(&wave.hosts)),
+            _ => {}
         }
         out.push_str("</details>");
     }
     out.push_str("</section>");
+    out
+}
+
+/// Where a page of a rollout's hosts stands, with links to the first page
+/// and the next one; nothing when every host is on this page.
+fn page_links(d: &RolloutDetail, after: Option<&Hostname>) -> String {
+    if after.is_none() && d.next_after.is_none() {
+        return String::new();
+    }
+    let id = seg(d.summary.rollout_id.as_str());
+    let shown: usize = d.waves.iter().map(|w| w.hosts.len()).sum();
+    let mut out = format!(
+        "<nav class=\"pages\"><p>{} hosts, {} a page (by name); this page: {shown}{}.",
+        d.summary.n_hosts,
+        views::MAX_VIEW_PAGE_HOSTS,
+        after.map(|h| format!(", after {}", esc(h.as_str()))).unwrap_or_default()
+    );
+    if after.is_some() {
+        let _ = write!(out, " <a href=\"/rollouts/{id}\">first page</a>");
+    }
+    if let Some(next) = &d.next_after {
+        let _ = write!(out, " <a rel=\"next\" href=\"/rollouts/{id}?after={}\">next page</a>", seg(next.as_str()));
+    }
+    out.push_str("</p></nav>");
     out
 }
 
@@ -594,5 +508,7 @@ fn event_fields(event: &crate::wire::OutboundEvent) -> String {
     out
 }
 
+mod overview;
+pub use overview::MAX_ATTENTION_ROWS;
 #[cfg(test)]
 mod tests;

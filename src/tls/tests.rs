@@ -99,6 +99,16 @@ fn handshake_version(
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
 ) -> Result<(PeerIdentity, rustls::ProtocolVersion), String> {
+    let (_, server) = connect(client, server)?;
+    let version = server.protocol_version().expect("negotiated");
+    PeerIdentity::from_connection(&server).map(|id| (id, version)).map_err(|e| e.to_string())
+}
+
+/// Runs a whole handshake in memory and returns both ends.
+fn connect(
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+) -> Result<(ClientConnection, ServerConnection), String> {
     let name = rustls::pki_types::ServerName::try_from("cp.test").expect("name");
     let mut client = ClientConnection::new(client, name).expect("client connection");
     let mut server = ServerConnection::new(server).expect("server connection");
@@ -117,8 +127,7 @@ fn handshake_version(
         client.read_tls(&mut wire.as_slice()).expect("client read");
         client.process_new_packets().map_err(|e| format!("client: {e}"))?;
         if !client.is_handshaking() && !server.is_handshaking() {
-            let version = server.protocol_version().expect("negotiated");
-            return PeerIdentity::from_connection(&server).map(|id| (id, version)).map_err(|e| e.to_string());
+            return Ok((client, server));
         }
     }
     Err("handshake did not finish".to_owned())
@@ -356,4 +365,23 @@ fn a_certificate_names_a_host_by_its_cn_or_one_of_its_dns_sans_only() {
     }
     let no_cn = PeerIdentity { common_name: None, dns_names: vec![], role: Some(Role::Host) };
     assert!(!no_cn.names("web-1") && !no_cn.names(""));
+}
+
+#[test]
+fn the_cp_offers_no_session_resumption_so_every_connection_checks_its_certificate() {
+    // Proves server_config allows no resumption: the same client config (which keeps any ticket it gets) connects
+    // twice and both handshakes are full. With rustls' defaults (two tickets, a session cache) the second resumes.
+    let pair = pair();
+    let (client, server) = configs(&pair);
+    for round in 0..2 {
+        let (mut c, mut s) = connect(Arc::clone(&client), Arc::clone(&server)).expect("handshake");
+        assert_eq!(s.handshake_kind(), Some(rustls::HandshakeKind::Full), "connection {round}");
+        // Deliver anything the server still has queued, so a ticket would reach the client's cache.
+        let mut wire = Vec::new();
+        while s.wants_write() {
+            s.write_tls(&mut wire).expect("server write");
+        }
+        c.read_tls(&mut wire.as_slice()).expect("client read");
+        c.process_new_packets().expect("client");
+    }
 }

@@ -4,6 +4,7 @@
 
 mod activation;
 mod agent;
+mod agent_net;
 mod cli;
 mod cp;
 mod cp_rules;

@@ -13,7 +13,11 @@ use crate::harness::{closure, manifest, Agent, Cp, Release, TempDir, DEADLINE};
 async fn scrape(cp: &Cp) -> Scrape {
     let resp = cp.get("/metrics").await;
     assert_eq!(resp.status, StatusCode::OK);
-    let text = String::from_utf8(resp.body.to_vec()).expect("utf-8");
+    parse_scrape(std::str::from_utf8(&resp.body).expect("utf-8"))
+}
+
+/// The Prometheus text parsed; every sample line ends in a number.
+pub(crate) fn parse_scrape(text: &str) -> Scrape {
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let value = line.rsplit(' ').next().unwrap_or_default();
         assert!(value == "+Inf" || value.parse::<f64>().is_ok(), "not a sample line: {line:?}");
@@ -26,7 +30,7 @@ fn find<'a>(scrape: &'a Scrape, name: &str, labels: &[(&str, &str)]) -> Option<&
 }
 
 /// A gauge's (or counter's) value; panics naming the sample when absent.
-fn gauge(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn gauge(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     match find(scrape, name, labels).map(|s| &s.value) {
         Some(Value::Gauge(v) | Value::Counter(v) | Value::Untyped(v)) => *v,
         other => panic!("{name}{labels:?}: {other:?}"),

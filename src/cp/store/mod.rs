@@ -27,9 +27,11 @@
 //! Layout: [`schema`] (tables, migrations, opening the file), [`db`] (the
 //! one database handle and its error helpers), [`state`] (the writer's
 //! in-memory projection), [`reads`] (loading and rebuilding state, the
-//! tools' reads) and [`status`] (the rows behind the status views and
-//! metrics), [`writer`] (commands, group commit, answers after commit), [`group`]
-//! (what a group's transaction carries to the planner and the board), and
+//! tools' reads), [`status`] (the rows behind the status views and
+//! metrics), [`fleet`] (fleet-wide counts in SQL), [`pages`] (the paged
+//! views' reads), [`writer`] (commands, group commit, answers after
+//! commit), [`group`] (what a group's transaction carries to the planner
+//! and the board), and
 //! what one command does inside the group's transaction: [`publish`],
 //! [`ingest`], [`heartbeat`] (with the drift verdict), [`operator`]
 //! (`cp resume`/`cancel`/`unquarantine`), [`plan`] (the pure
@@ -45,6 +47,7 @@ mod checkpoint;
 #[cfg(test)]
 mod checkpoint_tests;
 mod db;
+mod fleet;
 mod group;
 mod heartbeat;
 mod ingest;
@@ -63,6 +66,10 @@ pub use checkpoint::{
     MAX_EVENTS_SINCE_CHECKPOINT,
 };
 pub(crate) use db::Db;
+pub use fleet::{
+    host_rollout_states, liveness_counts, record_counts, rollout_head, rollout_heads, unreachable_host_rows,
+    wave_counts, LivenessCounts, RolloutHead,
+};
 pub use heartbeat::Drift;
 pub use operator::{
     accepted_of, action_rows, check_reason, ActionKind, ActionOutcome, ActionRecord, OperatorRequest, Refusal,
@@ -77,9 +84,9 @@ pub use reads::{
 pub use schema::{open, open_reader, SCHEMA_VERSION};
 pub use state::{pending_records, CpState, LiveRollout};
 pub use status::{
-    dispatch_times, event_rows, host_event_rows, host_names_after, host_rows, host_rows_between, metric_counts,
-    quarantine_rows, rollout_exists, rollout_row, rollout_rows, HostRow, LoggedRow, MetricCounts, QuarantineRow,
-    RolloutRow,
+    dispatch_times, drifting_host_rows, event_rows, host_event_rows, host_names_after, host_rows, host_rows_between,
+    metric_counts, quarantine_rows, rollout_exists, rollout_row, rollout_rows, HostRow, LoggedRow, MetricCounts,
+    QuarantineRow, RolloutRow,
 };
 pub use writer::{
     Command, Counters, Reply, Writer, WriterStats, MAX_GROUP_EVENTS, SLOW_GROUP_MS, WRITER_CHANNEL_CAPACITY,

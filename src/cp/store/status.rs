@@ -2,7 +2,7 @@
 //! reader connection. They come back typed and checked (a value this
 //! version cannot read is [`StoreError::Corrupt`]); the views shape them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -278,7 +278,12 @@ pub fn host_names_after(
     )
 }
 
-fn host_rows_where<P: rusqlite::Params>(
+/// The hosts whose last heartbeat was judged drifting.
+pub fn drifting_host_rows(conn: &Connection, path: &Path) -> Result<Vec<HostRow>, StoreError> {
+    host_rows_where(conn, path, "WHERE drift = 'drifting' ORDER BY hostname", [])
+}
+
+pub(super) fn host_rows_where<P: rusqlite::Params>(
     conn: &Connection,
     path: &Path,
     filter: &str,
@@ -324,7 +329,6 @@ fn host_rows_where<P: rusqlite::Params>(
 pub struct MetricCounts {
     /// `(state, count)`, by state.
     pub rollouts_by_state: Vec<(String, i64)>,
-    pub superseded: HashSet<String>,
     pub n_drifting: i64,
     pub n_skipped: i64,
 }
@@ -340,10 +344,6 @@ pub fn metric_counts(conn: &Connection, path: &Path) -> Result<MetricCounts, Sto
     let count = |query: &str| -> Result<i64, StoreError> { conn.query_row(query, [], |r| r.get(0)).map_err(sql()) };
     Ok(MetricCounts {
         rollouts_by_state: grouped("SELECT state, COUNT(*) FROM rollouts GROUP BY state ORDER BY state")?,
-        superseded: grouped("SELECT rollout_id, 0 FROM rollouts WHERE state = 'superseded'")?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect(),
         n_drifting: count("SELECT COUNT(*) FROM hosts WHERE drift = 'drifting'")?,
         n_skipped: count("SELECT COUNT(*) FROM skipped_hosts")?,
     })

@@ -472,7 +472,7 @@ async fn assert_refused(cp: &Cp, path: &str, name: &str, body: Vec<u8>) {
     assert!(json["error"].is_string() && !json["message"].as_str().unwrap_or("").is_empty(), "{name}: {text}");
 }
 
-fn vm_kib(pid: u32, field: &str) -> u64 {
+pub(super) fn vm_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status
         .lines()

@@ -22,6 +22,7 @@ mod checkpoint;
 mod dispatch;
 mod durability;
 mod ingest;
+mod large_fleet;
 mod limits;
 mod operator;
 mod publish;

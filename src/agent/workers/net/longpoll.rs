@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use hyper::StatusCode;
 use tokio::sync::{mpsc, watch};
 
 use super::super::{Shutdown, WorkerExit};
@@ -16,8 +17,9 @@ use crate::agent::journal::{ManifestCache, SharedQueue};
 use crate::agent::net::CpApi;
 use crate::agent::reducer::Input;
 use crate::agent::rollouts::Rollouts;
+use crate::client::ClientError;
 use crate::clock::ClockHandle;
-use crate::ids::RolloutId;
+use crate::ids::{Hostname, RolloutId};
 use crate::machine::{OnHealthFailure, Policy};
 use crate::sign::PublicKey;
 use crate::wire::Dispatch;
@@ -30,6 +32,11 @@ use time::OffsetDateTime;
 /// load if the CP never applies the ack (e.g. it rejected it).
 pub const MIN_KNOWN_DISPATCH_PAUSE: Duration = Duration::from_millis(20);
 pub const MAX_KNOWN_DISPATCH_PAUSE: Duration = Duration::from_secs(5);
+/// After the CP answered a long-poll 409 `longpoll_replaced` (a newer
+/// long-poll for this host took its place), the next poll waits this long:
+/// no error backoff, and two agents sharing one identity cost each other
+/// at most a poll a second instead of a tight replace loop.
+pub const REPLACED_PAUSE: Duration = Duration::from_secs(1);
 
 /// What the long-poll worker needs to judge a dispatch.
 #[derive(Debug, Clone)]
@@ -54,18 +61,26 @@ pub async fn run_longpoll_worker(
     let cache = ManifestCache::new(&cfg.state_dir);
     let mut backoff = Backoff::new();
     let mut known_pause = MIN_KNOWN_DISPATCH_PAUSE;
+    let mut replaced = Replaced::default();
     loop {
         let polled = tokio::select! {
             biased;
             () = shutdown.requested() => return WorkerExit::Shutdown,
             r = api.dispatch(cfg.wait_secs) => r,
         };
+        if polled.is_ok() {
+            replaced.answered(api.hostname());
+        }
         // Each case either goes on to the next step or says how long to
         // wait before polling again.
         let wait = match polled {
             Ok(None) => {
                 backoff.succeed();
                 continue;
+            }
+            Err(e) if is_replaced(&e) => {
+                replaced.replaced(api.hostname());
+                Some(REPLACED_PAUSE)
             }
             Err(e) => {
                 let delay = backoff.fail(random_u64());
@@ -96,6 +111,45 @@ pub async fn run_longpoll_worker(
             if !pause(wait, &mut shutdown).await {
                 return WorkerExit::Shutdown;
             }
+        }
+    }
+}
+
+/// Whether the CP answered 409 `longpoll_replaced`: another long-poll for
+/// this host took this one's place. Not an error of this agent or of the
+/// network, so it is not backed off like one.
+fn is_replaced(e: &ClientError) -> bool {
+    matches!(e, ClientError::Status { status, code, .. } if *status == StatusCode::CONFLICT && code == "longpoll_replaced")
+}
+
+/// A run of long-polls answered `longpoll_replaced`, logged once when it
+/// starts and once when a poll is answered again.
+#[derive(Debug, Default)]
+struct Replaced {
+    /// Polls replaced since the last one answered.
+    count: u64,
+}
+
+impl Replaced {
+    fn replaced(&mut self, host: &Hostname) {
+        if self.count == 0 {
+            tracing::warn!(
+                hostname = %host,
+                "the control plane answered this long-poll 409 longpoll_replaced: a newer long-poll for this host \
+                 took its place. Most likely a second agent runs with this host's identity (the same hostname \
+                 and certificate on two machines, or two agents on one); else a reconnect raced with the previous \
+                 poll. Polling again every second; this is logged once until a poll is answered"
+            );
+        } else {
+            tracing::debug!(hostname = %host, replaced = self.count + 1, "long-poll replaced again");
+        }
+        self.count += 1;
+    }
+
+    fn answered(&mut self, host: &Hostname) {
+        if self.count > 0 {
+            tracing::info!(hostname = %host, replaced = self.count, "long-poll answered again after being replaced");
+            self.count = 0;
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod authz;
 pub mod cmd;
 pub mod config;
 pub mod conn;
+pub mod histogram;
 pub mod longpoll;
 pub mod metrics;
 pub mod operator_cmd;

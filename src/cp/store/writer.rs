@@ -47,7 +47,7 @@ pub struct Counters {
     pub events_retry: AtomicU64,
     pub events_gap: AtomicU64,
     /// Each committed group, from its first command to the commit.
-    pub commit_seconds: crate::cp::metrics::Histogram,
+    pub commit_seconds: crate::cp::histogram::Histogram,
 }
 
 impl Counters {

@@ -224,6 +224,12 @@ impl RestoreSource for SimFiles<'_> {
         self.agent.state_dir.join(MANIFEST_DIR).join(format!("{rollout_id}.json"))
     }
 
+    /// What the sim's probe worker declares for every closure
+    /// (`Sim::agent_timer`, `Timer::ProbeDeclare`).
+    fn probe_topology(&self) -> Option<Vec<crate::machine::ProbeDecl>> {
+        Some(super::enforce_topology().into_iter().map(|(d, _)| d).collect())
+    }
+
     /// The shared check: `envelope` is one this agent cached (the rebuild
     /// reads it through [`Self::cached_envelope`]), found by its address.
     fn verify_envelope(&self, trust_keys: &[PublicKey], envelope: &[u8]) -> Result<Arc<Manifest>, Refusal> {

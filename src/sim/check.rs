@@ -555,10 +555,11 @@ impl Sim {
         };
         for (id, r) in &state.rollouts {
             if matches!(r.state, RolloutState::Active | RolloutState::Converging) {
+                // Skipped hosts are settled (the planner's rule), not stuck.
                 let stuck: Vec<String> = r
                     .records
                     .iter()
-                    .filter(|(_, x)| !is_settled(x.state))
+                    .filter(|(h, x)| !is_settled(x.state) && !(x.state == HostState::Pending && r.skipped.contains(*h)))
                     .take(5)
                     .map(|(h, x)| {
                         let why = if state

@@ -116,6 +116,17 @@ const SOAK_SEEDS: &[(u64, FaultProfile, &str)] = &[
     (116, FaultProfile::Heavy, "agreement: the run ended before the rebuilt CP heard every agent (sim)"),
     (239, FaultProfile::Heavy, "halt: a completed rollout never planned again (CP writer)"),
     (122, FaultProfile::Heavy, "agreement: a rebuilt pending record never reached the CP (agent restore)"),
+    (
+        557,
+        FaultProfile::Heavy,
+        "terminal: a rotted pending ProbeObservedFirst bridged, the CP waited for it (agent rebuild)",
+    ),
+    (
+        1057,
+        FaultProfile::Heavy,
+        "agreement: a rotted pending ProbeObservedFirst bridged, never delivered (agent rebuild)",
+    ),
+    (468, FaultProfile::Heavy, "agent-restart: a rotted ProbeTopologyDeclared stopped the agent (agent rebuild)"),
 ];
 
 #[test]

@@ -293,7 +293,11 @@ pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) 
         let _ = writeln!(out, "rollout {rollout_id}");
         let lost = rebuild::lost_records(&corrupt, &hostname, &rollout_id);
         let pending = with_pending.contains(&rollout_id);
-        let history = match rebuild::history(&rollout_id, events, &lost, pending, channels.dispatch_of(&rollout_id)) {
+        // The health-checks file is not an input of this tool: a lost
+        // topology declaration shows as bridged here (the agent's start
+        // rebuilds it from the file and writes it back).
+        let kept = rebuild::Kept { acceptance: channels.dispatch_of(&rollout_id), topology: None };
+        let history = match rebuild::history(&rollout_id, events, &lost, pending, kept) {
             rebuild::Verdict::Complete(history) => history,
             rebuild::Verdict::Pruned => {
                 let _ = writeln!(out, " host {host}: history pruned by retention");

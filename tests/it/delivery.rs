@@ -590,8 +590,14 @@ async fn a_rotted_pending_record_is_rebuilt_written_back_and_the_cp_receives_its
     std::fs::write(&rotted, b"{ bit rot").expect("rot");
 
     let mut queue = Queue::open(&state_dir, host(), QueueConfig::default(), ClockHandle::system()).expect("reopen");
-    let (rollouts, report) =
-        nixfleet::agent::journal::restore_and_write_back(&mut queue, &state_dir, &host(), &[public]).expect("restore");
+    let (rollouts, report) = nixfleet::agent::journal::restore_and_write_back(
+        &mut queue,
+        &state_dir,
+        &state_dir.join("health-checks.json"),
+        &host(),
+        &[public],
+    )
+    .expect("restore");
     assert_eq!(rollouts.get(&id).map(|s| s.record.last_seq), Some(5));
     assert_eq!(report.written_back, vec![(id.clone(), 3)], "{report:?}");
     assert!(rotted.exists(), "back in the pending folder under its own name");

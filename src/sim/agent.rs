@@ -336,6 +336,19 @@ impl SimAgent {
         out
     }
 
+    /// The reason of the dead letter of a rollout with this seq, if any.
+    pub fn dead_reason(&self, rollout_id: &RolloutId, seq: u64) -> Option<String> {
+        let dir = self.queue_dir().join(DEAD_DIR);
+        self.storage.names(&dir).into_iter().filter(|n| record::is_event_name(n)).find_map(|name| {
+            let ev = self.storage.read(&dir.join(&name)).and_then(|b| record::decode(&b).ok())?;
+            if &ev.rollout_id != rollout_id || ev.event.seq != seq {
+                return None;
+            }
+            let reason = self.storage.read(&dir.join(format!("{name}.reason")))?;
+            DeadReason::decode(&reason).ok().map(|r| r.reason)
+        })
+    }
+
     /// An acked or pending event file of a rollout with this seq, if any.
     pub fn event_file(&self, rollout_id: &RolloutId, seq: u64) -> Option<PathBuf> {
         for dir in [self.queue_dir().join(ACKED_DIR), self.queue_dir()] {

@@ -17,6 +17,7 @@
 //! | `restore-complete` | an agent restart rebuilds every rollout that was live |
 //! | `closure` | each host runs what the CP says it runs |
 //! | `terminal` | with hosts reachable, every rollout ends (completed, halted, superseded) |
+//! | `refused-whole` | a batch refused whole is sent again halved; an event refused on its own is dead-lettered with the CP's answer |
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -85,6 +86,9 @@ pub struct Checker {
     /// stamp, its state, and whether a database was lost. The checks read
     /// nothing else, so an equal key gives the same (clean) answer.
     cp_clean: BTreeMap<RolloutId, (u64, RolloutState, bool)>,
+    /// Events requests refused whole, by request: how many events, and
+    /// the first one's (rollout, seq).
+    pub refused: BTreeMap<u64, (usize, Option<(RolloutId, u64)>)>,
 }
 
 impl Checker {
@@ -521,6 +525,70 @@ fn check_waves(
 }
 
 impl Sim {
+    /// `refused-whole`, when the drainer has decided about a request the
+    /// CP refused whole (`n` events from `first`): several events are sent
+    /// again from the same one, at most half as many (`post_in_batches`).
+    pub(super) fn check_refused_whole(
+        &mut self,
+        host: usize,
+        req: u64,
+        n: usize,
+        first: Option<(RolloutId, u64)>,
+        step: &super::agent::delivery::Step,
+    ) -> Result<(), Violation> {
+        self.checker.n_checks += 1;
+        let Some((sent, sent_first)) = self.checker.refused.remove(&req) else { return Ok(()) };
+        if sent != n || first.as_ref().is_some_and(|f| Some(f) != sent_first.as_ref()) {
+            return Err(Violation::new(
+                "refused-whole",
+                format!("{}: the drainer holds {n} events for a request of {sent}", self.agents[host].host),
+            ));
+        }
+        if n > 1 {
+            let again = match step {
+                super::agent::delivery::Step::Send(batch, _) => {
+                    batch.events.first().map(|e| (batch.events.len(), (e.rollout_id.clone(), e.event.seq)))
+                }
+                _ => None,
+            };
+            if !again.as_ref().is_some_and(|(m, f)| *m <= n / 2 && Some(f) == sent_first.as_ref()) {
+                return Err(Violation::new(
+                    "refused-whole",
+                    format!(
+                        "{}: a batch of {n} events was refused whole, and the drainer did not send it again halved \
+                         (next: {:?})",
+                        self.agents[host].host,
+                        again.map(|(m, _)| m)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `refused-whole` for events the CP refused on their own: each is in
+    /// `dead/` with the CP's answer as its reason (the real queue's files).
+    pub(super) fn check_dead_lettered_alone(
+        &mut self,
+        host: usize,
+        alone: &[(RolloutId, u64, String)],
+    ) -> Result<(), Violation> {
+        for (rollout_id, seq, why) in alone {
+            self.checker.n_checks += 1;
+            let reason = self.agents[host].dead_reason(rollout_id, *seq);
+            if !why.contains("refused it on its own") || reason.as_deref() != Some(why.as_str()) {
+                return Err(Violation::new(
+                    "refused-whole",
+                    format!(
+                        "{}: seq {seq} of {rollout_id} was refused on its own ({why}) but its dead letter says {reason:?}",
+                        self.agents[host].host
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn check_replay(&mut self, when: &str) -> Result<(), Violation> {
         self.checker.n_checks += 1;
         let Some(conn) = self.cp.reader() else { return Ok(()) };

@@ -154,6 +154,8 @@ enum ToAgent {
     Poll(Option<Box<Dispatch>>),
     Manifest(Option<cp::SharedEnvelope>),
     Unavailable,
+    /// An events request refused whole: (HTTP status, error code, message).
+    Refused(u16, String, String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +245,7 @@ struct Stats {
     corruptions: u64,
     revived: u64,
     key_rotations: u64,
+    refused_whole: u64,
     publishes: u64,
     groups: u64,
     rejected: u64,
@@ -354,6 +357,8 @@ impl Sim {
             if s == Scenario::SupersedeMidSoak {
                 faults.supersede = true;
             }
+        } else {
+            faults.draw_body_limit(cfg.faults, cfg.seed);
         }
         let mut add = |rng: &mut Rng, at_ms: u64, channel: &str, git_ref: &str, generation: u64, hosts: &[usize]| {
             let issued_at = world::at(at_ms.saturating_sub(500));
@@ -895,6 +900,19 @@ impl Sim {
     }
 
     fn cp_receive(&mut self, host: usize, inc: u64, req: u64, msg: ToCp) {
+        if let (ToCp::Events(batch), Some(limit), false) = (&msg, self.faults.body_limit, self.faults_over) {
+            // The proxy in front of the CP: a body over its limit is refused
+            // whole with 413, as `cp::routes` refuses one over 1 MiB.
+            let size = serde_json::to_vec(batch).map_or(0, |b| b.len() as u64);
+            if size > limit {
+                self.stats.refused_whole += 1;
+                let first = batch.events.first().map(|e| (e.rollout_id.clone(), e.event.seq));
+                self.checker.refused.insert(req, (batch.events.len(), first));
+                let message = format!("request bodies are limited to {limit} bytes");
+                self.reply(host, inc, req, ToAgent::Refused(413, "body_too_large".into(), message));
+                return;
+            }
+        }
         if !self.cp.is_up() {
             // Connection refused: the agent hears at once.
             self.reply(host, inc, req, ToAgent::Unavailable);
@@ -1326,6 +1344,7 @@ impl Sim {
         for line in notes.lines {
             self.note(format!("{hostname}: {line}"));
         }
+        self.check_dead_lettered_alone(host, &notes.refused_alone)?;
         let step = step.map_err(|e| Violation::new("queue", format!("{hostname}: queue move failed: {e}")))?;
         match step {
             delivery::Step::Send(batch, pass) => {
@@ -1392,8 +1411,20 @@ impl Sim {
             let Drain::InFlight { pass, .. } = std::mem::replace(&mut proc.drain, Drain::Idle(0)) else {
                 return Ok(());
             };
-            let step = delivery::on_failure(pass, &format!("delivery {why}"));
-            return self.drain_step(host, Ok(step), delivery::Notes::default());
+            let hostname = self.agents[host].host.clone();
+            let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
+            let mut notes = delivery::Notes::default();
+            let why = format!("delivery {why}");
+            let step = delivery::on_failure(
+                &mut proc.journal.lock(),
+                &hostname,
+                pass,
+                &why,
+                &mut proc.blocked,
+                self.now_ms,
+                &mut notes,
+            );
+            return self.drain_step(host, step, notes);
         } else if proc.heartbeat_req == Some(req) {
             proc.heartbeat_req = None;
         } else if matches!(&proc.poll, LongPoll::Polling(r) | LongPoll::FetchingManifest(r, _) if *r == req) {
@@ -1496,9 +1527,57 @@ impl Sim {
                 self.admit(host, dispatch, envelope)?;
                 self.set_timer(host, Timer::Poll, 0);
             }
+            ToAgent::Refused(status, code, message) => self.refused_whole(host, req, status, code, message)?,
             ToAgent::Unavailable => {}
         }
         Ok(())
+    }
+
+    /// The drainer's request was refused whole: `post_in_batches` decides
+    /// with the worker's own `refused_whole`; the checker then sees what
+    /// the drainer did about it.
+    fn refused_whole(
+        &mut self,
+        host: usize,
+        req: u64,
+        status: u16,
+        code: String,
+        message: String,
+    ) -> Result<(), Violation> {
+        let hostname = self.agents[host].host.clone();
+        let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
+        if !matches!(&proc.drain, Drain::InFlight { req: r, .. } if *r == req) {
+            return Ok(());
+        }
+        let Drain::InFlight { pass, .. } = std::mem::replace(&mut proc.drain, Drain::Idle(0)) else { return Ok(()) };
+        let status = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_REQUEST);
+        let error = crate::client::ClientError::Status { status, code, message };
+        let (n, first, from_pending) = pass.sending.in_flight();
+        let mut notes = delivery::Notes::default();
+        let step = match crate::agent::workers::net::refused_whole(&error) {
+            Some(why) => delivery::on_refused(
+                &mut proc.journal.lock(),
+                &hostname,
+                pass,
+                why,
+                &mut proc.blocked,
+                self.now_ms,
+                &mut notes,
+            ),
+            None => delivery::on_failure(
+                &mut proc.journal.lock(),
+                &hostname,
+                pass,
+                &format!("delivery: {error}"),
+                &mut proc.blocked,
+                self.now_ms,
+                &mut notes,
+            ),
+        };
+        if let Ok(step) = &step {
+            self.check_refused_whole(host, req, n, first.filter(|_| from_pending), step)?;
+        }
+        self.drain_step(host, step, notes)
     }
 
     /// The long-poll worker's admission: verify (shared cache), check,
@@ -1551,7 +1630,14 @@ impl Sim {
         }
         self.agents.iter().zip(&self.machines).all(|(a, m)| {
             let Some(proc) = a.proc.as_ref() else { return false };
-            m.switches.is_empty()
+            // The CP has every seq of the agent's records (a dead letter
+            // the CP lacks is re-sent on a later gap or Replay-From).
+            let cp_has_all = proc.reducer.rollouts().iter().all(|(id, s)| {
+                let cp = state.rollouts.get(id).and_then(|r| r.records.get(&a.host));
+                cp.is_none_or(|r| r.last_seq >= s.record.last_seq)
+            });
+            cp_has_all
+                && m.switches.is_empty()
                 && proc.journal.lock().pending_len() == 0
                 && proc.resend.is_empty()
                 && proc.heartbeat_seen_ms >= self.checker.republished_ms()
@@ -1623,7 +1709,7 @@ impl Sim {
         let _ = writeln!(
             out,
             "\nfaults injected: {} messages ({} lost, {} duplicated, {} delayed), {} agent crashes, {} reboots, \
-             {} CP crashes, {} CP database losses, {} partitions, {} bit rots, {} key rotations",
+             {} CP crashes, {} CP database losses, {} partitions, {} bit rots, {} key rotations{}",
             s.msgs,
             s.lost,
             s.duplicated,
@@ -1634,7 +1720,8 @@ impl Sim {
             s.db_losses,
             s.partitions,
             s.corruptions,
-            s.key_rotations
+            s.key_rotations,
+            if s.refused_whole > 0 { format!(", {} batches refused whole", s.refused_whole) } else { String::new() }
         );
         let _ = writeln!(
             out,

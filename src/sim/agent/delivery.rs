@@ -4,8 +4,12 @@
 //! `await`s. Every queue change is the real `Queue` call the worker makes
 //! (`pending_head`, `ack`, `reject`, `first_pending_seq`, `history_from`,
 //! `revive`); the decisions follow the worker line by line and the
-//! dead-letter reasons are its texts. Not modelled: batches refused whole
-//! (400 `bad_event_batch` / 413), which the simulated CP never answers.
+//! dead-letter reasons are its texts. `post_in_batches` is modelled too: a
+//! batch the CP refuses whole (413, or 400 `bad_event_batch`, as judged by
+//! the worker's own `refused_whole`) is halved down to one event, and one
+//! event refused alone gets the worker's synthesised `rejected` result
+//! (dead-lettered with the CP's answer); the size doubles back after a
+//! success.
 
 use super::*;
 use crate::queue::HistoryEvent;
@@ -48,18 +52,57 @@ pub enum ResendFor {
     Gap { expected: u64, held: Vec<QueuedEvent> },
 }
 
+/// `post_in_batches` over a batch from the head of `pending/`:
+/// `batch[start..start + chunk]` is in flight, `results` answer
+/// `batch[..start]`, `size` is the current batch size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Posting {
+    pub batch: Vec<QueuedEvent>,
+    pub results: Vec<EventResult>,
+    pub start: usize,
+    pub chunk: usize,
+    pub size: usize,
+    /// Indexes into `batch` of events the CP refused on their own.
+    pub alone: Vec<usize>,
+}
+
 /// What the request in flight carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sending {
-    Batch(Vec<QueuedEvent>),
-    /// `resend_history`: `history[sent..sent + chunk]` is in flight.
+    Batch(Posting),
+    /// `resend_history`: `history[sent..sent + chunk]` is in flight, in
+    /// batches of at most `size` (halved on a refusal, as `post_in_batches`).
     Resend {
         why: ResendFor,
         rollout_id: RolloutId,
         history: Vec<HistoryEvent>,
         sent: usize,
         chunk: usize,
+        size: usize,
     },
+}
+
+impl Posting {
+    fn new(batch: Vec<QueuedEvent>) -> Posting {
+        Posting { batch, results: Vec::new(), start: 0, chunk: 0, size: MAX_BATCH_EVENTS, alone: Vec::new() }
+    }
+}
+
+impl Sending {
+    fn none() -> Sending {
+        Sending::Batch(Posting::new(Vec::new()))
+    }
+
+    /// The events of the request in flight: (number, the first one's
+    /// rollout and seq, whether it is a batch from `pending/`).
+    pub fn in_flight(&self) -> (usize, Option<(RolloutId, u64)>, bool) {
+        match self {
+            Sending::Batch(p) => (p.chunk, p.batch.get(p.start).map(|q| (q.rollout_id.clone(), q.seq())), true),
+            Sending::Resend { history, sent, chunk, .. } => {
+                (*chunk, history.get(*sent).map(|h| (h.queued.rollout_id.clone(), h.queued.seq())), false)
+            }
+        }
+    }
 }
 
 /// One `drain_once` call in progress.
@@ -95,6 +138,9 @@ pub struct Notes {
     pub lines: Vec<String>,
     pub dead_lettered: u64,
     pub revived: u64,
+    /// Events the CP refused on their own, dead-lettered with its answer:
+    /// (rollout, seq, reason), for the checker.
+    pub refused_alone: Vec<(RolloutId, u64, String)>,
 }
 
 fn to_batch(host: &Hostname, events: impl Iterator<Item = QueuedEvent>) -> EventBatch {
@@ -119,7 +165,7 @@ pub fn start_pass(
         gaps: VecDeque::new(),
         rejected: BTreeMap::new(),
         pause: None,
-        sending: Sending::Batch(Vec::new()),
+        sending: Sending::none(),
     };
     advance(queue, host, Box::new(pass), blocked, now_ms, notes)
 }
@@ -145,12 +191,18 @@ fn start_resend(queue: &Queue, rollout_id: &RolloutId, from: u64) -> Start {
     Start::Send(history)
 }
 
+/// Posts the next part of what is being sent (`post_in_batches`).
 fn send_chunk(host: &Hostname, mut pass: Box<Pass>) -> Step {
-    let Sending::Resend { history, sent, chunk, .. } = &mut pass.sending else {
-        unreachable!("send_chunk is only called for a re-send")
+    let batch = match &mut pass.sending {
+        Sending::Resend { history, sent, chunk, size, .. } => {
+            *chunk = (history.len() - *sent).min(*size);
+            to_batch(host, history[*sent..*sent + *chunk].iter().map(|h| h.queued.clone()))
+        }
+        Sending::Batch(p) => {
+            p.chunk = (p.batch.len() - p.start).min(p.size);
+            to_batch(host, p.batch[p.start..p.start + p.chunk].iter().cloned())
+        }
     };
-    *chunk = (history.len() - *sent).min(MAX_BATCH_EVENTS);
-    let batch = to_batch(host, history[*sent..*sent + *chunk].iter().map(|h| h.queued.clone()));
     Step::Send(batch, pass)
 }
 
@@ -187,8 +239,14 @@ fn advance(
                 blocked.insert(rollout_id, (from, text, now_ms));
             }
             Start::Send(history) => {
-                pass.sending =
-                    Sending::Resend { why: ResendFor::Request { after }, rollout_id, history, sent: 0, chunk: 0 };
+                pass.sending = Sending::Resend {
+                    why: ResendFor::Request { after },
+                    rollout_id,
+                    history,
+                    sent: 0,
+                    chunk: 0,
+                    size: MAX_BATCH_EVENTS,
+                };
                 return Ok(send_chunk(host, pass));
             }
         }
@@ -214,7 +272,8 @@ fn advance(
                 }
                 Start::Send(history) => {
                     let why = ResendFor::Gap { expected, held };
-                    pass.sending = Sending::Resend { why, rollout_id, history, sent: 0, chunk: 0 };
+                    pass.sending =
+                        Sending::Resend { why, rollout_id, history, sent: 0, chunk: 0, size: MAX_BATCH_EVENTS };
                     return Ok(send_chunk(host, pass));
                 }
             }
@@ -231,9 +290,77 @@ fn advance(
         return Ok(Step::Done);
     }
     pass.rejected.clear();
-    let out = to_batch(host, batch.iter().cloned());
-    pass.sending = Sending::Batch(batch);
-    Ok(Step::Send(out, pass))
+    pass.sending = Sending::Batch(Posting::new(batch));
+    Ok(send_chunk(host, pass))
+}
+
+/// `sort_answers` and `settle` of a batch from `pending/` (`results`
+/// answer a prefix of it when posting `stopped`): acks, dead letters, the
+/// events held behind a gap; then the pass goes on (gaps, then the pause).
+#[allow(clippy::too_many_arguments)]
+fn settle_batch(
+    queue: &mut Queue,
+    host: &Hostname,
+    mut pass: Box<Pass>,
+    posted: &Posting,
+    stopped: Option<String>,
+    blocked: &mut Blocked,
+    now_ms: u64,
+    notes: &mut Notes,
+) -> Result<Step, String> {
+    let (batch, results) = (&posted.batch, &posted.results);
+    pass.pause = stopped;
+    let mut moves: Vec<(u64, Option<String>)> = Vec::new();
+    let mut gapped: BTreeMap<RolloutId, (u64, Vec<QueuedEvent>)> = BTreeMap::new();
+    for (queued, result) in batch.iter().zip(results) {
+        if let Some((_, held)) = gapped.get_mut(&queued.rollout_id) {
+            held.push(queued.clone());
+            continue;
+        }
+        match result.status {
+            ResultStatus::Applied | ResultStatus::Duplicate => moves.push((queued.qseq, None)),
+            ResultStatus::Rejected => {
+                let reason = result.reason.clone().unwrap_or_else(|| "rejected without a reason".to_owned());
+                notes.lines.push(format!("{} seq {} rejected: {reason}", queued.rollout_id, queued.seq()));
+                notes.dead_lettered += 1;
+                pass.rejected.insert(queued.rollout_id.clone(), (queued.seq(), reason.clone()));
+                moves.push((queued.qseq, Some(reason)));
+            }
+            ResultStatus::Gap => match result.expected_seq {
+                Some(expected) if expected < queued.seq() => {
+                    gapped.insert(queued.rollout_id.clone(), (expected, vec![queued.clone()]));
+                }
+                _ => {
+                    pass.pause = Some(format!(
+                        "the CP answered gap with expected seq {:?} for seq {}",
+                        result.expected_seq,
+                        queued.seq()
+                    ));
+                    break;
+                }
+            },
+            ResultStatus::Retry => {
+                pass.pause = Some(format!(
+                    "the CP asked to retry: {}",
+                    result.reason.clone().unwrap_or_else(|| "retry".to_owned())
+                ));
+                break;
+            }
+        }
+    }
+    for (qseq, rejected) in moves {
+        match rejected {
+            None => queue.ack(qseq),
+            Some(reason) => queue.reject(qseq, &reason),
+        }
+        .map_err(|e| e.to_string())?;
+    }
+    for (i, result) in posted.alone.iter().filter_map(|i| results.get(*i).map(|r| (*i, r))) {
+        let q = &batch[i];
+        notes.refused_alone.push((q.rollout_id.clone(), q.seq(), result.reason.clone().unwrap_or_default()));
+    }
+    pass.gaps = gapped.into_iter().map(|(id, (expected, held))| (id, expected, held)).collect();
+    advance(queue, host, pass, blocked, now_ms, notes)
 }
 
 /// The CP answered the request in flight.
@@ -246,61 +373,23 @@ pub fn on_answer(
     now_ms: u64,
     notes: &mut Notes,
 ) -> Result<Step, String> {
-    match std::mem::replace(&mut pass.sending, Sending::Batch(Vec::new())) {
-        Sending::Batch(batch) => {
-            if results.len() != batch.len() {
-                let why = format!("the CP answered {} results for {} events", results.len(), batch.len());
-                return Ok(Step::Pause { why, requeue: Vec::new() });
+    match std::mem::replace(&mut pass.sending, Sending::none()) {
+        Sending::Batch(mut p) => {
+            if results.len() != p.chunk {
+                // `post_in_batches` stops: the answers so far still count.
+                let why = format!("the CP answered {} results for {} events", results.len(), p.chunk);
+                return settle_batch(queue, host, pass, &p, Some(why), blocked, now_ms, notes);
             }
-            let mut moves: Vec<(u64, Option<String>)> = Vec::new();
-            let mut gapped: BTreeMap<RolloutId, (u64, Vec<QueuedEvent>)> = BTreeMap::new();
-            for (queued, result) in batch.iter().zip(results) {
-                if let Some((_, held)) = gapped.get_mut(&queued.rollout_id) {
-                    held.push(queued.clone());
-                    continue;
-                }
-                match result.status {
-                    ResultStatus::Applied | ResultStatus::Duplicate => moves.push((queued.qseq, None)),
-                    ResultStatus::Rejected => {
-                        let reason = result.reason.clone().unwrap_or_else(|| "rejected without a reason".to_owned());
-                        notes.lines.push(format!("{} seq {} rejected: {reason}", queued.rollout_id, queued.seq()));
-                        notes.dead_lettered += 1;
-                        pass.rejected.insert(queued.rollout_id.clone(), (queued.seq(), reason.clone()));
-                        moves.push((queued.qseq, Some(reason)));
-                    }
-                    ResultStatus::Gap => match result.expected_seq {
-                        Some(expected) if expected < queued.seq() => {
-                            gapped.insert(queued.rollout_id.clone(), (expected, vec![queued.clone()]));
-                        }
-                        _ => {
-                            pass.pause = Some(format!(
-                                "the CP answered gap with expected seq {:?} for seq {}",
-                                result.expected_seq,
-                                queued.seq()
-                            ));
-                            break;
-                        }
-                    },
-                    ResultStatus::Retry => {
-                        pass.pause = Some(format!(
-                            "the CP asked to retry: {}",
-                            result.reason.clone().unwrap_or_else(|| "retry".to_owned())
-                        ));
-                        break;
-                    }
-                }
+            p.results.extend_from_slice(results);
+            p.start += p.chunk;
+            p.size = (p.size * 2).min(MAX_BATCH_EVENTS);
+            if p.start < p.batch.len() {
+                pass.sending = Sending::Batch(p);
+                return Ok(send_chunk(host, pass));
             }
-            for (qseq, rejected) in moves {
-                match rejected {
-                    None => queue.ack(qseq),
-                    Some(reason) => queue.reject(qseq, &reason),
-                }
-                .map_err(|e| e.to_string())?;
-            }
-            pass.gaps = gapped.into_iter().map(|(id, (expected, held))| (id, expected, held)).collect();
-            advance(queue, host, pass, blocked, now_ms, notes)
+            settle_batch(queue, host, pass, &p, None, blocked, now_ms, notes)
         }
-        Sending::Resend { why, rollout_id, history, sent, chunk } => {
+        Sending::Resend { why, rollout_id, history, sent, chunk, size } => {
             let part = &history[sent..sent + chunk];
             let mut revive = Vec::new();
             // None: this chunk went through; Some(Ok(..)) refused; Some(Err) pause.
@@ -341,7 +430,8 @@ pub fn on_answer(
                     .push(format!("{} dead letter(s) of {rollout_id} applied on re-send; revived", revive.len()));
             }
             if outcome.is_none() && sent + chunk < history.len() {
-                pass.sending = Sending::Resend { why, rollout_id, history, sent: sent + chunk, chunk: 0 };
+                let size = (size * 2).min(MAX_BATCH_EVENTS);
+                pass.sending = Sending::Resend { why, rollout_id, history, sent: sent + chunk, chunk: 0, size };
                 return Ok(send_chunk(host, pass));
             }
             resend_over(queue, host, pass, why, rollout_id, outcome, blocked, now_ms, notes)
@@ -350,15 +440,74 @@ pub fn on_answer(
 }
 
 /// The request in flight failed (network, timeout, 503): the worker's
-/// `post_in_batches` stopped, so `drain_once` returns Err.
-pub fn on_failure(pass: Box<Pass>, why: &str) -> Step {
+/// `post_in_batches` stopped, so `drain_once` settles what was answered
+/// before and returns Err.
+pub fn on_failure(
+    queue: &mut Queue,
+    host: &Hostname,
+    mut pass: Box<Pass>,
+    why: &str,
+    blocked: &mut Blocked,
+    now_ms: u64,
+    notes: &mut Notes,
+) -> Result<Step, String> {
     let mut requeue: Vec<(RolloutId, u64)> = Vec::new();
-    if let Sending::Resend { why: ResendFor::Request { after }, rollout_id, .. } = &pass.sending {
-        // Keep this request and the ones not served yet.
-        requeue.push((rollout_id.clone(), *after));
-        requeue.extend(pass.requests.iter().cloned());
+    match std::mem::replace(&mut pass.sending, Sending::none()) {
+        Sending::Batch(p) if !p.results.is_empty() => {
+            let why = Some(why.to_owned());
+            return settle_batch(queue, host, pass, &p, why, blocked, now_ms, notes);
+        }
+        Sending::Resend { why: ResendFor::Request { after }, rollout_id, .. } => {
+            // Keep this request and the ones not served yet.
+            requeue.push((rollout_id, after));
+            requeue.extend(pass.requests.iter().cloned());
+        }
+        _ => {}
     }
-    Step::Pause { why: why.to_owned(), requeue }
+    Ok(Step::Pause { why: why.to_owned(), requeue })
+}
+
+/// The CP refused the request in flight whole (`why`: the worker's
+/// `refused_whole` text): `post_in_batches` halves a batch of several
+/// events and sends again; a single event gets a synthesised `rejected`
+/// result carrying `why`, and posting goes on after it.
+pub fn on_refused(
+    queue: &mut Queue,
+    host: &Hostname,
+    mut pass: Box<Pass>,
+    why: String,
+    blocked: &mut Blocked,
+    now_ms: u64,
+    notes: &mut Notes,
+) -> Result<Step, String> {
+    match std::mem::replace(&mut pass.sending, Sending::none()) {
+        Sending::Batch(mut p) => {
+            if p.chunk > 1 {
+                notes.lines.push(format!("a batch of {} events refused whole; halving it ({why})", p.chunk));
+                p.size = p.chunk / 2;
+                pass.sending = Sending::Batch(p);
+                return Ok(send_chunk(host, pass));
+            }
+            p.results.push(EventResult { status: ResultStatus::Rejected, reason: Some(why), expected_seq: None });
+            p.alone.push(p.start);
+            p.start += 1;
+            if p.start < p.batch.len() {
+                pass.sending = Sending::Batch(p);
+                return Ok(send_chunk(host, pass));
+            }
+            settle_batch(queue, host, pass, &p, None, blocked, now_ms, notes)
+        }
+        Sending::Resend { why: resend_for, rollout_id, history, sent, chunk, size } => {
+            if chunk > 1 {
+                notes.lines.push(format!("a re-send of {chunk} events refused whole; halving it ({why})"));
+                let size = (chunk / 2).min(size);
+                pass.sending = Sending::Resend { why: resend_for, rollout_id, history, sent, chunk: 0, size };
+                return Ok(send_chunk(host, pass));
+            }
+            let seq = history[sent].queued.seq();
+            resend_over(queue, host, pass, resend_for, rollout_id, Some(Ok((seq, why))), blocked, now_ms, notes)
+        }
+    }
 }
 
 /// What `drain_once` does with the `Resent` outcome of a re-send.

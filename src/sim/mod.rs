@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod check;
 pub mod cp;
+mod proxy;
 pub mod rng;
 pub mod storage;
 pub mod world;
@@ -900,16 +901,9 @@ impl Sim {
     }
 
     fn cp_receive(&mut self, host: usize, inc: u64, req: u64, msg: ToCp) {
-        if let (ToCp::Events(batch), Some(limit), false) = (&msg, self.faults.body_limit, self.faults_over) {
-            // The proxy in front of the CP: a body over its limit is refused
-            // whole with 413, as `cp::routes` refuses one over 1 MiB.
-            let size = serde_json::to_vec(batch).map_or(0, |b| b.len() as u64);
-            if size > limit {
-                self.stats.refused_whole += 1;
-                let first = batch.events.first().map(|e| (e.rollout_id.clone(), e.event.seq));
-                self.checker.refused.insert(req, (batch.events.len(), first));
-                let message = format!("request bodies are limited to {limit} bytes");
-                self.reply(host, inc, req, ToAgent::Refused(413, "body_too_large".into(), message));
+        if let ToCp::Events(batch) = &msg {
+            if let Some(refusal) = self.proxy_refuses(req, batch) {
+                self.reply(host, inc, req, refusal);
                 return;
             }
         }
@@ -1531,53 +1525,6 @@ impl Sim {
             ToAgent::Unavailable => {}
         }
         Ok(())
-    }
-
-    /// The drainer's request was refused whole: `post_in_batches` decides
-    /// with the worker's own `refused_whole`; the checker then sees what
-    /// the drainer did about it.
-    fn refused_whole(
-        &mut self,
-        host: usize,
-        req: u64,
-        status: u16,
-        code: String,
-        message: String,
-    ) -> Result<(), Violation> {
-        let hostname = self.agents[host].host.clone();
-        let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
-        if !matches!(&proc.drain, Drain::InFlight { req: r, .. } if *r == req) {
-            return Ok(());
-        }
-        let Drain::InFlight { pass, .. } = std::mem::replace(&mut proc.drain, Drain::Idle(0)) else { return Ok(()) };
-        let status = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_REQUEST);
-        let error = crate::client::ClientError::Status { status, code, message };
-        let (n, first, from_pending) = pass.sending.in_flight();
-        let mut notes = delivery::Notes::default();
-        let step = match crate::agent::workers::net::refused_whole(&error) {
-            Some(why) => delivery::on_refused(
-                &mut proc.journal.lock(),
-                &hostname,
-                pass,
-                why,
-                &mut proc.blocked,
-                self.now_ms,
-                &mut notes,
-            ),
-            None => delivery::on_failure(
-                &mut proc.journal.lock(),
-                &hostname,
-                pass,
-                &format!("delivery: {error}"),
-                &mut proc.blocked,
-                self.now_ms,
-                &mut notes,
-            ),
-        };
-        if let Ok(step) = &step {
-            self.check_refused_whole(host, req, n, first.filter(|_| from_pending), step)?;
-        }
-        self.drain_step(host, step, notes)
     }
 
     /// The long-poll worker's admission: verify (shared cache), check,

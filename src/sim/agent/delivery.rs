@@ -312,8 +312,9 @@ fn settle_batch(
     pass.pause = stopped;
     let mut moves: Vec<(u64, Option<String>)> = Vec::new();
     let mut gapped: BTreeMap<RolloutId, (u64, Vec<QueuedEvent>)> = BTreeMap::new();
-    for (queued, result) in batch.iter().zip(results) {
+    for (i, (queued, result)) in batch.iter().zip(results).enumerate() {
         if let Some((_, held)) = gapped.get_mut(&queued.rollout_id) {
+            // Held behind the gap, whatever its own answer (refused alone too).
             held.push(queued.clone());
             continue;
         }
@@ -323,6 +324,9 @@ fn settle_batch(
                 let reason = result.reason.clone().unwrap_or_else(|| "rejected without a reason".to_owned());
                 notes.lines.push(format!("{} seq {} rejected: {reason}", queued.rollout_id, queued.seq()));
                 notes.dead_lettered += 1;
+                if posted.alone.contains(&i) {
+                    notes.refused_alone.push((queued.rollout_id.clone(), queued.seq(), reason.clone()));
+                }
                 pass.rejected.insert(queued.rollout_id.clone(), (queued.seq(), reason.clone()));
                 moves.push((queued.qseq, Some(reason)));
             }
@@ -354,10 +358,6 @@ fn settle_batch(
             Some(reason) => queue.reject(qseq, &reason),
         }
         .map_err(|e| e.to_string())?;
-    }
-    for (i, result) in posted.alone.iter().filter_map(|i| results.get(*i).map(|r| (*i, r))) {
-        let q = &batch[i];
-        notes.refused_alone.push((q.rollout_id.clone(), q.seq(), result.reason.clone().unwrap_or_default()));
     }
     pass.gaps = gapped.into_iter().map(|(id, (expected, held))| (id, expected, held)).collect();
     advance(queue, host, pass, blocked, now_ms, notes)

@@ -1638,8 +1638,10 @@ impl Sim {
         if let Some(state) = self.cp.state() {
             for (id, r) in &state.rollouts {
                 let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-                for rec in r.records.values() {
-                    *counts.entry(rec.state.as_str()).or_default() += 1;
+                for (h, rec) in &r.records {
+                    // As the CP's views count them: a skipped host's outcome.
+                    let skipped = rec.state == HostState::Pending && r.skipped.contains(h);
+                    *counts.entry(if skipped { "Skipped" } else { rec.state.as_str() }).or_default() += 1;
                 }
                 let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
                 let end = self.rollout_end.get(id).map(|(_, t)| format!(" at {}", fmt_ms(*t))).unwrap_or_default();

@@ -9,8 +9,9 @@
 //!
 //! Reading order: [`rng`], [`world`] (what the code runs against),
 //! [`storage`] (the agents' in-memory disks), [`cp`] (the CP process),
-//! [`agent`] (an agent process and its delivery loop), [`check`] (the
-//! invariants), then this file's event loop. `docs/simulator.md` says what
+//! [`agent`] (an agent process and its delivery loop), `proxy` (the
+//! body-limit fault), [`check`] (the invariants), then this file's event
+//! loop. `docs/simulator.md` says what
 //! is real and what is modelled, and why.
 
 pub mod agent;

@@ -47,7 +47,9 @@ impl Sim {
                 let stuck: Vec<String> = r
                     .records
                     .iter()
-                    .filter(|(h, x)| !is_settled(x.state) && !(x.state == HostState::Pending && r.skipped.contains(*h)))
+                    .filter(|(h, x)| {
+                        !(is_settled(x.state) || (x.state == HostState::Pending && r.skipped.contains(*h)))
+                    })
                     .take(5)
                     .map(|(h, x)| {
                         let why = if state

@@ -360,7 +360,7 @@ impl Sim {
                 faults.supersede = true;
             }
         } else {
-            faults.draw_body_limit(cfg.faults, cfg.seed);
+            faults.draw_body_limit(cfg.faults, cfg.seed, n_hosts);
         }
         let mut add = |rng: &mut Rng, at_ms: u64, channel: &str, git_ref: &str, generation: u64, hosts: &[usize]| {
             let issued_at = world::at(at_ms.saturating_sub(500));

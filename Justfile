@@ -13,9 +13,43 @@ lint:
 ci:
     bash .ci/run
 
-# Benchmarks: each prints its own baseline measured in the same run.
+# Benchmarks: each prints its own baseline measured in the same run. Their
+# printed lines, dated, then replace the generated section at the end of
+# docs/performance.md (the table above it is collected from them by hand).
 bench:
-    cargo bench
+    #!/usr/bin/env bash
+    set -euo pipefail
+    out=$(mktemp)
+    trap 'rm -f "$out"' EXIT
+    cargo bench | tee "$out"
+    just bench-record "$out"
+
+# Writes the stdout of a `cargo bench` run (a saved FILE), dated, into the
+# generated section of docs/performance.md, replacing what was there.
+bench-record FILE:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    doc=docs/performance.md
+    marker='<!-- Everything below this line is written by `just bench`. -->'
+    if ! grep -qxF "$marker" "$doc"; then
+        echo "$doc has no line: $marker" >&2
+        exit 1
+    fi
+    tmp=$(mktemp)
+    {
+        awk -v m="$marker" '{ print } $0 == m { exit }' "$doc"
+        echo
+        echo "## Latest \`just bench\` output"
+        echo
+        echo "Run $(date -u '+%Y-%m-%d %H:%M UTC') at $(git rev-parse --short HEAD 2>/dev/null || echo 'an unknown commit')" \
+            "on $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg) when it was recorded."
+        echo
+        echo '```text'
+        cat "{{FILE}}"
+        echo '```'
+    } > "$tmp"
+    mv "$tmp" "$doc"
+    echo "wrote the bench output into $doc"
 
 # A fully static release binary (glibc, crt-static), checked with ldd.
 static:

@@ -1,8 +1,14 @@
 //! Identifiers that cross every boundary (`docs/protocol.md` §1): hostnames, rollout ids
 //! and store-path closures. Each is a newtype that can only be built through
 //! its parser, so a value of the type is always well-formed and the rest of
-//! the code never re-validates.
+//! the code never re-validates. A closure's store directory is the
+//! process's ([`store_dir`]: `/nix/store` or Nix's `NIX_STORE_DIR`).
 
+mod store_dir;
+
+pub use store_dir::{init_store_dir, store_dir, StoreDir, StoreDirError};
+
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -14,14 +20,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub struct IdError {
     pub what: &'static str,
     pub input: String,
-    pub why: &'static str,
+    pub why: Cow<'static, str>,
 }
 
-fn id_error(what: &'static str, input: &str, why: &'static str) -> IdError {
+fn id_error(what: &'static str, input: &str, why: impl Into<Cow<'static, str>>) -> IdError {
     // Cap the echoed input: an identifier field may carry megabytes of junk.
     const MAX_ECHO_CHARS: usize = 80;
     let input = input.chars().take(MAX_ECHO_CHARS).collect();
-    IdError { what, input, why }
+    IdError { what, input, why: why.into() }
 }
 
 /// `[a-z0-9][a-z0-9-]{0,62}` (`docs/protocol.md` §1); with mTLS it equals the certificate CN.
@@ -120,22 +126,34 @@ pub fn validate_ref(git_ref: &str) -> Result<(), IdError> {
 }
 
 /// A full Nix store path of a system closure:
-/// `/nix/store/<32 chars of nix base32>-<name>` (`docs/protocol.md` §1).
+/// `/nix/store/<32 chars of nix base32>-<name>` (`docs/protocol.md` §1), in
+/// this process's store directory ([`store_dir`]).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Closure(String);
 
 impl Closure {
-    const STORE_DIR: &'static str = "/nix/store/";
     const HASH_LEN: usize = 32;
     /// Nix limits store path names to 211 characters.
     const MAX_NAME_LEN: usize = 211;
     /// Nix's base32 alphabet (no e, o, u, t).
     const HASH_ALPHABET: &'static [u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
+    /// A store path in this process's store directory.
     pub fn parse(input: &str) -> Result<Closure, IdError> {
+        Closure::parse_in(store_dir(), input)
+    }
+
+    /// A store path in `store`.
+    pub fn parse_in(store: &StoreDir, input: &str) -> Result<Closure, IdError> {
         let what = "closure";
-        let Some(rest) = input.strip_prefix(Self::STORE_DIR) else {
-            return Err(id_error(what, input, "must start with /nix/store/"));
+        let rest = input.strip_prefix(store.as_str()).and_then(|rest| rest.strip_prefix('/'));
+        let Some(rest) = rest else {
+            let why = if store.is_default() {
+                Cow::Borrowed("must start with /nix/store/")
+            } else {
+                Cow::Owned(format!("must start with {store}/ (the store directory {} names)", StoreDir::ENV))
+            };
+            return Err(id_error(what, input, why));
         };
         let (hash, name) = match (rest.get(..Self::HASH_LEN), rest.get(Self::HASH_LEN..)) {
             (Some(hash), Some(name)) => (hash, name),
@@ -238,6 +256,29 @@ mod tests {
             let err = Closure::parse(bad).expect_err(bad);
             assert_eq!(err.what, "closure");
         }
+    }
+
+    #[test]
+    fn closures_follow_the_store_directory_they_are_parsed_in() {
+        let other = StoreDir::parse("/tmp/demo-1/store").expect("valid");
+        let path = "/tmp/demo-1/store/0c3n4iv2w9ab1p6lq0yzf3d8k2m5r7s9-nixos-system-web-1";
+        assert_eq!(Closure::parse_in(&other, path).expect("in its store").as_str(), path);
+        let err = Closure::parse_in(&other, GOOD_CLOSURE).expect_err("a /nix/store path elsewhere");
+        assert!(
+            err.to_string().contains("must start with /tmp/demo-1/store/ (the store directory NIX_STORE_DIR"),
+            "{err}"
+        );
+        // A prefix is a whole directory: /tmp/demo-1/storeX/... is not in /tmp/demo-1/store.
+        for bad in [
+            "/tmp/demo-1/storex/0c3n4iv2w9ab1p6lq0yzf3d8k2m5r7s9-x",
+            "/tmp/demo-1/store0c3n4iv2w9ab1p6lq0yzf3d8k2m5r7s9-x",
+        ] {
+            assert!(Closure::parse_in(&other, bad).is_err(), "{bad}");
+        }
+        // This process never sets another store dir: parse is /nix/store's.
+        assert!(Closure::parse(path).is_err());
+        let err = Closure::parse("/gnu/store/0c3n4iv2w9ab1p6lq0yzf3d8k2m5r7s9-x").expect_err("other store");
+        assert!(err.to_string().contains("must start with /nix/store/"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use nixfleet::cli::{Cli, Command, LogFormat, ManifestCommand, PkiCommand};
+use nixfleet::cli::{Cli, Command, LogFormat, ManifestCommand, PkiCommand, QueueCommand, SimArgs};
 use nixfleet::clock::ClockHandle;
 use nixfleet::tools;
 
@@ -21,6 +21,10 @@ fn main() -> ExitCode {
         _ => "info",
     };
     init_tracing(cli.log_format, default_level);
+    if let Err(e) = init_store_dir(&cli.command) {
+        eprintln!("nixfleet: error: {e}");
+        return ExitCode::from(2);
+    }
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Keygen { out } => tools::manifest_cmd::keygen(&out).map_err(Into::into),
         Command::Pki(PkiCommand::Init { dir }) => {
@@ -39,7 +43,13 @@ fn main() -> ExitCode {
         Command::Manifest(ManifestCommand::Verify { trust_keys, envelope }) => {
             tools::manifest_cmd::verify(&trust_keys, &envelope).map_err(Into::into)
         }
-        Command::Queue(cmd) => tools::queue_cmd::run(&cmd, &ClockHandle::system()).map_err(Into::into),
+        Command::Queue(QueueCommand::Ls { state_dir, pending, acked, dead, all, json }) => {
+            let folders = tools::queue_cmd::ls_folders(pending, acked, dead, all);
+            tools::queue_cmd::ls(&state_dir, &folders, json, ClockHandle::system().now()).map_err(Into::into)
+        }
+        Command::Queue(QueueCommand::Inspect { state_dir, event, json }) => {
+            tools::queue_cmd::inspect(&state_dir, &event, json, ClockHandle::system().now()).map_err(Into::into)
+        }
         Command::Agent(args) => nixfleet::agent::cmd::run(args).map_err(Into::into),
         Command::Demo { hosts, keep } => {
             tools::demo::run(&tools::demo::DemoOptions { hosts, keep }).map_err(Into::into)
@@ -50,11 +60,13 @@ fn main() -> ExitCode {
             (None, None) => Err("replay needs --db or --state-dir".into()),
         },
         Command::Cp(cmd) => nixfleet::cp::run(cmd).map_err(Into::into),
-        Command::Sim(args) => match nixfleet::sim::run_cli(&args) {
-            Ok(true) => Ok(()),
-            Ok(false) => return ExitCode::FAILURE,
-            Err(e) => Err(e.into()),
-        },
+        Command::Sim(SimArgs { seed, hosts, faults, scenario, manifest, until }) => {
+            match nixfleet::sim::run_cli(seed, hosts, faults, scenario, manifest.as_deref(), &until) {
+                Ok(true) => Ok(()),
+                Ok(false) => return ExitCode::FAILURE,
+                Err(e) => Err(e.into()),
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -63,6 +75,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Fixes the process's Nix store directory before anything parses a closure:
+/// `NIX_STORE_DIR` or `/nix/store`. The simulator's closures are always
+/// `/nix/store` paths (it touches no store); the demo decides for itself
+/// (its stand-in closures may need a store dir in its work dir).
+fn init_store_dir(command: &Command) -> Result<(), nixfleet::ids::StoreDirError> {
+    use nixfleet::ids::StoreDir;
+    let dir = match command {
+        Command::Demo { .. } => return Ok(()),
+        Command::Sim(_) => StoreDir::nix_default(),
+        _ => StoreDir::from_env()?,
+    };
+    nixfleet::ids::init_store_dir(dir).map(|_| ())
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {

@@ -42,7 +42,7 @@ use crate::ids::Hostname;
 /// A certificate chain, key or CA bundle is a few KiB; a system bundle is
 /// about 200 KiB. A bigger file is a mistake (a wrong path, a log file), and
 /// it is refused before it is read whole.
-pub const PEM_FILE_MAX_BYTES: u64 = 4 * 1024 * 1024;
+pub const MAX_PEM_FILE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// TLS 1.3 first; 1.2 for peers that lack 1.3 (older load balancers and
 /// health endpoints behind them).
@@ -56,7 +56,7 @@ pub const ROLE_URI_SCHEME: &str = "nixfleet:";
 pub enum TlsError {
     #[error("{}: {source}", path.display())]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{}: larger than {PEM_FILE_MAX_BYTES} bytes; not a certificate, key or CA file", path.display())]
+    #[error("{}: larger than {MAX_PEM_FILE_BYTES} bytes; not a certificate, key or CA file", path.display())]
     TooLarge { path: PathBuf },
     #[error("{}: not valid PEM: {reason}", path.display())]
     Pem { path: PathBuf, reason: String },
@@ -82,13 +82,13 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reads a whole PEM file, refusing one larger than [`PEM_FILE_MAX_BYTES`].
+/// Reads a whole PEM file, refusing one larger than [`MAX_PEM_FILE_BYTES`].
 fn read_pem_file(path: &Path) -> Result<Vec<u8>, TlsError> {
     let read_error = |source| TlsError::Read { path: path.to_owned(), source };
     let file = std::fs::File::open(path).map_err(read_error)?;
     let mut bytes = Vec::new();
-    file.take(PEM_FILE_MAX_BYTES + 1).read_to_end(&mut bytes).map_err(read_error)?;
-    if bytes.len() as u64 > PEM_FILE_MAX_BYTES {
+    file.take(MAX_PEM_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(read_error)?;
+    if bytes.len() as u64 > MAX_PEM_FILE_BYTES {
         return Err(TlsError::TooLarge { path: path.to_owned() });
     }
     Ok(bytes)

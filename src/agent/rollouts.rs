@@ -169,7 +169,7 @@ impl Rollouts {
         true
     }
 
-    /// The live rollout other than `except` (§3 rule 8). With several (only a
+    /// The live rollout other than `except` (`docs/protocol.md` §3 rule 8). With several (only a
     /// journal written before that rule can hold that), the one accepted last.
     pub fn live(&self, except: Option<&RolloutId>) -> Option<(&RolloutId, &Slot)> {
         self.slots
@@ -404,7 +404,8 @@ impl Rollouts {
     /// it: the activation worker reports Completed when the host provably
     /// runs the target, and otherwise re-runs the idempotent boot setup), or
     /// Failed with a rollback whose outcome was never recorded.
-    /// A rollout accepted before another one never acts again (§3 rule 8).
+    /// A rollout accepted before another one never acts again (`docs/protocol.md` §3
+    /// rule 8).
     pub fn unfinished_activations(&self) -> Vec<(RolloutId, HostState)> {
         self.slots
             .iter()

@@ -122,12 +122,18 @@ pub struct CpServeArgs {
     #[arg(long, default_value = "60s", value_name = "DURATION", value_parser = parse_duration)]
     pub body_timeout: Duration,
     /// Connections held at once (lowered to fit the descriptor limit).
-    #[arg(long, default_value_t = crate::cp::server::MAX_CONNECTIONS)]
+    #[arg(long, default_value_t = crate::cp::config::MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Connections held at once from one client address (raise it when a
     /// NAT puts many agents behind one address).
-    #[arg(long, default_value_t = crate::cp::conn::MAX_CONNECTIONS_PER_ADDRESS)]
+    #[arg(long, default_value_t = crate::cp::config::MAX_CONNECTIONS_PER_ADDRESS)]
     pub max_connections_per_address: usize,
+    /// Events of one host in one rollout applied between two record
+    /// checkpoints; past it the host's probe events give way to the record
+    /// they made (`docs/protocol.md` §7). Lower it to keep the log small.
+    #[arg(long, default_value_t = crate::cp::store::MAX_EVENTS_SINCE_CHECKPOINT, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub checkpoint_events: u64,
 }
 
 /// How an operator command reaches the control plane: its URL and, for

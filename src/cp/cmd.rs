@@ -127,6 +127,7 @@ async fn serve_cmd(args: CpServeArgs, notifier: Notifier) -> Result<(), CpError>
             body_timeout: args.body_timeout,
             max_connections: args.max_connections,
             max_connections_per_address: args.max_connections_per_address,
+            checkpoint_events: args.checkpoint_events,
         },
     };
     let served = match tls {

@@ -18,10 +18,6 @@ use tokio::net::TcpStream;
 
 use crate::wire::{ErrorBody, PROTOCOL_HEADER, PROTOCOL_VERSION};
 
-/// Default cap of connections held at once from one client address: one
-/// client (or one NAT) cannot take every descriptor of the CP. Fleets that
-/// reach the CP through one NAT raise it with `--max-connections-per-address`.
-pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 1024;
 /// Connections accepted beyond the cap that serve only operator and health
 /// endpoints (an agent request on one is answered 503 at once), so an
 /// operator still gets `cp status` through while agents fill the CP.

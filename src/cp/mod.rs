@@ -1,7 +1,7 @@
 //! The control plane (`docs/protocol.md` §4): `cp serve` stores rollouts and an
-//! append-only event log in SQLite, mirrors every host through the shared
-//! state machine, plans waves and serves long-polls; `cp publish` and
-//! `cp status` are its operator clients.
+//! event log in SQLite (bounded per (host, rollout) by record checkpoints),
+//! mirrors every host through the shared state machine, plans waves and
+//! serves long-polls; `cp publish` and `cp status` are its operator clients.
 //!
 //! Reading order: [`planner`] (pure: stored state → decisions), [`store`]
 //! (SQLite schema and the one writer), [`longpoll`] (the dispatch board),

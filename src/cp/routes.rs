@@ -1,11 +1,13 @@
 //! HTTP routes of the control plane (`docs/protocol.md` §4): parse and validate at the
 //! boundary, hand changes to the writer, answer only after its commit, read
-//! views from reader connections. Every error is JSON `{error, message}`
+//! views from reader connections (the view handlers in `routes/view_routes.rs`). Every error is JSON `{error, message}`
 //! with the right status, and nothing is stored for a refused request.
 
 // Helpers return `Result<_, Resp>` so a handler can `?`-style return the
 // error answer; the answer is built once per request, so its size is moot.
 #![allow(clippy::result_large_err)]
+
+mod view_routes;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -39,17 +41,13 @@ use crate::wire::{
     ErrorBody, EventBatch, EventBatchResponse, Heartbeat, HeartbeatResponse, Manifest, MAX_BODY_BYTES, MAX_CLOCK_SKEW,
     MAX_LONGPOLL_WAIT_SECS, MAX_SEQ, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLAY_FROM_HEADER,
 };
+use view_routes::{view, JsonView, View};
 
 /// `POST /v1/rollouts` only: a manifest may list up to 100,000 hosts
 /// (≈ 12 MiB, wire::manifest::MAX_HOSTS), and base64 in the envelope adds a
 /// third. The endpoint is for operators and the body is verified before
 /// anything is stored; every agent endpoint keeps the 1 MiB limit.
 pub const MAX_ENVELOPE_BYTES: usize = 16 * 1024 * 1024;
-
-/// A request body must arrive whole within this (a body dribbled a byte at
-/// a time used to hold its connection and memory forever; only the head had
-/// a deadline). A 1 MiB event batch needs 35 KB/s, a 16 MiB manifest 280 KB/s.
-pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Longest request target (path and query) the routes read: every real one
 /// is under 300 bytes; a longer one is answered 414 here, as JSON, before
@@ -545,111 +543,6 @@ async fn manifest(req: Request<Incoming>, app: &Arc<App>, id: RolloutId) -> Resp
             with_protocol(resp)
         }
         Ok(None) => error(StatusCode::NOT_FOUND, "unknown_rollout", format!("no rollout {id}")),
-        Err(e) => store_unavailable(&e),
-    }
-}
-
-/// An operator view. Every one (JSON or web page) passes through [`view`],
-/// so a check placed there guards them all.
-enum View {
-    /// A page of the web status view (`cp::web`).
-    Page(web::Page),
-    Json(JsonView),
-}
-
-enum JsonView {
-    Status,
-    Rollouts,
-    Hosts,
-    Rollout(RolloutId),
-    Events(RolloutId),
-}
-
-async fn view(req: Request<Incoming>, app: &Arc<App>, which: View) -> Resp {
-    if let Err(resp) = check_protocol(&req, false) {
-        return resp;
-    }
-    match which {
-        View::Page(page) => page_view(app, page).await,
-        View::Json(which) => json_view(&req, app, which).await,
-    }
-}
-
-async fn page_view(app: &Arc<App>, page: web::Page) -> Resp {
-    let now = app.clock.now();
-    let stale_after_secs = app.heartbeat_interval_secs.saturating_mul(views::UNREACHABLE_AFTER_INTERVALS);
-    match app.read(move |conn, path| web::render(conn, path, &page, now, stale_after_secs)).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            tracing::error!(error = %e, "storage error");
-            web::unavailable(&e.to_string())
-        }
-    }
-}
-
-async fn json_view(req: &Request<Incoming>, app: &Arc<App>, which: JsonView) -> Resp {
-    let now = app.clock.now();
-    let stale_after_secs = app.heartbeat_interval_secs.saturating_mul(views::UNREACHABLE_AFTER_INTERVALS);
-    let bad_query = |what: &str| error(StatusCode::BAD_REQUEST, "bad_query", what.to_owned());
-    let limit = match query_param(req, "limit").map(str::parse::<usize>) {
-        None => None,
-        Some(Ok(n)) => Some(n),
-        Some(Err(_)) => return bad_query("limit must be a whole number"),
-    };
-    let after_raw = query_param(req, "after").map(percent_decode);
-    let (event_after, host_after) = match (&which, after_raw) {
-        (_, None) => (0, None),
-        (JsonView::Events(_), Some(a)) => match a.parse::<i64>() {
-            Ok(n) => (n, None),
-            Err(_) => return bad_query("after must be a whole number (an event id)"),
-        },
-        (_, Some(a)) => match Hostname::parse(&a) {
-            Ok(h) => (0, Some(h)),
-            Err(e) => return bad_query(&format!("after must be a hostname: {e}")),
-        },
-    };
-    let event_limit = limit.unwrap_or(1000).min(store::MAX_EVENTS_PAGE);
-    let host_limit = limit.unwrap_or(views::MAX_VIEW_PAGE_HOSTS).clamp(1, views::MAX_VIEW_PAGE_HOSTS);
-    // At most MAX_CONCURRENT_VIEWS views are built at once; the rest wait.
-    let Ok(Ok(_permit)) = tokio::time::timeout(VIEW_QUEUE_TIMEOUT, app.views.acquire()).await else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            format!("{MAX_CONCURRENT_VIEWS} status views are being built; retry later"),
-        );
-    };
-    let result = app
-        .read(move |conn, path| {
-            let mut next_after = None;
-            let bytes = match which {
-                JsonView::Status => Some(serde_json::to_vec(&views::status(conn, path, now, stale_after_secs)?)),
-                JsonView::Rollouts => Some(serde_json::to_vec(&views::rollouts(conn, path)?)),
-                JsonView::Hosts => {
-                    let (page, next) =
-                        views::hosts(conn, path, now, stale_after_secs, host_after.as_ref(), host_limit)?;
-                    next_after = next;
-                    Some(serde_json::to_vec(&page))
-                }
-                JsonView::Rollout(id) => views::rollout(conn, path, &id, now, host_after.as_ref(), host_limit)?
-                    .map(|v| serde_json::to_vec(&v)),
-                JsonView::Events(id) => {
-                    views::events(conn, path, &id, event_after, event_limit)?.map(|v| serde_json::to_vec(&v))
-                }
-            };
-            Ok((bytes, next_after))
-        })
-        .await;
-    match result {
-        Ok((Some(Ok(bytes)), next_after)) => {
-            let mut resp = Response::new(Full::new(Bytes::from(bytes)));
-            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            if let Some(next) = next_after.and_then(|h| HeaderValue::from_str(h.as_str()).ok()) {
-                resp.headers_mut().insert(NEXT_AFTER_HEADER, next);
-            }
-            with_protocol(resp)
-        }
-        Ok((Some(Err(e)), _)) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-        Ok((None, _)) => error(StatusCode::NOT_FOUND, "unknown_rollout", "no such rollout"),
         Err(e) => store_unavailable(&e),
     }
 }

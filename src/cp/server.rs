@@ -23,11 +23,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 pub use super::config::ServeConfig;
-use super::conn::{self, AcceptBackoff, Admission, ConnCounter, ConnLimits, JsonErrors};
+use super::conn::{self, AcceptBackoff, Admission, ConnCounter, ConnGuard, ConnLimits, JsonErrors};
 use super::longpoll::Board;
 use super::routes::{self, App, PeerIdentity};
 use super::store::{self, Command, Counters, StoreError, Writer, WriterStats};
@@ -42,11 +42,6 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// service watchdog shorter than four ticks shortens it (the tick is what
 /// turns an idle writer's loop, which pings the watchdog).
 pub const PLAN_TICK_SECS: u64 = 15;
-/// A client must send its request head within this; bounds slowloris.
-/// hyper restarts the same timer when a kept-alive connection goes idle
-/// after an answer, so it is also the idle keep-alive timeout (agents open
-/// one connection per request, and a request head is a few hundred bytes).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// hyper's per-connection read buffer cap: it never shrinks after growing,
 /// and 64 KiB keeps an idle long-poll connection small (bodies stream
 /// through it in chunks, so 1 MiB bodies still work).
@@ -56,11 +51,6 @@ pub const MAX_CONN_BUF_BYTES: usize = 64 * 1024;
 /// [`JsonErrors`]). Without it only the 64 KiB buffer cap bounded a head,
 /// and an 80 KiB header field was still accepted.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
-/// Connections held at once (lowered to fit the descriptor limit, see
-/// [`ConnLimits::fitted`]); beyond it [`conn::OPERATOR_RESERVE_CONNECTIONS`]
-/// more serve operators only, then accepting pauses until one closes (the
-/// kernel backlog holds the rest). 10,000 idle long-polls fit with room.
-pub const MAX_CONNECTIONS: usize = 50_000;
 /// TCP keepalive on every accepted connection: a client that vanished
 /// without a FIN or RST (a NAT dropping its mapping) is noticed within
 /// about a minute even while its long-poll is parked.
@@ -150,37 +140,7 @@ pub async fn serve_notifying<A: Acceptor>(
     notifier: &Notifier,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ServeReport, ServeError> {
-    let board = Arc::new(Board::default());
-    let counters = Arc::new(Counters::default());
-    let writer = {
-        let (path, clock, board, counters) =
-            (cfg.db_path.clone(), clock.clone(), Arc::clone(&board), Arc::clone(&counters));
-        tokio::task::spawn_blocking(move || Writer::open(&path, clock, board, counters))
-            .await
-            .map_err(|_| ServeError::WriterPanicked)??
-    };
-    let (cmd_tx, cmd_rx) = mpsc::channel(store::WRITER_CHANNEL_CAPACITY);
-    let watchdog = notifier.watchdog();
-    let plan_tick = Duration::from_secs(PLAN_TICK_SECS);
-    let tick_every = watchdog.wake_interval().map_or(plan_tick, |wake| wake.min(plan_tick));
-    let (writer_thread, mut writer_ended) =
-        spawn_watched("cp-writer", move || writer.run(cmd_rx, watchdog)).map_err(ServeError::WriterThread)?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let app = Arc::new(App::new(cmd_tx.clone(), board, counters, clock, stop_rx.clone(), &cfg));
-
-    let mut tick_stop = stop_rx.clone();
-    let tick_tx = cmd_tx;
-    let tick = tokio::spawn(async move {
-        let mut interval = tokio::time::interval(tick_every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = interval.tick() => { let _ = tick_tx.try_send(Command::Tick); }
-                _ = tick_stop.wait_for(|s| *s) => break,
-            }
-        }
-    });
-
+    let (started, mut writer_ended) = start(&cfg, clock, notifier).await?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut conns: JoinSet<()> = JoinSet::new();
     tokio::pin!(shutdown);
@@ -231,68 +191,167 @@ pub async fn serve_notifying<A: Acceptor>(
             () = &mut shutdown => break,
         };
         backoff.succeeded();
-        let (guard, reserve) = match counter.admit(peer_addr.ip()) {
-            Admission::Admitted(guard) => (guard, false),
-            Admission::Reserve(guard) => (guard, true),
-            Admission::Refused { status, code, message } => {
-                tracing::debug!(%peer_addr, code, "connection refused");
-                conn::refuse(tcp, status, code, &message);
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        if let Err(e) = TCP_KEEPALIVE.apply(&tcp) {
-            tracing::debug!(%peer_addr, error = %e, "cannot set TCP keepalive");
-        }
-        let acceptor = acceptor.clone();
-        let app = Arc::clone(&app);
-        let watcher = graceful.watcher();
-        let header_timeout = if reserve {
+        let Some(accepted) = admit(&counter, tcp, peer_addr) else { continue };
+        let header_timeout = if accepted.reserve {
             cfg.limits.header_timeout.min(conn::RESERVE_HEADER_TIMEOUT)
         } else {
             cfg.limits.header_timeout
         };
-        conns.spawn(async move {
-            let _slot = guard;
-            let (io, peer) = match acceptor.accept(tcp).await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(%peer_addr, error = %e, "handshake failed");
-                    return;
-                }
-            };
-            let service = service_fn(move |req| {
-                let (app, peer) = (Arc::clone(&app), peer.clone());
-                async move {
-                    if reserve && req.uri().path().starts_with("/v1/agent/") {
-                        return Ok(routes::error(
-                            hyper::StatusCode::SERVICE_UNAVAILABLE,
-                            "too_many_connections",
-                            "the control plane is at its connection limit; this connection serves operators only; retry later",
-                        ));
-                    }
-                    Ok::<_, std::convert::Infallible>(routes::handle(req, app, peer).await)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(MAX_CONN_BUF_BYTES)
-                .max_header_size(MAX_HEADER_BYTES)
-                .serve_connection(TokioIo::new(JsonErrors::new(io)), service);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer_addr, error = %e, "connection ended with an error");
-            }
-        });
+        let (acceptor, app, watcher) = (acceptor.clone(), Arc::clone(&started.app), graceful.watcher());
+        conns.spawn(serve_connection(acceptor, app, watcher, accepted, header_timeout));
     }
 
     tracing::info!("shutting down: no new connections; waking long-polls; draining in-flight requests");
     notifier.stopping("draining in-flight requests");
     drop(listener);
+    stop(started, graceful, conns, cfg.grace).await
+}
+
+/// What runs besides the accept loop: the writer thread, the state every
+/// connection shares, and the planner tick.
+struct Started {
+    app: Arc<App>,
+    writer_thread: std::thread::JoinHandle<WriterStats>,
+    /// Stops the tick and wakes the long-polls.
+    stop_tx: watch::Sender<bool>,
+    tick: tokio::task::JoinHandle<()>,
+}
+
+/// Opens the store's writer and starts its thread, the shared [`App`] and
+/// the planner tick. The receiver resolves when the writer thread ends.
+async fn start(
+    cfg: &ServeConfig,
+    clock: ClockHandle,
+    notifier: &Notifier,
+) -> Result<(Started, oneshot::Receiver<()>), ServeError> {
+    let board = Arc::new(Board::default());
+    let counters = Arc::new(Counters::default());
+    let mut writer = {
+        let (path, clock, board, counters) =
+            (cfg.db_path.clone(), clock.clone(), Arc::clone(&board), Arc::clone(&counters));
+        tokio::task::spawn_blocking(move || Writer::open(&path, clock, board, counters))
+            .await
+            .map_err(|_| ServeError::WriterPanicked)??
+    };
+    writer.set_checkpoint_bound(cfg.limits.checkpoint_events);
+    let (cmd_tx, cmd_rx) = mpsc::channel(store::WRITER_CHANNEL_CAPACITY);
+    let watchdog = notifier.watchdog();
+    let plan_tick = Duration::from_secs(PLAN_TICK_SECS);
+    let tick_every = watchdog.wake_interval().map_or(plan_tick, |wake| wake.min(plan_tick));
+    let (writer_thread, writer_ended) =
+        spawn_watched("cp-writer", move || writer.run(cmd_rx, watchdog)).map_err(ServeError::WriterThread)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let app = Arc::new(App::new(cmd_tx.clone(), board, counters, clock, stop_rx.clone(), cfg));
+    let tick = spawn_tick(cmd_tx, tick_every, stop_rx);
+    Ok((Started { app, writer_thread, stop_tx, tick }, writer_ended))
+}
+
+/// Sends `Tick` every `every` with `try_send` (a full channel means the
+/// writer is busy and will plan anyway) until the stop signal.
+fn spawn_tick(
+    tick_tx: mpsc::Sender<Command>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => { let _ = tick_tx.try_send(Command::Tick); }
+                _ = stop.wait_for(|s| *s) => break,
+            }
+        }
+    })
+}
+
+/// An accepted socket that the connection limits let in.
+struct Accepted {
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    /// The connection's slot, released when the connection task ends.
+    guard: ConnGuard,
+    /// In the operator reserve: agent requests are refused, and the header
+    /// timeout is shorter.
+    reserve: bool,
+}
+
+/// Admits a socket under the connection limits (a refused one is answered
+/// and closed here) and sets its TCP options.
+fn admit(counter: &ConnCounter, tcp: TcpStream, peer_addr: SocketAddr) -> Option<Accepted> {
+    let (guard, reserve) = match counter.admit(peer_addr.ip()) {
+        Admission::Admitted(guard) => (guard, false),
+        Admission::Reserve(guard) => (guard, true),
+        Admission::Refused { status, code, message } => {
+            tracing::debug!(%peer_addr, code, "connection refused");
+            conn::refuse(tcp, status, code, &message);
+            return None;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    if let Err(e) = TCP_KEEPALIVE.apply(&tcp) {
+        tracing::debug!(%peer_addr, error = %e, "cannot set TCP keepalive");
+    }
+    Some(Accepted { tcp, peer_addr, guard, reserve })
+}
+
+/// One connection's task: the transport's handshake, then hyper HTTP/1.1
+/// through [`routes::handle`] until the client or the graceful shutdown
+/// ends it.
+async fn serve_connection<A: Acceptor>(
+    acceptor: A,
+    app: Arc<App>,
+    watcher: hyper_util::server::graceful::Watcher,
+    accepted: Accepted,
+    header_timeout: Duration,
+) {
+    let Accepted { tcp, peer_addr, guard, reserve } = accepted;
+    let _slot = guard;
+    let (io, peer) = match acceptor.accept(tcp).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::debug!(%peer_addr, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let service = service_fn(move |req| {
+        let (app, peer) = (Arc::clone(&app), peer.clone());
+        async move {
+            if reserve && req.uri().path().starts_with("/v1/agent/") {
+                return Ok(routes::error(
+                    hyper::StatusCode::SERVICE_UNAVAILABLE,
+                    "too_many_connections",
+                    "the control plane is at its connection limit; this connection serves operators only; retry later",
+                ));
+            }
+            Ok::<_, std::convert::Infallible>(routes::handle(req, app, peer).await)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_CONN_BUF_BYTES)
+        .max_header_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(JsonErrors::new(io)), service);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(%peer_addr, error = %e, "connection ended with an error");
+    }
+}
+
+/// The shutdown after the accept loop: wake the long-polls, drain the
+/// connections within `grace` (then close the rest), stop the tick, and
+/// join the writer once every sender is gone.
+async fn stop(
+    started: Started,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    mut conns: JoinSet<()>,
+    grace: Duration,
+) -> Result<ServeReport, ServeError> {
+    let Started { app, writer_thread, stop_tx, tick } = started;
     let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(cfg.grace, graceful.shutdown()).await.is_ok();
+    let drained = tokio::time::timeout(grace, graceful.shutdown()).await.is_ok();
     if !drained {
-        tracing::warn!(grace_secs = cfg.grace.as_secs(), "grace period over; closing the remaining connections");
+        tracing::warn!(grace_secs = grace.as_secs(), "grace period over; closing the remaining connections");
         conns.abort_all();
     }
     while conns.join_next().await.is_some() {}

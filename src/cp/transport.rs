@@ -30,7 +30,7 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// of it is read before closing (enough for a request head; a peer that
 /// keeps sending is cut off).
 const PLAINTEXT_DRAIN_TIME: Duration = Duration::from_secs(1);
-const PLAINTEXT_DRAIN_MAX_BYTES: usize = 64 * 1024;
+const MAX_PLAINTEXT_DRAIN_BYTES: usize = 64 * 1024;
 
 /// The first byte of every TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -98,7 +98,7 @@ async fn refuse_plaintext(mut tcp: TcpStream) {
     // closing with unread bytes would make the kernel send a reset, and the
     // client could lose the answer.
     let mut sink = [0u8; 4096];
-    let mut left = PLAINTEXT_DRAIN_MAX_BYTES;
+    let mut left = MAX_PLAINTEXT_DRAIN_BYTES;
     let drain = async {
         while left > 0 {
             match tcp.read(&mut sink).await {

@@ -37,7 +37,7 @@ impl Event {
         Event { origin: Origin::Remote, seq, body }
     }
 
-    /// The name of the event on this side (`docs/decisions.md` 1),
+    /// The name of the event on this side (`docs/decisions.md`, "State machine, wire and queue" 1),
     /// e.g. `LocalActivate` or `RemoteDispatchAck`.
     pub fn name(&self) -> &'static str {
         let kind = self.body.kind();

@@ -6,7 +6,7 @@
 use time::Duration;
 
 use super::effect::Effect;
-use super::event::{Event, EventBody, Origin, ProbeMode, ProbeStatus, RejectCode};
+use super::event::{Event, EventBody, Origin, ProbeDecl, ProbeMode, ProbeStatus, RejectCode};
 use super::state::{Failure, HostRecord, HostState, OnHealthFailure, Policy, ProbeRecord, RollbackFailure};
 use super::Timestamp;
 use crate::ids::{Closure, Hostname, RolloutId};
@@ -160,6 +160,8 @@ impl Tx<'_> {
         }
     }
 
+    /// The transition table (`docs/protocol.md` §3): one arm per legal
+    /// (event, state) pair; the longer cases are the methods below.
     fn apply(&mut self, policy: &Policy) -> Result<(), TransitionError> {
         use HostState as S;
         let state = self.before.state;
@@ -167,41 +169,9 @@ impl Tx<'_> {
             (
                 EventBody::Activate { current_closure_at_dispatch, target_closure, soak_secs, received_at },
                 S::Pending,
-            ) => {
-                if let Some(expected) = &self.before.target_closure {
-                    if expected != target_closure {
-                        return Err(self.refuse(format!(
-                            "target closure {target_closure} differs from the manifest's {expected}"
-                        )));
-                    }
-                }
-                // The soak deadline is computed later from this; reject a
-                // length that cannot be added to an instant.
-                duration_secs(*soak_secs).ok_or_else(|| self.refuse("soak_secs is out of range"))?;
-                self.next.target_closure = Some(target_closure.clone());
-                self.next.current_closure_at_dispatch = Some(current_closure_at_dispatch.clone());
-                self.next.soak_secs = Some(*soak_secs);
-                self.next.dispatch_acked_at = Some(*received_at);
-                self.transition(S::Activating, *received_at);
-                if self.local() {
-                    self.effects.push(Effect::FireActivation { target: target_closure.clone() });
-                }
-            }
-            (EventBody::DispatchRejected { target_closure, code: RejectCode::Busy, .. }, S::Pending) => {
-                // Busy in another rollout (one live rollout per host): the
-                // host stays Pending and is offered the dispatch again later.
-                // The record names the closure it was offered, as for any
-                // refusal, so an agent's journal alone rebuilds the CP's record.
-                self.next.target_closure = Some(target_closure.clone());
-            }
-            (EventBody::DispatchRejected { target_closure, reason, rejected_at, .. }, S::Pending) => {
-                // Record what the host was told to run and refused: when the
-                // dispatch disagrees with the manifest that is the very
-                // reason for the refusal, and both sides then agree.
-                self.next.target_closure = Some(target_closure.clone());
-                self.transition(S::Failed, *rejected_at);
-                self.next.failed_at = Some(*rejected_at);
-                self.next.failure = Some(Failure::DispatchRejected { reason: reason.clone() });
+            ) => self.activate(current_closure_at_dispatch, target_closure, *soak_secs, *received_at)?,
+            (EventBody::DispatchRejected { target_closure, code, reason, rejected_at }, S::Pending) => {
+                self.dispatch_rejected(target_closure, *code, reason, *rejected_at);
             }
             (EventBody::ActivationStarted { started_at, switch_method }, S::Activating) => {
                 self.next.activation_started_at = Some(*started_at);
@@ -215,45 +185,12 @@ impl Tx<'_> {
             (
                 EventBody::ActivationCompleted { observed_current_closure, completed_at, .. },
                 S::Activating | S::Deferred,
-            ) => {
-                self.next.activation_completed_at = Some(*completed_at);
-                self.next.current_closure = Some(observed_current_closure.clone());
-                if self.before.target_closure.as_ref() == Some(observed_current_closure) {
-                    let soak = self.before.soak_secs.and_then(duration_secs).unwrap_or(Duration::ZERO);
-                    let due = completed_at
-                        .checked_add(soak)
-                        .ok_or_else(|| self.refuse("completed_at + soak_secs overflows"))?;
-                    self.next.soak_due_at = Some(due);
-                    self.next.topology = None;
-                    self.next.probes.clear();
-                    self.next.failure_clock_since = None;
-                    self.transition(S::Soaking, *completed_at);
-                    if self.local() {
-                        self.effects.push(Effect::ResetProbes);
-                    }
-                } else {
-                    // Observed ≠ target is a failure, not a Soaking host that
-                    // can never converge (`docs/decisions.md` 8).
-                    let failure = Failure::WrongClosure { observed: observed_current_closure.clone() };
-                    self.fail(failure, *completed_at, policy.on_health_failure);
-                }
-            }
+            ) => self.activation_completed(observed_current_closure, *completed_at, policy)?,
             (EventBody::ActivationFailed { exit_code, stderr_tail, failed_at }, S::Activating | S::Deferred) => {
                 let failure = Failure::ActivationFailed { exit_code: *exit_code, stderr_tail: stderr_tail.clone() };
                 self.fail(failure, *failed_at, policy.on_health_failure);
             }
-            (EventBody::ProbeTopologyDeclared { probes, .. }, S::Soaking) => {
-                for (idx, probe) in probes.iter().enumerate() {
-                    if probes[..idx].iter().any(|p| p.name == probe.name) {
-                        return Err(self.refuse(format!("probe {:?} is declared twice", probe.name)));
-                    }
-                }
-                // A re-declaration (agent restart while soaking) keeps the
-                // observations of probes that are still declared as they were.
-                self.next.probes.retain(|name, rec| probes.iter().any(|p| &p.name == name && p.mode == rec.mode));
-                self.next.topology = Some(probes.clone());
-                self.reset_clock_if_recovered();
-            }
+            (EventBody::ProbeTopologyDeclared { probes, .. }, S::Soaking) => self.topology_declared(probes)?,
             (EventBody::ProbeObservedFirst { probe_name, mode, observed_at }, S::Soaking) => {
                 self.require_declared(probe_name, *mode)?;
                 let rec = self.probe_mut(probe_name, *mode);
@@ -262,41 +199,10 @@ impl Tx<'_> {
                 }
             }
             (EventBody::ProbeResult { probe_name, mode, status, observed_at, failure_reason }, S::Soaking) => {
-                self.require_declared(probe_name, *mode)?;
-                let rec = self.probe_mut(probe_name, *mode);
-                rec.first_observed_at.get_or_insert(*observed_at);
-                rec.last_status = Some(*status);
-                rec.last_observed_at = Some(*observed_at);
-                match status {
-                    ProbeStatus::Pass => {
-                        rec.last_pass_at = Some(*observed_at);
-                        rec.failing_since = None;
-                        rec.failure_reason = None;
-                    }
-                    ProbeStatus::Fail => {
-                        rec.failing_since.get_or_insert(*observed_at);
-                        rec.failure_reason = failure_reason.clone();
-                    }
-                }
-                self.reset_clock_if_recovered();
+                self.probe_result(probe_name, *mode, *status, *observed_at, failure_reason.as_deref())?;
             }
             (EventBody::ProbeFailureFirst { probe_name, mode, first_failed_at }, S::Soaking) => {
-                self.require_declared(probe_name, *mode)?;
-                if *mode != ProbeMode::Enforce {
-                    return Err(self.refuse(format!(
-                        "probe {probe_name:?} is not in enforce mode; only enforce failures start the sustained-failure clock"
-                    )));
-                }
-                if let Some(since) = self.before.failure_clock_since {
-                    return Err(self.refuse(format!("the sustained-failure clock is already running since {since}")));
-                }
-                let failing_since = self.before.probes.get(probe_name).and_then(|r| r.failing_since);
-                if failing_since != Some(*first_failed_at) {
-                    return Err(
-                        self.refuse(format!("probe {probe_name:?} has no failure run starting at {first_failed_at}"))
-                    );
-                }
-                self.next.failure_clock_since = Some(*first_failed_at);
+                self.failure_clock_started(probe_name, *mode, *first_failed_at)?;
             }
             (
                 EventBody::SustainedFailureCrossed {
@@ -306,46 +212,15 @@ impl Tx<'_> {
                     policy_applied,
                 },
                 S::Soaking,
-            ) => {
-                sustained_failure_holds(self.before, policy, *failed_at).map_err(|r| self.refuse(r))?;
-                if *policy_applied != policy.on_health_failure {
-                    return Err(self.refuse(format!(
-                        "policy_applied {} differs from the rollout's policy {}",
-                        policy_applied.as_str(),
-                        policy.on_health_failure.as_str()
-                    )));
-                }
-                let failing_now = self.before.failing_enforce_probes();
-                if failing_probes.is_empty() || failing_probes.iter().any(|p| !failing_now.contains(p)) {
-                    return Err(self.refuse(format!(
-                        "failing_probes {failing_probes:?} must be a non-empty subset of the failing enforce probes {failing_now:?}"
-                    )));
-                }
-                let failure = Failure::SustainedProbeFailure {
-                    failing_probes: failing_probes.clone(),
-                    sustained_duration_secs: *sustained_duration_secs,
-                };
-                self.fail(failure, *failed_at, *policy_applied);
-            }
+            ) => self.sustained_failure_crossed(
+                *failed_at,
+                *sustained_duration_secs,
+                failing_probes,
+                *policy_applied,
+                policy,
+            )?,
             (EventBody::RollbackCompleted { reverted_to_closure, completed_at, .. }, S::Failed) => {
-                self.require_rollback_fired()?;
-                let expected = self.before.current_closure_at_dispatch.as_ref();
-                if expected != Some(reverted_to_closure) {
-                    return Err(self.refuse(format!(
-                        "reverted to {reverted_to_closure}, but the rollback target is {}",
-                        expected.map_or("unknown", Closure::as_str)
-                    )));
-                }
-                self.next.reverted_to = Some(reverted_to_closure.clone());
-                self.next.reverted_at = Some(*completed_at);
-                self.next.current_closure = Some(reverted_to_closure.clone());
-                self.transition(S::Reverted, *completed_at);
-                if let (Origin::Remote, Some(target)) = (self.event.origin, &self.before.target_closure) {
-                    self.effects.push(Effect::InsertQuarantine {
-                        channel: self.before.rollout_id.channel().to_owned(),
-                        closure: target.clone(),
-                    });
-                }
+                self.rollback_completed(reverted_to_closure, *completed_at)?;
             }
             (EventBody::RollbackFailed { exit_code, stderr_tail, failed_at }, S::Failed) => {
                 self.require_rollback_fired()?;
@@ -356,16 +231,229 @@ impl Tx<'_> {
                 });
             }
             (EventBody::ConvergedReached { converged_at, current_closure }, S::Soaking) => {
-                if self.before.target_closure.as_ref() != Some(current_closure) {
-                    return Err(self.refuse(format!("current closure {current_closure} is not the target")));
-                }
-                converge_holds(self.before, *converged_at).map_err(|r| self.refuse(r))?;
-                self.next.converged_at = Some(*converged_at);
-                self.next.current_closure = Some(current_closure.clone());
-                self.transition(S::Converged, *converged_at);
+                self.converged(*converged_at, current_closure)?;
             }
             _ => return Err(self.illegal()),
         }
+        Ok(())
+    }
+
+    /// Pending + Activate: the dispatch was acked; the switch fires.
+    fn activate(
+        &mut self,
+        current_closure_at_dispatch: &Closure,
+        target_closure: &Closure,
+        soak_secs: u64,
+        received_at: Timestamp,
+    ) -> Result<(), TransitionError> {
+        if let Some(expected) = &self.before.target_closure {
+            if expected != target_closure {
+                return Err(
+                    self.refuse(format!("target closure {target_closure} differs from the manifest's {expected}"))
+                );
+            }
+        }
+        // The soak deadline is computed later from this; reject a
+        // length that cannot be added to an instant.
+        duration_secs(soak_secs).ok_or_else(|| self.refuse("soak_secs is out of range"))?;
+        self.next.target_closure = Some(target_closure.clone());
+        self.next.current_closure_at_dispatch = Some(current_closure_at_dispatch.clone());
+        self.next.soak_secs = Some(soak_secs);
+        self.next.dispatch_acked_at = Some(received_at);
+        self.transition(HostState::Activating, received_at);
+        if self.local() {
+            self.effects.push(Effect::FireActivation { target: target_closure.clone() });
+        }
+        Ok(())
+    }
+
+    /// Pending + DispatchRejected. Busy in another rollout (one live
+    /// rollout per host): the host stays Pending and is offered the
+    /// dispatch again later. Any other refusal fails the host. Either way
+    /// the record names the closure it was offered, so an agent's journal
+    /// alone rebuilds the CP's record: when the dispatch disagrees with the
+    /// manifest that is the very reason for the refusal, and both sides
+    /// then agree.
+    fn dispatch_rejected(&mut self, target_closure: &Closure, code: RejectCode, reason: &str, rejected_at: Timestamp) {
+        self.next.target_closure = Some(target_closure.clone());
+        if code == RejectCode::Busy {
+            return;
+        }
+        self.transition(HostState::Failed, rejected_at);
+        self.next.failed_at = Some(rejected_at);
+        self.next.failure = Some(Failure::DispatchRejected { reason: reason.to_owned() });
+    }
+
+    /// Activating or Deferred + ActivationCompleted: the soak starts on the
+    /// target closure; any other closure is a failure.
+    fn activation_completed(
+        &mut self,
+        observed_current_closure: &Closure,
+        completed_at: Timestamp,
+        policy: &Policy,
+    ) -> Result<(), TransitionError> {
+        self.next.activation_completed_at = Some(completed_at);
+        self.next.current_closure = Some(observed_current_closure.clone());
+        if self.before.target_closure.as_ref() == Some(observed_current_closure) {
+            let soak = self.before.soak_secs.and_then(duration_secs).unwrap_or(Duration::ZERO);
+            let due =
+                completed_at.checked_add(soak).ok_or_else(|| self.refuse("completed_at + soak_secs overflows"))?;
+            self.next.soak_due_at = Some(due);
+            self.next.topology = None;
+            self.next.probes.clear();
+            self.next.failure_clock_since = None;
+            self.transition(HostState::Soaking, completed_at);
+            if self.local() {
+                self.effects.push(Effect::ResetProbes);
+            }
+        } else {
+            // Observed ≠ target is a failure, not a Soaking host that
+            // can never converge (`docs/decisions.md`, "State machine, wire and queue" 8).
+            let failure = Failure::WrongClosure { observed: observed_current_closure.clone() };
+            self.fail(failure, completed_at, policy.on_health_failure);
+        }
+        Ok(())
+    }
+
+    /// Soaking + ProbeTopologyDeclared: names must be unique.
+    fn topology_declared(&mut self, probes: &[ProbeDecl]) -> Result<(), TransitionError> {
+        for (idx, probe) in probes.iter().enumerate() {
+            if probes[..idx].iter().any(|p| p.name == probe.name) {
+                return Err(self.refuse(format!("probe {:?} is declared twice", probe.name)));
+            }
+        }
+        // A re-declaration (agent restart while soaking) keeps the
+        // observations of probes that are still declared as they were.
+        self.next.probes.retain(|name, rec| probes.iter().any(|p| &p.name == name && p.mode == rec.mode));
+        self.next.topology = Some(probes.to_vec());
+        self.reset_clock_if_recovered();
+        Ok(())
+    }
+
+    /// Soaking + ProbeResult of a declared probe: its run of passes or
+    /// failures.
+    fn probe_result(
+        &mut self,
+        probe_name: &str,
+        mode: ProbeMode,
+        status: ProbeStatus,
+        observed_at: Timestamp,
+        failure_reason: Option<&str>,
+    ) -> Result<(), TransitionError> {
+        self.require_declared(probe_name, mode)?;
+        let rec = self.probe_mut(probe_name, mode);
+        rec.first_observed_at.get_or_insert(observed_at);
+        rec.last_status = Some(status);
+        rec.last_observed_at = Some(observed_at);
+        match status {
+            ProbeStatus::Pass => {
+                rec.last_pass_at = Some(observed_at);
+                rec.failing_since = None;
+                rec.failure_reason = None;
+            }
+            ProbeStatus::Fail => {
+                rec.failing_since.get_or_insert(observed_at);
+                rec.failure_reason = failure_reason.map(str::to_owned);
+            }
+        }
+        self.reset_clock_if_recovered();
+        Ok(())
+    }
+
+    /// Soaking + ProbeFailureFirst: the sustained-failure clock starts at
+    /// the first failure of an enforce probe's current run (rule 5).
+    fn failure_clock_started(
+        &mut self,
+        probe_name: &str,
+        mode: ProbeMode,
+        first_failed_at: Timestamp,
+    ) -> Result<(), TransitionError> {
+        self.require_declared(probe_name, mode)?;
+        if mode != ProbeMode::Enforce {
+            return Err(self.refuse(format!(
+                "probe {probe_name:?} is not in enforce mode; only enforce failures start the sustained-failure clock"
+            )));
+        }
+        if let Some(since) = self.before.failure_clock_since {
+            return Err(self.refuse(format!("the sustained-failure clock is already running since {since}")));
+        }
+        let failing_since = self.before.probes.get(probe_name).and_then(|r| r.failing_since);
+        if failing_since != Some(first_failed_at) {
+            return Err(self.refuse(format!("probe {probe_name:?} has no failure run starting at {first_failed_at}")));
+        }
+        self.next.failure_clock_since = Some(first_failed_at);
+        Ok(())
+    }
+
+    /// Soaking + SustainedFailureCrossed: the clock ran long enough (rule
+    /// 5), under the rollout's policy, and the failing probes named are
+    /// failing now.
+    fn sustained_failure_crossed(
+        &mut self,
+        failed_at: Timestamp,
+        sustained_duration_secs: u64,
+        failing_probes: &[String],
+        policy_applied: OnHealthFailure,
+        policy: &Policy,
+    ) -> Result<(), TransitionError> {
+        sustained_failure_holds(self.before, policy, failed_at).map_err(|r| self.refuse(r))?;
+        if policy_applied != policy.on_health_failure {
+            return Err(self.refuse(format!(
+                "policy_applied {} differs from the rollout's policy {}",
+                policy_applied.as_str(),
+                policy.on_health_failure.as_str()
+            )));
+        }
+        let failing_now = self.before.failing_enforce_probes();
+        if failing_probes.is_empty() || failing_probes.iter().any(|p| !failing_now.contains(p)) {
+            return Err(self.refuse(format!(
+                "failing_probes {failing_probes:?} must be a non-empty subset of the failing enforce probes {failing_now:?}"
+            )));
+        }
+        let failure =
+            Failure::SustainedProbeFailure { failing_probes: failing_probes.to_vec(), sustained_duration_secs };
+        self.fail(failure, failed_at, policy_applied);
+        Ok(())
+    }
+
+    /// Failed + RollbackCompleted: only to the closure run at dispatch (rule
+    /// 7); the CP then quarantines the target on the channel.
+    fn rollback_completed(
+        &mut self,
+        reverted_to_closure: &Closure,
+        completed_at: Timestamp,
+    ) -> Result<(), TransitionError> {
+        self.require_rollback_fired()?;
+        let expected = self.before.current_closure_at_dispatch.as_ref();
+        if expected != Some(reverted_to_closure) {
+            return Err(self.refuse(format!(
+                "reverted to {reverted_to_closure}, but the rollback target is {}",
+                expected.map_or("unknown", Closure::as_str)
+            )));
+        }
+        self.next.reverted_to = Some(reverted_to_closure.clone());
+        self.next.reverted_at = Some(completed_at);
+        self.next.current_closure = Some(reverted_to_closure.clone());
+        self.transition(HostState::Reverted, completed_at);
+        if let (Origin::Remote, Some(target)) = (self.event.origin, &self.before.target_closure) {
+            self.effects.push(Effect::InsertQuarantine {
+                channel: self.before.rollout_id.channel().to_owned(),
+                closure: target.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Soaking + ConvergedReached: on the target, and every gate of rule 4
+    /// holds.
+    fn converged(&mut self, converged_at: Timestamp, current_closure: &Closure) -> Result<(), TransitionError> {
+        if self.before.target_closure.as_ref() != Some(current_closure) {
+            return Err(self.refuse(format!("current closure {current_closure} is not the target")));
+        }
+        converge_holds(self.before, converged_at).map_err(|r| self.refuse(r))?;
+        self.next.converged_at = Some(converged_at);
+        self.next.current_closure = Some(current_closure.clone());
+        self.transition(HostState::Converged, converged_at);
         Ok(())
     }
 

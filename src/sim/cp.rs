@@ -19,6 +19,12 @@ use crate::ids::{Hostname, RolloutId};
 use crate::sign::{self, PublicKey};
 use crate::wire::{BatchItem, Dispatch, EventResult, Heartbeat, Manifest};
 
+/// Events of a (host, rollout) between two record checkpoints in the
+/// simulated CP: far below the daemon's 10,000, so the probe events of
+/// simulated soaks are compacted under every fault (crashes, database loss)
+/// while the invariants (agreement, replay, acked-not-lost) are checked.
+const SIM_CHECKPOINT_EVENTS: u64 = 4;
+
 /// What a group's commands answered.
 #[derive(Debug)]
 pub enum Answer {
@@ -90,8 +96,9 @@ impl SimCp {
     /// and loads its state exactly as `cp serve` does at start.
     pub fn start(&mut self) -> Result<(), String> {
         self.board = Arc::new(Board::default());
-        let writer = Writer::open(&self.db, self.clock.clone(), self.board.clone(), Arc::new(Counters::default()))
+        let mut writer = Writer::open(&self.db, self.clock.clone(), self.board.clone(), Arc::new(Counters::default()))
             .map_err(|e| e.to_string())?;
+        writer.set_checkpoint_bound(SIM_CHECKPOINT_EVENTS);
         self.writer = Some(writer);
         self.reader = Some(store::open_reader(&self.db).map_err(|e| e.to_string())?);
         // The real writer plans once at start.

@@ -1708,19 +1708,26 @@ pub fn parse_until(text: &str) -> Result<u64, String> {
 
 /// `nixfleet sim`: runs, prints the report on stdout; Ok(false) when an
 /// invariant broke (exit 1).
-pub fn run_cli(args: &crate::cli::SimArgs) -> Result<bool, String> {
-    let manifest = match &args.manifest {
+pub fn run_cli(
+    seed: u64,
+    hosts: usize,
+    faults: FaultProfile,
+    scenario: Option<Scenario>,
+    manifest: Option<&std::path::Path>,
+    until: &str,
+) -> Result<bool, String> {
+    let manifest = match manifest {
         Some(p) => Some(fs_err::read(p).map_err(|e| e.to_string())?),
         None => None,
     };
-    let dir = tempfile_dir(args.seed)?;
+    let dir = tempfile_dir(seed)?;
     let cfg = SimConfig {
-        seed: args.seed,
-        n_hosts: args.hosts,
-        faults: args.faults,
-        scenario: args.scenario,
+        seed,
+        n_hosts: hosts,
+        faults,
+        scenario,
         manifest,
-        until_ms: parse_until(&args.until)?,
+        until_ms: parse_until(until)?,
         work_dir: dir.clone(),
         keep_going: false,
     };

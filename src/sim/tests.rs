@@ -179,7 +179,7 @@ fn scenario_downgrade() {
 
 #[test]
 fn scenario_dropped_rollout() {
-    // Proves bug 8 stays fixed: the acked seq 1 (DispatchAck) of a Soaking
+    // Proves divergence 8 in docs/simulator.md stays fixed: the acked seq 1 (DispatchAck) of a Soaking
     // rollout rots; the restarted agent rebuilds it from the acceptance kept
     // in accepted-channels.json, supervises the soak and converges, and every
     // invariant holds (before: skipped with an ERROR, `restore-complete`).

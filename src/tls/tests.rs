@@ -225,7 +225,7 @@ fn loading_errors_name_the_file_and_the_problem() {
         );
     }
     let huge = pair.files.dir.path().join("huge.pem");
-    std::fs::File::create(&huge).expect("create").set_len(PEM_FILE_MAX_BYTES + 1).expect("grow");
+    std::fs::File::create(&huge).expect("create").set_len(MAX_PEM_FILE_BYTES + 1).expect("grow");
     assert!(matches!(load_certs(&huge), Err(TlsError::TooLarge { .. })));
 }
 

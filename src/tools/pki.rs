@@ -45,7 +45,7 @@ pub const MAX_LEAF_DAYS: u32 = 3650;
 /// whose clock lags (a fresh boot before NTP) can use one at once.
 pub const NOT_BEFORE_BACKDATE: time::Duration = time::Duration::hours(1);
 /// Longest name (CN and file stem): a DNS label's limit, as for hostnames.
-pub const NAME_MAX_LEN: usize = 63;
+pub const MAX_NAME_LEN: usize = 63;
 
 const KEY_MODE: u32 = 0o600;
 const CERT_MODE: u32 = 0o644;
@@ -209,7 +209,7 @@ fn validate(request: &IssueRequest) -> Result<(), PkiError> {
             let bytes = request.name.as_bytes();
             let first_ok = bytes.first().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
             let rest_ok = bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(b));
-            if !first_ok || !rest_ok || bytes.len() > NAME_MAX_LEN {
+            if !first_ok || !rest_ok || bytes.len() > MAX_NAME_LEN {
                 return Err(bad_name("must match [a-z0-9][a-z0-9._-]{0,62}"));
             }
         }

@@ -9,8 +9,6 @@ use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::cli::QueueCommand;
-use crate::clock::ClockHandle;
 use crate::output::print_stdout;
 use crate::queue::view::Counts;
 use crate::queue::{EntryState, QueueView, RevivedNote, ViewEntry, ViewError};
@@ -27,27 +25,23 @@ pub enum QueueCmdError {
     Stdout(#[from] std::io::Error),
 }
 
-/// Runs one `queue` subcommand.
-pub fn run(cmd: &QueueCommand, clock: &ClockHandle) -> Result<(), QueueCmdError> {
-    match cmd {
-        QueueCommand::Ls { state_dir, pending, acked, dead, all, json } => {
-            let mut folders = Vec::new();
-            if *pending || *all {
-                folders.push(EntryState::Pending);
-            }
-            if *acked || *all {
-                folders.push(EntryState::Acked);
-            }
-            if *dead || *all {
-                folders.push(EntryState::Dead);
-            }
-            if folders.is_empty() {
-                folders = vec![EntryState::Pending, EntryState::Dead];
-            }
-            ls(state_dir, &folders, *json, clock.now())
-        }
-        QueueCommand::Inspect { state_dir, event, json } => inspect(state_dir, event, *json, clock.now()),
+/// The folders `queue ls` shows for its `--pending`, `--acked`, `--dead`
+/// and `--all` flags: pending and dead when none is given.
+pub fn ls_folders(pending: bool, acked: bool, dead: bool, all: bool) -> Vec<EntryState> {
+    let mut folders = Vec::new();
+    if pending || all {
+        folders.push(EntryState::Pending);
     }
+    if acked || all {
+        folders.push(EntryState::Acked);
+    }
+    if dead || all {
+        folders.push(EntryState::Dead);
+    }
+    if folders.is_empty() {
+        folders = vec![EntryState::Pending, EntryState::Dead];
+    }
+    folders
 }
 
 /// Lists the chosen folders as a table or one JSON document.

@@ -9,13 +9,16 @@
 //!   against the replayed records and the operator actions
 //!   (`operator_actions`: a resume's accepted failures, a cancel): see
 //!   [`rollout_verdict`]. Opens the database read-only, so it is safe while
-//!   the CP runs.
+//!   the CP runs. A host whose probe events the CP compacted
+//!   (`store::checkpoint`) is folded from seq 1 up to the soak's start,
+//!   then from its record checkpoint at seq K; the output says so, and what
+//!   rests on the checkpoint instead of on events (see [`fold_checkpointed`]).
 //! - `--state-dir DIR`: an agent's queue (pending, acked and rejected
 //!   events). The agent keeps no other state, so the check is that its whole
 //!   journal still replays from seq 1 under its cached, re-verified manifest
 //!   (`--trust-key`); otherwise exit 1. Read-only and lock-free.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -51,6 +54,8 @@ pub enum ReplayError {
 /// One host's evolution in one rollout.
 struct Trace {
     lines: Vec<String>,
+    /// Printed even with `--quiet`: what the fold started from.
+    notes: Vec<String>,
     record: HostRecord,
     problems: Vec<String>,
 }
@@ -107,11 +112,104 @@ fn fold(
             Err(e) => problems.push(e.to_string()),
         }
     }
-    Trace { lines, record, problems }
+    Trace { lines, notes: Vec::new(), record, problems }
+}
+
+/// A host whose log the CP compacted at a record checkpoint at seq K
+/// (`store::checkpoint`): the kept events at or below K (seqs 1..=A, up to
+/// the ActivationCompleted that started the soak) are folded from the
+/// Pending record, the checkpoint is checked against that proven record,
+/// and the events after K are folded from the checkpoint. What cannot be
+/// proven any more: the probe records, the topology and the
+/// sustained-failure clock at K, which the deleted events A+1..=K made.
+fn fold_checkpointed(
+    start: HostRecord,
+    events: Vec<(u64, Result<Event, Unreadable>)>,
+    checkpoint: &store::Checkpoint,
+    policy: &Policy,
+) -> Trace {
+    let k = checkpoint.seq;
+    let (head, tail): (Vec<_>, Vec<_>) = events.into_iter().partition(|(seq, _)| *seq <= k);
+    let head = fold(start, head, policy, &[]);
+    let proven = head.record;
+    let a = proven.last_seq;
+    let mut lines = head.lines;
+    let mut problems = head.problems;
+    lines.push(format!("  seq {:>4}  checkpoint: seqs {}..={k} deleted by the CP", k, a + 1));
+    problems.extend(checkpoint_problems(&proven, checkpoint));
+    let tail = fold(checkpoint.record.clone(), tail, policy, &[]);
+    lines.extend(tail.lines);
+    problems.extend(tail.problems);
+    let notes = vec![format!(
+        "  started from a checkpoint at seq {k} (taken {}): seqs 1..={a} are proven from seq 1 and seqs after {k} \
+         from the checkpoint; the {} probe events {}..={k} were deleted, so the probe records, the topology and \
+         the sustained-failure clock at seq {k} are the CP's word, not re-proved",
+        checkpoint.at,
+        k.saturating_sub(a),
+        a + 1
+    )];
+    Trace { lines, notes, record: tail.record, problems }
+}
+
+/// How a checkpoint can be wrong given the record proven at seq A (the last
+/// kept event at or below it): it must be of the same soak (the host
+/// Soaking at A and at K), account for exactly the missing seqs, agree
+/// with the proven record in every field no probe event changes, and be a
+/// record `step` could have made (every probe declared with its mode; the
+/// clock running only while an enforce probe fails).
+fn checkpoint_problems(proven: &HostRecord, checkpoint: &store::Checkpoint) -> Vec<String> {
+    use crate::machine::HostState;
+    let (a, k, cp) = (proven.last_seq, checkpoint.seq, &checkpoint.record);
+    let mut problems = Vec::new();
+    if proven.state != HostState::Soaking || cp.state != HostState::Soaking {
+        problems.push(format!(
+            "checkpoint at seq {k}: taken only while Soaking, but the log proves {} at seq {a} and the checkpoint \
+             says {}",
+            proven.state, cp.state
+        ));
+    }
+    if checkpoint.compacted != k.saturating_sub(a) {
+        problems.push(format!(
+            "checkpoint at seq {k}: {} events deleted, but {} seqs ({}..={k}) are missing",
+            checkpoint.compacted,
+            k.saturating_sub(a),
+            a + 1
+        ));
+    }
+    let mut unchanged = cp.clone();
+    unchanged.last_seq = a;
+    unchanged.topology.clone_from(&proven.topology);
+    unchanged.probes.clone_from(&proven.probes);
+    unchanged.failure_clock_since = proven.failure_clock_since;
+    if unchanged != *proven {
+        problems.push(format!(
+            "checkpoint at seq {k} differs from the record proven at seq {a} in a field no probe event changes"
+        ));
+    }
+    for (name, probe) in &cp.probes {
+        if cp.declared_mode(name) != Some(probe.mode) {
+            problems.push(format!("checkpoint at seq {k}: probe {name:?} is not declared with mode {:?}", probe.mode));
+        }
+    }
+    if cp.failure_clock_since.is_some() && cp.failing_enforce_probes().is_empty() {
+        problems.push(format!("checkpoint at seq {k}: the failure clock runs but no enforce probe fails"));
+    }
+    problems
 }
 
 /// `nixfleet replay --db PATH`.
 pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(), ReplayError> {
+    let (out, disagreements) = db_report(db, only, quiet)?;
+    print_stdout(&out)?;
+    if disagreements.is_empty() {
+        Ok(())
+    } else {
+        Err(ReplayError::Disagrees(disagreements.join("; ")))
+    }
+}
+
+/// What `replay --db` prints, and its disagreements.
+pub fn db_report(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(String, Vec<String>), ReplayError> {
     if !db.is_file() {
         return Err(ReplayError::Io(std::io::Error::new(
             std::io::ErrorKind::NotFound,
@@ -126,8 +224,9 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
         .map_err(sql)?;
     let mut out = String::new();
     let mut disagreements = Vec::new();
-    let (mut n_hosts, mut n_events) = (0usize, 0usize);
+    let (mut n_hosts, mut n_events, mut n_checkpoints) = (0usize, 0usize, 0usize);
     let actions = store::action_rows(&conn, db, None)?;
+    let checkpoints = store::has_checkpoint_table(&conn, db)?;
     for row in store::rollout_rows(&conn, db)? {
         let manifest = &row.manifest;
         let id = &manifest.rollout_id;
@@ -139,57 +238,94 @@ pub fn replay_db(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(),
         let mut replayed = BTreeMap::new();
         for (host, entry) in &manifest.hosts {
             n_hosts += 1;
-            let rows: Vec<(i64, String)> = stmt
-                .query_map(params![id.as_str(), host.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
-                .and_then(|rows| rows.collect())
-                .map_err(sql)?;
-            n_events += rows.len();
-            let events = rows
-                .into_iter()
-                .map(|(seq, json)| {
-                    let seq = u64::try_from(seq).unwrap_or(0);
-                    let event = serde_json::from_str::<OutboundEvent>(&json)
-                        .map_err(Unreadable::from)
-                        .and_then(|w| w.to_remote().map_err(Unreadable::from));
-                    (seq, event)
-                })
-                .collect();
+            let events = logged_events(&mut stmt, id, host).map_err(sql)?;
+            n_events += events.len();
             let start = HostRecord::pending(id.clone(), host.clone(), Some(entry.target_closure.clone()));
-            let trace = fold(start, events, &policy, &[]);
-            replayed.insert(host.clone(), trace.record.clone());
-            let stored = cached.get(&(id.clone(), host.clone()));
-            let verdict = match stored {
-                Some(s) if *s == trace.record && trace.problems.is_empty() => "agrees",
-                _ => "DISAGREES",
-            };
-            let _ = writeln!(out, " host {host}: {} ({verdict} with the stored record)", trace.record.state);
-            if !quiet {
-                for line in &trace.lines {
-                    let _ = writeln!(out, "{line}");
+            let checkpoint = if checkpoints { store::checkpoint_of(&conn, db, id, host)? } else { None };
+            let trace = match checkpoint {
+                Some(checkpoint) => {
+                    n_checkpoints += 1;
+                    fold_checkpointed(start, events, &checkpoint, &policy)
                 }
-            }
-            for p in &trace.problems {
-                disagreements.push(format!("{host} in {id}: {p}"));
-            }
-            match stored {
-                Some(s) if *s != trace.record => disagreements.push(format!(
-                    "{host} in {id}: stored record is {} at seq {}, replay gives {} at seq {}",
-                    s.state, s.last_seq, trace.record.state, trace.record.last_seq
-                )),
-                None => disagreements.push(format!("{host} in {id}: no stored record")),
-                _ => {}
-            }
+                None => fold(start, events, &policy, &[]),
+            };
+            let stored = cached.get(&(id.clone(), host.clone()));
+            disagreements.extend(compare_host(&mut out, id, host, stored, &trace, quiet));
+            replayed.insert(host.clone(), trace.record);
         }
         let skipped = store::skipped_of(&conn, db, id)?;
         let problem = rollout_lines(&mut out, &row, &replayed, &skipped, &actions);
         disagreements.extend(problem.map(|p| format!("{id}: {p}")));
     }
+    if n_checkpoints > 0 {
+        let _ =
+            writeln!(out, "{n_checkpoints} host(s) replayed from a record checkpoint (their probe events compacted)");
+    }
     let _ = writeln!(out, "{n_events} events of {n_hosts} hosts replayed; {} disagreements", disagreements.len());
-    print_stdout(&out)?;
-    if disagreements.is_empty() {
-        Ok(())
-    } else {
-        Err(ReplayError::Disagrees(disagreements.join("; ")))
+    Ok((out, disagreements))
+}
+
+/// One host's logged events of one rollout in seq order, each read back as
+/// the Remote event ingest applied (or why it no longer reads).
+fn logged_events(
+    stmt: &mut rusqlite::Statement<'_>,
+    id: &RolloutId,
+    host: &Hostname,
+) -> rusqlite::Result<Vec<(u64, Result<Event, Unreadable>)>> {
+    let rows: Vec<(i64, String)> = stmt
+        .query_map(params![id.as_str(), host.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let events = rows
+        .into_iter()
+        .map(|(seq, json)| {
+            let seq = u64::try_from(seq).unwrap_or(0);
+            let event = serde_json::from_str::<OutboundEvent>(&json)
+                .map_err(Unreadable::from)
+                .and_then(|w| w.to_remote().map_err(Unreadable::from));
+            (seq, event)
+        })
+        .collect();
+    Ok(events)
+}
+
+/// Writes one host's replay to `out` and compares it with the record the CP
+/// stored; returns the disagreements.
+fn compare_host(
+    out: &mut String,
+    id: &RolloutId,
+    host: &Hostname,
+    stored: Option<&HostRecord>,
+    trace: &Trace,
+    quiet: bool,
+) -> Vec<String> {
+    let verdict = match stored {
+        Some(s) if *s == trace.record && trace.problems.is_empty() => "agrees",
+        _ => "DISAGREES",
+    };
+    let _ = writeln!(out, " host {host}: {} ({verdict} with the stored record)", trace.record.state);
+    write_trace_lines(out, trace, quiet);
+    let mut disagreements: Vec<String> = trace.problems.iter().map(|p| format!("{host} in {id}: {p}")).collect();
+    match stored {
+        Some(s) if *s != trace.record => disagreements.push(format!(
+            "{host} in {id}: stored record is {} at seq {}, replay gives {} at seq {}",
+            s.state, s.last_seq, trace.record.state, trace.record.last_seq
+        )),
+        None => disagreements.push(format!("{host} in {id}: no stored record")),
+        _ => {}
+    }
+    disagreements
+}
+
+/// A trace's notes (what the fold started from), then its event lines,
+/// unless `quiet`.
+fn write_trace_lines(out: &mut String, trace: &Trace, quiet: bool) {
+    for note in &trace.notes {
+        let _ = writeln!(out, "{note}");
+    }
+    if !quiet {
+        for line in &trace.lines {
+            let _ = writeln!(out, "{line}");
+        }
     }
 }
 
@@ -266,87 +402,121 @@ pub fn replay_queue(state_dir: &Path, trust_key_paths: &[PathBuf], quiet: bool) 
     for q in journal::recorded_events(state_dir, &folders)? {
         journals.entry((q.rollout_id, q.hostname)).or_default().push((q.qseq, q.event));
     }
-    let with_pending: std::collections::BTreeSet<RolloutId> =
+    let with_pending: BTreeSet<RolloutId> =
         journal::recorded_events(state_dir, &[EntryState::Pending])?.into_iter().map(|q| q.rollout_id).collect();
-    let corrupt = journal::corrupt_records(state_dir)?;
-    let cache = journal::ManifestCache::new(state_dir);
-    let mut out = String::new();
     let mut problems = Vec::new();
     let channels = ChannelHistory::load(state_dir).unwrap_or_else(|e| {
         problems.push(e.to_string());
         ChannelHistory::in_memory()
     });
+    let mut replay = QueueReplay {
+        trust_keys,
+        cache: journal::ManifestCache::new(state_dir),
+        channels,
+        corrupt: journal::corrupt_records(state_dir)?,
+        with_pending,
+        quiet,
+        out: String::new(),
+        problems,
+    };
     // Records rebuilt and written back at an earlier start: the rotted copy
     // left `dead/` then, and the loss is still a problem of this disk.
     for line in journal::rebuilt_log(state_dir)? {
-        let _ = writeln!(out, "REBUILT at an earlier start (written back to the queue): {line}");
-        problems.push(format!("rebuilt at an earlier start: {line}"));
+        let _ = writeln!(replay.out, "REBUILT at an earlier start (written back to the queue): {line}");
+        replay.problems.push(format!("rebuilt at an earlier start: {line}"));
     }
-    for (name, reason) in &corrupt {
+    for (name, reason) in &replay.corrupt {
         let known = journals.keys().any(|(rollout_id, host)| rebuild::names_rollout(name, host, rollout_id));
         if !known {
-            problems.push(format!("corrupt record dead/{name} ({reason}) of a rollout with no readable event"));
+            replay.problems.push(format!("corrupt record dead/{name} ({reason}) of a rollout with no readable event"));
         }
     }
     for ((rollout_id, hostname), events) in journals {
-        let host = hostname.to_string();
-        let _ = writeln!(out, "rollout {rollout_id}");
-        let lost = rebuild::lost_records(&corrupt, &hostname, &rollout_id);
-        let pending = with_pending.contains(&rollout_id);
-        // The health-checks file is not an input of this tool: a lost
-        // topology declaration shows as bridged here (the agent's start
-        // rebuilds it from the file and writes it back).
-        let kept = rebuild::Kept { acceptance: channels.dispatch_of(&rollout_id), topology: None };
-        let history = match rebuild::history(&rollout_id, events, &lost, pending, kept) {
-            rebuild::Verdict::Complete(history) => history,
-            rebuild::Verdict::Pruned => {
-                let _ = writeln!(out, " host {host}: history pruned by retention");
-                continue;
-            }
-            rebuild::Verdict::Lost(why) => {
-                let _ = writeln!(out, " host {host}: NOT REBUILDABLE: {why}");
-                problems.push(format!("{rollout_id}: {why}"));
-                continue;
-            }
-        };
-        // A lost record is a problem even when it could be rebuilt: the
-        // disk under the queue lost data.
-        for repair in &history.repairs {
-            let _ = writeln!(out, " host {host}: REBUILT: {repair}");
-            problems.push(format!("{rollout_id}: {repair}"));
-        }
-        let events = history.events;
-        let accepted = events.iter().any(|e| e.kind() == "DispatchAck");
-        let policy = match journal::cached_manifest(&cache, &rollout_id, &hostname, &trust_keys) {
-            Ok(cached) => {
-                if let Some(keyid) = cached.no_longer_trusted {
-                    let _ = writeln!(out, " note: verified only by key {keyid}, recorded when it was accepted");
-                }
-                cached.manifest.machine_policy()
-            }
-            // Never accepted: no decision depends on its policy.
-            Err(_) if !accepted => journal::FALLBACK_POLICY,
-            Err(why) => {
-                problems.push(format!("{rollout_id}: {why}"));
-                continue;
-            }
-        };
-        let local = events.iter().map(|e| (e.seq, e.to_local().map_err(Unreadable::from))).collect();
-        let start = HostRecord::pending(rollout_id.clone(), hostname, None);
-        let trace = fold(start, local, &policy, &history.bridged);
-        let _ = writeln!(out, " host {host}: {}", trace.record.state);
-        if !quiet {
-            for line in &trace.lines {
-                let _ = writeln!(out, "{line}");
-            }
-        }
-        problems.extend(trace.problems.into_iter().map(|p| format!("{rollout_id}: {p}")));
+        replay.journal(rollout_id, hostname, events);
     }
+    let QueueReplay { mut out, problems, .. } = replay;
     let _ = writeln!(out, "{} problems", problems.len());
     print_stdout(&out)?;
     if problems.is_empty() {
         Ok(())
     } else {
         Err(ReplayError::Disagrees(problems.join("; ")))
+    }
+}
+
+/// What `replay --state-dir` reads once, and the report it writes rollout
+/// by rollout.
+struct QueueReplay {
+    trust_keys: Vec<PublicKey>,
+    cache: journal::ManifestCache,
+    channels: ChannelHistory,
+    /// (file name, reason) of every unreadable record in `dead/`.
+    corrupt: Vec<(String, String)>,
+    /// Rollouts with pending events (never pruned by retention).
+    with_pending: BTreeSet<RolloutId>,
+    quiet: bool,
+    out: String,
+    problems: Vec<String>,
+}
+
+impl QueueReplay {
+    /// One rollout's journal: its history rebuilt over lost records (or
+    /// found pruned, or lost), then folded under its manifest's policy.
+    fn journal(&mut self, rollout_id: RolloutId, hostname: Hostname, events: Vec<(u64, OutboundEvent)>) {
+        let host = hostname.to_string();
+        let _ = writeln!(self.out, "rollout {rollout_id}");
+        let lost = rebuild::lost_records(&self.corrupt, &hostname, &rollout_id);
+        let pending = self.with_pending.contains(&rollout_id);
+        // The health-checks file is not an input of this tool: a lost
+        // topology declaration shows as bridged here (the agent's start
+        // rebuilds it from the file and writes it back).
+        let kept = rebuild::Kept { acceptance: self.channels.dispatch_of(&rollout_id), topology: None };
+        let history = match rebuild::history(&rollout_id, events, &lost, pending, kept) {
+            rebuild::Verdict::Complete(history) => history,
+            rebuild::Verdict::Pruned => {
+                let _ = writeln!(self.out, " host {host}: history pruned by retention");
+                return;
+            }
+            rebuild::Verdict::Lost(why) => {
+                let _ = writeln!(self.out, " host {host}: NOT REBUILDABLE: {why}");
+                self.problems.push(format!("{rollout_id}: {why}"));
+                return;
+            }
+        };
+        // A lost record is a problem even when it could be rebuilt: the
+        // disk under the queue lost data.
+        for repair in &history.repairs {
+            let _ = writeln!(self.out, " host {host}: REBUILT: {repair}");
+            self.problems.push(format!("{rollout_id}: {repair}"));
+        }
+        let events = history.events;
+        let accepted = events.iter().any(|e| e.kind() == "DispatchAck");
+        let Some(policy) = self.policy(&rollout_id, &hostname, accepted) else { return };
+        let local = events.iter().map(|e| (e.seq, e.to_local().map_err(Unreadable::from))).collect();
+        let start = HostRecord::pending(rollout_id.clone(), hostname, None);
+        let trace = fold(start, local, &policy, &history.bridged);
+        let _ = writeln!(self.out, " host {host}: {}", trace.record.state);
+        write_trace_lines(&mut self.out, &trace, self.quiet);
+        self.problems.extend(trace.problems.into_iter().map(|p| format!("{rollout_id}: {p}")));
+    }
+
+    /// The policy of the rollout's cached, re-verified manifest; the
+    /// fallback for a rollout never accepted (no decision depends on it);
+    /// `None`, with the problem recorded, when an accepted rollout's
+    /// manifest cannot be had.
+    fn policy(&mut self, rollout_id: &RolloutId, hostname: &Hostname, accepted: bool) -> Option<Policy> {
+        match journal::cached_manifest(&self.cache, rollout_id, hostname, &self.trust_keys) {
+            Ok(cached) => {
+                if let Some(keyid) = cached.no_longer_trusted {
+                    let _ = writeln!(self.out, " note: verified only by key {keyid}, recorded when it was accepted");
+                }
+                Some(cached.manifest.machine_policy())
+            }
+            Err(_) if !accepted => Some(journal::FALLBACK_POLICY),
+            Err(why) => {
+                self.problems.push(format!("{rollout_id}: {why}"));
+                None
+            }
+        }
     }
 }

@@ -28,7 +28,7 @@ impl EventBatch {
     /// Parses and checks the batch bounds; each event's own fields are
     /// validated one by one so one bad event does not refuse the others.
     pub fn parse(bytes: &[u8]) -> Result<EventBatch, WireError> {
-        let batch: EventBatch = super::from_json_slice(bytes).map_err(|e| WireError::new("body", e))?;
+        let batch: EventBatch = super::from_json_slice(bytes).map_err(|e| WireError::new("body", e.to_string()))?;
         if batch.events.is_empty() {
             return Err(WireError::new("events", "must not be empty"));
         }

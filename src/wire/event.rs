@@ -25,12 +25,6 @@ pub const MAX_PROBES: usize = 64;
 /// Probe names are identifiers shown in tables and metrics labels.
 pub const MAX_PROBE_NAME_LEN: usize = 64;
 
-// The first names of three limits above, still used by `src/agent`; remove
-// once it names the `MAX_*` constants.
-pub const STDERR_TAIL_MAX_BYTES: usize = MAX_STDERR_TAIL_BYTES;
-pub const FAILURE_REASON_MAX_BYTES: usize = MAX_FAILURE_REASON_BYTES;
-pub const SHORT_TEXT_MAX_BYTES: usize = MAX_SHORT_TEXT_BYTES;
-
 /// The largest seq on the wire: the CP stores seqs as SQLite INTEGER (i64),
 /// and a larger one would wrap there and then shadow every later event.
 pub const MAX_SEQ: u64 = i64::MAX as u64;
@@ -181,6 +175,23 @@ fn text(field: &str, value: &str, max_bytes: usize) -> Result<String, WireError>
     Ok(value.to_owned())
 }
 
+/// A list of probe names (a declared topology, the failing probes): at
+/// most [`MAX_PROBES`], each a valid name; `name_path` is the path of the
+/// name at an index, for the error.
+fn check_probe_names<'a>(
+    field: &str,
+    names: impl ExactSizeIterator<Item = &'a String>,
+    name_path: impl Fn(usize) -> String,
+) -> Result<(), WireError> {
+    if names.len() > MAX_PROBES {
+        return Err(WireError::new(field, format!("more than {MAX_PROBES} probes")));
+    }
+    for (idx, name) in names.enumerate() {
+        validate_probe_name(&name_path(idx), name)?;
+    }
+    Ok(())
+}
+
 /// Probe names: `[A-Za-z0-9._-]{1,64}`, so they are safe in tables, file
 /// names and metric labels.
 pub fn validate_probe_name(field: &str, name: &str) -> Result<String, WireError> {
@@ -288,12 +299,7 @@ impl WireEventBody {
                 failed_at: utc(failed_at),
             },
             WireEventBody::ProbeTopologyDeclared { probes, declared_at } => {
-                if probes.len() > MAX_PROBES {
-                    return Err(WireError::new("probes", format!("more than {MAX_PROBES} probes")));
-                }
-                for (idx, probe) in probes.iter().enumerate() {
-                    validate_probe_name(&format!("probes[{idx}].name"), &probe.name)?;
-                }
+                check_probe_names("probes", probes.iter().map(|p| &p.name), |idx| format!("probes[{idx}].name"))?;
                 EventBody::ProbeTopologyDeclared { probes, declared_at: utc(declared_at) }
             }
             WireEventBody::ProbeObservedFirst { probe_name, mode, observed_at } => EventBody::ProbeObservedFirst {
@@ -302,10 +308,8 @@ impl WireEventBody {
                 observed_at: utc(observed_at),
             },
             WireEventBody::ProbeResult { probe_name, mode, status, observed_at, failure_reason } => {
-                let failure_reason = match failure_reason {
-                    Some(r) => Some(text("failure_reason", &r, MAX_FAILURE_REASON_BYTES)?),
-                    None => None,
-                };
+                let failure_reason =
+                    failure_reason.map(|r| text("failure_reason", &r, MAX_FAILURE_REASON_BYTES)).transpose()?;
                 EventBody::ProbeResult {
                     probe_name: validate_probe_name("probe_name", &probe_name)?,
                     mode,
@@ -320,12 +324,7 @@ impl WireEventBody {
                 first_failed_at: utc(first_failed_at),
             },
             WireEventBody::Failed { failed_at, sustained_duration_secs, failing_probes, policy_applied } => {
-                if failing_probes.len() > MAX_PROBES {
-                    return Err(WireError::new("failing_probes", format!("more than {MAX_PROBES} probes")));
-                }
-                for (idx, name) in failing_probes.iter().enumerate() {
-                    validate_probe_name(&format!("failing_probes[{idx}]"), name)?;
-                }
+                check_probe_names("failing_probes", failing_probes.iter(), |idx| format!("failing_probes[{idx}]"))?;
                 EventBody::SustainedFailureCrossed {
                     failed_at: utc(failed_at),
                     sustained_duration_secs,

@@ -32,7 +32,7 @@ pub const MAX_HOSTS: usize = 100_000;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ManifestError {
     #[error("manifest is not valid JSON for schema 1: {0}")]
-    Json(String),
+    Json(super::JsonError),
     #[error("manifest field {field}: {message}")]
     Invalid { field: String, message: String },
 }

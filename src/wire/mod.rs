@@ -62,19 +62,33 @@ pub mod ts {
     }
 }
 
+/// JSON that does not parse into the expected type, naming the path of the
+/// offending field when serde knows it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonError {
+    /// The document as a whole: not JSON, the wrong type at the top level,
+    /// or bytes after its end.
+    #[error("{message}")]
+    Document { message: String },
+    /// One field, at `path` (`waves[1].soak_secs`).
+    #[error("{path}: {message}")]
+    Field { path: String, message: String },
+}
+
 /// Parses JSON, naming the path of the offending field in the error
 /// (`waves[1].soak_secs: invalid type…`) rather than only a line and column.
-pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+pub fn from_json_slice<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, JsonError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
+        let message = e.inner().to_string();
         if path == "." {
-            e.inner().to_string()
+            JsonError::Document { message }
         } else {
-            format!("{path}: {}", e.inner())
+            JsonError::Field { path, message }
         }
     })?;
-    de.end().map_err(|e| e.to_string())?;
+    de.end().map_err(|e| JsonError::Document { message: e.to_string() })?;
     Ok(value)
 }
 

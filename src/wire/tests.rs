@@ -147,7 +147,7 @@ fn malformed_events_are_refused_naming_the_problem() {
         ),
     ];
     for (value, needle) in cases {
-        let err = parse(value.clone()).expect_err(&value.to_string());
+        let err = parse(value.clone()).expect_err(&value.to_string()).to_string();
         assert!(err.contains(needle), "{err:?} should mention {needle:?}");
     }
 }
@@ -354,7 +354,10 @@ fn manifest_json_errors_name_the_unknown_or_missing_field() {
         let mut v = manifest_json();
         edit(&mut v);
         match parse_manifest(&v) {
-            Err(ManifestError::Json(msg)) => assert!(msg.contains(needle), "{msg:?} should mention {needle:?}"),
+            Err(ManifestError::Json(e)) => {
+                let msg = e.to_string();
+                assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+            }
             other => panic!("expected Json error mentioning {needle}, got {other:?}"),
         }
     }

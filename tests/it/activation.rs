@@ -82,6 +82,9 @@ fn pid_alive(pid: u32) -> bool {
 
 #[tokio::test]
 async fn switch_repoints_current_system_and_adds_a_profile_generation() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves the forward path end to end: realise, a new real profile generation, the symlink flip, and the observed closure.
     let host = Host::new();
     let old = running(&host, "old");
@@ -96,6 +99,9 @@ async fn switch_repoints_current_system_and_adds_a_profile_generation() {
 
 #[tokio::test]
 async fn switch_exiting_1_is_failed_with_its_stderr_tail() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves a failing switch is reported with its exit code and its own output, and nothing is left half-switched.
     let host = Host::new();
     let old = running(&host, "old");
@@ -109,6 +115,9 @@ async fn switch_exiting_1_is_failed_with_its_stderr_tail() {
 
 #[tokio::test]
 async fn closure_deleted_from_the_store_is_fetched_from_the_signed_cache() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves realise really substitutes: the closure is gone from the store, comes back from the signed file:// cache, and the switch runs.
     let host = Host::new();
     running(&host, "old");
@@ -122,6 +131,9 @@ async fn closure_deleted_from_the_store_is_fetched_from_the_signed_cache() {
 
 #[tokio::test]
 async fn closure_absent_from_the_cache_fails_with_nix_message_and_host_unchanged() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves a realise failure is ActivationFailed carrying Nix's own words, and the profile and current-system stay put.
     let host = Host::new();
     let old = running(&host, "old");
@@ -137,6 +149,9 @@ async fn closure_absent_from_the_cache_fails_with_nix_message_and_host_unchanged
 
 #[tokio::test]
 async fn closure_signed_by_an_untrusted_key_is_refused() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves the cache signature is checked: the same cache trusted under another key does not deliver the closure.
     let host = Host::new();
     let old = running(&host, "old");
@@ -153,6 +168,9 @@ async fn closure_signed_by_an_untrusted_key_is_refused() {
 
 #[tokio::test]
 async fn reboot_required_closure_is_deferred_with_profile_set_and_current_system_unchanged() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves the marker path: profile set, `switch-to-configuration boot` ran, no live switch, component reported.
     let host = Host::new();
     let old = running(&host, "old");
@@ -167,6 +185,9 @@ async fn reboot_required_closure_is_deferred_with_profile_set_and_current_system
 
 #[tokio::test]
 async fn rollback_switches_back_to_exactly_the_previous_closure() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves rollback runs the same steps to the rollback target, ignoring nothing: a new generation and current-system back on the old closure.
     let host = Host::new();
     let old = running(&host, "old");
@@ -182,6 +203,9 @@ async fn rollback_switches_back_to_exactly_the_previous_closure() {
 
 #[tokio::test]
 async fn switch_past_its_time_limit_is_killed_with_its_process_group_and_reported() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves a hung switch does not outlive its limit: Failed with a clear message, and no process of its group survives.
     let host = Host::new();
     let old = running(&host, "old");
@@ -209,6 +233,8 @@ async fn switch_past_its_time_limit_is_killed_with_its_process_group_and_reporte
 async fn survival_child_runs_one_activation() {
     // Not a test by itself: the parent passes `runner|nix_store|nix_env|root|closure`.
     let Some(params) = child_param() else { return };
+    // In the parent's store directory (its NIX_STORE_DIR, when it had one).
+    assert!(crate::nixenv::closures_here(), "the parent built its closures where this child can");
     let p: Vec<&str> = params.split('|').collect();
     let runner =
         if p[0] == "session" { SwitchRunner::Session { setsid: "setsid".into() } } else { SwitchRunner::Direct };
@@ -256,6 +282,9 @@ async fn kill_parent_mid_switch(host: &Host, runner: &str, closure: &Closure, st
 
 #[tokio::test]
 async fn switch_in_its_own_session_survives_kill_9_of_the_agent_process_group() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves a Session-run switch outlives its parent's death (as when the switch restarts the agent): the symlink still flips.
     let host = Host::new();
     running(&host, "old");
@@ -269,6 +298,9 @@ async fn switch_in_its_own_session_survives_kill_9_of_the_agent_process_group() 
 
 #[tokio::test]
 async fn direct_switch_dies_with_the_agent_process_group() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Control for the survival test: without a new session the same kill takes the switch down, so that test can fail.
     let host = Host::new();
     let old = running(&host, "old");
@@ -308,6 +340,9 @@ fn systemd_stand_ins(dir: &Path) -> SwitchRunner {
 
 #[tokio::test]
 async fn detached_switch_runs_through_systemd_run_as_a_named_unit_with_a_runtime_limit() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves the systemd-run boundary: unit name, --wait/--collect, RuntimeMaxSec, output to the log file, exit status used.
     let host = Host::new();
     running(&host, "old");
@@ -326,6 +361,9 @@ async fn detached_switch_runs_through_systemd_run_as_a_named_unit_with_a_runtime
 
 #[tokio::test]
 async fn detached_switch_past_its_time_limit_is_stopped_through_systemctl() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves the Detached time limit: `systemctl stop` of the unit, the switch dead, Failed with the unit named.
     let host = Host::new();
     let old = running(&host, "old");
@@ -351,6 +389,9 @@ async fn detached_switch_past_its_time_limit_is_stopped_through_systemctl() {
 
 #[tokio::test]
 async fn completed_reports_what_current_system_really_resolves_to() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves verification reads the symlink rather than assuming success: a switch that flips another link leaves `observed` = the old closure.
     let host = Host::new();
     let old = running(&host, "old");
@@ -362,6 +403,9 @@ async fn completed_reports_what_current_system_really_resolves_to() {
 
 #[tokio::test]
 async fn unresolvable_current_system_after_a_successful_switch_is_a_verify_failure() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves a missing current-system after exit 0 is Failed with the verify exit code and the path named.
     let host = Host::new();
     running(&host, "old");
@@ -375,6 +419,9 @@ async fn unresolvable_current_system_after_a_successful_switch_is_a_verify_failu
 
 #[tokio::test]
 async fn the_direct_runner_passes_switch_and_boot_to_switch_to_configuration() {
+    if !crate::nixenv::closures_here() {
+        return;
+    }
     // Proves `--switch-runner direct` names the action: a plain switch
     // completes on the new closure and a reboot-required closure runs
     // `boot` (the stand-in refuses a missing action with exit 2).

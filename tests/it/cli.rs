@@ -172,3 +172,47 @@ fn manifest_check_summarises_and_usage_errors_exit_2() {
     assert_exit(&missing, 1);
     assert!(stderr(&missing).contains("nope.json"), "{}", stderr(&missing));
 }
+
+#[test]
+fn closures_follow_nix_store_dir_and_a_bad_one_is_refused_before_anything_runs() {
+    // NIX_STORE_DIR, as Nix reads it, names the store a closure must be in:
+    // the example manifest (/nix/store) is refused under another store dir
+    // and the same manifest moved there is accepted; a value that is not an
+    // absolute directory with one spelling is a usage error naming it.
+    let dir = TempDir::new("cli-store-dir");
+    fs_err::write(dir.path().join("nix.json"), MANIFEST).expect("write manifest");
+    let moved = MANIFEST.replace("\"/nix/store/", "\"/srv/fleet/store/");
+    fs_err::write(dir.path().join("srv.json"), moved).expect("write manifest");
+    let check = |store_dir: Option<&str>, file: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixfleet"));
+        cmd.args(["manifest", "check", file]).current_dir(dir.path()).env_remove("NIX_STORE_DIR");
+        if let Some(store_dir) = store_dir {
+            cmd.env("NIX_STORE_DIR", store_dir);
+        }
+        cmd.output().expect("run nixfleet")
+    };
+    assert_exit(&check(None, "nix.json"), 0);
+    assert_exit(&check(Some("/nix/store"), "nix.json"), 0);
+    assert_exit(&check(Some("/srv/fleet/store"), "srv.json"), 0);
+    let refused = check(Some("/srv/fleet/store"), "nix.json");
+    assert_exit(&refused, 1);
+    let text = stderr(&refused);
+    assert!(text.contains("hosts.web-1.target_closure"), "{text}");
+    assert!(text.contains("must start with /srv/fleet/store/ (the store directory NIX_STORE_DIR names)"), "{text}");
+    let refused = check(None, "srv.json");
+    assert_exit(&refused, 1);
+    assert!(stderr(&refused).contains("must start with /nix/store/"), "{}", stderr(&refused));
+    for (bad, why) in [
+        ("", "must be an absolute path"),
+        ("srv/fleet/store", "must be an absolute path"),
+        ("/srv/fleet/store/", "must not end with /"),
+        ("/srv/../nix/store", "must not contain . or .. components"),
+        ("/srv//store", "must not contain an empty component"),
+    ] {
+        let out = check(Some(bad), "nix.json");
+        assert_exit(&out, 2);
+        let text = stderr(&out);
+        assert!(text.contains(&format!("NIX_STORE_DIR={bad:?} is not a usable Nix store directory: {why}")), "{text}");
+        assert!(out.stdout.is_empty(), "{bad:?}: the command ran");
+    }
+}

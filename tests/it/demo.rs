@@ -1,6 +1,7 @@
 //! `nixfleet demo` as a new user runs it: the real binary, with real Nix and
-//! with a PATH that has no `nix-store` (the demo's stand-in mode), `--hosts`,
-//! and Ctrl-C / SIGTERM mid-run.
+//! with a PATH that has no `nix-store` (the demo's stand-in mode), as an
+//! unprivileged user who may not write `/nix/store`, `--hosts`, and Ctrl-C /
+//! SIGTERM mid-run.
 
 use std::io::{BufRead as _, BufReader};
 use std::os::unix::process::CommandExt as _;
@@ -38,11 +39,41 @@ fn work_dir(stdout: &str) -> PathBuf {
     PathBuf::from(line.split("] work dir ").nth(1).expect("work dir path").trim())
 }
 
+/// Whether this user may write `/nix/store` (creating it if missing), as
+/// the demo decides: else its stand-in closures go to its work dir's store.
+fn nix_store_writable() -> bool {
+    let nix_store = Path::new("/nix/store");
+    std::fs::create_dir_all(nix_store).is_ok()
+        && rustix::fs::access(nix_store, rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK).is_ok()
+}
+
+/// The store directory of the stand-in run whose work dir is `work`, and
+/// the `NIX_STORE_DIR=… ` a command reading that run's data needs.
+fn run_store(work: &Path) -> (PathBuf, String) {
+    if nix_store_writable() {
+        ("/nix/store".into(), String::new())
+    } else {
+        let store = work.join("store");
+        let env = format!("NIX_STORE_DIR={} ", store.display());
+        (store, env)
+    }
+}
+
+/// The final table's label of the stand-in run whose work dir is `work`.
+fn stand_in_label(work: &Path) -> String {
+    if nix_store_writable() {
+        STAND_IN_LABEL.to_owned()
+    } else {
+        own_store_label(work)
+    }
+}
+
 /// Store entries made by the run whose work dir is `work` (its nonce is in their names).
 fn closures_left(work: &Path) -> Vec<String> {
     let name = work.file_name().expect("work dir name").to_string_lossy();
     let nonce = name.trim_start_matches("nixfleet-demo-");
-    let entries = std::fs::read_dir("/nix/store").map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
+    let (store, _) = run_store(work);
+    let entries = std::fs::read_dir(store).map(|d| d.flatten().collect::<Vec<_>>()).unwrap_or_default();
     entries
         .into_iter()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -50,8 +81,9 @@ fn closures_left(work: &Path) -> Vec<String> {
         .collect()
 }
 
-fn assert_story(out: &Output, n_hosts: usize, mode_line: &str, table_label: &str) {
+fn assert_story(out: &Output, n_hosts: usize, mode_line: &str, table_label: Option<&str>) {
     let stdout = String::from_utf8_lossy(&out.stdout);
+    let table_label = table_label.map_or_else(|| stand_in_label(&work_dir(&stdout)), str::to_owned);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     let first = stdout.lines().next().unwrap_or("");
@@ -75,7 +107,7 @@ fn assert_story(out: &Output, n_hosts: usize, mode_line: &str, table_label: &str
     assert!(!stdout.contains('\x1b'), "piped output must be plain lines:\n{stdout}");
     let work = work_dir(&stdout);
     assert!(!work.exists(), "work dir {} left behind", work.display());
-    assert_eq!(closures_left(&work), Vec::<String>::new(), "closures left in /nix/store");
+    assert_eq!(closures_left(&work), Vec::<String>::new(), "closures left in the store");
 }
 
 #[test]
@@ -88,7 +120,7 @@ fn the_demo_with_nix_rolls_out_two_waves_rolls_one_host_back_and_halts() {
     }
     println!("nix: real");
     let out = demo().arg("demo").output().expect("run demo");
-    assert_story(&out, 4, "with Nix (nix-store (Nix)", "real Nix store paths");
+    assert_story(&out, 4, "with Nix (nix-store (Nix)", Some("real Nix store paths"));
 }
 
 #[test]
@@ -98,7 +130,121 @@ fn the_demo_without_nix_store_on_path_runs_with_labelled_stand_in_closures() {
     // removes its plain-directory closures at the end.
     let dir = TempDir::new("demo-no-nix");
     let out = demo().arg("demo").env("PATH", path_without_nix(dir.path())).output().expect("run demo");
-    assert_story(&out, 4, "WITHOUT Nix (no nix-store on PATH): STAND-IN closures", STAND_IN_LABEL);
+    assert_story(&out, 4, "WITHOUT Nix (no nix-store on PATH): STAND-IN closures", None);
+}
+
+/// The final table's label when the stand-ins live in the work dir's store.
+fn own_store_label(work: &Path) -> String {
+    format!(
+        "{STAND_IN_LABEL}; store dir {}/store (as NIX_STORE_DIR: /nix/store is not writable by this user)",
+        work.display()
+    )
+}
+
+/// The demo binary, run by a user who may not write `/nix/store`: `nobody`
+/// through setpriv(1) when this test runs as root (as CI does), else this
+/// user. A copy of the binary in `dir` (any user can run it there), a PATH
+/// without `nix-store`, HOME and TMPDIR in a directory that user owns, and
+/// nothing else from this environment. None where the test cannot arrange
+/// it (a user who may write `/nix/store` and cannot become another).
+struct Unprivileged {
+    exe: PathBuf,
+    /// setpriv(1), found on this test's PATH (the child's has none).
+    setpriv: Option<PathBuf>,
+    path: PathBuf,
+    home: PathBuf,
+}
+
+impl Unprivileged {
+    fn command(&self) -> Command {
+        let mut cmd = if let Some(setpriv) = &self.setpriv {
+            let mut setpriv = Command::new(setpriv);
+            setpriv.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&self.exe);
+            setpriv
+        } else {
+            Command::new(&self.exe)
+        };
+        cmd.env_clear().env("PATH", &self.path).env("HOME", &self.home).env("TMPDIR", &self.home);
+        cmd
+    }
+}
+
+fn unprivileged_demo(dir: &Path) -> Option<Unprivileged> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let nix_store = Path::new("/nix/store");
+    let root = rustix::process::geteuid().is_root();
+    let world_writable = std::fs::metadata(nix_store).is_ok_and(|m| m.permissions().mode() & 0o002 != 0);
+    let writable_here = rustix::fs::access(nix_store, rustix::fs::Access::WRITE_OK).is_ok();
+    if world_writable || (!root && writable_here) {
+        println!("/nix/store is writable by every user or by this one: no unprivileged user to run the demo as");
+        return None;
+    }
+    fs_err::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod test dir");
+    let home = dir.join("home");
+    fs_err::create_dir_all(&home).expect("mkdir home");
+    fs_err::set_permissions(&home, std::fs::Permissions::from_mode(0o1777)).expect("chmod home");
+    let exe = dir.join("nixfleet");
+    fs_err::copy(env!("CARGO_BIN_EXE_nixfleet"), &exe).expect("copy the binary");
+    let setpriv = if root {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let found = std::env::split_paths(&path).map(|d| d.join("setpriv")).find(|p| p.is_file());
+        Some(found.expect("setpriv(1) (util-linux) to run the demo as nobody"))
+    } else {
+        None
+    };
+    Some(Unprivileged { exe, setpriv, path: path_without_nix(dir), home })
+}
+
+#[test]
+fn the_demo_without_nix_runs_for_a_user_who_may_not_write_nix_store() {
+    // An unprivileged user, no nix-store on PATH, no writable /nix/store: the
+    // stand-in closures go to the work dir's store (NIX_STORE_DIR for the
+    // whole run), the first line and the table say so, the story is the
+    // same, and nothing is left in the work dir or /nix/store.
+    let dir = TempDir::new("demo-nobody");
+    let Some(user) = unprivileged_demo(dir.path()) else { return };
+    let out = user.command().arg("demo").output().expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    let work = work_dir(&stdout);
+    assert!(work.starts_with(dir.path().join("home")), "work dir {} not in TMPDIR", work.display());
+    let first = format!(
+        "WITHOUT Nix (no nix-store on PATH): STAND-IN closures, plain directories under {}/store (as \
+         NIX_STORE_DIR: /nix/store is not writable by this user)",
+        work.display()
+    );
+    assert_story(&out, 4, &first, Some(&own_store_label(&work)));
+}
+
+#[test]
+fn a_kept_unprivileged_run_says_how_to_read_its_store() {
+    // --keep in the work dir's store: the printed replay command sets
+    // NIX_STORE_DIR, and it is needed: the kept CP database names closures in
+    // that store, which a replay with the default store refuses.
+    let dir = TempDir::new("demo-nobody-keep");
+    let Some(user) = unprivileged_demo(dir.path()) else { return };
+    let out = user.command().args(["demo", "--hosts", "2", "--keep"]).output().expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    let work = work_dir(&stdout);
+    let store = work.join("store");
+    let kept = format!("`NIX_STORE_DIR={} nixfleet replay --db {}/cp.db`", store.display(), work.display());
+    assert!(stdout.contains(&kept), "missing {kept:?} in:\n{stdout}");
+    assert_eq!(fs_err::read_dir(&store).expect("kept store").count(), 4, "two closures per host are kept");
+    let replay = |store_dir: Option<&Path>| {
+        let mut cmd = user.command();
+        cmd.args(["replay", "--db"]).arg(work.join("cp.db"));
+        if let Some(store_dir) = store_dir {
+            cmd.env("NIX_STORE_DIR", store_dir);
+        }
+        cmd.output().expect("run replay")
+    };
+    let out = replay(Some(&store));
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = replay(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a replay in /nix/store must refuse closures elsewhere:\n{stderr}");
+    assert!(stderr.contains("must start with /nix/store/"), "{stderr}");
 }
 
 #[test]
@@ -106,7 +252,7 @@ fn the_demo_runs_seven_hosts() {
     // --hosts 7: seven agents, web-1 the canary, web-2..web-7 the second wave.
     let dir = TempDir::new("demo-7");
     let out = demo().args(["demo", "--hosts", "7"]).env("PATH", path_without_nix(dir.path())).output().expect("run");
-    assert_story(&out, 7, "WITHOUT Nix", STAND_IN_LABEL);
+    assert_story(&out, 7, "WITHOUT Nix", None);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("wave 1 = web-2 web-3 web-4 web-5 web-6 web-7"), "{stdout}");
 }
@@ -188,7 +334,7 @@ fn interrupt_mid_run(signal: rustix::process::Signal, name: &str, path: Option<P
     let out = child.wait_with_output().expect("wait for the demo");
     let work = work_dir(&seen);
     assert!(!work.exists(), "work dir {} left behind", work.display());
-    assert_eq!(closures_left(&work), Vec::<String>::new(), "closures left in /nix/store");
+    assert_eq!(closures_left(&work), Vec::<String>::new(), "closures left in the store");
     assert_eq!(processes_marked(&marker), Vec::<String>::new(), "processes of the demo still run");
     assert_eq!(group_members(pid), Vec::<String>::new(), "the demo's process group still has members");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -227,23 +373,28 @@ fn keep_leaves_the_work_dir_and_says_how_to_look_at_it() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let work = work_dir(&stdout);
     let left = closures_left(&work);
+    let (store, env) = run_store(&work);
     // The kept run is this test's to remove, whatever happens below.
     let cleanup = scopeguard(|| {
         let _ = std::fs::remove_dir_all(&work);
         for name in &left {
-            let _ = std::fs::remove_dir_all(Path::new("/nix/store").join(name));
+            let _ = std::fs::remove_dir_all(store.join(name));
         }
     });
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(work.join("cp.db").is_file(), "no cp.db in the kept {}", work.display());
     assert_eq!(left.len(), 4, "two closures per host are kept: {left:?}");
-    let kept = format!("kept {w}: `nixfleet replay --db {w}/cp.db`", w = work.display());
+    let kept = format!("kept {w}: `{env}nixfleet replay --db {w}/cp.db`", w = work.display());
     assert!(stdout.contains(&kept), "missing {kept:?} in:\n{stdout}");
     assert!(
-        stdout.contains(&format!("nixfleet queue ls --state-dir {}/web-2/state --all", work.display())),
+        stdout.contains(&format!("`{env}nixfleet queue ls --state-dir {}/web-2/state --all`", work.display())),
         "{stdout}"
     );
-    let replay = demo().args(["replay", "--db"]).arg(work.join("cp.db")).output().expect("run replay");
+    let mut replay = demo();
+    if !env.is_empty() {
+        replay.env("NIX_STORE_DIR", &store);
+    }
+    let replay = replay.args(["replay", "--db"]).arg(work.join("cp.db")).output().expect("run replay");
     assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
     drop(cleanup);
 }
@@ -287,6 +438,6 @@ fn on_a_terminal_the_rollout_is_a_view_redrawn_in_place() {
     for line in ["] rollout stable@demo-1 converging (wave 1)", "  wave 0 canary   done", "    web-1    Converged "] {
         assert!(tty.contains(line), "missing {line:?} in:\n{tty}");
     }
-    assert!(tty.contains("closures: STAND-IN closures: plain directories, no Nix\n"), "{tty}");
+    assert!(tty.contains(&format!("closures: {}\n", stand_in_label(&work_dir(&tty)))), "{tty}");
     assert!(!tty.contains("web-1  Pending -> "), "per-change lines are for piped output:\n{tty}");
 }

@@ -100,12 +100,12 @@ impl Release {
     }
 }
 
-/// A valid store path, deterministic per label.
+/// A valid store path in this process's store directory, deterministic per label.
 pub fn closure(label: &str) -> String {
     const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
     let digest = Sha256::digest(label.as_bytes());
     let hash: String = digest.iter().take(32).map(|b| ALPHABET[(*b as usize) % 32] as char).collect();
-    format!("/nix/store/{hash}-nixos-system-{label}")
+    format!("{}/{hash}-nixos-system-{label}", nixfleet::ids::store_dir())
 }
 
 /// One wave: (name, soak_secs, max_in_flight).

@@ -4,10 +4,13 @@
 //! `bin/switch-to-configuration`, a /bin/sh script that repoints a
 //! `current-system` symlink baked in at build time.
 //!
-//! Where Nix is absent (or `NIXFLEET_TEST_NIX=stand-in`), stand-in
-//! `nix-store`/`nix-env` scripts on a temp dir keep the same program boundary
-//! and write closures straight into `/nix/store` (which must then be
-//! writable). Every test says which ran: `nix: real (...)` or `nix: stand-in`.
+//! Where Nix is absent (or `NIXFLEET_TEST_NIX=stand-in`), the stand-in
+//! `nix-store`/`nix-env` scripts of `nixfleet demo` (the same source) on a
+//! temp dir keep the same program boundary and write closures straight into
+//! the store directory: `/nix/store` when this user may write it; else
+//! [`closures_here`] runs the test again in a child process (this test
+//! binary, the one test) with `NIX_STORE_DIR` set to a temp store, which the
+//! child fixes as its store directory and hands to every `nixfleet` it runs. Every test says which ran: `nix: real (...)` or `nix: stand-in`.
 //!
 //! Every closure carries a random nonce, so tests sharing the real
 //! `/nix/store` never build or delete each other's paths.
@@ -92,6 +95,51 @@ fn real_nix_version() -> Option<String> {
     (out.status.success() && build.status.success()).then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
+/// Set in a child run by [`closures_here`].
+const STORE_CHILD_ENV: &str = "NIXFLEET_IT_STORE_CHILD";
+
+/// The first call of every test that builds closures. True: build them
+/// here (real Nix, a writable `/nix/store`, or this is the child run
+/// below). False: this user may not write `/nix/store` and Nix is absent,
+/// so the test has just run, and passed, in a child process (this test
+/// binary, `--exact` this test) with `NIX_STORE_DIR` set to a temp store;
+/// the caller returns. A child that fails fails this test with its output.
+pub fn closures_here() -> bool {
+    use nixfleet::ids::{init_store_dir, StoreDir};
+    if std::env::var_os(STORE_CHILD_ENV).is_some() {
+        let dir = StoreDir::from_env().expect("the child's NIX_STORE_DIR");
+        init_store_dir(dir).expect("the store dir is fixed before the test parses a closure");
+        return true;
+    }
+    let nix_store = Path::new(StoreDir::DEFAULT);
+    let writable = std::fs::create_dir_all(nix_store).is_ok()
+        && rustix::fs::access(nix_store, rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK).is_ok();
+    if real_nix_version().is_some() || writable {
+        return true;
+    }
+    let current = std::thread::current();
+    let name = current.name().filter(|n| *n != "main").expect("the test's name (libtest names its thread)");
+    let dir = TempDir::new("store");
+    let store = fs_err::canonicalize(dir.path()).expect("canonical store dir").join("store");
+    fs_err::create_dir_all(&store).expect("mkdir store");
+    println!("nix: stand-in; /nix/store is not writable: running {name} with NIX_STORE_DIR={}", store.display());
+    let out = Command::new(std::env::current_exe().expect("the test binary"))
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(STORE_CHILD_ENV, "1")
+        .env(StoreDir::ENV, &store)
+        .output()
+        .expect("run the child test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    // The test's own lines come between `test NAME ...` and `ok` (--nocapture).
+    let ran = stdout.contains("running 1 test\n")
+        && stdout.contains(&format!("test {name} ... "))
+        && stdout.contains("test result: ok. 1 passed; 0 failed");
+    assert!(out.status.success() && ran, "the child run of {name} failed:\n{stdout}\n{stderr}");
+    false
+}
+
 fn write_script(path: &Path, text: &str) {
     fs_err::write(path, text).expect("write script");
     fs_err::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod script");
@@ -145,45 +193,11 @@ derivation {
 }
 "#;
 
-/// Stand-in `nix-store`: --realise (present, or copied from a `file://`
-/// substituter in NIX_CONFIG whose `.sig` names a trusted key), --delete,
-/// --version. Messages follow Nix 2.8's wording.
-const STANDIN_NIX_STORE: &str = r#"#!/bin/sh
-PATH=/usr/bin:/bin
-case "$1" in
---version) echo "nix-store (stand-in) 0"; exit 0 ;;
---delete) shift; rm -rf "$@"; exit 0 ;;
---realise) p="$2" ;;
-*) echo "stand-in nix-store: unsupported $*" >&2; exit 2 ;;
-esac
-if [ -d "$p" ]; then echo "$p"; exit 0; fi
-name=$(basename "$p")
-subs=$(printf '%s\n' "$NIX_CONFIG" | sed -n 's/^substituters *= *//p')
-keys=$(printf '%s\n' "$NIX_CONFIG" | sed -n 's/^trusted-public-keys *= *//p')
-for s in $subs; do
-  d="${s#file://}"
-  [ -d "$d/$name" ] || continue
-  signer=$(cat "$d/$name.sig")
-  for k in $keys; do
-    if [ "${k%%:*}" = "$signer" ]; then cp -a "$d/$name" "$p"; echo "$p"; exit 0; fi
-  done
-  echo "warning: the substitute for '$p' from '$s' is not signed by any of the keys in 'trusted-public-keys'" >&2
-done
-echo "error: path '$p' is required, but there is no substituter that can build it" >&2
-exit 1
-"#;
-
-/// Stand-in `nix-env -p PROFILE --set PATH`: numbered generation links like Nix.
-const STANDIN_NIX_ENV: &str = r#"#!/bin/sh
-PATH=/usr/bin:/bin
-[ "$1" = "-p" ] && [ "$3" = "--set" ] || { echo "stand-in nix-env: unsupported $*" >&2; exit 2; }
-profile="$2"; p="$4"
-[ -d "$p" ] || { echo "error: path '$p' is not valid" >&2; exit 1; }
-n=1
-while [ -e "$profile-$n-link" ] || [ -L "$profile-$n-link" ]; do n=$((n+1)); done
-ln -s "$p" "$profile-$n-link"
-ln -sfn "$(basename "$profile")-$n-link" "$profile.tmp" && mv -T "$profile.tmp" "$profile"
-"#;
+/// The stand-in `nix-store` (--realise, from a signed `file://` substituter
+/// too; --delete; --version) and `nix-env -p PROFILE --set PATH`: the
+/// scripts `nixfleet demo` runs without Nix, one source for both.
+const STANDIN_NIX_STORE: &str = nixfleet::tools::demo::STANDIN_NIX_STORE;
+const STANDIN_NIX_ENV: &str = nixfleet::tools::demo::STANDIN_NIX_ENV;
 
 impl NixEnv {
     /// Real Nix if `nix-store` and `nix-build` run, else stand-ins; prints which.
@@ -265,9 +279,9 @@ impl NixEnv {
                 let mut bytes = [0u8; 32];
                 getrandom::fill(&mut bytes).expect("os randomness");
                 let hash: String = bytes.iter().map(|b| alphabet[usize::from(*b) % 32] as char).collect();
-                let out = format!("/nix/store/{hash}-{name}");
+                let out = format!("{}/{hash}-{name}", nixfleet::ids::store_dir());
                 let bin = Path::new(&out).join("bin");
-                fs_err::create_dir_all(&bin).expect("stand-in mode needs a writable /nix/store");
+                fs_err::create_dir_all(&bin).expect("stand-in mode needs a writable store (see closures_here)");
                 write_script(&bin.join("switch-to-configuration"), &script.replace("@out@", &out));
                 if let Some(component) = &spec.reboot_required {
                     fs_err::write(Path::new(&out).join("nixfleet-reboot-required"), component).expect("write marker");

@@ -26,7 +26,7 @@ use tokio::process::Command;
 use tokio::time::Instant;
 
 use crate::ids::Closure;
-use crate::wire::event::SHORT_TEXT_MAX_BYTES;
+use crate::wire::event::MAX_SHORT_TEXT_BYTES;
 use runners::{run_captured, run_switch, StepFailure};
 
 pub use runners::SwitchRunner;
@@ -138,7 +138,7 @@ pub enum ActivationOutcome {
     /// The closure is marked reboot-required: the profile is set and
     /// `switch-to-configuration boot` succeeded; a reboot finishes the job.
     Deferred { component: String },
-    /// Any step failed. `stderr_tail` is at most [`STDERR_TAIL_MAX_BYTES`](crate::wire::event::STDERR_TAIL_MAX_BYTES),
+    /// Any step failed. `stderr_tail` is at most [`MAX_STDERR_TAIL_BYTES`](crate::wire::event::MAX_STDERR_TAIL_BYTES),
     /// keeps the end of the output, and ends with a `nixfleet:` line that
     /// names the step, the program and the path involved.
     Failed { exit_code: i32, stderr_tail: String },
@@ -274,7 +274,7 @@ fn read_marker(marker: &Path) -> Result<Option<String>, StepFailure> {
             let text = String::from_utf8_lossy(&bytes);
             let component = text.trim();
             let component = if component.is_empty() { "unspecified" } else { component };
-            Ok(Some(utf8_head(component, SHORT_TEXT_MAX_BYTES)))
+            Ok(Some(utf8_head(component, MAX_SHORT_TEXT_BYTES)))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StepFailure::new(EXIT_CODE_NOT_RUN, Vec::new(), format!("reading reboot marker: {e}"))),

@@ -14,7 +14,7 @@ use super::{
     utf8_tail, ActivationConfig, ActivationOutcome, EXIT_CODE_NOT_RUN, EXIT_CODE_SIGNALLED, EXIT_CODE_TIME_LIMIT,
     SWITCH_UNIT_PREFIX,
 };
-use crate::wire::event::STDERR_TAIL_MAX_BYTES;
+use crate::wire::event::MAX_STDERR_TAIL_BYTES;
 
 /// How `switch-to-configuration` is started relative to the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +72,7 @@ impl StepFailure {
             text.push(b'\n');
         }
         text.extend_from_slice(format!("nixfleet: {}", self.context).as_bytes());
-        ActivationOutcome::Failed { exit_code: self.exit_code, stderr_tail: utf8_tail(&text, STDERR_TAIL_MAX_BYTES) }
+        ActivationOutcome::Failed { exit_code: self.exit_code, stderr_tail: utf8_tail(&text, MAX_STDERR_TAIL_BYTES) }
     }
 }
 
@@ -247,7 +247,7 @@ fn read_tail(path: &Path) -> Vec<u8> {
     let read = || -> std::io::Result<Vec<u8>> {
         let mut file = std::fs::File::open(path)?;
         let len = file.metadata()?.len();
-        let max = STDERR_TAIL_MAX_BYTES as u64;
+        let max = MAX_STDERR_TAIL_BYTES as u64;
         file.seek(SeekFrom::Start(len.saturating_sub(max)))?;
         let mut buf = Vec::new();
         file.take(max).read_to_end(&mut buf)?;

@@ -248,7 +248,7 @@ fn reopen(dir: &Path) -> Queue {
 
 #[tokio::test]
 async fn a_corrupt_dispatch_ack_of_a_soaking_rollout_is_rebuilt_exactly_and_replay_reports_it() {
-    // Proves bug 8's fix: the rotted seq 1 (the DispatchAck, which alone
+    // Proves the fix of divergence 8 in docs/simulator.md: the rotted seq 1 (the DispatchAck, which alone
     // holds the rollback target) is rebuilt from the acceptance kept in
     // accepted-channels.json, so the restarted agent supervises the
     // soak with the same record (before: skipped with an ERROR, the host

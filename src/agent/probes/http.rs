@@ -30,7 +30,7 @@ use crate::tls;
 
 /// Body bytes read at most: health endpoints are small; a bigger body is
 /// searched only in its first MiB, and the connection is then dropped.
-pub const HTTP_RESPONSE_MAX_BYTES: usize = 1024 * 1024;
+pub const MAX_HTTP_RESPONSE_BYTES: usize = 1024 * 1024;
 
 /// How long a loaded trust (the system's roots, or one CA file) is reused.
 /// Loading the system's ~150 roots costs about 6 ms of CPU (measured, release
@@ -41,10 +41,56 @@ pub const TRUST_CACHE_TTL: Duration = Duration::from_secs(60);
 /// Distinct trusts kept at most: the system's plus one per `ca_file` of a
 /// full health-checks file. At the limit the cache is emptied, so paths from
 /// old health-checks files cannot pile up.
-const TRUST_CACHE_MAX_ENTRIES: usize = 1 + crate::wire::event::MAX_PROBES;
+const MAX_TRUST_CACHE_ENTRIES: usize = 1 + crate::wire::event::MAX_PROBES;
 
 type TrustCache = HashMap<Option<PathBuf>, (Instant, Arc<rustls::ClientConfig>)>;
 static TRUST_CACHE: LazyLock<Mutex<TrustCache>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Why an `http` probe's URL is refused (the health-checks file names it),
+/// or why one GET failed (the probe's Fail reason, after `GET {url}: `).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeHttpError {
+    #[error("{url:?} must start with http:// or https://")]
+    Scheme { url: String },
+    #[error("{url:?}: credentials in the URL are not supported")]
+    Credentials { url: String },
+    #[error("{url:?}: unclosed '[' in host")]
+    UnclosedBracket { url: String },
+    #[error("{url:?}: junk after ']'")]
+    AfterBracket { url: String },
+    #[error("{url:?} has no host")]
+    NoHost { url: String },
+    #[error("{url:?}: bad port {port:?}")]
+    Port { url: String, port: String },
+    #[error("{url:?}: the path has spaces or control characters")]
+    PathCharacters { url: String },
+    #[error("{url:?}: the path is not a valid request target")]
+    RequestTarget { url: String },
+    #[error("{url:?}: {host:?} is not a DNS name or IP address a certificate can name")]
+    NotCertificateName { url: String, host: String },
+    #[error("{host:?} as a TLS server name: {error}")]
+    ServerName { host: String, error: rustls::pki_types::InvalidDnsNameError },
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("TLS trust: {0}")]
+    Trust(tls::TlsError),
+    #[error("TLS trust: loading task failed: {0}")]
+    TrustTask(tokio::task::JoinError),
+    #[error("TLS handshake: {}", error_chain(.0))]
+    TlsHandshake(std::io::Error),
+    #[error("HTTP: {}", error_chain(.0))]
+    HttpHandshake(hyper::Error),
+    #[error("request: {0}")]
+    Request(hyper::http::Error),
+    /// Sending the request or reading the response head.
+    #[error("{}", error_chain(.0))]
+    Exchange(hyper::Error),
+    #[error("reading the body: {}", error_chain(.0))]
+    Body(hyper::Error),
+    /// The connection failed before the response was whole.
+    #[error("{}", error_chain(.0))]
+    Connection(hyper::Error),
+}
 
 /// `http` or `https`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,13 +122,14 @@ pub struct HttpUrl {
 }
 
 impl HttpUrl {
-    pub fn parse(url: &str) -> Result<HttpUrl, String> {
+    pub fn parse(url: &str) -> Result<HttpUrl, ProbeHttpError> {
+        let bad = || url.to_owned();
         let (scheme, rest) = if let Some(rest) = url.strip_prefix("http://") {
             (Scheme::Http, rest)
         } else if let Some(rest) = url.strip_prefix("https://") {
             (Scheme::Https, rest)
         } else {
-            return Err(format!("{url:?} must start with http:// or https://"));
+            return Err(ProbeHttpError::Scheme { url: bad() });
         };
         let (authority, path) = match rest.find(['/', '?']) {
             Some(i) if rest.as_bytes()[i] == b'?' => (&rest[..i], format!("/{}", &rest[i..])),
@@ -90,13 +137,13 @@ impl HttpUrl {
             None => (rest, "/".to_owned()),
         };
         if authority.contains('@') {
-            return Err(format!("{url:?}: credentials in the URL are not supported"));
+            return Err(ProbeHttpError::Credentials { url: bad() });
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6.split_once(']').ok_or_else(|| format!("{url:?}: unclosed '[' in host"))?;
+            let (host, after) = v6.split_once(']').ok_or_else(|| ProbeHttpError::UnclosedBracket { url: bad() })?;
             match after {
                 "" => (host, None),
-                p => (host, Some(p.strip_prefix(':').ok_or_else(|| format!("{url:?}: junk after ']'"))?)),
+                p => (host, Some(p.strip_prefix(':').ok_or_else(|| ProbeHttpError::AfterBracket { url: bad() })?)),
             }
         } else {
             match authority.rsplit_once(':') {
@@ -105,20 +152,24 @@ impl HttpUrl {
             }
         };
         if host.is_empty() {
-            return Err(format!("{url:?} has no host"));
+            return Err(ProbeHttpError::NoHost { url: bad() });
         }
         let port = match port {
             None => scheme.default_port(),
-            Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("{url:?}: bad port {p:?}"))?,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| ProbeHttpError::Port { url: bad(), port: p.to_owned() })?,
         };
         if path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-            return Err(format!("{url:?}: the path has spaces or control characters"));
+            return Err(ProbeHttpError::PathCharacters { url: bad() });
         }
         if path.parse::<hyper::Uri>().is_err() {
-            return Err(format!("{url:?}: the path is not a valid request target"));
+            return Err(ProbeHttpError::RequestTarget { url: bad() });
         }
         if scheme == Scheme::Https && rustls::pki_types::ServerName::try_from(host).is_err() {
-            return Err(format!("{url:?}: {host:?} is not a DNS name or IP address a certificate can name"));
+            return Err(ProbeHttpError::NotCertificateName { url: bad(), host: host.to_owned() });
         }
         Ok(HttpUrl { scheme, host: host.to_owned(), port, path, original: url.to_owned() })
     }
@@ -168,7 +219,7 @@ struct Response {
     truncated: bool,
 }
 
-async fn get(url: &HttpUrl, ca_file: Option<&Path>) -> Result<Response, String> {
+async fn get(url: &HttpUrl, ca_file: Option<&Path>) -> Result<Response, ProbeHttpError> {
     match url.scheme {
         Scheme::Http => {
             let tcp = connect(url).await?;
@@ -177,24 +228,24 @@ async fn get(url: &HttpUrl, ca_file: Option<&Path>) -> Result<Response, String> 
         Scheme::Https => {
             let config = client_config(ca_file.map(Path::to_owned)).await?;
             let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-                .map_err(|e| format!("{:?} as a TLS server name: {e}", url.host))?;
+                .map_err(|error| ProbeHttpError::ServerName { host: url.host.clone(), error })?;
             let tcp = connect(url).await?;
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
-                .map_err(|e| format!("TLS handshake: {}", error_chain(&e)))?;
+                .map_err(ProbeHttpError::TlsHandshake)?;
             exchange(TokioIo::new(tls), url).await
         }
     }
 }
 
-async fn connect(url: &HttpUrl) -> Result<TcpStream, String> {
-    TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| format!("connect: {e}"))
+async fn connect(url: &HttpUrl) -> Result<TcpStream, ProbeHttpError> {
+    TcpStream::connect((url.host.as_str(), url.port)).await.map_err(ProbeHttpError::Connect)
 }
 
 /// The https client config: the probe's CA file, or the system's roots,
 /// from the cache or loaded on the blocking pool (it is file I/O).
-async fn client_config(ca_file: Option<PathBuf>) -> Result<Arc<rustls::ClientConfig>, String> {
+async fn client_config(ca_file: Option<PathBuf>) -> Result<Arc<rustls::ClientConfig>, ProbeHttpError> {
     let now = Instant::now();
     let cache = || TRUST_CACHE.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some((loaded_at, config)) = cache().get(&ca_file) {
@@ -204,14 +255,14 @@ async fn client_config(ca_file: Option<PathBuf>) -> Result<Arc<rustls::ClientCon
     }
     let config = load_client_config(ca_file.clone()).await?;
     let mut cached = cache();
-    if cached.len() >= TRUST_CACHE_MAX_ENTRIES {
+    if cached.len() >= MAX_TRUST_CACHE_ENTRIES {
         cached.clear();
     }
     cached.insert(ca_file, (now, Arc::clone(&config)));
     Ok(config)
 }
 
-async fn load_client_config(ca_file: Option<PathBuf>) -> Result<Arc<rustls::ClientConfig>, String> {
+async fn load_client_config(ca_file: Option<PathBuf>) -> Result<Arc<rustls::ClientConfig>, ProbeHttpError> {
     let build = move || {
         let roots = match &ca_file {
             Some(path) => tls::load_ca_bundle(path)?,
@@ -223,36 +274,35 @@ async fn load_client_config(ca_file: Option<PathBuf>) -> Result<Arc<rustls::Clie
     };
     match tokio::task::spawn_blocking(build).await {
         Ok(Ok(config)) => Ok(config),
-        Ok(Err(e)) => Err(format!("TLS trust: {e}")),
-        Err(e) => Err(format!("TLS trust: loading task failed: {e}")),
+        Ok(Err(e)) => Err(ProbeHttpError::Trust(e)),
+        Err(e) => Err(ProbeHttpError::TrustTask(e)),
     }
 }
 
 /// One request and its response on an open connection. The connection is
 /// driven here, not in a spawned task, and dropped with the response.
-async fn exchange<T>(io: T, url: &HttpUrl) -> Result<Response, String>
+async fn exchange<T>(io: T, url: &HttpUrl) -> Result<Response, ProbeHttpError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(io).await.map_err(|e| format!("HTTP: {}", error_chain(&e)))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(ProbeHttpError::HttpHandshake)?;
     let request = hyper::Request::get(url.path.as_str())
         .header(HOST, url.host_header())
         .header(USER_AGENT, "nixfleet-probe")
         .header(ACCEPT, "*/*")
         .header(CONNECTION, "close")
         .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("request: {e}"))?;
+        .map_err(ProbeHttpError::Request)?;
     let response = async {
-        let response = sender.send_request(request).await.map_err(|e| error_chain(&e))?;
+        let response = sender.send_request(request).await.map_err(ProbeHttpError::Exchange)?;
         let status = response.status().as_u16();
         let mut body = response.into_body();
         let mut bytes = Vec::new();
         let mut truncated = false;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("reading the body: {}", error_chain(&e)))?;
+            let frame = frame.map_err(ProbeHttpError::Body)?;
             let Some(data) = frame.data_ref() else { continue };
-            let room = HTTP_RESPONSE_MAX_BYTES - bytes.len();
+            let room = MAX_HTTP_RESPONSE_BYTES - bytes.len();
             if data.len() > room {
                 bytes.extend_from_slice(&data[..room]);
                 truncated = true;
@@ -260,7 +310,7 @@ where
             }
             bytes.extend_from_slice(data);
         }
-        Ok(Response { status, body: bytes, truncated })
+        Ok::<_, ProbeHttpError>(Response { status, body: bytes, truncated })
     };
     tokio::pin!(response, conn);
     tokio::select! {
@@ -269,7 +319,7 @@ where
         ended = &mut conn => match ended {
             // The connection ended cleanly: what it read is in the response.
             Ok(()) => response.await,
-            Err(e) => Err(error_chain(&e)),
+            Err(e) => Err(ProbeHttpError::Connection(e)),
         },
     }
 }
@@ -315,6 +365,14 @@ mod tests {
         ] {
             assert!(HttpUrl::parse(bad).is_err(), "{bad}");
         }
+        // The texts the health-checks error reports, unchanged by the typed error.
+        let text = |url: &str| HttpUrl::parse(url).expect_err(url).to_string();
+        assert_eq!(text("ftp://x"), r#""ftp://x" must start with http:// or https://"#);
+        assert_eq!(text("http://h:0/"), r#""http://h:0/": bad port "0""#);
+        assert_eq!(
+            text("https://a_b!/"),
+            r#""https://a_b!/": "a_b!" is not a DNS name or IP address a certificate can name"#
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -336,7 +394,7 @@ mod tests {
         fs_err::remove_file(&path).expect("remove");
         tokio::time::advance(TRUST_CACHE_TTL).await;
         let err = client_config(Some(path.clone())).await.expect_err("gone");
-        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //!
 //! Runners never panic and never answer "unknown": a timeout, a spawn
 //! failure, a refused connection or a wrong status is a Fail with a reason of
-//! at most [`FAILURE_REASON_MAX_BYTES`].
+//! at most [`MAX_FAILURE_REASON_BYTES`].
 
 pub mod exec;
 pub mod http;
@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::agent::activation::utf8_head;
 use crate::machine::{ProbeDecl, ProbeKind, ProbeMode, ProbeStatus};
-use crate::wire::event::{validate_probe_name, FAILURE_REASON_MAX_BYTES, MAX_PROBES};
+use crate::wire::event::{validate_probe_name, MAX_FAILURE_REASON_BYTES, MAX_PROBES};
 
 /// Where a NixOS closure puts its health checks (relative to the system root).
 pub const DEFAULT_HEALTH_CHECKS_PATH: &str = "/etc/nixfleet/agent/health-checks.json";
@@ -214,7 +214,7 @@ impl RawProbe {
                 (name, mode, interval_secs, Check::Exec { argv, timeout, expect_exit_code })
             }
             RawProbe::Http { name, mode, interval_secs, url, expect_status, body_contains, ca_file, timeout_secs } => {
-                let url = http::HttpUrl::parse(&url).map_err(|why| config_error(f("url"), why))?;
+                let url = http::HttpUrl::parse(&url).map_err(|why| config_error(f("url"), why.to_string()))?;
                 if let Some(path) = &ca_file {
                     validate_ca_file(&f("ca_file"), path, url.scheme)?;
                 }
@@ -303,7 +303,7 @@ impl HealthChecks {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProbeRun {
     pub status: ProbeStatus,
-    /// Why it failed, at most [`FAILURE_REASON_MAX_BYTES`]; None on Pass.
+    /// Why it failed, at most [`MAX_FAILURE_REASON_BYTES`]; None on Pass.
     pub reason: Option<String>,
 }
 
@@ -314,7 +314,7 @@ impl ProbeRun {
 
     /// A Fail whose reason is cut to the wire limit at a character boundary.
     pub fn fail(reason: impl AsRef<str>) -> ProbeRun {
-        ProbeRun { status: ProbeStatus::Fail, reason: Some(utf8_head(reason.as_ref(), FAILURE_REASON_MAX_BYTES)) }
+        ProbeRun { status: ProbeStatus::Fail, reason: Some(utf8_head(reason.as_ref(), MAX_FAILURE_REASON_BYTES)) }
     }
 }
 

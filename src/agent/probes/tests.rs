@@ -139,9 +139,9 @@ fn missing_file_is_an_empty_topology_and_a_bad_file_names_its_path() {
 #[test]
 fn failure_reasons_are_capped_at_the_wire_limit() {
     // Proves ProbeRun::fail never produces a reason the wire would reject.
-    let run = ProbeRun::fail("é".repeat(FAILURE_REASON_MAX_BYTES));
+    let run = ProbeRun::fail("é".repeat(MAX_FAILURE_REASON_BYTES));
     let reason = run.reason.expect("reason");
-    assert!(reason.len() <= FAILURE_REASON_MAX_BYTES && reason.len() >= FAILURE_REASON_MAX_BYTES - 1);
+    assert!(reason.len() <= MAX_FAILURE_REASON_BYTES && reason.len() >= MAX_FAILURE_REASON_BYTES - 1);
     assert_eq!(run.status, ProbeStatus::Fail);
 }
 

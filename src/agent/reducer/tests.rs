@@ -38,13 +38,13 @@ fn restarted(journal: &MemJournal) -> (Reducer<MemJournal>, CommandReceivers) {
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_probe_rolls_back_and_every_step_is_journaled_before_acting() {
-    // Proves the reducer's whole decision path: dispatch → switch order,
+    // Proves the reducer's whole decision path: dispatch → activation order,
     // probes planned on completion, sustained failure → rollback order,
     // rollback outcome → Reverted, each event journaled in seq order.
     let journal = MemJournal::default();
     let (mut r, rx) = reducer(journal.clone());
     r.handle(dispatch()).await;
-    let order = rx.activation.borrow().clone().expect("switch ordered");
+    let order = rx.activation.borrow().clone().expect("activation ordered");
     assert_eq!((order.closure.clone(), order.rollback), (closure('1'), false));
     r.handle(dispatch()).await; // repeated long-poll answer
     assert_eq!(journal.kinds(), vec!["DispatchAck"], "a repeated dispatch is ignored");
@@ -118,7 +118,7 @@ async fn a_full_disk_holds_the_state_back_until_the_event_is_durable() {
     task.await.expect("reducer ends");
     assert_eq!(journal.kinds(), vec!["DispatchAck"]);
     assert_eq!(*journal.failures_left.lock().expect("lock"), 0);
-    assert!(rx.activation.borrow().is_some(), "switch ordered after the append succeeded");
+    assert!(rx.activation.borrow().is_some(), "activation ordered after the append succeeded");
     assert_eq!(snapshot.borrow().last_seqs().get(&rid()), Some(&1));
 }
 
@@ -144,7 +144,7 @@ async fn a_restart_before_the_reboot_keeps_waiting_without_a_second_deferred_eve
     let journal = MemJournal::default();
     let (mut r, rx) = reducer(journal.clone());
     r.handle(dispatch()).await;
-    let order = rx.activation.borrow().clone().expect("switch ordered");
+    let order = rx.activation.borrow().clone().expect("activation ordered");
     let deferred = || ActivationOutcome::Deferred { component: "kernel".into() };
     r.handle(Input::ActivationFinished { rollout_id: rid(), order, outcome: deferred(), at: T0 }).await;
     let (mut again, rx) = restarted(&journal);
@@ -162,7 +162,7 @@ async fn a_restart_before_the_reboot_keeps_waiting_without_a_second_deferred_eve
 
 #[tokio::test(start_paused = true)]
 async fn a_refused_dispatch_is_journaled_and_activates_nothing() {
-    // Proves DispatchRejected: a Failed record, no switch ordered.
+    // Proves DispatchRejected: a Failed record, no activation ordered.
     let journal = MemJournal::default();
     let (mut r, rx) = reducer(journal.clone());
     let refuse = Input::RefuseDispatch {
@@ -239,7 +239,7 @@ fn restarted_all(journal: &MemJournal, channels: ChannelHistory) -> (Reducer<Mem
 /// A (rid) soaking with its enforce probe failing since `secs(10)`.
 async fn soaking_and_failing(r: &mut Reducer<MemJournal>, rx: &CommandReceivers) {
     r.handle(dispatch()).await;
-    let order = rx.activation.borrow().clone().expect("switch ordered");
+    let order = rx.activation.borrow().clone().expect("activation ordered");
     let done = ActivationOutcome::Completed { observed: closure('1') };
     r.handle(Input::ActivationFinished { rollout_id: rid(), order, outcome: done, at: secs(5) }).await;
     let probes = vec![ProbeDecl { name: "web".into(), kind: ProbeKind::Http, mode: ProbeMode::Enforce }];
@@ -250,8 +250,8 @@ async fn soaking_and_failing(r: &mut Reducer<MemJournal>, rx: &CommandReceivers)
 
 #[tokio::test(start_paused = true)]
 async fn a_dispatch_while_another_rollout_is_live_is_refused_busy_once_and_admitted_after_it_ends() {
-    // Proves one live rollout per host on the agent (§3 rule 8): B offered while A soaks (probe failing)
-    // is answered `busy` (durable, B stays Pending), repeats are ignored,
+    // Proves one live rollout per host on the agent (`docs/protocol.md` §3 rule 8): B offered while A
+    // soaks (probe failing) is answered `busy` (durable, B stays Pending), repeats are ignored,
     // A's gate and rollback run while B waits, and B's next offer after A
     // is over activates it with the next seq. Before the fix B was
     // accepted while A soaked, and A's gate then rolled the host back.
@@ -322,7 +322,7 @@ async fn a_restarted_agent_that_refused_b_busy_admits_b_once_a_has_ended() {
 
 #[tokio::test(start_paused = true)]
 async fn an_older_manifest_on_a_channel_is_refused_stale_even_after_a_restart() {
-    // Proves no downgrade (§3 rule 9): after accepting stable@v2 (durably, before its
+    // Proves no downgrade (`docs/protocol.md` §3 rule 9): after accepting stable@v2 (durably, before its
     // DispatchAck), stable@v1 is refused `stale` naming both, also by a
     // restarted agent that reloads the file; a manifest dated beyond the
     // clock-skew bound is refused. Before the fix v1 was activated.
@@ -366,7 +366,7 @@ async fn an_older_manifest_on_a_channel_is_refused_stale_even_after_a_restart() 
 
 #[tokio::test(start_paused = true)]
 async fn after_a_restart_the_failure_gate_waits_for_fresh_results_and_counts_from_this_run() {
-    // Proves fresh evidence (§3 rule 6): a probe failing since 10 s before the restart does
+    // Proves fresh evidence (`docs/protocol.md` §3 rule 6): a probe failing since 10 s before the restart does
     // not fail the host on pre-restart observations (before the fix the
     // first tick after the restart rolled back); the threshold counts
     // from the first failure this run saw, and the machine accepts it.

@@ -79,6 +79,7 @@ fn ingest_one(
             let applied = Applied { hostname, item, event: &event, before: &record };
             run_effects(db, state, group, &applied, &effects)?;
             store_record(db, state, group, &applied, *next)?;
+            super::checkpoint::after_applied(db, state, group.now, hostname, &item.rollout_id, event.body.kind())?;
             Ok(result(ResultStatus::Applied, None))
         }
     }

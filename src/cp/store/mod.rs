@@ -21,7 +21,8 @@
 //!   from the database, so memory never runs ahead of the disk.
 //!
 //! Host records are a cache of `step` results; [`rebuild_host_records`]
-//! rebuilds them from the event log alone.
+//! rebuilds them from the event log, starting from a (host, rollout)'s
+//! record checkpoint where [`checkpoint`] took one.
 //!
 //! Layout: [`schema`] (tables, migrations, opening the file), [`db`] (the
 //! one database handle and its error helpers), [`state`] (the writer's
@@ -40,6 +41,9 @@ use std::path::PathBuf;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+mod checkpoint;
+#[cfg(test)]
+mod checkpoint_tests;
 mod db;
 mod group;
 mod heartbeat;
@@ -54,6 +58,10 @@ mod state;
 mod status;
 mod writer;
 
+pub use checkpoint::{
+    checkpoint_of, has_checkpoint_table, is_compactable, Checkpoint, Checkpoints, COMPACTABLE_KINDS,
+    MAX_EVENTS_SINCE_CHECKPOINT,
+};
 pub(crate) use db::Db;
 pub use heartbeat::Drift;
 pub use operator::{

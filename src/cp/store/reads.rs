@@ -30,6 +30,7 @@ pub fn load_state(conn: &Connection, path: &Path) -> Result<CpState, StoreError>
     load_quarantine(db, &mut state)?;
     super::operator::load_accepted_failures(db, &mut state)?;
     load_drift(db, &mut state)?;
+    super::checkpoint::load(db, &mut state)?;
     Ok(state)
 }
 
@@ -231,8 +232,11 @@ pub fn manifests(conn: &Connection, path: &Path) -> Result<Vec<Manifest>, StoreE
     payloads.iter().map(|p| Manifest::parse(p).map_err(|e| db.corrupt(e.to_string()))).collect()
 }
 
-/// Rebuilds every host record from the event log alone (what a lost cache is rebuilt from): a Pending
-/// record from the manifest, then the logged events folded through `replay`.
+/// Rebuilds every host record from the event log (what a lost cache is
+/// rebuilt from): a Pending record from the manifest, or the (host,
+/// rollout)'s record checkpoint where one was taken, then the logged events
+/// folded through `replay` (those at or below the checkpoint are
+/// duplicates of it). `nixfleet replay` also proves the checkpoint.
 pub fn rebuild_host_records(
     conn: &Connection,
     path: &Path,
@@ -248,6 +252,7 @@ pub fn rebuild_host_records(
     let mut events = conn
         .prepare("SELECT event FROM event_log WHERE rollout_id = ?1 AND hostname = ?2 ORDER BY seq")
         .map_err(db.sql("rebuild"))?;
+    let checkpoints = super::checkpoint::has_checkpoint_table(conn, path)?;
     for payload in payloads {
         let manifest = Manifest::parse(&payload).map_err(|e| db.corrupt(e.to_string()))?;
         let policy = manifest.machine_policy();
@@ -264,7 +269,11 @@ pub fn rebuild_host_records(
                     serde_json::from_str(&json).map_err(|e| db.corrupt(format!("event log: {e}")))?;
                 evs.push(wire.to_remote().map_err(|e| db.corrupt(format!("event log: {e}")))?);
             }
-            let start = HostRecord::pending(id.clone(), host.clone(), Some(entry.target_closure.clone()));
+            let checkpoint = if checkpoints { super::checkpoint::checkpoint_of(conn, path, id, host)? } else { None };
+            let start = match checkpoint {
+                Some(checkpoint) => checkpoint.record,
+                None => HostRecord::pending(id.clone(), host.clone(), Some(entry.target_closure.clone())),
+            };
             let record = machine::replay(start, &evs, &policy)
                 .map_err(|(idx, e)| db.corrupt(format!("event log of {host} in {id}, event {idx}: {e}")))?;
             out.insert((id.clone(), host.clone()), record);

@@ -10,7 +10,7 @@ use super::db::sql_error;
 use super::StoreError;
 
 /// Schema version written to `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATION_1: &str = r#"
 CREATE TABLE rollouts (
@@ -150,6 +150,24 @@ CREATE TABLE operator_actions (
 CREATE INDEX operator_actions_by_rollout ON operator_actions (rollout_id, id);
 "#;
 
+/// Schema 4: record checkpoints (`store::checkpoint`).
+/// - `record_checkpoints`: per (host, rollout) at most one row, the host
+///   record as `step` made it at `seq`, written in the transaction that
+///   deleted the probe events at or below `seq` from `event_log`;
+///   `compacted` counts every row those deletions removed. A database of
+///   schema 3 has no compacted log, so it needs no row here.
+const MIGRATION_4: &str = r#"
+CREATE TABLE record_checkpoints (
+    rollout_id TEXT NOT NULL REFERENCES rollouts (rollout_id),
+    hostname   TEXT NOT NULL,
+    seq        INTEGER NOT NULL,                 -- the record's last_seq
+    record     TEXT NOT NULL,                    -- HostRecord JSON at seq
+    compacted  INTEGER NOT NULL,                 -- event_log rows deleted so far
+    at         TEXT NOT NULL,                    -- CP time of the last checkpoint
+    PRIMARY KEY (rollout_id, hostname)
+);
+"#;
+
 /// Prepared statements the writer keeps: its dozen fixed statements plus
 /// the dispatch INSERT in each of its 64 row counts (`plan.rs`), so a plan
 /// of a few dispatches never evicts the per-event statements (rusqlite's
@@ -197,6 +215,10 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
                 what: format!("{broken} rows name a rollout that does not exist after migration 3"),
             });
         }
+    }
+    if version < 4 {
+        conn.execute_batch(&format!("BEGIN; {MIGRATION_4} PRAGMA user_version = 4; COMMIT;"))
+            .map_err(sql_error(path, "migrate to schema 4"))?;
     }
     Ok(conn)
 }
@@ -325,7 +347,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 
-    /// The event log is append-only per (host, rollout, seq): a second row
+    /// The event log is unique per (host, rollout, seq): a second row
     /// with the same key is refused by the database itself.
     #[test]
     fn event_log_key_is_unique() {

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use super::checkpoint::Checkpoints;
 use super::heartbeat::Drift;
 use crate::cp::planner::{HostClass, PlanIndex, RolloutState};
 use crate::ids::{Closure, Hostname, RolloutId};
@@ -131,6 +132,9 @@ pub struct CpState {
     /// Per host, the drift verdict of its last heartbeat (`hosts.drift`),
     /// so a heartbeat learns whether the verdict changed without a read.
     pub drift: HashMap<Hostname, Drift>,
+    /// The bound of the event log per (host, rollout) and the seq of each
+    /// record checkpoint (`store::checkpoint`).
+    pub checkpoints: Checkpoints,
 }
 
 impl CpState {

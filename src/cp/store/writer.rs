@@ -193,6 +193,14 @@ impl Writer {
         &self.state
     }
 
+    /// Lowers (or raises) the number of events of one (host, rollout)
+    /// applied between two record checkpoints
+    /// (`checkpoint::MAX_EVENTS_SINCE_CHECKPOINT`): tests cross it with a
+    /// few events. Kept across a reload after a failed commit.
+    pub fn set_checkpoint_bound(&mut self, bound: u64) {
+        self.state.checkpoints.bound = bound;
+    }
+
     /// Runs until every sender is dropped, then checkpoints the WAL. Every
     /// turn pings `watchdog` (throttled): a wedged writer stops the pings.
     pub fn run(mut self, mut rx: mpsc::Receiver<Command>, mut watchdog: Watchdog) -> WriterStats {
@@ -334,7 +342,10 @@ impl Writer {
             reply.send_err(&err);
         }
         match load_state(&self.conn, &self.path) {
-            Ok(state) => self.state = state,
+            Ok(mut state) => {
+                state.checkpoints.bound = self.state.checkpoints.bound;
+                self.state = state;
+            }
             Err(e) => tracing::error!(error = %e, "reloading state failed; keeping the previous state"),
         }
     }

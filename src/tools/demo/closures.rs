@@ -1,47 +1,35 @@
 //! The demo's closures and the Nix it runs with. With `nix-store` on PATH the
 //! closures are real store paths (`nix-store --add`) and the agents run the
 //! real `nix-store`/`nix-env`. Without it the closures are plain directories
-//! written under `/nix/store` (a closure is a `/nix/store` path on the wire,
-//! `docs/protocol.md` §1), and the agents are configured with the demo's own
-//! `nix-store`/`nix-env` stand-in scripts in the work dir: the stand-in sits
-//! at the program boundary, the agent runs its one production code path.
+//! in a store directory, and the agents are configured with the stand-in
+//! `nix-store`/`nix-env` scripts (`stand-in/`, shared with the integration
+//! tests' Nix fixture) in the work dir: the stand-in sits at the program
+//! boundary, the agent runs its one production code path. The store
+//! directory is `/nix/store` (or `NIX_STORE_DIR`) when this user may write
+//! it, else `store/` in the work dir, which the whole process then uses as
+//! its store directory (`ids::init_store_dir`, as `NIX_STORE_DIR` would) and
+//! hands to every program the agents run as `NIX_STORE_DIR`.
 //! In both modes each closure's only other stand-in is
 //! `bin/switch-to-configuration` (it repoints that host's `current-system`).
 
+use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
 use super::{setup, DemoError};
-use crate::ids::Closure;
+use crate::ids::{init_store_dir, Closure, StoreDir};
 
-/// Where stand-in closures go: closures are `/nix/store` paths.
-const STORE_DIR: &str = "/nix/store";
+/// Stand-in `nix-store` (`--realise`, `--delete`, `--version`) for where Nix
+/// is absent; the integration tests' Nix fixture runs the same script.
+#[doc(hidden)]
+pub const STANDIN_NIX_STORE: &str = include_str!("stand-in/nix-store.sh");
 
-/// Stand-in `nix-store`: `--realise P` succeeds when the directory exists.
-const STANDIN_NIX_STORE: &str = r#"#!/bin/sh
-# nixfleet demo stand-in for nix-store (no Nix on this machine)
-PATH=/usr/bin:/bin
-case "$1" in
---version) echo "nix-store (nixfleet demo stand-in)" ;;
---realise) [ -d "$2" ] && echo "$2" || { echo "error: path '$2' does not exist" >&2; exit 1; } ;;
-*) echo "nixfleet demo stand-in nix-store: unsupported: $*" >&2; exit 2 ;;
-esac
-"#;
-
-/// Stand-in `nix-env -p PROFILE --set P`: numbered generation links, as Nix makes.
-const STANDIN_NIX_ENV: &str = r#"#!/bin/sh
-# nixfleet demo stand-in for nix-env (no Nix on this machine)
-PATH=/usr/bin:/bin
-[ "$1" = "-p" ] && [ "$3" = "--set" ] || { echo "nixfleet demo stand-in nix-env: unsupported: $*" >&2; exit 2; }
-profile="$2"; p="$4"
-[ -d "$p" ] || { echo "error: path '$p' is not valid" >&2; exit 1; }
-n=1
-while [ -e "$profile-$n-link" ] || [ -L "$profile-$n-link" ]; do n=$((n+1)); done
-ln -s "$p" "$profile-$n-link"
-ln -sfn "$(basename "$profile")-$n-link" "$profile.tmp" && mv -T "$profile.tmp" "$profile"
-"#;
+/// Stand-in `nix-env -p PROFILE --set P`: numbered generation links, as Nix
+/// makes them; shared with the integration tests' Nix fixture.
+#[doc(hidden)]
+pub const STANDIN_NIX_ENV: &str = include_str!("stand-in/nix-env.sh");
 
 /// Which Nix the demo runs with, decided once at start.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,49 +61,104 @@ impl NixMode {
             None => NixMode::StandIn,
         }
     }
-
-    /// The first line's words for this mode.
-    pub fn headline(&self) -> String {
-        match self {
-            NixMode::Real { version } => format!("with Nix ({version}): closures are real store paths"),
-            NixMode::StandIn => "WITHOUT Nix (no nix-store on PATH): STAND-IN closures, plain directories under \
-                                 /nix/store, and stand-in nix-store/nix-env scripts"
-                .to_owned(),
-        }
-    }
-
-    /// The final table's words for this mode.
-    pub fn label(&self) -> &'static str {
-        match self {
-            NixMode::Real { .. } => "real Nix store paths",
-            NixMode::StandIn => "STAND-IN closures: plain directories, no Nix",
-        }
-    }
 }
 
 fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// Whether this user may create entries in `dir` (creating it if missing).
+fn writable(dir: &Path) -> bool {
+    use rustix::fs::{access, Access};
+    std::fs::create_dir_all(dir).is_ok() && access(dir, Access::WRITE_OK | Access::EXEC_OK).is_ok()
+}
+
 /// Makes closures in one mode and remembers them for [`Store::remove_all`].
 #[derive(Debug)]
 pub struct Store {
     pub mode: NixMode,
+    /// The process's store directory, fixed by [`Store::new`].
+    dir: &'static StoreDir,
+    /// The store directory is the work dir's `store/` (this user may not
+    /// write `/nix/store`).
+    own_dir: bool,
     work: PathBuf,
     nonce: String,
     made: Vec<Closure>,
 }
 
 impl Store {
+    /// Fixes the process's store directory (`NIX_STORE_DIR` or `/nix/store`;
+    /// without Nix, the work dir's `store/` when that one is not writable)
+    /// and writes the stand-in scripts. Runs before any closure is parsed.
     pub fn new(mode: NixMode, work: &Path, nonce: &str) -> Result<Store, DemoError> {
-        if mode == NixMode::StandIn {
-            let bin = work.join("bin");
-            fs_err::create_dir_all(&bin)?;
-            write_executable(&bin.join("nix-store"), STANDIN_NIX_STORE)?;
-            write_executable(&bin.join("nix-env"), STANDIN_NIX_ENV)?;
-            fs_err::create_dir_all(STORE_DIR).map_err(|e| DemoError::NoStore(e.to_string()))?;
+        let from_env = StoreDir::from_env().map_err(|e| DemoError::Setup(e.to_string()))?;
+        let (dir, own_dir) = match mode {
+            NixMode::Real { .. } => (from_env, false),
+            NixMode::StandIn => {
+                let bin = work.join("bin");
+                fs_err::create_dir_all(&bin)?;
+                write_executable(&bin.join("nix-store"), STANDIN_NIX_STORE)?;
+                write_executable(&bin.join("nix-env"), STANDIN_NIX_ENV)?;
+                if writable(Path::new(from_env.as_str())) {
+                    (from_env, false)
+                } else if from_env.is_default() {
+                    (own_store_dir(work)?, true)
+                } else {
+                    let err = format!("{}={from_env} is not writable by this user", StoreDir::ENV);
+                    return Err(DemoError::NoStore(err));
+                }
+            }
+        };
+        let dir = init_store_dir(dir).map_err(|e| DemoError::Setup(e.to_string()))?;
+        Ok(Store { mode, dir, own_dir, work: work.to_owned(), nonce: nonce.to_owned(), made: Vec::new() })
+    }
+
+    /// The first line's words for this run.
+    pub fn headline(&self) -> String {
+        match &self.mode {
+            NixMode::Real { version } if self.dir.is_default() => {
+                format!("with Nix ({version}): closures are real store paths")
+            }
+            NixMode::Real { version } => {
+                format!("with Nix ({version}): closures are real store paths in {} ({})", self.dir, StoreDir::ENV)
+            }
+            NixMode::StandIn => format!(
+                "WITHOUT Nix (no nix-store on PATH): STAND-IN closures, plain directories under {}{}, and stand-in \
+                 nix-store/nix-env scripts",
+                self.dir,
+                self.own_note()
+            ),
         }
-        Ok(Store { mode, work: work.to_owned(), nonce: nonce.to_owned(), made: Vec::new() })
+    }
+
+    /// The final table's words for this run.
+    pub fn label(&self) -> String {
+        match self.mode {
+            NixMode::Real { .. } => "real Nix store paths".to_owned(),
+            NixMode::StandIn if self.own_dir => {
+                format!("STAND-IN closures: plain directories, no Nix; store dir {}{}", self.dir, self.own_note())
+            }
+            NixMode::StandIn => "STAND-IN closures: plain directories, no Nix".to_owned(),
+        }
+    }
+
+    fn own_note(&self) -> String {
+        if self.own_dir {
+            format!(" (as {}: /nix/store is not writable by this user)", StoreDir::ENV)
+        } else {
+            String::new()
+        }
+    }
+
+    /// `NIX_STORE_DIR=… ` before a command that reads what this run stored,
+    /// when its store directory is not `/nix/store`.
+    pub fn env_prefix(&self) -> String {
+        if self.dir.is_default() {
+            String::new()
+        } else {
+            format!("{}={} ", StoreDir::ENV, self.dir)
+        }
     }
 
     /// The programs the agents run as `nix-store` and `nix-env`.
@@ -123,6 +166,16 @@ impl Store {
         match self.mode {
             NixMode::Real { .. } => ("nix-store".into(), "nix-env".into()),
             NixMode::StandIn => (self.work.join("bin/nix-store"), self.work.join("bin/nix-env")),
+        }
+    }
+
+    /// The environment the agents give `nix-store` and `nix-env`: the store
+    /// directory, when it is not `/nix/store`.
+    pub fn nix_env_vars(&self) -> Vec<(OsString, OsString)> {
+        if self.dir.is_default() {
+            Vec::new()
+        } else {
+            vec![(StoreDir::ENV.into(), self.dir.as_str().into())]
         }
     }
 
@@ -137,7 +190,7 @@ impl Store {
                 add_to_store(&dir).await?
             }
             NixMode::StandIn => {
-                let path = format!("{STORE_DIR}/{}-{name}", standin_hash()?);
+                let path = format!("{}/{}-{name}", self.dir, standin_hash()?);
                 let closure = Closure::parse(&path).map_err(setup("stand-in store path"))?;
                 self.made.push(closure.clone());
                 write_closure(Path::new(&path), link, probe_exit).map_err(|e| DemoError::NoStore(e.to_string()))?;
@@ -169,6 +222,17 @@ impl Store {
             NixMode::Real { .. } => {}
         }
     }
+}
+
+/// `store/` in the work dir, by its canonical path: the agent resolves
+/// `current-system` to a path without symlinks, and a closure is compared
+/// as text.
+fn own_store_dir(work: &Path) -> Result<StoreDir, DemoError> {
+    let store = work.join("store");
+    fs_err::create_dir_all(&store)?;
+    let canonical = fs_err::canonicalize(&store)?;
+    let text = canonical.to_str().ok_or_else(|| DemoError::Setup(format!("{} is not UTF-8", canonical.display())))?;
+    StoreDir::parse(text).map_err(|e| DemoError::Setup(format!("the work dir's store: {e}")))
 }
 
 fn write_executable(path: &Path, text: &str) -> Result<(), DemoError> {

@@ -164,6 +164,7 @@ pub fn start_agents(
     key: &SigningKey,
 ) -> Result<(), DemoError> {
     let (nix_store, nix_env) = store.programs();
+    let nix_extra_env = store.nix_env_vars();
     for host in hosts {
         let root = &host.root;
         let activation = ActivationConfig {
@@ -174,7 +175,7 @@ pub fn start_agents(
             switch_runner: SwitchRunner::Session { setsid: "setsid".into() },
             time_limit: Duration::from_secs(60),
             log_dir: root.join("log"),
-            nix_extra_env: Vec::new(),
+            nix_extra_env: nix_extra_env.clone(),
         };
         let cfg = AgentConfig {
             state_dir: root.join("state"),

@@ -3,8 +3,9 @@
 //! agent with its own state dir, profile and `current-system` link, over
 //! mutual TLS with certificates from a fresh `nixfleet pki` CA in the work
 //! dir, as a real fleet does. With Nix the closures are real store paths;
-//! without it they are stand-ins, and the first line and the final table say
-//! so ([`closures`]). A 2-wave rollout runs; one host's new closure fails its
+//! without it they are stand-ins (in the work dir's store when this user may
+//! not write `/nix/store`: no root needed), and the first line and the final
+//! table say so ([`closures`]). A 2-wave rollout runs; one host's new closure fails its
 //! enforce probe, so that host rolls back by itself, the rollout halts, and a
 //! per-host table ends the run. Everything else is the production code path.
 //!
@@ -25,6 +26,8 @@ use crate::sign;
 use crate::tls;
 use crate::tools::pki;
 use closures::{repoint, NixMode, Store};
+#[doc(hidden)]
+pub use closures::{STANDIN_NIX_ENV, STANDIN_NIX_STORE};
 use fleet::{DemoPki, Running};
 
 const ROLLOUT: &str = "stable@demo-1";
@@ -45,9 +48,9 @@ pub enum DemoError {
     )]
     NoNix(String),
     #[error(
-        "without Nix the demo writes its stand-in closures as plain directories under /nix/store (a closure \
-         is a /nix/store path), and that failed ({0}); create it once with \
-         `sudo mkdir -p /nix/store && sudo chown $USER /nix/store`, or install Nix"
+        "without Nix the demo writes its stand-in closures as plain directories in the store directory \
+         (NIX_STORE_DIR, else /nix/store, else the work dir's store/), and that failed ({0}); unset \
+         NIX_STORE_DIR or point it at a directory you may write"
     )]
     NoStore(String),
     #[error("demo setup: {0}")]
@@ -124,12 +127,10 @@ pub fn run(opts: &DemoOptions) -> Result<(), DemoError> {
 async fn demo(opts: &DemoOptions) -> Result<(), DemoError> {
     let say = Say { started: Instant::now(), live: std::io::stdout().is_terminal() };
     let mode = NixMode::detect();
-    say.line(&format!("nixfleet demo, {} hosts, {}", opts.hosts, mode.headline()));
     let mut signals = Signals::new()?;
     let nonce = nonce()?;
     let work = std::env::temp_dir().join(format!("nixfleet-demo-{nonce}"));
     fs_err::create_dir_all(&work)?;
-    say.line(&format!("work dir {}", work.display()));
     let mut store = match Store::new(mode, &work, &nonce) {
         Ok(store) => store,
         Err(e) => {
@@ -137,6 +138,8 @@ async fn demo(opts: &DemoOptions) -> Result<(), DemoError> {
             return Err(e);
         }
     };
+    say.line(&format!("nixfleet demo, {} hosts, {}", opts.hosts, store.headline()));
+    say.line(&format!("work dir {}", work.display()));
     let mut running = Running::new();
     let end = tokio::select! {
         result = story(opts, &work, &mut store, &mut running, &say) => result.err(),
@@ -145,9 +148,10 @@ async fn demo(opts: &DemoOptions) -> Result<(), DemoError> {
     running.stop().await;
     let cleanup = if opts.keep {
         say.line(&format!(
-            "kept {w}: `nixfleet replay --db {w}/cp.db` re-runs the CP's event log; \
-             `nixfleet queue ls --state-dir {w}/web-{b}/state --all` lists the failing host's queue",
+            "kept {w}: `{env}nixfleet replay --db {w}/cp.db` re-runs the CP's event log; \
+             `{env}nixfleet queue ls --state-dir {w}/web-{b}/state --all` lists the failing host's queue",
             w = work.display(),
+            env = store.env_prefix(),
             b = opts.hosts.min(3)
         ));
         format!("kept {}", work.display())
@@ -220,7 +224,7 @@ async fn story(
     fleet::start_agents(running, &hosts, store, &demo_pki, addr, &key)?;
     say.line(&format!("started {} agents", hosts.len()));
     let detail = watch::watch(&url, say, say.live).await?;
-    print_stdout(&watch::report(&detail, &hosts, &store.mode))?;
+    print_stdout(&watch::report(&detail, &hosts, &store.label()))?;
     Ok(())
 }
 

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use hyper::Method;
 use serde_json::Value;
 
-use super::closures::NixMode;
 use super::{setup, DemoError, Host, Say, ROLLOUT};
 use crate::client::{request, CpUrl};
 use crate::output::print_stdout;
@@ -23,7 +22,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Live-view lines are cut to fit an 80-column terminal: a wrapped line
 /// would throw off the count of lines the next redraw moves up over (the
 /// final table prints the full halt reason).
-const LIVE_LINE_MAX_CHARS: usize = 79;
+const MAX_LIVE_LINE_CHARS: usize = 79;
 
 /// What the watcher remembers between two looks.
 #[derive(Debug)]
@@ -137,7 +136,7 @@ impl Seen {
         self.drawn = lines.len();
         for line in lines {
             // A wrapped line would throw off the redraw's line count.
-            let fits: String = line.chars().take(LIVE_LINE_MAX_CHARS).collect();
+            let fits: String = line.chars().take(MAX_LIVE_LINE_CHARS).collect();
             view.push_str(&fits);
             if fits.len() < line.len() {
                 view.push('…');
@@ -149,8 +148,8 @@ impl Seen {
 }
 
 /// The final per-host table, labelled with the mode the closures were made in.
-pub fn report(detail: &Value, hosts_run: &[Host], mode: &NixMode) -> String {
-    let mut table = format!("\nclosures: {}\nHOST    WAVE  STATE       RUNNING     NOTE\n", mode.label());
+pub fn report(detail: &Value, hosts_run: &[Host], label: &str) -> String {
+    let mut table = format!("\nclosures: {label}\nHOST    WAVE  STATE       RUNNING     NOTE\n");
     for (wave, h) in hosts(detail) {
         let name = text(&h["hostname"]);
         let running = hosts_run

@@ -3,8 +3,9 @@
 //! One file per concern: [`publish`], [`dispatch`] (long-polls, waves,
 //! halts, supersession), [`ingest`] (events and heartbeats), [`durability`]
 //! (`kill -9`, database loss, SIGTERM), [`views`] (status JSON and the
-//! `cp` commands' output), [`bad_input`] (malformed requests, identity).
-//! The shared fixtures are here.
+//! `cp` commands' output), [`bad_input`] (malformed requests, identity),
+//! [`checkpoint`] (record checkpoints of the event log). The shared
+//! fixtures are here.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use time::macros::datetime;
 use crate::harness::{assert_applied, closure, manifest, Agent, Cp, Release, TempDir};
 
 mod bad_input;
+mod checkpoint;
 mod dispatch;
 mod durability;
 mod ingest;

@@ -156,18 +156,18 @@ impl Faults {
 }
 
 /// The largest fleet the `body-limit` fault is drawn for.
-pub const BODY_LIMIT_MAX_HOSTS: usize = 1_000;
+pub const MAX_BODY_LIMIT_HOSTS: usize = 1_000;
 
 impl Faults {
     /// The heavy profile's body limit, from a stream of its own (derived
     /// from the seed, not forked from the run's): adding it shifts no
     /// other choice of a seed, so seeds found before keep their runs.
-    /// Only for fleets of at most [`BODY_LIMIT_MAX_HOSTS`]: the fault
+    /// Only for fleets of at most [`MAX_BODY_LIMIT_HOSTS`]: the fault
     /// exercises each agent's delivery on its own, which a larger fleet
     /// only repeats, and the 10,000-host benchmark (`benches/sim.rs`, seed
     /// 42) keeps the workload its figures were measured on.
     pub fn draw_body_limit(&mut self, profile: FaultProfile, seed: u64, n_hosts: usize) {
-        if profile == FaultProfile::Heavy && n_hosts <= BODY_LIMIT_MAX_HOSTS {
+        if profile == FaultProfile::Heavy && n_hosts <= MAX_BODY_LIMIT_HOSTS {
             let mut r = Rng::new(seed ^ 0x6f64_795f_6c69_6d69);
             if r.chance(0.25) {
                 self.body_limit = Some(r.range(150, 800));

@@ -12,16 +12,25 @@
 //!   legal only while Soaking) is rebuilt with the target as the observed
 //!   closure and the time of the next readable event: the soak ends no
 //!   earlier than it did;
-//! - a lost visibility event (`ActivationStarted`, `ProbeTopologyDeclared`,
-//!   `ProbeObservedFirst`, `ProbeResult`) is bridged: its seq is spent, its
-//!   content is not guessed (a restart declares the topology and reports
-//!   every probe's first result again);
+//! - a lost visibility event is rebuilt where what it said is known
+//!   ([`Repair::Rebuilt`], written back so the CP receives its seq): a
+//!   `ProbeObservedFirst` from the `ProbeResult` right after it (the agent
+//!   reports a probe's first observation and its result as a pair: same
+//!   probe, mode and time); a `ProbeTopologyDeclared` from the topology of
+//!   the health-checks file of the running system (the file is part of the
+//!   immutable closure the lost declaration read); an `ActivationStarted`
+//!   with the time of the event before it and the switch method marked
+//!   unknown. Otherwise (a `ProbeResult`, whose status no later event
+//!   proves, or the inference does not hold) it is bridged: its seq is
+//!   spent, its content is not guessed (a restart declares the topology and
+//!   reports every probe's first result again), and the CP, which never
+//!   gets that seq, stays behind (`docs/decisions.md` 29, "Not closed");
 //! - anything else, a loss after the last readable event (its seq would be
 //!   handed out again), or a gap no corrupt file explains, is not rebuilt.
 
 use super::channels::AcceptedDispatch;
 use crate::ids::{Hostname, RolloutId};
-use crate::machine::EventBody;
+use crate::machine::{EventBody, ProbeDecl};
 use crate::wire::OutboundEvent;
 
 /// Wire kinds whose loss only hides something (they never decide).
@@ -109,15 +118,23 @@ pub fn names_rollout(name: &str, hostname: &Hostname, rollout_id: &RolloutId) ->
     rollout_part == rollout_id.as_str() || (cut && rollout_id.as_str().starts_with(rollout_part))
 }
 
+/// What the rebuild knows besides the queue: the rollout's entry of
+/// `accepted-channels.json` (if it has one) and the probe topology the
+/// health-checks file of the running system declares (if known).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Kept<'a> {
+    pub acceptance: Option<&'a AcceptedDispatch>,
+    pub topology: Option<&'a [ProbeDecl]>,
+}
+
 /// Puts the readable events (`(qseq, event)`) and the lost records of one
-/// rollout in order and repairs what the rules allow. `acceptance` is the
-/// rollout's entry of `accepted-channels.json`, if it has one.
+/// rollout in order and repairs what the rules allow from `kept`.
 pub fn history(
     rollout_id: &RolloutId,
     mut readable: Vec<(u64, OutboundEvent)>,
     lost: &[LostRecord],
     has_pending: bool,
-    acceptance: Option<&AcceptedDispatch>,
+    kept: Kept<'_>,
 ) -> Verdict {
     readable.sort_by_key(|(_, e)| e.seq);
     readable.dedup_by_key(|(_, e)| e.seq);
@@ -136,7 +153,7 @@ pub fn history(
                 return Verdict::Lost(unexplained(rollout_id, seqs, &before, has_pending));
             }
             for (seq, record) in seqs.zip(before) {
-                if let Err(why) = repair(seq, record, Some(event), acceptance, &mut out) {
+                if let Err(why) = repair(seq, record, event, kept, &mut out) {
                     return Verdict::Lost(format!("seq {seq} of rollout {rollout_id} is lost: {why}"));
                 }
             }
@@ -172,66 +189,107 @@ fn unexplained(rollout_id: &RolloutId, seqs: std::ops::Range<u64>, files: &[&Los
     format!("{missing} of rollout {rollout_id} missing; {cause}")
 }
 
-/// Repairs one lost seq or says why it cannot be.
+/// Repairs one lost seq or says why it cannot be. `next` is the first
+/// readable event after the gap.
 fn repair(
     seq: u64,
     record: &LostRecord,
-    next: Option<&OutboundEvent>,
-    acceptance: Option<&AcceptedDispatch>,
+    next: &OutboundEvent,
+    kept: Kept<'_>,
     out: &mut History,
 ) -> Result<(), String> {
-    let kind = record.kind.clone();
-    let file = record.file.clone();
-    let qseq = record.qseq;
-    let body = match kind.as_str() {
+    let kind = record.kind.as_str();
+    let (body, from) = match kind {
         "DispatchAck" => {
-            let Some(a) = acceptance else {
+            let Some(a) = kept.acceptance else {
                 return Err(format!(
-                    "its DispatchAck ({file}) holds the rollback target, and accepted-channels.json has no copy of this acceptance"
+                    "its DispatchAck ({}) holds the rollback target, and accepted-channels.json has no copy of this acceptance",
+                    record.file
                 ));
             };
-            EventBody::Activate {
+            let body = EventBody::Activate {
                 current_closure_at_dispatch: a.current_closure_at_dispatch.clone(),
                 target_closure: a.target_closure.clone(),
                 soak_secs: a.soak_secs,
                 received_at: a.received_at,
-            }
+            };
+            (body, "accepted-channels.json")
         }
         "ActivationCompleted" => {
-            let target = out.events.iter().find_map(|e| match e.to_local().map(|e| e.body) {
+            let target = out.events.iter().find_map(|e| match e.to_body() {
                 Ok(EventBody::Activate { target_closure, .. }) => Some(target_closure),
                 _ => None,
             });
-            let at = next.and_then(|e| e.to_local().ok()).map(|e| e.body.occurred_at());
+            let at = next.to_body().ok().map(|b| b.occurred_at());
             let (Some(target), Some(at)) = (target, at) else {
-                return Err(format!("its ActivationCompleted ({file}) cannot be inferred"));
+                return Err(format!("its ActivationCompleted ({}) cannot be inferred", record.file));
             };
             let body = EventBody::ActivationCompleted {
                 observed_current_closure: target,
                 exit_code: super::activation::EXIT_CODE_COMPLETED,
                 completed_at: at,
             };
-            let event = OutboundEvent::from_machine(seq, &body);
-            out.repairs.push(Repair::Rebuilt {
-                seq,
-                qseq,
-                kind,
-                from: "the events after it (soak from the next one)",
-                file,
-            });
-            out.events.push(event);
-            return Ok(());
+            (body, "the events after it (soak from the next one)")
         }
-        k if BRIDGEABLE_KINDS.contains(&k) => {
-            out.bridged.push(seq);
-            out.repairs.push(Repair::Bridged { seq, kind, file });
-            return Ok(());
-        }
-        _ => return Err(format!("a {kind} record ({file}) decides the rollout and cannot be inferred")),
+        k if BRIDGEABLE_KINDS.contains(&k) => match visibility(seq, kind, next, kept, out) {
+            Some(rebuilt) => rebuilt,
+            None => {
+                out.bridged.push(seq);
+                out.repairs.push(Repair::Bridged { seq, kind: kind.to_owned(), file: record.file.clone() });
+                return Ok(());
+            }
+        },
+        _ => return Err(format!("a {kind} record ({}) decides the rollout and cannot be inferred", record.file)),
     };
     out.events.push(OutboundEvent::from_machine(seq, &body));
-    out.repairs.push(Repair::Rebuilt { seq, qseq, kind, from: "accepted-channels.json", file });
+    out.repairs.push(Repair::Rebuilt {
+        seq,
+        qseq: record.qseq,
+        kind: kind.to_owned(),
+        from,
+        file: record.file.clone(),
+    });
     Ok(())
+}
+
+/// The switch method of a rebuilt `ActivationStarted`: the lost record
+/// named it, nothing else does.
+pub const UNKNOWN_SWITCH_METHOD: &str = "unknown (record lost)";
+
+/// A lost visibility event rebuilt from what is known, with where from;
+/// `None` when it is not known (the seq is then bridged).
+fn visibility(
+    seq: u64,
+    kind: &str,
+    next: &OutboundEvent,
+    kept: Kept<'_>,
+    out: &History,
+) -> Option<(EventBody, &'static str)> {
+    let next_body = next.to_body().ok()?;
+    match kind {
+        // Reported as a pair with the probe's first result: same probe,
+        // mode and time, the result right after it.
+        "ProbeObservedFirst" => match next_body {
+            EventBody::ProbeResult { probe_name, mode, observed_at, .. } if next.seq == seq + 1 => {
+                let body = EventBody::ProbeObservedFirst { probe_name, mode, observed_at };
+                Some((body, "the ProbeResult after it (the same probe, mode and time)"))
+            }
+            _ => None,
+        },
+        // The file lives in the closure the host runs while it soaks: the
+        // declaration that was lost read the same file.
+        "ProbeTopologyDeclared" => kept.topology.map(|probes| {
+            let body =
+                EventBody::ProbeTopologyDeclared { probes: probes.to_vec(), declared_at: next_body.occurred_at() };
+            (body, "the health-checks file of the running system")
+        }),
+        "ActivationStarted" => {
+            let started_at = out.events.last().and_then(|e| e.to_body().ok()).map(|b| b.occurred_at())?;
+            let body = EventBody::ActivationStarted { started_at, switch_method: UNKNOWN_SWITCH_METHOD.to_owned() };
+            Some((body, "the event before it (the switch method is unknown)"))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -292,7 +350,8 @@ mod tests {
 
     fn verdict(readable: Vec<(u64, OutboundEvent)>, corrupt: &[(String, String)], kept: bool) -> Verdict {
         let lost = lost_records(corrupt, &host(), &rid());
-        history(&rid(), readable, &lost, false, kept.then(acceptance).as_ref())
+        let acceptance = kept.then(acceptance);
+        history(&rid(), readable, &lost, false, Kept { acceptance: acceptance.as_ref(), topology: None })
     }
 
     use crate::machine::Timestamp;
@@ -301,8 +360,8 @@ mod tests {
     fn a_missing_start_without_pending_events_or_a_corrupt_record_is_retention() {
         // Proves the distinction: pruned by retention vs lost.
         let tail = vec![(9, ev(5, started()))];
-        assert_eq!(history(&rid(), tail.clone(), &[], false, None), Verdict::Pruned);
-        let Verdict::Lost(why) = history(&rid(), tail.clone(), &[], true, None) else { panic!() };
+        assert_eq!(history(&rid(), tail.clone(), &[], false, Kept::default()), Verdict::Pruned);
+        let Verdict::Lost(why) = history(&rid(), tail.clone(), &[], true, Kept::default()) else { panic!() };
         assert!(why.contains("seqs 1 to 4") && why.contains("pending"), "{why}");
         let corrupt = [lost(7, "DispatchAck")];
         let Verdict::Lost(why) = verdict(tail, &corrupt, false) else { panic!() };
@@ -340,6 +399,40 @@ mod tests {
         assert_eq!(h.events[2], ev(3, completed(later)));
         assert_eq!(h.bridged, vec![4]);
         assert!(matches!(&h.repairs[1], Repair::Bridged { seq: 4, kind, .. } if kind == "ProbeResult"));
+    }
+
+    #[test]
+    fn a_lost_topology_and_first_observation_are_rebuilt_only_from_what_proves_them() {
+        // Proves the visibility rules: a ProbeObservedFirst is rebuilt from
+        // the ProbeResult right after it (same probe, mode, time) and a
+        // ProbeTopologyDeclared from the kept topology; without the result
+        // right after, or without a topology, each stays bridged.
+        use crate::machine::{ProbeDecl, ProbeKind};
+        let t = T0 + Duration::seconds(40);
+        let decl = vec![ProbeDecl { name: "web".into(), kind: ProbeKind::Http, mode: ProbeMode::Enforce }];
+        let head = vec![(1, ev(1, activate())), (2, ev(2, started())), (3, ev(3, completed(T0)))];
+        let mut readable = head.clone();
+        readable.push((6, ev(6, probe(t))));
+        let corrupt = [lost(4, "ProbeTopologyDeclared"), lost(5, "ProbeObservedFirst")];
+        let lost_recs = lost_records(&corrupt, &host(), &rid());
+        let kept = Kept { acceptance: None, topology: Some(&decl) };
+        let Verdict::Complete(h) = history(&rid(), readable.clone(), &lost_recs, true, kept) else { panic!() };
+        assert!(h.bridged.is_empty(), "{h:?}");
+        assert_eq!(h.events[3], ev(4, EventBody::ProbeTopologyDeclared { probes: decl.clone(), declared_at: t }));
+        let first =
+            EventBody::ProbeObservedFirst { probe_name: "web".into(), mode: ProbeMode::Enforce, observed_at: t };
+        assert_eq!(h.events[4], ev(5, first));
+        assert!(h.repairs.iter().all(|r| matches!(r, Repair::Rebuilt { .. })), "{h:?}");
+        // No topology kept: bridged. A result that is not right after: bridged.
+        let Verdict::Complete(h) = history(&rid(), readable, &lost_recs, true, Kept::default()) else { panic!() };
+        assert_eq!(h.bridged, vec![4]);
+        let mut far = head;
+        far.push((6, ev(6, probe(t))));
+        let corrupt = [lost(4, "ProbeObservedFirst"), lost(5, "ProbeObservedFirst")];
+        let lost_recs = lost_records(&corrupt, &host(), &rid());
+        let Verdict::Complete(h) = history(&rid(), far, &lost_recs, true, kept) else { panic!() };
+        assert_eq!(h.bridged, vec![4], "seq 4 is not right before the result");
+        assert!(matches!(&h.repairs[1], Repair::Rebuilt { seq: 5, .. }), "{h:?}");
     }
 
     #[test]

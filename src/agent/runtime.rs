@@ -155,8 +155,9 @@ async fn run_agent(
 fn restore_from_queue(cfg: &AgentConfig, mut queue: Queue) -> Result<(Rollouts, SharedQueue), AgentError> {
     let report = queue.recovery_report().clone();
     tracing::info!(?report, "queue opened");
-    let (rollouts, restored) = restore_and_write_back(&mut queue, &cfg.state_dir, &cfg.hostname, &cfg.trust_keys)
-        .map_err(AgentError::Restore)?;
+    let (rollouts, restored) =
+        restore_and_write_back(&mut queue, &cfg.state_dir, &cfg.health_checks, &cfg.hostname, &cfg.trust_keys)
+            .map_err(AgentError::Restore)?;
     tracing::info!(restored = ?restored.restored, pruned = ?restored.pruned, skipped = ?restored.skipped, written_back = ?restored.written_back, "state rebuilt from the queue");
     Ok((rollouts, SharedQueue::new(queue)))
 }

@@ -9,13 +9,15 @@
 //!
 //! Reading order: [`rng`], [`world`] (what the code runs against),
 //! [`storage`] (the agents' in-memory disks), [`cp`] (the CP process),
-//! [`agent`] (an agent process and its delivery loop), [`check`] (the
-//! invariants), then this file's event loop. `docs/simulator.md` says what
+//! [`agent`] (an agent process and its delivery loop), `proxy` (the
+//! body-limit fault), [`check`] (the invariants), then this file's event
+//! loop. `docs/simulator.md` says what
 //! is real and what is modelled, and why.
 
 pub mod agent;
 pub mod check;
 pub mod cp;
+mod proxy;
 pub mod rng;
 pub mod storage;
 pub mod world;
@@ -154,6 +156,8 @@ enum ToAgent {
     Poll(Option<Box<Dispatch>>),
     Manifest(Option<cp::SharedEnvelope>),
     Unavailable,
+    /// An events request refused whole: (HTTP status, error code, message).
+    Refused(u16, String, String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +247,7 @@ struct Stats {
     corruptions: u64,
     revived: u64,
     key_rotations: u64,
+    refused_whole: u64,
     publishes: u64,
     groups: u64,
     rejected: u64,
@@ -354,6 +359,8 @@ impl Sim {
             if s == Scenario::SupersedeMidSoak {
                 faults.supersede = true;
             }
+        } else {
+            faults.draw_body_limit(cfg.faults, cfg.seed, n_hosts);
         }
         let mut add = |rng: &mut Rng, at_ms: u64, channel: &str, git_ref: &str, generation: u64, hosts: &[usize]| {
             let issued_at = world::at(at_ms.saturating_sub(500));
@@ -895,6 +902,12 @@ impl Sim {
     }
 
     fn cp_receive(&mut self, host: usize, inc: u64, req: u64, msg: ToCp) {
+        if let ToCp::Events(batch) = &msg {
+            if let Some(refusal) = self.proxy_refuses(req, batch) {
+                self.reply(host, inc, req, refusal);
+                return;
+            }
+        }
         if !self.cp.is_up() {
             // Connection refused: the agent hears at once.
             self.reply(host, inc, req, ToAgent::Unavailable);
@@ -1326,6 +1339,7 @@ impl Sim {
         for line in notes.lines {
             self.note(format!("{hostname}: {line}"));
         }
+        self.check_dead_lettered_alone(host, &notes.refused_alone)?;
         let step = step.map_err(|e| Violation::new("queue", format!("{hostname}: queue move failed: {e}")))?;
         match step {
             delivery::Step::Send(batch, pass) => {
@@ -1392,8 +1406,20 @@ impl Sim {
             let Drain::InFlight { pass, .. } = std::mem::replace(&mut proc.drain, Drain::Idle(0)) else {
                 return Ok(());
             };
-            let step = delivery::on_failure(pass, &format!("delivery {why}"));
-            return self.drain_step(host, Ok(step), delivery::Notes::default());
+            let hostname = self.agents[host].host.clone();
+            let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
+            let mut notes = delivery::Notes::default();
+            let why = format!("delivery {why}");
+            let step = delivery::on_failure(
+                &mut proc.journal.lock(),
+                &hostname,
+                pass,
+                &why,
+                &mut proc.blocked,
+                self.now_ms,
+                &mut notes,
+            );
+            return self.drain_step(host, step, notes);
         } else if proc.heartbeat_req == Some(req) {
             proc.heartbeat_req = None;
         } else if matches!(&proc.poll, LongPoll::Polling(r) | LongPoll::FetchingManifest(r, _) if *r == req) {
@@ -1496,6 +1522,7 @@ impl Sim {
                 self.admit(host, dispatch, envelope)?;
                 self.set_timer(host, Timer::Poll, 0);
             }
+            ToAgent::Refused(status, code, message) => self.refused_whole(host, req, status, code, message)?,
             ToAgent::Unavailable => {}
         }
         Ok(())
@@ -1551,7 +1578,14 @@ impl Sim {
         }
         self.agents.iter().zip(&self.machines).all(|(a, m)| {
             let Some(proc) = a.proc.as_ref() else { return false };
-            m.switches.is_empty()
+            // The CP has every seq of the agent's records (a dead letter
+            // the CP lacks is re-sent on a later gap or Replay-From).
+            let cp_has_all = proc.reducer.rollouts().iter().all(|(id, s)| {
+                let cp = state.rollouts.get(id).and_then(|r| r.records.get(&a.host));
+                cp.is_none_or(|r| r.last_seq >= s.record.last_seq)
+            });
+            cp_has_all
+                && m.switches.is_empty()
                 && proc.journal.lock().pending_len() == 0
                 && proc.resend.is_empty()
                 && proc.heartbeat_seen_ms >= self.checker.republished_ms()
@@ -1605,8 +1639,10 @@ impl Sim {
         if let Some(state) = self.cp.state() {
             for (id, r) in &state.rollouts {
                 let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-                for rec in r.records.values() {
-                    *counts.entry(rec.state.as_str()).or_default() += 1;
+                for (h, rec) in &r.records {
+                    // As the CP's views count them: a skipped host's outcome.
+                    let skipped = rec.state == HostState::Pending && r.skipped.contains(h);
+                    *counts.entry(if skipped { "Skipped" } else { rec.state.as_str() }).or_default() += 1;
                 }
                 let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
                 let end = self.rollout_end.get(id).map(|(_, t)| format!(" at {}", fmt_ms(*t))).unwrap_or_default();
@@ -1623,7 +1659,7 @@ impl Sim {
         let _ = writeln!(
             out,
             "\nfaults injected: {} messages ({} lost, {} duplicated, {} delayed), {} agent crashes, {} reboots, \
-             {} CP crashes, {} CP database losses, {} partitions, {} bit rots, {} key rotations",
+             {} CP crashes, {} CP database losses, {} partitions, {} bit rots, {} key rotations{}",
             s.msgs,
             s.lost,
             s.duplicated,
@@ -1634,7 +1670,8 @@ impl Sim {
             s.db_losses,
             s.partitions,
             s.corruptions,
-            s.key_rotations
+            s.key_rotations,
+            if s.refused_whole > 0 { format!(", {} batches refused whole", s.refused_whole) } else { String::new() }
         );
         let _ = writeln!(
             out,

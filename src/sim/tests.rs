@@ -116,6 +116,17 @@ const SOAK_SEEDS: &[(u64, FaultProfile, &str)] = &[
     (116, FaultProfile::Heavy, "agreement: the run ended before the rebuilt CP heard every agent (sim)"),
     (239, FaultProfile::Heavy, "halt: a completed rollout never planned again (CP writer)"),
     (122, FaultProfile::Heavy, "agreement: a rebuilt pending record never reached the CP (agent restore)"),
+    (
+        557,
+        FaultProfile::Heavy,
+        "terminal: a rotted pending ProbeObservedFirst bridged, the CP waited for it (agent rebuild)",
+    ),
+    (
+        1057,
+        FaultProfile::Heavy,
+        "agreement: a rotted pending ProbeObservedFirst bridged, never delivered (agent rebuild)",
+    ),
+    (468, FaultProfile::Heavy, "agent-restart: a rotted ProbeTopologyDeclared stopped the agent (agent rebuild)"),
 ];
 
 #[test]
@@ -186,4 +197,22 @@ fn until_accepts_hours_minutes_and_seconds() {
     assert_eq!(parse_until("3600s"), Ok(3_600_000));
     assert_eq!(parse_until("10"), Ok(10_000));
     assert!(parse_until("5d").is_err());
+}
+
+#[test]
+fn a_batch_refused_whole_is_halved_and_an_event_refused_alone_comes_back_later() {
+    // Proves the body-limit model end to end: heavy seed 33 draws a proxy
+    // limit that refuses batches whole and some single events on their
+    // own; the drainer halves, dead-letters the single events with the
+    // CP's answer (`refused-whole` checks both), and once the limit is
+    // lifted a re-send revives every one of them, so agent and CP agree.
+    let outcome = run_seed(33, 12, FaultProfile::Heavy, None);
+    assert!(outcome.violation.is_none(), "{}", outcome.text);
+    assert!(outcome.text.contains("body-limit") && outcome.text.contains("batches refused whole"), "{}", outcome.text);
+    let work = outcome.text.lines().find(|l| l.starts_with("work:")).unwrap_or_default();
+    let count = |what: &str| -> u64 {
+        let words: Vec<&str> = work.split([' ', ',']).filter(|w| !w.is_empty()).collect();
+        words.windows(2).find(|w| w[1] == what).and_then(|w| w[0].parse().ok()).unwrap_or(0)
+    };
+    assert!(count("events") > 0 && count("events") == count("revived"), "{work}");
 }

@@ -467,8 +467,11 @@ impl QueueReplay {
         let _ = writeln!(self.out, "rollout {rollout_id}");
         let lost = rebuild::lost_records(&self.corrupt, &hostname, &rollout_id);
         let pending = self.with_pending.contains(&rollout_id);
-        let dispatch = self.channels.dispatch_of(&rollout_id);
-        let history = match rebuild::history(&rollout_id, events, &lost, pending, dispatch) {
+        // The health-checks file is not an input of this tool: a lost
+        // topology declaration shows as bridged here (the agent's start
+        // rebuilds it from the file and writes it back).
+        let kept = rebuild::Kept { acceptance: self.channels.dispatch_of(&rollout_id), topology: None };
+        let history = match rebuild::history(&rollout_id, events, &lost, pending, kept) {
             rebuild::Verdict::Complete(history) => history,
             rebuild::Verdict::Pruned => {
                 let _ = writeln!(self.out, " host {host}: history pruned by retention");

@@ -596,8 +596,14 @@ async fn a_rotted_pending_record_is_rebuilt_written_back_and_the_cp_receives_its
     std::fs::write(&rotted, b"{ bit rot").expect("rot");
 
     let mut queue = Queue::open(&state_dir, host(), QueueConfig::default(), ClockHandle::system()).expect("reopen");
-    let (rollouts, report) =
-        nixfleet::agent::journal::restore_and_write_back(&mut queue, &state_dir, &host(), &[public]).expect("restore");
+    let (rollouts, report) = nixfleet::agent::journal::restore_and_write_back(
+        &mut queue,
+        &state_dir,
+        &state_dir.join("health-checks.json"),
+        &host(),
+        &[public],
+    )
+    .expect("restore");
     assert_eq!(rollouts.get(&id).map(|s| s.record.last_seq), Some(5));
     assert_eq!(report.written_back, vec![(id.clone(), 3)], "{report:?}");
     assert!(rotted.exists(), "back in the pending folder under its own name");
@@ -606,6 +612,49 @@ async fn a_rotted_pending_record_is_rebuilt_written_back_and_the_cp_receives_its
     until("the queue drained", || async { queue.lock().pending_len() == 0 }).await;
     drainer.stop().await;
     assert_eq!(world.cp_seqs("stable@q1").await, vec![1, 2, 3, 4, 5], "the CP received the rebuilt seq 3");
+    assert_eq!(world.cp.host_state("stable@q1", "web-1").await, "Soaking");
+    assert!(on_disk(&state_dir, EntryState::Dead).is_empty(), "nothing dead-lettered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotted_pending_topology_and_first_observation_reach_the_cp_rebuilt() {
+    // Proves issue 9's soak finds (nixfleet sim heavy seeds 468, 557,
+    // 1057): the ProbeTopologyDeclared (seq 4) and ProbeObservedFirst
+    // (seq 5) rot while pending. Before, the topology's loss stopped the
+    // agent and a bridged first observation never reached the CP, which
+    // waited for seq 5 forever. Now the restart rebuilds the topology from
+    // the health-checks file and the first observation from the result
+    // after it, writes both back, and the real drainer delivers 1..7 to
+    // the real CP, which takes them.
+    let world = World::start("delivery-writeback-visibility", &[("stable@q1", &["web-1"])]).await;
+    let state_dir = world.state_dir();
+    let id = rid("stable@q1");
+    let envelope = world.release.sign(&manifest("stable@q1", &["web-1"]));
+    let public = world.release.key.public_key();
+    nixfleet::agent::journal::ManifestCache::new(&state_dir).store(&id, &envelope, &public).expect("cache");
+    let checks = state_dir.join("health-checks.json");
+    let probe = r#"{"probes":[{"name":"p","kind":"exec","mode":"enforce","interval_secs":1,"argv":["/bin/true"],"timeout_secs":5}]}"#;
+    std::fs::write(&checks, probe).expect("health checks");
+    let rotted: Vec<_> = {
+        let mut queue = Queue::open(&state_dir, host(), QueueConfig::default(), ClockHandle::system()).expect("queue");
+        let refs: Vec<_> = (1..=7).map(|seq| queue.enqueue(&id, &legal(seq)).expect("enqueue")).collect();
+        vec![refs[3].path.clone(), refs[4].path.clone()]
+    };
+    for path in &rotted {
+        std::fs::write(path, b"{ bit rot").expect("rot");
+    }
+
+    let mut queue = Queue::open(&state_dir, host(), QueueConfig::default(), ClockHandle::system()).expect("reopen");
+    let (rollouts, report) =
+        nixfleet::agent::journal::restore_and_write_back(&mut queue, &state_dir, &checks, &host(), &[public])
+            .expect("the agent starts");
+    assert_eq!(rollouts.get(&id).map(|s| s.record.last_seq), Some(7));
+    assert_eq!(report.written_back, vec![(id.clone(), 4), (id.clone(), 5)], "{report:?}");
+    let queue = SharedQueue::new(queue);
+    let drainer = Drainer::start(&world.cp.url, &queue);
+    until("the queue drained", || async { queue.lock().pending_len() == 0 }).await;
+    drainer.stop().await;
+    assert_eq!(world.cp_seqs("stable@q1").await, vec![1, 2, 3, 4, 5, 6, 7], "the CP received seqs 4 and 5");
     assert_eq!(world.cp.host_state("stable@q1", "web-1").await, "Soaking");
     assert!(on_disk(&state_dir, EntryState::Dead).is_empty(), "nothing dead-lettered");
 }

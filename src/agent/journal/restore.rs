@@ -10,10 +10,10 @@ use std::sync::Arc;
 use super::manifests::{verify_cached, CachedManifestError, ManifestCache};
 use crate::agent::admission::{verified_manifest, Refusal};
 use crate::agent::channels::{ChannelHistory, ChannelsError};
-use crate::agent::rebuild::{history, lost_records, History, LostRecord, Repair, Verdict};
+use crate::agent::rebuild::{history, lost_records, History, Kept, LostRecord, Repair, Verdict};
 use crate::agent::rollouts::Rollouts;
 use crate::ids::{Hostname, RolloutId};
-use crate::machine::{Event, HostState, Policy};
+use crate::machine::{Event, HostState, Policy, ProbeDecl};
 use crate::queue::{DeadCause, EntryState, Queue, QueueView, QueuedEvent, ViewError};
 use crate::sign::PublicKey;
 use crate::wire::{Manifest, OutboundEvent};
@@ -119,13 +119,16 @@ pub fn restore(
 /// ([`Queue::write_back`]), before any worker runs, so the drainer delivers
 /// it in seq order (`docs/decisions.md` 29). A write-back that fails stops
 /// the start ([`RestoreError::WriteBack`]); the next start rebuilds again.
+/// `health_checks` is the agent's health-checks file (what a lost
+/// `ProbeTopologyDeclared` is rebuilt from).
 pub fn restore_and_write_back(
     queue: &mut Queue,
     state_dir: &Path,
+    health_checks: &Path,
     hostname: &Hostname,
     trust_keys: &[PublicKey],
 ) -> Result<(Rollouts, RestoreReport), RestoreError> {
-    restore_from(queue, &StateDirFiles::new(state_dir), hostname, trust_keys)
+    restore_from(queue, &StateDirFiles::new(state_dir).with_health_checks(health_checks), hostname, trust_keys)
 }
 
 /// What the restart rebuild reads besides the open queue: the agent's
@@ -161,6 +164,14 @@ pub trait RestoreSource {
     fn record_rebuilt(&self, _rebuilt: &[(RolloutId, String)]) -> std::io::Result<()> {
         Ok(())
     }
+    /// The probe topology the agent declares for the system it runs now
+    /// (`workers::probes::declared_topology` of its health-checks file),
+    /// what a lost `ProbeTopologyDeclared` of a soaking rollout declared:
+    /// the file follows `/run/current-system` and is part of the immutable
+    /// closure. `None` (default): unknown, such a loss stays bridged.
+    fn probe_topology(&self) -> Option<Vec<ProbeDecl>> {
+        None
+    }
 }
 
 /// `{state_dir}/rebuilt-records.log`: one line per rebuilt record, written
@@ -181,11 +192,17 @@ pub fn rebuilt_log(state_dir: &Path) -> std::io::Result<Vec<String>> {
 pub struct StateDirFiles<'a> {
     state_dir: &'a Path,
     cache: ManifestCache,
+    health_checks: Option<&'a Path>,
 }
 
 impl<'a> StateDirFiles<'a> {
     pub fn new(state_dir: &'a Path) -> StateDirFiles<'a> {
-        StateDirFiles { state_dir, cache: ManifestCache::new(state_dir) }
+        StateDirFiles { state_dir, cache: ManifestCache::new(state_dir), health_checks: None }
+    }
+
+    /// The agent's health-checks file, for [`RestoreSource::probe_topology`].
+    pub fn with_health_checks(self, path: &'a Path) -> StateDirFiles<'a> {
+        StateDirFiles { health_checks: Some(path), ..self }
     }
 
     fn read_dead(&self, source: ViewError) -> RestoreError {
@@ -223,6 +240,10 @@ impl RestoreSource for StateDirFiles<'_> {
     fn manifest_path(&self, rollout_id: &RolloutId) -> PathBuf {
         self.cache.path(rollout_id)
     }
+    fn probe_topology(&self) -> Option<Vec<ProbeDecl>> {
+        self.health_checks.map(crate::agent::workers::probes::declared_topology)
+    }
+
     fn record_rebuilt(&self, rebuilt: &[(RolloutId, String)]) -> std::io::Result<()> {
         use std::io::Write;
         let path = self.state_dir.join(REBUILT_LOG);
@@ -281,6 +302,7 @@ fn rebuild_all(
         journals.entry(q.rollout_id).or_default().push((q.qseq, q.event));
     }
     let corrupt = source.corrupt_records()?;
+    let topology = if corrupt.is_empty() { None } else { source.probe_topology() };
     let with_pending: std::collections::BTreeSet<RolloutId> =
         queue.pending().into_iter().map(|q| q.rollout_id).collect();
     let mut rebuild = Rebuild {
@@ -297,7 +319,8 @@ fn rebuild_all(
         let lost = lost_records(&corrupt, hostname, &rollout_id);
         let pending = with_pending.contains(&rollout_id);
         let acceptance = rebuild.channels.dispatch_of(&rollout_id).cloned();
-        match history(&rollout_id, events.clone(), &lost, pending, acceptance.as_ref()) {
+        let kept = Kept { acceptance: acceptance.as_ref(), topology: topology.as_deref() };
+        match history(&rollout_id, events.clone(), &lost, pending, kept) {
             Verdict::Pruned => rebuild.report.pruned.push(rollout_id),
             Verdict::Lost(why) => rebuild.lost(rollout_id, &events, &lost, why)?,
             Verdict::Complete(history) => rebuild.one(rollout_id, history)?,

@@ -237,6 +237,10 @@ fn rot(dir: &Path, kind: &str) -> String {
     file.file_name().and_then(|n| n.to_str()).expect("name").to_owned()
 }
 
+/// A health-checks file with one enforce probe, `selftest`.
+const ONE_ENFORCE_PROBE: &str = r#"{"probes":[{"name":"selftest","kind":"exec","mode":"enforce","interval_secs":1,
+  "argv":["/bin/sh","-c","exit 0"],"timeout_secs":5}]}"#;
+
 fn reopen(dir: &Path) -> Queue {
     let clock = ClockHandle::manual(datetime!(2026-11-25 13:00 UTC));
     Queue::open(dir, host(), QueueConfig::default(), clock).expect("reopen")
@@ -289,10 +293,11 @@ async fn a_lost_dispatch_ack_without_a_kept_acceptance_stops_the_agent_naming_th
 }
 
 #[tokio::test]
-async fn a_corrupt_visibility_event_in_the_middle_is_bridged_and_the_rollout_carries_on() {
-    // Proves a lost ActivationStarted (seq 2) no longer drops the
-    // rollout: its seq is kept, its content not guessed, the rest
-    // replays, and the next seq agrees with the queue.
+async fn a_corrupt_activation_started_is_rebuilt_with_its_time_and_an_unknown_switch_method() {
+    // Proves a lost ActivationStarted (seq 2) no longer drops the rollout
+    // nor leaves a hole: it is rebuilt with the time of the event before
+    // it and the switch method marked unknown (nothing else names it), the
+    // rest replays, and the next seq agrees with the queue.
     let dir = tempfile::tempdir().expect("tempdir");
     let (rid, live, public) = soaking_then_stopped(dir.path()).await;
     rot(dir.path(), "ActivationStarted");
@@ -302,9 +307,75 @@ async fn a_corrupt_visibility_event_in_the_middle_is_bridged_and_the_rollout_car
     assert_eq!(slot.record.state, HostState::Soaking);
     assert_eq!(slot.record.last_seq, live.record.last_seq);
     assert_eq!(slot.record.current_closure_at_dispatch, live.record.current_closure_at_dispatch);
-    assert_eq!(slot.record.switch_method, None, "not guessed");
+    assert_eq!(slot.record.switch_method.as_deref(), Some(crate::agent::rebuild::UNKNOWN_SWITCH_METHOD));
+    assert_eq!(slot.record.activation_started_at, live.record.dispatch_acked_at, "the time of the event before it");
     assert_eq!(reopened.next_seq(&rid), slot.record.last_seq + 1);
-    assert!(report.rebuilt[0].1.contains("seq 2 (ActivationStarted"), "{report:?}");
+    assert!(report.rebuilt[0].1.contains("seq 2 (ActivationStarted") && report.rebuilt[0].1.contains("rebuilt from"));
+}
+
+#[tokio::test]
+async fn a_rotted_pending_topology_and_first_observation_are_rebuilt_and_written_back() {
+    // Proves issue 9's soak finds (seeds 468, 557, 1057 heavy): the
+    // ProbeTopologyDeclared (seq 4) and ProbeObservedFirst (seq 5) of a
+    // soaking rollout rot while still pending. Before, the first stopped
+    // the agent (the next probe event no longer replayed) and the second
+    // was bridged in memory only, so the CP waited for seq 5 forever. Now
+    // the topology is rebuilt from the health-checks file of the running
+    // system and the first observation from the ProbeResult after it;
+    // both are written back as pending records, the record is the one the
+    // agent had, and the queue delivers seqs 4..6 in order.
+    use crate::machine::{ProbeMode, ProbeStatus};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (queue, public, manifest) = setup(dir.path());
+    let (cmds, _rx) = commands();
+    let mut rollouts = Rollouts::new(host());
+    rollouts.set_channels(ChannelHistory::load(dir.path()).expect("channels"));
+    let (mut reducer, _snap) = Reducer::new(rollouts, queue.clone(), cmds);
+    reducer.handle(dispatch(&manifest)).await;
+    let rid = manifest.rollout_id.clone();
+    let at = datetime!(2026-11-25 12:00:01 UTC);
+    reducer.handle(Input::ActivationStarted { rollout_id: rid.clone(), switch_method: "setsid".into(), at }).await;
+    let target = manifest.hosts[&host()].target_closure.clone();
+    let outcome = crate::agent::activation::ActivationOutcome::Completed { observed: target.clone() };
+    let order = reducer_order(&rid, &target);
+    reducer.handle(Input::ActivationFinished { rollout_id: rid.clone(), order, outcome, at }).await;
+    let checks = dir.path().join("health-checks.json");
+    fs_err::write(&checks, ONE_ENFORCE_PROBE).expect("health checks");
+    let probes = crate::agent::workers::probes::declared_topology(&checks);
+    let at = datetime!(2026-11-25 12:00:02 UTC);
+    reducer.handle(Input::ProbeTopology { rollout_id: rid.clone(), probes, at }).await;
+    let probe_name = "selftest".to_owned();
+    let run = Input::ProbeRun {
+        rollout_id: rid.clone(),
+        probe_name,
+        mode: ProbeMode::Enforce,
+        status: ProbeStatus::Pass,
+        reason: None,
+        at: datetime!(2026-11-25 12:00:03 UTC),
+    };
+    reducer.handle(run).await;
+    let live = reducer.rollouts().get(&rid).expect("slot").clone();
+    assert_eq!(live.record.last_seq, 6, "1 ack, 2 started, 3 completed, 4 topology, 5 first seen, 6 result");
+    let kinds_pending = |q: &Queue| q.pending().iter().map(|e| (e.seq(), e.kind().to_owned())).collect::<Vec<_>>();
+    let before = kinds_pending(&queue.lock());
+    drop((reducer, queue));
+    for kind in ["ProbeTopologyDeclared", "ProbeObservedFirst"] {
+        let file = fs_err::read_dir(dir.path().join("outbound-queue"))
+            .expect("pending")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(&format!("-{kind}.json")))
+            .expect("pending on disk");
+        fs_err::write(&file, b"{ bit rot").expect("corrupt");
+    }
+    let mut reopened = reopen(dir.path());
+    let (rollouts, report) =
+        restore_and_write_back(&mut reopened, dir.path(), &checks, &host(), &[public]).expect("restore");
+    assert_eq!(rollouts.get(&rid), Some(&live), "the record the agent had");
+    assert_eq!(report.written_back, vec![(rid.clone(), 4), (rid.clone(), 5)], "{report:?}");
+    let [(_, what)] = report.rebuilt.as_slice() else { panic!("{report:?}") };
+    assert!(what.contains("health-checks file") && what.contains("ProbeResult after it"), "{what}");
+    assert_eq!(kinds_pending(&reopened), before, "every seq pending again, in order, for the drainer");
 }
 
 #[test]

@@ -145,11 +145,7 @@ where
         Ok(checks) => checks.topology(),
         Err(reason) => {
             tracing::error!(%rollout_id, %reason, "health-checks file is invalid; reporting it as a failing probe");
-            vec![ProbeDecl {
-                name: HEALTH_CHECKS_FILE_PROBE.to_owned(),
-                kind: ProbeKind::Exec,
-                mode: ProbeMode::Enforce,
-            }]
+            invalid_file_topology()
         }
     };
     tracing::info!(%rollout_id, n_probes = topology.len(), path = %path.display(), "declaring probe topology");
@@ -167,6 +163,21 @@ where
         }
     }
     Ok(())
+}
+
+/// The one failing stand-in probe declared for an invalid file.
+fn invalid_file_topology() -> Vec<ProbeDecl> {
+    vec![ProbeDecl { name: HEALTH_CHECKS_FILE_PROBE.to_owned(), kind: ProbeKind::Exec, mode: ProbeMode::Enforce }]
+}
+
+/// The topology this worker declares for the health-checks file at `path`
+/// (read on the calling thread): its probes, or the stand-in of an invalid
+/// file. The restart rebuild uses it for a lost `ProbeTopologyDeclared`.
+pub fn declared_topology(path: &Path) -> Vec<ProbeDecl> {
+    match HealthChecks::load(path) {
+        Ok(checks) => checks.topology(),
+        Err(_) => invalid_file_topology(),
+    }
 }
 
 /// The file off the reactor (it is at most `MAX_HEALTH_CHECKS_BYTES`).

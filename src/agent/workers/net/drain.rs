@@ -157,7 +157,7 @@ struct Delivery {
 /// batch may pass, and a single event refused this way never will): 413
 /// (too large; a proxy may answer it too), or 400 `bad_event_batch` (the
 /// batch does not parse). Other 400s (a body cut in transit) are transient.
-fn refused_whole(error: &ClientError) -> Option<String> {
+pub fn refused_whole(error: &ClientError) -> Option<String> {
     match error {
         ClientError::Status { status, code, message }
             if *status == StatusCode::PAYLOAD_TOO_LARGE

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use super::Shutdown;
 
-pub use drain::{run_drain_worker, DeliveryPaused, BLOCKED_RECHECK, DEFAULT_DRAIN_INTERVAL, PRUNE_EVERY};
+pub use drain::{
+    refused_whole, run_drain_worker, DeliveryPaused, BLOCKED_RECHECK, DEFAULT_DRAIN_INTERVAL, PRUNE_EVERY,
+};
 pub use heartbeat::{run_heartbeat_worker, HeartbeatConfig, DEFAULT_HEARTBEAT_INTERVAL};
 pub use longpoll::{run_longpoll_worker, LongPollConfig, MAX_KNOWN_DISPATCH_PAUSE, MIN_KNOWN_DISPATCH_PAUSE};
 

@@ -2,8 +2,8 @@
 //! writer bumps after each commit, latency histograms (commit, event
 //! ingest, long-poll answers), the long-poll board's gauges, build info, and
 //! rollout/host figures counted in SQL (`store::fleet`: a scrape reads a few
-//! rows per rollout, whatever the size of the fleet). The README lists
-//! every metric.
+//! rows per rollout, whatever the size of the fleet). `docs/manual.md`
+//! ("Metrics") lists every metric.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -127,5 +127,16 @@ fn metrics_parse_and_count_the_fleet() {
         assert!(commits >= 7.0, "publish, 5 batches, heartbeats: {commits}");
         assert_eq!(histogram_count(&after, "nixfleet_cp_commit_seconds", &[]), commits, "one observation per commit");
         assert_eq!(gauge(&after, "nixfleet_cp_events_total", &[("status", "applied")]), 5.0);
+
+        // docs/manual.md ("Metrics") names every family the CP exports.
+        let manual = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/manual.md")).expect("manual");
+        let metrics = &manual[manual.find("### Metrics").expect("a Metrics section")..];
+        assert!(after.docs.len() >= 12, "every family has its HELP line: {:?}", after.docs.keys());
+        for name in after.docs.keys() {
+            assert!(
+                metrics.contains(&format!("`{name}`")) || metrics.contains(&format!("`{name}{{")),
+                "{name} is exported but docs/manual.md (\"Metrics\") does not list it"
+            );
+        }
     });
 }

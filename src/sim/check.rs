@@ -441,27 +441,34 @@ fn check_waves(
 ) -> Result<(), Violation> {
     let m = &r.manifest;
     let mut first_unsettled = usize::MAX;
-    let mut in_flight: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    // Hosts, not text: the lists are formatted only for a violation (a
+    // string per in-flight host per group was a large share of the sim).
+    let mut in_flight: BTreeMap<usize, Vec<(&Hostname, &str, bool)>> = BTreeMap::new();
     let mut raced: BTreeMap<usize, usize> = BTreeMap::new();
     let mut offered: BTreeSet<usize> = BTreeSet::new();
-    let mut unsettled: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    let mut unsettled: BTreeMap<usize, Vec<(&Hostname, HostState)>> = BTreeMap::new();
     // The CP opens one record per manifest host: both maps have the
     // same keys in the same order, so they are walked side by side
-    // (a lookup per host was most of the sim's time at 10,000 hosts).
+    // (a lookup per host was most of the sim's time at 10,000 hosts);
+    // the dispatches and skips, sorted by host too, alongside them.
     if m.hosts.len() != r.records.len() {
         return Err(Violation::new("cp-state", format!("{id}: records and manifest hosts differ")));
     }
+    let mut dispatches = r.dispatched.iter().peekable();
+    let mut skips = r.skipped.iter().peekable();
     for ((h, e), rec) in m.hosts.iter().zip(r.records.values()) {
-        let skipped = r.skipped.contains(h);
+        while dispatches.next_if(|(d, _)| *d < h).is_some() {}
+        while skips.next_if(|s| *s < h).is_some() {}
+        let dispatch = dispatches.next_if(|(d, _)| *d == h).map(|(_, d)| d);
+        let skipped = skips.next_if(|s| *s == h).is_some();
         let settled = is_settled(rec.state) || (skipped && rec.state == HostState::Pending);
         if !settled {
             first_unsettled = first_unsettled.min(e.wave);
             let listed = unsettled.entry(e.wave).or_default();
             if listed.len() < 5 {
-                listed.push(format!("{h} {}", rec.state));
+                listed.push((h, rec.state));
             }
         }
-        let dispatch = r.dispatched.get(h);
         if dispatch.is_some_and(|d| d.issued_at == now) {
             offered.insert(e.wave);
         }
@@ -470,10 +477,7 @@ fn check_waves(
         {
             let late = skipped && rec.state != HostState::Pending;
             let what = if dispatch.is_some() { "offered" } else { rec.state.as_str() };
-            in_flight
-                .entry(e.wave)
-                .or_default()
-                .push(format!("{h} {what}{}", if late { " (raced its skip)" } else { "" }));
+            in_flight.entry(e.wave).or_default().push((h, what, late));
             if late {
                 *raced.entry(e.wave).or_default() += 1;
                 if !checker.raced.contains(&(id.clone(), h.clone())) {
@@ -489,6 +493,10 @@ fn check_waves(
             let n_raced = raced.get(wave).copied().unwrap_or(0);
             if n - n_raced > max || (n > max && offered.contains(wave)) {
                 let why = if offered.contains(wave) { " after a new dispatch" } else { "" };
+                let hosts: Vec<String> = hosts
+                    .iter()
+                    .map(|(h, what, late)| format!("{h} {what}{}", if *late { " (raced its skip)" } else { "" }))
+                    .collect();
                 return Err(Violation::new(
                     "max-in-flight",
                     format!(
@@ -513,7 +521,10 @@ fn check_waves(
             format!(
                 "{id} dispatches {} of wave {wave} while wave {first_unsettled} has unsettled hosts: {}",
                 offers.join(", "),
-                unsettled.get(&first_unsettled).map(|v| v.join(", ")).unwrap_or_default()
+                unsettled
+                    .get(&first_unsettled)
+                    .map(|v| v.iter().map(|(h, state)| format!("{h} {state}")).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default()
             ),
         ));
     }

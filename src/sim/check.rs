@@ -446,7 +446,9 @@ fn check_waves(
     let mut in_flight: BTreeMap<usize, Vec<(&Hostname, &str, bool)>> = BTreeMap::new();
     let mut raced: BTreeMap<usize, usize> = BTreeMap::new();
     let mut offered: BTreeSet<usize> = BTreeSet::new();
-    let mut unsettled: BTreeMap<usize, Vec<(&Hostname, HostState)>> = BTreeMap::new();
+    // The first unsettled hosts (at most 5) of wave `first_unsettled`,
+    // the only list a violation names.
+    let mut unsettled: Vec<(&Hostname, HostState)> = Vec::new();
     // The CP opens one record per manifest host: both maps have the
     // same keys in the same order, so they are walked side by side
     // (a lookup per host was most of the sim's time at 10,000 hosts);
@@ -457,16 +459,17 @@ fn check_waves(
     let mut dispatches = r.dispatched.iter().peekable();
     let mut skips = r.skipped.iter().peekable();
     for ((h, e), rec) in m.hosts.iter().zip(r.records.values()) {
-        while dispatches.next_if(|(d, _)| *d < h).is_some() {}
-        while skips.next_if(|s| *s < h).is_some() {}
-        let dispatch = dispatches.next_if(|(d, _)| *d == h).map(|(_, d)| d);
-        let skipped = skips.next_if(|s| *s == h).is_some();
+        let dispatch = merge_next(&mut dispatches, h, |(d, _)| *d).map(|(_, d)| d);
+        let skipped = merge_next(&mut skips, h, |s| *s).is_some();
         let settled = is_settled(rec.state) || (skipped && rec.state == HostState::Pending);
         if !settled {
-            first_unsettled = first_unsettled.min(e.wave);
-            let listed = unsettled.entry(e.wave).or_default();
-            if listed.len() < 5 {
-                listed.push((h, rec.state));
+            if e.wave < first_unsettled {
+                // No host of this wave was unsettled before this one.
+                first_unsettled = e.wave;
+                unsettled.clear();
+            }
+            if e.wave == first_unsettled && unsettled.len() < 5 {
+                unsettled.push((h, rec.state));
             }
         }
         if dispatch.is_some_and(|d| d.issued_at == now) {
@@ -521,14 +524,28 @@ fn check_waves(
             format!(
                 "{id} dispatches {} of wave {wave} while wave {first_unsettled} has unsettled hosts: {}",
                 offers.join(", "),
-                unsettled
-                    .get(&first_unsettled)
-                    .map(|v| v.iter().map(|(h, state)| format!("{h} {state}")).collect::<Vec<_>>().join(", "))
-                    .unwrap_or_default()
+                unsettled.iter().map(|(h, state)| format!("{h} {state}")).collect::<Vec<_>>().join(", ")
             ),
         ));
     }
     Ok(())
+}
+
+/// The item of `sorted` (ascending by `key`) whose key is `host`, if
+/// any, skipping the smaller ones: one comparison per host walked.
+fn merge_next<T>(
+    sorted: &mut std::iter::Peekable<impl Iterator<Item = T>>,
+    host: &Hostname,
+    key: impl Fn(&T) -> &Hostname,
+) -> Option<T> {
+    while let Some(item) = sorted.peek() {
+        match key(item).cmp(host) {
+            std::cmp::Ordering::Less => drop(sorted.next()),
+            std::cmp::Ordering::Equal => return sorted.next(),
+            std::cmp::Ordering::Greater => return None,
+        }
+    }
+    None
 }
 
 impl Sim {

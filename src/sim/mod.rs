@@ -833,29 +833,48 @@ impl Sim {
         self.partitioned.contains(&host) || self.cp_partitioned
     }
 
-    /// Delay of one message, or None if the network drops it.
-    fn transit(&mut self, host: usize) -> Vec<u64> {
+    /// Delay of one message and of its duplicate, if any; None if the
+    /// network drops it.
+    fn transit(&mut self, host: usize) -> Option<(u64, Option<u64>)> {
         self.stats.msgs += 1;
         if self.unreachable(host) {
             self.stats.lost += 1;
-            return Vec::new();
+            return None;
         }
-        let f = if self.faults_over { Faults::default() } else { self.faults.clone() };
-        if self.net_rng.chance(f.net_loss) {
+        let (loss, slow, dup) = if self.faults_over {
+            let f = Faults::default();
+            (f.net_loss, f.net_slow, f.net_dup)
+        } else {
+            (self.faults.net_loss, self.faults.net_slow, self.faults.net_dup)
+        };
+        if self.net_rng.chance(loss) {
             self.stats.lost += 1;
-            return Vec::new();
+            return None;
         }
         let mut delay = self.net_rng.range(1, 40);
-        if self.net_rng.chance(f.net_slow) {
+        if self.net_rng.chance(slow) {
             self.stats.slowed += 1;
             delay += self.net_rng.range(1_000, 40_000);
         }
-        let mut out = vec![delay];
-        if self.net_rng.chance(f.net_dup) {
+        let mut again = None;
+        if self.net_rng.chance(dup) {
             self.stats.duplicated += 1;
-            out.push(delay + self.net_rng.range(1, 20_000));
+            again = Some(delay + self.net_rng.range(1, 20_000));
         }
-        out
+        Some((delay, again))
+    }
+
+    /// Schedules a message's deliveries: the message itself, then its
+    /// duplicate (cloned only when there is one).
+    fn deliver<M: Clone>(&mut self, host: usize, msg: M, ev: impl Fn(M) -> Ev) {
+        let Some((delay, again)) = self.transit(host) else { return };
+        match again {
+            Some(later) => {
+                self.after(delay, ev(msg.clone()));
+                self.after(later, ev(msg));
+            }
+            None => self.after(delay, ev(msg)),
+        }
     }
 
     fn send(&mut self, host: usize, msg: ToCp) -> u64 {
@@ -865,16 +884,12 @@ impl Sim {
         let timeout =
             if matches!(msg, ToCp::Poll) { LONG_POLL_WAIT_MS + REQUEST_TIMEOUT_MS } else { REQUEST_TIMEOUT_MS };
         self.after(timeout, Ev::Timeout { host, inc, req });
-        for delay in self.transit(host) {
-            self.after(delay, Ev::ToCp { host, inc, req, msg: msg.clone() });
-        }
+        self.deliver(host, msg, |msg| Ev::ToCp { host, inc, req, msg });
         req
     }
 
     fn reply(&mut self, host: usize, inc: u64, req: u64, msg: ToAgent) {
-        for delay in self.transit(host) {
-            self.after(delay, Ev::ToAgent { host, inc, req, msg: msg.clone() });
-        }
+        self.deliver(host, msg, |msg| Ev::ToAgent { host, inc, req, msg });
     }
 
     // ---- control plane -------------------------------------------------------
@@ -924,17 +939,21 @@ impl Sim {
 
     fn cp_commit(&mut self) -> Result<(), Violation> {
         self.cp_commit_scheduled = false;
-        let inbox = std::mem::take(&mut self.cp_inbox);
+        let mut inbox = std::mem::take(&mut self.cp_inbox);
         if inbox.is_empty() || !self.cp.is_up() {
             return Ok(());
         }
         let mut work = Vec::with_capacity(inbox.len());
-        for (host, _, _, msg) in &inbox {
+        for (_, _, _, msg) in &mut inbox {
             work.push(match msg {
                 ToCp::Events(batch) => Work::Ingest(batch.hostname.clone(), batch.events.clone()),
-                ToCp::Heartbeat(hb) => Work::Heartbeat(hb.clone()),
+                // Moved, not cloned: only an ingest's batch is read after
+                // the group (by `check_ingest`).
+                ToCp::Heartbeat(_) => match std::mem::replace(msg, ToCp::Poll) {
+                    ToCp::Heartbeat(hb) => Work::Heartbeat(hb),
+                    _ => Work::Tick,
+                },
                 // The CP's own tick (host usize::MAX).
-                _ if *host == usize::MAX => Work::Tick,
                 _ => Work::Tick,
             });
         }

@@ -16,6 +16,7 @@
 pub mod agent;
 pub mod check;
 pub mod cp;
+pub mod events;
 pub mod rng;
 pub mod storage;
 pub mod world;
@@ -23,7 +24,7 @@ pub mod world;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -32,6 +33,7 @@ use time::macros::datetime;
 use self::agent::{delivery, verify_shared, Drain, LongPoll, SimAgent, VerifyCache};
 use self::check::{Checker, Violation};
 use self::cp::{Answer, SimCp, Work};
+use self::events::EventQueue;
 use self::rng::Rng;
 use self::world::{ClosureBook, Faults, PlannedRollout};
 use crate::agent::activation::ActivationOutcome;
@@ -189,34 +191,6 @@ enum Ev {
     Quiesce,
 }
 
-/// A scheduled event: ordered by time, then by scheduling order, so ties
-/// break the same way in every run.
-#[derive(Debug)]
-struct Scheduled {
-    at_ms: u64,
-    order: u64,
-    /// Boxed: the heap moves 24 bytes per level instead of the whole event.
-    ev: Box<Ev>,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at_ms, self.order) == (other.at_ms, other.order)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        // BinaryHeap is a max-heap: invert for earliest first.
-        (other.at_ms, other.order).cmp(&(self.at_ms, self.order))
-    }
-}
-
 /// The physical host under an agent: what it runs, what boots next.
 #[derive(Debug, Clone)]
 struct Machine {
@@ -254,9 +228,8 @@ pub struct Sim {
     net_rng: Rng,
     clock: ClockHandle,
     now_ms: u64,
-    order: u64,
     step: u64,
-    queue: BinaryHeap<Scheduled>,
+    queue: EventQueue<Ev>,
     cp: SimCp,
     cp_inbox: Vec<(usize, u64, u64, ToCp)>,
     cp_commit_scheduled: bool,
@@ -391,9 +364,8 @@ impl Sim {
             net_rng,
             clock,
             now_ms: 0,
-            order: 0,
             step: 0,
-            queue: BinaryHeap::new(),
+            queue: EventQueue::default(),
             cp,
             cp_inbox: Vec::new(),
             cp_commit_scheduled: false,
@@ -503,8 +475,7 @@ impl Sim {
     }
 
     fn at(&mut self, at_ms: u64, ev: Ev) {
-        self.order += 1;
-        self.queue.push(Scheduled { at_ms, order: self.order, ev: Box::new(ev) });
+        self.queue.push(at_ms, ev);
     }
 
     fn after(&mut self, delay_ms: u64, ev: Ev) {
@@ -569,14 +540,14 @@ impl Sim {
         self.schedule_faults();
         let mut violation = None;
         let mut quiescent = false;
-        while let Some(next) = self.queue.pop() {
-            if next.at_ms > self.cfg.until_ms {
+        while let Some((at_ms, ev)) = self.queue.pop() {
+            if at_ms > self.cfg.until_ms {
                 break;
             }
-            self.now_ms = next.at_ms;
+            self.now_ms = at_ms;
             self.clock.set(world::at(self.now_ms));
             self.step += 1;
-            match self.dispatch(*next.ev) {
+            match self.dispatch(ev) {
                 Ok(true) => {
                     quiescent = true;
                     break;

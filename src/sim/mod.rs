@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod check;
 pub mod cp;
+pub mod events;
 mod proxy;
 pub mod rng;
 pub mod storage;
@@ -25,7 +26,7 @@ pub mod world;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -34,6 +35,7 @@ use time::macros::datetime;
 use self::agent::{delivery, verify_shared, Drain, LongPoll, SimAgent, VerifyCache};
 use self::check::{Checker, Violation};
 use self::cp::{Answer, SimCp, Work};
+use self::events::EventQueue;
 use self::rng::Rng;
 use self::world::{ClosureBook, Faults, PlannedRollout};
 use crate::agent::activation::ActivationOutcome;
@@ -193,34 +195,6 @@ enum Ev {
     Quiesce,
 }
 
-/// A scheduled event: ordered by time, then by scheduling order, so ties
-/// break the same way in every run.
-#[derive(Debug)]
-struct Scheduled {
-    at_ms: u64,
-    order: u64,
-    /// Boxed: the heap moves 24 bytes per level instead of the whole event.
-    ev: Box<Ev>,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at_ms, self.order) == (other.at_ms, other.order)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        // BinaryHeap is a max-heap: invert for earliest first.
-        (other.at_ms, other.order).cmp(&(self.at_ms, self.order))
-    }
-}
-
 /// The physical host under an agent: what it runs, what boots next.
 #[derive(Debug, Clone)]
 struct Machine {
@@ -259,9 +233,8 @@ pub struct Sim {
     net_rng: Rng,
     clock: ClockHandle,
     now_ms: u64,
-    order: u64,
     step: u64,
-    queue: BinaryHeap<Scheduled>,
+    queue: EventQueue<Ev>,
     cp: SimCp,
     cp_inbox: Vec<(usize, u64, u64, ToCp)>,
     cp_commit_scheduled: bool,
@@ -398,9 +371,8 @@ impl Sim {
             net_rng,
             clock,
             now_ms: 0,
-            order: 0,
             step: 0,
-            queue: BinaryHeap::new(),
+            queue: EventQueue::default(),
             cp,
             cp_inbox: Vec::new(),
             cp_commit_scheduled: false,
@@ -510,8 +482,7 @@ impl Sim {
     }
 
     fn at(&mut self, at_ms: u64, ev: Ev) {
-        self.order += 1;
-        self.queue.push(Scheduled { at_ms, order: self.order, ev: Box::new(ev) });
+        self.queue.push(at_ms, ev);
     }
 
     fn after(&mut self, delay_ms: u64, ev: Ev) {
@@ -576,14 +547,14 @@ impl Sim {
         self.schedule_faults();
         let mut violation = None;
         let mut quiescent = false;
-        while let Some(next) = self.queue.pop() {
-            if next.at_ms > self.cfg.until_ms {
+        while let Some((at_ms, ev)) = self.queue.pop() {
+            if at_ms > self.cfg.until_ms {
                 break;
             }
-            self.now_ms = next.at_ms;
+            self.now_ms = at_ms;
             self.clock.set(world::at(self.now_ms));
             self.step += 1;
-            match self.dispatch(*next.ev) {
+            match self.dispatch(ev) {
                 Ok(true) => {
                     quiescent = true;
                     break;
@@ -840,29 +811,48 @@ impl Sim {
         self.partitioned.contains(&host) || self.cp_partitioned
     }
 
-    /// Delay of one message, or None if the network drops it.
-    fn transit(&mut self, host: usize) -> Vec<u64> {
+    /// Delay of one message and of its duplicate, if any; None if the
+    /// network drops it.
+    fn transit(&mut self, host: usize) -> Option<(u64, Option<u64>)> {
         self.stats.msgs += 1;
         if self.unreachable(host) {
             self.stats.lost += 1;
-            return Vec::new();
+            return None;
         }
-        let f = if self.faults_over { Faults::default() } else { self.faults.clone() };
-        if self.net_rng.chance(f.net_loss) {
+        let (loss, slow, dup) = if self.faults_over {
+            let f = Faults::default();
+            (f.net_loss, f.net_slow, f.net_dup)
+        } else {
+            (self.faults.net_loss, self.faults.net_slow, self.faults.net_dup)
+        };
+        if self.net_rng.chance(loss) {
             self.stats.lost += 1;
-            return Vec::new();
+            return None;
         }
         let mut delay = self.net_rng.range(1, 40);
-        if self.net_rng.chance(f.net_slow) {
+        if self.net_rng.chance(slow) {
             self.stats.slowed += 1;
             delay += self.net_rng.range(1_000, 40_000);
         }
-        let mut out = vec![delay];
-        if self.net_rng.chance(f.net_dup) {
+        let mut again = None;
+        if self.net_rng.chance(dup) {
             self.stats.duplicated += 1;
-            out.push(delay + self.net_rng.range(1, 20_000));
+            again = Some(delay + self.net_rng.range(1, 20_000));
         }
-        out
+        Some((delay, again))
+    }
+
+    /// Schedules a message's deliveries: the message itself, then its
+    /// duplicate (cloned only when there is one).
+    fn deliver<M: Clone>(&mut self, host: usize, msg: M, ev: impl Fn(M) -> Ev) {
+        let Some((delay, again)) = self.transit(host) else { return };
+        match again {
+            Some(later) => {
+                self.after(delay, ev(msg.clone()));
+                self.after(later, ev(msg));
+            }
+            None => self.after(delay, ev(msg)),
+        }
     }
 
     fn send(&mut self, host: usize, msg: ToCp) -> u64 {
@@ -872,16 +862,12 @@ impl Sim {
         let timeout =
             if matches!(msg, ToCp::Poll) { LONG_POLL_WAIT_MS + REQUEST_TIMEOUT_MS } else { REQUEST_TIMEOUT_MS };
         self.after(timeout, Ev::Timeout { host, inc, req });
-        for delay in self.transit(host) {
-            self.after(delay, Ev::ToCp { host, inc, req, msg: msg.clone() });
-        }
+        self.deliver(host, msg, |msg| Ev::ToCp { host, inc, req, msg });
         req
     }
 
     fn reply(&mut self, host: usize, inc: u64, req: u64, msg: ToAgent) {
-        for delay in self.transit(host) {
-            self.after(delay, Ev::ToAgent { host, inc, req, msg: msg.clone() });
-        }
+        self.deliver(host, msg, |msg| Ev::ToAgent { host, inc, req, msg });
     }
 
     // ---- control plane -------------------------------------------------------
@@ -937,17 +923,21 @@ impl Sim {
 
     fn cp_commit(&mut self) -> Result<(), Violation> {
         self.cp_commit_scheduled = false;
-        let inbox = std::mem::take(&mut self.cp_inbox);
+        let mut inbox = std::mem::take(&mut self.cp_inbox);
         if inbox.is_empty() || !self.cp.is_up() {
             return Ok(());
         }
         let mut work = Vec::with_capacity(inbox.len());
-        for (host, _, _, msg) in &inbox {
+        for (_, _, _, msg) in &mut inbox {
             work.push(match msg {
                 ToCp::Events(batch) => Work::Ingest(batch.hostname.clone(), batch.events.clone()),
-                ToCp::Heartbeat(hb) => Work::Heartbeat(hb.clone()),
+                // Moved, not cloned: only an ingest's batch is read after
+                // the group (by `check_ingest`).
+                ToCp::Heartbeat(_) => match std::mem::replace(msg, ToCp::Poll) {
+                    ToCp::Heartbeat(hb) => Work::Heartbeat(hb),
+                    _ => Work::Tick,
+                },
                 // The CP's own tick (host usize::MAX).
-                _ if *host == usize::MAX => Work::Tick,
                 _ => Work::Tick,
             });
         }

@@ -420,6 +420,16 @@ fn drift_is_visible_in_views_metrics_and_status() {
         web2.current = closure("anything");
         web2.heartbeat().await;
         assert_eq!(host_entry(&cp, "web-2").await["drift"], "unknown");
+        // The same verdict again: the row is still rewritten (the writer
+        // then updates it without setting `drift`).
+        web2.current = closure("anything-else");
+        web2.heartbeat().await;
+        let h = host_entry(&cp, "web-2").await;
+        assert_eq!(
+            (h["drift"].as_str(), h["current_closure"].as_str()),
+            (Some("unknown"), Some(closure("anything-else").as_str())),
+            "{h:#}"
+        );
 
         // The CP is behind web-1 (an event not delivered yet): not judged.
         cp.publish(&release.sign(&manifest("stable@r2", T1, 0, &[("all", 0, 2)], &[("web-1", 0, "web-1-r2")]))).await;

@@ -65,30 +65,59 @@ pub(super) fn heartbeat(
     };
     let previous = state.drift.insert(hb.hostname.clone(), drift);
     log_drift_change(hb, drift, previous, expected.as_ref());
-    db.conn()
-        .prepare_cached(
-            "INSERT INTO hosts (hostname, last_heartbeat_at, current_closure, booted_closure, agent_version, uptime_secs,
-                            expected_closure, expected_from, drift)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-         ON CONFLICT (hostname) DO UPDATE SET last_heartbeat_at = ?2, current_closure = ?3, booted_closure = ?4,
-             agent_version = ?5, uptime_secs = ?6, expected_closure = ?7, expected_from = ?8, drift = ?9",
-        )
-        .and_then(|mut s| {
-            s.execute(params![
-                hb.hostname.as_str(),
-                ts(now),
-                hb.current_closure.as_str(),
-                hb.booted_closure.as_ref().map(Closure::as_str),
-                hb.agent_version,
-                // Clamped, not wrapped: shown only, and 2^63 s is not an uptime.
-                i64::try_from(hb.uptime_secs).unwrap_or(i64::MAX),
-                expected.as_ref().map(|(c, _)| c.as_str()),
-                expected.as_ref().map(|(_, id)| id.as_str()),
-                drift.as_str()
-            ])
-        })
-        .map_err(db.sql("record heartbeat"))?;
+    write_host_row(db, hb, now, expected.as_ref(), drift)?;
     Ok(Some(replay_from))
+}
+
+/// The host's `hosts` row as the heartbeat leaves it. The common case, a
+/// row already holding this verdict, is one UPDATE that leaves `drift`
+/// out: SQLite evaluates the column's CHECK (`drift IN (...)`, which it
+/// codes as a fresh ephemeral table per evaluation, twice per upsert) only
+/// when a statement sets the column, and that was most of a heartbeat's
+/// cost. Otherwise (no row yet, or the verdict changed) the upsert. Both
+/// leave the same row.
+fn write_host_row(
+    db: Db<'_>,
+    hb: &Heartbeat,
+    now: OffsetDateTime,
+    expected: Option<&(Closure, RolloutId)>,
+    drift: Drift,
+) -> Result<(), StoreError> {
+    let params = params![
+        hb.hostname.as_str(),
+        ts(now),
+        hb.current_closure.as_str(),
+        hb.booted_closure.as_ref().map(Closure::as_str),
+        hb.agent_version,
+        // Clamped, not wrapped: shown only, and 2^63 s is not an uptime.
+        i64::try_from(hb.uptime_secs).unwrap_or(i64::MAX),
+        expected.map(|(c, _)| c.as_str()),
+        expected.map(|(_, id)| id.as_str()),
+        drift.as_str()
+    ];
+    let updated = db
+        .conn()
+        .prepare_cached(
+            "UPDATE hosts SET last_heartbeat_at = ?2, current_closure = ?3, booted_closure = ?4, agent_version = ?5,
+                 uptime_secs = ?6, expected_closure = ?7, expected_from = ?8
+             WHERE hostname = ?1 AND drift = ?9",
+        )
+        .and_then(|mut s| s.execute(params))
+        .map_err(db.sql("record heartbeat"))?;
+    if updated == 0 {
+        db.conn()
+            .prepare_cached(
+                "INSERT INTO hosts (hostname, last_heartbeat_at, current_closure, booted_closure, agent_version,
+                                uptime_secs, expected_closure, expected_from, drift)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (hostname) DO UPDATE SET last_heartbeat_at = ?2, current_closure = ?3,
+                     booted_closure = ?4, agent_version = ?5, uptime_secs = ?6, expected_closure = ?7,
+                     expected_from = ?8, drift = ?9",
+            )
+            .and_then(|mut s| s.execute(params))
+            .map_err(db.sql("record heartbeat"))?;
+    }
+    Ok(())
 }
 
 /// Per rollout, the CP's last seq where the agent has emitted more: the

@@ -158,27 +158,37 @@ fn check_waves(
 ) -> Result<(), Violation> {
     let m = &r.manifest;
     let mut first_unsettled = usize::MAX;
-    let mut in_flight: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    // Hosts, not text: the lists are formatted only for a violation (a
+    // string per in-flight host per group was a large share of the sim).
+    let mut in_flight: BTreeMap<usize, Vec<(&Hostname, &str, bool)>> = BTreeMap::new();
     let mut raced: BTreeMap<usize, usize> = BTreeMap::new();
     let mut offered: BTreeSet<usize> = BTreeSet::new();
-    let mut unsettled: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    // The first unsettled hosts (at most 5) of wave `first_unsettled`,
+    // the only list a violation names.
+    let mut unsettled: Vec<(&Hostname, HostState)> = Vec::new();
     // The CP opens one record per manifest host: both maps have the
     // same keys in the same order, so they are walked side by side
-    // (a lookup per host was most of the sim's time at 10,000 hosts).
+    // (a lookup per host was most of the sim's time at 10,000 hosts);
+    // the dispatches and skips, sorted by host too, alongside them.
     if m.hosts.len() != r.records.len() {
         return Err(Violation::new("cp-state", format!("{id}: records and manifest hosts differ")));
     }
+    let mut dispatches = r.dispatched.iter().peekable();
+    let mut skips = r.skipped.iter().peekable();
     for ((h, e), rec) in m.hosts.iter().zip(r.records.values()) {
-        let skipped = r.skipped.contains(h);
+        let dispatch = merge_next(&mut dispatches, h, |(d, _)| *d).map(|(_, d)| d);
+        let skipped = merge_next(&mut skips, h, |s| *s).is_some();
         let settled = is_settled(rec.state) || (skipped && rec.state == HostState::Pending);
         if !settled {
-            first_unsettled = first_unsettled.min(e.wave);
-            let listed = unsettled.entry(e.wave).or_default();
-            if listed.len() < 5 {
-                listed.push(format!("{h} {}", rec.state));
+            if e.wave < first_unsettled {
+                // No host of this wave was unsettled before this one.
+                first_unsettled = e.wave;
+                unsettled.clear();
+            }
+            if e.wave == first_unsettled && unsettled.len() < 5 {
+                unsettled.push((h, rec.state));
             }
         }
-        let dispatch = r.dispatched.get(h);
         if dispatch.is_some_and(|d| d.issued_at == now) {
             offered.insert(e.wave);
         }
@@ -187,10 +197,7 @@ fn check_waves(
         {
             let late = skipped && rec.state != HostState::Pending;
             let what = if dispatch.is_some() { "offered" } else { rec.state.as_str() };
-            in_flight
-                .entry(e.wave)
-                .or_default()
-                .push(format!("{h} {what}{}", if late { " (raced its skip)" } else { "" }));
+            in_flight.entry(e.wave).or_default().push((h, what, late));
             if late {
                 *raced.entry(e.wave).or_default() += 1;
                 if !checker.raced.contains(&(id.clone(), h.clone())) {
@@ -206,6 +213,10 @@ fn check_waves(
             let n_raced = raced.get(wave).copied().unwrap_or(0);
             if n - n_raced > max || (n > max && offered.contains(wave)) {
                 let why = if offered.contains(wave) { " after a new dispatch" } else { "" };
+                let hosts: Vec<String> = hosts
+                    .iter()
+                    .map(|(h, what, late)| format!("{h} {what}{}", if *late { " (raced its skip)" } else { "" }))
+                    .collect();
                 return Err(Violation::new(
                     "max-in-flight",
                     format!(
@@ -230,11 +241,28 @@ fn check_waves(
             format!(
                 "{id} dispatches {} of wave {wave} while wave {first_unsettled} has unsettled hosts: {}",
                 offers.join(", "),
-                unsettled.get(&first_unsettled).map(|v| v.join(", ")).unwrap_or_default()
+                unsettled.iter().map(|(h, state)| format!("{h} {state}")).collect::<Vec<_>>().join(", ")
             ),
         ));
     }
     Ok(())
+}
+
+/// The item of `sorted` (ascending by `key`) whose key is `host`, if
+/// any, skipping the smaller ones: one comparison per host walked.
+fn merge_next<T>(
+    sorted: &mut std::iter::Peekable<impl Iterator<Item = T>>,
+    host: &Hostname,
+    key: impl Fn(&T) -> &Hostname,
+) -> Option<T> {
+    while let Some(item) = sorted.peek() {
+        match key(item).cmp(host) {
+            std::cmp::Ordering::Less => drop(sorted.next()),
+            std::cmp::Ordering::Equal => return sorted.next(),
+            std::cmp::Ordering::Greater => return None,
+        }
+    }
+    None
 }
 
 impl Sim {

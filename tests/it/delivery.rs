@@ -618,7 +618,7 @@ async fn a_rotted_pending_record_is_rebuilt_written_back_and_the_cp_receives_its
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotted_pending_topology_and_first_observation_reach_the_cp_rebuilt() {
-    // Proves issue 9's soak finds (nixfleet sim heavy seeds 468, 557,
+    // Proves what the simulator's soak found (nixfleet sim heavy seeds 468, 557,
     // 1057): the ProbeTopologyDeclared (seq 4) and ProbeObservedFirst
     // (seq 5) rot while pending. Before, the topology's loss stopped the
     // agent and a bridged first observation never reached the CP, which

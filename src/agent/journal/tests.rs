@@ -315,7 +315,7 @@ async fn a_corrupt_activation_started_is_rebuilt_with_its_time_and_an_unknown_sw
 
 #[tokio::test]
 async fn a_rotted_pending_topology_and_first_observation_are_rebuilt_and_written_back() {
-    // Proves issue 9's soak finds (seeds 468, 557, 1057 heavy): the
+    // Proves what the simulator's soak found (SOAK_SEEDS 468, 557, 1057 heavy): the
     // ProbeTopologyDeclared (seq 4) and ProbeObservedFirst (seq 5) of a
     // soaking rollout rot while still pending. Before, the first stopped
     // the agent (the next probe event no longer replayed) and the second

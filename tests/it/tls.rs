@@ -486,8 +486,7 @@ async fn sighup_rotates_to_a_new_client_ca_and_keeps_the_old_files_on_a_bad_one_
     assert_eq!(resp.expect("publish").status, StatusCode::CREATED);
     let start = Instant::now();
     loop {
-        let resp =
-            request(&new_operator, Method::GET, "/v1/rollouts/stable@r1", &[], None).await.expect("view");
+        let resp = request(&new_operator, Method::GET, "/v1/rollouts/stable@r1", &[], None).await.expect("view");
         let detail: serde_json::Value = resp.json().expect("json");
         if detail["state"] == "completed" {
             break;

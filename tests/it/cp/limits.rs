@@ -348,8 +348,7 @@ fn unknown_hosts_get_no_records_and_per_host_quotas_hold() {
         let start = Instant::now();
         let mut accepted = 0u32;
         let resp = loop {
-            let resp =
-                request(&cp.url, Method::POST, hb, &[], Some(heartbeat_body("web-1"))).await.expect("hb");
+            let resp = request(&cp.url, Method::POST, hb, &[], Some(heartbeat_body("web-1"))).await.expect("hb");
             if resp.status != StatusCode::OK {
                 break resp;
             }
@@ -383,9 +382,8 @@ fn unknown_hosts_get_no_records_and_per_host_quotas_hold() {
         let start = Instant::now();
         let mut accepted = 0usize;
         let resp = loop {
-            let resp = request(&cp.url, Method::POST, "/v1/agent/events", &[], Some(batch.clone()))
-                .await
-                .expect("events");
+            let resp =
+                request(&cp.url, Method::POST, "/v1/agent/events", &[], Some(batch.clone())).await.expect("events");
             if resp.status != StatusCode::OK {
                 break resp;
             }
@@ -646,11 +644,8 @@ fn a_publish_body_beyond_the_envelope_bound_is_refused() {
         let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes()).expect("header name");
         headers.insert(name, value.trim().parse().expect("header value"));
     }
-    let resp = client::HttpResponse {
-        status: StatusCode::PAYLOAD_TOO_LARGE,
-        headers,
-        body: body.as_bytes().to_vec().into(),
-    };
+    let resp =
+        client::HttpResponse { status: StatusCode::PAYLOAD_TOO_LARGE, headers, body: body.as_bytes().to_vec().into() };
     crate::openapi::check_response("POST", "/v1/rollouts", &resp);
     assert_eq!(count_rows(&cp, "rollouts"), 0);
 }

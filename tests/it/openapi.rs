@@ -158,11 +158,11 @@ pub fn check_schema(what: &str, name: &str, value: &Value) {
 }
 
 /// An answer to a path the document cannot list (no route, answered
-/// before routing, e.g. 403 `role_required` under mutual TLS): still the
-/// JSON error shape of the document.
-pub fn check_error_shape(what: &str, resp: &HttpResponse) {
-    let body: Value = serde_json::from_slice(&resp.body).unwrap_or_else(|e| panic!("{what}: not JSON: {e}"));
-    if let Err(errors) = validate("#/components/schemas/Error", &body) {
+/// before routing, e.g. 403 `role_required` under mutual TLS, or an answer
+/// of the HTTP layer to a request it cannot parse): still the JSON error
+/// shape of the document.
+pub fn check_error_shape(what: &str, body: &Value) {
+    if let Err(errors) = validate("#/components/schemas/Error", body) {
         panic!("{what}: the error body does not match the document:\n{}", errors.join("\n"));
     }
 }

@@ -170,7 +170,8 @@ fn a_host_certificate_is_refused_on_every_operator_endpoint_and_an_operator_on_a
         // A path no route has is refused the same way (before routing, so the document has no operation for it).
         let resp = client::request(&host, Method::GET, "/v1/no-such-route", &[], None).await.expect("unrouted");
         assert_eq!((resp.status, error_code(&resp)), (StatusCode::FORBIDDEN, "role_required".to_owned()));
-        crate::openapi::check_error_shape("GET /v1/no-such-route answered 403", &resp);
+        let body: serde_json::Value = serde_json::from_slice(&resp.body).expect("a JSON error");
+        crate::openapi::check_error_shape("GET /v1/no-such-route answered 403", &body);
         // Nothing changed: r2 was neither published nor planned into anything, r1 is still active, no action logged.
         assert_eq!(cp.get_json("/v1/rollouts").await.as_array().expect("rollouts").len(), 1, "r2 was not stored");
         let detail = cp.get_json("/v1/rollouts/stable@r1").await;

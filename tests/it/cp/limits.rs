@@ -31,7 +31,26 @@ fn parse_answer(text: &str) -> (u16, serde_json::Value) {
     let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status: {text:?}"));
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     let json = serde_json::from_str(body).unwrap_or_else(|_| panic!("not a JSON body: {text:?}"));
+    if status >= 400 {
+        // Refusals of the HTTP layer come before any route: the document's error shape.
+        crate::openapi::check_error_shape(&format!("a raw request answered {status}"), &json);
+    }
     (status, json)
+}
+
+/// A raw answer (status line, headers, a body of Content-Length) as the
+/// client's response type, for `openapi::check_response`.
+fn raw_response(text: &str) -> client::HttpResponse {
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head: {text:?}"));
+    let status = head.get(9..12).and_then(|s| s.parse::<u16>().ok()).expect("status");
+    let mut headers = hyper::HeaderMap::new();
+    for line in head.lines().skip(1) {
+        let (name, value) = line.split_once(':').unwrap_or_else(|| panic!("header line {line:?}"));
+        let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes()).expect("header name");
+        headers.append(name, value.trim().parse().expect("header value"));
+    }
+    let status = StatusCode::from_u16(status).expect("status code");
+    client::HttpResponse { status, headers, body: body.as_bytes().to_vec().into() }
 }
 
 fn raw_exchange(cp: &Cp, request: &[u8]) -> (u16, serde_json::Value) {
@@ -81,9 +100,11 @@ fn a_dribbled_body_costs_its_bytes_and_ends_at_the_body_deadline() {
     let grown = rss_kib(cp.pid()).saturating_sub(before);
     // 3,000 one-byte reads used to pin ~12 MB; a copy costs 3 KB plus noise.
     assert!(grown < 3 * 1024, "the CP grew {grown} KiB for {n_bytes} dribbled bytes");
-    let (status, json) = parse_answer(&read_answer(&mut stream));
+    let answer = read_answer(&mut stream);
+    let (status, json) = parse_answer(&answer);
     let elapsed = started.elapsed();
     assert_eq!(status, 408, "{json}");
+    crate::openapi::check_response("POST", "/v1/agent/heartbeat", &raw_response(&answer));
     assert_eq!(json["error"], "body_timeout", "{json}");
     assert!(elapsed < Duration::from_secs(10), "answered after {elapsed:?}");
     assert_eq!(count_rows(&cp, "hosts"), 0, "nothing stored");
@@ -159,7 +180,12 @@ async fn exchange(stream: &mut tokio::net::TcpStream, request: &str) -> (u16, se
             }
         }
     }
-    parse_answer(&String::from_utf8_lossy(&out))
+    let text = String::from_utf8_lossy(&out);
+    // A request that got through to a route: its answer against the document.
+    if let Some([method, path, _]) = request.lines().next().map(|l| l.split(' ').collect::<Vec<_>>()).as_deref() {
+        crate::openapi::check_response(method, path, &raw_response(&text));
+    }
+    parse_answer(&text)
 }
 
 /// Per client address and in total: the connection beyond the address's
@@ -637,15 +663,6 @@ fn a_publish_body_beyond_the_envelope_bound_is_refused() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("\"body_too_large\""), "{answer}");
     // Raw TCP bypasses `harness::request`: the answer is checked against the document here.
-    let (head, body) = answer.split_once("\r\n\r\n").expect("head and body");
-    let mut headers = hyper::HeaderMap::new();
-    for line in head.lines().skip(1) {
-        let (name, value) = line.split_once(':').expect("header line");
-        let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes()).expect("header name");
-        headers.insert(name, value.trim().parse().expect("header value"));
-    }
-    let resp =
-        client::HttpResponse { status: StatusCode::PAYLOAD_TOO_LARGE, headers, body: body.as_bytes().to_vec().into() };
-    crate::openapi::check_response("POST", "/v1/rollouts", &resp);
+    crate::openapi::check_response("POST", "/v1/rollouts", &raw_response(&answer));
     assert_eq!(count_rows(&cp, "rollouts"), 0);
 }

@@ -23,7 +23,7 @@ fn stdout(o: &Output) -> String {
 
 /// A copy of the live database through `cp backup`.
 fn backup(cp: &Cp, to: &Path) {
-    let out = run(&["cp", "backup", "--db", cp.db.to_str().unwrap(), to.to_str().unwrap()]);
+    let out = run(&["cp", "backup", "--db", cp.db.to_str().expect("utf-8"), to.to_str().expect("utf-8")]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -72,7 +72,8 @@ async fn two_rollouts(cp: &Cp, release: &Release, url: &str) -> Vec<Agent> {
 /// terminal with a newer rollout of its channel, no host live in it, no
 /// host's `expected_from` naming it.
 fn assert_r1_may_go(conn: &rusqlite::Connection) {
-    let state: String = conn.query_row("SELECT state FROM rollouts WHERE rollout_id = ?1", [R1], |r| r.get(0)).unwrap();
+    let state: String =
+        conn.query_row("SELECT state FROM rollouts WHERE rollout_id = ?1", [R1], |r| r.get(0)).expect("r1's state");
     assert_eq!(state, "completed");
     assert_eq!(count(conn, "SELECT COUNT(*) FROM rollouts WHERE channel = 'stable' AND rollout_id != ?1", R1), 1);
     let live = "SELECT COUNT(*) FROM host_records WHERE rollout_id = ?1

@@ -100,11 +100,16 @@ fn assert_story(out: &Output, n_hosts: usize, mode_line: &str, table_label: Opti
         "web-1   0     Converged   new",
         "web-3   1     Reverted    old         sustained_probe_failure",
         &format!("{last_host:<7} 1     Converged   new"),
-        "web-3: its probe failed, it rolled back",
+        // The closing lines come from the CP's answer (Reverted, the failure's cause, /v1/status's
+        // quarantine list): only web-3 failed, and nothing is said about another host.
+        "\nweb-3: its probe failed, it rolled back to the closure it ran before, and its closure is quarantined.\n",
     ] {
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
     assert!(!stdout.contains('\x1b'), "piped output must be plain lines:\n{stdout}");
+    let closing: Vec<&str> = stdout.lines().filter(|l| l.contains(", and its closure is")).collect();
+    assert_eq!(closing.len(), 1, "one closing sentence per failed host, and only web-3 failed:\n{stdout}");
+    assert!(!stdout.contains("scripted to fail"), "the scripted host did fail:\n{stdout}");
     let work = work_dir(&stdout);
     assert!(!work.exists(), "work dir {} left behind", work.display());
     assert_eq!(closures_left(&work), Vec::<String>::new(), "closures left in the store");

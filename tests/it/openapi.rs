@@ -148,6 +148,25 @@ pub fn check_response(method: &str, path_and_query: &str, resp: &HttpResponse) {
     }
 }
 
+/// A JSON document the CLI prints (`cp status --json`, `cp plan --json`,
+/// each line of `cp status --watch --json`) against the document's schema
+/// `name` (`#/components/schemas/{name}`). Panics naming what disagrees.
+pub fn check_schema(what: &str, name: &str, value: &Value) {
+    if let Err(errors) = validate(&format!("#/components/schemas/{name}"), value) {
+        panic!("{what} does not match the schema {name}:\n{}\n{value:#}", errors.join("\n"));
+    }
+}
+
+/// An answer to a path the document cannot list (no route, answered
+/// before routing, e.g. 403 `role_required` under mutual TLS, or an answer
+/// of the HTTP layer to a request it cannot parse): still the JSON error
+/// shape of the document.
+pub fn check_error_shape(what: &str, body: &Value) {
+    if let Err(errors) = validate("#/components/schemas/Error", body) {
+        panic!("{what}: the error body does not match the document:\n{}", errors.join("\n"));
+    }
+}
+
 /// The router's table and the document list the same (method, path) pairs.
 #[test]
 fn every_route_is_documented_and_every_documented_route_exists() {

@@ -14,7 +14,7 @@ use nixfleet::client::{self, ClientError, CpUrl, HttpResponse};
 use nixfleet::tls::{CertKeyFiles, ClientTlsFiles, ReloadableClientConfig, Role};
 use nixfleet::tools::pki;
 
-use crate::harness::{bin, closure, manifest, wait_for, Agent, Cp, Pki, Release, TempDir};
+use crate::harness::{bin, closure, manifest, request, wait_for, Agent, Cp, Pki, Release, TempDir};
 
 const T0: &str = "2026-11-25T12:00:00Z";
 
@@ -106,14 +106,14 @@ fn a_host_certificate_acting_for_another_host_is_refused_and_nothing_is_stored()
         assert!(why.contains("authenticated as web-1") && why.contains("for host web-2"), "{why}");
 
         let hb = serde_json::json!({"hostname": "web-2", "current_closure": closure("x"), "uptime_secs": 1, "agent_version": "t"});
-        let resp = client::request(&web1_url, Method::POST, "/v1/agent/heartbeat", &[], Some(hb.to_string().into()))
+        let resp = request(&web1_url, Method::POST, "/v1/agent/heartbeat", &[], Some(hb.to_string().into()))
             .await
             .expect("heartbeat");
         assert_eq!((resp.status, error_code(&resp)), (StatusCode::FORBIDDEN, "identity_mismatch".to_owned()));
         assert!(message(&resp).contains("web-1") && message(&resp).contains("web-2"), "{}", message(&resp));
 
         let started = Instant::now();
-        let resp = client::request(&web1_url, Method::GET, "/v1/agent/dispatch?hostname=web-2&wait=30", &[], None)
+        let resp = request(&web1_url, Method::GET, "/v1/agent/dispatch?hostname=web-2&wait=30", &[], None)
             .await
             .expect("long-poll");
         assert_eq!((resp.status, error_code(&resp)), (StatusCode::FORBIDDEN, "identity_mismatch".to_owned()));
@@ -135,35 +135,54 @@ fn a_host_certificate_acting_for_another_host_is_refused_and_nothing_is_stored()
 
 #[test]
 fn a_host_certificate_is_refused_on_every_operator_endpoint_and_an_operator_on_agent_endpoints() {
-    // Proves the role split: a host certificate gets 403 on publish, the views, a rollout's events and metrics;
+    // Proves the role split: a host certificate gets 403 on publish, the views (JSON and web pages), a rollout's
+    // events, metrics and every operator action (resume, cancel, unquarantine, the dry run, the action log);
     // an operator certificate gets 403 on /v1/agent/*; /healthz is open to both; a host may fetch a manifest.
     let (_dir, release, cp) = setup("tls-roles");
     rt().block_on(async {
         assert_eq!(cp.publish(&release.sign(&one_wave("stable@r1"))).await.status, StatusCode::CREATED);
         let host = cp.host_url("web-1");
         let envelope = release.sign(&one_wave("stable@r2"));
+        let action = || Some(br#"{"reason": "a host tries"}"#.to_vec());
+        let unquarantine = serde_json::json!({"closure": closure("web-1-new"), "reason": "a host tries"});
         let refused = [
-            (Method::POST, "/v1/rollouts", Some(envelope)),
+            (Method::POST, "/v1/rollouts", Some(envelope.clone())),
             (Method::GET, "/v1/status", None),
             (Method::GET, "/v1/rollouts", None),
             (Method::GET, "/v1/hosts", None),
             (Method::GET, "/v1/rollouts/stable@r1", None),
             (Method::GET, "/v1/rollouts/stable@r1/events", None),
             (Method::GET, "/metrics", None),
-            (Method::GET, "/v1/no-such-route", None),
+            (Method::GET, "/", None),
+            (Method::GET, "/hosts/web-1", None),
+            (Method::GET, "/rollouts/stable@r1", None),
+            (Method::POST, "/v1/rollouts/stable@r1/resume", action()),
+            (Method::POST, "/v1/rollouts/stable@r1/cancel", action()),
+            (Method::POST, "/v1/channels/stable/unquarantine", Some(unquarantine.to_string().into_bytes())),
+            (Method::POST, "/v1/plan", Some(envelope)),
+            (Method::GET, "/v1/actions", None),
         ];
         for (method, path, body) in refused {
-            let resp = client::request(&host, method, path, &[], body).await.expect(path);
+            let resp = request(&host, method, path, &[], body).await.expect(path);
             assert_eq!((resp.status, error_code(&resp)), (StatusCode::FORBIDDEN, "role_required".to_owned()), "{path}");
             assert!(message(&resp).contains("operator certificate") && message(&resp).contains("CN web-1"), "{path}");
         }
+        // A path no route has is refused the same way (before routing, so the document has no operation for it).
+        let resp = client::request(&host, Method::GET, "/v1/no-such-route", &[], None).await.expect("unrouted");
+        assert_eq!((resp.status, error_code(&resp)), (StatusCode::FORBIDDEN, "role_required".to_owned()));
+        let body: serde_json::Value = serde_json::from_slice(&resp.body).expect("a JSON error");
+        crate::openapi::check_error_shape("GET /v1/no-such-route answered 403", &body);
+        // Nothing changed: r2 was neither published nor planned into anything, r1 is still active, no action logged.
         assert_eq!(cp.get_json("/v1/rollouts").await.as_array().expect("rollouts").len(), 1, "r2 was not stored");
-        let resp = client::request(&host, Method::GET, "/v1/rollouts/stable@r1/manifest", &[], None).await.expect("m");
+        let detail = cp.get_json("/v1/rollouts/stable@r1").await;
+        assert!(detail["state"] != "cancelled" && detail["operator_actions"] == serde_json::json!([]), "{detail:#}");
+        assert!(cp.get_json("/v1/actions").await.as_array().expect("actions").is_empty());
+        let resp = request(&host, Method::GET, "/v1/rollouts/stable@r1/manifest", &[], None).await.expect("m");
         assert_eq!(resp.status, StatusCode::OK);
         for url in [&host, &cp.url] {
-            assert_eq!(client::request(url, Method::GET, "/healthz", &[], None).await.expect("healthz").status, 200);
+            assert_eq!(request(url, Method::GET, "/healthz", &[], None).await.expect("healthz").status, 200);
         }
-        let resp = client::request(&cp.url, Method::GET, "/v1/agent/dispatch?hostname=web-1&wait=0", &[], None)
+        let resp = request(&cp.url, Method::GET, "/v1/agent/dispatch?hostname=web-1&wait=0", &[], None)
             .await
             .expect("dispatch");
         assert_eq!((resp.status, error_code(&resp)), (StatusCode::FORBIDDEN, "role_required".to_owned()));
@@ -173,6 +192,38 @@ fn a_host_certificate_is_refused_on_every_operator_endpoint_and_an_operator_on_a
     let out = cp_cmd(&cp, "web-1", Role::Host, &["status"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("403") && text(&out).contains("operator certificate"), "{}", text(&out));
+}
+
+#[test]
+fn an_operator_certificate_names_who_resumed_a_halted_rollout() {
+    // Proves who acts under mutual TLS: `cp resume --reason …` with the operator certificate of alice records
+    // operator "alice" in the action log (`/v1/actions`) and `cp status` says "resume by alice"; the same
+    // command with a host certificate is refused and logs nothing.
+    let (_dir, release, cp) = setup("tls-operator-name");
+    rt().block_on(async {
+        assert_eq!(cp.publish(&release.sign(&one_wave("stable@r1"))).await.status, StatusCode::CREATED);
+        let mut web1 = Agent::new("web-1", &cp.host_url("web-1"));
+        let d = web1.poll(0).await.expect("web-1's dispatch");
+        web1.fail_and_revert(&d).await;
+        assert_eq!(cp.get_json("/v1/rollouts/stable@r1").await["state"], "halted");
+    });
+    let out = cp_cmd(&cp, "web-1", Role::Host, &["resume", "stable@r1", "--reason", "a host tries"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("403") && text(&out).contains("operator certificate"), "{}", text(&out));
+    let out = cp_cmd(&cp, "alice", Role::Operator, &["resume", "stable@r1", "--reason", "INC-7: probe target fixed"]);
+    assert!(out.status.success() && text(&out).contains("resumed stable@r1"), "{}", text(&out));
+    rt().block_on(async {
+        let actions = cp.get_json("/v1/actions").await;
+        let actions = actions.as_array().expect("actions");
+        assert_eq!(actions.len(), 1, "{actions:#?}");
+        assert_eq!(actions[0]["action"], "resume");
+        assert_eq!(actions[0]["operator"], "alice");
+        assert_eq!(actions[0]["reason"], "INC-7: probe target fixed");
+        assert_eq!(cp.get_json("/v1/rollouts/stable@r1").await["operator_actions"][0]["operator"], "alice");
+    });
+    let out = cp_cmd(&cp, "alice", Role::Operator, &["status", "--rollout", "stable@r1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("resume by alice: INC-7: probe target fixed"), "{}", text(&out));
 }
 
 /// A client of `cp` presenting `identity` (or no certificate).
@@ -207,6 +258,7 @@ fn clients_without_a_valid_certificate_fail_the_handshake_and_reach_nothing() {
         for (what, identity, logged) in cases {
             let url = url_with(&cp, identity);
             let envelope = release.sign(&one_wave("stable@r1"));
+            // Refused in the handshake: no HTTP answer, nothing for the document to check.
             let err = client::request(&url, Method::POST, "/v1/rollouts", &[], Some(envelope)).await.expect_err(what);
             assert!(
                 matches!(err, ClientError::CertificateRefused { .. } | ClientError::Handshake { .. }),
@@ -215,6 +267,28 @@ fn clients_without_a_valid_certificate_fail_the_handshake_and_reach_nothing() {
             cp_log_saying(&cp, logged);
         }
         assert!(cp.get_json("/v1/rollouts").await.as_array().expect("rollouts").is_empty(), "nothing published");
+        // Without a certificate no operator endpoint answers anything: the web pages, the views, every action.
+        let anonymous = url_with(&cp, None);
+        let action = br#"{"reason": "anonymous"}"#.to_vec();
+        for (method, path, body) in [
+            (Method::GET, "/", None),
+            (Method::GET, "/hosts/web-1", None),
+            (Method::GET, "/rollouts/stable@r1", None),
+            (Method::GET, "/v1/status", None),
+            (Method::GET, "/v1/actions", None),
+            (Method::POST, "/v1/rollouts/stable@r1/resume", Some(action.clone())),
+            (Method::POST, "/v1/rollouts/stable@r1/cancel", Some(action.clone())),
+            (Method::POST, "/v1/channels/stable/unquarantine", Some(action.clone())),
+            (Method::POST, "/v1/plan", Some(release.sign(&one_wave("stable@r1")))),
+        ] {
+            // Refused in the handshake: no HTTP answer, nothing for the document to check.
+            let err = client::request(&anonymous, method, path, &[], body).await.expect_err(path);
+            assert!(
+                matches!(err, ClientError::CertificateRefused { .. } | ClientError::Handshake { .. }),
+                "{path}: refused at the TLS layer, not an answer: {err}"
+            );
+        }
+        assert!(cp.get_json("/v1/actions").await.as_array().expect("actions").is_empty(), "no action logged");
     });
     // The real binary with an expired certificate: exit 1, one line.
     let expired = p.paths("old-op");
@@ -237,7 +311,7 @@ fn plaintext_http_to_the_tls_port_gets_only_a_tls_required_error() {
     rt().block_on(async {
         assert_eq!(cp.publish(&release.sign(&one_wave("stable@r1"))).await.status, StatusCode::CREATED);
         let plain = CpUrl::parse(&format!("http://{}", cp.url.authority())).expect("url");
-        let resp = client::request(&plain, Method::GET, "/v1/status", &[], None).await.expect("plain GET");
+        let resp = request(&plain, Method::GET, "/v1/status", &[], None).await.expect("plain GET");
         assert_eq!((resp.status, error_code(&resp)), (StatusCode::BAD_REQUEST, "tls_required".to_owned()));
         assert!(message(&resp).contains("https://"), "{}", message(&resp));
         let mut web1 = Agent::new("web-1", &plain);
@@ -278,7 +352,7 @@ fn sighup(pid: u32) {
 
 /// The last heartbeat time the CP has for `host`, as an operator reads it.
 async fn last_heartbeat(url: &CpUrl, host: &str) -> Option<String> {
-    let resp = client::request(url, Method::GET, "/v1/hosts", &[], None).await.ok()?;
+    let resp = request(url, Method::GET, "/v1/hosts", &[], None).await.ok()?;
     let hosts: serde_json::Value = resp.json().ok()?;
     hosts.as_array()?.iter().find(|h| h["hostname"] == host)?["last_heartbeat_at"].as_str().map(str::to_owned)
 }
@@ -333,7 +407,7 @@ async fn sighup_rotates_to_a_new_client_ca_and_keeps_the_old_files_on_a_bad_one_
     // The CP keeps heartbeats only of hosts a published manifest names: a
     // first rollout to the closure web-1 already runs names it.
     let first = crate::agent::manifest("stable@r0", 1, &[("web-1", 0, &old)]);
-    let resp = client::request(&cp.url, Method::POST, "/v1/rollouts", &[], Some(release.sign(&first))).await;
+    let resp = request(&cp.url, Method::POST, "/v1/rollouts", &[], Some(release.sign(&first))).await;
     assert_eq!(resp.expect("publish").status, StatusCode::CREATED);
     host.start_agent(&cp, &release.pub_path);
     let agent_pid = host.agent.as_ref().expect("agent").id();
@@ -394,6 +468,7 @@ async fn sighup_rotates_to_a_new_client_ca_and_keeps_the_old_files_on_a_bad_one_
             .expect("url")
             .with_tls(Arc::new(ReloadableClientConfig::load(files).expect("client")))
     };
+    // Refused in the handshake (no HTTP answer to check against the document).
     let old_operator = client::request(&cp.url, Method::GET, "/v1/hosts", &[], None).await;
     assert!(old_operator.is_err(), "the old CA's operator certificate is refused now");
     seen = Some(next_heartbeat(&new_operator, "web-1", seen, log).await);
@@ -408,12 +483,11 @@ async fn sighup_rotates_to_a_new_client_ca_and_keeps_the_old_files_on_a_bad_one_
 
     // 4. The agent still does its job: a rollout converges.
     let m = crate::agent::manifest("stable@r1", 1, &[("web-1", 0, &new)]);
-    let resp = client::request(&new_operator, Method::POST, "/v1/rollouts", &[], Some(release.sign(&m))).await;
+    let resp = request(&new_operator, Method::POST, "/v1/rollouts", &[], Some(release.sign(&m))).await;
     assert_eq!(resp.expect("publish").status, StatusCode::CREATED);
     let start = Instant::now();
     loop {
-        let resp =
-            client::request(&new_operator, Method::GET, "/v1/rollouts/stable@r1", &[], None).await.expect("view");
+        let resp = request(&new_operator, Method::GET, "/v1/rollouts/stable@r1", &[], None).await.expect("view");
         let detail: serde_json::Value = resp.json().expect("json");
         if detail["state"] == "completed" {
             break;

@@ -122,6 +122,55 @@ async fn halt(a: &mut [Agent]) {
     assert_applied(&a[2].send(ID, reverted).await);
 }
 
+/// After the resume: web-2's probe passes and it converges, web-4 (its
+/// dispatch withdrawn by the halt) is dispatched again and converges, so
+/// wave 1 settles with web-3's accepted failure, and wave 2 (web-5..10)
+/// converges: the rollout completes.
+async fn finish_after_resume(a: &mut [Agent]) {
+    let passing = WireEventBody::ProbeResult {
+        probe_name: "http-health".into(),
+        mode: ProbeMode::Enforce,
+        status: ProbeStatus::Pass,
+        observed_at: datetime!(2026-11-25 12:30 UTC),
+        failure_reason: None,
+    };
+    assert_applied(&a[1].send(ID, passing).await);
+    let converged = WireEventBody::Converged {
+        converged_at: datetime!(2026-11-25 12:31 UTC),
+        current_closure: nixfleet::ids::Closure::parse(&a[1].current).expect("closure"),
+    };
+    assert_applied(&a[1].send(ID, converged).await);
+    let d4 = a[3].poll(0).await.expect("web-4 dispatched after the resume");
+    a[3].activate(&d4).await;
+    a[3].converge(&d4).await;
+    for agent in &mut a[4..] {
+        let d = agent.poll(0).await.expect("wave 2 dispatched");
+        assert_eq!(d.wave, 2);
+        agent.activate(&d).await;
+        agent.converge(&d).await;
+    }
+}
+
+/// Every host once the resumed rollout completed.
+fn completed_states() -> Vec<(&'static str, &'static str)> {
+    DURING.iter().map(|(h, _)| (*h, if *h == "web-3" { "Reverted" } else { "Converged" })).collect()
+}
+
+/// Waits for a `cp status --watch` to end by itself (at `what`), or fails.
+fn wait_ended(mut watch: std::process::Child, what: &str) -> std::process::Output {
+    let started = Instant::now();
+    while watch.try_wait().expect("watch status").is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = watch.kill();
+            panic!("cp status --watch did not end at {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = watch.wait_with_output().expect("watch output");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
 /// The `<tr>` of one host in a rendered page.
 fn host_row<'a>(html: &'a str, host: &str) -> &'a str {
     let start = html.find(&format!("<tr data-host=\"{host}\"")).unwrap_or_else(|| panic!("no row for {host}"));
@@ -343,11 +392,14 @@ fn render(dir: &Path, url: &str, virtual_ms: u64, shot: &Path) -> String {
     run(&["--dump-dom".into()], "dom")
 }
 
-/// A real browser renders the page of a running CP during a rollout and
-/// after its halt: after the script's refreshes (virtual time), the DOM
-/// shows each host's state, the halt reason and the probe reason as text,
-/// and the script reports itself live. Screenshots stay in the test's dir
-/// when it fails.
+/// A real browser renders the page of a running CP during a rollout of 10
+/// hosts in 3 waves, after its halt, and after `cp resume` once it
+/// completed through wave 2: after the script's refreshes (virtual time),
+/// the DOM shows each host's state, the halt reason and the probe reason as
+/// text, then `completed` and no halt, and the script reports itself live.
+/// `cp status --watch` follows it to the halt, and a second one from the
+/// resume to the completion. Screenshots stay in the test's dir when it
+/// fails.
 #[test]
 fn browser_renders_a_live_rollout_and_its_halt() {
     let dir = TempDir::new("webbrowser");
@@ -359,7 +411,7 @@ fn browser_renders_a_live_rollout_and_its_halt() {
         let mut agents = rt().block_on(mid_rollout(&cp, &release));
         // The operator's other view of the same rollout: `cp status --watch`
         // (piped: one table per change) until the halt ends it.
-        let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_nixfleet"))
+        let watch = std::process::Command::new(env!("CARGO_BIN_EXE_nixfleet"))
             .args(["cp", "status", "--cp", &format!("http://{}", cp.url.authority()), "--rollout", ID])
             .args(["--watch", "--interval", "200ms"])
             .stdout(std::process::Stdio::piped())
@@ -385,16 +437,7 @@ fn browser_renders_a_live_rollout_and_its_halt() {
         assert!(dom.contains("<title>Fleet · nixfleet</title>"), "the title is the page's own");
         assert_escaped(&dom);
 
-        let started = std::time::Instant::now();
-        while watch.try_wait().expect("watch status").is_none() {
-            if started.elapsed() > std::time::Duration::from_secs(30) {
-                let _ = watch.kill();
-                panic!("cp status --watch did not end at the halt");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let out = watch.wait_with_output().expect("watch output");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = wait_ended(watch, "the halt");
         let text = String::from_utf8_lossy(&out.stdout);
         let frames: Vec<&str> = text.split("--- ").filter(|f| !f.trim().is_empty()).collect();
         assert!(frames.len() >= 2, "one table per change, from mid-rollout to the halt:\n{text}");
@@ -404,6 +447,42 @@ fn browser_renders_a_live_rollout_and_its_halt() {
         let dom = render(dir.path(), &format!("{url}hosts/web-2"), virtual_ms, &dir.path().join("host.png"));
         assert!(dom.contains("<strong>ProbeResult</strong>"), "the host's timeline");
         assert_escaped(&dom);
+
+        // The fix (web-3's switch failed on something outside the manifest), then `cp resume`: a new watch
+        // follows the rollout through wave 2 to its completion, and the page shows it completed.
+        let cp_url = format!("http://{}", cp.url.authority());
+        let out = Command::new(env!("CARGO_BIN_EXE_nixfleet"))
+            .args(["cp", "resume", "--cp", &cp_url, ID, "--reason", "INC-9: web-3's disk was full; cleaned"])
+            .output()
+            .expect("cp resume");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("resumed {ID}")));
+        let watch = Command::new(env!("CARGO_BIN_EXE_nixfleet"))
+            .args(["cp", "status", "--cp", &cp_url, "--rollout", ID, "--watch", "--interval", "200ms"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cp status --watch");
+        rt().block_on(finish_after_resume(&mut agents));
+        let out = wait_ended(watch, "the completion");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let frames: Vec<&str> = text.split("--- ").filter(|f| !f.trim().is_empty()).collect();
+        let last = frames[frames.len() - 1];
+        println!("{} frames after the resume; last:\n{last}", frames.len());
+        assert!(frames.len() >= 2 && !frames[0].contains("completed"), "one table per change:\n{text}");
+        assert!(last.contains("completed: 9 converged, 1 reverted"), "{last}");
+        assert!(last.contains("resume by unauthenticated (plaintext): INC-9"), "{last}");
+        for (host, state) in completed_states() {
+            assert!(
+                last.lines().any(|l| l.split_whitespace().next() == Some(host) && l.contains(state)),
+                "{host} {state}: {last}"
+            );
+        }
+        let dom = render(dir.path(), &url, virtual_ms, &dir.path().join("completed.png"));
+        assert_states(&dom, &completed_states());
+        assert!(dom.contains("class=\"state s-completed\">completed</span>"), "the rollout is completed");
+        assert!(!dom.contains("class=\"halt\""), "the halt is cleared");
+        assert!(dom.contains("id=\"live\" class=\"live on\">live · updated"), "the script refreshed the page");
     }));
     if let Err(panic) = result {
         let kept = dir.keep();

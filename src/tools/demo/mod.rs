@@ -224,7 +224,11 @@ async fn story(
     fleet::start_agents(running, &hosts, store, &demo_pki, addr, &key)?;
     say.line(&format!("started {} agents", hosts.len()));
     let detail = watch::watch(&url, say, say.live).await?;
-    print_stdout(&watch::report(&detail, &hosts, &store.label()))?;
+    let status = crate::client::request(&url, hyper::Method::GET, "/v1/status", &[], None)
+        .await
+        .and_then(|resp| resp.json::<serde_json::Value>())
+        .map_err(setup("status"))?;
+    print_stdout(&watch::report(&detail, &status["quarantined"], &hosts, &store.label()))?;
     Ok(())
 }
 

@@ -147,8 +147,10 @@ impl Seen {
     }
 }
 
-/// The final per-host table, labelled with the mode the closures were made in.
-pub fn report(detail: &Value, hosts_run: &[Host], label: &str) -> String {
+/// The final per-host table, labelled with the mode the closures were made
+/// in, and what happened to the failed hosts (`quarantined`: the `quarantined`
+/// list of the CP's `/v1/status`).
+pub fn report(detail: &Value, quarantined: &Value, hosts_run: &[Host], label: &str) -> String {
     let mut table = format!("\nclosures: {label}\nHOST    WAVE  STATE       RUNNING     NOTE\n");
     for (wave, h) in hosts(detail) {
         let name = text(&h["hostname"]);
@@ -167,11 +169,132 @@ pub fn report(detail: &Value, hosts_run: &[Host], label: &str) -> String {
         table.push_str(row.trim_end());
         table.push('\n');
     }
-    let broken = hosts_run.iter().find(|h| h.probe_fails).map_or("?", |h| h.name.as_str());
-    let _ = writeln!(
-        table,
-        "\nrollout {ROLLOUT}: {}\n{broken}: its probe failed, it rolled back to the closure it ran before, and its closure is quarantined.",
-        detail["halt_reason"].as_str().unwrap_or("halted"),
-    );
+    let scripted = hosts_run.iter().find(|h| h.probe_fails).map(|h| h.name.as_str());
+    let state = detail["halt_reason"].as_str().map_or_else(|| text(&detail["state"]).to_owned(), str::to_owned);
+    let _ = writeln!(table, "\nrollout {ROLLOUT}: {state}");
+    for line in outcome(detail, quarantined, scripted) {
+        let _ = writeln!(table, "{line}");
+    }
     table
+}
+
+/// One sentence per host that failed, built from what the CP says: why it
+/// failed, whether it rolled back (Reverted) or is still Failed, and whether
+/// its closure is quarantined; then, if the host scripted to fail did not,
+/// where it stands. "no host failed" when none did.
+pub fn outcome(detail: &Value, quarantined: &Value, scripted: Option<&str>) -> Vec<String> {
+    let is_quarantined = |host: &str, closure: &Value| {
+        quarantined.as_array().into_iter().flatten().any(|q| {
+            q["rollout_id"] == ROLLOUT && (q["hostname"] == host || (!closure.is_null() && q["closure"] == *closure))
+        })
+    };
+    let mut lines = Vec::new();
+    for (_, h) in hosts(detail) {
+        let (name, state) = (text(&h["hostname"]), text(&h["state"]));
+        if !matches!(state, "Failed" | "Reverted") {
+            continue;
+        }
+        let why = match h["failure"]["cause"].as_str() {
+            Some("sustained_probe_failure") => "its probe failed".to_owned(),
+            Some("activation_failed") => {
+                format!("its activation failed (exit {})", h["failure"]["exit_code"].as_i64().unwrap_or(-1))
+            }
+            Some("wrong_closure") => "it came up running another closure".to_owned(),
+            Some("dispatch_rejected") => format!("it refused the dispatch ({})", text(&h["failure"]["reason"])),
+            _ => "it failed".to_owned(),
+        };
+        let back = if state == "Reverted" {
+            "it rolled back to the closure it ran before"
+        } else {
+            "it has not rolled back (still Failed)"
+        };
+        let kept = if is_quarantined(name, &h["target_closure"]) {
+            "its closure is quarantined"
+        } else {
+            "its closure is not quarantined"
+        };
+        lines.push(format!("{name}: {why}, {back}, and {kept}."));
+    }
+    if lines.is_empty() {
+        lines.push("no host failed.".to_owned());
+    }
+    if let Some(scripted) = scripted {
+        let row = hosts(detail).map(|(_, h)| h).find(|h| h["hostname"] == scripted);
+        let state = row.map_or("absent", |h| text(&h["state"]));
+        if !matches!(state, "Failed" | "Reverted") {
+            let note = row.and_then(|h| h["note"].as_str()).map(|n| format!(" ({n})")).unwrap_or_default();
+            lines.push(format!("{scripted}, whose probe was scripted to fail, is {state}{note}."));
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn detail(hosts: &[Value]) -> Value {
+        json!({"state": "halted", "waves": [{"index": 1, "hosts": hosts}]})
+    }
+
+    fn host(name: &str, state: &str, cause: Option<&str>) -> Value {
+        let mut h = json!({"hostname": name, "state": state, "target_closure": format!("/nix/store/x-{name}")});
+        if let Some(cause) = cause {
+            h["failure"] = json!({"cause": cause, "exit_code": 3, "reason": "bad signature"});
+        }
+        h
+    }
+
+    fn quarantine(name: &str) -> Value {
+        json!([{"channel": "demo", "closure": format!("/nix/store/x-{name}"), "rollout_id": ROLLOUT,
+            "hostname": name, "quarantined_at": "2026-11-25T12:00:00Z"}])
+    }
+
+    #[test]
+    fn the_scripted_host_reverted_and_quarantined() {
+        let d = detail(&[host("web-2", "Converged", None), host("web-3", "Reverted", Some("sustained_probe_failure"))]);
+        assert_eq!(
+            outcome(&d, &quarantine("web-3"), Some("web-3")),
+            ["web-3: its probe failed, it rolled back to the closure it ran before, and its closure is quarantined."]
+        );
+    }
+
+    #[test]
+    fn another_host_failed_and_the_scripted_one_is_still_pending() {
+        let d = detail(&[host("web-2", "Failed", Some("activation_failed")), host("web-3", "Pending", None)]);
+        let mut d = d;
+        d["waves"][0]["hosts"][1]["note"] = json!("waiting for wave 0 to settle");
+        assert_eq!(
+            outcome(&d, &json!([]), Some("web-3")),
+            [
+                "web-2: its activation failed (exit 3), it has not rolled back (still Failed), and its closure is not quarantined.",
+                "web-3, whose probe was scripted to fail, is Pending (waiting for wave 0 to settle).",
+            ]
+        );
+    }
+
+    #[test]
+    fn two_hosts_failed_each_is_named_and_none_is_invented() {
+        let d = detail(&[
+            host("web-1", "Reverted", Some("wrong_closure")),
+            host("web-4", "Reverted", Some("dispatch_rejected")),
+        ]);
+        let lines = outcome(&d, &quarantine("web-1"), None);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(
+            lines[0].starts_with("web-1: it came up running another closure, it rolled back")
+                && lines[0].ends_with("is quarantined.")
+        );
+        assert!(
+            lines[1].starts_with("web-4: it refused the dispatch (bad signature)")
+                && lines[1].ends_with("is not quarantined.")
+        );
+    }
+
+    #[test]
+    fn nobody_failed() {
+        let d = detail(&[host("web-1", "Converged", None)]);
+        assert_eq!(outcome(&d, &json!([]), None), ["no host failed."]);
+    }
 }

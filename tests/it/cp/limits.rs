@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
 use super::*;
+use crate::harness::request;
 
 fn addr(cp: &Cp) -> SocketAddr {
     cp.url.authority().parse().expect("socket address")
@@ -30,7 +31,26 @@ fn parse_answer(text: &str) -> (u16, serde_json::Value) {
     let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status: {text:?}"));
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     let json = serde_json::from_str(body).unwrap_or_else(|_| panic!("not a JSON body: {text:?}"));
+    if status >= 400 {
+        // Refusals of the HTTP layer come before any route: the document's error shape.
+        crate::openapi::check_error_shape(&format!("a raw request answered {status}"), &json);
+    }
     (status, json)
+}
+
+/// A raw answer (status line, headers, a body of Content-Length) as the
+/// client's response type, for `openapi::check_response`.
+fn raw_response(text: &str) -> client::HttpResponse {
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head: {text:?}"));
+    let status = head.get(9..12).and_then(|s| s.parse::<u16>().ok()).expect("status");
+    let mut headers = hyper::HeaderMap::new();
+    for line in head.lines().skip(1) {
+        let (name, value) = line.split_once(':').unwrap_or_else(|| panic!("header line {line:?}"));
+        let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes()).expect("header name");
+        headers.append(name, value.trim().parse().expect("header value"));
+    }
+    let status = StatusCode::from_u16(status).expect("status code");
+    client::HttpResponse { status, headers, body: body.as_bytes().to_vec().into() }
 }
 
 fn raw_exchange(cp: &Cp, request: &[u8]) -> (u16, serde_json::Value) {
@@ -80,9 +100,11 @@ fn a_dribbled_body_costs_its_bytes_and_ends_at_the_body_deadline() {
     let grown = rss_kib(cp.pid()).saturating_sub(before);
     // 3,000 one-byte reads used to pin ~12 MB; a copy costs 3 KB plus noise.
     assert!(grown < 3 * 1024, "the CP grew {grown} KiB for {n_bytes} dribbled bytes");
-    let (status, json) = parse_answer(&read_answer(&mut stream));
+    let answer = read_answer(&mut stream);
+    let (status, json) = parse_answer(&answer);
     let elapsed = started.elapsed();
     assert_eq!(status, 408, "{json}");
+    crate::openapi::check_response("POST", "/v1/agent/heartbeat", &raw_response(&answer));
     assert_eq!(json["error"], "body_timeout", "{json}");
     assert!(elapsed < Duration::from_secs(10), "answered after {elapsed:?}");
     assert_eq!(count_rows(&cp, "hosts"), 0, "nothing stored");
@@ -158,7 +180,12 @@ async fn exchange(stream: &mut tokio::net::TcpStream, request: &str) -> (u16, se
             }
         }
     }
-    parse_answer(&String::from_utf8_lossy(&out))
+    let text = String::from_utf8_lossy(&out);
+    // A request that got through to a route: its answer against the document.
+    if let Some([method, path, _]) = request.lines().next().map(|l| l.split(' ').collect::<Vec<_>>()).as_deref() {
+        crate::openapi::check_response(method, path, &raw_response(&text));
+    }
+    parse_answer(&text)
 }
 
 /// Per client address and in total: the connection beyond the address's
@@ -218,7 +245,7 @@ fn at_the_descriptor_limit_an_operator_still_gets_in() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let started = Instant::now();
         let url = client::CpUrl::parse(&format!("http://{to}")).expect("url");
-        let resp = client::request(&url, Method::GET, "/v1/status", &[], None).await.expect("status");
+        let resp = request(&url, Method::GET, "/v1/status", &[], None).await.expect("status");
         assert_eq!(resp.status, StatusCode::OK);
         let waited = started.elapsed();
         assert!(waited < Duration::from_secs(10), "the operator waited {waited:?}");
@@ -237,7 +264,7 @@ fn a_newer_long_poll_answers_the_older_at_once() {
         let url = cp.url.clone();
         let first = tokio::spawn(async move {
             let started = Instant::now();
-            let resp = client::request(&url, Method::GET, "/v1/agent/dispatch?hostname=web-1&wait=30", &[], None)
+            let resp = request(&url, Method::GET, "/v1/agent/dispatch?hostname=web-1&wait=30", &[], None)
                 .await
                 .expect("first poll");
             (resp, started.elapsed())
@@ -245,7 +272,7 @@ fn a_newer_long_poll_answers_the_older_at_once() {
         wait_parked(&cp, 1).await;
         let url = cp.url.clone();
         let second = tokio::spawn(async move {
-            client::request(&url, Method::GET, "/v1/agent/dispatch?hostname=web-1&wait=1", &[], None).await
+            request(&url, Method::GET, "/v1/agent/dispatch?hostname=web-1&wait=1", &[], None).await
         });
         let (resp, took) = first.await.expect("join");
         assert_eq!(resp.status, StatusCode::CONFLICT);
@@ -291,6 +318,8 @@ fn the_client_gives_up_on_silent_dribbling_and_oversized_answers() {
             }
         });
         let url = client::CpUrl::parse(&format!("http://{server_addr}")).expect("url");
+        // The client itself against a hostile stand-in server (not the CP): no
+        // answer reaches the document's check, so these calls are unchecked.
         let started = Instant::now();
         let err = client::request(&url, Method::GET, "/v1/agent/dispatch?hostname=web-1&wait=1", &[], None)
             .await
@@ -334,7 +363,7 @@ fn unknown_hosts_get_no_records_and_per_host_quotas_hold() {
     rt().block_on(async {
         let hb = "/v1/agent/heartbeat";
         for host in ["invented-1", "invented-2"] {
-            let resp = client::request(&cp.url, Method::POST, hb, &[], Some(heartbeat_body(host))).await.expect("hb");
+            let resp = request(&cp.url, Method::POST, hb, &[], Some(heartbeat_body(host))).await.expect("hb");
             assert_eq!(resp.status, StatusCode::NOT_FOUND, "{}", String::from_utf8_lossy(&resp.body));
             assert!(matches!(resp.error(), client::ClientError::Status { code, .. } if code == "unknown_host"));
         }
@@ -345,8 +374,7 @@ fn unknown_hosts_get_no_records_and_per_host_quotas_hold() {
         let start = Instant::now();
         let mut accepted = 0u32;
         let resp = loop {
-            let resp =
-                client::request(&cp.url, Method::POST, hb, &[], Some(heartbeat_body("web-1"))).await.expect("hb");
+            let resp = request(&cp.url, Method::POST, hb, &[], Some(heartbeat_body("web-1"))).await.expect("hb");
             if resp.status != StatusCode::OK {
                 break resp;
             }
@@ -362,7 +390,7 @@ fn unknown_hosts_get_no_records_and_per_host_quotas_hold() {
         assert_eq!(resp.status, StatusCode::TOO_MANY_REQUESTS, "{}", String::from_utf8_lossy(&resp.body));
         assert!(matches!(resp.error(), client::ClientError::Status { code, .. } if code == "quota_exceeded"));
         assert!(resp.headers.get("retry-after").is_some(), "Retry-After is set");
-        let resp = client::request(&cp.url, Method::POST, hb, &[], Some(heartbeat_body("web-2"))).await.expect("hb");
+        let resp = request(&cp.url, Method::POST, hb, &[], Some(heartbeat_body("web-2"))).await.expect("hb");
         assert_eq!(resp.status, StatusCode::OK, "another host is untouched");
         assert_eq!(count_rows(&cp, "hosts"), 2);
 
@@ -380,9 +408,8 @@ fn unknown_hosts_get_no_records_and_per_host_quotas_hold() {
         let start = Instant::now();
         let mut accepted = 0usize;
         let resp = loop {
-            let resp = client::request(&cp.url, Method::POST, "/v1/agent/events", &[], Some(batch.clone()))
-                .await
-                .expect("events");
+            let resp =
+                request(&cp.url, Method::POST, "/v1/agent/events", &[], Some(batch.clone())).await.expect("events");
             if resp.status != StatusCode::OK {
                 break resp;
             }
@@ -494,7 +521,7 @@ fn hostile_json_is_refused_everywhere_and_the_database_is_unchanged() {
 }
 
 async fn assert_refused(cp: &Cp, path: &str, name: &str, body: Vec<u8>) {
-    let resp = client::request(&cp.url, Method::POST, path, &[], Some(body)).await.expect(name);
+    let resp = request(&cp.url, Method::POST, path, &[], Some(body)).await.expect(name);
     let text = String::from_utf8_lossy(&resp.body).into_owned();
     assert!(resp.status.is_client_error(), "{name}: {} {text}", resp.status);
     let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{name}: not JSON: {text}"));
@@ -567,7 +594,7 @@ async fn view_peak_mib(cp: &Cp, paths: &[String]) -> u64 {
     let mut tasks = Vec::new();
     for path in paths {
         let (url, path) = (cp.url.clone(), path.clone());
-        tasks.push(tokio::spawn(async move { client::request(&url, Method::GET, &path, &[], None).await }));
+        tasks.push(tokio::spawn(async move { request(&url, Method::GET, &path, &[], None).await }));
     }
     for task in tasks {
         let resp = task.await.expect("join").expect("view");
@@ -635,5 +662,7 @@ fn a_publish_body_beyond_the_envelope_bound_is_refused() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("\"body_too_large\""), "{answer}");
+    // Raw TCP bypasses `harness::request`: the answer is checked against the document here.
+    crate::openapi::check_response("POST", "/v1/rollouts", &raw_response(&answer));
     assert_eq!(count_rows(&cp, "rollouts"), 0);
 }

@@ -26,6 +26,7 @@ mod large_fleet;
 mod limits;
 mod operator;
 mod publish;
+mod retention;
 mod views;
 
 const T0: &str = "2026-11-25T12:00:00Z";

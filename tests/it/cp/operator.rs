@@ -6,7 +6,7 @@
 use std::process::{Command, Output, Stdio};
 
 use super::*;
-use crate::harness::bin;
+use crate::harness::{bin, request};
 
 const T2: &str = "2026-11-25T14:00:00Z";
 
@@ -241,6 +241,7 @@ fn plan_shows_quarantined_busy_drifting_and_unreachable_hosts_and_changes_nothin
     let before = rt.block_on(cp.get_json("/v1/status"));
     let json: serde_json::Value =
         serde_json::from_str(&ok(&["cp", "plan", "--cp", &url(&cp), path.to_str().unwrap(), "--json"])).expect("json");
+    crate::openapi::check_schema("cp plan --json", "PlanPreview", &json);
     assert_eq!(json["would_open"], "active");
     assert_eq!(json["would_supersede"], serde_json::json!(["stable@r1"]));
     let host = |wave: usize, i: usize| json["waves"][wave]["hosts"][i].clone();
@@ -350,13 +351,51 @@ fn an_action_without_a_reason_is_refused() {
     assert_eq!(code, Some(1));
     assert!(err.contains("needs a reason"), "{err}");
     rt.block_on(async {
-        let resp = client::request(&cp.url, Method::POST, "/v1/rollouts/stable@r1/resume", &[], Some(b"{}".to_vec()))
+        let resp = request(&cp.url, Method::POST, "/v1/rollouts/stable@r1/resume", &[], Some(b"{}".to_vec()))
             .await
             .expect("request");
         assert_eq!(resp.status, StatusCode::BAD_REQUEST);
         assert!(String::from_utf8_lossy(&resp.body).contains("missing field `reason`"));
         assert_eq!(cp.get_json("/v1/rollouts/stable@r1").await["state"], "halted", "nothing changed");
         assert!(cp.get_json("/v1/actions").await.as_array().unwrap().is_empty());
+    });
+}
+
+/// The operator actions and the dry run through the API, each 200 body
+/// checked against docs/openapi.yaml by `harness::request`: the plan of a
+/// newer release, unquarantine of the canary's closure, resume of the
+/// halt, then cancel.
+#[test]
+fn each_action_and_the_dry_run_answer_as_the_document_says() {
+    let (_dir, release, cp) = setup("op-api");
+    rt().block_on(async {
+        halt_at_the_canary(&cp, &release, "stable@r1", T0).await;
+        let post = |path: &'static str, body: Vec<u8>| {
+            let url = cp.url.clone();
+            async move {
+                let resp = request(&url, Method::POST, path, &[], Some(body)).await.expect(path);
+                assert_eq!(resp.status, StatusCode::OK, "{path}: {}", String::from_utf8_lossy(&resp.body));
+                serde_json::from_slice::<serde_json::Value>(&resp.body).expect("JSON")
+            }
+        };
+        let plan = post("/v1/plan", release.sign(&two_waves("stable@r2", T1, 0))).await;
+        assert_eq!(plan["would_supersede"], serde_json::json!(["stable@r1"]), "{plan:#}");
+        assert_eq!(plan["waves"][0]["hosts"][0]["plan"], "quarantined", "{plan:#}");
+        let body = serde_json::json!({"closure": closure("web-1-new"), "reason": "flaky probe"});
+        let unq = post("/v1/channels/stable/unquarantine", body.to_string().into_bytes()).await;
+        println!("unquarantine: {unq:#}");
+        let resumed = post("/v1/rollouts/stable@r1/resume", br#"{"reason": "INC-42"}"#.to_vec()).await;
+        println!("resume: {resumed:#}");
+        let cancelled = post("/v1/rollouts/stable@r1/cancel", br#"{"reason": "wrong release"}"#.to_vec()).await;
+        println!("cancel: {cancelled:#}");
+        assert_eq!(cp.get_json("/v1/rollouts/stable@r1").await["state"], "cancelled");
+        let actions = cp.get_json("/v1/actions").await;
+        let kinds: Vec<&str> =
+            actions.as_array().expect("actions").iter().filter_map(|a| a["action"].as_str()).collect();
+        assert_eq!(kinds.len(), 3, "{actions:#}");
+        for kind in ["unquarantine", "resume", "cancel"] {
+            assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
+        }
     });
 }
 
@@ -413,6 +452,64 @@ fn status_watch_prints_each_change_until_the_rollout_ends() {
         .expect("status");
     let after = String::from_utf8_lossy(&after.stdout);
     assert!(after.contains("completed: 0 converged, 4 reverted"), "{after}");
+}
+
+/// `cp status --watch --json`, piped: each line is one compact JSON
+/// document of the rollout (the document's RolloutDetail), one per change,
+/// the last one terminal; `cp status --json` (overview, one rollout, hosts)
+/// prints the API's documents too.
+#[test]
+fn status_json_outputs_match_the_document() {
+    let (_dir, release, cp) = setup("op-watch-json");
+    let rt = rt();
+    rt.block_on(async { cp.publish(&release.sign(&two_waves("stable@r1", T0, 4))).await });
+    let watch = Command::new(bin())
+        .args(["cp", "status", "--cp", &url(&cp), "--rollout", "stable@r1", "--watch", "--json", "--interval", "100ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn watch");
+    rt.block_on(async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut agents: Vec<Agent> = (1..=4).map(|i| Agent::new(&format!("web-{i}"), &cp.url)).collect();
+        for agent in &mut agents {
+            let d = agent.poll(5).await.expect("dispatch");
+            agent.activate(&d).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            agent.converge(&d).await;
+        }
+    });
+    let out = watch.wait_with_output().expect("watch ends by itself");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    println!("{} lines; last: {}", lines.len(), lines[lines.len() - 1]);
+    assert!(lines.len() >= 3, "one document per change: {text}");
+    let mut states = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let doc: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("line {i} not JSON ({e}): {line}"));
+        // Compact: as long as serde_json's own compact form (key order aside).
+        assert_eq!(serde_json::to_string(&doc).unwrap().len(), line.len(), "line {i} is compact JSON: {line}");
+        crate::openapi::check_schema(&format!("cp status --watch --json, line {i}"), "RolloutDetail", &doc);
+        states.push(doc["state"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(states.last().map(String::as_str), Some("completed"), "{states:?}");
+    assert!(states[..states.len() - 1].iter().all(|s| s == "active" || s == "converging"), "{states:?}");
+    let overview: serde_json::Value =
+        serde_json::from_str(&ok(&["cp", "status", "--cp", &url(&cp), "--json"])).unwrap();
+    crate::openapi::check_schema("cp status --json", "Status", &overview);
+    let detail: serde_json::Value =
+        serde_json::from_str(&ok(&["cp", "status", "--cp", &url(&cp), "--rollout", "stable@r1", "--json"])).unwrap();
+    crate::openapi::check_schema("cp status --rollout --json", "RolloutDetail", &detail);
+    assert_eq!(detail["state"], "completed");
+    let hosts: serde_json::Value =
+        serde_json::from_str(&ok(&["cp", "status", "--cp", &url(&cp), "--hosts", "--json"])).unwrap();
+    let hosts = hosts.as_array().expect("an array of hosts");
+    assert_eq!(hosts.len(), 4);
+    for host in hosts {
+        crate::openapi::check_schema("cp status --hosts --json", "HostView", host);
+    }
 }
 
 /// `cp status --watch` on a terminal (a pty from util-linux `script`): the

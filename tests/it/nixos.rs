@@ -161,8 +161,7 @@ fn run_readme_pki_steps(dir: &Path) {
     for line in steps.lines().map(|l| l.split(" #").next().unwrap_or_default().trim()).filter(|l| !l.is_empty()) {
         let args = shell_words(line);
         assert_eq!(args[0], "nixfleet", "step 1 is nixfleet commands only: {line}");
-        let out =
-            Command::new(crate::harness::bin()).args(&args[1..]).current_dir(dir).output().expect("run nixfleet");
+        let out = Command::new(crate::harness::bin()).args(&args[1..]).current_dir(dir).output().expect("run nixfleet");
         assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
         ran += 1;
     }
@@ -185,7 +184,8 @@ fn the_readmes_flake_snippet_parses_and_evaluates_against_the_module() {
 
     // Step 1 makes the certificates and the release key the flake names.
     run_readme_pki_steps(dir.path());
-    let systems = eval_readme_flake(dir.path()).unwrap_or_else(|e| panic!("the README's flake does not evaluate:\n{e}"));
+    let systems =
+        eval_readme_flake(dir.path()).unwrap_or_else(|e| panic!("the README's flake does not evaluate:\n{e}"));
     let systems = systems.as_object().expect("nixosConfigurations");
     let names: Vec<&str> = systems.keys().map(String::as_str).collect();
     assert_eq!(names, ["cp", "web-1", "web-2"]);
@@ -216,7 +216,10 @@ fn the_readmes_flake_snippet_parses_and_evaluates_against_the_module() {
         let CliCommand::Agent(agent) = argv(&system["agent"]).command else { panic!("not `agent`") };
         let cp_host = agent.cp.strip_prefix("https://").and_then(|rest| rest.split(':').next());
         let cp_host = cp_host.unwrap_or_else(|| panic!("{host} dials the CP over https: {}", agent.cp));
-        assert!(cp_names.iter().any(|n| n == cp_host), "{host} dials {cp_host}, not in the cp certificate: {cp_names:?}");
+        assert!(
+            cp_names.iter().any(|n| n == cp_host),
+            "{host} dials {cp_host}, not in the cp certificate: {cp_names:?}"
+        );
         store_file(&agent.ca_cert, "ca.crt");
         store_file(&agent.client_cert, &format!("{host}.crt"));
         assert_eq!(agent.client_key, Some(PathBuf::from("/etc/nixfleet/tls/host.key")));

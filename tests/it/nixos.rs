@@ -4,7 +4,9 @@
 //! that declares, type-checks and merges options as NixOS does. The
 //! rendered health checks are parsed by the agent's own strict parser, and
 //! the rendered command lines by the real CLI parser. Without
-//! `nix-instantiate` the tests are skipped with a printed reason.
+//! `nix-instantiate` the tests are skipped with a printed reason. The
+//! README's real-fleet steps are checked here too: its flake as above, its
+//! steps without NixOS against `contrib/systemd/` (no Nix needed).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -232,6 +234,51 @@ fn the_readmes_flake_snippet_parses_and_evaluates_against_the_module() {
     std::fs::write(&file, flake.replace("clientCert =", "clientCertificate =")).expect("write");
     let error = eval_readme_flake(dir.path()).expect_err("a misspelt option");
     assert!(error.contains("services.nixfleet.agent.clientCertificate' does not exist"), "{error}");
+}
+
+/// Every `/etc/nixfleet/…` path in `text`'s lines that are not comments.
+fn etc_paths(text: &str) -> std::collections::BTreeSet<String> {
+    let mut paths = std::collections::BTreeSet::new();
+    for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        // `EnvironmentFile=-PATH` is optional: nothing needs to install it.
+        if line.starts_with("EnvironmentFile=-") {
+            continue;
+        }
+        for (at, _) in line.match_indices("/etc/nixfleet/") {
+            let path: String =
+                line[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || "._/-".contains(*c)).collect();
+            paths.insert(path);
+        }
+    }
+    paths
+}
+
+#[test]
+fn the_readmes_steps_without_nixos_install_every_file_the_units_read() {
+    // Proves the README's systemd path is complete: each file under /etc/nixfleet that contrib/systemd's units
+    // and examples/agent.env name is installed by an `install` line of the README, and both units are installed.
+    let installed: std::collections::BTreeSet<String> = readme_blocks("A real fleet", "sh")
+        .iter()
+        .flat_map(|block| block.lines().map(|l| l.split(" #").next().unwrap_or_default().trim().to_owned()))
+        .filter(|l| l.starts_with("install "))
+        .filter_map(|l| shell_words(&l).last().cloned())
+        .collect();
+    let mut read = std::collections::BTreeSet::new();
+    for file in ["contrib/systemd/nixfleet-cp.service", "contrib/systemd/nixfleet-agent.service", "examples/agent.env"]
+    {
+        read.extend(etc_paths(&std::fs::read_to_string(repo(file)).expect(file)));
+    }
+    for want in ["/etc/nixfleet/agent.env", "/etc/nixfleet/tls/cp.key", "/etc/nixfleet/tls/host.key"] {
+        assert!(read.contains(want), "the units or agent.env read {want}: {read:?}");
+    }
+    let missing: Vec<&String> = read.iter().filter(|p| !installed.contains(*p)).collect();
+    assert!(missing.is_empty(), "the README installs none of {missing:?}; it installs {installed:?}");
+    assert!(installed.contains("/etc/nixfleet/agent/health-checks.json"), "the agent's default --health-checks");
+    let steps = readme_blocks("A real fleet", "sh").concat();
+    for unit in ["nixfleet-cp.service", "nixfleet-agent.service"] {
+        let line = format!("install -m 0644 contrib/systemd/{unit} /etc/systemd/system/");
+        assert!(steps.contains(&line), "the README installs {unit}");
+    }
 }
 
 #[test]

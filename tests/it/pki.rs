@@ -363,3 +363,70 @@ fn pki_export_refuses_without_a_good_password_for_a_non_operator_and_over_an_exi
     assert!(stderr(&out).contains("refusing to overwrite existing"), "{}", stderr(&out));
     assert_eq!(fs_err::read(out_path("kept.p12")).expect("read"), b"earlier");
 }
+
+/// `pki export` on a terminal: `script` (util-linux) gives it a pseudo-terminal
+/// as stdin; each answer is typed once its prompt has been shown. Returns
+/// everything the terminal showed, and the exit code.
+fn export_on_a_terminal(pki: &Pki, out: &Path, answers: &[&str]) -> (String, Option<i32>) {
+    use std::io::{Read as _, Write as _};
+    let command = format!(
+        "{} pki export --dir {} --name alice --out {}",
+        env!("CARGO_BIN_EXE_nixfleet"),
+        pki.dir.display(),
+        out.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("NIXFLEET_P12_PASSWORD")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run script");
+    let shown = Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = {
+        let shown = Arc::clone(&shown);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                shown.lock().expect("lock").push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let mut stdin = child.stdin.take().expect("stdin");
+    for (prompt, answer) in ["password for the bundle: ", "again: "].iter().zip(answers) {
+        crate::harness::wait_for(prompt, || shown.lock().expect("lock").contains(prompt).then_some(()));
+        stdin.write_all(format!("{answer}\n").as_bytes()).expect("type");
+    }
+    drop(stdin);
+    let status = child.wait().expect("wait");
+    reader.join().expect("reader");
+    let shown = shown.lock().expect("lock").clone();
+    (shown, status.code())
+}
+
+#[test]
+fn pki_export_asks_twice_on_a_terminal_without_echoing_the_password() {
+    // Proves the interactive path: both prompts, nothing typed is echoed, the bundle opens with what was typed,
+    // and two different answers write nothing.
+    if Command::new("script").arg("--version").output().is_err()
+        || Command::new("openssl").arg("version").output().is_err()
+    {
+        println!("skipped: needs `script` (util-linux) for a terminal and openssl to read the bundle");
+        return;
+    }
+    let pki = Pki::init();
+    pki.issued(&["--name", "alice", "--role", "operator"]);
+    let p12 = pki.dir.join("typed.p12");
+    let (shown, code) = export_on_a_terminal(&pki, &p12, &["typed secret 1", "typed secret 1"]);
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(!shown.contains("typed secret"), "the password was echoed: {shown:?}");
+    assert!(shown.contains("wrote ") && shown.contains("typed.p12"), "{shown}");
+    openssl_pkcs12(&p12, "typed secret 1", &["-info", "-nokeys"]).expect("the typed password opens it");
+
+    let other = pki.dir.join("differ.p12");
+    let (shown, code) = export_on_a_terminal(&pki, &other, &["typed secret 1", "typed secret 2"]);
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(shown.contains("the two passwords differ"), "{shown}");
+    assert!(!other.exists(), "nothing is written");
+}

@@ -160,12 +160,16 @@ fn ask(prompt: &str) -> Result<String, ExportError> {
     let saved = tcgetattr(&stdin).map_err(std::io::Error::from)?;
     let mut quiet = saved.clone();
     quiet.local_modes.remove(LocalModes::ECHO);
-    // Echo goes off before the prompt shows, so nothing typed after it is echoed.
+    // Echo goes off before the prompt shows, so nothing typed after it is
+    // echoed, and comes back whatever happens in between.
     tcsetattr(&stdin, OptionalActions::Now, &quiet).map_err(std::io::Error::from)?;
-    eprint!("{prompt}");
-    std::io::stderr().flush()?;
     let mut line = String::new();
-    let read = stdin.lock().read_line(&mut line);
+    let read = (|| -> std::io::Result<usize> {
+        let mut stderr = std::io::stderr();
+        write!(stderr, "{prompt}")?;
+        stderr.flush()?;
+        stdin.lock().read_line(&mut line)
+    })();
     tcsetattr(&stdin, OptionalActions::Now, &saved).map_err(std::io::Error::from)?;
     eprintln!();
     read?;

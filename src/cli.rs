@@ -134,6 +134,20 @@ pub enum PkiCommand {
         #[arg(long, default_value_t = crate::tools::pki::DEFAULT_LEAF_DAYS)]
         days: u32,
     },
+    /// Bundle an operator's DIR/NAME.crt and DIR/NAME.key (with DIR/ca.crt) into a
+    /// password-protected PKCS#12 file for a browser: the web page needs mutual TLS.
+    /// The password comes from NIXFLEET_P12_PASSWORD, else it is asked on the terminal.
+    Export {
+        /// The directory holding ca.crt and NAME.crt/NAME.key (from `pki issue --role operator`).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The operator certificate's name.
+        #[arg(long)]
+        name: String,
+        /// The PKCS#12 file to write (mode 0600; an existing file is never overwritten), e.g. alice.p12.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// The role a `pki issue` certificate carries (URI SAN `nixfleet:ROLE`).

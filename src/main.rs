@@ -34,6 +34,9 @@ fn main() -> ExitCode {
             let request = tools::pki::IssueRequest { name, role: role.into(), dns, ips: ip, days };
             tools::pki::issue_cmd(&dir, &request, &ClockHandle::system()).map_err(Into::into)
         }
+        Command::Pki(PkiCommand::Export { dir, name, out }) => {
+            tools::pki_export::export_cmd(&dir, &name, &out).map_err(Into::into)
+        }
         Command::Manifest(ManifestCommand::Check { manifest, json }) => {
             tools::manifest_cmd::check(&manifest, json).map_err(Into::into)
         }

@@ -5,5 +5,6 @@
 pub mod demo;
 pub mod manifest_cmd;
 pub mod pki;
+pub mod pki_export;
 pub mod queue_cmd;
 pub mod replay;

@@ -4,7 +4,9 @@
 //! that declares, type-checks and merges options as NixOS does. The
 //! rendered health checks are parsed by the agent's own strict parser, and
 //! the rendered command lines by the real CLI parser. Without
-//! `nix-instantiate` the tests are skipped with a printed reason.
+//! `nix-instantiate` the tests are skipped with a printed reason. The
+//! README's real-fleet steps are checked here too: its flake as above, its
+//! steps without NixOS against `contrib/systemd/` (no Nix needed).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -108,20 +110,175 @@ fn the_module_parses() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// The fenced blocks of `lang` in the README's section `heading` (up to the next `## `).
+fn readme_blocks(heading: &str, lang: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(repo("README.md")).expect("README.md");
+    let section = readme.split(&format!("\n## {heading}\n")).nth(1).unwrap_or_else(|| panic!("a section {heading:?}"));
+    let section = section.split("\n## ").next().expect("the section");
+    let fence = format!("```{lang}\n");
+    section.split(&fence).skip(1).filter_map(|s| s.split("```").next()).map(str::to_owned).collect()
+}
+
+/// What the README's flake builds, per `nixosConfigurations` entry: the
+/// services' command lines, the rendered health checks, the open ports.
+/// `nixpkgs.lib.nixosSystem` is the stub module system; the flake's path
+/// modules (the reader's own `./hosts/*.nix`, which this test does not
+/// have) are left out, and `nixfleet` is this repository.
+fn eval_readme_flake(dir: &Path) -> Result<serde_json::Value, String> {
+    let expr = format!(
+        r#"let
+  stub = import {stub};
+  nixpkgs.lib.nixosSystem = {{ modules, ... }}: {{
+    config = stub.system (map (m: if builtins.isString m then import m else m) (builtins.filter (m: !builtins.isPath m) modules));
+  }};
+  outputs = (import ./flake.nix).outputs {{ inherit nixpkgs; nixfleet = "{repo}"; self = outputs; }};
+  select = config: {{
+    agent = config.systemd.services.nixfleet-agent.serviceConfig.ExecStart or null;
+    cp = config.systemd.services.nixfleet-cp.serviceConfig.ExecStart or null;
+    checks = config.environment.etc."nixfleet/agent/health-checks.json".text or null;
+    ports = config.networking.firewall.allowedTCPPorts;
+  }};
+in builtins.mapAttrs (name: system: select system.config) outputs.nixosConfigurations
+"#,
+        stub = repo("tests/it/nixos/stub.nix").display(),
+        repo = repo("").display().to_string().trim_end_matches('/'),
+    );
+    std::fs::write(dir.join("eval.nix"), expr).expect("write expression");
+    // --eval is read-only: path literals get their store paths without being added.
+    let out = Command::new("nix-instantiate")
+        .args(["--eval", "--strict", "--json"])
+        .arg(dir.join("eval.nix"))
+        .output()
+        .expect("run nix-instantiate");
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).expect("nix-instantiate --json prints JSON"))
+}
+
+/// Runs the `nixfleet` lines of the README's step 1 in `dir`, as written.
+fn run_readme_pki_steps(dir: &Path) {
+    let steps = readme_blocks("A real fleet", "sh").into_iter().next().expect("step 1's commands");
+    let mut ran = 0;
+    for line in steps.lines().map(|l| l.split(" #").next().unwrap_or_default().trim()).filter(|l| !l.is_empty()) {
+        let args = shell_words(line);
+        assert_eq!(args[0], "nixfleet", "step 1 is nixfleet commands only: {line}");
+        let out = Command::new(crate::harness::bin()).args(&args[1..]).current_dir(dir).output().expect("run nixfleet");
+        assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
+        ran += 1;
+    }
+    assert!(ran >= 5, "init, the cp, two hosts, an operator and keygen: {ran} commands");
+}
+
 #[test]
-fn the_readmes_flake_snippet_parses() {
+fn the_readmes_flake_snippet_parses_and_evaluates_against_the_module() {
     if !have_nix() {
         return;
     }
-    let readme = std::fs::read_to_string(repo("README.md")).expect("README.md");
-    let section = readme.split("\n## NixOS\n").nth(1).expect("a NixOS section");
-    let snippet = section.split("```nix\n").nth(1).and_then(|s| s.split("```").next()).expect("a nix block");
-    assert!(snippet.contains("contrib/nixos/module.nix"), "the snippet imports the module");
+    let blocks = readme_blocks("A real fleet", "nix");
+    let flake = blocks.iter().find(|b| b.contains("nixosConfigurations")).expect("the fleet's flake");
+    assert!(flake.contains("contrib/nixos/module.nix"), "the flake imports the module");
     let dir = TempDir::new("readme-nix");
     let file = dir.path().join("flake.nix");
-    std::fs::write(&file, snippet).expect("write snippet");
+    std::fs::write(&file, flake).expect("write snippet");
     let out = Command::new("nix-instantiate").arg("--parse").arg(&file).output().expect("run nix-instantiate");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Step 1 makes the certificates and the release key the flake names.
+    run_readme_pki_steps(dir.path());
+    let systems =
+        eval_readme_flake(dir.path()).unwrap_or_else(|e| panic!("the README's flake does not evaluate:\n{e}"));
+    let systems = systems.as_object().expect("nixosConfigurations");
+    let names: Vec<&str> = systems.keys().map(String::as_str).collect();
+    assert_eq!(names, ["cp", "web-1", "web-2"]);
+    let argv = |line: &serde_json::Value| {
+        let argv = shell_words(line.as_str().expect("ExecStart"));
+        Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("nixfleet refuses {argv:?}: {e}"))
+    };
+    let store_file = |path: &Option<PathBuf>, name: &str| {
+        let path = path.as_ref().unwrap_or_else(|| panic!("{name} is passed")).display().to_string();
+        assert!(path.starts_with("/nix/store/") && path.ends_with(&format!("-{name}")), "{name}: {path}");
+    };
+
+    let cp = &systems["cp"];
+    assert!(cp["agent"].is_null(), "the CP host runs no agent in the README");
+    let CliCommand::Cp(CpCommand::Serve(serve)) = argv(&cp["cp"]).command else { panic!("not `cp serve`") };
+    assert_eq!(serve.listen.to_string(), "0.0.0.0:8443", "on the network, so TLS is required");
+    store_file(&serve.tls_cert, "cp.crt");
+    store_file(&serve.client_ca, "ca.crt");
+    assert_eq!(serve.tls_key, Some(PathBuf::from("/etc/nixfleet/tls/cp.key")), "the key stays out of the store");
+    assert_eq!(serve.trust_key.len(), 1);
+    assert_eq!(cp["ports"], serde_json::json!([8443]), "openFirewall");
+
+    let cp_cert = nixfleet::tls::load_certs(&dir.path().join("pki/cp.crt")).expect("step 1's cp certificate");
+    let cp_names = nixfleet::tls::PeerIdentity::from_certificate(&cp_cert[0]).expect("identity").dns_names;
+    for host in ["web-1", "web-2"] {
+        let system = &systems[host];
+        assert!(system["cp"].is_null(), "{host} runs no control plane");
+        let CliCommand::Agent(agent) = argv(&system["agent"]).command else { panic!("not `agent`") };
+        let cp_host = agent.cp.strip_prefix("https://").and_then(|rest| rest.split(':').next());
+        let cp_host = cp_host.unwrap_or_else(|| panic!("{host} dials the CP over https: {}", agent.cp));
+        assert!(
+            cp_names.iter().any(|n| n == cp_host),
+            "{host} dials {cp_host}, not in the cp certificate: {cp_names:?}"
+        );
+        store_file(&agent.ca_cert, "ca.crt");
+        store_file(&agent.client_cert, &format!("{host}.crt"));
+        assert_eq!(agent.client_key, Some(PathBuf::from("/etc/nixfleet/tls/host.key")));
+        let text = system["checks"].as_str().expect("health checks rendered");
+        let checks = HealthChecks::parse(text).unwrap_or_else(|e| panic!("the agent refuses {host}'s checks: {e}"));
+        assert!(!checks.probes.is_empty(), "{host} has probes");
+    }
+
+    // A misspelt option in the README's flake fails this test.
+    std::fs::write(&file, flake.replace("clientCert =", "clientCertificate =")).expect("write");
+    let error = eval_readme_flake(dir.path()).expect_err("a misspelt option");
+    assert!(error.contains("services.nixfleet.agent.clientCertificate' does not exist"), "{error}");
+}
+
+/// Every `/etc/nixfleet/…` path in `text`'s lines that are not comments.
+fn etc_paths(text: &str) -> std::collections::BTreeSet<String> {
+    let mut paths = std::collections::BTreeSet::new();
+    for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        // `EnvironmentFile=-PATH` is optional: nothing needs to install it.
+        if line.starts_with("EnvironmentFile=-") {
+            continue;
+        }
+        for (at, _) in line.match_indices("/etc/nixfleet/") {
+            let path: String =
+                line[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || "._/-".contains(*c)).collect();
+            paths.insert(path);
+        }
+    }
+    paths
+}
+
+#[test]
+fn the_readmes_steps_without_nixos_install_every_file_the_units_read() {
+    // Proves the README's systemd path is complete: each file under /etc/nixfleet that contrib/systemd's units
+    // and examples/agent.env name is installed by an `install` line of the README, and both units are installed.
+    let installed: std::collections::BTreeSet<String> = readme_blocks("A real fleet", "sh")
+        .iter()
+        .flat_map(|block| block.lines().map(|l| l.split(" #").next().unwrap_or_default().trim().to_owned()))
+        .filter(|l| l.starts_with("install "))
+        .filter_map(|l| shell_words(&l).last().cloned())
+        .collect();
+    let mut read = std::collections::BTreeSet::new();
+    for file in ["contrib/systemd/nixfleet-cp.service", "contrib/systemd/nixfleet-agent.service", "examples/agent.env"]
+    {
+        read.extend(etc_paths(&std::fs::read_to_string(repo(file)).expect(file)));
+    }
+    for want in ["/etc/nixfleet/agent.env", "/etc/nixfleet/tls/cp.key", "/etc/nixfleet/tls/host.key"] {
+        assert!(read.contains(want), "the units or agent.env read {want}: {read:?}");
+    }
+    let missing: Vec<&String> = read.iter().filter(|p| !installed.contains(*p)).collect();
+    assert!(missing.is_empty(), "the README installs none of {missing:?}; it installs {installed:?}");
+    assert!(installed.contains("/etc/nixfleet/agent/health-checks.json"), "the agent's default --health-checks");
+    let steps = readme_blocks("A real fleet", "sh").concat();
+    for unit in ["nixfleet-cp.service", "nixfleet-agent.service"] {
+        let line = format!("install -m 0644 contrib/systemd/{unit} /etc/systemd/system/");
+        assert!(steps.contains(&line), "the README installs {unit}");
+    }
 }
 
 #[test]

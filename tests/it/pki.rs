@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nixfleet::tls::{self, CertKeyFiles, ClientTlsFiles, PeerIdentity, Role, ServerTlsFiles};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -265,4 +267,166 @@ fn expired_host_certificate(pki: &Pki, name: &str) -> CertKeyFiles {
     fs_err::write(&files.cert, cert.pem()).expect("write");
     fs_err::write(&files.key, key.serialize_pem()).expect("write");
     files
+}
+
+/// `pki export` as a script runs it: the password in the environment.
+fn export(pki: &Pki, name: &str, out: &Path, password: Option<&str>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixfleet"));
+    cmd.args(["pki", "export", "--dir", pki.dir.to_str().expect("utf8"), "--name", name, "--out"]).arg(out);
+    cmd.env_remove("NIXFLEET_P12_PASSWORD").stdin(std::process::Stdio::null());
+    if let Some(password) = password {
+        cmd.env("NIXFLEET_P12_PASSWORD", password);
+    }
+    cmd.output().expect("run nixfleet")
+}
+
+/// `openssl pkcs12 ARGS -in P12`, the password passed through the environment: stdout and stderr
+/// (where `-info` writes the algorithms), or stderr.
+fn openssl_pkcs12(p12: &Path, password: &str, args: &[&str]) -> Result<Vec<u8>, String> {
+    let out = Command::new("openssl")
+        .arg("pkcs12")
+        .arg("-in")
+        .arg(p12)
+        .args(["-passin", "env:P12_PASS"])
+        .args(args)
+        .env("P12_PASS", password)
+        .output()
+        .expect("run openssl");
+    if out.status.success() {
+        Ok([out.stdout, out.stderr].concat())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn pki_export_bundles_an_operator_identity_that_openssl_reads_back_and_the_cp_accepts() {
+    // Proves the PKCS#12 file holds exactly the operator's certificate, its key and the CA, under the password,
+    // AES-256, mode 0600; and that the identity read back out of it (as a browser would) passes the CP's handshake.
+    if Command::new("openssl").arg("version").output().is_err() {
+        println!("skipped: openssl is not installed, and it is the independent reader of the bundle here");
+        return;
+    }
+    let f = fleet();
+    let alice = f.pki.issued(&["--name", "alice", "--role", "operator"]);
+    let p12 = f.pki.dir.join("alice.p12");
+    let out = export(&f.pki, "alice", &p12, Some("correct horse battery"));
+    assert_exit(&out, 0);
+    assert_eq!(mode(&p12), 0o600, "the bundle holds a private key");
+
+    let info = openssl_pkcs12(&p12, "correct horse battery", &["-info", "-nokeys"]).expect("openssl reads it");
+    let info = String::from_utf8_lossy(&info);
+    assert!(info.contains("PBES2, PBKDF2, AES-256-CBC") && info.contains("MAC: sha256"), "{info}");
+    let leaf = openssl_pkcs12(&p12, "correct horse battery", &["-nokeys", "-clcerts"]).expect("the certificate");
+    let cas = openssl_pkcs12(&p12, "correct horse battery", &["-nokeys", "-cacerts"]).expect("the CA");
+    let key = openssl_pkcs12(&p12, "correct horse battery", &["-nocerts", "-noenc"]).expect("the key");
+    let first = |pem: &[u8]| CertificateDer::pem_slice_iter(pem).next().expect("a certificate").expect("PEM");
+    assert_eq!(first(&leaf), tls::load_certs(&alice.cert).expect("load")[0], "alice's certificate");
+    assert_eq!(first(&cas), tls::load_certs(&f.pki.path("ca.crt")).expect("load")[0], "the CA certificate");
+
+    // The identity as it comes out of the bundle, in a real mutual-TLS handshake with the CP's config.
+    let back = CertKeyFiles { cert: f.pki.dir.join("back.crt"), key: f.pki.dir.join("back.key") };
+    fs_err::write(&back.cert, &leaf).expect("write");
+    fs_err::write(&back.key, &key).expect("write");
+    let ca = f.pki.path("ca.crt");
+    let (server, client) = connect(cp_server(&f.cp, &ca), agent_client(&ca, Some(&back)), "cp.test").await;
+    client.expect("client side");
+    let seen = server.expect("server side");
+    assert_eq!((seen.role, seen.common_name.as_deref()), (Some(Role::Operator), Some("alice")));
+
+    let wrong = openssl_pkcs12(&p12, "not the password", &["-info", "-nokeys"]).expect_err("a wrong password");
+    assert!(wrong.contains("verify error") || wrong.contains("mac"), "{wrong}");
+}
+
+#[test]
+fn pki_export_refuses_without_a_good_password_for_a_non_operator_and_over_an_existing_file() {
+    // Proves each refusal exits 1 naming the problem and leaves no file; an existing bundle is never replaced.
+    let f = fleet();
+    f.pki.issued(&["--name", "alice", "--role", "operator"]);
+    let out_path = |name: &str| f.pki.dir.join(name);
+    let cases: Vec<(&str, Option<&str>, &str)> = vec![
+        ("alice", None, "no password: set NIXFLEET_P12_PASSWORD or run on a terminal"),
+        ("alice", Some("short"), "the password is shorter than 8 characters"),
+        ("web1", Some("long enough"), "web1.crt is a host certificate: only an operator certificate"),
+        ("cp", Some("long enough"), "cp.crt is a cp certificate"),
+        ("bob", Some("long enough"), "bob.crt"),
+    ];
+    for (name, password, message) in cases {
+        let out = export(&f.pki, name, &out_path("x.p12"), password);
+        assert_exit(&out, 1);
+        assert!(stderr(&out).contains(message), "{name}: {} should contain {message:?}", stderr(&out));
+        assert!(!out_path("x.p12").exists(), "{name}: a refused export wrote a file");
+    }
+    fs_err::write(out_path("kept.p12"), b"earlier").expect("write");
+    let out = export(&f.pki, "alice", &out_path("kept.p12"), Some("long enough"));
+    assert_exit(&out, 1);
+    assert!(stderr(&out).contains("refusing to overwrite existing"), "{}", stderr(&out));
+    assert_eq!(fs_err::read(out_path("kept.p12")).expect("read"), b"earlier");
+}
+
+/// `pki export` on a terminal: `script` (util-linux) gives it a pseudo-terminal
+/// as stdin; each answer is typed once its prompt has been shown. Returns
+/// everything the terminal showed, and the exit code.
+fn export_on_a_terminal(pki: &Pki, out: &Path, answers: &[&str]) -> (String, Option<i32>) {
+    use std::io::{Read as _, Write as _};
+    let command = format!(
+        "{} pki export --dir {} --name alice --out {}",
+        env!("CARGO_BIN_EXE_nixfleet"),
+        pki.dir.display(),
+        out.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env_remove("NIXFLEET_P12_PASSWORD")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run script");
+    let shown = Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = {
+        let shown = Arc::clone(&shown);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                shown.lock().expect("lock").push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let mut stdin = child.stdin.take().expect("stdin");
+    for (prompt, answer) in ["password for the bundle: ", "again: "].iter().zip(answers) {
+        crate::harness::wait_for(prompt, || shown.lock().expect("lock").contains(prompt).then_some(()));
+        stdin.write_all(format!("{answer}\n").as_bytes()).expect("type");
+    }
+    drop(stdin);
+    let status = child.wait().expect("wait");
+    reader.join().expect("reader");
+    let shown = shown.lock().expect("lock").clone();
+    (shown, status.code())
+}
+
+#[test]
+fn pki_export_asks_twice_on_a_terminal_without_echoing_the_password() {
+    // Proves the interactive path: both prompts, nothing typed is echoed, the bundle opens with what was typed,
+    // and two different answers write nothing.
+    if Command::new("script").arg("--version").output().is_err()
+        || Command::new("openssl").arg("version").output().is_err()
+    {
+        println!("skipped: needs `script` (util-linux) for a terminal and openssl to read the bundle");
+        return;
+    }
+    let pki = Pki::init();
+    pki.issued(&["--name", "alice", "--role", "operator"]);
+    let p12 = pki.dir.join("typed.p12");
+    let (shown, code) = export_on_a_terminal(&pki, &p12, &["typed secret 1", "typed secret 1"]);
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(!shown.contains("typed secret"), "the password was echoed: {shown:?}");
+    assert!(shown.contains("wrote ") && shown.contains("typed.p12"), "{shown}");
+    openssl_pkcs12(&p12, "typed secret 1", &["-info", "-nokeys"]).expect("the typed password opens it");
+
+    let other = pki.dir.join("differ.p12");
+    let (shown, code) = export_on_a_terminal(&pki, &other, &["typed secret 1", "typed secret 2"]);
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(shown.contains("the two passwords differ"), "{shown}");
+    assert!(!other.exists(), "nothing is written");
 }

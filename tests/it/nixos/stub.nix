@@ -134,7 +134,12 @@ let
       else mergeDecls a.${n} v) b;
 
   fakePackage = name: { type = "derivation"; inherit name; outPath = "/nix/store/00000000000000000000000000000000-${name}"; };
-  pkgs = { util-linux = fakePackage "util-linux"; coreutils = fakePackage "coreutils"; };
+  pkgs = {
+    util-linux = fakePackage "util-linux";
+    coreutils = fakePackage "coreutils";
+    # What the README's flake builds nixfleet with.
+    rustPlatform.buildRustPackage = args: fakePackage args.pname;
+  };
 
   # The NixOS options the module sets, loosely typed where NixOS's own
   # types are large (systemd units).

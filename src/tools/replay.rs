@@ -67,12 +67,7 @@ enum Unreadable {
 
 /// `bridged`: seqs of lost visibility events, spent without content (see
 /// `agent::rebuild`).
-fn fold(
-    mut record: HostRecord,
-    events: Vec<(u64, Result<Event, Unreadable>)>,
-    policy: &Policy,
-    bridged: &[u64],
-) -> Trace {
+fn fold(mut record: HostRecord, events: Vec<LoggedEvent>, policy: &Policy, bridged: &[u64]) -> Trace {
     let mut lines = Vec::new();
     let mut problems = Vec::new();
     for (seq, event) in events {
@@ -120,7 +115,7 @@ fn fold(
 /// sustained-failure clock at K, which the deleted events A+1..=K made.
 fn fold_checkpointed(
     start: HostRecord,
-    events: Vec<(u64, Result<Event, Unreadable>)>,
+    events: Vec<LoggedEvent>,
     checkpoint: &store::Checkpoint,
     policy: &Policy,
 ) -> Trace {
@@ -257,6 +252,10 @@ pub fn db_report(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(St
     Ok((out, disagreements))
 }
 
+/// A logged event's seq and the event as ingest applied it, or why it no
+/// longer reads.
+type LoggedEvent = (u64, Result<Event, Unreadable>);
+
 /// One host's logged events of one rollout in seq order, each read back as
 /// the Remote event ingest applied (or why it no longer reads).
 fn logged_events(
@@ -264,7 +263,7 @@ fn logged_events(
     db: &Path,
     id: &RolloutId,
     host: &Hostname,
-) -> Result<Vec<(u64, Result<Event, Unreadable>)>, store::StoreError> {
+) -> Result<Vec<LoggedEvent>, store::StoreError> {
     let events = store::logged_events_of(conn, db, id, host)?
         .into_iter()
         .map(|(seq, json)| {

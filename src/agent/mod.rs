@@ -19,5 +19,9 @@ pub mod rollouts;
 pub mod runtime;
 pub mod workers;
 
+/// Test support, compiled only for tests: the unit tests (`cfg(test)`) and
+/// `tests/it` (the `testkit` feature, which the crate's dev-dependency on
+/// itself turns on for `cargo test`); never in the product.
+#[cfg(any(test, feature = "testkit"))]
 #[doc(hidden)]
 pub mod testkit;

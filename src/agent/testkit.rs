@@ -1,7 +1,7 @@
-//! Shared by the agent's unit tests and the worker tests of `tests/it`
-//! (which see only the public library, hence not `#[cfg(test)]`): values
-//! for one host and one rollout, and [`MemJournal`], the reducer's journal
-//! in memory. Nothing in the agent uses it.
+//! Shared by the agent's unit tests and the worker tests of `tests/it`:
+//! values for one host and one rollout, and [`MemJournal`], the reducer's
+//! journal in memory. Nothing in the agent uses it; it is compiled only for
+//! tests (`agent/mod.rs`: `cfg(test)` or the `testkit` feature).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

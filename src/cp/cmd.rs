@@ -59,7 +59,7 @@ pub enum CpError {
     #[error("{0}")]
     Refused(String),
     #[error(transparent)]
-    Backup(#[from] operator_cmd::BackupError),
+    Backup(#[from] super::store::BackupError),
 }
 
 /// Runs one `cp` subcommand.

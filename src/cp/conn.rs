@@ -219,21 +219,21 @@ fn hyper_error_head(bytes: &[u8]) -> Option<(usize, Vec<u8>)> {
 pub struct JsonErrors<T> {
     inner: T,
     /// A replacement answer still to be written, and how much of it is out.
-    pending: Option<(Vec<u8>, usize)>,
+    unsent: Option<(Vec<u8>, usize)>,
 }
 
 impl<T> JsonErrors<T> {
     pub fn new(inner: T) -> JsonErrors<T> {
-        JsonErrors { inner, pending: None }
+        JsonErrors { inner, unsent: None }
     }
 }
 
 impl<T: AsyncWrite + Unpin> JsonErrors<T> {
-    /// Writes out a pending replacement; Ready(Ok) once nothing is left.
-    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while let Some((bytes, done)) = self.pending.as_mut() {
+    /// Writes out the rest of an unsent replacement; Ready(Ok) once nothing is left.
+    fn poll_unsent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some((bytes, done)) = self.unsent.as_mut() {
             if *done == bytes.len() {
-                self.pending = None;
+                self.unsent = None;
                 break;
             }
             let n = std::task::ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*done..]))?;
@@ -254,9 +254,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for JsonErrors<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for JsonErrors<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        std::task::ready!(self.poll_pending(cx))?;
+        std::task::ready!(self.poll_unsent(cx))?;
         if let Some((head_len, replacement)) = hyper_error_head(buf) {
-            self.pending = Some((replacement, 0));
+            self.unsent = Some((replacement, 0));
             return Poll::Ready(Ok(head_len));
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
@@ -267,10 +267,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonErrors<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        std::task::ready!(self.poll_pending(cx))?;
+        std::task::ready!(self.poll_unsent(cx))?;
         if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
             if let Some((head_len, replacement)) = hyper_error_head(first) {
-                self.pending = Some((replacement, 0));
+                self.unsent = Some((replacement, 0));
                 return Poll::Ready(Ok(head_len));
             }
         }
@@ -282,12 +282,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonErrors<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        std::task::ready!(self.poll_pending(cx))?;
+        std::task::ready!(self.poll_unsent(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        std::task::ready!(self.poll_pending(cx))?;
+        std::task::ready!(self.poll_unsent(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -1,7 +1,7 @@
 //! Tests for the signing module: PAE vectors, envelope round trips and
 //! tampering, key text and key files.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -11,27 +11,6 @@ use sha2::{Digest as _, Sha256};
 use super::keys::{hex_lower, KEY_BYTES};
 use super::*;
 use std::os::unix::fs::PermissionsExt as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-/// A per-test directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("nixfleet-sign-{}-{name}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create test temp dir");
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn hex(s: &str) -> Vec<u8> {
     assert!(s.len().is_multiple_of(2), "odd-length hex {s:?}");
@@ -404,11 +383,11 @@ fn rejects_bad_key_text() {
 // never overwrites an existing key.
 #[test]
 fn write_keypair_modes_and_no_overwrite() {
-    let dir = TempDir::new("keypair");
-    let prefix = dir.0.join("release.2026");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = dir.path().join("release.2026");
     let (key_path, pub_path) = write_keypair(&prefix).expect("write keypair");
-    assert_eq!(key_path, dir.0.join("release.2026.key"));
-    assert_eq!(pub_path, dir.0.join("release.2026.pub"));
+    assert_eq!(key_path, dir.path().join("release.2026.key"));
+    assert_eq!(pub_path, dir.path().join("release.2026.pub"));
 
     let mode = |p: &Path| std::fs::metadata(p).expect("stat key file").permissions().mode() & 0o777;
     assert_eq!(mode(&key_path), 0o600);
@@ -431,15 +410,15 @@ fn write_keypair_modes_and_no_overwrite() {
 // orphan .key behind.
 #[test]
 fn write_keypair_refuses_existing_pub_without_leftovers() {
-    let dir = TempDir::new("pub-exists");
-    let prefix = dir.0.join("release");
-    let pub_path = dir.0.join("release.pub");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = dir.path().join("release");
+    let pub_path = dir.path().join("release.pub");
     std::fs::write(&pub_path, "keep me\n").expect("write pub");
     match write_keypair(&prefix) {
         Err(SignError::KeyExists { path }) => assert_eq!(path, pub_path),
         other => panic!("expected KeyExists, got {other:?}"),
     }
-    assert!(!dir.0.join("release.key").exists());
+    assert!(!dir.path().join("release.key").exists());
     assert_eq!(std::fs::read_to_string(&pub_path).expect("re-read pub"), "keep me\n");
 }
 
@@ -447,8 +426,8 @@ fn write_keypair_refuses_existing_pub_without_leftovers() {
 // dedicated error naming the file, and vice versa.
 #[test]
 fn key_files_of_the_wrong_kind_are_refused() {
-    let dir = TempDir::new("wrong-kind");
-    let (key_path, pub_path) = write_keypair(&dir.0.join("k")).expect("write keypair");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (key_path, pub_path) = write_keypair(&dir.path().join("k")).expect("write keypair");
     match PublicKey::load(&key_path) {
         Err(err @ SignError::SecretKeyGivenAsPublic { .. }) => {
             assert!(err.to_string().contains(&key_path.display().to_string()));
@@ -462,20 +441,20 @@ fn key_files_of_the_wrong_kind_are_refused() {
 // binary file.
 #[test]
 fn load_errors_name_the_file() {
-    let dir = TempDir::new("load-errors");
-    let missing = dir.0.join("missing.pub");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.pub");
     let err = PublicKey::load(&missing).expect_err("missing file");
     assert!(matches!(err, SignError::Io(_)));
     assert!(err.to_string().contains(&missing.display().to_string()));
 
-    let big = dir.0.join("big.pub");
+    let big = dir.path().join("big.pub");
     std::fs::write(&big, vec![b'A'; 5000]).expect("write big");
     assert!(matches!(
         PublicKey::load(&big),
         Err(SignError::KeyFileTooLarge { path, .. }) if path == big
     ));
 
-    let binary = dir.0.join("binary.key");
+    let binary = dir.path().join("binary.key");
     std::fs::write(&binary, [0xff, 0xfe, 0x00]).expect("write binary");
     let err = SigningKey::load(&binary).expect_err("binary file");
     assert!(matches!(err, SignError::BadKeyText { .. }));

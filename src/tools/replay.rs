@@ -22,8 +22,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use rusqlite::params;
-
 use crate::agent::channels::ChannelHistory;
 use crate::agent::{journal, rebuild};
 use crate::cp::store;
@@ -38,8 +36,6 @@ use crate::wire::OutboundEvent;
 pub enum ReplayError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    #[error("{path}: {source}")]
-    Sql { path: PathBuf, source: rusqlite::Error },
     #[error(transparent)]
     Key(#[from] crate::sign::SignError),
     #[error(transparent)]
@@ -71,12 +67,7 @@ enum Unreadable {
 
 /// `bridged`: seqs of lost visibility events, spent without content (see
 /// `agent::rebuild`).
-fn fold(
-    mut record: HostRecord,
-    events: Vec<(u64, Result<Event, Unreadable>)>,
-    policy: &Policy,
-    bridged: &[u64],
-) -> Trace {
+fn fold(mut record: HostRecord, events: Vec<LoggedEvent>, policy: &Policy, bridged: &[u64]) -> Trace {
     let mut lines = Vec::new();
     let mut problems = Vec::new();
     for (seq, event) in events {
@@ -124,7 +115,7 @@ fn fold(
 /// sustained-failure clock at K, which the deleted events A+1..=K made.
 fn fold_checkpointed(
     start: HostRecord,
-    events: Vec<(u64, Result<Event, Unreadable>)>,
+    events: Vec<LoggedEvent>,
     checkpoint: &store::Checkpoint,
     policy: &Policy,
 ) -> Trace {
@@ -218,10 +209,6 @@ pub fn db_report(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(St
     }
     let conn = store::open_reader(db)?;
     let cached = store::cached_host_records(&conn, db)?;
-    let sql = |source| ReplayError::Sql { path: db.to_owned(), source };
-    let mut stmt = conn
-        .prepare("SELECT seq, event FROM event_log WHERE rollout_id = ?1 AND hostname = ?2 ORDER BY seq")
-        .map_err(sql)?;
     let mut out = String::new();
     let mut disagreements = Vec::new();
     let (mut n_hosts, mut n_events, mut n_checkpoints) = (0usize, 0usize, 0usize);
@@ -238,7 +225,7 @@ pub fn db_report(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(St
         let mut replayed = BTreeMap::new();
         for (host, entry) in &manifest.hosts {
             n_hosts += 1;
-            let events = logged_events(&mut stmt, id, host).map_err(sql)?;
+            let events = logged_events(&conn, db, id, host)?;
             n_events += events.len();
             let start = HostRecord::pending(id.clone(), host.clone(), Some(entry.target_closure.clone()));
             let checkpoint = if checkpoints { store::checkpoint_of(&conn, db, id, host)? } else { None };
@@ -265,17 +252,19 @@ pub fn db_report(db: &Path, only: Option<&RolloutId>, quiet: bool) -> Result<(St
     Ok((out, disagreements))
 }
 
+/// A logged event's seq and the event as ingest applied it, or why it no
+/// longer reads.
+type LoggedEvent = (u64, Result<Event, Unreadable>);
+
 /// One host's logged events of one rollout in seq order, each read back as
 /// the Remote event ingest applied (or why it no longer reads).
 fn logged_events(
-    stmt: &mut rusqlite::Statement<'_>,
+    conn: &rusqlite::Connection,
+    db: &Path,
     id: &RolloutId,
     host: &Hostname,
-) -> rusqlite::Result<Vec<(u64, Result<Event, Unreadable>)>> {
-    let rows: Vec<(i64, String)> = stmt
-        .query_map(params![id.as_str(), host.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
-    let events = rows
+) -> Result<Vec<LoggedEvent>, store::StoreError> {
+    let events = store::logged_events_of(conn, db, id, host)?
         .into_iter()
         .map(|(seq, json)| {
             let seq = u64::try_from(seq).unwrap_or(0);

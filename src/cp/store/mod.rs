@@ -35,7 +35,8 @@
 //! what one command does inside the group's transaction: [`publish`],
 //! [`ingest`], [`heartbeat`] (with the drift verdict), [`operator`]
 //! (`cp resume`/`cancel`/`unquarantine`), [`plan`] (the pure
-//! planner's decisions written down). All SQL of the control plane is in
+//! planner's decisions written down), and [`backup`] (`cp backup`'s online
+//! copy). All SQL of the control plane is in
 //! this module, so another backend would replace this module alone.
 
 use std::path::PathBuf;
@@ -43,6 +44,7 @@ use std::path::PathBuf;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+mod backup;
 mod checkpoint;
 #[cfg(test)]
 mod checkpoint_tests;
@@ -61,6 +63,7 @@ mod state;
 mod status;
 mod writer;
 
+pub use backup::{backup_file, BackupError};
 pub use checkpoint::{
     checkpoint_of, has_checkpoint_table, is_compactable, Checkpoint, Checkpoints, COMPACTABLE_KINDS,
     MAX_EVENTS_SINCE_CHECKPOINT,

@@ -233,22 +233,14 @@ pub fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
-
-    fn temp_db(label: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("nixfleet-store-{label}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        dir.join("cp.db")
-    }
 
     /// The acknowledgement contract depends on WAL + synchronous=FULL, and a
     /// fresh database is migrated to the current schema version.
     #[test]
     fn open_sets_durability_pragmas_and_migrates() {
-        let path = temp_db("pragmas");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cp.db");
         let conn = open(&path).expect("open");
         let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("mode");
         let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0)).expect("sync");
@@ -256,19 +248,18 @@ mod tests {
         assert_eq!((mode.as_str(), sync, version), ("wal", 2, SCHEMA_VERSION));
         drop(conn);
         open(&path).expect("re-opening a migrated database is a no-op");
-        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 
     /// A database written by a newer nixfleet is refused, not half-read.
     #[test]
     fn newer_schema_is_refused() {
-        let path = temp_db("newer");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cp.db");
         let conn = Connection::open(&path).expect("open");
         conn.execute_batch("PRAGMA user_version = 99;").expect("set version");
         drop(conn);
         let err = open(&path).expect_err("must refuse");
         assert!(matches!(err, StoreError::NewerSchema { found: 99, .. }), "{err}");
-        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 
     /// A schema-1 database (before skips and drift) is migrated in place:
@@ -276,7 +267,8 @@ mod tests {
     /// table exists.
     #[test]
     fn a_schema_1_database_is_migrated_keeping_its_rows() {
-        let path = temp_db("migrate2");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cp.db");
         let conn = Connection::open(&path).expect("open");
         conn.execute_batch(&format!("BEGIN; {MIGRATION_1} PRAGMA user_version = 1; COMMIT;")).expect("schema 1");
         conn.execute(
@@ -295,7 +287,6 @@ mod tests {
             .expect("row kept");
         let n_skipped: i64 = conn.query_row("SELECT COUNT(*) FROM skipped_hosts", [], |r| r.get(0)).expect("table");
         assert_eq!((version, row, n_skipped), (SCHEMA_VERSION, ("/nix/store/x".into(), "unknown".into(), None), 0));
-        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 
     /// A schema-2 database (before operator actions) is migrated in place:
@@ -304,7 +295,8 @@ mod tests {
     /// rollout id that does not exist is still refused by the foreign key.
     #[test]
     fn a_schema_2_database_is_migrated_keeping_its_rollouts() {
-        let path = temp_db("migrate3");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cp.db");
         let conn = Connection::open(&path).expect("open");
         conn.execute_batch(&format!(
             "PRAGMA foreign_keys = ON; BEGIN; {MIGRATION_1} {MIGRATION_2} PRAGMA user_version = 2; COMMIT;"
@@ -344,14 +336,14 @@ mod tests {
         let n_actions: i64 =
             conn.query_row("SELECT COUNT(*) FROM operator_actions", [], |r| r.get(0)).expect("new table");
         assert_eq!(n_actions, 0);
-        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 
     /// The event log is unique per (host, rollout, seq): a second row
     /// with the same key is refused by the database itself.
     #[test]
     fn event_log_key_is_unique() {
-        let path = temp_db("unique");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cp.db");
         let conn = open(&path).expect("open");
         conn.execute(
             "INSERT INTO rollouts (rollout_id, channel, envelope, payload, payload_sha256, issued_at, published_at,
@@ -364,6 +356,5 @@ mod tests {
                       VALUES ('h', 's@r', 1, 'k', '{}', 't', 't')";
         conn.execute(insert, []).expect("first");
         assert!(conn.execute(insert, []).is_err(), "duplicate (hostname, rollout_id, seq)");
-        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
     }
 }

@@ -106,30 +106,30 @@ impl Command {
 }
 
 /// A reply held back until the group's commit.
-enum Pending {
+enum HeldReply {
     Publish(oneshot::Sender<Reply<PublishOutcome>>, PublishOutcome),
     Ingest(oneshot::Sender<Reply<Vec<EventResult>>>, Vec<EventResult>),
     Heartbeat(oneshot::Sender<Reply<Option<BTreeMap<RolloutId, u64>>>>, Option<BTreeMap<RolloutId, u64>>),
     Operator(oneshot::Sender<Reply<ActionOutcome>>, ActionOutcome),
 }
 
-impl Pending {
+impl HeldReply {
     fn send_ok(self) {
         // A caller that went away (client disconnected) needs no answer.
         match self {
-            Pending::Publish(tx, v) => drop(tx.send(Ok(v))),
-            Pending::Ingest(tx, v) => drop(tx.send(Ok(v))),
-            Pending::Heartbeat(tx, v) => drop(tx.send(Ok(v))),
-            Pending::Operator(tx, v) => drop(tx.send(Ok(v))),
+            HeldReply::Publish(tx, v) => drop(tx.send(Ok(v))),
+            HeldReply::Ingest(tx, v) => drop(tx.send(Ok(v))),
+            HeldReply::Heartbeat(tx, v) => drop(tx.send(Ok(v))),
+            HeldReply::Operator(tx, v) => drop(tx.send(Ok(v))),
         }
     }
 
     fn send_err(self, err: &Arc<StoreError>) {
         match self {
-            Pending::Publish(tx, _) => drop(tx.send(Err(err.clone()))),
-            Pending::Ingest(tx, _) => drop(tx.send(Err(err.clone()))),
-            Pending::Heartbeat(tx, _) => drop(tx.send(Err(err.clone()))),
-            Pending::Operator(tx, _) => drop(tx.send(Err(err.clone()))),
+            HeldReply::Publish(tx, _) => drop(tx.send(Err(err.clone()))),
+            HeldReply::Ingest(tx, _) => drop(tx.send(Err(err.clone()))),
+            HeldReply::Heartbeat(tx, _) => drop(tx.send(Err(err.clone()))),
+            HeldReply::Operator(tx, _) => drop(tx.send(Err(err.clone()))),
         }
     }
 }
@@ -160,7 +160,7 @@ pub struct WriterStats {
 
 /// A committed group: what to answer, what to show, how long it took.
 struct Committed {
-    replies: Vec<Pending>,
+    replies: Vec<HeldReply>,
     board: Vec<BoardChange>,
     n_applied: u64,
     /// Elapsed at the end of: applying the commands, planning, commit.
@@ -257,7 +257,7 @@ impl Writer {
     fn apply_group(
         &mut self,
         commands: Vec<Command>,
-        replies: &mut Vec<Pending>,
+        replies: &mut Vec<HeldReply>,
         started: Instant,
     ) -> Result<(Vec<BoardChange>, u64, [Duration; 3]), StoreError> {
         let mut phases = [Duration::ZERO; 3];
@@ -270,20 +270,20 @@ impl Writer {
             match cmd {
                 Command::Publish { envelope, payload, manifest, reply } => {
                     let outcome = publish::publish(db, state, &mut group, &envelope, &payload, *manifest)?;
-                    replies.push(Pending::Publish(reply, outcome));
+                    replies.push(HeldReply::Publish(reply, outcome));
                 }
                 Command::Ingest { hostname, items, reply } => {
                     let results = ingest::ingest(db, state, &mut group, &hostname, &items)?;
                     n_applied += results.iter().filter(|r| r.status == ResultStatus::Applied).count() as u64;
-                    replies.push(Pending::Ingest(reply, results));
+                    replies.push(HeldReply::Ingest(reply, results));
                 }
                 Command::Heartbeat { heartbeat, reply } => {
                     let replay = heartbeat::heartbeat(db, state, &heartbeat, group.now)?;
-                    replies.push(Pending::Heartbeat(reply, replay));
+                    replies.push(HeldReply::Heartbeat(reply, replay));
                 }
                 Command::Operator { request, reply } => {
                     let outcome = operator::apply(db, state, &mut group, &request)?;
-                    replies.push(Pending::Operator(reply, outcome));
+                    replies.push(HeldReply::Operator(reply, outcome));
                 }
                 Command::Tick => group.dirty.extend(state.rollouts.keys().cloned()),
             }
@@ -301,7 +301,7 @@ impl Writer {
         self.counters.commits.fetch_add(1, Relaxed);
         self.counters.commit_seconds.observe(done.phases[2]);
         for reply in &done.replies {
-            if let Pending::Ingest(_, results) = reply {
+            if let HeldReply::Ingest(_, results) = reply {
                 self.counters.count_results(results);
             }
         }
@@ -334,7 +334,7 @@ impl Writer {
 
     /// Every caller gets the error (503); memory is reloaded from the disk
     /// so it never runs ahead of what was committed.
-    fn after_failure(&mut self, e: StoreError, replies: Vec<Pending>) {
+    fn after_failure(&mut self, e: StoreError, replies: Vec<HeldReply>) {
         tracing::error!(error = %e, "transaction failed; answering 503 and reloading state from the database");
         self.counters.commit_failures.fetch_add(1, Relaxed);
         let err = Arc::new(e);

@@ -106,8 +106,7 @@ impl Heartbeat {
     /// and every `last_seq` within the wire's seq range (the CP stores seqs
     /// as SQLite INTEGER, i64, where a larger one would wrap).
     pub fn parse(bytes: &[u8]) -> Result<Heartbeat, WireError> {
-        let heartbeat: Heartbeat =
-            super::from_json_slice(bytes).map_err(|e| WireError::new("body", e.to_string()))?;
+        let heartbeat: Heartbeat = super::from_json_slice(bytes).map_err(|e| WireError::new("body", e.to_string()))?;
         if heartbeat.agent_version.len() > MAX_AGENT_VERSION_BYTES {
             return Err(WireError::new("agent_version", format!("longer than {MAX_AGENT_VERSION_BYTES} bytes")));
         }

@@ -95,7 +95,12 @@ fuzz SECS="60":
     failed=0
     for target in wire_decoders manifest dsse_envelope queue_record health_checks agent_answers; do
         echo "== fuzz $target for {{SECS}} s"
-        if ! cargo +nightly fuzz run "$target" -- -max_total_time={{SECS}} -rss_limit_mb=2048 -max_len=65536; then
+        # Valid inputs to start from (fuzz/seeds/TARGET/, in git) next to the
+        # grown corpus (fuzz/corpus/TARGET/, not in git).
+        mkdir -p "fuzz/corpus/$target"
+        dirs=("fuzz/corpus/$target")
+        [ -d "fuzz/seeds/$target" ] && dirs+=("fuzz/seeds/$target")
+        if ! cargo +nightly fuzz run "$target" "${dirs[@]}" -- -max_total_time={{SECS}} -rss_limit_mb=2048 -max_len=65536; then
             echo "fuzz $target: crash; the input is in fuzz/artifacts/$target/"
             failed=1
         fi

@@ -76,10 +76,11 @@ sim-soak SEEDS="2000" HOSTS="12":
     echo "all passed"
 
 # Fuzz each byte parser (wire decoders, manifest validator, DSSE envelope,
-# queue record reader, health-checks file) for SECS seconds with cargo-fuzz
-# on the nightly toolchain. Without either, says so and exits 0 (`cargo test`
-# never needs them). A crash leaves its input in fuzz/artifacts/TARGET/;
-# make it a regression test in `cargo test`.
+# queue record reader, health-checks file, the CP's answers to the agent)
+# for SECS seconds with cargo-fuzz on the nightly toolchain. Without
+# either, says so and exits 0 (`cargo test` never needs them). A crash
+# leaves its input in fuzz/artifacts/TARGET/; make it a regression test in
+# `cargo test`.
 fuzz SECS="60":
     #!/usr/bin/env bash
     set -uo pipefail
@@ -92,9 +93,14 @@ fuzz SECS="60":
         exit 0
     fi
     failed=0
-    for target in wire_decoders manifest dsse_envelope queue_record health_checks; do
+    for target in wire_decoders manifest dsse_envelope queue_record health_checks agent_answers; do
         echo "== fuzz $target for {{SECS}} s"
-        if ! cargo +nightly fuzz run "$target" -- -max_total_time={{SECS}} -rss_limit_mb=2048 -max_len=65536; then
+        # Valid inputs to start from (fuzz/seeds/TARGET/, in git) next to the
+        # grown corpus (fuzz/corpus/TARGET/, not in git).
+        mkdir -p "fuzz/corpus/$target"
+        dirs=("fuzz/corpus/$target")
+        [ -d "fuzz/seeds/$target" ] && dirs+=("fuzz/seeds/$target")
+        if ! cargo +nightly fuzz run "$target" "${dirs[@]}" -- -max_total_time={{SECS}} -rss_limit_mb=2048 -max_len=65536; then
             echo "fuzz $target: crash; the input is in fuzz/artifacts/$target/"
             failed=1
         fi

@@ -1,6 +1,9 @@
-//! The agent-facing request bodies the CP decodes: an event batch (with
-//! every event converted to the machine's type, as ingest does) and a
-//! heartbeat. Any input must give a value or an error, never a panic.
+//! The agent-facing request bodies the CP decodes, through the same calls
+//! its routes make: an event batch (`EventBatch::parse`, then every event
+//! converted to the machine's type, as ingest does) and a heartbeat
+//! (`Heartbeat::parse`, with its bounds). Any input must give a value or an
+//! error, never a panic; what is accepted serialises back and parses to
+//! itself (the agent writes these bodies with serde).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -11,6 +14,11 @@ fuzz_target!(|data: &[u8]| {
         for item in &batch.events {
             let _ = item.event.to_remote();
         }
+        let again = serde_json::to_vec(&batch).expect("serialises");
+        assert_eq!(EventBatch::parse(&again).expect("round trip"), batch);
     }
-    let _ = serde_json::from_slice::<Heartbeat>(data);
+    if let Ok(heartbeat) = Heartbeat::parse(data) {
+        let again = serde_json::to_vec(&heartbeat).expect("serialises");
+        assert_eq!(Heartbeat::parse(&again).expect("round trip"), heartbeat);
+    }
 });

@@ -39,7 +39,7 @@ use crate::ids::{Hostname, RolloutId};
 use crate::sign::{self, PublicKey, VerifyError};
 use crate::wire::{
     ErrorBody, EventBatch, EventBatchResponse, Heartbeat, HeartbeatResponse, Manifest, MAX_BODY_BYTES, MAX_CLOCK_SKEW,
-    MAX_LONGPOLL_WAIT_SECS, MAX_SEQ, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLAY_FROM_HEADER,
+    MAX_LONGPOLL_WAIT_SECS, PROTOCOL_HEADER, PROTOCOL_VERSION, REPLAY_FROM_HEADER,
 };
 use view_routes::{view, JsonView, View};
 
@@ -53,9 +53,6 @@ pub const MAX_ENVELOPE_BYTES: usize = 16 * 1024 * 1024;
 /// is under 300 bytes; a longer one is answered 414 here, as JSON, before
 /// hyper's own buffer limit answers it with an empty 431.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
-
-/// `agent_version` is shown in tables and logs; a longer one is junk.
-pub const MAX_AGENT_VERSION_BYTES: usize = 128;
 
 /// Status views built at once (each holds a reader connection and up to a
 /// parsed manifest plus one page); more wait up to [`VIEW_QUEUE_TIMEOUT`].
@@ -495,19 +492,10 @@ async fn heartbeat(req: Request<Incoming>, app: &Arc<App>, peer: &PeerIdentity) 
         Ok(b) => b,
         Err(resp) => return resp,
     };
-    let heartbeat: Heartbeat = match serde_json::from_slice(&bytes) {
+    let heartbeat = match Heartbeat::parse(&bytes) {
         Ok(h) => h,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_heartbeat", e.to_string()),
     };
-    if heartbeat.agent_version.len() > MAX_AGENT_VERSION_BYTES {
-        let message = format!("agent_version: longer than {MAX_AGENT_VERSION_BYTES} bytes");
-        return error(StatusCode::BAD_REQUEST, "bad_heartbeat", message);
-    }
-    // Seqs above the wire bound would wrap in the database (INTEGER is i64).
-    if let Some((id, seq)) = heartbeat.last_seq.iter().find(|(_, seq)| **seq > MAX_SEQ) {
-        let message = format!("last_seq.{id}: {seq} is larger than the largest seq, {MAX_SEQ}");
-        return error(StatusCode::BAD_REQUEST, "bad_heartbeat", message);
-    }
     if let Err(resp) = require_host(peer, &heartbeat.hostname) {
         return resp;
     }

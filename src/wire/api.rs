@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use super::event::OutboundEvent;
+use super::event::{OutboundEvent, MAX_SEQ};
 use super::{WireError, MAX_BATCH_EVENTS};
 use crate::ids::{Closure, Hostname, RolloutId};
 
@@ -96,6 +96,28 @@ pub struct Heartbeat {
     /// Highest seq the agent has emitted, per rollout it knows.
     #[serde(default)]
     pub last_seq: BTreeMap<RolloutId, u64>,
+}
+
+/// `agent_version` is shown in tables and logs; a longer one is junk.
+pub const MAX_AGENT_VERSION_BYTES: usize = 128;
+
+impl Heartbeat {
+    /// Parses a heartbeat body and checks its bounds: the version's length,
+    /// and every `last_seq` within the wire's seq range (the CP stores seqs
+    /// as SQLite INTEGER, i64, where a larger one would wrap).
+    pub fn parse(bytes: &[u8]) -> Result<Heartbeat, WireError> {
+        let heartbeat: Heartbeat = super::from_json_slice(bytes).map_err(|e| WireError::new("body", e.to_string()))?;
+        if heartbeat.agent_version.len() > MAX_AGENT_VERSION_BYTES {
+            return Err(WireError::new("agent_version", format!("longer than {MAX_AGENT_VERSION_BYTES} bytes")));
+        }
+        if let Some((id, seq)) = heartbeat.last_seq.iter().find(|(_, seq)| **seq > MAX_SEQ) {
+            return Err(WireError::new(
+                format!("last_seq.{id}"),
+                format!("{seq} is larger than the largest seq, {MAX_SEQ}"),
+            ));
+        }
+        Ok(heartbeat)
+    }
 }
 
 /// `POST /v1/agent/heartbeat` answer.

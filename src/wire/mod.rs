@@ -9,7 +9,7 @@ pub mod manifest;
 
 pub use api::{
     BatchItem, Dispatch, ErrorBody, EventBatch, EventBatchResponse, EventResult, Heartbeat, HeartbeatResponse,
-    ResultStatus,
+    ResultStatus, MAX_AGENT_VERSION_BYTES,
 };
 pub use event::{OutboundEvent, WireEventBody, MAX_SEQ};
 pub use manifest::{HostEntry, Manifest, ManifestError, RolloutPolicy, Wave, MAX_CLOCK_SKEW};

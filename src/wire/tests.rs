@@ -216,6 +216,29 @@ fn event_batches_round_trip_and_their_bounds_hold() {
 }
 
 #[test]
+fn heartbeats_parse_and_their_bounds_hold() {
+    // Proves `Heartbeat::parse` (the CP's decoder) refuses, naming the field,
+    // an over-long version and a last_seq beyond the wire's seq range.
+    let body = |version: &str, seq: u64| {
+        serde_json::to_vec(&json!({
+            "hostname": "web-1", "current_closure": OLD, "uptime_secs": 5, "agent_version": version,
+            "last_seq": {"stable@r1": seq}
+        }))
+        .expect("serialise")
+    };
+    let hb = Heartbeat::parse(&body("0.1.0", MAX_SEQ)).expect("parse");
+    assert_eq!(hb.last_seq.values().copied().collect::<Vec<_>>(), [MAX_SEQ]);
+    let long = "v".repeat(MAX_AGENT_VERSION_BYTES + 1);
+    let err = Heartbeat::parse(&body(&long, 1)).expect_err("long version");
+    assert_eq!(err.to_string(), format!("agent_version: longer than {MAX_AGENT_VERSION_BYTES} bytes"));
+    let err = Heartbeat::parse(&body("0.1.0", MAX_SEQ + 1)).expect_err("seq beyond the bound");
+    assert_eq!(err.field, "last_seq.stable@r1");
+    let err = Heartbeat::parse(br#"{"hostname":"web-1","uptime_secs":"x"}"#).expect_err("bad json");
+    assert_eq!(err.field, "body");
+    assert!(err.message.contains("uptime_secs"), "names the JSON path: {err}");
+}
+
+#[test]
 fn results_dispatch_and_heartbeat_round_trip() {
     // Proves the remaining API bodies keep their `docs/protocol.md` §4 field names.
     let results = EventBatchResponse {

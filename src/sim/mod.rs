@@ -15,6 +15,7 @@
 //! is real and what is modelled, and why.
 
 pub mod agent;
+mod attack;
 pub mod check;
 pub mod cp;
 pub mod events;
@@ -100,6 +101,9 @@ pub enum Scenario {
     Downgrade,
     /// The first (acked) event of a soaking rollout rots; the agent restarts.
     DroppedRollout,
+    /// An event with seq above `MAX_SEQ` is posted as a host, and a queue
+    /// file named with a qseq above `MAX_QSEQ` appears (the lost-seq case).
+    HugeSeq,
 }
 
 impl Scenario {
@@ -113,6 +117,7 @@ impl Scenario {
             Scenario::Quarantine => "quarantine",
             Scenario::Downgrade => "downgrade",
             Scenario::DroppedRollout => "dropped-rollout",
+            Scenario::HugeSeq => "huge-seq",
         }
     }
 }
@@ -192,6 +197,7 @@ enum Ev {
     Heal { host: Option<usize> },
     Corrupt { host: usize, first: bool, tries: u32 },
     RotateKeys,
+    HugeSeq { tries: u32 },
     Quiesce,
 }
 
@@ -478,6 +484,7 @@ impl Sim {
                 self.at(100_000, Ev::Corrupt { host: 0, first: false, tries: 0 });
             }
             Scenario::DroppedRollout => self.at(60_000, Ev::Corrupt { host: 0, first: true, tries: 0 }),
+            Scenario::HugeSeq => self.at(60_000, Ev::HugeSeq { tries: 0 }),
         }
     }
 
@@ -678,6 +685,7 @@ impl Sim {
             },
             Ev::Corrupt { host, first, tries } => self.corrupt(host, first, tries)?,
             Ev::RotateKeys => self.rotate_keys(),
+            Ev::HugeSeq { tries } => self.huge_seq(tries)?,
             Ev::Quiesce => {
                 if self.now_ms >= self.faults.end_ms && !self.faults_over {
                     self.faults_over = true;

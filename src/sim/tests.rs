@@ -216,3 +216,17 @@ fn a_batch_refused_whole_is_halved_and_an_event_refused_alone_comes_back_later()
     };
     assert!(count("events") > 0 && count("events") == count("revived"), "{work}");
 }
+
+#[test]
+fn scenario_huge_seq() {
+    // Proves the lost-seq case (docs/simulator.md, divergence 9) stays
+    // fixed: an event with seq u64::MAX posted as host-0 is refused as
+    // malformed (the old code stored it wrapped and answered every later
+    // real event `duplicate`: `acked-not-lost` fails), and a queue file
+    // named with qseq u64::MAX does not wrap the restarted agent's queue
+    // numbering; the rollout completes and every invariant holds.
+    let outcome = run_seed(1, 3, FaultProfile::None, Some(Scenario::HugeSeq));
+    assert!(outcome.violation.is_none(), "{}", outcome.text);
+    assert!(outcome.text.contains("1 bit rots"), "the rotted name was planted: {}", outcome.text);
+    assert!(outcome.text.contains("stable@r1 completed") && outcome.text.contains("3 Converged"), "{}", outcome.text);
+}

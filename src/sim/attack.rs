@@ -2,7 +2,7 @@
 //! "lost seq" divergence (issue 9, §8), both against host 0 while it soaks:
 //!
 //! - an attacker (or a broken agent) posts, as the host, a copy of the
-//!   host's first event with seq `u64::MAX`. The old code stored it wrapped
+//!   host's latest ProbeResult with seq `u64::MAX`. The old code stored it wrapped
 //!   (−1), the host's last seq read back as 2^64−1, and every later real
 //!   event was answered `duplicate` and retired by the agent: lost. Today
 //!   `wire::MAX_SEQ` refuses it (`rejected`, "malformed event"), and the
@@ -29,16 +29,21 @@ use crate::wire::BatchItem;
 const HOST: usize = 0;
 
 impl Sim {
-    /// Waits (up to 40 tries, 5 s apart) for host 0 to soak, then attacks.
+    /// Waits (up to 40 tries, 5 s apart) for host 0 to soak with a
+    /// ProbeResult in its journal, then attacks.
     pub(super) fn huge_seq(&mut self, tries: u32) -> Result<(), Violation> {
-        let soaking = self.agents[HOST]
-            .rollouts()
-            .and_then(|r| r.iter().find(|(_, s)| s.record.state == HostState::Soaking).map(|(id, _)| id.clone()));
-        let found = soaking.and_then(|id| {
-            let path = self.agents[HOST].event_file(&id, 1)?;
-            let bytes = self.agents[HOST].storage.read(&path)?;
-            let first = record::decode(&bytes).ok()?;
-            Some((id, bytes, first))
+        let soaking = self.agents[HOST].rollouts().and_then(|r| {
+            r.iter().find(|(_, s)| s.record.state == HostState::Soaking).map(|(id, s)| (id.clone(), s.record.last_seq))
+        });
+        // The host's latest ProbeResult: legal again while it soaks, so
+        // only the seq bound stands between it and the record.
+        let found = soaking.and_then(|(id, last)| {
+            (1..=last).rev().find_map(|seq| {
+                let path = self.agents[HOST].event_file(&id, seq)?;
+                let bytes = self.agents[HOST].storage.read(&path)?;
+                let first = record::decode(&bytes).ok().filter(|q| q.event.kind() == "ProbeResult")?;
+                Some((id.clone(), bytes, first))
+            })
         });
         let Some((id, bytes, first)) = found else {
             if tries < 40 {

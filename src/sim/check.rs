@@ -65,6 +65,8 @@ pub type Snap = BTreeMap<RolloutId, (HostState, u64)>;
 #[derive(Debug, Default)]
 pub struct Checker {
     pub n_checks: u64,
+    /// Rollouts the CP answered `cp cancel` for (forgotten with the database).
+    pub cancelled: BTreeSet<RolloutId>,
     cp_last: BTreeMap<(Hostname, RolloutId), u64>,
     logged: BTreeSet<(Hostname, RolloutId, u64)>,
     last_known: BTreeMap<usize, Snap>,
@@ -100,6 +102,7 @@ impl Checker {
     /// event): the `quarantine` check judges the CP's dispatches against
     /// what the CP knew when it issued them, as before the loss.
     pub fn database_lost(&mut self) {
+        self.cancelled.clear();
         self.cp_last.clear();
         self.logged.clear();
         self.quarantined_at.clear();

@@ -16,6 +16,7 @@
 
 pub mod agent;
 mod attack;
+mod operators;
 pub mod check;
 pub mod cp;
 pub mod events;
@@ -198,6 +199,7 @@ enum Ev {
     Corrupt { host: usize, first: bool, tries: u32 },
     RotateKeys,
     HugeSeq { tries: u32 },
+    Operator(operators::Action),
     Quiesce,
 }
 
@@ -231,6 +233,7 @@ struct Stats {
     publishes: u64,
     groups: u64,
     rejected: u64,
+    operator_actions: u64,
 }
 
 pub struct Sim {
@@ -271,6 +274,10 @@ pub struct Sim {
     rollout_end: BTreeMap<RolloutId, (String, u64)>,
     faults_over: bool,
     signing_key: usize,
+    /// The operators' own stream (`Faults::draw_operators`).
+    op_rng: Rng,
+    /// Rollouts seen halted (each gets at most one `cp resume`).
+    halts_seen: BTreeSet<RolloutId>,
 }
 
 impl std::fmt::Debug for Sim {
@@ -340,6 +347,7 @@ impl Sim {
             }
         } else {
             faults.draw_body_limit(cfg.faults, cfg.seed, n_hosts);
+            faults.draw_operators(cfg.faults, cfg.seed, n_hosts);
         }
         let mut add = |rng: &mut Rng, at_ms: u64, channel: &str, git_ref: &str, generation: u64, hosts: &[usize]| {
             let issued_at = world::at(at_ms.saturating_sub(500));
@@ -407,6 +415,8 @@ impl Sim {
             rollout_end: BTreeMap::new(),
             faults_over: false,
             signing_key: 0,
+            op_rng: Rng::new(cfg.seed ^ world::OPERATOR_STREAM ^ 1),
+            halts_seen: BTreeSet::new(),
             cfg,
         };
         let trust = vec![sim.keys[0].public_key()];
@@ -552,6 +562,7 @@ impl Sim {
         self.at(CP_TICK_MS, Ev::CpTick);
         self.at(QUIESCE_EVERY_MS, Ev::Quiesce);
         self.schedule_faults();
+        self.schedule_operators();
         let mut violation = None;
         let mut quiescent = false;
         while let Some((at_ms, ev)) = self.queue.pop() {
@@ -686,6 +697,7 @@ impl Sim {
             Ev::Corrupt { host, first, tries } => self.corrupt(host, first, tries)?,
             Ev::RotateKeys => self.rotate_keys(),
             Ev::HugeSeq { tries } => self.huge_seq(tries)?,
+            Ev::Operator(action) => self.operator(action)?,
             Ev::Quiesce => {
                 if self.now_ms >= self.faults.end_ms && !self.faults_over {
                     self.faults_over = true;
@@ -971,7 +983,7 @@ impl Sim {
                     }
                     ToAgent::Heartbeat(r)
                 }
-                Answer::Published(_) | Answer::Unavailable => ToAgent::Unavailable,
+                Answer::Published(_) | Answer::Action(_) | Answer::Unavailable => ToAgent::Unavailable,
             };
             self.reply(host, inc, req, reply);
         }
@@ -1007,6 +1019,7 @@ impl Sim {
                 crate::cp::planner::RolloutState::Completed
                     | crate::cp::planner::RolloutState::Halted
                     | crate::cp::planner::RolloutState::Superseded
+                    | crate::cp::planner::RolloutState::Cancelled
             ) {
                 ends.push((id.clone(), r.state.as_str().to_owned()));
             }
@@ -1038,6 +1051,7 @@ impl Sim {
                 self.reply(host, inc, req, ToAgent::Poll(Some(Box::new(d))));
             }
         }
+        self.notice_halts();
     }
 
     // ---- agents ----------------------------------------------------------------
@@ -1657,7 +1671,7 @@ impl Sim {
         let _ = writeln!(
             out,
             "\nfaults injected: {} messages ({} lost, {} duplicated, {} delayed), {} agent crashes, {} reboots, \
-             {} CP crashes, {} CP database losses, {} partitions, {} bit rots, {} key rotations{}",
+             {} CP crashes, {} CP database losses, {} partitions, {} bit rots, {} key rotations{}{}",
             s.msgs,
             s.lost,
             s.duplicated,
@@ -1669,7 +1683,8 @@ impl Sim {
             s.partitions,
             s.corruptions,
             s.key_rotations,
-            if s.refused_whole > 0 { format!(", {} batches refused whole", s.refused_whole) } else { String::new() }
+            if s.refused_whole > 0 { format!(", {} batches refused whole", s.refused_whole) } else { String::new() },
+            if s.operator_actions > 0 { format!(", {} operator actions", s.operator_actions) } else { String::new() }
         );
         let _ = writeln!(
             out,

@@ -1,5 +1,5 @@
 //! Seeded runs: a fixed list of seeds × fault profiles, one run per
-//! scenario (each reproduces one of the eight divergences found against
+//! scenario (each reproduces one of the nine divergences found against
 //! the old protocol and proves it stays fixed), and determinism.
 
 use super::*;
@@ -229,4 +229,21 @@ fn scenario_huge_seq() {
     assert!(outcome.violation.is_none(), "{}", outcome.text);
     assert!(outcome.text.contains("1 bit rots"), "the rotted name was planted: {}", outcome.text);
     assert!(outcome.text.contains("stable@r1 completed") && outcome.text.contains("3 Converged"), "{}", outcome.text);
+}
+
+#[test]
+fn operators_resume_a_halted_rollout_and_cancel_one() {
+    // Proves the operator actions run through the writer's real
+    // `Command::Operator` and keep `halt`, `wave-order` and `cancelled`:
+    // heavy seed 3 draws `cp resume` only; both of its rollouts halted and
+    // were resumed (2 actions done) and then completed. Heavy seed 4
+    // draws `cp cancel`; the cancelled rollout stays cancelled (terminal)
+    // and the run reaches quiescence.
+    let resumed = run_seed(3, 12, FaultProfile::Heavy, None);
+    assert!(resumed.violation.is_none(), "{}", resumed.text);
+    assert!(resumed.text.contains("operator-resume") && !resumed.text.contains("operator-cancel"), "{}", resumed.text);
+    assert!(resumed.text.contains("2 operator actions") && !resumed.text.contains("halted"), "{}", resumed.text);
+    let cancelled = run_seed(4, 12, FaultProfile::Heavy, None);
+    assert!(cancelled.violation.is_none(), "{}", cancelled.text);
+    assert!(cancelled.text.contains(" cancelled ") && cancelled.text.contains("quiescent"), "{}", cancelled.text);
 }

@@ -69,6 +69,10 @@ pub struct Faults {
     /// larger than this many bytes with 413 (until the faults end): the
     /// agent halves them, and dead-letters an event too large on its own.
     pub body_limit: Option<u64>,
+    /// An operator runs `cp resume` on a halted rollout (once per rollout).
+    pub operator_resume: bool,
+    /// An operator runs `cp cancel` on a published rollout at a random time.
+    pub operator_cancel: bool,
     pub bad_p: f64,
     pub flaky_p: f64,
     pub flapping_p: f64,
@@ -95,6 +99,8 @@ impl Faults {
             (self.rotate_keys, "key-rotation"),
             (self.corrupt > 0, "bit-rot"),
             (self.body_limit.is_some(), "body-limit"),
+            (self.operator_resume, "operator-resume"),
+            (self.operator_cancel, "operator-cancel"),
             (self.bad_p + self.flaky_p + self.flapping_p > 0.0, "failing-probes"),
             (self.reboot_p > 0.0, "reboots"),
             (self.switch_fail_p > 0.0, "failed-switches"),
@@ -142,6 +148,9 @@ impl Faults {
                     corrupt: if pick(0.25) { 1 } else { 0 },
                     // Drawn from its own stream (`Faults::draw_body_limit`).
                     body_limit: None,
+                    // Drawn from their own stream (`Faults::draw_operators`).
+                    operator_resume: false,
+                    operator_cancel: false,
                     bad_p: 0.1,
                     flaky_p: 0.15,
                     flapping_p: 0.05,
@@ -155,7 +164,12 @@ impl Faults {
     }
 }
 
-/// The largest fleet the `body-limit` fault is drawn for.
+/// The seed of the operators' own stream (`draw_operators`, and the
+/// delays and choices of their actions in `sim::operators`).
+pub const OPERATOR_STREAM: u64 = 0x6f70_6572_6174_6f72;
+
+/// The largest fleet the `body-limit` fault (and the operator actions,
+/// for the same reason) is drawn for.
 pub const MAX_BODY_LIMIT_HOSTS: usize = 1_000;
 
 impl Faults {
@@ -172,6 +186,17 @@ impl Faults {
             if r.chance(0.25) {
                 self.body_limit = Some(r.range(150, 800));
             }
+        }
+    }
+
+    /// The heavy profile's operator actions (`cp resume`, `cp cancel`),
+    /// from a stream of their own like the body limit, and for the same
+    /// fleets: no other choice of a seed moves.
+    pub fn draw_operators(&mut self, profile: FaultProfile, seed: u64, n_hosts: usize) {
+        if profile == FaultProfile::Heavy && n_hosts <= MAX_BODY_LIMIT_HOSTS {
+            let mut r = Rng::new(seed ^ OPERATOR_STREAM);
+            self.operator_resume = r.chance(0.5);
+            self.operator_cancel = r.chance(0.3);
         }
     }
 }

@@ -125,6 +125,7 @@ impl Sim {
             check_waves(&self.checker, now, id, r, &mut races)?;
             self.checker.cp_clean.insert(id.clone(), clean_key);
         }
+        crate::sim::operators::check_cancelled(&self.checker.cancelled, state)?;
         for (id, h) in races {
             self.note(format!("CP: {h} acked {id} after the CP skipped it (its ack raced the quarantine)"));
             self.checker.raced.insert((id, h));

@@ -60,6 +60,28 @@ pub fn is_live(r: &HostRecord) -> bool {
 
 pub type Snap = BTreeMap<RolloutId, (HostState, u64)>;
 
+/// The invariants the checker runs (docs/simulator.md, "Invariants"), in
+/// the order the summary lists them.
+pub const INVARIANTS: &[&str] = &[
+    "one-live-rollout",
+    "fresh-evidence",
+    "no-downgrade",
+    "quarantine",
+    "no-seq-gap",
+    "acked-not-lost",
+    "agreement",
+    "halt",
+    "max-in-flight",
+    "wave-order",
+    "cancelled",
+    "restore-complete",
+    "replay",
+    "refused-whole",
+    "terminal",
+    "closure",
+    "drift",
+];
+
 /// What the checker remembers between steps (never the system's state:
 /// only what it has seen, to compare with what comes next).
 #[derive(Debug, Default)]

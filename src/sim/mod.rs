@@ -44,6 +44,7 @@ use crate::agent::activation::ActivationOutcome;
 use crate::agent::admission::check_dispatch;
 use crate::agent::reducer::{ActivationOrder, Input};
 use crate::clock::ClockHandle;
+use crate::cp::planner::RolloutState;
 use crate::ids::{Closure, Hostname, RolloutId};
 use crate::machine::{HostState, OnHealthFailure, Policy, ProbeDecl, ProbeKind, ProbeMode, ProbeStatus, Timestamp};
 use crate::sign::{self, PublicKey, SigningKey};
@@ -1633,10 +1634,10 @@ impl Sim {
                 let _ = writeln!(out, "  {line}");
             }
             let scen = self.cfg.scenario.map(|s| format!(" --scenario {}", s.as_str())).unwrap_or_default();
-            let until = if self.cfg.until_ms == DEFAULT_UNTIL_MS {
-                String::new()
-            } else {
-                format!(" --until {}s", self.cfg.until_ms / 1000)
+            let until = match self.cfg.until_ms {
+                DEFAULT_UNTIL_MS => String::new(),
+                ms if ms % 1000 == 0 => format!(" --until {}s", ms / 1000),
+                ms => format!(" --until {ms}ms"),
             };
             let _ = writeln!(
                 out,
@@ -1661,8 +1662,15 @@ impl Sim {
                 let _ = writeln!(out, "  {id:<14} {:<11}{end}  hosts: {}", r.state.as_str(), counts.join(", "));
                 for w in 0..r.manifest.waves.len() {
                     if let Some((start, end)) = self.wave_times.get(&(id.clone(), w)) {
-                        let end = end.map(fmt_ms).unwrap_or_else(|| "-".into());
-                        let _ = writeln!(out, "    wave {w}: opened {}, promoted {end}", fmt_ms(*start));
+                        // A wave is promoted when it settles; the last one
+                        // (or one a halt, cancel or supersession stopped)
+                        // settles when its rollout completes, if it does.
+                        let end = match (end, r.state, self.rollout_end.get(id)) {
+                            (Some(t), _, _) => format!("promoted {}", fmt_ms(*t)),
+                            (None, RolloutState::Completed, Some((_, t))) => format!("settled {}", fmt_ms(*t)),
+                            (None, state, _) => format!("not settled ({})", state.as_str()),
+                        };
+                        let _ = writeln!(out, "    wave {w}: opened {}, {end}", fmt_ms(*start));
                     }
                 }
             }
@@ -1698,55 +1706,56 @@ impl Sim {
             if quiescent { "quiescent" } else { "stopped" },
             fmt_ms(self.now_ms)
         );
+        let _ = writeln!(out, "checked: {}", check::INVARIANTS.join(", "));
         out
     }
 }
 
-/// Parses `6h`, `90m`, `3600s` or plain seconds into milliseconds.
-pub fn parse_until(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let (num, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => (&text[..i], &text[i..]),
-        None => (text, "s"),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("--until {text:?}: expected e.g. 6h, 90m or 3600s"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return Err(format!("--until {text:?}: unit must be s, m or h")),
-    };
-    Ok(secs * 1000)
+/// Why `nixfleet sim` could not run (a violation is not an error).
+#[derive(Debug)]
+pub enum CliError {
+    /// Bad input (`--manifest` unreadable or invalid, no hosts): exit 2.
+    Input(String),
+    /// The run could not be set up (temp dir, the CP's database).
+    Setup(String),
 }
 
 /// `nixfleet sim`: runs, prints the report on stdout; Ok(false) when an
-/// invariant broke (exit 1).
+/// invariant broke (exit 1). `--until` and `--hosts` are checked by clap
+/// (`cli::parse_duration`, at least one host).
 pub fn run_cli(
     seed: u64,
     hosts: usize,
     faults: FaultProfile,
     scenario: Option<Scenario>,
     manifest: Option<&std::path::Path>,
-    until: &str,
-) -> Result<bool, String> {
+    until: std::time::Duration,
+) -> Result<bool, CliError> {
+    if hosts == 0 && manifest.is_none() {
+        return Err(CliError::Input("--hosts: a fleet needs at least 1 host".into()));
+    }
     let manifest = match manifest {
-        Some(p) => Some(fs_err::read(p).map_err(|e| e.to_string())?),
+        Some(p) => {
+            let bytes = fs_err::read(p).map_err(|e| CliError::Input(format!("--manifest: {e}")))?;
+            Manifest::parse(&bytes).map_err(|e| CliError::Input(format!("--manifest {}: {e}", p.display())))?;
+            Some(bytes)
+        }
         None => None,
     };
-    let dir = tempfile_dir(seed)?;
+    let dir = tempfile_dir(seed).map_err(CliError::Setup)?;
     let cfg = SimConfig {
         seed,
         n_hosts: hosts,
         faults,
         scenario,
         manifest,
-        until_ms: parse_until(until)?,
+        until_ms: u64::try_from(until.as_millis()).unwrap_or(u64::MAX),
         work_dir: dir.clone(),
         keep_going: false,
     };
     let outcome = run(cfg);
     let _ = std::fs::remove_dir_all(&dir);
-    let outcome = outcome?;
+    let outcome = outcome.map_err(CliError::Setup)?;
     print!("{}", outcome.text);
     Ok(outcome.violation.is_none())
 }

@@ -136,4 +136,3 @@ pub(super) fn check_cancelled(
     }
     Ok(())
 }
-

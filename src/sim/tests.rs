@@ -190,16 +190,6 @@ fn scenario_dropped_rollout() {
 }
 
 #[test]
-fn until_accepts_hours_minutes_and_seconds() {
-    // Proves the --until parser and its error for a bad unit.
-    assert_eq!(parse_until("6h"), Ok(21_600_000));
-    assert_eq!(parse_until("90m"), Ok(5_400_000));
-    assert_eq!(parse_until("3600s"), Ok(3_600_000));
-    assert_eq!(parse_until("10"), Ok(10_000));
-    assert!(parse_until("5d").is_err());
-}
-
-#[test]
 fn a_batch_refused_whole_is_halved_and_an_event_refused_alone_comes_back_later() {
     // Proves the body-limit model end to end: heavy seed 33 draws a proxy
     // limit that refuses batches whole and some single events on their

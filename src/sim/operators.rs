@@ -10,12 +10,8 @@
 //! cancelled stays cancelled and offers nothing, until a database loss
 //! forgets the action).
 
-use super::check::Violation;
-use super::cp::{Answer, Work};
-use super::{Ev, Sim};
-use crate::cp::planner::RolloutState;
+use super::*;
 use crate::cp::store::{ActionKind, OperatorRequest};
-use crate::ids::RolloutId;
 
 /// An operator action the sim schedules.
 #[derive(Debug, Clone)]
@@ -110,6 +106,78 @@ impl Sim {
         self.note(format!("operator: cp {name} {id}: {outcome}"));
         self.after_cp_group();
         self.check_cp()
+    }
+}
+
+impl Sim {
+    pub(super) fn envelope_of(&mut self, i: usize) -> Vec<u8> {
+        if let Some(e) = self.envelopes.get(&i) {
+            return e.clone();
+        }
+        let key = &self.keys[self.signing_key.min(self.keys.len() - 1)];
+        let env = sign::sign_envelope(key, &self.plan[i].json);
+        let bytes = serde_json::to_vec(&env).unwrap_or_default();
+        self.envelopes.insert(i, bytes.clone());
+        bytes
+    }
+
+    pub(super) fn publish(&mut self, i: usize) {
+        if !self.cp.is_up() {
+            self.after(30_000, Ev::Publish(i));
+            return;
+        }
+        let envelope = self.envelope_of(i);
+        let answers = self.cp.run(vec![Work::Publish(envelope)]);
+        self.stats.publishes += 1;
+        let ok = matches!(answers.first(), Some(Answer::Published(_)));
+        let p = &self.plan[i];
+        self.note(format!("operator publishes {}@{} ({})", p.channel, p.git_ref, if ok { "ok" } else { "failed" }));
+        if ok {
+            self.checker.published(self.now_ms);
+            if !self.published.contains(&i) {
+                self.published.push(i);
+            }
+            self.after_cp_group();
+        } else {
+            self.after(30_000, Ev::Publish(i));
+        }
+    }
+
+    /// After a database loss the operator re-publishes what it published,
+    /// in a random order, minutes apart (or, in the downgrade scenario,
+    /// only the oldest manifest of the channel).
+    pub(super) fn republish(&mut self) {
+        let mut list = self.published.clone();
+        self.published.clear();
+        if self.cfg.scenario == Some(Scenario::Downgrade) {
+            list.sort_unstable();
+            // The newer manifests are never published again.
+            self.abandoned.extend(list.drain(1..));
+        }
+        let mut at = self.now_ms;
+        while !list.is_empty() {
+            let k = self.rng.below(list.len() as u64) as usize;
+            let i = list.remove(k);
+            at += self.rng.range(1_000, 120_000);
+            self.at(at, Ev::Publish(i));
+        }
+    }
+
+    pub(super) fn rotate_keys(&mut self) {
+        self.stats.key_rotations += 1;
+        self.signing_key = 1;
+        // Manifests not yet published are signed with the new key.
+        let unpublished: Vec<usize> = (0..self.plan.len()).filter(|i| !self.published.contains(i)).collect();
+        for i in unpublished {
+            self.envelopes.remove(&i);
+        }
+        let new_key = vec![self.keys[1].public_key()];
+        self.note("operator rotates the release key; agents restart trusting only the new key".into());
+        for h in 0..self.agents.len() {
+            self.agents[h].trust_keys = new_key.clone();
+            let delay = self.rng.range(100, 30_000);
+            self.at(self.now_ms + delay, Ev::AgentCrash { host: h, down_ms: 0 });
+        }
     }
 }
 

@@ -165,4 +165,35 @@ impl Sim {
         }
         self.notice_halts();
     }
+
+    /// The CP's safety-net tick (`Command::Tick`), every 15 s.
+    pub(super) fn cp_tick(&mut self) {
+        if self.cp.is_up() {
+            self.cp_inbox.push((usize::MAX, 0, 0, ToCp::Poll));
+            self.schedule_commit();
+        }
+        self.after(CP_TICK_MS, Ev::CpTick);
+    }
+
+    pub(super) fn cp_restart(&mut self, republish: bool) -> Result<(), Violation> {
+        if let Err(e) = self.cp.start() {
+            return Err(Violation::new("cp-restart", format!("the CP does not start: {e}")));
+        }
+        self.note("CP started (writer reopened the database)".into());
+        self.check_replay("after a CP restart")?;
+        if republish {
+            self.republish();
+        }
+        Ok(())
+    }
+
+    /// A parked long-poll's 60 s are up: answered with whatever stands.
+    pub(super) fn poll_expire(&mut self, host: usize, req: u64) {
+        if self.parked.get(&host).is_some_and(|(_, r)| *r == req) {
+            if let Some((inc, req)) = self.parked.remove(&host) {
+                let d = self.cp.dispatch_for(&self.agents[host].host).map(Box::new);
+                self.reply(host, inc, req, ToAgent::Poll(d));
+            }
+        }
+    }
 }

@@ -79,4 +79,66 @@ impl Sim {
         self.note(format!("{}: bit rot in queue file {name}", self.agents[host].host));
         self.start_agent(host)
     }
+
+    pub(super) fn cp_crash(&mut self, down_ms: u64, lose_db: bool) {
+        if self.faults_over || !self.cp.is_up() {
+            return;
+        }
+        self.cp_inbox.clear();
+        self.parked.clear();
+        if lose_db {
+            self.stats.db_losses += 1;
+            self.note(format!("CP killed and its database LOST; back in {down_ms} ms"));
+            self.cp.lose_database();
+            self.checker.database_lost();
+            self.rollout_end.clear();
+        } else {
+            self.stats.cp_crashes += 1;
+            self.note(format!("CP killed; back in {down_ms} ms"));
+            self.cp.crash();
+        }
+        self.after(down_ms, Ev::CpStart { republish: lose_db });
+    }
+
+    pub(super) fn agent_crash(&mut self, host: usize, down_ms: u64) {
+        if self.faults_over && down_ms > 0 {
+            return;
+        }
+        self.crash_agent(host, "killed");
+        self.after(down_ms, Ev::AgentStart { host });
+    }
+
+    /// The machine reboots: the agent dies, switches in progress die with
+    /// it, and the boot default becomes what runs.
+    pub(super) fn reboot(&mut self, host: usize) {
+        self.stats.reboots += 1;
+        self.crash_agent(host, "rebooting");
+        let m = &mut self.machines[host];
+        m.up = false;
+        m.switches.clear();
+        if m.current != m.profile {
+            m.current = m.profile.clone();
+            m.activated_ms = self.now_ms;
+        }
+        let boot = self.rng.range(20_000, 60_000);
+        self.after(boot, Ev::AgentStart { host });
+    }
+
+    pub(super) fn partition(&mut self, host: Option<usize>, ms: u64) {
+        if self.faults_over {
+            return;
+        }
+        self.stats.partitions += 1;
+        match host {
+            Some(h) => {
+                self.partitioned.insert(h);
+                self.note(format!("{} partitioned for {ms} ms", self.agents[h].host));
+            }
+            None => {
+                self.cp_partitioned = true;
+                self.note(format!("CP partitioned from every host for {ms} ms"));
+            }
+        }
+        self.after(ms, Ev::Heal { host });
+    }
 }

@@ -380,93 +380,19 @@ impl Sim {
         match ev {
             Ev::Publish(i) => self.publish(i),
             Ev::CpCommit => self.cp_commit()?,
-            Ev::CpTick => {
-                if self.cp.is_up() {
-                    self.cp_inbox.push((usize::MAX, 0, 0, ToCp::Poll));
-                    self.schedule_commit();
-                }
-                self.after(CP_TICK_MS, Ev::CpTick);
-            }
-            Ev::CpCrash { down_ms, lose_db } => {
-                if self.faults_over || !self.cp.is_up() {
-                    return Ok(false);
-                }
-                self.cp_inbox.clear();
-                self.parked.clear();
-                if lose_db {
-                    self.stats.db_losses += 1;
-                    self.note(format!("CP killed and its database LOST; back in {down_ms} ms"));
-                    self.cp.lose_database();
-                    self.checker.database_lost();
-                    self.rollout_end.clear();
-                } else {
-                    self.stats.cp_crashes += 1;
-                    self.note(format!("CP killed; back in {down_ms} ms"));
-                    self.cp.crash();
-                }
-                self.after(down_ms, Ev::CpStart { republish: lose_db });
-            }
-            Ev::CpStart { republish } => {
-                if let Err(e) = self.cp.start() {
-                    return Err(Violation::new("cp-restart", format!("the CP does not start: {e}")));
-                }
-                self.note("CP started (writer reopened the database)".into());
-                self.check_replay("after a CP restart")?;
-                if republish {
-                    self.republish();
-                }
-            }
+            Ev::CpTick => self.cp_tick(),
+            Ev::CpCrash { down_ms, lose_db } => self.cp_crash(down_ms, lose_db),
+            Ev::CpStart { republish } => self.cp_restart(republish)?,
             Ev::ToCp { host, inc, req, msg } => self.cp_receive(host, inc, req, msg),
             Ev::ToAgent { host, inc, req, msg } => self.agent_receive(host, inc, req, msg)?,
             Ev::Timeout { host, inc, req } => self.agent_failure(host, inc, req, "timed out")?,
-            Ev::PollExpire { host, req } => {
-                if self.parked.get(&host).is_some_and(|(_, r)| *r == req) {
-                    if let Some((inc, req)) = self.parked.remove(&host) {
-                        let d = self.cp.dispatch_for(&self.agents[host].host).map(Box::new);
-                        self.reply(host, inc, req, ToAgent::Poll(d));
-                    }
-                }
-            }
+            Ev::PollExpire { host, req } => self.poll_expire(host, req),
             Ev::Timer { host, inc, timer, token } => self.agent_timer(host, inc, timer, token)?,
             Ev::SwitchDone { host, switch } => self.switch_done(host, switch)?,
-            Ev::AgentCrash { host, down_ms } => {
-                if self.faults_over && down_ms > 0 {
-                    return Ok(false);
-                }
-                self.crash_agent(host, "killed");
-                self.after(down_ms, Ev::AgentStart { host });
-            }
+            Ev::AgentCrash { host, down_ms } => self.agent_crash(host, down_ms),
             Ev::AgentStart { host } => self.start_agent(host)?,
-            Ev::Reboot { host } => {
-                self.stats.reboots += 1;
-                self.crash_agent(host, "rebooting");
-                let m = &mut self.machines[host];
-                m.up = false;
-                m.switches.clear();
-                if m.current != m.profile {
-                    m.current = m.profile.clone();
-                    m.activated_ms = self.now_ms;
-                }
-                let boot = self.rng.range(20_000, 60_000);
-                self.after(boot, Ev::AgentStart { host });
-            }
-            Ev::Partition { host, ms } => {
-                if self.faults_over {
-                    return Ok(false);
-                }
-                self.stats.partitions += 1;
-                match host {
-                    Some(h) => {
-                        self.partitioned.insert(h);
-                        self.note(format!("{} partitioned for {ms} ms", self.agents[h].host));
-                    }
-                    None => {
-                        self.cp_partitioned = true;
-                        self.note(format!("CP partitioned from every host for {ms} ms"));
-                    }
-                }
-                self.after(ms, Ev::Heal { host });
-            }
+            Ev::Reboot { host } => self.reboot(host),
+            Ev::Partition { host, ms } => self.partition(host, ms),
             Ev::Heal { host } => match host {
                 Some(h) => {
                     self.partitioned.remove(&h);
@@ -477,20 +403,24 @@ impl Sim {
             Ev::RotateKeys => self.rotate_keys(),
             Ev::HugeSeq { tries } => self.huge_seq(tries)?,
             Ev::Operator(action) => self.operator(action)?,
-            Ev::Quiesce => {
-                if self.now_ms >= self.faults.end_ms && !self.faults_over {
-                    self.faults_over = true;
-                    self.partitioned.clear();
-                    self.cp_partitioned = false;
-                    self.note("faults end: every host reachable from now on".into());
-                }
-                if self.is_quiescent() {
-                    return Ok(true);
-                }
-                self.after(QUIESCE_EVERY_MS, Ev::Quiesce);
-            }
+            Ev::Quiesce => return Ok(self.quiesce()),
         }
         Ok(false)
+    }
+
+    /// Ends the faults once their time is up; true when the run is over.
+    fn quiesce(&mut self) -> bool {
+        if self.now_ms >= self.faults.end_ms && !self.faults_over {
+            self.faults_over = true;
+            self.partitioned.clear();
+            self.cp_partitioned = false;
+            self.note("faults end: every host reachable from now on".into());
+        }
+        if self.is_quiescent() {
+            return true;
+        }
+        self.after(QUIESCE_EVERY_MS, Ev::Quiesce);
+        false
     }
 
     fn is_quiescent(&self) -> bool {

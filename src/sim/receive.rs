@@ -117,98 +117,124 @@ impl Sim {
         if self.agents[host].incarnation != inc || self.agents[host].proc.is_none() {
             return Ok(());
         }
-        if let ToAgent::Unavailable = msg {
-            return self.agent_failure(host, inc, req, "refused (CP down or 503)");
-        }
-        let hostname = self.agents[host].host.clone();
-        let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
         match msg {
-            ToAgent::Events(results) => {
-                if !matches!(&proc.drain, Drain::InFlight { req: r, .. } if *r == req) {
-                    return Ok(()); // a late duplicate of an earlier answer
-                }
-                let Drain::InFlight { pass, .. } = std::mem::replace(&mut proc.drain, Drain::Idle(0)) else {
-                    return Ok(());
-                };
-                let mut notes = delivery::Notes::default();
-                let step = delivery::on_answer(
-                    &mut proc.journal.lock(),
-                    &hostname,
-                    pass,
-                    &results,
-                    &mut proc.blocked,
-                    self.now_ms,
-                    &mut notes,
-                );
-                self.drain_step(host, step, notes)?;
-            }
+            ToAgent::Unavailable => self.agent_failure(host, inc, req, "refused (CP down or 503)"),
+            ToAgent::Events(results) => self.on_events_answer(host, req, &results),
             ToAgent::Heartbeat(replay_from) => {
-                if proc.heartbeat_req != Some(req) {
-                    return Ok(());
-                }
-                proc.heartbeat_req = None;
-                if let Some((r, at)) = proc.heartbeat_committed {
-                    if r == req {
-                        proc.heartbeat_seen_ms = at;
-                    }
-                }
-                if !replay_from.is_empty() {
-                    // `queue.request_resend` per rollout: the drainer, the one
-                    // sender, serves them at its next pass.
-                    for (id, after) in &replay_from {
-                        let a = proc.resend.entry(id.clone()).or_insert(*after);
-                        *a = (*a).min(*after);
-                    }
-                    let from: Vec<String> = replay_from.iter().map(|(id, n)| format!("{id} after seq {n}")).collect();
-                    self.note(format!("{hostname}: heartbeat answer: replay {}", from.join(", ")));
-                    self.wake_drainer(host);
-                }
+                self.on_heartbeat_answer(host, req, &replay_from);
+                Ok(())
             }
             ToAgent::Poll(d) => {
-                if proc.poll != LongPoll::Polling(req) {
-                    return Ok(());
-                }
-                proc.poll_backoff.succeed();
-                let Some(d) = d else {
-                    self.set_timer(host, Timer::Poll, 0);
-                    return Ok(());
-                };
-                // `run_longpoll_worker`: known to the records (answered, so a
-                // rollout Pending after a `busy` refusal is offered again
-                // once nothing is live) or to the queue (pruned).
-                let in_records = {
-                    let rollouts = proc.snapshot.borrow();
-                    rollouts.get(&d.rollout_id).map(|_| rollouts.answered(&d.rollout_id))
-                };
-                let known = in_records.unwrap_or_else(|| proc.journal.lock().last_seq(&d.rollout_id) > 0);
-                if known {
-                    let pause = proc.known_pause_ms;
-                    proc.known_pause_ms = (pause * 2).min(5_000);
-                    self.set_timer(host, Timer::Poll, pause);
-                    return Ok(());
-                }
-                proc.known_pause_ms = 20;
-                let id = d.rollout_id.clone();
-                let req = self.send(host, ToCp::Manifest(id));
-                if let Some(p) = self.agents[host].proc.as_mut() {
-                    p.poll = LongPoll::FetchingManifest(req, d);
-                }
+                self.on_poll_answer(host, req, d);
+                Ok(())
             }
-            ToAgent::Manifest(envelope) => {
-                let LongPoll::FetchingManifest(r, d) = &proc.poll else { return Ok(()) };
-                if *r != req {
-                    return Ok(());
-                }
-                let dispatch = (**d).clone();
-                let Some(envelope) = envelope else {
-                    return self.agent_failure(host, inc, req, "manifest not found");
-                };
-                self.admit(host, dispatch, envelope)?;
-                self.set_timer(host, Timer::Poll, 0);
-            }
-            ToAgent::Refused(status, code, message) => self.refused_whole(host, req, status, code, message)?,
-            ToAgent::Unavailable => {}
+            ToAgent::Manifest(envelope) => self.on_manifest(host, inc, req, envelope),
+            ToAgent::Refused(status, code, message) => self.refused_whole(host, req, status, code, message),
         }
+    }
+
+    /// The drainer's batch answered: `drain_once`'s bookkeeping.
+    fn on_events_answer(&mut self, host: usize, req: u64, results: &[EventResult]) -> Result<(), Violation> {
+        let hostname = self.agents[host].host.clone();
+        let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
+        if !matches!(&proc.drain, Drain::InFlight { req: r, .. } if *r == req) {
+            return Ok(()); // a late duplicate of an earlier answer
+        }
+        let Drain::InFlight { pass, .. } = std::mem::replace(&mut proc.drain, Drain::Idle(0)) else {
+            return Ok(());
+        };
+        let mut notes = delivery::Notes::default();
+        let step = delivery::on_answer(
+            &mut proc.journal.lock(),
+            &hostname,
+            pass,
+            results,
+            &mut proc.blocked,
+            self.now_ms,
+            &mut notes,
+        );
+        self.drain_step(host, step, notes)
+    }
+
+    /// A heartbeat answered, with the CP's Replay-From per rollout.
+    fn on_heartbeat_answer(&mut self, host: usize, req: u64, replay_from: &BTreeMap<RolloutId, u64>) {
+        let hostname = self.agents[host].host.clone();
+        let Some(proc) = self.agents[host].proc.as_mut() else { return };
+        if proc.heartbeat_req != Some(req) {
+            return;
+        }
+        proc.heartbeat_req = None;
+        if let Some((r, at)) = proc.heartbeat_committed {
+            if r == req {
+                proc.heartbeat_seen_ms = at;
+            }
+        }
+        if !replay_from.is_empty() {
+            // `queue.request_resend` per rollout: the drainer, the one
+            // sender, serves them at its next pass.
+            for (id, after) in replay_from {
+                let a = proc.resend.entry(id.clone()).or_insert(*after);
+                *a = (*a).min(*after);
+            }
+            let from: Vec<String> = replay_from.iter().map(|(id, n)| format!("{id} after seq {n}")).collect();
+            self.note(format!("{hostname}: heartbeat answer: replay {}", from.join(", ")));
+            self.wake_drainer(host);
+        }
+    }
+
+    /// A long-poll answered: nothing (poll again), a dispatch already
+    /// known (pause, doubling), or a new one (fetch its manifest).
+    fn on_poll_answer(&mut self, host: usize, req: u64, d: Option<Box<Dispatch>>) {
+        let Some(proc) = self.agents[host].proc.as_mut() else { return };
+        if proc.poll != LongPoll::Polling(req) {
+            return;
+        }
+        proc.poll_backoff.succeed();
+        let Some(d) = d else {
+            self.set_timer(host, Timer::Poll, 0);
+            return;
+        };
+        // `run_longpoll_worker`: known to the records (answered, so a
+        // rollout Pending after a `busy` refusal is offered again
+        // once nothing is live) or to the queue (pruned).
+        let in_records = {
+            let rollouts = proc.snapshot.borrow();
+            rollouts.get(&d.rollout_id).map(|_| rollouts.answered(&d.rollout_id))
+        };
+        let known = in_records.unwrap_or_else(|| proc.journal.lock().last_seq(&d.rollout_id) > 0);
+        if known {
+            let pause = proc.known_pause_ms;
+            proc.known_pause_ms = (pause * 2).min(5_000);
+            self.set_timer(host, Timer::Poll, pause);
+            return;
+        }
+        proc.known_pause_ms = 20;
+        let id = d.rollout_id.clone();
+        let req = self.send(host, ToCp::Manifest(id));
+        if let Some(p) = self.agents[host].proc.as_mut() {
+            p.poll = LongPoll::FetchingManifest(req, d);
+        }
+    }
+
+    /// The dispatch's manifest fetched: admitted (or not), then poll again.
+    fn on_manifest(
+        &mut self,
+        host: usize,
+        inc: u64,
+        req: u64,
+        envelope: Option<cp::SharedEnvelope>,
+    ) -> Result<(), Violation> {
+        let Some(proc) = self.agents[host].proc.as_ref() else { return Ok(()) };
+        let LongPoll::FetchingManifest(r, d) = &proc.poll else { return Ok(()) };
+        if *r != req {
+            return Ok(());
+        }
+        let dispatch = (**d).clone();
+        let Some(envelope) = envelope else {
+            return self.agent_failure(host, inc, req, "manifest not found");
+        };
+        self.admit(host, dispatch, envelope)?;
+        self.set_timer(host, Timer::Poll, 0);
         Ok(())
     }
 

@@ -201,9 +201,9 @@ fn generated_rollouts(
 ) {
     let all: Vec<usize> = (0..n_hosts).collect();
     let scenario = cfg.scenario;
-    let mut add = |rng: &mut Rng, at_ms: u64, channel: &str, git_ref: &str, generation: u64, hosts: &[usize]| {
+    let mut add = |rng: &mut Rng, at_ms: u64, channel: &str, git_ref: &str, release: u64, hosts: &[usize]| {
         let issued_at = world::at(at_ms.saturating_sub(500));
-        let json = world::manifest_json(rng, channel, git_ref, issued_at, generation, hosts, n_hosts, scenario);
+        let json = world::manifest_json(rng, channel, git_ref, issued_at, release, hosts, n_hosts, scenario);
         plan.push(PlannedRollout {
             at_ms,
             channel: channel.to_owned(),

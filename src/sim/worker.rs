@@ -95,7 +95,7 @@ impl Sim {
                 break;
             }
             if let Some(plan) = plan {
-                proc.probe_generation = plan.number;
+                proc.probe_plan_number = plan.number;
                 proc.probe_rollout = plan.rollout_id.clone();
                 if plan.rollout_id.is_some() {
                     self.set_timer(host, Timer::ProbeDeclare(plan.number), 100);
@@ -103,8 +103,8 @@ impl Sim {
             }
             if let Some(order) = order {
                 let Some(proc) = self.agents[host].proc.as_mut() else { return Ok(()) };
-                if order.number > proc.last_switch_generation {
-                    proc.last_switch_generation = order.number;
+                if order.number > proc.last_switch_order {
+                    proc.last_switch_order = order.number;
                     self.start_switch(host, order)?;
                 }
             }
@@ -222,8 +222,8 @@ impl Sim {
                     p.poll = LongPoll::Polling(req);
                 }
             }
-            Timer::ProbeDeclare(generation) => {
-                if proc.probe_generation != generation {
+            Timer::ProbeDeclare(number) => {
+                if proc.probe_plan_number != number {
                     return Ok(());
                 }
                 let Some(rollout_id) = proc.probe_rollout.clone() else { return Ok(()) };
@@ -231,11 +231,11 @@ impl Sim {
                 let at = self.clock.now();
                 self.feed(host, Input::ProbeTopology { rollout_id, probes, at })?;
                 for (i, _) in enforce_topology().iter().enumerate() {
-                    self.set_timer(host, Timer::ProbeRun(generation, i), 0);
+                    self.set_timer(host, Timer::ProbeRun(number, i), 0);
                 }
             }
-            Timer::ProbeRun(generation, i) => {
-                if proc.probe_generation != generation {
+            Timer::ProbeRun(number, i) => {
+                if proc.probe_plan_number != number {
                     return Ok(());
                 }
                 let Some(rollout_id) = proc.probe_rollout.clone() else { return Ok(()) };
@@ -253,7 +253,7 @@ impl Sim {
                 let at = self.clock.now();
                 let (status, reason) =
                     if pass { (ProbeStatus::Pass, None) } else { (ProbeStatus::Fail, Some("HTTP 503".to_owned())) };
-                self.set_timer(host, Timer::ProbeRun(generation, i), interval);
+                self.set_timer(host, Timer::ProbeRun(number, i), interval);
                 self.feed(
                     host,
                     Input::ProbeRun { rollout_id, probe_name: decl.name, mode: decl.mode, status, reason, at },

@@ -212,13 +212,13 @@ fn unreachable_host() -> Hostname {
 
 const NIX_BASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
-/// A deterministic store path for (generation, role): generation 0 is what
+/// A deterministic store path for (release number, role): release 0 is what
 /// the fleet runs before any rollout.
-pub fn closure(generation: u64, role: usize, name: &str) -> Closure {
-    let mut r = Rng::new(generation.wrapping_mul(1_000_003).wrapping_add(role as u64));
+pub fn closure(release: u64, role: usize, name: &str) -> Closure {
+    let mut r = Rng::new(release.wrapping_mul(1_000_003).wrapping_add(role as u64));
     let hash: String = (0..32).map(|_| NIX_BASE32[r.below(32) as usize] as char).collect();
-    let text = format!("/nix/store/{hash}-nixos-system-{name}-g{generation}");
-    Closure::parse(&text).unwrap_or_else(|_| closure(generation + 1, role, "x"))
+    let text = format!("/nix/store/{hash}-nixos-system-{name}-g{release}");
+    Closure::parse(&text).unwrap_or_else(|_| closure(release + 1, role, "x"))
 }
 
 pub fn at(ms: u64) -> Timestamp {
@@ -239,7 +239,7 @@ pub fn manifest_json(
     channel: &str,
     git_ref: &str,
     issued_at: Timestamp,
-    generation: u64,
+    release: u64,
     hosts: &[usize],
     n_hosts: usize,
     scenario: Option<Scenario>,
@@ -291,7 +291,7 @@ pub fn manifest_json(
             }
         };
         let name = hostname(h);
-        let target = closure(generation, role_of(h, n_hosts), "sys");
+        let target = closure(release, role_of(h, n_hosts), "sys");
         host_map.insert(name.to_string(), serde_json::json!({"wave": wave, "target_closure": target.as_str()}));
     }
     let on_failure = if scenario.is_some() || rng.chance(0.8) { "rollback-and-halt" } else { "halt" };

@@ -232,6 +232,18 @@ pub fn role_of(host_idx: usize, n_hosts: usize) -> usize {
     host_idx % n_roles
 }
 
+/// The wave of the host at `pos` in a manifest's host list: the first
+/// `cut1` in wave 0, up to `cut2` in wave 1, the rest in the last.
+fn wave_of(pos: usize, n_waves: usize, cut1: usize, cut2: usize) -> usize {
+    match n_waves {
+        1 => 0,
+        2 => usize::from(pos >= cut1),
+        _ if pos < cut1 => 0,
+        _ if pos < cut2 => 1,
+        _ => 2,
+    }
+}
+
 /// Builds one manifest's JSON: hosts `hosts`, 1–3 waves, a random policy.
 #[allow(clippy::too_many_arguments)]
 pub fn manifest_json(
@@ -277,19 +289,7 @@ pub fn manifest_json(
     }
     let mut host_map = serde_json::Map::new();
     for (pos, &h) in hosts.iter().enumerate() {
-        let wave = match n_waves {
-            1 => 0,
-            2 => usize::from(pos >= cut1),
-            _ => {
-                if pos < cut1 {
-                    0
-                } else if pos < cut2 {
-                    1
-                } else {
-                    2
-                }
-            }
-        };
+        let wave = wave_of(pos, n_waves, cut1, cut2);
         let name = hostname(h);
         let target = closure(release, role_of(h, n_hosts), "sys");
         host_map.insert(name.to_string(), serde_json::json!({"wave": wave, "target_closure": target.as_str()}));

@@ -88,8 +88,8 @@ pub struct SimArgs {
     /// The seed: the same seed gives byte-identical output.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Number of simulated hosts (ignored with --manifest).
-    #[arg(long, default_value_t = 20)]
+    /// Number of simulated hosts, at least 1 (ignored with --manifest).
+    #[arg(long, default_value_t = 20, value_parser = parse_sim_hosts)]
     pub hosts: usize,
     /// Network, crash and operator faults to inject.
     #[arg(long, value_enum, default_value_t = crate::sim::FaultProfile::Light)]
@@ -101,8 +101,17 @@ pub struct SimArgs {
     #[arg(long)]
     pub manifest: Option<PathBuf>,
     /// Simulated time limit, e.g. 6h, 90m, 3600s.
-    #[arg(long, default_value = "6h")]
-    pub until: String,
+    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    pub until: Duration,
+}
+
+/// `nixfleet sim --hosts`: a whole number, at least 1.
+fn parse_sim_hosts(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("a fleet needs at least 1 host".to_owned()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{text:?} is not a number of hosts")),
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -64,10 +64,15 @@ fn main() -> ExitCode {
         },
         Command::Cp(cmd) => nixfleet::cp::run(cmd).map_err(Into::into),
         Command::Sim(SimArgs { seed, hosts, faults, scenario, manifest, until }) => {
-            match nixfleet::sim::run_cli(seed, hosts, faults, scenario, manifest.as_deref(), &until) {
+            // Exit 1 means an invariant broke; bad input is a usage error (2).
+            match nixfleet::sim::run_cli(seed, hosts, faults, scenario, manifest.as_deref(), until) {
                 Ok(true) => Ok(()),
                 Ok(false) => return ExitCode::FAILURE,
-                Err(e) => Err(e.into()),
+                Err(nixfleet::sim::CliError::Input(e)) => {
+                    eprintln!("nixfleet: error: {e}");
+                    return ExitCode::from(2);
+                }
+                Err(nixfleet::sim::CliError::Setup(e)) => Err(e.into()),
             }
         }
     };

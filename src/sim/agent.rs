@@ -130,8 +130,12 @@ pub struct Proc {
     pub journal: SimJournal,
     pub started_ms: u64,
     pub restore: RestoreReport,
-    pub last_switch_generation: u64,
-    pub probe_generation: u64,
+    /// The number of the last `ActivationOrder` started (orders are
+    /// numbered by the reducer; an older one is not started again).
+    pub last_switch_order: u64,
+    /// The number of the probe plan the probe timers belong to: a timer of
+    /// an older plan is dropped.
+    pub probe_plan_number: u64,
     pub probe_rollout: Option<RolloutId>,
     /// Enforce probes that produced a result in THIS run, per rollout
     /// (protocol rule 6 is checked against it).
@@ -292,8 +296,8 @@ impl SimAgent {
             journal,
             started_ms: now_ms,
             restore: report,
-            last_switch_generation: 0,
-            probe_generation: 0,
+            last_switch_order: 0,
+            probe_plan_number: 0,
             probe_rollout: None,
             fresh: BTreeSet::new(),
             drain: Drain::Idle(0),

@@ -60,11 +60,35 @@ pub fn is_live(r: &HostRecord) -> bool {
 
 pub type Snap = BTreeMap<RolloutId, (HostState, u64)>;
 
+/// The invariants the checker runs (docs/simulator.md, "Invariants"), in
+/// the order the summary lists them.
+pub const INVARIANTS: &[&str] = &[
+    "one-live-rollout",
+    "fresh-evidence",
+    "no-downgrade",
+    "quarantine",
+    "no-seq-gap",
+    "acked-not-lost",
+    "agreement",
+    "halt",
+    "max-in-flight",
+    "wave-order",
+    "cancelled",
+    "restore-complete",
+    "replay",
+    "refused-whole",
+    "terminal",
+    "closure",
+    "drift",
+];
+
 /// What the checker remembers between steps (never the system's state:
 /// only what it has seen, to compare with what comes next).
 #[derive(Debug, Default)]
 pub struct Checker {
     pub n_checks: u64,
+    /// Rollouts the CP answered `cp cancel` for (forgotten with the database).
+    pub cancelled: BTreeSet<RolloutId>,
     cp_last: BTreeMap<(Hostname, RolloutId), u64>,
     logged: BTreeSet<(Hostname, RolloutId, u64)>,
     last_known: BTreeMap<usize, Snap>,
@@ -100,6 +124,7 @@ impl Checker {
     /// event): the `quarantine` check judges the CP's dispatches against
     /// what the CP knew when it issued them, as before the loss.
     pub fn database_lost(&mut self) {
+        self.cancelled.clear();
         self.cp_last.clear();
         self.logged.clear();
         self.quarantined_at.clear();

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use crate::clock::ClockHandle;
 use crate::cp::longpoll::Board;
 use crate::cp::store::Counters;
-use crate::cp::store::{self, Command, CpState, PublishOutcome, Writer};
+use crate::cp::store::{self, ActionOutcome, Command, CpState, OperatorRequest, PublishOutcome, Writer};
 use crate::ids::{Hostname, RolloutId};
 use crate::sign::{self, PublicKey};
 use crate::wire::{BatchItem, Dispatch, EventResult, Heartbeat, Manifest};
@@ -31,6 +31,8 @@ pub enum Answer {
     Events(Vec<EventResult>),
     Heartbeat(BTreeMap<RolloutId, u64>),
     Published(PublishOutcome),
+    /// An operator action's answer: the stored row, or the refusal.
+    Action(ActionOutcome),
     /// The commit failed (503): the caller retries.
     Unavailable,
 }
@@ -41,6 +43,9 @@ pub enum Work {
     Ingest(Hostname, Vec<BatchItem>),
     Heartbeat(Box<Heartbeat>),
     Publish(Vec<u8>),
+    /// `cp resume` / `cp cancel`, as `POST /v1/rollouts/{id}/{action}`
+    /// hands them to the writer.
+    Operator(OperatorRequest),
     Tick,
 }
 
@@ -48,6 +53,7 @@ enum Reply {
     Events(oneshot::Receiver<store::Reply<Vec<EventResult>>>),
     Heartbeat(oneshot::Receiver<store::Reply<Option<BTreeMap<RolloutId, u64>>>>),
     Publish(oneshot::Receiver<store::Reply<PublishOutcome>>),
+    Action(oneshot::Receiver<store::Reply<ActionOutcome>>),
     Refused,
     None,
 }
@@ -186,6 +192,11 @@ impl SimCp {
                     }
                     None => replies.push(Reply::Refused),
                 },
+                Work::Operator(request) => {
+                    let (reply, rx) = oneshot::channel();
+                    group.push(Command::Operator { request, reply });
+                    replies.push(Reply::Action(rx));
+                }
                 Work::Tick => {
                     group.push(Command::Tick);
                     replies.push(Reply::None);
@@ -207,6 +218,10 @@ impl SimCp {
                 },
                 Reply::Publish(mut rx) => match rx.try_recv() {
                     Ok(Ok(v)) => Answer::Published(v),
+                    _ => Answer::Unavailable,
+                },
+                Reply::Action(mut rx) => match rx.try_recv() {
+                    Ok(Ok(v)) => Answer::Action(v),
                     _ => Answer::Unavailable,
                 },
                 Reply::Refused | Reply::None => Answer::Unavailable,

@@ -69,6 +69,10 @@ pub struct Faults {
     /// larger than this many bytes with 413 (until the faults end): the
     /// agent halves them, and dead-letters an event too large on its own.
     pub body_limit: Option<u64>,
+    /// An operator runs `cp resume` on a halted rollout (once per rollout).
+    pub operator_resume: bool,
+    /// An operator runs `cp cancel` on a published rollout at a random time.
+    pub operator_cancel: bool,
     pub bad_p: f64,
     pub flaky_p: f64,
     pub flapping_p: f64,
@@ -95,6 +99,8 @@ impl Faults {
             (self.rotate_keys, "key-rotation"),
             (self.corrupt > 0, "bit-rot"),
             (self.body_limit.is_some(), "body-limit"),
+            (self.operator_resume, "operator-resume"),
+            (self.operator_cancel, "operator-cancel"),
             (self.bad_p + self.flaky_p + self.flapping_p > 0.0, "failing-probes"),
             (self.reboot_p > 0.0, "reboots"),
             (self.switch_fail_p > 0.0, "failed-switches"),
@@ -142,6 +148,9 @@ impl Faults {
                     corrupt: if pick(0.25) { 1 } else { 0 },
                     // Drawn from its own stream (`Faults::draw_body_limit`).
                     body_limit: None,
+                    // Drawn from their own stream (`Faults::draw_operators`).
+                    operator_resume: false,
+                    operator_cancel: false,
                     bad_p: 0.1,
                     flaky_p: 0.15,
                     flapping_p: 0.05,
@@ -155,7 +164,12 @@ impl Faults {
     }
 }
 
-/// The largest fleet the `body-limit` fault is drawn for.
+/// The seed of the operators' own stream (`draw_operators`, and the
+/// delays and choices of their actions in `sim::operators`).
+pub const OPERATOR_STREAM: u64 = 0x6f70_6572_6174_6f72;
+
+/// The largest fleet the `body-limit` fault (and the operator actions,
+/// for the same reason) is drawn for.
 pub const MAX_BODY_LIMIT_HOSTS: usize = 1_000;
 
 impl Faults {
@@ -174,6 +188,17 @@ impl Faults {
             }
         }
     }
+
+    /// The heavy profile's operator actions (`cp resume`, `cp cancel`),
+    /// from a stream of their own like the body limit, and for the same
+    /// fleets: no other choice of a seed moves.
+    pub fn draw_operators(&mut self, profile: FaultProfile, seed: u64, n_hosts: usize) {
+        if profile == FaultProfile::Heavy && n_hosts <= MAX_BODY_LIMIT_HOSTS {
+            let mut r = Rng::new(seed ^ OPERATOR_STREAM);
+            self.operator_resume = r.chance(0.5);
+            self.operator_cancel = r.chance(0.3);
+        }
+    }
 }
 
 pub fn hostname(idx: usize) -> Hostname {
@@ -187,13 +212,13 @@ fn unreachable_host() -> Hostname {
 
 const NIX_BASE32: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
 
-/// A deterministic store path for (generation, role): generation 0 is what
+/// A deterministic store path for (release number, role): release 0 is what
 /// the fleet runs before any rollout.
-pub fn closure(generation: u64, role: usize, name: &str) -> Closure {
-    let mut r = Rng::new(generation.wrapping_mul(1_000_003).wrapping_add(role as u64));
+pub fn closure(release: u64, role: usize, name: &str) -> Closure {
+    let mut r = Rng::new(release.wrapping_mul(1_000_003).wrapping_add(role as u64));
     let hash: String = (0..32).map(|_| NIX_BASE32[r.below(32) as usize] as char).collect();
-    let text = format!("/nix/store/{hash}-nixos-system-{name}-g{generation}");
-    Closure::parse(&text).unwrap_or_else(|_| closure(generation + 1, role, "x"))
+    let text = format!("/nix/store/{hash}-nixos-system-{name}-g{release}");
+    Closure::parse(&text).unwrap_or_else(|_| closure(release + 1, role, "x"))
 }
 
 pub fn at(ms: u64) -> Timestamp {
@@ -207,6 +232,18 @@ pub fn role_of(host_idx: usize, n_hosts: usize) -> usize {
     host_idx % n_roles
 }
 
+/// The wave of the host at `pos` in a manifest's host list: the first
+/// `cut1` in wave 0, up to `cut2` in wave 1, the rest in the last.
+fn wave_of(pos: usize, n_waves: usize, cut1: usize, cut2: usize) -> usize {
+    match n_waves {
+        1 => 0,
+        2 => usize::from(pos >= cut1),
+        _ if pos < cut1 => 0,
+        _ if pos < cut2 => 1,
+        _ => 2,
+    }
+}
+
 /// Builds one manifest's JSON: hosts `hosts`, 1–3 waves, a random policy.
 #[allow(clippy::too_many_arguments)]
 pub fn manifest_json(
@@ -214,7 +251,7 @@ pub fn manifest_json(
     channel: &str,
     git_ref: &str,
     issued_at: Timestamp,
-    generation: u64,
+    release: u64,
     hosts: &[usize],
     n_hosts: usize,
     scenario: Option<Scenario>,
@@ -252,21 +289,9 @@ pub fn manifest_json(
     }
     let mut host_map = serde_json::Map::new();
     for (pos, &h) in hosts.iter().enumerate() {
-        let wave = match n_waves {
-            1 => 0,
-            2 => usize::from(pos >= cut1),
-            _ => {
-                if pos < cut1 {
-                    0
-                } else if pos < cut2 {
-                    1
-                } else {
-                    2
-                }
-            }
-        };
+        let wave = wave_of(pos, n_waves, cut1, cut2);
         let name = hostname(h);
-        let target = closure(generation, role_of(h, n_hosts), "sys");
+        let target = closure(release, role_of(h, n_hosts), "sys");
         host_map.insert(name.to_string(), serde_json::json!({"wave": wave, "target_closure": target.as_str()}));
     }
     let on_failure = if scenario.is_some() || rng.chance(0.8) { "rollback-and-halt" } else { "halt" };

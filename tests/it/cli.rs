@@ -216,3 +216,36 @@ fn closures_follow_nix_store_dir_and_a_bad_one_is_refused_before_anything_runs()
         assert!(out.stdout.is_empty(), "{bad:?}: the command ran");
     }
 }
+
+#[test]
+fn sim_usage_errors_exit_2_and_a_run_names_what_it_checked() {
+    // Proves `nixfleet sim` keeps exit 1 for a broken invariant only: a bad
+    // --until, --hosts 0, an unreadable or invalid --manifest are usage
+    // errors (2) naming the problem; a small run exits 0 and lists the
+    // invariants it checked and each wave's settled time.
+    let dir = TempDir::new("cli-sim");
+    let bad_until = nixfleet(dir.path(), &["sim", "--hosts", "2", "--until", "5d"]);
+    assert_exit(&bad_until, 2);
+    assert!(
+        stderr(&bad_until).contains("--until") && stderr(&bad_until).contains("unknown unit"),
+        "{}",
+        stderr(&bad_until)
+    );
+    let overflow = nixfleet(dir.path(), &["sim", "--hosts", "2", "--until", "99999999999999999999h"]);
+    assert_exit(&overflow, 2);
+    let no_hosts = nixfleet(dir.path(), &["sim", "--hosts", "0"]);
+    assert_exit(&no_hosts, 2);
+    assert!(stderr(&no_hosts).contains("at least 1 host"), "{}", stderr(&no_hosts));
+    let missing = nixfleet(dir.path(), &["sim", "--manifest", "nope.json"]);
+    assert_exit(&missing, 2);
+    assert!(stderr(&missing).contains("--manifest") && stderr(&missing).contains("nope.json"), "{}", stderr(&missing));
+    fs_err::write(dir.path().join("bad.json"), "{\"rollout_id\": 3}").expect("write");
+    let invalid = nixfleet(dir.path(), &["sim", "--manifest", "bad.json"]);
+    assert_exit(&invalid, 2);
+    assert!(stderr(&invalid).contains("bad.json"), "{}", stderr(&invalid));
+    let ok = nixfleet(dir.path(), &["sim", "--seed", "1", "--hosts", "3", "--faults", "none"]);
+    assert_exit(&ok, 0);
+    let out = stdout(&ok);
+    assert!(out.contains("checked: one-live-rollout,") && out.contains(", drift"), "{out}");
+    assert!(out.contains(", settled ") && !out.contains("promoted -"), "{out}");
+}

@@ -11,7 +11,7 @@ use crate::cp::store;
 use crate::ids::{Hostname, RolloutId};
 use crate::machine::{HostState, Timestamp};
 use crate::sim::Sim;
-use crate::wire::{EventBatch, EventResult, ResultStatus};
+use crate::wire::{EventBatch, EventResult, Manifest, ResultStatus};
 
 impl Sim {
     pub(in crate::sim) fn check_ingest(
@@ -125,6 +125,7 @@ impl Sim {
             check_waves(&self.checker, now, id, r, &mut races)?;
             self.checker.cp_clean.insert(id.clone(), clean_key);
         }
+        crate::sim::operators::check_cancelled(&self.checker.cancelled, state)?;
         for (id, h) in races {
             self.note(format!("CP: {h} acked {id} after the CP skipped it (its ack raced the quarantine)"));
             self.checker.raced.insert((id, h));
@@ -207,25 +208,7 @@ fn check_waves(
         }
     }
     if !checker.db_lost {
-        for (wave, hosts) in &in_flight {
-            let max = m.waves.get(*wave).map_or(0, |w| w.max_in_flight as usize);
-            let n = hosts.len();
-            let n_raced = raced.get(wave).copied().unwrap_or(0);
-            if n - n_raced > max || (n > max && offered.contains(wave)) {
-                let why = if offered.contains(wave) { " after a new dispatch" } else { "" };
-                let hosts: Vec<String> = hosts
-                    .iter()
-                    .map(|(h, what, late)| format!("{h} {what}{}", if *late { " (raced its skip)" } else { "" }))
-                    .collect();
-                return Err(Violation::new(
-                    "max-in-flight",
-                    format!(
-                        "{id} wave {wave} has {n} hosts in flight{why}, max_in_flight is {max}: {}",
-                        hosts.join(", ")
-                    ),
-                ));
-            }
-        }
+        check_in_flight(id, m, &in_flight, &raced, &offered)?;
     }
     // The order is a promise about dispatching: no offer made by this
     // group may be in a wave after one with an unsettled host.
@@ -244,6 +227,34 @@ fn check_waves(
                 unsettled.iter().map(|(h, state)| format!("{h} {state}")).collect::<Vec<_>>().join(", ")
             ),
         ));
+    }
+    Ok(())
+}
+
+/// `max-in-flight` for one rollout: per wave, the hosts in flight (see
+/// `check_waves` for the raced ones) against its `max_in_flight`.
+fn check_in_flight(
+    id: &RolloutId,
+    m: &Manifest,
+    in_flight: &BTreeMap<usize, Vec<(&Hostname, &str, bool)>>,
+    raced: &BTreeMap<usize, usize>,
+    offered: &BTreeSet<usize>,
+) -> Result<(), Violation> {
+    for (wave, hosts) in in_flight {
+        let max = m.waves.get(*wave).map_or(0, |w| w.max_in_flight as usize);
+        let n = hosts.len();
+        let n_raced = raced.get(wave).copied().unwrap_or(0);
+        if n - n_raced > max || (n > max && offered.contains(wave)) {
+            let why = if offered.contains(wave) { " after a new dispatch" } else { "" };
+            let hosts: Vec<String> = hosts
+                .iter()
+                .map(|(h, what, late)| format!("{h} {what}{}", if *late { " (raced its skip)" } else { "" }))
+                .collect();
+            return Err(Violation::new(
+                "max-in-flight",
+                format!("{id} wave {wave} has {n} hosts in flight{why}, max_in_flight is {max}: {}", hosts.join(", ")),
+            ));
+        }
     }
     Ok(())
 }

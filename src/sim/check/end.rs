@@ -4,9 +4,11 @@
 use super::Violation;
 use crate::cp::planner::{is_settled, RolloutState};
 use crate::cp::store;
+use crate::cp::store::CpState;
 use crate::ids::{Hostname, RolloutId};
 use crate::machine::{Failure, HostRecord, HostState};
-use crate::sim::Sim;
+use crate::sim::agent::SimAgent;
+use crate::sim::{Machine, Sim};
 
 impl Sim {
     pub(in crate::sim) fn check_replay(&mut self, when: &str) -> Result<(), Violation> {
@@ -41,119 +43,9 @@ impl Sim {
         let Some(state) = self.cp.state() else {
             return Err(Violation::new("terminal", "the CP is down at the end of the run"));
         };
-        for (id, r) in &state.rollouts {
-            if matches!(r.state, RolloutState::Active | RolloutState::Converging) {
-                // Skipped hosts are settled (the planner's rule), not stuck.
-                let stuck: Vec<String> = r
-                    .records
-                    .iter()
-                    .filter(|(h, x)| {
-                        !(is_settled(x.state) || (x.state == HostState::Pending && r.skipped.contains(*h)))
-                    })
-                    .take(5)
-                    .map(|(h, x)| {
-                        let why = if state
-                            .quarantine
-                            .get(id.channel())
-                            .is_some_and(|q| x.target_closure.as_ref().is_some_and(|t| q.contains(t)))
-                        {
-                            ", target quarantined"
-                        } else {
-                            ""
-                        };
-                        format!("{h} {}{why}", x.state)
-                    })
-                    .collect();
-                return Err(Violation::new(
-                    "terminal",
-                    format!(
-                        "{id} is still {} at +{} s with every host reachable; unsettled: {}",
-                        r.state.as_str(),
-                        self.now_ms / 1000,
-                        stuck.join(", ")
-                    ),
-                ));
-            }
-        }
-        // Agent and CP agree per (host, rollout).
-        for agent in &self.agents {
-            let Some(rollouts) = agent.rollouts() else { continue };
-            for (id, slot) in rollouts.iter() {
-                if self.checker.db_lost && !state.rollouts.contains_key(id) {
-                    // Lost with the database and never published again (the
-                    // operator's choice, e.g. the downgrade scenario): the
-                    // CP has no manifest to hold records under.
-                    continue;
-                }
-                let cp = state.rollouts.get(id).and_then(|r| r.records.get(&agent.host));
-                let Some(cp) = cp else {
-                    return Err(Violation::new(
-                        "agreement",
-                        format!(
-                            "{} has {id} ({}, seq {}) but the CP does not know it",
-                            agent.host, slot.record.state, slot.record.last_seq
-                        ),
-                    ));
-                };
-                if (cp.state, cp.last_seq) != (slot.record.state, slot.record.last_seq) {
-                    return Err(Violation::new(
-                        "agreement",
-                        format!(
-                            "{} in {id}: the agent says {} at seq {}, the CP says {} at seq {}",
-                            agent.host, slot.record.state, slot.record.last_seq, cp.state, cp.last_seq
-                        ),
-                    ));
-                }
-            }
-            for (id, r) in &state.rollouts {
-                if let Some(cp) = r.records.get(&agent.host) {
-                    if cp.last_seq > 0 && rollouts.get(id).is_none() {
-                        return Err(Violation::new(
-                            "agreement",
-                            format!(
-                                "the CP has {} in {id} at {} seq {}; the agent has no such rollout",
-                                agent.host, cp.state, cp.last_seq
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        // Each host runs what the CP says it runs.
-        for (idx, agent) in self.agents.iter().enumerate() {
-            let mut newest: Option<(&RolloutId, &HostRecord)> = None;
-            for (id, r) in &state.rollouts {
-                let Some(rec) = r.records.get(&agent.host) else { continue };
-                if rec.state == HostState::Pending || matches!(rec.failure, Some(Failure::DispatchRejected { .. })) {
-                    continue;
-                }
-                if newest.is_none_or(|(_, n)| rec.dispatch_acked_at > n.dispatch_acked_at) {
-                    newest = Some((id, rec));
-                }
-            }
-            let Some((id, rec)) = newest else { continue };
-            let says = match (&rec.state, &rec.failure) {
-                (HostState::Converged | HostState::Soaking, _) => rec.target_closure.clone(),
-                (HostState::Reverted, _) => rec.reverted_to.clone(),
-                (HostState::Failed, _) if rec.rollback_fired => None,
-                (HostState::Failed, Some(Failure::ActivationFailed { .. })) => rec.current_closure_at_dispatch.clone(),
-                (HostState::Failed, Some(Failure::WrongClosure { observed })) => Some(observed.clone()),
-                (HostState::Failed, _) => rec.target_closure.clone(),
-                _ => None,
-            };
-            let runs = &self.machines[idx].current;
-            if let Some(says) = says {
-                if &says != runs {
-                    return Err(Violation::new(
-                        "closure",
-                        format!(
-                            "{} runs {runs}, but the CP says it runs {says} ({id} is {} on it)",
-                            agent.host, rec.state
-                        ),
-                    ));
-                }
-            }
-        }
+        check_terminal(state, self.now_ms)?;
+        check_agreement(state, &self.agents, self.checker.db_lost)?;
+        check_closures(state, &self.agents, &self.machines)?;
         if quiescent {
             self.check_drift()?;
         }
@@ -214,4 +106,127 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// `terminal`: no rollout is still active or converging (skipped hosts
+/// are settled, the planner's rule).
+fn check_terminal(state: &CpState, now_ms: u64) -> Result<(), Violation> {
+    for (id, r) in &state.rollouts {
+        if matches!(r.state, RolloutState::Active | RolloutState::Converging) {
+            // Skipped hosts are settled (the planner's rule), not stuck.
+            let stuck: Vec<String> = r
+                .records
+                .iter()
+                .filter(|(h, x)| !(is_settled(x.state) || (x.state == HostState::Pending && r.skipped.contains(*h))))
+                .take(5)
+                .map(|(h, x)| {
+                    let why = if state
+                        .quarantine
+                        .get(id.channel())
+                        .is_some_and(|q| x.target_closure.as_ref().is_some_and(|t| q.contains(t)))
+                    {
+                        ", target quarantined"
+                    } else {
+                        ""
+                    };
+                    format!("{h} {}{why}", x.state)
+                })
+                .collect();
+            return Err(Violation::new(
+                "terminal",
+                format!(
+                    "{id} is still {} at +{} s with every host reachable; unsettled: {}",
+                    r.state.as_str(),
+                    now_ms / 1000,
+                    stuck.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `agreement`: agent and CP have the same state and last seq per
+/// (host, rollout), and neither has a rollout the other lacks.
+fn check_agreement(state: &CpState, agents: &[SimAgent], db_lost: bool) -> Result<(), Violation> {
+    for agent in agents {
+        let Some(rollouts) = agent.rollouts() else { continue };
+        for (id, slot) in rollouts.iter() {
+            if db_lost && !state.rollouts.contains_key(id) {
+                // Lost with the database and never published again (the
+                // operator's choice, e.g. the downgrade scenario): the
+                // CP has no manifest to hold records under.
+                continue;
+            }
+            let cp = state.rollouts.get(id).and_then(|r| r.records.get(&agent.host));
+            let Some(cp) = cp else {
+                return Err(Violation::new(
+                    "agreement",
+                    format!(
+                        "{} has {id} ({}, seq {}) but the CP does not know it",
+                        agent.host, slot.record.state, slot.record.last_seq
+                    ),
+                ));
+            };
+            if (cp.state, cp.last_seq) != (slot.record.state, slot.record.last_seq) {
+                return Err(Violation::new(
+                    "agreement",
+                    format!(
+                        "{} in {id}: the agent says {} at seq {}, the CP says {} at seq {}",
+                        agent.host, slot.record.state, slot.record.last_seq, cp.state, cp.last_seq
+                    ),
+                ));
+            }
+        }
+        for (id, r) in &state.rollouts {
+            if let Some(cp) = r.records.get(&agent.host) {
+                if cp.last_seq > 0 && rollouts.get(id).is_none() {
+                    return Err(Violation::new(
+                        "agreement",
+                        format!(
+                            "the CP has {} in {id} at {} seq {}; the agent has no such rollout",
+                            agent.host, cp.state, cp.last_seq
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `closure`: each host runs what the CP's newest record for it says.
+fn check_closures(state: &CpState, agents: &[SimAgent], machines: &[Machine]) -> Result<(), Violation> {
+    for (idx, agent) in agents.iter().enumerate() {
+        let mut newest: Option<(&RolloutId, &HostRecord)> = None;
+        for (id, r) in &state.rollouts {
+            let Some(rec) = r.records.get(&agent.host) else { continue };
+            if rec.state == HostState::Pending || matches!(rec.failure, Some(Failure::DispatchRejected { .. })) {
+                continue;
+            }
+            if newest.is_none_or(|(_, n)| rec.dispatch_acked_at > n.dispatch_acked_at) {
+                newest = Some((id, rec));
+            }
+        }
+        let Some((id, rec)) = newest else { continue };
+        let says = match (&rec.state, &rec.failure) {
+            (HostState::Converged | HostState::Soaking, _) => rec.target_closure.clone(),
+            (HostState::Reverted, _) => rec.reverted_to.clone(),
+            (HostState::Failed, _) if rec.rollback_fired => None,
+            (HostState::Failed, Some(Failure::ActivationFailed { .. })) => rec.current_closure_at_dispatch.clone(),
+            (HostState::Failed, Some(Failure::WrongClosure { observed })) => Some(observed.clone()),
+            (HostState::Failed, _) => rec.target_closure.clone(),
+            _ => None,
+        };
+        let runs = &machines[idx].current;
+        if let Some(says) = says {
+            if &says != runs {
+                return Err(Violation::new(
+                    "closure",
+                    format!("{} runs {runs}, but the CP says it runs {says} ({id} is {} on it)", agent.host, rec.state),
+                ));
+            }
+        }
+    }
+    Ok(())
 }

@@ -84,13 +84,9 @@ impl Sim {
             .collect();
         self.cp.run(heartbeats);
         let Some(reader) = self.cp.reader() else { return Ok(()) };
-        let rows: Vec<(String, String, Option<String>)> = reader
-            .prepare("SELECT hostname, drift, expected_closure FROM hosts WHERE drift = 'drifting' ORDER BY hostname")
-            .and_then(|mut stmt| {
-                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<Vec<_>, _>>()
-            })
+        let rows = crate::cp::store::drifting_host_rows(reader, &self.cp.db)
             .map_err(|e| Violation::new("drift", format!("cannot read the hosts' drift: {e}")))?;
-        if let Some((host, _, expected)) = rows.first() {
+        if let Some(crate::cp::store::HostRow { hostname: host, expected_closure: expected, .. }) = rows.first() {
             let runs = Hostname::parse(host)
                 .ok()
                 .and_then(|h| self.host_idx.get(&h).map(|i| self.machines[*i].current.to_string()))

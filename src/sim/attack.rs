@@ -1,5 +1,5 @@
 //! The `huge-seq` scenario: numbers beyond their bounds. Two forms of the
-//! "lost seq" divergence (issue 9, §8), both against host 0 while it soaks:
+//! "lost seq" divergence (`docs/simulator.md`, divergence 9), both against host 0 while it soaks:
 //!
 //! - an attacker (or a broken agent) posts, as the host, a copy of the
 //!   host's latest ProbeResult with seq `u64::MAX`. The old code stored it wrapped

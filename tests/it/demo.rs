@@ -107,6 +107,9 @@ fn assert_story(out: &Output, n_hosts: usize, mode_line: &str, table_label: Opti
         assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
     }
     assert!(!stdout.contains('\x1b'), "piped output must be plain lines:\n{stdout}");
+    // The agents stop before the CP: none outlives it and logs a refused
+    // connection under the final table.
+    assert!(!stderr.contains("Connection refused"), "an agent outlived the CP:\n{stderr}");
     let closing: Vec<&str> = stdout.lines().filter(|l| l.contains(", and its closure is")).collect();
     assert_eq!(closing.len(), 1, "one closing sentence per failed host, and only web-3 failed:\n{stdout}");
     assert!(!stdout.contains("scripted to fail"), "the scripted host did fail:\n{stdout}");

@@ -90,33 +90,45 @@ pub fn signed_manifest(key: &SigningKey, hosts: &[Host]) -> Result<Vec<u8>, Demo
     serde_json::to_vec(&sign::sign_envelope(key, manifest.as_bytes())).map_err(setup("envelope"))
 }
 
-/// The CP and agent tasks of one run, and the switch that stops them.
+/// The CP and agent tasks of one run, and the switches that stop them:
+/// the agents first, then the CP (an agent still running after its CP has
+/// gone would log a failed long-poll under the demo's final table).
 #[derive(Debug)]
 pub struct Running {
-    stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    stop_agents: watch::Sender<bool>,
+    stop_cp: watch::Sender<bool>,
+    agents: Vec<JoinHandle<()>>,
+    cp: Vec<JoinHandle<()>>,
 }
 
 impl Running {
     pub fn new() -> Running {
-        Running { stop: watch::channel(false).0, tasks: Vec::new() }
+        Running {
+            stop_agents: watch::channel(false).0,
+            stop_cp: watch::channel(false).0,
+            agents: Vec::new(),
+            cp: Vec::new(),
+        }
     }
 
-    fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.stop.subscribe();
+    fn stopped(switch: &watch::Sender<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = switch.subscribe();
         async move {
             let _ = rx.wait_for(|s| *s).await;
         }
     }
 
-    /// Asks every task to stop, waits up to [`STOP_GRACE`], aborts the rest.
+    /// Asks the agents to stop, then the CP, each within [`STOP_GRACE`] of
+    /// the start; aborts what is left.
     pub async fn stop(&mut self) {
-        self.stop.send_replace(true);
         let deadline = tokio::time::Instant::now() + STOP_GRACE;
-        for mut task in std::mem::take(&mut self.tasks) {
-            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
-                task.abort();
-                let _ = task.await;
+        for (switch, tasks) in [(&self.stop_agents, &mut self.agents), (&self.stop_cp, &mut self.cp)] {
+            switch.send_replace(true);
+            for mut task in std::mem::take(tasks) {
+                if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                    task.abort();
+                    let _ = task.await;
+                }
             }
         }
     }
@@ -141,8 +153,8 @@ pub async fn start_cp(
         limits: crate::cp::ServeLimits::default(),
     };
     let acceptor = TlsAcceptor::new(demo_pki.server()?);
-    let serve = server::serve(listener, acceptor, cfg, ClockHandle::system(), running.stopped());
-    running.tasks.push(tokio::spawn(async move {
+    let serve = server::serve(listener, acceptor, cfg, ClockHandle::system(), Running::stopped(&running.stop_cp));
+    running.cp.push(tokio::spawn(async move {
         let _ = serve.await;
     }));
     let url = demo_pki.url(addr, "operator")?;
@@ -191,8 +203,8 @@ pub fn start_agents(
             drain: Duration::from_secs(1),
             longpoll_wait_secs: 5,
         };
-        let agent = serve_agent(cfg, ClockHandle::system(), running.stopped());
-        running.tasks.push(tokio::spawn(async move {
+        let agent = serve_agent(cfg, ClockHandle::system(), Running::stopped(&running.stop_agents));
+        running.agents.push(tokio::spawn(async move {
             let _ = agent.await;
         }));
     }

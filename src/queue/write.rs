@@ -10,6 +10,18 @@ use crate::ids::RolloutId;
 use crate::wire::{OutboundEvent, MAX_SEQ};
 
 impl Queue {
+    /// The record `event` is journaled as under `qseq` (by `enqueue`, and
+    /// by `write_back` under the qseq a rotted copy had), stamped now.
+    pub(super) fn record(&self, qseq: u64, rollout_id: &RolloutId, event: &OutboundEvent) -> QueuedEvent {
+        QueuedEvent {
+            qseq,
+            hostname: self.hostname.clone(),
+            rollout_id: rollout_id.clone(),
+            created_at: self.clock.now().to_offset(time::UtcOffset::UTC),
+            event: event.clone(),
+        }
+    }
+
     /// Writes one event durably (write-ahead: call before applying its
     /// effects). The event's seq must be [`Queue::next_seq`] of its rollout.
     pub fn enqueue(&mut self, rollout_id: &RolloutId, event: &OutboundEvent) -> Result<QueuedRef, QueueError> {
@@ -38,13 +50,7 @@ impl Queue {
         // have left a file under it that only recovery will see.
         let qseq = self.next_qseq;
         self.next_qseq += 1;
-        let queued = QueuedEvent {
-            qseq,
-            hostname: self.hostname.clone(),
-            rollout_id: rollout_id.clone(),
-            created_at: self.clock.now().to_offset(time::UtcOffset::UTC),
-            event: event.clone(),
-        };
+        let queued = self.record(qseq, rollout_id, event);
         let path = self.root.join(queued.file_name());
         let root = self.root.clone();
         self.write_durably(&root, &path, &record::encode(&queued))?;

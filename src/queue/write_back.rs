@@ -5,7 +5,7 @@
 
 use std::io;
 
-use super::record::{self, QueuedEvent};
+use super::record;
 use super::{io_err, Queue, QueueError, QueuedRef};
 use crate::ids::RolloutId;
 use crate::wire::OutboundEvent;
@@ -33,13 +33,7 @@ impl Queue {
         event: &OutboundEvent,
     ) -> Result<QueuedRef, QueueError> {
         self.check_poisoned()?;
-        let queued = QueuedEvent {
-            qseq,
-            hostname: self.hostname.clone(),
-            rollout_id: rollout_id.clone(),
-            created_at: self.clock.now().to_offset(time::UtcOffset::UTC),
-            event: event.clone(),
-        };
+        let queued = self.record(qseq, rollout_id, event);
         let name = queued.file_name();
         let dead_path = self.dead_dir.join(&name);
         let rotted = match self.storage.read_file(&dead_path) {

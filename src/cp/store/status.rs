@@ -153,8 +153,8 @@ pub fn quarantine_rows(conn: &Connection, path: &Path) -> Result<Vec<QuarantineR
     })
 }
 
-/// One `event_log` row, the event parsed.
-#[derive(Debug, Clone)]
+/// One `event_log` row, the event parsed (also the events view's item).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LoggedRow {
     pub id: i64,
     pub hostname: String,

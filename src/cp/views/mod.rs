@@ -17,7 +17,6 @@ use super::planner::RolloutState;
 use super::store::{self, LivenessCounts, RolloutHead, RolloutRow, StoreError};
 use crate::ids::{Hostname, RolloutId};
 use crate::machine::HostState;
-use crate::wire::OutboundEvent;
 
 mod hosts;
 mod rollout;
@@ -95,16 +94,9 @@ pub struct StatusView {
     pub deferred: Vec<DeferredView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LoggedEvent {
-    pub id: i64,
-    pub hostname: String,
-    pub seq: u64,
-    pub kind: String,
-    pub agent_at: String,
-    pub received_at: String,
-    pub event: OutboundEvent,
-}
+/// One logged event as the events view answers it: the store's row,
+/// serialised as it is (one type, so the view cannot drift from the log).
+pub use super::store::LoggedRow as LoggedEvent;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventsView {
@@ -225,18 +217,7 @@ pub fn events(
         return Ok(None);
     }
     let page = i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1);
-    let mut events: Vec<LoggedEvent> = store::event_rows(conn, path, id, after, page)?
-        .into_iter()
-        .map(|r| LoggedEvent {
-            id: r.id,
-            hostname: r.hostname,
-            seq: r.seq,
-            kind: r.kind,
-            agent_at: r.agent_at,
-            received_at: r.received_at,
-            event: r.event,
-        })
-        .collect();
+    let mut events: Vec<LoggedEvent> = store::event_rows(conn, path, id, after, page)?;
     let next_after = if events.len() > limit {
         events.truncate(limit);
         events.last().map(|e| e.id)

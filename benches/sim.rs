@@ -7,6 +7,9 @@
 //! The heavy run is repeated (`NIXFLEET_SIM_BENCH_RUNS`, 3 by default) and
 //! the median printed; the on-CPU time of the run's thread is printed
 //! beside the wall time because the machine is shared with other builds.
+//! `NIXFLEET_SIM_BENCH_WRITE_MANIFEST=path` writes the manifest (for
+//! `nixfleet sim --manifest`) and stops; `NIXFLEET_SIM_BENCH_REPORT=path`
+//! keeps the heavy run's report, to compare two builds byte for byte.
 
 use std::time::Instant;
 
@@ -134,6 +137,12 @@ fn bare_steps(n: u64) -> f64 {
 }
 
 fn main() {
+    // The same workload for `nixfleet sim --manifest`: write it and stop.
+    if let Ok(path) = std::env::var("NIXFLEET_SIM_BENCH_WRITE_MANIFEST") {
+        std::fs::write(&path, manifest(n_hosts())).expect("write the manifest");
+        println!("sim bench: wrote the {}-host manifest to {path}", n_hosts());
+        return;
+    }
     let mut walls = Vec::new();
     let mut cpus = Vec::new();
     let mut heavy = None;
@@ -146,6 +155,10 @@ fn main() {
         heavy = Some(outcome);
     }
     let Some(heavy) = heavy else { return };
+    // The heavy run's report, to compare two builds byte for byte.
+    if let Ok(path) = std::env::var("NIXFLEET_SIM_BENCH_REPORT") {
+        std::fs::write(&path, &heavy.text).expect("write the report");
+    }
     let (heavy_secs, heavy_cpu) = (median(walls.clone()), median(cpus));
     let (none_secs, none_cpu, none) = run(FaultProfile::None);
     let bare = bare_steps(heavy.n_agent_inputs);

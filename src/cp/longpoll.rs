@@ -36,6 +36,11 @@ pub struct Board {
     slots: Mutex<HashMap<Hostname, Slot>>,
     /// Requests currently parked (a gauge for `/metrics` and benchmarks).
     parked: AtomicUsize,
+    /// The hosts woken by offers since the last [`Board::take_woken`], when
+    /// someone asked for them ([`Board::log_wakes`]): the simulator parks
+    /// its requests outside tokio and wakes exactly these, as the real
+    /// `Notify` wakes the parked futures. `None` (the daemon): not kept.
+    woken: Mutex<Option<Vec<Hostname>>>,
 }
 
 /// Decrements the parked gauge however the wait ends (answer, timeout,
@@ -90,7 +95,11 @@ impl Board {
                     }
                 }
             }
+            let mut woken = self.woken.lock().unwrap_or_else(|p| p.into_inner());
             for (host, dispatch) in offers {
+                if let Some(log) = woken.as_mut() {
+                    log.push(host.clone());
+                }
                 let slot = slots.entry(host).or_default();
                 slot.dispatches.insert(dispatch.rollout_id.clone(), dispatch);
                 to_wake.push(Arc::clone(&slot.notify));
@@ -99,6 +108,17 @@ impl Board {
         for notify in to_wake {
             notify.notify_waiters();
         }
+    }
+
+    /// Keeps, from now on, the hosts each [`Board::apply`] wakes.
+    pub fn log_wakes(&self) {
+        self.woken.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(Vec::new);
+    }
+
+    /// The hosts woken since the last call (in offer order, repeats kept);
+    /// empty unless [`Board::log_wakes`] was called.
+    pub fn take_woken(&self) -> Vec<Hostname> {
+        self.woken.lock().unwrap_or_else(|p| p.into_inner()).as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// The dispatch to hand out now: the oldest standing one.

@@ -32,6 +32,7 @@ use crate::machine::{Failure, HostRecord, HostState, Timestamp};
 
 mod cp;
 mod end;
+mod waves;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -95,8 +96,9 @@ pub struct Checker {
     accepted: BTreeMap<(usize, String), (Timestamp, RolloutId)>,
     tick_armed: BTreeSet<usize>,
     pub switch_orders: BTreeMap<u64, ActivationOrder>,
-    /// When the CP first had each (channel, closure) quarantined.
-    pub quarantined_at: BTreeMap<(String, Closure), Timestamp>,
+    /// When the CP first had each closure of a channel quarantined (by
+    /// channel, so a lookup borrows instead of building a key).
+    pub quarantined_at: BTreeMap<String, BTreeMap<Closure, Timestamp>>,
     /// `issued_at` of the dispatch each (host, rollout) was admitted on.
     pub dispatch_issued: BTreeMap<(usize, RolloutId), Timestamp>,
     db_lost: bool,
@@ -112,6 +114,9 @@ pub struct Checker {
     /// stamp, its state, and whether a database was lost. The checks read
     /// nothing else, so an equal key gives the same (clean) answer.
     cp_clean: BTreeMap<RolloutId, (u64, RolloutState, bool)>,
+    /// Per rollout, the summary `halt`, `max-in-flight` and `wave-order`
+    /// read, kept up to date (`check::waves`).
+    mirrors: BTreeMap<RolloutId, waves::Mirror>,
     /// Events requests refused whole, by request: how many events, and
     /// the first one's (rollout, seq).
     pub refused: BTreeMap<u64, (usize, Option<(RolloutId, u64)>)>,
@@ -261,7 +266,7 @@ impl Sim {
     /// still be acted on ("an ack that races a skip wins: the host's events
     /// are facts", docs/decisions.md); the agent cannot know.
     fn check_not_quarantined(&self, host: usize, id: &RolloutId, target: &Closure) -> Result<(), Violation> {
-        let since = self.checker.quarantined_at.get(&(id.channel().to_owned(), target.clone()));
+        let since = self.checker.quarantined_at.get(id.channel()).and_then(|c| c.get(target));
         let issued = self.checker.dispatch_issued.get(&(host, id.clone()));
         let quarantined = match (since, issued) {
             (Some(since), Some(issued)) => since <= issued,

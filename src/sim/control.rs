@@ -112,36 +112,43 @@ impl Sim {
     /// standing dispatch (the real board's Notify), note wave progress.
     pub(super) fn after_cp_group(&mut self) {
         let Some(state) = self.cp.state() else { return };
-        // Dispatches offered by this group carry its instant as issued_at.
         let now = world::at(self.now_ms);
-        let mut offered: Vec<usize> = Vec::new();
+        // The hosts whose parked long-poll the real board would wake.
+        let mut offered: Vec<usize> =
+            self.cp.take_woken().iter().filter_map(|h| self.host_idx.get(h).copied()).collect();
         let mut waves = Vec::new();
         let mut ends = Vec::new();
         for (id, r) in &state.rollouts {
-            for (h, d) in &r.dispatched {
-                if d.issued_at == now {
-                    if let Some(idx) = self.host_idx.get(h) {
-                        offered.push(*idx);
-                    }
-                }
+            if self.wave_seen.get(id) != Some(&r.current_wave) {
+                waves.push((id.clone(), r.current_wave));
             }
-            waves.push((id.clone(), r.current_wave));
-            if matches!(
-                r.state,
-                crate::cp::planner::RolloutState::Completed
-                    | crate::cp::planner::RolloutState::Halted
-                    | crate::cp::planner::RolloutState::Superseded
-                    | crate::cp::planner::RolloutState::Cancelled
-            ) {
+            if !self.rollout_end.contains_key(id)
+                && matches!(
+                    r.state,
+                    crate::cp::planner::RolloutState::Completed
+                        | crate::cp::planner::RolloutState::Halted
+                        | crate::cp::planner::RolloutState::Superseded
+                        | crate::cp::planner::RolloutState::Cancelled
+                )
+            {
                 ends.push((id.clone(), r.state.as_str().to_owned()));
             }
         }
         for (channel, closures) in &state.quarantine {
+            // Looked up, cloned only when new: the quarantine is walked
+            // after every group and may hold hundreds of closures.
+            if !self.checker.quarantined_at.contains_key(channel) {
+                self.checker.quarantined_at.insert(channel.clone(), BTreeMap::new());
+            }
+            let Some(since) = self.checker.quarantined_at.get_mut(channel) else { continue };
             for c in closures {
-                self.checker.quarantined_at.entry((channel.clone(), c.clone())).or_insert(now);
+                if !since.contains_key(c) {
+                    since.insert(c.clone(), now);
+                }
             }
         }
         for (id, wave) in waves {
+            self.wave_seen.insert(id.clone(), wave);
             for w in 0..=wave {
                 let entry = self.wave_times.entry((id.clone(), w)).or_insert((self.now_ms, None));
                 if w < wave && entry.1.is_none() {

@@ -102,13 +102,16 @@ impl SimCp {
     /// and loads its state exactly as `cp serve` does at start.
     pub fn start(&mut self) -> Result<(), String> {
         self.board = Arc::new(Board::default());
+        self.board.log_wakes();
         let mut writer = Writer::open(&self.db, self.clock.clone(), self.board.clone(), Arc::new(Counters::default()))
             .map_err(|e| e.to_string())?;
         writer.set_checkpoint_bound(SIM_CHECKPOINT_EVENTS);
         self.writer = Some(writer);
         self.reader = Some(store::open_reader(&self.db).map_err(|e| e.to_string())?);
-        // The real writer plans once at start.
+        // The real writer plans once at start, before any request is
+        // parked: nobody is woken.
         self.run(vec![Work::Tick]);
+        drop(self.board.take_woken());
         Ok(())
     }
 
@@ -131,6 +134,17 @@ impl SimCp {
 
     pub fn state(&self) -> Option<&CpState> {
         self.writer.as_ref().map(Writer::state)
+    }
+
+    /// Per rollout, the hosts the writer changed since the last call
+    /// (`None`: not known, look at every host).
+    pub fn take_touched(&mut self) -> BTreeMap<RolloutId, Option<Vec<Hostname>>> {
+        self.writer.as_mut().map(Writer::take_touched).unwrap_or_default()
+    }
+
+    /// The hosts the last groups' offers woke (the board's `Notify`).
+    pub fn take_woken(&self) -> Vec<Hostname> {
+        self.board.take_woken()
     }
 
     pub fn dispatch_for(&self, host: &Hostname) -> Option<Dispatch> {

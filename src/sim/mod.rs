@@ -283,6 +283,9 @@ pub struct Sim {
     checker: Checker,
     n_agent_inputs: u64,
     wave_times: BTreeMap<(RolloutId, usize), (u64, Option<u64>)>,
+    /// The current wave of each rollout as `wave_times` last saw it: a
+    /// group that leaves it unchanged has nothing to add there.
+    wave_seen: BTreeMap<RolloutId, usize>,
     rollout_end: BTreeMap<RolloutId, (String, u64)>,
     faults_over: bool,
     signing_key: usize,

@@ -49,6 +49,7 @@ impl Sim {
             checker: Checker::default(),
             n_agent_inputs: 0,
             wave_times: BTreeMap::new(),
+            wave_seen: BTreeMap::new(),
             rollout_end: BTreeMap::new(),
             faults_over: false,
             signing_key: 0,

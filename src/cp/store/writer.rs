@@ -193,6 +193,13 @@ impl Writer {
         &self.state
     }
 
+    /// Per rollout, the hosts changed since the last call
+    /// (`LiveRollout::take_touched`: `None` for a rollout not asked before).
+    #[allow(dead_code)] // used by `nixfleet sim`
+    pub(crate) fn take_touched(&mut self) -> BTreeMap<RolloutId, Option<Vec<Hostname>>> {
+        self.state.rollouts.iter_mut().map(|(id, r)| (id.clone(), r.take_touched())).collect()
+    }
+
     /// Lowers (or raises) the number of events of one (host, rollout)
     /// applied between two record checkpoints
     /// (`checkpoint::MAX_EVENTS_SINCE_CHECKPOINT`): tests cross it with a

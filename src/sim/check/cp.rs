@@ -3,15 +3,11 @@
 //! group (`halt`, `max-in-flight`, `wave-order`), and `refused-whole` for
 //! the batches the body-limit proxy refuses.
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use super::{Checker, Violation};
-use crate::cp::planner::{is_settled, RolloutState};
-use crate::cp::store;
-use crate::ids::{Hostname, RolloutId};
-use crate::machine::{HostState, Timestamp};
+use super::{waves, Violation};
+use crate::cp::planner::RolloutState;
+use crate::ids::RolloutId;
 use crate::sim::Sim;
-use crate::wire::{EventBatch, EventResult, Manifest, ResultStatus};
+use crate::wire::{EventBatch, EventResult, ResultStatus};
 
 impl Sim {
     pub(in crate::sim) fn check_ingest(
@@ -92,19 +88,32 @@ impl Sim {
 
     pub(in crate::sim) fn check_cp(&mut self) -> Result<(), Violation> {
         self.checker.n_checks += 1;
+        let mut touched = self.cp.take_touched();
         let Some(state) = self.cp.state() else { return Ok(()) };
         let now = crate::sim::world::at(self.now_ms);
+        // Mirrors of rollouts the CP no longer has (a lost database).
+        self.checker.mirrors.retain(|id, _| state.rollouts.contains_key(id));
+        // Every mirror is brought up to date before any check may stop
+        // this one: the hosts changed by this group are taken only once.
+        let mut refreshed = Ok(());
+        for (id, r) in &state.rollouts {
+            let touched = touched.remove(id).flatten();
+            if let Err(v) = self.checker.wave_summary(id, r, touched, now) {
+                self.checker.mirrors.remove(id);
+                refreshed = refreshed.and(Err(v));
+            }
+        }
+        refreshed?;
         let mut races = Vec::new();
         for (id, r) in &state.rollouts {
             let clean_key = (r.changed, r.state, self.checker.db_lost);
             if self.checker.cp_clean.get(id) == Some(&clean_key) {
                 continue;
             }
-            let m = &r.manifest;
-            let n_failed =
-                r.records.values().filter(|x| matches!(x.state, HostState::Failed | HostState::Reverted)).count();
+            let Some(mirror) = self.checker.mirrors.get(id) else { continue };
+            let n_failed = mirror.summary().n_failed;
             // Failures an operator accepted with `cp resume` leave the budget.
-            let max_failed = m.policy.max_failed_hosts as usize + r.accepted_failures;
+            let max_failed = r.manifest.policy.max_failed_hosts as usize + r.accepted_failures;
             if n_failed > max_failed
                 && !matches!(r.state, RolloutState::Halted | RolloutState::Superseded | RolloutState::Cancelled)
             {
@@ -122,7 +131,23 @@ impl Sim {
                     format!("{id} is halted but still offers {} dispatch(es)", r.dispatched.len()),
                 ));
             }
-            check_waves(&self.checker, now, id, r, &mut races)?;
+            if let Some(broken) = waves::judge(&r.manifest, mirror.summary(), self.checker.db_lost) {
+                // Confirmed and worded by the full walk.
+                let walk = waves::walk(r, now)?;
+                if waves::judge(&r.manifest, &walk.summary, self.checker.db_lost) != Some(broken) {
+                    return Err(Violation::new(
+                        "checker",
+                        format!("{id}: the kept summary breaks {broken:?}, the full walk does not"),
+                    ));
+                }
+                return Err(waves::explain(id, r, &walk, broken, now));
+            }
+            races.extend(
+                mirror
+                    .late()
+                    .filter(|h| !self.checker.raced.contains(&(id.clone(), (*h).clone())))
+                    .map(|h| (id.clone(), h.clone())),
+            );
             self.checker.cp_clean.insert(id.clone(), clean_key);
         }
         crate::sim::operators::check_cancelled(&self.checker.cancelled, state)?;
@@ -132,148 +157,6 @@ impl Sim {
         }
         Ok(())
     }
-}
-
-/// `max-in-flight` and `wave-order` for one rollout.
-///
-/// In flight = the planner's definition: Pending with a standing
-/// dispatch, Activating, Deferred, Soaking. Settled = Converged,
-/// Failed, Reverted, or Pending and skipped (a skipped host reaches its
-/// terminal outcome, counted by its wave: issue item 6).
-///
-/// A host the CP skipped after offering it may already hold the offer
-/// (the withdrawal cannot reach back into a long-poll answer on its
-/// way); its ack then arrives after the slot was given to another
-/// host, and the CP applies it ("an ack that races a skip wins",
-/// docs/decisions.md). Such a host (skipped, no longer Pending) is in
-/// flight and counted, but may push the wave over `max_in_flight` by
-/// itself: the CP could not have known. Every offer is still checked
-/// strictly: a wave that receives a new dispatch must be within
-/// `max_in_flight` counting every in-flight host, raced ones included.
-fn check_waves(
-    checker: &Checker,
-    now: Timestamp,
-    id: &RolloutId,
-    r: &store::LiveRollout,
-    races: &mut Vec<(RolloutId, Hostname)>,
-) -> Result<(), Violation> {
-    let m = &r.manifest;
-    let mut first_unsettled = usize::MAX;
-    // Hosts, not text: the lists are formatted only for a violation (a
-    // string per in-flight host per group was a large share of the sim).
-    let mut in_flight: BTreeMap<usize, Vec<(&Hostname, &str, bool)>> = BTreeMap::new();
-    let mut raced: BTreeMap<usize, usize> = BTreeMap::new();
-    let mut offered: BTreeSet<usize> = BTreeSet::new();
-    // The first unsettled hosts (at most 5) of wave `first_unsettled`,
-    // the only list a violation names.
-    let mut unsettled: Vec<(&Hostname, HostState)> = Vec::new();
-    // The CP opens one record per manifest host: both maps have the
-    // same keys in the same order, so they are walked side by side
-    // (a lookup per host was most of the sim's time at 10,000 hosts);
-    // the dispatches and skips, sorted by host too, alongside them.
-    if m.hosts.len() != r.records.len() {
-        return Err(Violation::new("cp-state", format!("{id}: records and manifest hosts differ")));
-    }
-    let mut dispatches = r.dispatched.iter().peekable();
-    let mut skips = r.skipped.iter().peekable();
-    for ((h, e), rec) in m.hosts.iter().zip(r.records.values()) {
-        let dispatch = merge_next(&mut dispatches, h, |(d, _)| *d).map(|(_, d)| d);
-        let skipped = merge_next(&mut skips, h, |s| *s).is_some();
-        let settled = is_settled(rec.state) || (skipped && rec.state == HostState::Pending);
-        if !settled {
-            if e.wave < first_unsettled {
-                // No host of this wave was unsettled before this one.
-                first_unsettled = e.wave;
-                unsettled.clear();
-            }
-            if e.wave == first_unsettled && unsettled.len() < 5 {
-                unsettled.push((h, rec.state));
-            }
-        }
-        if dispatch.is_some_and(|d| d.issued_at == now) {
-            offered.insert(e.wave);
-        }
-        if (rec.state == HostState::Pending && dispatch.is_some())
-            || matches!(rec.state, HostState::Activating | HostState::Deferred | HostState::Soaking)
-        {
-            let late = skipped && rec.state != HostState::Pending;
-            let what = if dispatch.is_some() { "offered" } else { rec.state.as_str() };
-            in_flight.entry(e.wave).or_default().push((h, what, late));
-            if late {
-                *raced.entry(e.wave).or_default() += 1;
-                if !checker.raced.contains(&(id.clone(), h.clone())) {
-                    races.push((id.clone(), h.clone()));
-                }
-            }
-        }
-    }
-    if !checker.db_lost {
-        check_in_flight(id, m, &in_flight, &raced, &offered)?;
-    }
-    // The order is a promise about dispatching: no offer made by this
-    // group may be in a wave after one with an unsettled host.
-    if let Some(wave) = offered.iter().find(|w| **w > first_unsettled) {
-        let offers: Vec<&str> = r
-            .dispatched
-            .iter()
-            .filter(|(h, d)| d.issued_at == now && m.hosts.get(*h).is_some_and(|e| e.wave == *wave))
-            .map(|(h, _)| h.as_str())
-            .collect();
-        return Err(Violation::new(
-            "wave-order",
-            format!(
-                "{id} dispatches {} of wave {wave} while wave {first_unsettled} has unsettled hosts: {}",
-                offers.join(", "),
-                unsettled.iter().map(|(h, state)| format!("{h} {state}")).collect::<Vec<_>>().join(", ")
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// `max-in-flight` for one rollout: per wave, the hosts in flight (see
-/// `check_waves` for the raced ones) against its `max_in_flight`.
-fn check_in_flight(
-    id: &RolloutId,
-    m: &Manifest,
-    in_flight: &BTreeMap<usize, Vec<(&Hostname, &str, bool)>>,
-    raced: &BTreeMap<usize, usize>,
-    offered: &BTreeSet<usize>,
-) -> Result<(), Violation> {
-    for (wave, hosts) in in_flight {
-        let max = m.waves.get(*wave).map_or(0, |w| w.max_in_flight as usize);
-        let n = hosts.len();
-        let n_raced = raced.get(wave).copied().unwrap_or(0);
-        if n - n_raced > max || (n > max && offered.contains(wave)) {
-            let why = if offered.contains(wave) { " after a new dispatch" } else { "" };
-            let hosts: Vec<String> = hosts
-                .iter()
-                .map(|(h, what, late)| format!("{h} {what}{}", if *late { " (raced its skip)" } else { "" }))
-                .collect();
-            return Err(Violation::new(
-                "max-in-flight",
-                format!("{id} wave {wave} has {n} hosts in flight{why}, max_in_flight is {max}: {}", hosts.join(", ")),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// The item of `sorted` (ascending by `key`) whose key is `host`, if
-/// any, skipping the smaller ones: one comparison per host walked.
-fn merge_next<T>(
-    sorted: &mut std::iter::Peekable<impl Iterator<Item = T>>,
-    host: &Hostname,
-    key: impl Fn(&T) -> &Hostname,
-) -> Option<T> {
-    while let Some(item) = sorted.peek() {
-        match key(item).cmp(host) {
-            std::cmp::Ordering::Less => drop(sorted.next()),
-            std::cmp::Ordering::Equal => return sorted.next(),
-            std::cmp::Ordering::Greater => return None,
-        }
-    }
-    None
 }
 
 impl Sim {

@@ -134,16 +134,14 @@ impl Sim {
                 ends.push((id.clone(), r.state.as_str().to_owned()));
             }
         }
-        for (channel, closures) in &state.quarantine {
-            // Looked up, cloned only when new: the quarantine is walked
-            // after every group and may hold hundreds of closures.
-            if !self.checker.quarantined_at.contains_key(channel) {
-                self.checker.quarantined_at.insert(channel.clone(), BTreeMap::new());
-            }
-            let Some(since) = self.checker.quarantined_at.get_mut(channel) else { continue };
-            for c in closures {
-                if !since.contains_key(c) {
-                    since.insert(c.clone(), now);
+        // Read only after a change (the quarantine may hold hundreds of
+        // closures, and most groups leave it alone).
+        if self.quarantine_seen != state.quarantine_changed {
+            self.quarantine_seen = state.quarantine_changed;
+            for (channel, closures) in &state.quarantine {
+                let since = self.checker.quarantined_at.entry(channel.clone()).or_default();
+                for c in closures {
+                    since.entry(c.clone()).or_insert(now);
                 }
             }
         }

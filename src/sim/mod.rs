@@ -286,6 +286,8 @@ pub struct Sim {
     /// The current wave of each rollout as `wave_times` last saw it: a
     /// group that leaves it unchanged has nothing to add there.
     wave_seen: BTreeMap<RolloutId, usize>,
+    /// The CP quarantine's change stamp as `after_cp_group` last read it.
+    quarantine_seen: u64,
     rollout_end: BTreeMap<RolloutId, (String, u64)>,
     faults_over: bool,
     signing_key: usize,

@@ -50,6 +50,7 @@ impl Sim {
             n_agent_inputs: 0,
             wave_times: BTreeMap::new(),
             wave_seen: BTreeMap::new(),
+            quarantine_seen: 0,
             rollout_end: BTreeMap::new(),
             faults_over: false,
             signing_key: 0,

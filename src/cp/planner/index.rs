@@ -35,6 +35,12 @@ impl HostClass {
         is_settled(self.state) || (self.state == HostState::Pending && self.skipped)
     }
 
+    /// Pending and not yet skipped, or skipped but still dispatched: a
+    /// quarantine of its target skips it or withdraws its dispatch.
+    fn quarantine_acts_on(self) -> bool {
+        self.state == HostState::Pending && (self.dispatched || !self.skipped)
+    }
+
     /// Pending, not dispatched, not skipped: the wave's dispatch candidates.
     fn waiting(self) -> bool {
         self.state == HostState::Pending && !self.dispatched && !self.skipped
@@ -56,7 +62,10 @@ pub struct PlanIndex {
     /// Hosts Failed or Reverted (the halt budget), in hostname order.
     failed: BTreeSet<Hostname>,
     waves: Vec<WaveIndex>,
-    /// Pending hosts by target closure (skipped or not).
+    /// Pending hosts by target closure, the ones a quarantine of the
+    /// target acts on: not yet skipped, or still holding a dispatch. (A
+    /// skipped host without one needs nothing more; leaving those out keeps
+    /// every plan from walking all the hosts a quarantine ever skipped.)
     pending_by_target: HashMap<Closure, BTreeSet<Hostname>>,
     /// Manifest hosts without a record plus records of hosts not in the
     /// manifest. The CP keeps one record per manifest host, so this is 0;
@@ -128,7 +137,7 @@ impl PlanIndex {
         if matches!(class.state, HostState::Failed | HostState::Reverted) {
             self.failed.insert(host.clone());
         }
-        if class.state == HostState::Pending {
+        if class.quarantine_acts_on() {
             self.pending_by_target.entry(entry.target_closure.clone()).or_default().insert(host.clone());
         }
         let wave = self.wave_mut(entry.wave);
@@ -143,7 +152,7 @@ impl PlanIndex {
         if matches!(class.state, HostState::Failed | HostState::Reverted) {
             self.failed.remove(host);
         }
-        if class.state == HostState::Pending {
+        if class.quarantine_acts_on() {
             if let Some(set) = self.pending_by_target.get_mut(&entry.target_closure) {
                 set.remove(host);
                 if set.is_empty() {

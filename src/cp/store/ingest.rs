@@ -163,7 +163,7 @@ fn run_effects(
                         ],
                     )
                     .map_err(db.sql("insert quarantine"))?;
-                state.quarantine.entry(channel.clone()).or_default().insert(closure.clone());
+                state.quarantine_insert(channel, closure);
                 // Every rollout of the channel must re-check its hosts.
                 group.dirty.extend(state.rollouts.keys().filter(|id| id.channel() == channel).cloned());
             }

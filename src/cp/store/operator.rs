@@ -232,12 +232,7 @@ fn unquarantine(
             params![channel, closure.as_str()],
         )
         .map_err(db.sql("unquarantine"))?;
-    if let Some(set) = state.quarantine.get_mut(channel) {
-        set.remove(closure);
-        if set.is_empty() {
-            state.quarantine.remove(channel);
-        }
-    }
+    state.quarantine_remove(channel, closure);
     let replanned: Vec<RolloutId> = state
         .rollouts
         .iter()

@@ -144,7 +144,7 @@ fn load_quarantine(db: Db<'_>, state: &mut CpState) -> Result<(), StoreError> {
         db.rows("load quarantine", "SELECT channel, closure FROM quarantined_closures", [], two_texts)?
     {
         let closure = Closure::parse(&closure).map_err(|e| db.corrupt(e.to_string()))?;
-        state.quarantine.entry(channel).or_default().insert(closure);
+        state.quarantine_insert(&channel, &closure);
     }
     Ok(())
 }

@@ -139,6 +139,11 @@ impl LiveRollout {
 pub struct CpState {
     pub rollouts: BTreeMap<RolloutId, LiveRollout>,
     pub quarantine: HashMap<String, HashSet<Closure>>,
+    /// A stamp taken whenever `quarantine` changes (`quarantine_insert`,
+    /// `quarantine_remove`, a load), unique in the process: equal stamps
+    /// mean the same quarantine, so the simulator reads it only after a
+    /// change.
+    pub quarantine_changed: u64,
     /// Per host, the rollouts it is live in (`docs/protocol.md` §3 rule 8; at most one
     /// unless agents broke the rule): derived from the records, so the
     /// planner finds the held hosts without scanning every record.
@@ -155,6 +160,29 @@ pub struct CpState {
 }
 
 impl CpState {
+    /// Quarantines `closure` on `channel`; false if it already was.
+    pub fn quarantine_insert(&mut self, channel: &str, closure: &Closure) -> bool {
+        let set = self.quarantine.entry(channel.to_owned()).or_default();
+        let new = set.insert(closure.clone());
+        if new {
+            self.quarantine_changed = next_stamp();
+        }
+        new
+    }
+
+    /// Takes `closure` off `channel`'s quarantine; false if it was not on it.
+    pub fn quarantine_remove(&mut self, channel: &str, closure: &Closure) -> bool {
+        let Some(set) = self.quarantine.get_mut(channel) else { return false };
+        let removed = set.remove(closure);
+        if set.is_empty() {
+            self.quarantine.remove(channel);
+        }
+        if removed {
+            self.quarantine_changed = next_stamp();
+        }
+        removed
+    }
+
     /// The hosts of rollout `id` that are live in another rollout.
     /// Each is paired with the first (lowest id) such rollout.
     pub fn busy_elsewhere(&self, id: &RolloutId, manifest: &Manifest) -> BTreeMap<Hostname, RolloutId> {

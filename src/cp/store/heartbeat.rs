@@ -58,14 +58,18 @@ pub(super) fn heartbeat(
     // Drift is judged only on complete knowledge: when the CP is behind the
     // agent, its records describe the past and would cry wolf.
     let expected = if replay_from.is_empty() { state.expected_closure(&hb.hostname) } else { None };
-    let drift = match &expected {
+    let drift = match expected {
         None => Drift::Unknown,
         Some((closure, _)) if *closure == hb.current_closure => Drift::InSync,
         Some(_) => Drift::Drifting,
     };
-    let previous = state.drift.insert(hb.hostname.clone(), drift);
-    log_drift_change(hb, drift, previous, expected.as_ref());
-    write_host_row(db, hb, now, expected.as_ref(), drift)?;
+    log_drift_change(hb, drift, state.drift.get(&hb.hostname).copied(), expected);
+    write_host_row(db, hb, now, expected, drift)?;
+    // Keyed by an owned hostname only the first time.
+    match state.drift.get_mut(&hb.hostname) {
+        Some(d) => *d = drift,
+        None => drop(state.drift.insert(hb.hostname.clone(), drift)),
+    }
     Ok(Some(replay_from))
 }
 
@@ -80,7 +84,7 @@ fn write_host_row(
     db: Db<'_>,
     hb: &Heartbeat,
     now: OffsetDateTime,
-    expected: Option<&(Closure, RolloutId)>,
+    expected: Option<(&Closure, &RolloutId)>,
     drift: Drift,
 ) -> Result<(), StoreError> {
     let params = params![
@@ -137,7 +141,7 @@ fn replay_from(state: &CpState, hb: &Heartbeat) -> BTreeMap<RolloutId, u64> {
 
 /// Logs a host turning drifting, or back in sync, once per change
 /// (`previous`: the verdict of the host's last heartbeat, if any).
-fn log_drift_change(hb: &Heartbeat, drift: Drift, previous: Option<Drift>, expected: Option<&(Closure, RolloutId)>) {
+fn log_drift_change(hb: &Heartbeat, drift: Drift, previous: Option<Drift>, expected: Option<(&Closure, &RolloutId)>) {
     if drift == Drift::Drifting && previous != Some(Drift::Drifting) {
         if let Some((closure, from)) = expected {
             tracing::warn!(host = %hb.hostname, current = %hb.current_closure, expected = %closure, rollout = %from, "drift: the host runs another closure than its records say");

@@ -220,14 +220,14 @@ impl CpState {
     /// the rollout the host accepted last (latest `dispatch_acked_at`, the
     /// agent's time; ties by rollout id), if that record knows its closure
     /// (`HostRecord::known_running_closure`). `None`: not known, not judged.
-    pub fn expected_closure(&self, host: &Hostname) -> Option<(Closure, RolloutId)> {
+    pub fn expected_closure(&self, host: &Hostname) -> Option<(&Closure, &RolloutId)> {
         let (id, record) = self
             .rollouts
             .iter()
             .filter_map(|(id, r)| r.records.get(host).map(|record| (id, record)))
             .filter(|(_, record)| record.dispatch_acked_at.is_some())
             .max_by(|a, b| (a.1.dispatch_acked_at, a.0).cmp(&(b.1.dispatch_acked_at, b.0)))?;
-        record.known_running_closure().map(|c| (c.clone(), id.clone()))
+        record.known_running_closure().map(|c| (c, id))
     }
 }
 

@@ -41,14 +41,18 @@ pub struct Hostname(String);
 /// simulation, `docs/simulator.md`).
 impl Ord for Hostname {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
-        for (x, y) in a.iter().zip(b) {
-            if x != y {
-                return x.cmp(y);
-            }
-        }
-        a.len().cmp(&b.len())
+        short_cmp(self.0.as_bytes(), other.0.as_bytes())
     }
+}
+
+/// The order of two byte strings (as `<[u8]>::cmp`), compared in a loop.
+fn short_cmp(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    for (x, y) in a.iter().zip(b) {
+        if x != y {
+            return x.cmp(y);
+        }
+    }
+    a.len().cmp(&b.len())
 }
 
 impl PartialOrd for Hostname {
@@ -84,10 +88,25 @@ impl Hostname {
 
 /// `{channel}@{ref}` (`docs/protocol.md` §1): channel `[a-z0-9_-]{1,64}`, ref
 /// `[A-Za-z0-9._-]{1,128}`, exactly one `@`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RolloutId {
     full: String,
     at: usize,
+}
+
+/// The derived order (the text, then the `@`'s position, which the text
+/// fixes), compared in a loop like [`Hostname`]'s: the CP's and the
+/// agent's maps are keyed by rollout.
+impl Ord for RolloutId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        short_cmp(self.full.as_bytes(), other.full.as_bytes()).then(self.at.cmp(&other.at))
+    }
+}
+
+impl PartialOrd for RolloutId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 impl RolloutId {
@@ -264,6 +283,18 @@ mod tests {
                 let (hx, hy) = (Hostname::parse(x).expect("valid"), Hostname::parse(y).expect("valid"));
                 assert_eq!(hx.cmp(&hy), x.cmp(y), "{x} vs {y}");
                 assert_eq!(hx.partial_cmp(&hy), Some(x.cmp(y)), "{x} vs {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn rollout_ids_order_as_their_text() {
+        let ids = ["a@1", "a@10", "a@2", "a-b@1", "ab@1", "stable@r1", "stable@r10", "stable@r2", "z@0"];
+        for x in ids {
+            for y in ids {
+                let (ix, iy) = (RolloutId::parse(x).expect("valid"), RolloutId::parse(y).expect("valid"));
+                assert_eq!(ix.cmp(&iy), x.cmp(y), "{x} vs {y}");
+                assert_eq!(ix.partial_cmp(&iy), Some(x.cmp(y)), "{x} vs {y}");
             }
         }
     }

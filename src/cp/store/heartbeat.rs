@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 use super::state::CpState;
 use super::{ts, Db, StoreError};
 use crate::ids::{Closure, RolloutId};
+use crate::machine::HostRecord;
 use crate::wire::Heartbeat;
 
 /// The verdict of the last heartbeat on what a host runs (`docs/protocol.md` §3 rule 10).
@@ -51,13 +52,10 @@ pub(super) fn heartbeat(
     hb: &Heartbeat,
     now: OffsetDateTime,
 ) -> Result<Option<BTreeMap<RolloutId, u64>>, StoreError> {
-    if !state.rollouts.values().any(|r| r.manifest.hosts.contains_key(&hb.hostname)) {
-        return Ok(None);
-    }
-    let replay_from = replay_from(state, hb);
+    let Some(Compared { replay_from, expected }) = compare(state, hb) else { return Ok(None) };
     // Drift is judged only on complete knowledge: when the CP is behind the
     // agent, its records describe the past and would cry wolf.
-    let expected = if replay_from.is_empty() { state.expected_closure(&hb.hostname) } else { None };
+    let expected = if replay_from.is_empty() { expected } else { None };
     let drift = match expected {
         None => Drift::Unknown,
         Some((closure, _)) if *closure == hb.current_closure => Drift::InSync,
@@ -124,19 +122,46 @@ fn write_host_row(
     Ok(())
 }
 
-/// Per rollout, the CP's last seq where the agent has emitted more: the
-/// agent re-sends from there. Compare only.
-fn replay_from(state: &CpState, hb: &Heartbeat) -> BTreeMap<RolloutId, u64> {
+/// What a heartbeat is compared with.
+struct Compared<'a> {
+    /// Per rollout, the CP's last seq where the agent has emitted more:
+    /// the agent re-sends from there.
+    replay_from: BTreeMap<RolloutId, u64>,
+    /// What the records say the host runs (`docs/protocol.md` §3 rule 10):
+    /// the record of the rollout the host accepted last (latest
+    /// `dispatch_acked_at`, the agent's time; ties by rollout id), if that
+    /// record knows its closure (`HostRecord::known_running_closure`).
+    /// `None`: not known, not judged.
+    expected: Option<(&'a Closure, &'a RolloutId)>,
+}
+
+/// The heartbeat against the records, one record lookup per rollout (a
+/// heartbeat is the CP's most frequent request); `None` when no published
+/// manifest names the host. Compares only.
+fn compare<'a>(state: &'a CpState, hb: &Heartbeat) -> Option<Compared<'a>> {
+    let host = &hb.hostname;
+    let mut named = false;
     let mut replay_from = BTreeMap::new();
-    for (id, agent_last) in &hb.last_seq {
-        let cp_last = state.rollouts.get(id).and_then(|r| r.records.get(&hb.hostname)).map(|r| r.last_seq);
-        if let Some(cp_last) = cp_last {
-            if *agent_last > cp_last {
-                replay_from.insert(id.clone(), cp_last);
+    let mut accepted_last: Option<(&RolloutId, &HostRecord)> = None;
+    for (id, r) in &state.rollouts {
+        named = named || r.manifest.hosts.contains_key(host);
+        let Some(record) = r.records.get(host) else { continue };
+        if let Some(agent_last) = hb.last_seq.get(id) {
+            if *agent_last > record.last_seq {
+                replay_from.insert(id.clone(), record.last_seq);
             }
         }
+        if record.dispatch_acked_at.is_some()
+            && accepted_last.is_none_or(|(l_id, l)| (record.dispatch_acked_at, id) > (l.dispatch_acked_at, l_id))
+        {
+            accepted_last = Some((id, record));
+        }
     }
-    replay_from
+    if !named {
+        return None;
+    }
+    let expected = accepted_last.and_then(|(id, record)| record.known_running_closure().map(|c| (c, id)));
+    Some(Compared { replay_from, expected })
 }
 
 /// Logs a host turning drifting, or back in sync, once per change

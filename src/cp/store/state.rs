@@ -215,20 +215,6 @@ impl CpState {
             }
         }
     }
-
-    /// What the records say `host` runs (`docs/protocol.md` §3 rule 10): the record of
-    /// the rollout the host accepted last (latest `dispatch_acked_at`, the
-    /// agent's time; ties by rollout id), if that record knows its closure
-    /// (`HostRecord::known_running_closure`). `None`: not known, not judged.
-    pub fn expected_closure(&self, host: &Hostname) -> Option<(&Closure, &RolloutId)> {
-        let (id, record) = self
-            .rollouts
-            .iter()
-            .filter_map(|(id, r)| r.records.get(host).map(|record| (id, record)))
-            .filter(|(_, record)| record.dispatch_acked_at.is_some())
-            .max_by(|a, b| (a.1.dispatch_acked_at, a.0).cmp(&(b.1.dispatch_acked_at, b.0)))?;
-        record.known_running_closure().map(|c| (c, id))
-    }
 }
 
 /// The record of every manifest host before its first event: Pending with

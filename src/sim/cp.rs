@@ -122,6 +122,11 @@ impl SimCp {
         self.envelopes.clear();
     }
 
+    /// The run is over: the writer and the reader close the database.
+    pub fn close(&mut self) {
+        self.crash();
+    }
+
     /// The database file and its WAL are gone (disk replaced, no backup).
     pub fn lose_database(&mut self) {
         self.crash();

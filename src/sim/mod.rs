@@ -314,7 +314,14 @@ fn enforce_topology() -> Vec<(ProbeDecl, u64)> {
 /// temp dir), never for what the run found.
 pub fn run(cfg: SimConfig) -> Result<SimOutcome, String> {
     let mut sim = Sim::new(cfg)?;
-    sim.run_loop()
+    let outcome = sim.run_loop();
+    // The CP's database is closed now (its directory is the caller's to
+    // remove); the rest of the fleet, a few hundred MB at 10,000 hosts that
+    // nothing reads again, is freed on another thread (inline if none can
+    // be started).
+    sim.cp.close();
+    let _ = std::thread::Builder::new().name("sim-free".into()).spawn(move || drop(sim));
+    outcome
 }
 
 impl Sim {

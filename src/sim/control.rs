@@ -76,6 +76,9 @@ impl Sim {
         let has_tick = work.iter().any(|w| matches!(w, Work::Tick));
         let answers = self.cp.run(work);
         self.stats.groups += 1;
+        if let Some(e) = self.cp.take_commit_error() {
+            return Err(Violation::new("cp-commit", format!("a commit failed after its group was answered: {e}")));
+        }
         let mut any_applied = has_tick;
         for ((host, inc, req, msg), answer) in inbox.into_iter().zip(answers) {
             if host == usize::MAX {

@@ -79,6 +79,7 @@ pub struct SimCp {
     /// per process; a publish, crash or database loss empties it).
     envelopes: BTreeMap<RolloutId, Option<SharedEnvelope>>,
     pub trust_keys: Vec<PublicKey>,
+    commit_error: Option<String>,
 }
 
 impl SimCp {
@@ -91,6 +92,7 @@ impl SimCp {
             reader: None,
             envelopes: BTreeMap::new(),
             trust_keys,
+            commit_error: None,
         }
     }
 
@@ -106,6 +108,9 @@ impl SimCp {
         let mut writer = Writer::open(&self.db, self.clock.clone(), self.board.clone(), Arc::new(Counters::default()))
             .map_err(|e| e.to_string())?;
         writer.set_checkpoint_bound(SIM_CHECKPOINT_EVENTS);
+        // Each group's COMMIT runs on the machine's other core; every later
+        // use of the database waits for it (`settle`).
+        writer.commit_on_another_thread().map_err(|e| e.to_string())?;
         self.writer = Some(writer);
         self.reader = Some(store::open_reader(&self.db).map_err(|e| e.to_string())?);
         // The real writer plans once at start, before any request is
@@ -115,8 +120,27 @@ impl SimCp {
         Ok(())
     }
 
+    /// Waits for the last group's commit (the writer commits on another
+    /// thread; see `Writer::commit_on_another_thread`): before the
+    /// database is read, and before the process dies, since in the real
+    /// writer the commit came before the answers. A failed commit is kept
+    /// for `take_commit_error`.
+    pub fn settle(&mut self) {
+        if let Some(w) = self.writer.as_mut() {
+            if let Err(e) = w.join_commit() {
+                self.commit_error.get_or_insert(e.to_string());
+            }
+        }
+    }
+
+    /// A commit that failed after its group was answered, if any.
+    pub fn take_commit_error(&mut self) -> Option<String> {
+        self.commit_error.take()
+    }
+
     /// `kill -9`: nothing uncommitted survives; parked requests are cut.
     pub fn crash(&mut self) {
+        self.settle();
         self.writer = None;
         self.reader = None;
         self.envelopes.clear();
@@ -165,6 +189,7 @@ impl SimCp {
         if let Some(e) = self.envelopes.get(id) {
             return e.clone();
         }
+        self.settle();
         let reader = self.reader.as_ref()?;
         let read = store::envelope(reader, &self.db, id)
             .ok()
@@ -177,6 +202,7 @@ impl SimCp {
         read
     }
 
+    /// The read connection; call `settle` first (the last commit).
     pub fn reader(&self) -> Option<&rusqlite::Connection> {
         self.reader.as_ref()
     }

@@ -97,6 +97,17 @@ pub enum Command {
 pub type Reply<T> = Result<T, Arc<StoreError>>;
 
 impl Command {
+    /// Answers the error without applying the command.
+    fn refuse(self, err: &Arc<StoreError>) {
+        match self {
+            Command::Publish { reply, .. } => drop(reply.send(Err(err.clone()))),
+            Command::Ingest { reply, .. } => drop(reply.send(Err(err.clone()))),
+            Command::Heartbeat { reply, .. } => drop(reply.send(Err(err.clone()))),
+            Command::Operator { reply, .. } => drop(reply.send(Err(err.clone()))),
+            Command::Tick => {}
+        }
+    }
+
     fn n_events(&self) -> usize {
         match self {
             Command::Ingest { items, .. } => items.len(),
@@ -142,6 +153,22 @@ pub struct Writer {
     clock: ClockHandle,
     board: Arc<Board>,
     counters: Arc<Counters>,
+    /// `None` (the daemon): every group commits before it answers.
+    committer: Option<Committer>,
+}
+
+/// For `nixfleet sim` only ([`Writer::commit_on_another_thread`]): a
+/// thread that runs each group's `COMMIT` while the simulator goes on,
+/// joined before the writer touches the database again. The simulator's
+/// clock does not move while it runs, and every later use of the database
+/// (the next group, a read, a crash) waits for it, so nothing can tell the
+/// difference from committing before answering; the machine's second core
+/// does the WAL writes and checkpoints.
+struct Committer {
+    to: std::sync::mpsc::Sender<Connection>,
+    back: std::sync::mpsc::Receiver<(Connection, rusqlite::Result<()>)>,
+    /// Stands in for the write connection while the real one commits.
+    spare: Option<Connection>,
 }
 
 impl std::fmt::Debug for Writer {
@@ -183,7 +210,61 @@ impl Writer {
                 board.offer(host, d.clone());
             }
         }
-        Ok(Writer { conn, path: path.to_owned(), state, clock, board, counters })
+        Ok(Writer { conn, path: path.to_owned(), state, clock, board, counters, committer: None })
+    }
+
+    /// From now on each group's `COMMIT` runs on a thread of its own
+    /// (`Committer`); `nixfleet sim` only.
+    #[allow(dead_code)] // used by `nixfleet sim`
+    pub(crate) fn commit_on_another_thread(&mut self) -> Result<(), StoreError> {
+        let spare = Connection::open_in_memory().map_err(super::db::sql_error(&self.path, "open a spare"))?;
+        let (to, jobs) = std::sync::mpsc::channel::<Connection>();
+        let (done, back) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("nixfleet-commit".into())
+            .spawn(move || {
+                for conn in jobs {
+                    let result = conn.execute_batch("COMMIT");
+                    if done.send((conn, result)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Corrupt { path: self.path.clone(), what: format!("no committer thread: {e}") })?;
+        self.committer = Some(Committer { to, back, spare: Some(spare) });
+        Ok(())
+    }
+
+    /// Hands the open transaction's connection to the committer.
+    fn hand_off_commit(&mut self) {
+        let Some(c) = self.committer.as_mut() else { return };
+        let Some(spare) = c.spare.take() else { return };
+        let conn = std::mem::replace(&mut self.conn, spare);
+        if let Err(std::sync::mpsc::SendError(conn)) = c.to.send(conn) {
+            // No committer: commit here.
+            c.spare = Some(std::mem::replace(&mut self.conn, conn));
+            if let Err(e) = self.conn.execute_batch("COMMIT") {
+                tracing::error!(db = %self.path.display(), error = %e, "commit failed after the answers");
+            }
+        }
+    }
+
+    /// Waits for the commit the committer runs, if any, and takes the
+    /// connection back; its failure (the transaction is rolled back).
+    pub(crate) fn join_commit(&mut self) -> Result<(), StoreError> {
+        let Some(c) = self.committer.as_mut() else { return Ok(()) };
+        if c.spare.is_some() {
+            return Ok(());
+        }
+        let (conn, result) = c.back.recv().map_err(|_| StoreError::Corrupt {
+            path: self.path.clone(),
+            what: "the committer thread stopped with the write connection".into(),
+        })?;
+        c.spare = Some(std::mem::replace(&mut self.conn, conn));
+        result.map_err(|e| {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            super::db::sql_error(&self.path, "commit")(e)
+        })
     }
 
     /// The writer's in-memory projection of the database (read-only), for
@@ -234,6 +315,9 @@ impl Writer {
                 None => break,
             }
         }
+        if let Err(e) = self.join_commit() {
+            tracing::error!(db = %self.path.display(), error = %e, "the last commit failed");
+        }
         if let Err(e) = self.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
             tracing::warn!(db = %self.path.display(), error = %e, "WAL checkpoint at shutdown failed");
         }
@@ -248,13 +332,24 @@ impl Writer {
         let started = Instant::now();
         let n_commands = group.len();
         let mut replies = Vec::with_capacity(group.len());
+        if let Err(e) = self.join_commit() {
+            // The last group's commit failed: this group is refused too,
+            // and memory is reloaded from what was committed.
+            let err = Arc::new(e);
+            for cmd in group {
+                cmd.refuse(&err);
+            }
+            self.after_failure(err, Vec::new());
+            return 0;
+        }
         match self.apply_group(group, &mut replies, started) {
             Ok((board, n_applied, phases)) => {
                 self.after_commit(Committed { replies, board, n_applied, phases }, n_commands, started);
+                self.hand_off_commit();
                 n_applied
             }
             Err(e) => {
-                self.after_failure(e, replies);
+                self.after_failure(Arc::new(e), replies);
                 0
             }
         }
@@ -298,7 +393,13 @@ impl Writer {
         phases[0] = started.elapsed();
         plan::run_planner(db, state, &mut group)?;
         phases[1] = started.elapsed();
-        tx.commit().map_err(super::db::sql_error(&self.path, "commit"))?;
+        if self.committer.is_some() {
+            // Left open: `hand_off_commit` commits it on the committer.
+            let mut tx = tx;
+            tx.set_drop_behavior(rusqlite::DropBehavior::Ignore);
+        } else {
+            tx.commit().map_err(super::db::sql_error(&self.path, "commit"))?;
+        }
         phases[2] = started.elapsed();
         Ok((group.board, n_applied, phases))
     }
@@ -341,10 +442,9 @@ impl Writer {
 
     /// Every caller gets the error (503); memory is reloaded from the disk
     /// so it never runs ahead of what was committed.
-    fn after_failure(&mut self, e: StoreError, replies: Vec<HeldReply>) {
-        tracing::error!(error = %e, "transaction failed; answering 503 and reloading state from the database");
+    fn after_failure(&mut self, err: Arc<StoreError>, replies: Vec<HeldReply>) {
+        tracing::error!(error = %err, "transaction failed; answering 503 and reloading state from the database");
         self.counters.commit_failures.fetch_add(1, Relaxed);
-        let err = Arc::new(e);
         for reply in replies {
             reply.send_err(&err);
         }

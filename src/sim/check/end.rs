@@ -15,6 +15,7 @@ type Rebuilt = Result<std::collections::BTreeMap<(RolloutId, Hostname), HostReco
 
 impl Sim {
     pub(in crate::sim) fn check_replay(&mut self, when: &str) -> Result<(), Violation> {
+        self.cp.settle();
         let Some(conn) = self.cp.reader() else { return Ok(()) };
         let rebuilt = store::rebuild_host_records(conn, &self.cp.db);
         self.check_replayed(when, rebuilt)
@@ -23,6 +24,7 @@ impl Sim {
     /// `check_replay` with the log already folded (`rebuilt`).
     fn check_replayed(&mut self, when: &str, rebuilt: Rebuilt) -> Result<(), Violation> {
         self.checker.n_checks += 1;
+        self.cp.settle();
         let Some(conn) = self.cp.reader() else { return Ok(()) };
         let rebuilt =
             rebuilt.map_err(|e| Violation::new("replay", format!("{when}: the event log does not replay: {e}")))?;
@@ -56,6 +58,7 @@ impl Sim {
         // The whole log is folded on the machine's other core, through a
         // reader of its own, while the other end checks run: nothing they
         // write (drift's heartbeats) is in the log or the records.
+        self.cp.settle();
         let (db, path) = (self.cp.db.clone(), self.cp.db.clone());
         std::thread::scope(|scope| {
             let rebuilt = scope.spawn(move || {
@@ -67,6 +70,9 @@ impl Sim {
             checked?;
             self.check_replayed("at the end", rebuilt)
         })?;
+        if let Some(e) = self.cp.take_commit_error() {
+            return Err(Violation::new("cp-commit", format!("a commit failed after its group was answered: {e}")));
+        }
         if !quiescent {
             return Err(Violation::new(
                 "terminal",
@@ -111,6 +117,7 @@ impl Sim {
             })
             .collect();
         self.cp.run(heartbeats);
+        self.cp.settle();
         let Some(reader) = self.cp.reader() else { return Ok(()) };
         let rows = crate::cp::store::drifting_host_rows(reader, &self.cp.db)
             .map_err(|e| Violation::new("drift", format!("cannot read the hosts' drift: {e}")))?;

@@ -315,12 +315,9 @@ fn enforce_topology() -> Vec<(ProbeDecl, u64)> {
 pub fn run(cfg: SimConfig) -> Result<SimOutcome, String> {
     let mut sim = Sim::new(cfg)?;
     let outcome = sim.run_loop();
-    // The CP's database is closed now (its directory is the caller's to
-    // remove); the rest of the fleet, a few hundred MB at 10,000 hosts that
-    // nothing reads again, is freed on another thread (inline if none can
-    // be started).
+    // The last commit is waited for and the database closed before the
+    // caller removes its directory.
     sim.cp.close();
-    let _ = std::thread::Builder::new().name("sim-free".into()).spawn(move || drop(sim));
     outcome
 }
 

@@ -5,8 +5,10 @@
 //! many bare `machine::step` calls as the run fed agent inputs.
 //! Target: the heavy run within 10 s of wall time on the 2-core machine.
 //! The heavy run is repeated (`NIXFLEET_SIM_BENCH_RUNS`, 3 by default) and
-//! the median printed; the on-CPU time of the run's thread is printed
-//! beside the wall time because the machine is shared with other builds.
+//! the median printed; the on-CPU time of the run's main thread is printed
+//! beside the wall time because the machine is shared with other builds
+//! (the writer's commits and the end's log fold run on the other core and
+//! are not in it).
 //! `NIXFLEET_SIM_BENCH_WRITE_MANIFEST=path` writes the manifest (for
 //! `nixfleet sim --manifest`) and stops; `NIXFLEET_SIM_BENCH_REPORT=path`
 //! keeps the heavy run's report, to compare two builds byte for byte.
@@ -164,7 +166,7 @@ fn main() {
     let bare = bare_steps(heavy.n_agent_inputs);
     println!("sim bench: {} hosts, one 3-wave rollout (10/30/60 %) and the faults seed 42 draws", n_hosts());
     println!(
-        "  heavy faults: {:.2} s wall (median of {}: {}), {:.2} s on CPU, {} simulated events ({:.0} events/s), \
+        "  heavy faults: {:.2} s wall (median of {}: {}), {:.2} s on the main thread's CPU, {} simulated events ({:.0} events/s), \
          {} agent inputs; first violation: {}",
         heavy_secs,
         walls.len(),
@@ -176,7 +178,7 @@ fn main() {
         heavy.violation.as_ref().map_or("none".to_owned(), |v| v.invariant.to_owned())
     );
     println!(
-        "  baseline, no faults: {:.2} s wall, {:.2} s on CPU, {} simulated events ({:.0} events/s)",
+        "  baseline, no faults: {:.2} s wall, {:.2} s on the main thread's CPU, {} simulated events ({:.0} events/s)",
         none_secs,
         none_cpu,
         none.n_steps,

@@ -55,6 +55,9 @@ impl Sim {
 
     pub(super) fn cp_commit(&mut self) -> Result<(), Violation> {
         self.cp_commit_scheduled = false;
+        if let Some(e) = self.cp.take_commit_error() {
+            return Err(Violation::new("cp-commit", format!("a commit failed after its group was answered: {e}")));
+        }
         let mut inbox = std::mem::take(&mut self.cp_inbox);
         if inbox.is_empty() || !self.cp.is_up() {
             return Ok(());

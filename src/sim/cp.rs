@@ -121,15 +121,28 @@ impl SimCp {
     }
 
     /// Waits for the last group's commit (the writer commits on another
-    /// thread; see `Writer::commit_on_another_thread`): before the
-    /// database is read, and before the process dies, since in the real
-    /// writer the commit came before the answers. A failed commit is kept
-    /// for `take_commit_error`.
+    /// thread; see `Writer::commit_on_another_thread`): before the next
+    /// group, before the database is read, and before the process dies,
+    /// since in the real writer the commit came before the answers. A
+    /// commit that failed after its group was answered leaves memory and
+    /// the long-poll board ahead of the database, which the daemon's
+    /// writer never allows: the process is stopped (as by a crash), and
+    /// the error kept for `take_commit_error` (the sim's `cp-commit`).
     pub fn settle(&mut self) {
+        let Some(w) = self.writer.as_mut() else { return };
+        if let Err(e) = w.join_commit() {
+            self.commit_error.get_or_insert(e.to_string());
+            self.writer = None;
+            self.reader = None;
+            self.envelopes.clear();
+        }
+    }
+
+    /// The next commit fails (`Writer::fail_next_commit`).
+    #[cfg(test)]
+    pub fn fail_next_commit(&mut self) {
         if let Some(w) = self.writer.as_mut() {
-            if let Err(e) = w.join_commit() {
-                self.commit_error.get_or_insert(e.to_string());
-            }
+            w.fail_next_commit();
         }
     }
 
@@ -209,6 +222,7 @@ impl SimCp {
 
     /// Runs one group through the real writer; one answer per work item.
     pub fn run(&mut self, work: Vec<Work>) -> Vec<Answer> {
+        self.settle();
         let Some(writer) = self.writer.as_mut() else {
             return work.iter().map(|_| Answer::Unavailable).collect();
         };
@@ -281,4 +295,31 @@ fn verify(envelope: &[u8], trust_keys: &[PublicKey]) -> Option<(Vec<u8>, Manifes
     let payload = sign::verify_envelope(&env, trust_keys).ok()?;
     let manifest = Manifest::parse(&payload).ok()?;
     Some((payload, manifest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A commit that fails on the commit thread stops the simulated CP
+    /// process (memory and the board had run ahead of the database) and
+    /// is kept for the run's `cp-commit`; a restart reads the database.
+    #[test]
+    fn a_failed_commit_stops_the_simulated_cp() {
+        let dir = crate::sim::tempfile_dir(9).expect("temp dir");
+        let mut cp = SimCp::new(&dir, ClockHandle::manual(crate::sim::T0), Vec::new());
+        cp.start().expect("starts");
+        cp.fail_next_commit();
+        let answers = cp.run(vec![Work::Tick]);
+        assert_eq!(answers.len(), 1);
+        assert!(cp.is_up(), "answered before the commit ran");
+        cp.settle();
+        assert!(!cp.is_up(), "stopped");
+        assert!(cp.take_commit_error().is_some_and(|e| e.contains("commit")));
+        assert!(cp.take_commit_error().is_none(), "reported once");
+        cp.start().expect("restarts");
+        assert!(cp.is_up());
+        cp.close();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

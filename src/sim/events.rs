@@ -114,7 +114,10 @@ impl<T> EventQueue<T> {
     /// Schedules `ev` at `at_ms`, after everything already scheduled then.
     pub fn push(&mut self, at_ms: u64, ev: T) {
         self.order += 1;
-        if !(at_ms >= self.now_ms && at_ms - self.now_ms < WHEEL_MS) {
+        // Beyond the wheel, or (never in practice) a pool of 2^32 nodes.
+        if !(at_ms >= self.now_ms && at_ms - self.now_ms < WHEEL_MS)
+            || (self.free.is_empty() && self.nodes.len() >= NIL as usize)
+        {
             self.far.push(Far { at_ms, order: self.order, ev: Box::new(ev) });
             return;
         }
@@ -170,11 +173,11 @@ impl<T> EventQueue<T> {
         if list.head == NIL {
             list.tail = NIL;
         }
-        let ev = node.ev.take()?;
+        let ev = node.ev.take();
         self.free.push(idx);
         self.n_wheel -= 1;
         self.now_ms = at_ms;
-        Some((at_ms, ev))
+        ev.map(|ev| (at_ms, ev))
     }
 }
 

@@ -48,6 +48,8 @@ mod backup;
 mod checkpoint;
 #[cfg(test)]
 mod checkpoint_tests;
+#[cfg(test)]
+mod commit_thread_tests;
 mod db;
 mod fleet;
 mod group;

@@ -165,10 +165,13 @@ pub struct Writer {
 /// difference from committing before answering; the machine's second core
 /// does the WAL writes and checkpoints.
 struct Committer {
-    to: std::sync::mpsc::Sender<Connection>,
+    /// The connection and the SQL that ends its transaction (`COMMIT`).
+    to: std::sync::mpsc::Sender<(Connection, &'static str)>,
     back: std::sync::mpsc::Receiver<(Connection, rusqlite::Result<()>)>,
     /// Stands in for the write connection while the real one commits.
     spare: Option<Connection>,
+    /// `COMMIT`; tests make it fail (`Writer::fail_next_commit`).
+    end_sql: &'static str,
 }
 
 impl std::fmt::Debug for Writer {
@@ -218,21 +221,30 @@ impl Writer {
     #[allow(dead_code)] // used by `nixfleet sim`
     pub(crate) fn commit_on_another_thread(&mut self) -> Result<(), StoreError> {
         let spare = Connection::open_in_memory().map_err(super::db::sql_error(&self.path, "open a spare"))?;
-        let (to, jobs) = std::sync::mpsc::channel::<Connection>();
+        let (to, jobs) = std::sync::mpsc::channel::<(Connection, &'static str)>();
         let (done, back) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("nixfleet-commit".into())
             .spawn(move || {
-                for conn in jobs {
-                    let result = conn.execute_batch("COMMIT");
+                for (conn, end_sql) in jobs {
+                    let result = conn.execute_batch(end_sql);
                     if done.send((conn, result)).is_err() {
                         break;
                     }
                 }
             })
             .map_err(|e| StoreError::Corrupt { path: self.path.clone(), what: format!("no committer thread: {e}") })?;
-        self.committer = Some(Committer { to, back, spare: Some(spare) });
+        self.committer = Some(Committer { to, back, spare: Some(spare), end_sql: "COMMIT" });
         Ok(())
+    }
+
+    /// The next commit on the committer fails as a lost write would: its
+    /// transaction is rolled back and `COMMIT` then finds none to commit.
+    #[cfg(test)]
+    pub(crate) fn fail_next_commit(&mut self) {
+        if let Some(c) = self.committer.as_mut() {
+            c.end_sql = "ROLLBACK; COMMIT";
+        }
     }
 
     /// Hands the open transaction's connection to the committer.
@@ -240,7 +252,8 @@ impl Writer {
         let Some(c) = self.committer.as_mut() else { return };
         let Some(spare) = c.spare.take() else { return };
         let conn = std::mem::replace(&mut self.conn, spare);
-        if let Err(std::sync::mpsc::SendError(conn)) = c.to.send(conn) {
+        let end_sql = std::mem::replace(&mut c.end_sql, "COMMIT");
+        if let Err(std::sync::mpsc::SendError((conn, _))) = c.to.send((conn, end_sql)) {
             // No committer: commit here.
             c.spare = Some(std::mem::replace(&mut self.conn, conn));
             if let Err(e) = self.conn.execute_batch("COMMIT") {

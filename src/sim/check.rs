@@ -110,10 +110,9 @@ pub struct Checker {
     /// (rollout, host) whose ack the CP applied after skipping the host,
     /// already noted in the trace.
     raced: BTreeSet<(RolloutId, Hostname)>,
-    /// Per rollout, what `check_cp` last found clean: the rollout's change
-    /// stamp, its state, and whether a database was lost. The checks read
-    /// nothing else, so an equal key gives the same (clean) answer.
-    cp_clean: BTreeMap<RolloutId, (u64, RolloutState, bool)>,
+    /// Per rollout found clean by `check_cp`, and unchanged since: its
+    /// state and whether a database was lost when it was checked.
+    cp_clean: BTreeMap<RolloutId, (RolloutState, bool)>,
     /// Per rollout, the summary `halt`, `max-in-flight` and `wave-order`
     /// read, kept up to date (`check::waves`).
     mirrors: BTreeMap<RolloutId, waves::Mirror>,

@@ -55,9 +55,7 @@ impl Sim {
 
     pub(super) fn cp_commit(&mut self) -> Result<(), Violation> {
         self.cp_commit_scheduled = false;
-        if let Some(e) = self.cp.take_commit_error() {
-            return Err(Violation::new("cp-commit", format!("a commit failed after its group was answered: {e}")));
-        }
+        self.cp.check_committed()?;
         let mut inbox = std::mem::take(&mut self.cp_inbox);
         if inbox.is_empty() || !self.cp.is_up() {
             return Ok(());
@@ -79,9 +77,7 @@ impl Sim {
         let has_tick = work.iter().any(|w| matches!(w, Work::Tick));
         let answers = self.cp.run(work);
         self.stats.groups += 1;
-        if let Some(e) = self.cp.take_commit_error() {
-            return Err(Violation::new("cp-commit", format!("a commit failed after its group was answered: {e}")));
-        }
+        self.cp.check_committed()?;
         let mut any_applied = has_tick;
         for ((host, inc, req, msg), answer) in inbox.into_iter().zip(answers) {
             if host == usize::MAX {

@@ -17,6 +17,7 @@ use crate::cp::store::Counters;
 use crate::cp::store::{self, ActionOutcome, Command, CpState, OperatorRequest, PublishOutcome, Writer};
 use crate::ids::{Hostname, RolloutId};
 use crate::sign::{self, PublicKey};
+use crate::sim::check::Violation;
 use crate::wire::{BatchItem, Dispatch, EventResult, Heartbeat, Manifest};
 
 /// Events of a (host, rollout) between two record checkpoints in the
@@ -127,7 +128,7 @@ impl SimCp {
     /// commit that failed after its group was answered leaves memory and
     /// the long-poll board ahead of the database, which the daemon's
     /// writer never allows: the process is stopped (as by a crash), and
-    /// the error kept for `take_commit_error` (the sim's `cp-commit`).
+    /// the error kept for `check_committed` (the sim's `cp-commit`).
     pub fn settle(&mut self) {
         let Some(w) = self.writer.as_mut() else { return };
         if let Err(e) = w.join_commit() {
@@ -146,9 +147,13 @@ impl SimCp {
         }
     }
 
-    /// A commit that failed after its group was answered, if any.
-    pub fn take_commit_error(&mut self) -> Option<String> {
-        self.commit_error.take()
+    /// `cp-commit`: no commit failed after its group was answered (each
+    /// failure is reported once).
+    pub fn check_committed(&mut self) -> Result<(), Violation> {
+        match self.commit_error.take() {
+            Some(e) => Err(Violation::new("cp-commit", format!("a commit failed after its group was answered: {e}"))),
+            None => Ok(()),
+        }
     }
 
     /// `kill -9`: nothing uncommitted survives; parked requests are cut.
@@ -315,8 +320,9 @@ mod tests {
         assert!(cp.is_up(), "answered before the commit ran");
         cp.settle();
         assert!(!cp.is_up(), "stopped");
-        assert!(cp.take_commit_error().is_some_and(|e| e.contains("commit")));
-        assert!(cp.take_commit_error().is_none(), "reported once");
+        let v = cp.check_committed().expect_err("reported");
+        assert!(v.invariant == "cp-commit" && v.message.contains("commit"), "{v}");
+        assert!(cp.check_committed().is_ok(), "reported once");
         cp.start().expect("restarts");
         assert!(cp.is_up());
         cp.close();

@@ -13,12 +13,13 @@ use time::macros::datetime;
 use time::Duration;
 use tokio::sync::oneshot;
 
+use super::writer_testkit::{self as testkit, closure, host};
 use super::*;
 use crate::clock::ClockHandle;
 use crate::cp::longpoll::Board;
-use crate::ids::{Closure, Hostname, RolloutId};
+use crate::ids::RolloutId;
 use crate::machine::{self, EventBody, HostRecord, ProbeDecl, ProbeKind, ProbeMode, ProbeStatus, Timestamp};
-use crate::wire::{BatchItem, EventResult, Heartbeat, Manifest, OutboundEvent, ResultStatus};
+use crate::wire::{BatchItem, EventResult, Manifest, OutboundEvent, ResultStatus};
 
 const T0: Timestamp = datetime!(2026-11-25 12:00 UTC);
 const ROLLOUT: &str = "stable@r1";
@@ -26,14 +27,7 @@ const ROLLOUT: &str = "stable@r1";
 const BOUND: u64 = 40;
 
 fn temp_dir(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("nixfleet-checkpoint-{label}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
-fn closure(name: &str) -> Closure {
-    Closure::parse(&format!("/nix/store/{:0>32}-nixos-system-{name}", 0)).expect("closure")
+    testkit::temp_dir(&format!("checkpoint-{label}"))
 }
 
 fn at(secs: i64) -> Timestamp {
@@ -44,20 +38,8 @@ fn rollout() -> RolloutId {
     RolloutId::parse(ROLLOUT).expect("id")
 }
 
-fn host(name: &str) -> Hostname {
-    Hostname::parse(name).expect("host")
-}
-
 fn manifest() -> (Manifest, Vec<u8>) {
-    let json = serde_json::json!({
-        "schema": 1, "channel": "stable", "ref": "r1", "issued_at": "2026-11-25T11:00:00Z",
-        "policy": {"on_health_failure": "rollback-and-halt", "max_failed_hosts": 0},
-        "waves": [{"name": "all", "soak_secs": 0, "max_in_flight": 2}],
-        "hosts": {"h0": {"wave": 0, "target_closure": closure("h0").as_str()},
-                  "h1": {"wave": 0, "target_closure": closure("h1").as_str()}},
-    });
-    let payload = json.to_string().into_bytes();
-    (Manifest::parse(&payload).expect("manifest"), payload)
+    testkit::manifest("r1")
 }
 
 fn open_writer(path: &Path) -> Writer {
@@ -69,10 +51,7 @@ fn open_writer(path: &Path) -> Writer {
 }
 
 fn publish(writer: &mut Writer) {
-    let (manifest, payload) = manifest();
-    let (reply, mut rx) = oneshot::channel();
-    writer.run_group(vec![Command::Publish { envelope: b"{}".to_vec(), payload, manifest: Box::new(manifest), reply }]);
-    assert_eq!(rx.try_recv().expect("answered").expect("committed"), PublishOutcome::Created);
+    assert_eq!(testkit::publish(writer, "r1").expect("committed"), PublishOutcome::Created);
 }
 
 fn ingest(writer: &mut Writer, name: &str, events: &[OutboundEvent]) -> Vec<EventResult> {
@@ -83,17 +62,9 @@ fn ingest(writer: &mut Writer, name: &str, events: &[OutboundEvent]) -> Vec<Even
 }
 
 fn heartbeat(writer: &mut Writer, name: &str, last_seq: u64) -> BTreeMap<RolloutId, u64> {
-    let heartbeat = Heartbeat {
-        hostname: host(name),
-        current_closure: closure(name),
-        booted_closure: None,
-        uptime_secs: 1,
-        agent_version: "test".into(),
-        last_seq: BTreeMap::from([(rollout(), last_seq)]),
-    };
-    let (reply, mut rx) = oneshot::channel();
-    writer.run_group(vec![Command::Heartbeat { heartbeat, reply }]);
-    rx.try_recv().expect("answered").expect("committed").expect("a manifest names the host")
+    testkit::heartbeat(writer, name, BTreeMap::from([(rollout(), last_seq)]))
+        .expect("committed")
+        .expect("a manifest names the host")
 }
 
 /// A soak with a flapping enforce probe: DispatchAck, ActivationCompleted,

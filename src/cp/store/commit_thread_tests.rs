@@ -11,24 +11,12 @@ use std::sync::Arc;
 
 use rusqlite::Connection;
 use time::macros::datetime;
-use tokio::sync::oneshot;
 
+use super::writer_testkit as testkit;
 use super::*;
 use crate::clock::ClockHandle;
 use crate::cp::longpoll::Board;
-use crate::ids::{Closure, Hostname, RolloutId};
-use crate::wire::{Heartbeat, Manifest};
-
-fn temp_dir(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("nixfleet-commit-thread-{label}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
-fn closure(name: &str) -> Closure {
-    Closure::parse(&format!("/nix/store/{:0>32}-nixos-system-{name}", 0)).expect("closure")
-}
+use crate::ids::RolloutId;
 
 fn open_writer(path: &Path) -> Writer {
     let clock = ClockHandle::manual(datetime!(2026-11-25 12:00 UTC));
@@ -39,31 +27,15 @@ fn open_writer(path: &Path) -> Writer {
 }
 
 fn publish(writer: &mut Writer, git_ref: &str) -> Reply<PublishOutcome> {
-    let json = serde_json::json!({
-        "schema": 1, "channel": "stable", "ref": git_ref, "issued_at": "2026-11-25T11:00:00Z",
-        "policy": {"on_health_failure": "rollback-and-halt", "max_failed_hosts": 0},
-        "waves": [{"name": "all", "soak_secs": 0, "max_in_flight": 1}],
-        "hosts": {"h0": {"wave": 0, "target_closure": closure("h0").as_str()}},
-    });
-    let payload = json.to_string().into_bytes();
-    let manifest = Manifest::parse(&payload).expect("manifest");
-    let (reply, mut rx) = oneshot::channel();
-    writer.run_group(vec![Command::Publish { envelope: b"{}".to_vec(), payload, manifest: Box::new(manifest), reply }]);
-    rx.try_recv().expect("answered")
+    testkit::publish(writer, git_ref)
 }
 
 fn heartbeat(writer: &mut Writer) -> Reply<Option<BTreeMap<RolloutId, u64>>> {
-    let heartbeat = Heartbeat {
-        hostname: Hostname::parse("h0").expect("host"),
-        current_closure: closure("h0"),
-        booted_closure: None,
-        uptime_secs: 1,
-        agent_version: "test".into(),
-        last_seq: BTreeMap::new(),
-    };
-    let (reply, mut rx) = oneshot::channel();
-    writer.run_group(vec![Command::Heartbeat { heartbeat, reply }]);
-    rx.try_recv().expect("answered")
+    testkit::heartbeat(writer, "h0", BTreeMap::new())
+}
+
+fn temp_dir(label: &str) -> PathBuf {
+    testkit::temp_dir(&format!("commit-thread-{label}"))
 }
 
 /// Rows of `table` another connection sees.

@@ -50,6 +50,8 @@ mod checkpoint;
 mod checkpoint_tests;
 #[cfg(test)]
 mod commit_thread_tests;
+#[cfg(test)]
+mod writer_testkit;
 mod db;
 mod fleet;
 mod group;

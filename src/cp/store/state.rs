@@ -32,11 +32,6 @@ pub struct LiveRollout {
     /// (`planner::PlanIndex`), built at the first plan and kept up to date
     /// by the setters below: change those three maps only through them.
     pub index: Option<PlanIndex>,
-    /// A stamp taken at every change made through the setters below, unique
-    /// in the process (also across reloads and restarts): equal stamps mean
-    /// unchanged `records`, `dispatched` and `skipped`, so the simulator
-    /// re-checks a rollout's invariants only when it changed.
-    pub changed: u64,
     /// The hosts changed through the setters since the last
     /// [`LiveRollout::take_touched`], once someone asked for them: the
     /// simulator re-checks only those hosts of a 10,000-host rollout.
@@ -44,7 +39,7 @@ pub struct LiveRollout {
     touched: Option<Vec<Hostname>>,
 }
 
-/// The source of [`LiveRollout::changed`] stamps.
+/// The source of [`CpState::quarantine_changed`] stamps.
 static CHANGE_STAMPS: AtomicU64 = AtomicU64::new(1);
 
 fn next_stamp() -> u64 {
@@ -66,7 +61,6 @@ impl LiveRollout {
             skipped: BTreeSet::new(),
             accepted_failures: 0,
             index: None,
-            changed: next_stamp(),
             touched: None,
         }
     }
@@ -80,7 +74,6 @@ impl LiveRollout {
     }
 
     fn reindex(&mut self, host: &Hostname, before: Option<HostClass>) {
-        self.changed = next_stamp();
         if let Some(touched) = self.touched.as_mut() {
             touched.push(host.clone());
         }

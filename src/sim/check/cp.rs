@@ -4,6 +4,8 @@
 //! the batches the body-limit proxy refuses.
 
 use super::{waves, Violation};
+use std::collections::BTreeSet;
+
 use crate::cp::planner::RolloutState;
 use crate::ids::RolloutId;
 use crate::sim::Sim;
@@ -96,8 +98,14 @@ impl Sim {
         // Every mirror is brought up to date before any check may stop
         // this one: the hosts changed by this group are taken only once.
         let mut refreshed = Ok(());
+        // Rollouts whose hosts changed since the last check, or that are
+        // new to it (published, or reloaded by a CP restart).
+        let mut changed = BTreeSet::new();
         for (id, r) in &state.rollouts {
             let touched = touched.remove(id).flatten();
+            if touched.as_ref().is_none_or(|t| !t.is_empty()) {
+                changed.insert(id);
+            }
             if let Err(v) = self.checker.wave_summary(id, r, touched, now) {
                 self.checker.mirrors.remove(id);
                 refreshed = refreshed.and(Err(v));
@@ -106,10 +114,14 @@ impl Sim {
         refreshed?;
         let mut races = Vec::new();
         for (id, r) in &state.rollouts {
-            let clean_key = (r.changed, r.state, self.checker.db_lost);
-            if self.checker.cp_clean.get(id) == Some(&clean_key) {
+            // The checks read the hosts, the state and the loss flag only:
+            // unchanged since a clean check, the answer is the same.
+            let clean_key = (r.state, self.checker.db_lost);
+            if !changed.contains(id) && self.checker.cp_clean.get(id) == Some(&clean_key) {
                 continue;
             }
+            // Clean again only once every check below has passed.
+            self.checker.cp_clean.remove(id);
             let Some(mirror) = self.checker.mirrors.get(id) else { continue };
             let n_failed = mirror.summary().n_failed;
             // Failures an operator accepted with `cp resume` leave the budget.

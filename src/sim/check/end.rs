@@ -70,9 +70,7 @@ impl Sim {
             checked?;
             self.check_replayed("at the end", rebuilt)
         })?;
-        if let Some(e) = self.cp.take_commit_error() {
-            return Err(Violation::new("cp-commit", format!("a commit failed after its group was answered: {e}")));
-        }
+        self.cp.check_committed()?;
         if !quiescent {
             return Err(Violation::new(
                 "terminal",

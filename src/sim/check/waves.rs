@@ -86,10 +86,7 @@ impl Mirror {
     /// Every host looked at: a rollout seen for the first time (or since
     /// the CP process restarted).
     pub fn build(r: &LiveRollout, now: Timestamp) -> Result<Mirror, Violation> {
-        let id = &r.manifest.rollout_id;
-        if r.manifest.hosts.len() != r.records.len() {
-            return Err(Violation::new("cp-state", format!("{id}: records and manifest hosts differ")));
-        }
+        same_hosts(r)?;
         let mut mirror = Mirror { offered_at: Some(now), ..Mirror::default() };
         for h in r.manifest.hosts.keys() {
             mirror.update(r, h, now);
@@ -185,14 +182,12 @@ pub struct Walk<'a> {
 }
 
 pub fn walk(r: &LiveRollout, now: Timestamp) -> Result<Walk<'_>, Violation> {
-    let (id, m) = (&r.manifest.rollout_id, &r.manifest);
+    let m = &r.manifest;
     let mut out = Walk { summary: Summary::default(), in_flight: BTreeMap::new(), unsettled: Vec::new() };
     // The CP opens one record per manifest host: both maps have the same
     // keys in the same order, so they are walked side by side; the
     // dispatches and skips, sorted by host too, alongside them.
-    if m.hosts.len() != r.records.len() {
-        return Err(Violation::new("cp-state", format!("{id}: records and manifest hosts differ")));
-    }
+    same_hosts(r)?;
     let mut first_unsettled = usize::MAX;
     let mut dispatches = r.dispatched.iter().peekable();
     let mut skips = r.skipped.iter().peekable();
@@ -224,6 +219,14 @@ pub fn walk(r: &LiveRollout, now: Timestamp) -> Result<Walk<'_>, Violation> {
     }
     out.summary.waves.retain(|_, c| *c != (0, 0, 0));
     Ok(out)
+}
+
+/// The CP opens one record per manifest host; the checks rely on it.
+fn same_hosts(r: &LiveRollout) -> Result<(), Violation> {
+    if r.manifest.hosts.len() == r.records.len() {
+        return Ok(());
+    }
+    Err(Violation::new("cp-state", format!("{}: records and manifest hosts differ", r.manifest.rollout_id)))
 }
 
 /// The item of `sorted` (ascending by `key`) whose key is `host`, if
